@@ -27,15 +27,13 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
 demo: $(STAMP)
-	$(BIN)/python examples/shapeworld_pipeline.py --out demo-out
+	$(BIN)/asymvlm-demo --out demo-out
 
 lint: $(STAMP)
 	$(BIN)/ruff check asymvlm federated merging training eval tests bench examples
 
 bench: $(STAMP)
-	$(BIN)/python bench/special.py
-	$(BIN)/python bench/shapeworld.py
-	$(BIN)/python bench/retrieval.py
+	$(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -134,6 +134,12 @@ class AsymVLM(nn.Module):
     def family(self) -> str:
         return self.head.family
 
+    @property
+    def adapts_text_tower(self) -> bool:
+        """True when the model changes the frozen text tower (a LoRA adapter or folded updates): its
+        text embeddings then differ from the frozen encoder's and must come from ``text_embeddings``."""
+        return bool(self.text_base_delta) or self.text_adapter is not None or self._adapter_files is not None
+
     def _require_encoder(self, what: str) -> Any:
         if self.encoder is None:
             raise ValueError(
@@ -287,15 +293,14 @@ class AsymVLM(nn.Module):
             base_delta = load_safetensors(directory / cfg["text_base_delta"], mmap=False)
             if encoder is not None:
                 _add_to_weights(encoder, base_delta)
-        if cfg.get("text_adapter"):
-            if encoder is not None:
-                apply_text_adapter(encoder, directory / cfg["text_adapter"])
-            else:
-                warnings.warn(
-                    f"{directory} has a text-tower adapter, which needs the encoder; text embeddings "
-                    f"passed to this encoder-less model must come from the adapted tower",
-                    stacklevel=2,
-                )
+        if cfg.get("text_adapter") and encoder is not None:
+            apply_text_adapter(encoder, directory / cfg["text_adapter"])
+        if (cfg.get("text_adapter") or cfg.get("text_base_delta")) and encoder is None:
+            warnings.warn(
+                f"{directory} adapts the text tower (LoRA / folded updates), which needs the encoder; text "
+                f"embeddings passed to this encoder-less model must come from the adapted tower",
+                stacklevel=2,
+            )
         model = cls(
             head,
             encoder,

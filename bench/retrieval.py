@@ -11,7 +11,7 @@ each timed for (a) the naive baseline (numpy: the whole (Q, N) score matrix, arg
 installed. Prints queries/s, the ratio to the baseline, and the peak extra resident memory while
 the search ran (sampled every 2 ms), and checks all top-k agree.
 
-Run:  python bench/retrieval.py [--sizes 100000 1000000] [--queries 256] [--k 10]
+Run:  python bench/retrieval.py [--sizes 100000 1000000] [--queries 256] [--k 10] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import argparse
 
 import numpy as np
 import torch
-from _common import timed
+from _common import Results, timed
 
 from asymvlm.distributions import VonMisesFisher
 from asymvlm.retrieval import ImageIndex, TextIndex
@@ -41,13 +41,23 @@ def unit(n: int, d: int, seed: int) -> torch.Tensor:
     return out
 
 
-def row(name, seconds, q, mem, base_seconds):
+def row(name, seconds, q, mem, base_seconds, results=None, case=None, base_mem=None):
     qps = q / seconds
     ratio = base_seconds / seconds
     print(f"  {name:<26}{qps:>12.1f} q/s{ratio:>9.2f}x{mem:>12.0f} MiB")
+    if results is not None:
+        results.add(
+            f"{case}: {name} vs naive numpy (full matrix)",
+            qps,
+            q / base_seconds,
+            "q/s",
+            higher_is_better=True,
+            ours_peak_mib=mem,
+            baseline_peak_mib=base_mem,
+        )
 
 
-def bench(n: int, d: int, q: int, k: int, repeat: int, faiss: bool) -> None:
+def bench(n: int, d: int, q: int, k: int, repeat: int, faiss: bool, results: Results | None = None) -> None:
     print(f"\n== gallery N = {n:,}, d = {d}, {q} queries, k = {k} ==")
     print(f"  {'method':<26}{'throughput':>16}{'vs naive':>10}{'peak extra RSS':>16}")
     gallery = unit(n, d, 0)
@@ -62,13 +72,14 @@ def bench(n: int, d: int, q: int, k: int, repeat: int, faiss: bool) -> None:
     row("naive numpy (full matrix)", t_base, q, m_base, t_base)
     index = ImageIndex(gallery, validate=False)
     t, res, m = timed(lambda: index.search(text_q, k=k).indices.numpy(), repeat)
-    row("asymvlm exact (chunked)", t, q, m, t_base)
+    case = f"text->image, N={n:,}"
+    row("asymvlm exact (chunked)", t, q, m, t_base, results, case, m_base)
     assert (res == ref).mean() > 0.999, "exact path disagrees with the baseline"
     if faiss:
         findex = ImageIndex(gallery, validate=False, backend="faiss")
         findex.search(text_q, k=k)  # builds the FAISS index outside the timing
         t, res, m = timed(lambda: findex.search(text_q, k=k).indices.numpy(), repeat)
-        row("asymvlm faiss (flat IP)", t, q, m, t_base)
+        row("asymvlm faiss (flat IP)", t, q, m, t_base, results, case, m_base)
         assert (res == ref).mean() > 0.999
 
     print(" image -> text (vMF gallery, concentration-aware)")
@@ -81,24 +92,32 @@ def bench(n: int, d: int, q: int, k: int, repeat: int, faiss: bool) -> None:
     t_base, ref, m_base = timed(lambda: naive_topk(i_np @ scaled.T + log_c, k), repeat)
     row("naive numpy (full matrix)", t_base, q, m_base, t_base)
     t, res, m = timed(lambda: tindex.search(images, k=k).indices.numpy(), repeat)
-    row("asymvlm exact (chunked)", t, q, m, t_base)
+    case = f"image->text (vMF), N={n:,}"
+    row("asymvlm exact (chunked)", t, q, m, t_base, results, case, m_base)
     assert (res == ref).mean() > 0.999
     if faiss:
         ftindex = TextIndex(gallery, tkappa, "vmf", backend="faiss")
         ftindex.search(images, k=k)
         t, res, m = timed(lambda: ftindex.search(images, k=k).indices.numpy(), repeat)
-        row("asymvlm faiss (d+1 MIPS)", t, q, m, t_base)
+        row("asymvlm faiss (d+1 MIPS)", t, q, m, t_base, results, case, m_base)
         assert (res == ref).mean() > 0.999
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="gallery sizes (100000 1000000)")
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--queries", type=int, default=256)
+    parser.add_argument("--queries", type=int, default=None, help="queries per search (256; quick 64)")
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="one gallery of 20000, 64 queries, best of 2")
+    parser.add_argument("--json", default=None, help="write the result rows to this JSON file")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.repeat = min(args.repeat, 2)
+    sizes = args.sizes or ([20_000] if args.quick else [100_000, 1_000_000])
+    queries = args.queries or (64 if args.quick else 256)
+    results = Results("retrieval", "Retrieval throughput: exact chunked search (and FAISS) vs naive full-matrix numpy")
     try:
         import faiss  # noqa: F401
 
@@ -106,8 +125,14 @@ def main(argv=None) -> int:
     except ImportError:
         have_faiss = False
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; faiss: {have_faiss}")
-    for n in args.sizes:
-        bench(n, args.dim, args.queries, args.k, args.repeat, have_faiss)
+    for n in sizes:
+        bench(n, args.dim, queries, args.k, args.repeat, have_faiss, results)
+    results.note(
+        f"d={args.dim}, {queries} queries, k={args.k}, best of {args.repeat}; peak extra RSS sampled every 2 ms "
+        "while the search ran; all top-k checked against the baseline."
+        + ("" if have_faiss else " FAISS not installed: no FAISS rows.")
+    )
+    results.write(args.json)
     return 0
 
 

@@ -4,7 +4,7 @@ Prints images/s for (a) a straightforward baseline drawing each image with ``PIL
 (same attributes, no captions), (b) ``generate_arrays`` (numpy images + captions) and (c)
 ``generate`` (a ``datasets.Dataset`` with PNG-encoded images), all styles, in one process.
 
-Run:  python bench/shapeworld.py [--images 20000]
+Run:  python bench/shapeworld.py [--images 20000] [--quick] [--json PATH]
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import argparse
 import time
 
 import numpy as np
+from _common import Results
 from PIL import Image, ImageDraw
 
 from asymvlm import shapeworld as sw
@@ -52,9 +53,11 @@ def rate(fn, n: int) -> float:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=20000)
+    parser.add_argument("--images", type=int, default=None, help="images per method (default 20000; quick 2000)")
+    parser.add_argument("--quick", action="store_true", help="2000 images")
+    parser.add_argument("--json", default=None, help="write the result rows to this JSON file")
     args = parser.parse_args(argv)
-    n = args.images
+    n = args.images or (2000 if args.quick else 20000)
     styles = {"caption_styles": sw.CAPTION_STYLES, "visual_styles": sw.VISUAL_STYLES}
     base = rate(lambda: naive(n), n)
     arrays = rate(lambda: sw.generate_arrays(n, seed=0, **styles), n)
@@ -63,6 +66,27 @@ def main(argv=None) -> int:
     print(f"  naive PIL.ImageDraw (images only)     {base:>10.0f} images/s   1.00x")
     print(f"  generate_arrays (images + captions)   {arrays:>10.0f} images/s   {arrays / base:.2f}x")
     print(f"  generate (datasets.Dataset, PNG)      {dataset:>10.0f} images/s   {dataset / base:.2f}x")
+    results = Results("shapeworld", "ShapeWorld generation: vectorised generator vs a naive per-image PIL renderer")
+    inputs = f"{n} images, 32x32, all styles"
+    base_label = "naive PIL.ImageDraw (images only)"
+    results.add(
+        f"generate_arrays (images + captions) vs {base_label}",
+        arrays,
+        base,
+        "images/s",
+        higher_is_better=True,
+        inputs=inputs,
+    )
+    results.add(
+        f"generate (datasets.Dataset, PNG) vs {base_label}",
+        dataset,
+        base,
+        "images/s",
+        higher_is_better=True,
+        inputs=inputs,
+    )
+    results.note("One timed run per method (no repeat); the baseline draws images only, ours also writes captions.")
+    results.write(args.json)
     return 0
 
 

@@ -24,6 +24,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -52,6 +53,9 @@ class EvalData:
         ambiguity: (T,) true ambiguity of each caption or None.
         consistent: (T, I) bool, image satisfies caption (ShapeWorld) or None.
         zero_shot: {task: (class prompt embeddings (C, d), class names, labels (I,))} or {}.
+        captions: (T,) the caption strings, or None; models that adapt the text tower
+            (``AsymVLM.adapts_text_tower``: LoRA, folded federated updates) embed these themselves.
+        zero_shot_prompts: {task: the C class prompt strings} for the same purpose, or None.
     """
 
     image_embeddings: Tensor
@@ -61,6 +65,8 @@ class EvalData:
     ambiguity: Tensor | None = None
     consistent: Tensor | None = None
     zero_shot: dict[str, tuple[Tensor, list[str], Tensor]] | None = None
+    captions: list[str] | None = None
+    zero_shot_prompts: dict[str, list[str]] | None = None
 
 
 def shapeworld_eval_data(encoder: Any, n: int = 1000, seed: int = 12345, **world: Any) -> EvalData:
@@ -75,13 +81,11 @@ def shapeworld_eval_data(encoder: Any, n: int = 1000, seed: int = 12345, **world
     captions = [c for row in w.captions for c in row]
     specs = w.specs.reshape(-1, 4)
     text = encoder.encode_text(captions)
-    zero_shot = {}
+    zero_shot, prompt_texts = {}, {}
     for task, attr in (("shape", 0), ("colour", 1)):
         names = list(sw.ATTRIBUTES[task])
-        prompts = encoder.encode_text(
-            [sw.describe([i if a == attr else -1 for a in range(4)]) for i in range(len(names))]
-        )
-        zero_shot[task] = (prompts, names, torch.from_numpy(w.objects[:, 0, attr]))
+        prompt_texts[task] = [sw.describe([i if a == attr else -1 for a in range(4)]) for i in range(len(names))]
+        zero_shot[task] = (encoder.encode_text(prompt_texts[task]), names, torch.from_numpy(w.objects[:, 0, attr]))
     return EvalData(
         image_embeddings=images,
         text_embeddings=text,
@@ -90,7 +94,29 @@ def shapeworld_eval_data(encoder: Any, n: int = 1000, seed: int = 12345, **world
         ambiguity=torch.tensor([sw.ambiguity(s) for s in specs], dtype=torch.float64),
         consistent=torch.from_numpy(sw.consistency_matrix(specs, w.objects)),
         zero_shot=zero_shot,
+        captions=captions,
+        zero_shot_prompts=prompt_texts,
     )
+
+
+def _own_text(model: Any, data: EvalData) -> EvalData:
+    """The data as a model that adapts the text tower sees it: its own embeddings of the captions
+    (and zero-shot prompts) through its encoder; the frozen ones otherwise."""
+    if model is None or not getattr(model, "adapts_text_tower", False):
+        return data
+    if model.encoder is None or data.captions is None:
+        raise ValueError(
+            "this model adapts the text tower (LoRA / folded updates): evaluating it needs its encoder "
+            "(AsymVLM.from_pretrained(dir) with load_encoder=True) and the caption strings (EvalData.captions)"
+        )
+    with torch.no_grad():
+        text = model.text_embeddings(data.captions).float().cpu()
+        zero_shot = {}
+        for task, (_frozen, names, labels) in (data.zero_shot or {}).items():
+            strings = (data.zero_shot_prompts or {}).get(task)
+            if strings is not None:  # (without the prompt strings the task is skipped, not misjudged)
+                zero_shot[task] = (model.text_embeddings(strings).float().cpu(), names, labels)
+    return dataclasses.replace(data, text_embeddings=text, zero_shot=zero_shot)
 
 
 def _scores_and_uncertainty(model: Any, data: EvalData) -> tuple[Tensor, Tensor | None]:
@@ -138,7 +164,9 @@ def evaluate(
     exact = positives_from_index(data.text_image_index, data.image_embeddings.shape[0])
     entries: dict[str, Any] = ({"clip": None} if include_clip else {}) | dict(models)
     report: dict[str, dict[str, Any]] = {}
+    frozen = data
     for name, model in entries.items():
+        data = _own_text(model, frozen)
         scores, unc = _scores_and_uncertainty(model, data)
         m: dict[str, Any] = dict(retrieval_metrics(scores, exact, ks))
         hits = positive_ranks(scores, exact) == 0  # exact t2i hit@1 per caption
@@ -177,11 +205,12 @@ def summary_table(report: dict[str, dict[str, Any]]) -> str:
         ("zeroshot_shape_accuracy", "ZS shape"),
     ]
     cols = [c for c in cols if any(c[0] in m for m in report.values())]
-    lines = [f"{'model':<12}" + "".join(f"{label:>11}" for _, label in cols)]
+    width = max([12, *(len(name) + 1 for name in report)])
+    lines = [f"{'model':<{width}}" + "".join(f"{label:>11}" for _, label in cols)]
     for name, m in report.items():
         cells = []
         for key, _ in cols:
             v = m.get(key)
             cells.append(f"{'-':>11}" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:>11.3f}")
-        lines.append(f"{name:<12}" + "".join(cells))
+        lines.append(f"{name:<{width}}" + "".join(cells))
     return "\n".join(lines)

@@ -39,6 +39,7 @@ def _local_eval_data(encoder: Any, dataset: Any, max_images: int | None):
         image_embeddings=images,
         text_embeddings=encoder.encode_text(captions, progress=True),
         text_image_index=torch.tensor(index),
+        captions=captions,
     )
 
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from asymvlm import shapeworld as sw
     from asymvlm.encoders import load_encoder
-    from asymvlm.model import AsymVLM
+    from asymvlm.model import CONFIG_NAME, AsymVLM
     from eval.benchmark import evaluate, shapeworld_eval_data, summary_table
     from eval.plots import plot_report
 
@@ -98,7 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     models = {}
     names = list(args.name) + [Path(m).name for m in args.model[len(args.name) :]]
     for name, path in zip(names, args.model):
-        models[name] = AsymVLM.from_pretrained(path, load_encoder=False, device=args.device)
+        # a model that adapts the text tower (LoRA, folded federated updates) embeds the captions itself
+        cfg = json.loads((Path(path) / CONFIG_NAME).read_text()) if (Path(path) / CONFIG_NAME).is_file() else {}
+        adapts = bool(cfg.get("text_adapter") or cfg.get("text_base_delta"))
+        models[name] = AsymVLM.from_pretrained(path, load_encoder=adapts, device=args.device)
     if models:
         sources = {json.dumps(m.encoder_source, sort_keys=True) for m in models.values()}
         if len(sources) > 1:

@@ -1,4 +1,4 @@
-"""End-to-end demo of the asymvlm core on a synthetic CLIP-sized world (what `make demo` runs).
+"""End-to-end demo of the asymvlm core on a synthetic CLIP-sized world, without an encoder.
 
 A world at d = 512 whose captions come at three specificity levels with known ambiguity:
 
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
             rho = spearmanr(unc.numpy(), (-test_level).numpy()).statistic  # ambiguity falls with level
             qe = head(test_text[exact])
             r1 = recall_at_1(log_likelihood(qe, test_images[exact]))
-        rows.append((family, per_level, rho, r1, float(loss)))
+        rows.append((family, per_level, rho, r1, float(loss.detach())))
 
     print(f"\n{'family':<7}{'unc L0 (vague)':>16}{'unc L1':>10}{'unc L2 (exact)':>16}{'spearman':>10}{'R@1 exact':>11}")
     for family, per_level, rho, r1, _ in rows:

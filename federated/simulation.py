@@ -226,7 +226,7 @@ def get_federated_data(data_args: Any, fed: FederatedArguments) -> FederatedData
         w = sw.generate_arrays(
             data_args.train_images,
             seed=data_args.data_seed,
-            caption_styles=sw.CAPTION_STYLES,
+            caption_styles=data_args.styles(),  # the columns of the cache cache_for_config built
             visual_styles=sw.VISUAL_STYLES,
         )
         for i, attr in enumerate(sw.ATTRIBUTES):

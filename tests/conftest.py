@@ -155,3 +155,30 @@ def make_tiny_open_clip():
 @pytest.fixture
 def make_images():
     return random_images
+
+
+# ---------------------------------------------------------------------------------------------
+# a small toy CLIP standing in for the default one (the default recipe takes ~3 minutes to build)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def quick_toy_cache(tmp_path_factory):
+    """An ``ASYMVLM_CACHE`` folder holding the ``--quick`` toy CLIP (built once per session), also
+    linked where the default recipe is looked up, so ``open_clip:asymvlm-toy-clip`` loads it.
+    Tests set the variable with ``monkeypatch.setenv("ASYMVLM_CACHE", str(quick_toy_cache))``."""
+    from asymvlm import toyclip
+    from asymvlm.demo import QUICK_TOY_STEPS
+
+    root = tmp_path_factory.mktemp("asymvlm-cache")
+    before = os.environ.get("ASYMVLM_CACHE")
+    os.environ["ASYMVLM_CACHE"] = str(root)
+    try:
+        built = toyclip.ensure_toy_clip(toyclip.ToyCLIPRecipe(steps=QUICK_TOY_STEPS), progress=False)
+        default = toyclip.toy_clip_dir()
+        default.parent.mkdir(parents=True, exist_ok=True)
+        default.symlink_to(built, target_is_directory=True)
+    finally:
+        if before is None:
+            del os.environ["ASYMVLM_CACHE"]
+        else:
+            os.environ["ASYMVLM_CACHE"] = before
+    return root

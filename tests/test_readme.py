@@ -1,9 +1,18 @@
-"""Every python block of README.md runs, in order, in one namespace (the README is a contract)."""
+"""README.md is a contract: every python block runs, and every shell command in it is run here (with
+smaller sizes) or by a named test / CI."""
 
+import json
 import re
+import shlex
+import time
+from importlib.metadata import entry_points
 from pathlib import Path
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 
 
 def test_readme_python_blocks_run(tmp_path, monkeypatch, capsys):
@@ -16,3 +25,156 @@ def test_readme_python_blocks_run(tmp_path, monkeypatch, capsys):
             exec(compile(code, f"README.md python block {i}", "exec"), namespace)
         except Exception as err:  # pragma: no cover - the message says which block
             raise AssertionError(f"README python block {i} failed: {err!r}\n{code}") from err
+
+
+# ------------------------------------------------------------------------------------------------
+# shell commands
+# ------------------------------------------------------------------------------------------------
+def readme_commands() -> list[list[str]]:
+    """Every command of every ```bash block, continuation lines joined, comments dropped."""
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", README.read_text(), flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            tokens = shlex.split(line, comments=True)
+            if tokens:
+                out.append(tokens)
+    return out
+
+
+def yaml_files() -> dict[str, str]:
+    """The ```yaml blocks, by the file name their first comment gives (``# exp.yaml: ...``)."""
+    files = {}
+    for block in re.findall(r"```yaml\n(.*?)```", README.read_text(), flags=re.S):
+        name = re.match(r"#\s*([\w.-]+\.yaml)", block)
+        assert name, f"a README yaml block does not start with '# <file>.yaml': {block[:60]!r}"
+        files[name.group(1)] = block
+    return files
+
+
+# Commands run by another test (it runs the same program with the same flags on local fixtures) or
+# by CI; the test named must exist and contain every flag of the README's command.
+ELSEWHERE = {
+    ("make", "test"): (".ci/run", None),
+    ("make", "demo"): ("tests/test_demo.py", "test_quick_demo_writes_the_report"),
+    ("accelerate", "launch"): ("tests/test_training.py", "test_two_cpu_processes_train_the_same_model_as_one"),
+}
+
+# Sizes the walkthrough shrinks to (the flag's value is replaced, or the flag appended).
+SMALL = {
+    "asymvlm-train": {"--train_images": "600", "--max_steps": "4", "--batch_size": "256"},
+    "asymvlm-federate": {"--train_images": "600", "--rounds": "1", "--local_steps": "1", "--num_clients": "3"},
+    "asymvlm-eval": {"--images": "60"},
+    "eval": {"--images": "60"},  # python -m asymvlm.toyclip eval
+}
+SMALL_YAML = {"max_steps": "4", "batch_size": "256", "save_every": "2", "eval_every": "-1", "rounds": "1",
+              "local_steps": "1", "train_images": "600", "num_clients": "3"}  # fmt: skip
+
+
+def shrink(tokens: list[str], key: str) -> list[str]:
+    """Replace the value of each of SMALL[key]'s flags, or append the flag (flags override YAML)."""
+    tokens = list(tokens)
+    for flag, value in SMALL.get(key, {}).items():
+        if flag in tokens:
+            tokens[tokens.index(flag) + 1] = value
+        else:
+            tokens += [flag, value]
+    return tokens
+
+
+def test_every_readme_command_is_covered():
+    """The other half of the contract: nothing in the README's shell blocks goes unrun."""
+    scripts = {ep.name for ep in entry_points(group="console_scripts") if ep.value.split(".")[0] in _PACKAGES}
+    for tokens in readme_commands():
+        if tuple(tokens[:2]) in ELSEWHERE:
+            path, name = ELSEWHERE[tuple(tokens[:2])]
+            text = (ROOT / path).read_text()
+            if name is None:
+                assert " ".join(tokens) in text, f"{path} does not run {' '.join(tokens)}"
+            else:
+                body = text[text.index(f"def {name}(") :]
+                body = body[: body.find("\ndef ", 1) if "\ndef " in body[1:] else len(body)]
+                flags = [t for t in tokens[2:] if t.startswith("--")]
+                missing = [f for f in flags if f.strip("-") not in body]
+                assert not missing, f"{path}::{name} does not exercise {missing} of {' '.join(tokens)}"
+        else:
+            assert tokens[0] in scripts or tokens[:3] == ["python", "-m", "asymvlm.toyclip"], (
+                f"README command {' '.join(tokens)!r} is neither run by the walkthrough nor covered elsewhere"
+            )
+
+
+_PACKAGES = ("asymvlm", "training", "federated", "merging", "eval")
+
+
+def _write_checkpoints(d: Path) -> None:
+    """vit.safetensors + two fine-tuned copies, and two peft LoRA adapters of one tiny base."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    base = {"blocks.0.weight": torch.randn(16, 8, generator=g), "blocks.0.bias": torch.randn(16, generator=g)}
+    save_file(base, str(d / "vit.safetensors"))
+    for i in (1, 2):
+        tuned = {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()}
+        save_file(tuned, str(d / f"ft{i}.safetensors"))
+    for name, seed in (("adapter-a", 1), ("adapter-b", 2)):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+        torch.manual_seed(seed)
+        cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], init_lora_weights=False)
+        get_peft_model(model, cfg).save_pretrained(str(d / name))
+
+
+def _write_image_folder(root: Path) -> None:
+    from PIL import Image
+
+    from asymvlm import shapeworld as sw
+
+    root.mkdir(parents=True)
+    w = sw.generate_arrays(12, seed=3)
+    with open(root / "metadata.jsonl", "w") as f:
+        for i in range(12):
+            Image.fromarray(w.images[i]).save(root / f"{i}.png")
+            f.write(json.dumps({"file_name": f"{i}.png", "captions": list(w.captions[i])}) + "\n")
+
+
+@pytest.mark.slow
+def test_readme_commands_run(tmp_path, monkeypatch, capsys, quick_toy_cache, tiny_open_clip_dir):
+    """The command-line section, in order, in an empty folder (toy CLIP: the --quick one)."""
+    from asymvlm import toyclip
+
+    monkeypatch.setenv("ASYMVLM_CACHE", str(quick_toy_cache))
+    monkeypatch.chdir(tmp_path)
+    for name, text in yaml_files().items():
+        for key, value in SMALL_YAML.items():
+            text = re.sub(rf"^{key}:\s*\S+", f"{key}: {value}", text, flags=re.M)
+        Path(name).write_text(text)
+    _write_checkpoints(tmp_path)
+    _write_image_folder(tmp_path / "data" / "captions")
+    # the one command that names a pretrained model we cannot download: the tiny open_clip instead
+    swap = {"open_clip:ViT-B-32": f"open_clip:local-dir:{tiny_open_clip_dir}", "openai": ""}
+    scripts = {ep.name: ep for ep in entry_points(group="console_scripts")}
+    ran, seconds = [], []
+    for tokens in readme_commands():
+        if tuple(tokens[:2]) in ELSEWHERE:
+            continue
+        tokens = [swap.get(t, t) for t in tokens]
+        if tokens[:3] == ["python", "-m", "asymvlm.toyclip"]:
+            main, argv = toyclip.main, shrink(tokens[3:], tokens[3])
+        else:
+            main, argv = scripts[tokens[0]].load(), shrink(tokens[1:], tokens[0])
+        start = time.perf_counter()
+        code = main(argv)
+        seconds.append((round(time.perf_counter() - start, 1), " ".join(tokens[:3])))
+        out = capsys.readouterr()
+        assert code in (0, None), f"{' '.join(tokens)} exited with {code}\n{out.out[-2000:]}\n{out.err[-2000:]}"
+        ran.append(" ".join(tokens[:2]))
+    assert len(ran) >= 15, ran
+    with capsys.disabled():
+        print("\nREADME commands (seconds):", seconds)
+    # what the commands promise to leave behind
+    for path in ("runs/vmf/model", "runs/exp/model", "runs/fedavg/model", "runs/fedadam/model", "merged/ties",
+                 "merged/task-arithmetic", "merged/dare", "merged/adapter", "eval-out/metrics.json",
+                 "eval-vitb32/metrics.json", "eval-fedavg/metrics.json"):  # fmt: skip
+        assert (tmp_path / path).exists(), path
+    merge_info = json.loads((tmp_path / "merged/adapter/merge.json").read_text())
+    assert merge_info["method"] == "ties"

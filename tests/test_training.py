@@ -83,6 +83,24 @@ def test_yaml_then_flags_and_unknown_keys(tmp_path):
     assert TrainConfig.from_dict(TrainConfig().to_dict()) == TrainConfig()
 
 
+def test_caption_styles_pick_the_shapeworld_training_styles(tmp_path, monkeypatch, tiny_encoder):
+    from asymvlm import shapeworld as sw
+    from training.config import DataArguments
+
+    data, _, _ = parse_config(["--caption_styles", "photo, synonyms", "--train_images", "30"])
+    assert data.styles() == ("photo", "synonyms")
+    assert DataArguments().styles() == tuple(sw.CAPTION_STYLES)
+    with pytest.raises(ConfigError, match=r"unknown caption_styles \['poetry'\]"):
+        parse_config(["--caption_styles", "photo,poetry"])
+    monkeypatch.setenv("ASYMVLM_CACHE", str(tmp_path))
+    cache = data_mod.cache_for_config(data, tiny_encoder)
+    assert "photo+synonyms" in cache.path.name  # its own cache, not the all-styles one
+    w = sw.generate_arrays(30, seed=0, caption_styles=("photo", "synonyms"), visual_styles=sw.VISUAL_STYLES)
+    assert list(cache.captions) == [c for row in w.captions for c in row]
+    full = data_mod.cache_for_config(DataArguments(train_images=30), tiny_encoder)
+    assert full.path != cache.path
+
+
 def test_cli_reports_config_errors(tmp_path, capsys):
     from training.cli import main
 
@@ -346,11 +364,10 @@ def test_two_cpu_processes_train_the_same_model_as_one(cache_dir, tmp_path):
         f"cache_dir: {cache_dir}\nhidden_dims: [32]\nmax_steps: 6\nbatch_size: 32\nsave_every: 0\n"
         f"progress: false\nlog_with: none\noptimizer: sgd\nlr: 0.1\n"
     )
-    for name in ("one", "two"):
-        (tmp_path / f"{name}.yaml").write_text(common + f"output_dir: {tmp_path / name}\n")
+    (tmp_path / "exp.yaml").write_text(common)  # the README's command: --config exp.yaml --output_dir ...
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
-        [str(bin_dir / "asymvlm-train"), "--config", str(tmp_path / "one.yaml")],
+        [str(bin_dir / "asymvlm-train"), "--config", str(tmp_path / "exp.yaml"), "--output_dir", str(tmp_path / "one")],
         check=True,
         env=env,
         capture_output=True,
@@ -372,7 +389,9 @@ def test_two_cpu_processes_train_the_same_model_as_one(cache_dir, tmp_path):
         "--no_python",
         str(bin_dir / "asymvlm-train"),
         "--config",
-        str(tmp_path / "two.yaml"),
+        str(tmp_path / "exp.yaml"),
+        "--output_dir",
+        str(tmp_path / "two"),
     ]
     proc = subprocess.run(launch, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

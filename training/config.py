@@ -77,6 +77,13 @@ class DataArguments:
     pretrained: str = field(default="shapeworld", metadata={"help": "open_clip pretrained tag or file ('' = none)."})
     train_images: int = field(default=20000, metadata={"help": "ShapeWorld training images (dataset=shapeworld)."})
     data_seed: int = field(default=0, metadata={"help": "Seed of the generated ShapeWorld training split."})
+    caption_styles: str = field(
+        default="",
+        metadata={
+            "help": "ShapeWorld caption styles of the training split, comma-separated (plain, photo, synonyms, "
+            "reordered); empty = all (e.g. one style per expert for merging)."
+        },
+    )
     eval_images: int = field(
         default=1000,
         metadata={
@@ -100,6 +107,18 @@ class DataArguments:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.train_images < 1 or self.eval_images < 0:
             raise ConfigError("train_images must be >= 1 and eval_images >= 0")
+        from asymvlm.shapeworld import CAPTION_STYLES
+
+        unknown = [c for c in self.styles() if c not in CAPTION_STYLES]
+        if unknown:
+            raise ConfigError(f"unknown caption_styles {unknown}; choose from {list(CAPTION_STYLES)}")
+
+    def styles(self) -> tuple[str, ...]:
+        """The ShapeWorld caption styles of the training split (all when ``caption_styles`` is empty)."""
+        from asymvlm.shapeworld import CAPTION_STYLES
+
+        picked = tuple(c.strip() for c in self.caption_styles.split(",") if c.strip())
+        return picked or tuple(CAPTION_STYLES)
 
 
 @dataclass(frozen=True)

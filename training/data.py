@@ -144,10 +144,12 @@ def cache_for_config(data_args: Any, encoder: Any = None):
         dataset = sw.generate(
             data_args.train_images,
             seed=data_args.data_seed,
-            caption_styles=sw.CAPTION_STYLES,
+            caption_styles=data_args.styles(),
             visual_styles=sw.VISUAL_STYLES,
         )
         name = f"shapeworld-{data_args.train_images}-{data_args.data_seed}"
+        if data_args.styles() != tuple(sw.CAPTION_STYLES):
+            name += "-" + "+".join(data_args.styles())
     else:
         from asymvlm.data import load_dataset_spec
 

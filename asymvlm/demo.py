@@ -1,0 +1,306 @@
+"""``asymvlm-demo``: the whole package on the offline default, in one command (``make demo``).
+
+On ShapeWorld with the toy CLIP (built on first use, then loaded from the user cache):
+
+1. cache the frozen embeddings of a training split (every caption and visual style);
+2. train a vMF and a Power Spherical head centrally (the reference) with the AsymVLM loss;
+3. train them federatedly: K clients with Dirichlet caption-style skew, text-tower LoRA + head,
+   FedAvg and FedAdam, the exact LoRA aggregation (FedEx-LoRA residual folding) by default;
+4. fine-tune one expert per caption style from the central vMF head, dense and TaLoS-masked, and
+   merge them (task arithmetic and TIES of the dense experts, task arithmetic of the TaLoS ones),
+   lambda chosen on a validation split by mean normalised R@1;
+5. evaluate everything with :mod:`eval` next to the CLIP baseline on held-out ShapeWorld, print one
+   summary table, and write ``report.json``, ``metrics.json`` and PNG plots to ``--out``.
+
+``--quick`` is a smoke version (a small toy CLIP, small splits, few steps) for CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+DOMAINS = ("plain", "photo", "synonyms", "reordered")
+QUICK_TOY_STEPS = 250  # the --quick toy CLIP recipe (its own cache key)
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    full = dict(
+        toy_steps=None, train_images=8000, eval_images=1000, domain_images=400, steps=400, batch=512,
+        rounds=16, local_steps=8, local_batch=128, expert_steps=80, hidden=[1024, 1024, 1024],
+    )  # fmt: skip
+    quick = dict(
+        toy_steps=QUICK_TOY_STEPS, train_images=1500, eval_images=300, domain_images=120, steps=60, batch=256,
+        rounds=2, local_steps=2, local_batch=64, expert_steps=15, hidden=[256, 256],
+    )  # fmt: skip
+    s = quick if args.quick else full
+    for k in ("train_images", "eval_images", "steps", "rounds"):
+        v = getattr(args, k)
+        if v is not None:
+            s[k] = v
+    return s
+
+
+def _encoder(toy_steps: int | None):
+    from asymvlm.encoders import load_encoder
+    from asymvlm.toyclip import TOY_CLIP_SPEC, TOY_CLIP_TAG, ToyCLIPRecipe, ensure_toy_clip
+
+    if toy_steps is None:
+        return load_encoder(TOY_CLIP_SPEC, pretrained=TOY_CLIP_TAG, device="cpu"), (TOY_CLIP_SPEC, TOY_CLIP_TAG)
+    directory = ensure_toy_clip(ToyCLIPRecipe(steps=toy_steps))
+    spec = f"open_clip:local-dir:{directory}"
+    return load_encoder(spec, device="cpu"), (spec, "")
+
+
+def _train_head(cache: Path, out: Path, s: dict, family: str, seed: int, **extra) -> Path:
+    from training.config import TrainConfig
+    from training.loop import train
+
+    cfg = TrainConfig.from_dict(
+        dict(
+            cache_dir=str(cache), family=family, hidden_dims=list(s["hidden"]),
+            max_steps=extra.pop("steps", s["steps"]), batch_size=s["batch"], optimizer="adamw", lr=1e-3,
+            weight_decay=1e-4, seed=seed, output_dir=str(out),
+            save_every=0, eval_every=-1, log_with="none", progress=False, **extra,
+        )
+    )  # fmt: skip
+    return Path(train(cfg))
+
+
+def _domain_caches(encoder, n: int, seed: int, root: Path) -> dict[str, dict[str, Path]]:
+    from asymvlm import embed_dataset
+    from asymvlm import shapeworld as sw
+
+    out: dict[str, dict[str, Path]] = {}
+    for d_i, style in enumerate(DOMAINS):
+        out[style] = {}
+        for s_i, split in enumerate(("train", "val", "test")):
+            count = n * (4 if split == "train" else 1)
+            data = sw.generate(count, seed=seed + 100 * d_i + 10 * s_i + 7, caption_styles=(style,))
+            path = root / f"demo-{style}-{split}-{count}-{seed}-{encoder.fingerprint[:12]}"
+            out[style][split] = embed_dataset(encoder, data, path, batch_size=256, progress=False).path
+    return out
+
+
+def _r1(head, cache_path: Path) -> float:
+    from asymvlm.cache import EmbeddingCache
+    from merging.api import recall_at_1
+
+    c = EmbeddingCache.load(cache_path)
+    return recall_at_1(head, c.text_embeddings, c.image_embeddings, c.text_image_index)
+
+
+def _federated(recipe: str, spec: tuple[str, str], s: dict, out: Path, seed: int) -> Path:
+    from federated.simulation import FederatedArguments, get_federated_data, run_federated, save_federated_model
+    from training.config import DataArguments
+
+    fed = FederatedArguments(
+        recipe=recipe, rounds=s["rounds"], num_clients=8, partition="dirichlet", partition_column="caption_style",
+        partition_alpha=0.5, local_steps=s["local_steps"], local_batch_size=s["local_batch"], local_lr=0.2,
+        local_momentum=0.9, server_lr=0.01 if recipe == "fedadam" else 1.0, trainable="both", lora_mode="residual",
+        head_hidden=list(s["hidden"]), residual_head=False, eval_every=0, seed=seed,
+        fed_output_dir=str(out / f"federated-{recipe}"), progress=False,
+    )  # fmt: skip
+    data_args = DataArguments(
+        dataset="shapeworld", encoder=spec[0], pretrained=spec[1], train_images=s["train_images"], data_seed=seed,
+        eval_images=0,
+    )  # fmt: skip
+    data = get_federated_data(data_args, fed)
+    state, task = run_federated(fed, data)
+    return save_federated_model(task, state, data, out / f"federated-{recipe}" / "model")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="asymvlm-demo", description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="demo-out", help="report.json, metrics.json, plots and runs (default ./demo-out)")
+    p.add_argument("--quick", action="store_true", help="a small smoke version (< 2 minutes)")
+    p.add_argument("--train-images", type=int, default=None)
+    p.add_argument("--eval-images", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, help="central training steps per head")
+    p.add_argument("--rounds", type=int, default=None, help="federated rounds per recipe")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    start = time.time()
+    s = _settings(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def lap(name: str, t: float) -> None:
+        timings[name] = round(time.time() - t, 1)
+        _say(f"      done in {timings[name]:.0f} s")
+
+    import torch
+
+    from asymvlm.model import AsymVLM
+    from asymvlm.toyclip import cache_root
+
+    torch.manual_seed(args.seed)
+    _say("[1/6] toy CLIP (built and cached on first use) and the embedding caches")
+    t = time.time()
+    encoder, spec = _encoder(s["toy_steps"])
+    from training.config import DataArguments
+    from training.data import cache_for_config
+
+    train_cache = cache_for_config(
+        DataArguments(
+            dataset="shapeworld",
+            encoder=spec[0],
+            pretrained=spec[1],
+            train_images=s["train_images"],
+            data_seed=args.seed,
+        ),  # fmt: skip
+        encoder,
+    )
+    from asymvlm import shapeworld as sw
+    from eval.benchmark import evaluate, shapeworld_eval_data, summary_table
+
+    world = dict(caption_styles=sw.CAPTION_STYLES, visual_styles=sw.VISUAL_STYLES)
+    eval_data = shapeworld_eval_data(encoder, n=s["eval_images"], seed=12345, **world)
+    domains = _domain_caches(encoder, s["domain_images"], args.seed + 1, cache_root() / "caches")
+    lap("caches", t)
+
+    _say(f"[2/6] central heads (vMF, PS): {s['steps']} steps, batch {s['batch']}")
+    t = time.time()
+    central = {f: _train_head(train_cache.path, out / f"central-{f}", s, f, args.seed) for f in ("vmf", "ps")}
+    lap("central", t)
+
+    _say(f"[3/6] federated: 8 clients (Dirichlet caption-style skew), LoRA + head, {s['rounds']} rounds")
+    t = time.time()
+    federated = {r: _federated(r, spec, s, out, args.seed) for r in ("fedavg", "fedadam")}
+    lap("federated", t)
+
+    _say("[4/6] per-style experts (dense and TaLoS) from the central vMF head; merges")
+    t = time.time()
+    from asymvlm.cache import EmbeddingCache
+    from merging.api import merge
+    from merging.talos import calibrate_mask, save_masks
+    from training.data import IndexBatcher
+
+    base = central["vmf"]
+    experts: dict[str, list[Path]] = {"dense": [], "talos": []}
+    for d in DOMAINS:
+        experts["dense"].append(
+            _train_head(
+                domains[d]["train"],
+                out / "experts" / f"dense-{d}",
+                s,
+                "vmf",
+                args.seed,
+                init_from=str(base),
+                steps=s["expert_steps"],
+            )  # fmt: skip
+        )
+        c = EmbeddingCache.load(domains[d]["train"])
+        batcher = IndexBatcher(
+            c.text_embeddings.float(), c.image_embeddings.float(), c.text_image_index, 256, args.seed
+        )
+        masks = calibrate_mask(AsymVLM.from_pretrained(base, load_encoder=False), batcher, 0.9, 4, num_batches=4)
+        mask_file = save_masks(masks, out / "experts" / f"talos-mask-{d}.safetensors", {"sparsity": 0.9, "rounds": 4})
+        experts["talos"].append(
+            _train_head(
+                domains[d]["train"],
+                out / "experts" / f"talos-{d}",
+                s,
+                "vmf",
+                args.seed,
+                init_from=str(base),
+                steps=s["expert_steps"],
+                mask_file=str(mask_file),
+            )  # fmt: skip
+        )
+    grid = [0.25, 0.5, 0.75, 1.0]
+    val = [domains[d]["val"] for d in DOMAINS]
+    merged: dict[str, dict[str, Any]] = {}
+    for name, family, method, opts in (
+        ("task_arithmetic", "dense", "task_arithmetic", {}),
+        ("ties", "dense", "ties", {"density": 0.2}),
+        ("talos", "talos", "talos", {}),
+    ):
+        rep = merge(base, experts[family], out / "merged" / name, method, lam_grid=grid, val=val, **opts)
+        head = AsymVLM.from_pretrained(out / "merged" / name, load_encoder=False).head
+        r1 = {d: _r1(head, domains[d]["test"]) for d in DOMAINS}
+        expert_r1 = {
+            d: _r1(AsymVLM.from_pretrained(e, load_encoder=False).head, domains[d]["test"])
+            for d, e in zip(DOMAINS, experts[family])
+        }
+        base_r1 = {d: _r1(AsymVLM.from_pretrained(base, load_encoder=False).head, domains[d]["test"]) for d in DOMAINS}
+        norm = {d: r1[d] / expert_r1[d] if expert_r1[d] > 0 else float("nan") for d in DOMAINS}
+        merged[name] = {
+            "lam": rep["lam"], "R@1": r1, "expert_R@1": expert_r1, "base_R@1": base_r1, "normalized_R@1": norm,
+            "mean_normalized_R@1": sum(norm.values()) / len(norm), "lambda_curve": rep["lambda_search"]["curve"],
+        }  # fmt: skip
+    lap("experts_and_merges", t)
+
+    _say("[5/6] evaluation on held-out ShapeWorld (CLIP baseline, central, federated, merged)")
+    t = time.time()
+    models = {f: AsymVLM.from_pretrained(d, load_encoder=False) for f, d in central.items()}
+    models.update({f"merged-{k}": AsymVLM.from_pretrained(out / "merged" / k, load_encoder=False) for k in merged})
+    # the federated models adapt the text tower (LoRA folded in): they embed the captions themselves
+    models.update({f"federated-{r}": AsymVLM.from_pretrained(d, device="cpu") for r, d in federated.items()})
+    metrics = evaluate(eval_data, models)
+    lap("evaluation", t)
+
+    _say("[6/6] report")
+    from asymvlm.io import atomic_write_json
+    from eval.cli import _json_safe
+    from eval.plots import plot_report
+
+    report = {
+        "uncertainty_ambiguity_spearman": {f: metrics[f]["uncertainty_ambiguity_spearman"] for f in ("vmf", "ps")},
+        "r1_uncertainty_pearson": {f: metrics[f]["bin_pearson"] for f in ("vmf", "ps")},
+        "r1_uncertainty_spearman": {f: metrics[f]["bin_spearman"] for f in ("vmf", "ps")},
+        "t2i_r1": {m: metrics[m]["t2i_R@1"] for m in ("clip", "vmf", "ps")},
+        "i2t_r1": {m: metrics[m]["i2t_R@1"] for m in ("clip", "vmf", "ps")},
+        "consistent_t2i_r1": {m: metrics[m]["consistent_t2i_R@1"] for m in ("clip", "vmf", "ps")},
+        "federated_t2i_r1": {
+            "centralized": metrics["vmf"]["t2i_R@1"],
+            **{r: metrics[f"federated-{r}"]["t2i_R@1"] for r in federated},
+        },
+        "federated_uncertainty_ambiguity_spearman": {
+            r: metrics[f"federated-{r}"]["uncertainty_ambiguity_spearman"] for r in federated
+        },
+        "merged_normalized_r1": {k: v["mean_normalized_R@1"] for k, v in merged.items()},
+        "merged_uncertainty_ambiguity_spearman": {
+            k: metrics[f"merged-{k}"]["uncertainty_ambiguity_spearman"] for k in merged
+        },
+        "merges": merged,
+        "uncertainty_by_level": {f: metrics[f]["uncertainty_by_level"] for f in ("vmf", "ps")},
+        "settings": {**s, "quick": args.quick, "seed": args.seed, "encoder": spec[0]},
+        "timings": timings,
+        "seconds": round(time.time() - start, 1),
+    }
+    atomic_write_json(_json_safe(report), out / "report.json")
+    atomic_write_json(_json_safe({"metrics": metrics}), out / "metrics.json")
+    plots = plot_report({k: v for k, v in metrics.items()}, out, level_ambiguity=sw.level_ambiguity())
+    _say("")
+    _say(summary_table(metrics))
+    _say("")
+    by_level = "; ".join(
+        f"{f}: " + ", ".join(f"{u:.4f}" for u in report["uncertainty_by_level"][f]) for f in ("vmf", "ps")
+    )
+    _say(f"mean uncertainty by caption level (vague -> exact): {by_level}")
+    fr = report["federated_t2i_r1"]
+    _say("federated t2i R@1: " + ", ".join(f"{k} {v:.4f}" for k, v in fr.items()))
+    _say(
+        "merged (mean normalised R@1 over the caption styles): "
+        + ", ".join(f"{k} {v['mean_normalized_R@1']:.3f} (lam {v['lam']})" for k, v in merged.items())
+    )
+    _say(f"wrote {out / 'report.json'}, {out / 'metrics.json'}" + "".join(f", {q.name}" for q in plots))
+    _say(f"done in {report['seconds']:.0f} s")
+    if not all(math.isfinite(v) for v in report["uncertainty_ambiguity_spearman"].values()):
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
