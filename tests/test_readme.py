@@ -178,3 +178,28 @@ def test_readme_commands_run(tmp_path, monkeypatch, capsys, quick_toy_cache, tin
         assert (tmp_path / path).exists(), path
     merge_info = json.loads((tmp_path / "merged/adapter/merge.json").read_text())
     assert merge_info["method"] == "ties"
+
+
+def test_inline_commands_name_real_targets_files_and_flags(capsys):
+    """Commands quoted inline in the prose: make targets exist, bench scripts exist, and every flag
+    quoted for a console script is one of its flags."""
+    text = README.read_text()
+    makefile = (ROOT / "Makefile").read_text()
+    for target in set(re.findall(r"`make ([a-z-]+)`", text)):
+        assert re.search(rf"^{target}:", makefile, flags=re.M), f"README names `make {target}`, not in the Makefile"
+    scripts = set(re.findall(r"`python (bench/[a-z_]+\.py)", text))
+    assert len(scripts) >= 6
+    for script in scripts:
+        assert (ROOT / script).is_file(), script
+    eps = {ep.name: ep for ep in entry_points(group="console_scripts")}
+    helps: dict[str, str] = {}
+    for name, args in re.findall(r"`(asymvlm-[a-z]+) ([^`]*)`", text):
+        if name not in helps:
+            try:
+                code = eps[name].load()(["--help"])
+            except SystemExit as exit_:
+                code = exit_.code
+            assert code in (0, None), name
+            helps[name] = capsys.readouterr().out
+        for flag in re.findall(r"--[a-z][a-z_-]*", args):
+            assert flag in helps[name], f"README quotes `{name} {args}` but {name} has no {flag}"
