@@ -47,6 +47,7 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         v = getattr(args, k)
         if v is not None:
             s[k] = v
+    s["clients"], s["lora_mode"] = args.clients, args.lora_mode
     return s
 
 
@@ -104,9 +105,10 @@ def _federated(recipe: str, spec: tuple[str, str], s: dict, out: Path, seed: int
     from training.config import DataArguments
 
     fed = FederatedArguments(
-        recipe=recipe, rounds=s["rounds"], num_clients=8, partition="dirichlet", partition_column="caption_style",
-        partition_alpha=0.5, local_steps=s["local_steps"], local_batch_size=s["local_batch"], local_lr=0.2,
-        local_momentum=0.9, server_lr=0.01 if recipe == "fedadam" else 1.0, trainable="both", lora_mode="residual",
+        recipe=recipe, rounds=s["rounds"], num_clients=s["clients"], partition="dirichlet",
+        partition_column="caption_style", partition_alpha=0.5, local_steps=s["local_steps"],
+        local_batch_size=s["local_batch"], local_lr=0.2, local_momentum=0.9,
+        server_lr=0.01 if recipe == "fedadam" else 1.0, trainable="both", lora_mode=s["lora_mode"],
         head_hidden=list(s["hidden"]), residual_head=False, eval_every=0, seed=seed,
         fed_output_dir=str(out / f"federated-{recipe}"), progress=False,
     )  # fmt: skip
@@ -127,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-images", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="central training steps per head")
     p.add_argument("--rounds", type=int, default=None, help="federated rounds per recipe")
+    p.add_argument("--clients", type=int, default=8, help="federated clients (default 8)")
+    p.add_argument(
+        "--lora-mode", default="residual", choices=("residual", "factors", "frozen_a", "stack", "svd"),
+        help="federated LoRA aggregation (default residual: the exact FedEx-LoRA folding)",
+    )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     start = time.time()
@@ -174,7 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     central = {f: _train_head(train_cache.path, out / f"central-{f}", s, f, args.seed) for f in ("vmf", "ps")}
     lap("central", t)
 
-    _say(f"[3/6] federated: 8 clients (Dirichlet caption-style skew), LoRA + head, {s['rounds']} rounds")
+    _say(
+        f"[3/6] federated: {s['clients']} clients (Dirichlet caption-style skew), LoRA ({s['lora_mode']}) + head, "
+        f"{s['rounds']} rounds"
+    )
     t = time.time()
     federated = {r: _federated(r, spec, s, out, args.seed) for r in ("fedavg", "fedadam")}
     lap("federated", t)

@@ -11,7 +11,7 @@ def test_quick_demo_writes_the_report(tmp_path, monkeypatch, capsys, quick_toy_c
     from asymvlm.demo import main
 
     monkeypatch.setenv("ASYMVLM_CACHE", str(quick_toy_cache))  # the --quick toy CLIP, built once per session
-    assert main(["--quick", "--out", str(tmp_path / "out")]) == 0
+    assert main(["--quick", "--clients", "4", "--out", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     numbers = {
         "uncertainty_ambiguity_spearman": ("vmf", "ps"),
@@ -28,7 +28,8 @@ def test_quick_demo_writes_the_report(tmp_path, monkeypatch, capsys, quick_toy_c
         levels = report["uncertainty_by_level"][fam]
         assert len(levels) == 5 and all(u > 0 for u in levels)
     assert report["seconds"] > 0
+    assert (report["settings"]["clients"], report["settings"]["lora_mode"]) == (4, "residual")
     for png in ("r1_by_uncertainty.png", "uncertainty_by_level.png"):
         assert (tmp_path / "out" / png).stat().st_size > 1000
     out = capsys.readouterr().out
-    assert "federated-fedadam" in out and "merged-ties" in out and "done in" in out
+    assert "4 clients" in out and "federated-fedadam" in out and "merged-ties" in out and "done in" in out
