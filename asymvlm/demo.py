@@ -197,37 +197,33 @@ def main(argv: list[str] | None = None) -> int:
     from training.data import IndexBatcher
 
     base = central["vmf"]
+    base_model = AsymVLM.from_pretrained(base, load_encoder=False)
     experts: dict[str, list[Path]] = {"dense": [], "talos": []}
+
+    def expert(kind: str, d: str, **extra: Any) -> Path:
+        return _train_head(
+            domains[d]["train"], out / "experts" / f"{kind}-{d}", s, "vmf", args.seed,
+            init_from=str(base), steps=s["expert_steps"], **extra,
+        )  # fmt: skip
+
     for d in DOMAINS:
-        experts["dense"].append(
-            _train_head(
-                domains[d]["train"],
-                out / "experts" / f"dense-{d}",
-                s,
-                "vmf",
-                args.seed,
-                init_from=str(base),
-                steps=s["expert_steps"],
-            )  # fmt: skip
-        )
+        experts["dense"].append(expert("dense", d))
         c = EmbeddingCache.load(domains[d]["train"])
         batcher = IndexBatcher(
             c.text_embeddings.float(), c.image_embeddings.float(), c.text_image_index, 256, args.seed
         )
-        masks = calibrate_mask(AsymVLM.from_pretrained(base, load_encoder=False), batcher, 0.9, 4, num_batches=4)
+        masks = calibrate_mask(base_model, batcher, 0.9, 4, num_batches=4)  # leaves the model as it was
         mask_file = save_masks(masks, out / "experts" / f"talos-mask-{d}.safetensors", {"sparsity": 0.9, "rounds": 4})
-        experts["talos"].append(
-            _train_head(
-                domains[d]["train"],
-                out / "experts" / f"talos-{d}",
-                s,
-                "vmf",
-                args.seed,
-                init_from=str(base),
-                steps=s["expert_steps"],
-                mask_file=str(mask_file),
-            )  # fmt: skip
-        )
+        experts["talos"].append(expert("talos", d, mask_file=str(mask_file)))
+
+    def test_r1(model_dir: Path, styles: tuple[str, ...] = DOMAINS) -> dict[str, float]:
+        """Exact R@1 of a saved head on the test split of each style."""
+        head = AsymVLM.from_pretrained(model_dir, load_encoder=False).head
+        return {d: _r1(head, domains[d]["test"]) for d in styles}
+
+    base_r1 = test_r1(base)
+    # each expert on its own style's test split, once per expert family
+    expert_r1 = {fam: {d: test_r1(e, (d,))[d] for d, e in zip(DOMAINS, paths)} for fam, paths in experts.items()}
     grid = [0.25, 0.5, 0.75, 1.0]
     val = [domains[d]["val"] for d in DOMAINS]
     merged: dict[str, dict[str, Any]] = {}
@@ -237,16 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         ("talos", "talos", "talos", {}),
     ):
         rep = merge(base, experts[family], out / "merged" / name, method, lam_grid=grid, val=val, **opts)
-        head = AsymVLM.from_pretrained(out / "merged" / name, load_encoder=False).head
-        r1 = {d: _r1(head, domains[d]["test"]) for d in DOMAINS}
-        expert_r1 = {
-            d: _r1(AsymVLM.from_pretrained(e, load_encoder=False).head, domains[d]["test"])
-            for d, e in zip(DOMAINS, experts[family])
-        }
-        base_r1 = {d: _r1(AsymVLM.from_pretrained(base, load_encoder=False).head, domains[d]["test"]) for d in DOMAINS}
-        norm = {d: r1[d] / expert_r1[d] if expert_r1[d] > 0 else float("nan") for d in DOMAINS}
+        r1, ex = test_r1(out / "merged" / name), expert_r1[family]
+        norm = {d: r1[d] / ex[d] if ex[d] > 0 else float("nan") for d in DOMAINS}
         merged[name] = {
-            "lam": rep["lam"], "R@1": r1, "expert_R@1": expert_r1, "base_R@1": base_r1, "normalized_R@1": norm,
+            "lam": rep["lam"], "R@1": r1, "expert_R@1": ex, "base_R@1": base_r1, "normalized_R@1": norm,
             "mean_normalized_R@1": sum(norm.values()) / len(norm), "lambda_curve": rep["lambda_search"]["curve"],
         }  # fmt: skip
     lap("experts_and_merges", t)
