@@ -99,6 +99,22 @@ def shapeworld_eval_data(encoder: Any, n: int = 1000, seed: int = 12345, **world
     )
 
 
+def with_text_tower(data: EvalData, encoder: Any) -> EvalData:
+    """The data with its captions (and zero-shot prompts) embedded by ``encoder`` — e.g. a text
+    tower adapted by LoRA or folded federated updates. Zero-shot tasks without prompt strings are
+    dropped rather than scored with the frozen prompts."""
+    if data.captions is None:
+        raise ValueError("re-embedding the text side needs the caption strings (EvalData.captions)")
+    with torch.no_grad():
+        text = encoder.encode_text(data.captions).float().cpu()
+        zero_shot = {}
+        for task, (_frozen, names, labels) in (data.zero_shot or {}).items():
+            strings = (data.zero_shot_prompts or {}).get(task)
+            if strings is not None:
+                zero_shot[task] = (encoder.encode_text(strings).float().cpu(), names, labels)
+    return dataclasses.replace(data, text_embeddings=text, zero_shot=zero_shot)
+
+
 def _own_text(model: Any, data: EvalData) -> EvalData:
     """The data as a model that adapts the text tower sees it: its own embeddings of the captions
     (and zero-shot prompts) through its encoder; the frozen ones otherwise."""
@@ -109,14 +125,7 @@ def _own_text(model: Any, data: EvalData) -> EvalData:
             "this model adapts the text tower (LoRA / folded updates): evaluating it needs its encoder "
             "(AsymVLM.from_pretrained(dir) with load_encoder=True) and the caption strings (EvalData.captions)"
         )
-    with torch.no_grad():
-        text = model.text_embeddings(data.captions).float().cpu()
-        zero_shot = {}
-        for task, (_frozen, names, labels) in (data.zero_shot or {}).items():
-            strings = (data.zero_shot_prompts or {}).get(task)
-            if strings is not None:  # (without the prompt strings the task is skipped, not misjudged)
-                zero_shot[task] = (model.text_embeddings(strings).float().cpu(), names, labels)
-    return dataclasses.replace(data, text_embeddings=text, zero_shot=zero_shot)
+    return with_text_tower(data, model.encoder)
 
 
 def _scores_and_uncertainty(model: Any, data: EvalData) -> tuple[Tensor, Tensor | None]:
@@ -190,6 +199,23 @@ def evaluate(
         m.update(_zero_shot(model, data))
         report[name] = m
     return report
+
+
+# the headline metrics training and federated runs log while they train
+PROGRESS_KEYS = (
+    "t2i_R@1",
+    "i2t_R@1",
+    "rsum",
+    "consistent_t2i_R@1",
+    "bin_spearman",
+    "error_auroc",
+    "uncertainty_ambiguity_spearman",
+)
+
+
+def progress_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """``{"eval/<key>": value}`` for the :data:`PROGRESS_KEYS` a model's report has."""
+    return {f"eval/{k}": float(report[k]) for k in PROGRESS_KEYS if report.get(k) is not None}
 
 
 def summary_table(report: dict[str, dict[str, Any]]) -> str:

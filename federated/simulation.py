@@ -188,8 +188,7 @@ class FederatedData:
     dim: int
     encoder_source: dict[str, Any] | None
     encoder: Any = None
-    eval_data: Any = None
-    eval_captions: list[str] | None = None
+    eval_data: Any = None  # an eval.benchmark.EvalData (with the caption strings) or None
     summary: str = ""
 
 
@@ -270,7 +269,7 @@ def get_federated_data(data_args: Any, fed: FederatedArguments) -> FederatedData
         text = {key: v[rows] for key, v in text_all.items()} if isinstance(text_all, dict) else text_all[rows]
         batchers.append(IndexBatcher(text, images, owner[rows], min(fed.local_batch_size, len(rows)), fed.seed + k))
     summary = partition_summary(parts, columns.get(fed.partition_column) if columns else None)
-    eval_data = eval_captions = None
+    eval_data = None
     if data_args.dataset == "shapeworld" and not data_args.cache_dir and data_args.eval_images:
         from asymvlm import shapeworld as sw
         from eval.benchmark import shapeworld_eval_data
@@ -283,13 +282,6 @@ def get_federated_data(data_args: Any, fed: FederatedArguments) -> FederatedData
             caption_styles=sw.CAPTION_STYLES,
             visual_styles=sw.VISUAL_STYLES,
         )
-        wv = sw.generate_arrays(
-            data_args.eval_images,
-            seed=data_args.data_seed + 10_000,
-            caption_styles=sw.CAPTION_STYLES,
-            visual_styles=sw.VISUAL_STYLES,
-        )
-        eval_captions = [c for row in wv.captions for c in row]
         encoder = encoder if fed.trainable != "head" else None
     return FederatedData(
         batchers,
@@ -298,7 +290,6 @@ def get_federated_data(data_args: Any, fed: FederatedArguments) -> FederatedData
         dict(cache.manifest["encoder"]),
         encoder,
         eval_data,
-        eval_captions,
         summary,
     )
 
@@ -743,33 +734,14 @@ def _evaluate(task: FederatedTask, data: FederatedData, fed: FederatedArguments)
     out["fairness"] = fairness(losses)
     if data.eval_data is not None:
         from asymvlm.model import AsymVLM
-        from eval.benchmark import EvalData, evaluate
+        from eval.benchmark import evaluate, progress_metrics, with_text_tower
 
         ed = data.eval_data
-        if task.peft_model is not None and data.eval_captions:
-            with torch.no_grad():
-                ed = EvalData(
-                    ed.image_embeddings,
-                    data.encoder.encode_text(data.eval_captions),
-                    ed.text_image_index,
-                    ed.levels,
-                    ed.ambiguity,
-                    ed.consistent,
-                    ed.zero_shot,
-                )
+        if task.peft_model is not None and ed.captions:  # the LoRA-adapted tower embeds the captions
+            ed = with_text_tower(ed, data.encoder)
         task.head.eval()
         model = AsymVLM(task.head, logit_scale=float(task.loss_fn.logit_scale.detach()))
         rep = evaluate(ed, {"m": model}, include_clip=False)["m"]
         task.head.train()
-        for key in (
-            "t2i_R@1",
-            "i2t_R@1",
-            "rsum",
-            "consistent_t2i_R@1",
-            "bin_spearman",
-            "error_auroc",
-            "uncertainty_ambiguity_spearman",
-        ):
-            if key in rep and rep[key] is not None:
-                out[f"eval/{key}"] = float(rep[key])
+        out.update(progress_metrics(rep))
     return out

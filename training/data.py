@@ -106,8 +106,8 @@ class TrainData:
         batches: the :class:`IndexBatcher` of the training split.
         dim: embedding dimension.
         encoder_source: ``{"spec", "pretrained", "fingerprint", "dim"}`` of the frozen encoder.
-        eval_data: an :class:`eval.benchmark.EvalData` for periodic evaluation (or None).
-        eval_captions: the evaluation captions (mode=lora re-embeds them with the adapted tower).
+        eval_data: an :class:`eval.benchmark.EvalData` for periodic evaluation (or None); its
+            ``captions`` let mode=lora re-embed them with the adapted tower.
         encoder: the loaded encoder (mode=lora only).
     """
 
@@ -115,7 +115,6 @@ class TrainData:
     dim: int
     encoder_source: dict[str, Any] | None
     eval_data: Any = None
-    eval_captions: list[str] | None = None
     encoder: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -186,7 +185,7 @@ def get_dataloaders(cfg: Any, accelerator: Any) -> TrainData:
     owner = cache.text_image_index.clone()
     captions = cache.captions
 
-    eval_data, eval_captions = None, None
+    eval_data = None
     n_img = images.shape[0]
     if d.dataset == "shapeworld" and not d.cache_dir and d.eval_images and t.eval_every >= 0:
         from asymvlm import shapeworld as sw
@@ -199,15 +198,11 @@ def get_dataloaders(cfg: Any, accelerator: Any) -> TrainData:
             caption_styles=sw.CAPTION_STYLES,
             visual_styles=sw.VISUAL_STYLES,
         )
-        w = sw.generate_arrays(
-            d.eval_images, seed=d.data_seed + 10_000, caption_styles=sw.CAPTION_STYLES, visual_styles=sw.VISUAL_STYLES
-        )
-        eval_captions = [c for row in w.captions for c in row]
     elif d.eval_fraction > 0:
         cut = int(round(n_img * (1 - d.eval_fraction)))
         held = owner >= cut
-        eval_data = EvalData(images[cut:], text[held], owner[held] - cut)
-        eval_captions = [c for c, h in zip(captions, held.tolist()) if h] if captions else None
+        held_captions = [c for c, h in zip(captions, held.tolist()) if h] if captions else None
+        eval_data = EvalData(images[cut:], text[held], owner[held] - cut, captions=held_captions)
         text, owner, images = text[~held], owner[~held], images[:cut]
         captions = [c for c, h in zip(captions, held.tolist()) if not h] if captions else None
 
@@ -222,6 +217,5 @@ def get_dataloaders(cfg: Any, accelerator: Any) -> TrainData:
         dim=images.shape[1],
         encoder_source=source,
         eval_data=eval_data,
-        eval_captions=eval_captions,
         encoder=encoder if m.mode == "lora" else None,
     )

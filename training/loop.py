@@ -222,30 +222,17 @@ def _save_checkpoint(accelerator: Any, cfg: TrainConfig, step: int, extra: dict[
 
 def _evaluate(model: TrainModel, data: Any, step: int) -> dict[str, float]:
     from asymvlm.model import AsymVLM
-    from eval.benchmark import EvalData, evaluate
+    from eval.benchmark import evaluate, progress_metrics, with_text_tower
 
     ed = data.eval_data
-    if model.peft_model is not None and data.eval_captions:
-        with torch.no_grad():
-            text = data.encoder.encode_text(data.eval_captions)
-        ed = EvalData(
-            ed.image_embeddings, text, ed.text_image_index, ed.levels, ed.ambiguity, ed.consistent, ed.zero_shot
-        )
+    if model.peft_model is not None and ed.captions:  # the LoRA-adapted tower embeds the captions
+        ed = with_text_tower(ed, data.encoder)
     was = model.head.training
     model.head.eval()
     asym = AsymVLM(model.head, logit_scale=float(model.loss_fn.logit_scale.detach()))
     report = evaluate(ed, {"model": asym}, include_clip=False)["model"]
     model.head.train(was)
-    keys = (
-        "t2i_R@1",
-        "i2t_R@1",
-        "rsum",
-        "consistent_t2i_R@1",
-        "bin_spearman",
-        "error_auroc",
-        "uncertainty_ambiguity_spearman",
-    )
-    return {f"eval/{k}": float(report[k]) for k in keys if k in report and report[k] is not None}
+    return progress_metrics(report)
 
 
 def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None = None) -> Path:
