@@ -87,21 +87,19 @@ def main(argv=None) -> int:
     mean = WeightedMean()
     t_us, us_step, m_us = timed(lambda: apply_updates(params, mean(deltas, examples).delta), args.repeat)
     np.testing.assert_allclose(us_step["layer0"].numpy(), fl_avg[0], rtol=1e-4, atol=1e-5)
-    print(
-        f"  FedAvg  Flower {t_fl:6.3f} s, peak +{m_fl / model_mib:5.1f} models | asymvlm {t_us:6.3f} s, "
-        f"peak +{m_us / model_mib:5.1f} models | speed-up {t_fl / t_us:4.1f}x"
-    )
     inputs = f"K={k}, {args.params / 1e6:g}M float32 params, best of {args.repeat}"
-    results.add(
-        "FedAvg step: asymvlm WeightedMean vs Flower aggregate",
-        t_us,
-        t_fl,
-        "s",
-        higher_is_better=False,
-        ours_peak_models=m_us / model_mib,
-        baseline_peak_models=m_fl / model_mib,
-        inputs=inputs,
-    )
+
+    def report(short: str, case: str, t_us: float, t_fl: float, m_us: float, m_fl: float) -> None:
+        print(
+            f"  {short:<7} Flower {t_fl:6.3f} s, peak +{m_fl / model_mib:5.1f} models | asymvlm {t_us:6.3f} s, "
+            f"peak +{m_us / model_mib:5.1f} models | speed-up {t_fl / t_us:4.1f}x"
+        )
+        results.add(
+            case, t_us, t_fl, "s", higher_is_better=False, ours_peak_models=m_us / model_mib,
+            baseline_peak_models=m_fl / model_mib, inputs=inputs,
+        )  # fmt: skip
+
+    report("FedAvg", "FedAvg step: asymvlm WeightedMean vs Flower aggregate", t_us, t_fl, m_us, m_fl)
 
     # --- FedAdam (first server round)
     def flower_adam():
@@ -120,20 +118,10 @@ def main(argv=None) -> int:
     # differ between the two summation orders; everything else must agree
     off = ~np.isclose(us_new["layer0"].numpy(), fl_new[0], rtol=1e-3, atol=1e-4)
     assert off.mean() < 1e-3, off.mean()
-    print(
-        f"  FedAdam Flower {t_fl:6.3f} s, peak +{m_fl / model_mib:5.1f} models | asymvlm {t_us:6.3f} s, "
-        f"peak +{m_us / model_mib:5.1f} models | speed-up {t_fl / t_us:4.1f}x"
-    )
-    results.add(
-        "FedAdam step (first round): asymvlm chain(scale_by_adam, scale) vs Flower FedAdam",
-        t_us,
-        t_fl,
-        "s",
-        higher_is_better=False,
-        ours_peak_models=m_us / model_mib,
-        baseline_peak_models=m_fl / model_mib,
-        inputs=inputs,
-    )
+    report(
+        "FedAdam", "FedAdam step (first round): asymvlm chain(scale_by_adam, scale) vs Flower FedAdam",
+        t_us, t_fl, m_us, m_fl,
+    )  # fmt: skip
     results.note(f"Peak extra RSS during the step in models (1 model = {model_mib:.0f} MiB); outputs checked equal.")
     results.write(args.json)
     return 0
