@@ -5,6 +5,7 @@ Frozen image embeddings stay deterministic; each text gets a distribution on the
 log-likelihoods. See README.md for a tour.
 """
 
+from asymvlm import toyclip as _toyclip  # noqa: F401  (registers the toy CLIP's pretrained tag)
 from asymvlm.cache import EmbeddingCache, embed_dataset
 from asymvlm.distributions import HypersphericalUniform, PowerSpherical, VonMisesFisher, sphere
 from asymvlm.encoders import FrozenEncoder, load_encoder

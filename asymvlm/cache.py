@@ -32,7 +32,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -43,8 +42,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from asymvlm.errors import CacheMismatchError
 from asymvlm.io import (
     ArtefactError,
+    SafetensorsStreamWriter,
     atomic_directory,
     atomic_save_safetensors,
     atomic_write_json,
@@ -59,99 +60,11 @@ __all__ = [
     "embed_dataset",
     "write_cache",
     "dataset_fingerprint",
-    "SafetensorsStreamWriter",
 ]
 
 CACHE_TYPE = "asymvlm.embedding_cache"
 CACHE_VERSION = 1
 _DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
-_ST_NAMES = {torch.float16: "F16", torch.float32: "F32", torch.bfloat16: "BF16", torch.int64: "I64"}
-
-
-class CacheMismatchError(ValueError):
-    """A cache exists at the path but was built from another encoder or dataset."""
-
-
-class SafetensorsStreamWriter:
-    """Write a safetensors file whose tensor shapes are known up front, one chunk at a time.
-
-    Tensors are laid out in the order given; ``write(name, chunk)`` appends rows of that tensor
-    and must be called in layout order until every tensor is complete.
-
-    Example:
-        >>> import tempfile
-        >>> p = tempfile.mkdtemp() + "/x.safetensors"
-        >>> with SafetensorsStreamWriter(p, {"a": (torch.float32, (3, 2))}) as w:
-        ...     w.write("a", torch.zeros(2, 2)); w.write("a", torch.ones(1, 2))
-        >>> load_safetensors(p)["a"].tolist()
-        [[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]
-    """
-
-    def __init__(
-        self,
-        path: str | Path,
-        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-        metadata: dict[str, str] | None = None,
-    ):
-        self.path = Path(path)
-        header: dict[str, Any] = {}
-        offset = 0
-        self._layout = []
-        for name, (dtype, shape) in specs.items():
-            nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-            self._layout.append((name, dtype, tuple(shape), nbytes))
-            offset += nbytes
-        if metadata:
-            header["__metadata__"] = metadata
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section
-        self._file = open(self.path, "wb")
-        self._file.write(len(raw).to_bytes(8, "little"))
-        self._file.write(raw)
-        self._current = 0
-        self._written = 0
-
-    def write(self, name: str, chunk: Tensor) -> None:
-        while self._current < len(self._layout) and self._layout[self._current][3] == 0:
-            self._current += 1  # skip empty tensors
-        if self._current >= len(self._layout):
-            raise ValueError(f"all tensors of {self.path} are complete; got more data for {name!r}")
-        lname, dtype, shape, nbytes = self._layout[self._current]
-        if name != lname:
-            raise ValueError(f"expected data for {lname!r} next, got {name!r}")
-        chunk = chunk.detach().to("cpu", dtype).contiguous()
-        if tuple(chunk.shape[1:]) != shape[1:]:
-            raise ValueError(f"{name}: rows of shape {tuple(chunk.shape[1:])}, expected {shape[1:]}")
-        data = memoryview(chunk.reshape(-1).view(torch.uint8).numpy()) if chunk.numel() else memoryview(b"")
-        if self._written + len(data) > nbytes:
-            raise ValueError(f"{name}: more rows than the declared shape {shape}")
-        self._file.write(data)  # straight from the tensor's memory, no intermediate bytes copy
-        self._written += len(data)
-        if self._written == nbytes:
-            self._current += 1
-            self._written = 0
-
-    def close(self) -> None:
-        if self._file.closed:
-            return
-        while self._current < len(self._layout) and self._layout[self._current][3] == 0:
-            self._current += 1
-        complete = self._current == len(self._layout)
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        if not complete:
-            raise ValueError(f"{self.path}: tensor {self._layout[self._current][0]!r} is incomplete")
-
-    def __enter__(self) -> SafetensorsStreamWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self._file.close()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -34,20 +34,19 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from asymvlm.errors import DatasetLayoutError
+
 __all__ = [
     "load_coco_karpathy",
     "load_coco_2017",
     "load_flickr30k_karpathy",
     "load_image_folder",
     "load_dataset_spec",
+    "cache_for_config",
     "DatasetLayoutError",
 ]
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
-
-
-class DatasetLayoutError(FileNotFoundError):
-    """A dataset file or folder is missing or malformed; the message describes the expected layout."""
 
 
 def _require(path: Path, what: str, layout: str) -> Path:
@@ -222,3 +221,44 @@ def load_dataset_spec(spec: str):
         f"cannot parse dataset spec {spec!r}: use imagefolder:<root>, "
         f"coco-karpathy:<json>:<root>[:split], coco2017:<json>:<dir> or flickr30k:<json>:<dir>[:split]"
     )
+
+
+def cache_for_config(data_args: Any, encoder: Any = None):
+    """The embedding cache a config names: ``cache_dir`` if given, else built (once) from ``dataset``."""
+    from asymvlm.cache import EmbeddingCache, embed_dataset
+    from asymvlm.io import ArtefactError
+
+    if data_args.cache_dir:
+        try:
+            return EmbeddingCache.load(data_args.cache_dir)
+        except ArtefactError as err:
+            raise FileNotFoundError(
+                f"cannot use the embedding cache {data_args.cache_dir!r}: {err}. Build one with "
+                f"asymvlm.embed_dataset(encoder, dataset, path) or leave --cache_dir empty to build from --dataset"
+            ) from err
+    from asymvlm import shapeworld as sw
+    from asymvlm.toyclip import cache_root
+
+    if encoder is None:
+        from asymvlm.encoders import load_encoder
+
+        encoder = load_encoder(data_args.encoder, data_args.pretrained or None)
+    if data_args.dataset == "shapeworld":
+        dataset = sw.generate(
+            data_args.train_images,
+            seed=data_args.data_seed,
+            caption_styles=data_args.styles(),
+            visual_styles=sw.VISUAL_STYLES,
+        )
+        name = f"shapeworld-{data_args.train_images}-{data_args.data_seed}"
+        if data_args.styles() != tuple(sw.CAPTION_STYLES):
+            name += "-" + "+".join(data_args.styles())
+    else:
+        from asymvlm.data import load_dataset_spec
+
+        dataset = load_dataset_spec(data_args.dataset)
+        import hashlib
+
+        name = "dataset-" + hashlib.sha256(data_args.dataset.encode()).hexdigest()[:12]
+    path = cache_root() / "caches" / f"{name}-{encoder.fingerprint[:12]}"
+    return embed_dataset(encoder, dataset, path, batch_size=256)

@@ -49,6 +49,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from asymvlm.errors import MissingExtraError
+
 __all__ = [
     "FrozenEncoder",
     "OpenCLIPEncoder",
@@ -56,6 +58,8 @@ __all__ = [
     "load_encoder",
     "parse_spec",
     "register_open_clip_configs",
+    "register_pretrained",
+    "LOCAL_PRETRAINED",
     "save_open_clip_dir",
     "weights_fingerprint",
     "MissingExtraError",
@@ -65,8 +69,29 @@ __all__ = [
 PACKAGE_MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
 
 
-class MissingExtraError(ImportError):
-    """An optional dependency is missing; the message names the extra to install."""
+# (open_clip architecture, pretrained tag) -> a function returning the local directory of those
+# weights: the same role as open_clip's own pretrained registry, for weights that are built or
+# found on this machine instead of downloaded (the toy CLIP registers itself in asymvlm.toyclip).
+LOCAL_PRETRAINED: dict[tuple[str, str], Callable[[], str | Path]] = {}
+_EXCLUSIVE: set[str] = set()
+
+
+def register_pretrained(name: str, tag: str, resolve: Callable[[], str | Path], *, exclusive: bool = False) -> None:
+    """Make ``load_encoder(f"open_clip:{name}", pretrained=tag)`` load the open_clip directory that
+    ``resolve()`` returns (called on each load: it may build and cache the weights first).
+
+    Args:
+        name: the open_clip architecture (its config must be registered with open_clip).
+        tag: the pretrained tag users pass.
+        resolve: returns the local directory (``open_clip_config.json`` + weights).
+        exclusive: the architecture has no other weights: any other tag (or none) is an error.
+
+    Example:
+        >>> register_pretrained("asymvlm-tiny-vit", "zeros", lambda: "/nonexistent")  # doctest: +SKIP
+    """
+    LOCAL_PRETRAINED[(name, tag)] = resolve
+    if exclusive:
+        _EXCLUSIVE.add(name)
 
 
 def weights_fingerprint(module: nn.Module, spec: str = "") -> str:
@@ -253,16 +278,15 @@ class OpenCLIPEncoder(FrozenEncoder):
         register_open_clip_configs()
         device = _resolve_device(device)
         spec_name, spec_pretrained = name, pretrained
-        from asymvlm.toyclip import TOY_CLIP_NAME, TOY_CLIP_TAG
-
-        if name == TOY_CLIP_NAME and pretrained == TOY_CLIP_TAG:  # the package's own ShapeWorld CLIP
-            from asymvlm.toyclip import ensure_toy_clip
-
-            name, pretrained = f"local-dir:{ensure_toy_clip()}", None
-        elif name == TOY_CLIP_NAME:
+        resolve = LOCAL_PRETRAINED.get((name, pretrained))
+        if resolve is not None:  # a registered local tag: built or found on this machine, no download
+            name, pretrained = f"local-dir:{resolve()}", None
+        elif name in _EXCLUSIVE:
+            tags = sorted(tag for n, tag in LOCAL_PRETRAINED if n == name)
             raise ValueError(
-                f"{TOY_CLIP_NAME} is loaded with pretrained={TOY_CLIP_TAG!r} (built on first use), "
-                f"or from its local directory"
+                f"{name} is loaded with pretrained={tags[0]!r} (built on first use), or from its local directory"
+                if len(tags) == 1
+                else f"{name} is loaded with one of the pretrained tags {tags}, or from its local directory"
             )
         cfg = self._config(name)
         if cfg is not None and "timm_model_name" in cfg.get("vision_cfg", {}):

@@ -22,12 +22,14 @@ import shutil
 import tempfile
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from asymvlm.errors import ArtefactError
 
 __all__ = [
     "ArtefactError",
@@ -38,11 +40,10 @@ __all__ = [
     "load_safetensors",
     "read_json",
     "read_tagged_json",
+    "mmap_safetensors",
+    "SafetensorsStreamWriter",
+    "LazyParams",
 ]
-
-
-class ArtefactError(ValueError):
-    """A saved artefact is missing, corrupt, truncated or of the wrong type/version."""
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -279,3 +280,193 @@ def read_tagged_json(
         warnings.warn(f"{path}: ignoring unknown key(s) {unknown} (written by a newer asymvlm?)", stacklevel=3)
         doc = {k: v for k, v in doc.items() if k in allowed}
     return doc
+
+
+# ----------------------------------------------------------------------------------------------
+# streamed writing and memory-mapped reading
+# ----------------------------------------------------------------------------------------------
+_ST_NAMES = {
+    torch.float16: "F16",
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.float64: "F64",
+    torch.bool: "BOOL",
+}
+
+
+class SafetensorsStreamWriter:
+    """Write a safetensors file whose tensor shapes are known up front, one chunk at a time.
+
+    Tensors are laid out in the order given; ``write(name, chunk)`` appends rows of that tensor
+    and must be called in layout order until every tensor is complete.
+
+    Example:
+        >>> import tempfile
+        >>> p = tempfile.mkdtemp() + "/x.safetensors"
+        >>> with SafetensorsStreamWriter(p, {"a": (torch.float32, (3, 2))}) as w:
+        ...     w.write("a", torch.zeros(2, 2)); w.write("a", torch.ones(1, 2))
+        >>> load_safetensors(p)["a"].tolist()
+        [[0.0, 0.0], [0.0, 0.0], [1.0, 1.0]]
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+        metadata: dict[str, str] | None = None,
+    ):
+        self.path = Path(path)
+        header: dict[str, Any] = {}
+        offset = 0
+        self._layout = []
+        for name, (dtype, shape) in specs.items():
+            nbytes = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._layout.append((name, dtype, tuple(shape), nbytes))
+            offset += nbytes
+        if metadata:
+            header["__metadata__"] = metadata
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section
+        self._file = open(self.path, "wb")
+        self._file.write(len(raw).to_bytes(8, "little"))
+        self._file.write(raw)
+        self._current = 0
+        self._written = 0
+
+    def write(self, name: str, chunk: Tensor) -> None:
+        while self._current < len(self._layout) and self._layout[self._current][3] == 0:
+            self._current += 1  # skip empty tensors
+        if self._current >= len(self._layout):
+            raise ValueError(f"all tensors of {self.path} are complete; got more data for {name!r}")
+        lname, dtype, shape, nbytes = self._layout[self._current]
+        if name != lname:
+            raise ValueError(f"expected data for {lname!r} next, got {name!r}")
+        chunk = chunk.detach().to("cpu", dtype).contiguous()
+        if tuple(chunk.shape[1:]) != shape[1:]:
+            raise ValueError(f"{name}: rows of shape {tuple(chunk.shape[1:])}, expected {shape[1:]}")
+        data = memoryview(chunk.reshape(-1).view(torch.uint8).numpy()) if chunk.numel() else memoryview(b"")
+        if self._written + len(data) > nbytes:
+            raise ValueError(f"{name}: more rows than the declared shape {shape}")
+        self._file.write(data)  # straight from the tensor's memory, no intermediate bytes copy
+        self._written += len(data)
+        if self._written == nbytes:
+            self._current += 1
+            self._written = 0
+
+    def close(self) -> None:
+        if self._file.closed:
+            return
+        while self._current < len(self._layout) and self._layout[self._current][3] == 0:
+            self._current += 1
+        complete = self._current == len(self._layout)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        if not complete:
+            raise ValueError(f"{self.path}: tensor {self._layout[self._current][0]!r} is incomplete")
+
+    def __enter__(self) -> SafetensorsStreamWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._file.close()
+
+
+_POPULATE_READ = 22  # madvise(MADV_POPULATE_READ): Linux >= 5.14; Python's mmap module may not name it
+_MADVISE_MIN_BYTES = 1 << 18  # smaller tensors are left to ordinary page faults and the page cache
+
+
+class LazyParams(Mapping):
+    """A read-only ``{key: tensor}`` view of a safetensors file, memory-mapped.
+
+    Tensors are zero-copy views of a private read-only mapping of the file (pages are read on
+    first touch). When a different key is requested, the pages of the previous one are handed back
+    to the OS (``madvise(MADV_DONTNEED)``), so reading a model key by key keeps resident memory at
+    about one tensor per file. The returned tensors must not be modified in place (nothing in
+    :mod:`asymvlm.federated.core` or :mod:`asymvlm.merging` does); clone them to keep or edit them.
+
+    Args:
+        path: the ``.safetensors`` file.
+        keys: restrict to these keys (e.g. trainable/adapter keys); a missing one is an error.
+        dtype: cast tensors to this dtype on access (None keeps the stored dtype).
+    """
+
+    error: type[Exception] = ArtefactError  # what a missing, corrupt or truncated file raises
+
+    def __init__(self, path: str | Path, keys: Sequence[str] | None = None, dtype: torch.dtype | None = None):
+        import mmap
+
+        path = Path(path)
+        self.path = path
+        self.dtype = dtype
+        if not path.is_file():
+            raise self.error(f"missing file: {path}")
+        try:
+            self._mm, self._tensors, self._ranges = mmap_safetensors(path)
+        except (ArtefactError, ValueError, KeyError) as err:
+            raise self.error(f"corrupt or truncated safetensors file {path}: {err}") from err
+        self._page = mmap.PAGESIZE
+        self._shapes = {k: tuple(t.shape) for k, t in self._tensors.items()}
+        if keys is not None:
+            missing = [k for k in keys if k not in self._shapes]
+            if missing:
+                raise self.error(f"{path} misses key(s) {missing[:5]}")
+        self._keys = list(keys) if keys is not None else sorted(self._shapes)
+        self._last: str | None = None
+        self.meta: dict[str, Any] = {}
+
+    def _release(self, key: str) -> None:
+        start, end = self._ranges[key]
+        if self._mm is None or end - start < _MADVISE_MIN_BYTES:
+            return
+        try:
+            import mmap as _mmap
+
+            lo = (start // self._page) * self._page
+            self._mm.madvise(_mmap.MADV_DONTNEED, lo, end - lo)
+        except (AttributeError, OSError, ValueError):  # no madvise on this platform: pages stay cached
+            pass
+
+    def _populate(self, key: str) -> None:
+        """Map the key's pages in one call (MADV_POPULATE_READ, Linux >= 5.14) instead of one page
+        fault per 4 KiB; silently skipped where unsupported."""
+        start, end = self._ranges[key]
+        if self._mm is None or end - start < _MADVISE_MIN_BYTES:
+            return
+        lo = (start // self._page) * self._page
+        try:
+            self._mm.madvise(_POPULATE_READ, lo, end - lo)
+        except (OSError, ValueError):
+            pass
+
+    def __getitem__(self, key: str) -> Tensor:
+        if key not in self._shapes:
+            raise KeyError(key)
+        if self._last is not None and self._last != key:
+            self._release(self._last)
+        if self._last != key:
+            self._populate(key)
+        self._last = key
+        t = self._tensors[key]
+        return t if self.dtype is None else t.to(self.dtype)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def stored_dtype(self, key: str) -> torch.dtype:
+        """The dtype on access, without reading the tensor's pages."""
+        return self.dtype if self.dtype is not None else self._tensors[key].dtype
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def numel(self) -> int:
+        return sum(self._tensors[k].numel() for k in self._keys)

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from asymvlm.distributions import SphericalDistribution
+from asymvlm.errors import EncoderMismatchError
 from asymvlm.heads import HeadConfig, TextHead, check_embeddings
 from asymvlm.io import ArtefactError, atomic_save_safetensors, atomic_write_json, load_safetensors, read_tagged_json
 from asymvlm.losses import log_likelihood
@@ -51,10 +52,6 @@ ADAPTER_DIR = "text_adapter"  # a peft LoRA adapter of the text tower, in peft's
 BASE_DELTA_NAME = "text_base_delta.safetensors"  # dense updates added to the frozen text tower
 MODEL_TYPE = "asymvlm"
 MODEL_VERSION = 1
-
-
-class EncoderMismatchError(ValueError):
-    """The encoder loaded for a saved model is not the one it was trained with."""
 
 
 @torch.no_grad()

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from asymvlm import shapeworld as sw
+from asymvlm.encoders import PACKAGE_MODEL_CONFIGS, register_pretrained
 from asymvlm.losses import symmetric_infonce
 
 __all__ = [
@@ -117,8 +118,6 @@ def toy_clip_dir(recipe: ToyCLIPRecipe | None = None) -> Path:
 
 
 def _model_config() -> dict[str, Any]:
-    from asymvlm.encoders import PACKAGE_MODEL_CONFIGS
-
     return json.loads((PACKAGE_MODEL_CONFIGS / f"{TOY_CLIP_NAME}.json").read_text())
 
 
@@ -152,6 +151,10 @@ def ensure_toy_clip(recipe: ToyCLIPRecipe | None = None, *, progress: bool = Tru
     if (directory / "open_clip_config.json").is_file():
         return directory
     return build_toy_clip(directory, recipe, progress=progress)
+
+
+# `load_encoder(TOY_CLIP_SPEC, pretrained=TOY_CLIP_TAG)` builds (once) and loads this directory
+register_pretrained(TOY_CLIP_NAME, TOY_CLIP_TAG, lambda: ensure_toy_clip(), exclusive=True)
 
 
 def _pixels(images: np.ndarray) -> torch.Tensor:

@@ -6,7 +6,7 @@ by side in one process:
 * Flower transcription: ``aggregate`` (every layer multiplied by the client's example count into
   new arrays, summed over clients, divided by the total) and FedAdam's update on NumPy lists
   (``delta = avg - w``, ``m``, ``v``, ``w + eta_norm m / (sqrt(v) + tau)``);
-* asymvlm: :class:`federated.core.WeightedMean` (streams over clients, one accumulator per layer)
+* asymvlm: :class:`asymvlm.federated.core.WeightedMean` (streams over clients, one accumulator per layer)
   and ``chain(scale_by_adam, scale)`` on torch tensors.
 
 Both produce the same numbers (checked; for FedAdam's sign-like first step up to the entries whose
@@ -25,8 +25,7 @@ from functools import reduce
 import numpy as np
 import torch
 from _common import Results, timed
-
-from federated.core import WeightedMean, apply_updates, chain, scale, scale_by_adam
+from asymvlm.federated.core import WeightedMean, apply_updates, chain, scale, scale_by_adam
 
 
 def flower_aggregate(results: list[tuple[list[np.ndarray], int]]) -> list[np.ndarray]:

@@ -87,7 +87,7 @@ def run_method(method: str, work: Path, tasks: int, density: float, width: int =
     out = work / f"out-{method}.safetensors"
     start = time.perf_counter()
     if method in ("task_arithmetic", "ties_global", "ties_per_tensor"):
-        from merging.methods import merge_files
+        from asymvlm.merging.methods import merge_files
 
         name = "task_arithmetic" if method == "task_arithmetic" else "ties"
         opts = (
@@ -99,12 +99,11 @@ def run_method(method: str, work: Path, tasks: int, density: float, width: int =
             opts.update(sign_weighted=False, normalize="count", zero_sign="positive")
         merge_files(work / "base.safetensors", vecs, out, name, lam=1.0, **opts)
     elif method == "peft_ties":
+        from asymvlm.merging.task_vectors import LazyTaskVector
         from peft.utils.merge_utils import ties
         from safetensors import safe_open
 
-        from merging.task_vectors import LazyParams
-
-        base = LazyParams(work / "base.safetensors")
+        base = LazyTaskVector(work / "base.safetensors")
         merged = {}
         handles = [safe_open(str(v / "task_vector.safetensors"), framework="pt") for v in vecs]
         w = torch.ones(tasks)
@@ -172,7 +171,7 @@ def main(argv=None) -> int:
         print(f"  generated inputs in {time.perf_counter() - t:.1f} s")
     code = (
         "import time, sys; t = time.perf_counter(); import torch; t1 = time.perf_counter(); "
-        "import merging.methods, merging.task_vectors, merging.api; t2 = time.perf_counter(); "
+        "import asymvlm.merging.methods, asymvlm.merging.task_vectors, asymvlm.merging.api; t2 = time.perf_counter(); "
         "print(t1 - t, t2 - t1, [m for m in ('transformers', 'peft') if m in sys.modules])"
     )
     imp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split(" ", 2)

@@ -3,7 +3,7 @@
 Three ways to run the same optimisation, in one process, on the same synthetic cache
 (``--images`` unit image vectors, 5 captions each):
 
-(a) asymvlm's loop: ``training.loop.train`` (accelerate, index-drawn batches, logging);
+(a) asymvlm's loop: ``asymvlm.training.loop.train`` (accelerate, index-drawn batches, logging);
     samples/s measured over its steps from its own log;
 (b) the reference pattern transcribed: a ``torch.utils.data.Dataset`` whose ``__getitem__``
     looks the caption's image up in a dict, batched by a shuffling ``DataLoader``;
@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 from _common import Results
+from asymvlm.training.config import TrainConfig
+from asymvlm.training.loop import train
 
 from asymvlm import AsymVLMLoss, TextHead, parameter_groups, positives_from_ids
 from asymvlm.cache import write_cache
-from training.config import TrainConfig
-from training.loop import train
 
 
 def make_cache(path: Path, images: int, d: int) -> None:

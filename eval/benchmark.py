@@ -32,11 +32,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from asymvlm.eval.retrieval import positive_ranks, positives_from_index, recall_at_k, retrieval_metrics
+from asymvlm.eval.uncertainty import ambiguity_spearman, uncertainty_report
+from asymvlm.eval.zeroshot import accuracy, aurc, risk_coverage, selective_accuracy_at
 from torch import Tensor
-
-from eval.retrieval import positive_ranks, positives_from_index, recall_at_k, retrieval_metrics
-from eval.uncertainty import ambiguity_spearman, uncertainty_report
-from eval.zeroshot import accuracy, aurc, risk_coverage, selective_accuracy_at
 
 __all__ = ["EvalData", "evaluate", "shapeworld_eval_data", "summary_table"]
 

@@ -26,7 +26,7 @@ EPILOG = """examples:
 
 
 def _local_eval_data(encoder: Any, dataset: Any, max_images: int | None):
-    from eval.benchmark import EvalData
+    from asymvlm.eval.benchmark import EvalData
 
     if max_images is not None:
         dataset = dataset.select(range(min(max_images, len(dataset))))
@@ -89,11 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="eval-out", help="output directory for metrics.json and plots")
     args = parser.parse_args(argv)
 
+    from asymvlm.eval.benchmark import evaluate, shapeworld_eval_data, summary_table
+    from asymvlm.eval.plots import plot_report
+
     from asymvlm import shapeworld as sw
     from asymvlm.encoders import load_encoder
     from asymvlm.model import CONFIG_NAME, AsymVLM
-    from eval.benchmark import evaluate, shapeworld_eval_data, summary_table
-    from eval.plots import plot_report
 
     start = time.time()
     models = {}

@@ -4,9 +4,9 @@
 2. a base head trained on the ``plain`` captions (the "pre-trained" model);
 3. one expert per other caption style (``photo``, ``synonyms``, ``reordered``), fine-tuned from
    the base with ``asymvlm-train``'s loop twice: dense (every head parameter) and TaLoS (a mask
-   from :func:`merging.talos.calibrate_mask` on the domain's data, ``--sparsity`` of the entries
+   from :func:`asymvlm.merging.talos.calibrate_mask` on the domain's data, ``--sparsity`` of the entries
    frozen, the rest trained through ``mask_file``);
-4. each family of experts merged by task arithmetic (``merging.api.merge``) at lambda = 1 and at
+4. each family of experts merged by task arithmetic (``asymvlm.merging.api.merge``) at lambda = 1 and at
    the lambda that the validation split picks (``--lam-grid``, mean normalised R@1);
 5. per domain on the test split: exact text->image R@1 of the expert and of the merged model, and
    the normalised R@1 = merged / expert (1 = no interference).
@@ -32,17 +32,17 @@ import time
 from pathlib import Path
 
 import torch
+from asymvlm.merging.api import merge, recall_at_1
+from asymvlm.merging.talos import calibrate_mask, save_masks
+from asymvlm.training.config import TrainConfig
+from asymvlm.training.loop import train
 
 from asymvlm import embed_dataset, load_encoder
 from asymvlm import shapeworld as sw
+from asymvlm.batching import IndexBatcher
 from asymvlm.cache import EmbeddingCache
 from asymvlm.model import AsymVLM
 from asymvlm.toyclip import TOY_CLIP_SPEC, TOY_CLIP_TAG, cache_root
-from merging.api import merge, recall_at_1
-from merging.talos import calibrate_mask, save_masks
-from training.config import TrainConfig
-from training.data import IndexBatcher
-from training.loop import train
 
 DOMAINS = ("photo", "synonyms", "reordered")
 

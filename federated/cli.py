@@ -22,8 +22,9 @@ EPILOG = """examples:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from federated.simulation import FederatedArguments
-    from training.config import ConfigError, DataArguments, parse_dataclass_args
+    from asymvlm.federated.simulation import FederatedArguments
+
+    from asymvlm.config import ConfigError, DataArguments, parse_dataclass_args
 
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"asymvlm-federate: error: {err}", file=sys.stderr)
         return 2
-    from federated.simulation import get_federated_data, run_federated, save_federated_model
+    from asymvlm.federated.simulation import get_federated_data, run_federated, save_federated_model
 
     try:
         data = get_federated_data(data_args, fed)

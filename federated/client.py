@@ -7,7 +7,7 @@ the full gradient norm at the global model (q-FFL, AdaFedAdam), runs ``local_ste
 index-drawn batches of the client's data with the recipe's client-side terms (FedProx's proximal
 gradient ``mu (theta - theta_global)``, GHBM's momentum ``beta / (eta_l J) m_t``) and returns
 ``delta = theta_local - theta_global`` with the client's diagnostics. With ``options.masks``
-(TaLoS sparse fine-tuning, :mod:`merging.talos`) only the masked entries move, so the delta is
+(TaLoS sparse fine-tuning, :mod:`asymvlm.merging.talos`) only the masked entries move, so the delta is
 exactly zero elsewhere and a client need only send the masked values (:func:`mask_for_task`,
 :func:`upload_bytes`).
 """
@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from asymvlm.federated.core import Params
 from torch import Tensor, nn
 
 from asymvlm.heads import HeadConfig, TextHead
 from asymvlm.losses import AsymVLMLoss
-from federated.core import Params
 
 __all__ = [
     "ClientOptions",
@@ -96,7 +96,7 @@ class FederatedTask:
         if trainable in ("lora", "both"):
             if encoder is None:
                 raise ValueError("federating a LoRA adapter needs the encoder")
-            from training.lora import add_text_lora
+            from asymvlm.lora import add_text_lora
 
             self.peft_model = add_text_lora(encoder, **(lora or {}))
         self.freeze_lora_a = freeze_lora_a
@@ -134,7 +134,7 @@ class FederatedTask:
         """Text embeddings of a batch: cached embeddings, or token ids through the adapted tower."""
         if self.peft_model is None:
             return batch_text
-        from training.lora import text_features
+        from asymvlm.lora import text_features
 
         return nn.functional.normalize(text_features(self.encoder, batch_text).float(), dim=-1)
 
@@ -236,7 +236,7 @@ def client_update(
     )
 
 
-# names of ``training.loop.TrainModel`` (what asymvlm-train and calibrate_mask use) -> exchanged names
+# names of ``asymvlm.training.loop.TrainModel`` (what asymvlm-train and calibrate_mask use) -> exchanged names
 _MASK_PREFIXES = (("peft_model.", "text."), ("loss_fn.", "loss."))
 
 

@@ -32,21 +32,18 @@ Example:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from asymvlm.lora import dense_delta, low_rank_factors
+
 __all__ = [
     "LORA_MODES",
     "LoraAggregate",
     "aggregate_lora",
-    "dense_delta",
-    "low_rank_factors",
-    "split_peft_state",
-    "join_peft_state",
 ]
 
 LORA_MODES = {
@@ -74,18 +71,6 @@ class LoraAggregate:
         """``base_delta + s B A``: what the aggregated model adds to the original frozen weight."""
         a, b = self.adapters[layer]
         return self.base_delta[layer] + self.scaling * (b @ a)
-
-
-def dense_delta(
-    A: Sequence[Tensor], B: Sequence[Tensor], weights: Sequence[float], scalings: Sequence[float] | float
-) -> Tensor:
-    """The exact ``sum_k p_k s_k B_k A_k`` (float64 accumulation)."""
-    s = [scalings] * len(A) if isinstance(scalings, (int, float)) else list(scalings)
-    out = None
-    for a, b, p, sk in zip(A, B, weights, s):
-        term = (p * sk) * (b.double() @ a.double())
-        out = term if out is None else out + term
-    return out.to(A[0].dtype)
 
 
 def _normalise(weights: Sequence[float] | None, k: int) -> list[float]:
@@ -175,46 +160,3 @@ def aggregate_lora(
             base[name] = torch.zeros_like(exact)
             info[name] = {"relative_error": err, "rank": float(a_new.shape[0])}
     return LoraAggregate(adapters, base, out_scaling, info)
-
-
-def low_rank_factors(delta: Tensor, rank: int, scaling: float = 1.0) -> tuple[Tensor, Tensor, float]:
-    """The best rank-``rank`` LoRA pair for a dense update (Eckart–Young, by SVD in float64):
-    ``scaling * B @ A`` is the truncated SVD of ``delta``, the singular values split evenly
-    between the factors. Returns ``(A, B, relative Frobenius error of the truncation)``."""
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
-    u, sv, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    r = min(rank, sv.numel())
-    root = sv[:r].sqrt()
-    b = (u[:, :r] * root / scaling**0.5).to(delta.dtype)
-    a = (root.unsqueeze(1) * vh[:r] / scaling**0.5).to(delta.dtype)
-    err = float(sv[r:].pow(2).sum().sqrt() / sv.pow(2).sum().sqrt().clamp_min(1e-300))
-    return a, b, err
-
-
-_PEFT_KEY = re.compile(r"^(?P<layer>.+)\.lora_(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
-
-
-def split_peft_state(state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """``{layer: {"A": tensor, "B": tensor}}`` from a peft LoRA state dict
-    (keys ``<layer>.lora_A[.<adapter>].weight``); other keys are an error."""
-    out: dict[str, dict[str, Tensor]] = {}
-    for key, value in state.items():
-        m = _PEFT_KEY.match(key)
-        if m is None:
-            raise ValueError(f"{key!r} is not a LoRA factor (<layer>.lora_A/B[.adapter].weight)")
-        out.setdefault(m.group("layer"), {})[m.group("ab")] = value
-    incomplete = [layer for layer, ab in out.items() if set(ab) != {"A", "B"}]
-    if incomplete:
-        raise ValueError(f"LoRA layers without both A and B: {incomplete[:4]}")
-    return out
-
-
-def join_peft_state(layers: Mapping[str, tuple[Tensor, Tensor]], adapter: str | None = None) -> dict[str, Tensor]:
-    """Inverse of :func:`split_peft_state` for ``{layer: (A, B)}``."""
-    mid = f".{adapter}" if adapter else ""
-    out = {}
-    for layer, (a, b) in layers.items():
-        out[f"{layer}.lora_A{mid}.weight"] = a
-        out[f"{layer}.lora_B{mid}.weight"] = b
-    return out

@@ -1,6 +1,6 @@
 """Named federated algorithms: an aggregator, a server transform and client-side options.
 
-Every recipe is built on :mod:`federated.core`; the fairness-aware and momentum methods need
+Every recipe is built on :mod:`asymvlm.federated.core`; the fairness-aware and momentum methods need
 per-client information (loss at the global model, gradient norm, ...) which the round loop
 collects when ``Recipe.needs`` asks for it.
 
@@ -41,9 +41,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from torch import Tensor
-
-from federated.core import (
+from asymvlm.federated.core import (
     AggregateResult,
     Aggregator,
     CoordinateMedian,
@@ -64,6 +62,7 @@ from federated.core import (
     tree_norm,
     tree_zeros_like,
 )
+from torch import Tensor
 
 __all__ = [
     "Recipe",

@@ -9,7 +9,7 @@ rounds k+1... exactly and ends with bit-identical parameters.
 LoRA: with ``trainable`` in (lora, both) the adapter's factors travel as parameters. ``factors``
 and ``frozen_a`` aggregate them with the recipe like any parameter (FedIT; FFA-LoRA keeps A
 frozen, so averaging B is exact); ``stack``, ``residual`` and ``svd`` aggregate them with
-:func:`federated.lora.aggregate_lora` and fold the exact remainder into the frozen text-tower
+:func:`asymvlm.federated.lora.aggregate_lora` and fold the exact remainder into the frozen text-tower
 weights the server keeps (the recipe's server optimizer then applies to the head only).
 """
 
@@ -26,12 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
-from tqdm.auto import tqdm
-
-from asymvlm.heads import HeadConfig
-from federated.client import ClientOptions, FederatedTask, client_loss, client_update, upload_bytes
-from federated.core import (
+from asymvlm.federated.client import ClientOptions, FederatedTask, client_loss, client_update, upload_bytes
+from asymvlm.federated.core import (
     ClientUpdateError,
     ClippedMean,
     Params,
@@ -40,8 +36,13 @@ from federated.core import (
     flatten_state,
     unflatten_state,
 )
-from federated.lora import aggregate_lora
-from federated.recipes import _find_ghbm_state, ghbm_momentum, make_recipe
+from asymvlm.federated.lora import aggregate_lora
+from asymvlm.federated.recipes import _find_ghbm_state, ghbm_momentum, make_recipe
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from asymvlm.errors import MissingExtraError
+from asymvlm.heads import HeadConfig
 
 __all__ = [
     "FederatedArguments",
@@ -59,9 +60,9 @@ __all__ = [
 
 @dataclass(frozen=True)
 class FederatedArguments:
-    """Everything about the federation (data come from :class:`training.config.DataArguments`)."""
+    """Everything about the federation (data come from :class:`asymvlm.training.config.DataArguments`)."""
 
-    recipe: str = field(default="fedavg", metadata={"help": "Algorithm (see federated.recipes.RECIPES)."})
+    recipe: str = field(default="fedavg", metadata={"help": "Algorithm (see asymvlm.federated.recipes.RECIPES)."})
     rounds: int = field(default=20, metadata={"help": "Communication rounds."})
     num_clients: int = field(default=8, metadata={"help": "Simulated clients."})
     clients_per_round: int = field(default=0, metadata={"help": "Clients sampled per round (0: use client_fraction)."})
@@ -122,7 +123,7 @@ class FederatedArguments:
     mask_file: str = field(
         default="",
         metadata={
-            "help": "Sparse fine-tuning masks (merging.talos.calibrate_mask / asymvlm-train names): clients update "
+            "help": "Sparse fine-tuning masks (asymvlm.merging.talos.calibrate_mask / asymvlm-train names): clients update "
             "only masked entries and send only those values; the communication saving is logged."
         },
     )
@@ -154,8 +155,8 @@ class FederatedArguments:
     progress: bool = field(default=True, metadata={"help": "Progress bar per round."})
 
     def __post_init__(self) -> None:
-        from federated.partition import PARTITIONERS
-        from federated.recipes import RECIPES
+        from asymvlm.federated.partition import PARTITIONERS
+        from asymvlm.federated.recipes import RECIPES
 
         if self.recipe not in RECIPES:
             raise ValueError(f"unknown recipe {self.recipe!r}; choose one of {sorted(RECIPES)}")
@@ -175,10 +176,6 @@ class FederatedArguments:
             raise ValueError("need 0 < client_fraction <= 1, 0 <= dropout_prob < 1, 0 <= malicious_fraction < 1")
 
 
-class MissingExtraError(ImportError):
-    """An optional dependency is missing; the message names the extra."""
-
-
 @dataclass
 class FederatedData:
     """Per-client training data and evaluation data (the seam tests replace)."""
@@ -188,7 +185,7 @@ class FederatedData:
     dim: int
     encoder_source: dict[str, Any] | None
     encoder: Any = None
-    eval_data: Any = None  # an eval.benchmark.EvalData (with the caption strings) or None
+    eval_data: Any = None  # an asymvlm.eval.benchmark.EvalData (with the caption strings) or None
     summary: str = ""
 
 
@@ -209,9 +206,11 @@ class ServerState:
 # ----------------------------------------------------------------------------------------------
 def get_federated_data(data_args: Any, fed: FederatedArguments) -> FederatedData:
     """Embedding cache (built once, like asymvlm-train) partitioned by image among the clients."""
+    from asymvlm.federated.partition import partition_dataset, partition_summary
+
+    from asymvlm.batching import IndexBatcher
+    from asymvlm.data import cache_for_config
     from asymvlm.encoders import load_encoder
-    from federated.partition import partition_dataset, partition_summary
-    from training.data import IndexBatcher, cache_for_config
 
     encoder = None
     if fed.trainable != "head" or not data_args.cache_dir:
@@ -271,8 +270,9 @@ def get_federated_data(data_args: Any, fed: FederatedArguments) -> FederatedData
     summary = partition_summary(parts, columns.get(fed.partition_column) if columns else None)
     eval_data = None
     if data_args.dataset == "shapeworld" and not data_args.cache_dir and data_args.eval_images:
+        from asymvlm.eval.benchmark import shapeworld_eval_data
+
         from asymvlm import shapeworld as sw
-        from eval.benchmark import shapeworld_eval_data
 
         enc = encoder or load_encoder(data_args.encoder, data_args.pretrained or None)
         eval_data = shapeworld_eval_data(
@@ -451,7 +451,7 @@ def run_federated(
     )
     lora = None
     if fed.trainable != "head":
-        from training.lora import DEFAULT_TARGETS
+        from asymvlm.lora import DEFAULT_TARGETS
 
         targets = (
             fed.lora_targets
@@ -472,8 +472,9 @@ def run_federated(
         _init_task_from(task, fed.init_from)
     masks = None
     if fed.mask_file:
-        from federated.client import mask_for_task
-        from training.masks import load_masks
+        from asymvlm.federated.client import mask_for_task
+
+        from asymvlm.masks import load_masks
 
         masks = mask_for_task(task, load_masks(fed.mask_file))
     comm = upload_bytes({k: v for k, v in task.get_params().items() if k in set(task.trained_names())}, masks)
@@ -733,8 +734,9 @@ def _evaluate(task: FederatedTask, data: FederatedData, fed: FederatedArguments)
     out["client_loss"] = {str(k): v for k, v in enumerate(losses)}
     out["fairness"] = fairness(losses)
     if data.eval_data is not None:
+        from asymvlm.eval.benchmark import evaluate, progress_metrics, with_text_tower
+
         from asymvlm.model import AsymVLM
-        from eval.benchmark import evaluate, progress_metrics, with_text_tower
 
         ed = data.eval_data
         if task.peft_model is not None and ed.captions:  # the LoRA-adapted tower embeds the captions

@@ -38,9 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from asymvlm.merging.task_vectors import MergeInputError
 from torch import Tensor
-
-from merging.task_vectors import MergeInputError
 
 __all__ = ["merge", "input_kind", "lambda_search", "LambdaSearch", "recall_metric", "recall_at_1", "INPUT_KINDS"]
 
@@ -99,7 +98,7 @@ def lambda_search(
     """Evaluate ``metric(base + lam * aggregate(task_vectors))`` for every ``lam`` in ``grid``
     (higher is better; a metric may return a float or a dict with ``score`` and anything else to
     log). The aggregate is computed once."""
-    from merging.methods import _validate, make_method
+    from asymvlm.merging.methods import _validate, make_method
 
     if not grid:
         raise ValueError("empty lambda grid")
@@ -163,8 +162,9 @@ def recall_metric(
 
 
 def _asymvlm_vectors(base: Path, inputs: Sequence[Path]):
+    from asymvlm.merging.task_vectors import DiffParams, LazyTaskVector
+
     from asymvlm.model import WEIGHTS_NAME, AsymVLM
-    from merging.task_vectors import DiffParams, LazyParams
 
     base_model = AsymVLM.from_pretrained(base, load_encoder=False)
     fp = (base_model.encoder_source or {}).get("fingerprint")
@@ -181,8 +181,8 @@ def _asymvlm_vectors(base: Path, inputs: Sequence[Path]):
                 "heads separately"
             )
         experts.append(m)
-    b = LazyParams(base / WEIGHTS_NAME)
-    vectors = [DiffParams(b, LazyParams(Path(p) / WEIGHTS_NAME)) for p in inputs]
+    b = LazyTaskVector(base / WEIGHTS_NAME)
+    vectors = [DiffParams(b, LazyTaskVector(Path(p) / WEIGHTS_NAME)) for p in inputs]
     return base_model, experts, b, vectors
 
 
@@ -209,7 +209,7 @@ def merge(
     :func:`recall_metric` on the validation caches (one per input, in order: the score is the mean
     normalised R@1; otherwise the mean R@1), and merge with the best one.
     """
-    from merging.methods import METHODS
+    from asymvlm.merging.methods import METHODS
 
     if method not in METHODS:
         raise MergeInputError(f"unknown merge method {method!r}; choose one of {sorted(METHODS)}")
@@ -244,7 +244,7 @@ def merge(
     if lam_grid and not val:
         raise MergeInputError("--lam-grid needs --val (validation embedding caches) to score each lambda")
     if kind == "lora":
-        from merging.lora import merge_lora_adapters
+        from asymvlm.merging.lora import merge_lora_adapters
 
         rep = merge_lora_adapters(
             inputs,
@@ -265,8 +265,9 @@ def merge(
     from asymvlm.io import atomic_directory, atomic_write_json
 
     if kind == "asymvlm":
+        from asymvlm.merging.methods import merge_params
+
         from asymvlm.model import AsymVLM
-        from merging.methods import merge_params
 
         if input_kind(base) != "asymvlm":
             raise MergeInputError(f"the base of AsymVLM inputs must be a saved AsymVLM, got {base}")
@@ -310,14 +311,14 @@ def merge(
             atomic_write_json(report, tmp / "merge.json")
         return report
     # checkpoints and task vectors: streamed into out/model.safetensors
-    from merging.methods import merge_files
-    from merging.task_vectors import DiffParams, LazyParams
+    from asymvlm.merging.methods import merge_files
+    from asymvlm.merging.task_vectors import DiffParams, LazyTaskVector
 
     if kind == "checkpoint":
-        b = LazyParams(base)
-        vectors = [DiffParams(b, LazyParams(p)) for p in inputs]
+        b = LazyTaskVector(base)
+        vectors = [DiffParams(b, LazyTaskVector(p)) for p in inputs]
     else:
-        vectors = [LazyParams(p) for p in inputs]
+        vectors = [LazyTaskVector(p) for p in inputs]
     report.update(lam=lam, keys=len(vectors[0]), parameters=sum(math.prod(vectors[0].shape(k)) for k in vectors[0]))
     with atomic_directory(out) as tmp:
         merge_files(

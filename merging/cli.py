@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _config(argv: list[str]) -> dict[str, Any]:
-    from training.config import load_yaml
+    from asymvlm.config import load_yaml
 
     args = build_parser().parse_args(argv)
     cfg: dict[str, Any] = {}
@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"asymvlm-merge: error: {err}", file=sys.stderr)
         return 2
     if cfg["_list"]:
-        from merging.methods import METHODS
+        from asymvlm.merging.methods import METHODS
 
         for name, (ref, _) in METHODS.items():
             print(f"{name:<16} {ref}")
@@ -116,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"asymvlm-merge: error: missing {', '.join('--' + m for m in missing)}", file=sys.stderr)
         return 2
-    from merging.api import merge
-    from merging.task_vectors import MergeInputError
+    from asymvlm.merging.api import merge
+    from asymvlm.merging.task_vectors import MergeInputError
 
     method = cfg.get("method", "ties")
     options = {k: cfg[k] for k in OPTION_KEYS if k in cfg}

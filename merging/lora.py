@@ -5,7 +5,7 @@ Every adapter ``k`` adds ``s_k B_k A_k`` to a layer (``s_k = alpha_k / r_k``, or
 with any registered method and writes one of three outputs (``output=``):
 
 * ``"dense"`` — the merged ``Delta W`` folded into a base checkpoint (``base=``, safetensors whose
-  keys are the adapted modules' ``<module>.weight``), streamed by :func:`merging.methods.merge_files`;
+  keys are the adapted modules' ``<module>.weight``), streamed by :func:`asymvlm.merging.methods.merge_files`;
 * ``"concat"`` — an exact LoRA adapter of rank ``sum_k r_k``: ``A = [A_1; ...; A_K]``,
   ``B = [c_1 s_1 B_1, ..., c_K s_K B_K] / s`` multiply to ``sum_k c_k s_k B_k A_k`` exactly (the
   stacking of FLoRA, Wang et al. 2024, https://arxiv.org/abs/2409.05976). Only linear methods
@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from asymvlm.merging.task_vectors import MemoryParams, MergeInputError
 from torch import Tensor
-
-from merging.task_vectors import MemoryParams, MergeInputError
 
 __all__ = ["LoraAdapter", "read_lora_adapter", "merge_lora_adapters", "LORA_OUTPUTS", "LINEAR_METHODS"]
 
@@ -63,8 +62,9 @@ def _weight_name(layer: str) -> str:
 
 def read_lora_adapter(adapter_dir: str | Path) -> LoraAdapter:
     """Read a peft adapter directory (clear errors for missing/corrupt files, per-layer patterns)."""
-    from federated.lora import split_peft_state
-    from merging.task_vectors import LazyParams
+    from asymvlm.merging.task_vectors import LazyTaskVector
+
+    from asymvlm.lora import split_peft_state
 
     adapter_dir = Path(adapter_dir)
     cfg_path = adapter_dir / "adapter_config.json"
@@ -80,7 +80,7 @@ def read_lora_adapter(adapter_dir: str | Path) -> LoraAdapter:
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise MergeInputError(f"{cfg_path}: per-layer rank_pattern/alpha_pattern are not supported")
     scaling = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
-    state = LazyParams(adapter_dir / "adapter_model.safetensors")
+    state = LazyTaskVector(adapter_dir / "adapter_model.safetensors")
     try:
         parts = split_peft_state({k: state[k].clone() for k in state})
     except ValueError as err:
@@ -120,7 +120,7 @@ def _write_adapter(
     out: Path, template: dict[str, Any], layers: dict[str, tuple[Tensor, Tensor]], report: dict[str, Any]
 ) -> Path:
     from asymvlm.io import atomic_directory, atomic_save_safetensors, atomic_write_json
-    from federated.lora import join_peft_state
+    from asymvlm.lora import join_peft_state
 
     ranks = {a.shape[0] for a, _ in layers.values()}
     rank = max(ranks)
@@ -162,12 +162,12 @@ def merge_lora_adapters(
         adapter_dirs: peft adapter directories trained on the same base, same target modules.
         out: an adapter directory (``concat``/``svd``) or a directory receiving ``model.safetensors``
             (``dense``).
-        method, lam, weights, options: as in :func:`merging.methods.merge_params`.
+        method, lam, weights, options: as in :func:`asymvlm.merging.methods.merge_params`.
         output: ``dense``, ``concat`` or ``svd`` (module docstring).
         rank: the adapter rank for ``svd`` (default: the largest input rank).
         base: the base checkpoint for ``dense``.
     """
-    from merging.methods import make_method
+    from asymvlm.merging.methods import make_method
 
     if output not in LORA_OUTPUTS:
         raise MergeInputError(f"unknown LoRA output {output!r}; choose one of {LORA_OUTPUTS}")
@@ -209,7 +209,7 @@ def merge_lora_adapters(
         return report
     vectors = [MemoryParams(ad.dense(), str(ad.path), {"source": "lora"}) for ad in adapters]
     if output == "dense":
-        from merging.methods import merge_files
+        from asymvlm.merging.methods import merge_files
 
         report["base"] = str(base)
         from asymvlm.io import atomic_directory, atomic_write_json
@@ -222,7 +222,7 @@ def merge_lora_adapters(
         return report
     agg = make_method(method, **options)(vectors, weights)
     r = rank or max(a.shape[0] for ad in adapters for a, _ in ad.layers.values())
-    from federated.lora import low_rank_factors
+    from asymvlm.lora import low_rank_factors
 
     layers, errors, num, den = {}, {}, 0.0, 0.0
     for layer in adapters[0].layers:

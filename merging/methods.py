@@ -1,8 +1,8 @@
 """Merge methods: one aggregation round of the federated core with a stateless server step.
 
 ``merged = base + lam * aggregate(task_vectors)``: task vectors are pseudo-gradients, the
-aggregators are :mod:`federated.core`'s interface (``Sum``, ``WeightedMean``) plus the TIES and
-DARE rules below, and the server step is ``federated.core.scale(lam)``. Registry
+aggregators are :mod:`asymvlm.federated.core`'s interface (``Sum``, ``WeightedMean``) plus the TIES and
+DARE rules below, and the server step is ``asymvlm.federated.core.scale(lam)``. Registry
 (:data:`METHODS`, each with its paper):
 
 =================  ====================================================================
@@ -42,9 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from asymvlm.federated.core import AggregateResult, Aggregator, Params, Sum, WeightedMean, _keys, _stack, scale
 from torch import Tensor
-
-from federated.core import AggregateResult, Aggregator, Params, Sum, WeightedMean, _keys, _stack, scale
 
 __all__ = [
     "Ties",
@@ -180,7 +179,7 @@ class Ties(Aggregator):
             # NaN/inf in any task propagate into the plain sum: one check of one tensor, the culprit
             # is looked for only on failure (trimming would otherwise hide a NaN: NaN >= t is False)
             if not bool(torch.isfinite(stack.sum(0)).all()):
-                from merging.task_vectors import MergeInputError
+                from asymvlm.merging.task_vectors import MergeInputError
 
                 finite = torch.isfinite(stack.reshape(k, -1)).all(1)
                 if bool(finite.all()):
@@ -303,7 +302,7 @@ def make_method(name: str, **options: Any) -> Aggregator:
 
 
 def _validate(deltas: Sequence[Mapping[str, Tensor]], base: Mapping[str, Tensor] | None) -> None:
-    from merging.task_vectors import MergeInputError
+    from asymvlm.merging.task_vectors import MergeInputError
 
     if not deltas:
         raise MergeInputError("no task vectors to merge")
@@ -328,7 +327,7 @@ def merge_params(
 ) -> Params:
     """``base + lam * aggregate(task_vectors)`` in memory (keys of the base that no task vector
     touches are copied unchanged). Non-finite task-vector entries are an error naming the key."""
-    from merging.task_vectors import MergeInputError
+    from asymvlm.merging.task_vectors import MergeInputError
 
     _validate(task_vectors, base)
     for i, d in enumerate(task_vectors):
@@ -358,13 +357,14 @@ def merge_files(
 ) -> Path:
     """Merge task vectors into a base checkpoint, streaming tensor by tensor and writing ``out_path``
     atomically (nothing is written if any input is invalid). ``vector_paths`` are task-vector files
-    or directories, or mappings with ``LazyParams``' interface (:class:`~merging.task_vectors.DiffParams`
-    for checkpoints never turned into task-vector files, :class:`~merging.task_vectors.MemoryParams`)."""
-    from asymvlm.cache import SafetensorsStreamWriter
-    from merging.task_vectors import LazyParams, MergeInputError, check_same_base
+    or directories, or mappings with ``LazyTaskVector``' interface (:class:`~asymvlm.merging.task_vectors.DiffParams`
+    for checkpoints never turned into task-vector files, :class:`~asymvlm.merging.task_vectors.MemoryParams`)."""
+    from asymvlm.merging.task_vectors import LazyTaskVector, MergeInputError, check_same_base
 
-    base = LazyParams(base_path)
-    vectors = [p if isinstance(p, Mapping) else LazyParams(p) for p in vector_paths]
+    from asymvlm.io import SafetensorsStreamWriter
+
+    base = LazyTaskVector(base_path)
+    vectors = [p if isinstance(p, Mapping) else LazyTaskVector(p) for p in vector_paths]
     check_same_base(vectors)
     _validate(vectors, base)
     for v in vectors:

@@ -17,7 +17,7 @@ Ties at the threshold are broken by position, so exactly ``round(density * N)`` 
 trainable.
 
 The masks (``{parameter name: bool tensor}``, True = trainable) are what ``asymvlm-train
---mask_file`` and federated clients (``--mask_file``) apply (:mod:`training.masks`); the
+--mask_file`` and federated clients (``--mask_file``) apply (:mod:`asymvlm.masks`); the
 resulting sparse task vectors are merged by task arithmetic (``method="talos"``).
 
 Example:
@@ -35,22 +35,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["calibrate_mask", "sensitivity_scores", "save_masks", "mask_density", "sampled_log_likelihood"]
+from asymvlm.masks import mask_density, save_masks
 
-MASKS_TYPE = "asymvlm.masks"
+__all__ = ["calibrate_mask", "sensitivity_scores", "save_masks", "mask_density", "sampled_log_likelihood"]
 
 
 def _text_embeddings(model: nn.Module, text: Any) -> Tensor:
     """What the head sees: cached embeddings, or token ids through a LoRA-adapted text tower."""
     peft_model = getattr(model, "peft_model", None)
     if peft_model is not None and (not isinstance(text, Tensor) or not text.is_floating_point()):
-        from training.lora import text_features
+        from asymvlm.lora import text_features
 
         return nn.functional.normalize(text_features(model._encoder, text).float(), dim=-1)
     return text
@@ -68,7 +67,7 @@ def sampled_log_likelihood(model: nn.Module, batch: Mapping[str, Any], generator
     in-batch posterior ``softmax_j(s * log q_t(x_j))`` (s: the trained temperature). Returns (B,).
 
     ``model`` has a ``head`` (:class:`~asymvlm.heads.TextHead`) and optionally ``loss_fn`` (the
-    temperature) and ``peft_model`` + ``_encoder`` (a LoRA text tower, as in ``training.loop``)."""
+    temperature) and ``peft_model`` + ``_encoder`` (a LoRA text tower, as in ``asymvlm.training.loop``)."""
     from asymvlm.losses import log_likelihood
 
     q = model.head(_text_embeddings(model, batch["text"]))
@@ -81,7 +80,7 @@ def sampled_log_likelihood(model: nn.Module, batch: Mapping[str, Any], generator
 
 
 def _as_batches(data: Any, num_batches: int | None) -> list[Mapping[str, Any]]:
-    if hasattr(data, "batch") and callable(data.batch):  # training.data.IndexBatcher
+    if hasattr(data, "batch") and callable(data.batch):  # asymvlm.batching.IndexBatcher
         n = num_batches if num_batches is not None else int(getattr(data, "num_batches", 1))
         return [data.batch(i) for i in range(n)]
     out = []
@@ -281,11 +280,11 @@ def calibrate_mask(
     """TaLoS masks: True where the parameter entry is fine-tuned.
 
     Args:
-        model: a module with a ``head`` (``training.loop.TrainModel``, an :class:`~asymvlm.AsymVLM`,
+        model: a module with a ``head`` (``asymvlm.training.loop.TrainModel``, an :class:`~asymvlm.AsymVLM`,
             or any ``ModuleDict(head=...)``); mask names are its parameter names.
         data: calibration batches: an iterable of ``{"text", "images"}`` dicts or ``(text, images)``
             pairs (cached embeddings, or token ids for a LoRA text tower), or a
-            ``training.data.IndexBatcher``.
+            ``asymvlm.batching.IndexBatcher``.
         sparsity: fraction of the scored entries kept *frozen*, in [0, 1); ``1 - sparsity`` trains.
         rounds: calibration rounds (>= 1); the trainable fraction after round r is
             ``(1 - sparsity) ** (r / rounds)``.
@@ -334,27 +333,3 @@ def calibrate_mask(
     finally:
         model.train(was_training)
     return active
-
-
-def mask_density(masks: Mapping[str, Tensor]) -> float:
-    """Fraction of entries that are trainable."""
-    total = sum(m.numel() for m in masks.values())
-    return float(sum(int(m.sum()) for m in masks.values())) / max(1, total)
-
-
-def save_masks(masks: Mapping[str, Tensor], path: str | Path, meta: dict[str, Any] | None = None) -> Path:
-    """Write the masks as bool safetensors (atomically) with a JSON sidecar ``<name>.json``
-    (density and the calibration settings)."""
-    from asymvlm.io import atomic_save_safetensors, atomic_write_json
-
-    bad = [k for k, v in masks.items() if v.dtype != torch.bool]
-    if bad:
-        raise ValueError(f"masks must be bool tensors; {bad[:4]} are not")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_safetensors({k: v.contiguous() for k, v in masks.items()}, path)
-    atomic_write_json(
-        {"type": MASKS_TYPE, "format_version": 1, "density": mask_density(masks), **(meta or {})},
-        path.with_name(path.stem + ".json"),
-    )
-    return path

@@ -1,6 +1,6 @@
 """Task vectors: ``tau = theta_finetuned - theta_base``, read tensor by tensor.
 
-A task vector is the merging counterpart of a federated client delta (``federated.core``'s
+A task vector is the merging counterpart of a federated client delta (``asymvlm.federated.core``'s
 convention: a delta is new minus reference, and ``apply_updates`` adds). Sources:
 
 * full checkpoints (``.safetensors`` state dicts of open_clip / transformers / anything):
@@ -22,7 +22,7 @@ Example:
     >>> save_file({"w": torch.zeros(3)}, f"{d}/base.safetensors")
     >>> save_file({"w": torch.ones(3)}, f"{d}/ft.safetensors")
     >>> tv = task_vector_from_checkpoints(f"{d}/base.safetensors", f"{d}/ft.safetensors", f"{d}/tv")
-    >>> LazyParams(tv)["w"].tolist()
+    >>> LazyTaskVector(tv)["w"].tolist()
     [1.0, 1.0, 1.0]
 """
 
@@ -38,8 +38,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from asymvlm.errors import MergeInputError
+from asymvlm.io import LazyParams
+
 __all__ = [
-    "LazyParams",
+    "LazyTaskVector",
     "DiffParams",
     "MemoryParams",
     "MergeInputError",
@@ -52,105 +55,21 @@ __all__ = [
 ]
 
 TV_TYPE = "asymvlm.task_vector"
-_POPULATE_READ = 22  # madvise(MADV_POPULATE_READ): Linux >= 5.14; Python's mmap module may not name it
-_MADVISE_MIN_BYTES = 1 << 18  # smaller tensors are left to ordinary page faults and the page cache
 
 
-class MergeInputError(ValueError):
-    """Inputs of a merge do not fit together (keys, shapes, bases, values); nothing is written."""
+class LazyTaskVector(LazyParams):
+    """:class:`asymvlm.io.LazyParams` for merge inputs: also opens a task-vector directory (its
+    ``task_vector.safetensors``), reports missing or corrupt files as :class:`MergeInputError` and
+    reads the JSON sidecar into ``meta`` (``base_fingerprint``, source)."""
 
-
-class LazyParams(Mapping):
-    """A read-only ``{key: tensor}`` view of a safetensors file, memory-mapped.
-
-    Tensors are zero-copy views of a private read-only mapping of the file (pages are read on
-    first touch). When a different key is requested, the pages of the previous one are handed back
-    to the OS (``madvise(MADV_DONTNEED)``), so reading a model key by key keeps resident memory at
-    about one tensor per file. The returned tensors must not be modified in place (nothing in
-    :mod:`federated.core` or :mod:`merging` does); clone them to keep or edit them.
-
-    Args:
-        path: the ``.safetensors`` file (or a task-vector directory holding ``task_vector.safetensors``).
-        keys: restrict to these keys (e.g. trainable/adapter keys); a missing one is an error.
-        dtype: cast tensors to this dtype on access (None keeps the stored dtype).
-    """
+    error = MergeInputError
 
     def __init__(self, path: str | Path, keys: Sequence[str] | None = None, dtype: torch.dtype | None = None):
-        import mmap
-
-        from asymvlm.io import ArtefactError, mmap_safetensors
-
         path = Path(path)
         if path.is_dir():
             path = path / "task_vector.safetensors"
-        self.path = path
-        self.dtype = dtype
-        if not path.is_file():
-            raise MergeInputError(f"missing file: {path}")
-        try:
-            self._mm, self._tensors, self._ranges = mmap_safetensors(path)
-        except (ArtefactError, ValueError, KeyError) as err:
-            raise MergeInputError(f"corrupt or truncated safetensors file {path}: {err}") from err
-        self._page = mmap.PAGESIZE
-        self._shapes = {k: tuple(t.shape) for k, t in self._tensors.items()}
-        if keys is not None:
-            missing = [k for k in keys if k not in self._shapes]
-            if missing:
-                raise MergeInputError(f"{path} misses key(s) {missing[:5]}")
-        self._keys = list(keys) if keys is not None else sorted(self._shapes)
-        self._last: str | None = None
+        super().__init__(path, keys, dtype)
         self.meta = _read_meta(path)
-
-    def _release(self, key: str) -> None:
-        start, end = self._ranges[key]
-        if self._mm is None or end - start < _MADVISE_MIN_BYTES:
-            return
-        try:
-            import mmap as _mmap
-
-            lo = (start // self._page) * self._page
-            self._mm.madvise(_mmap.MADV_DONTNEED, lo, end - lo)
-        except (AttributeError, OSError, ValueError):  # no madvise on this platform: pages stay cached
-            pass
-
-    def _populate(self, key: str) -> None:
-        """Map the key's pages in one call (MADV_POPULATE_READ, Linux >= 5.14) instead of one page
-        fault per 4 KiB; silently skipped where unsupported."""
-        start, end = self._ranges[key]
-        if self._mm is None or end - start < _MADVISE_MIN_BYTES:
-            return
-        lo = (start // self._page) * self._page
-        try:
-            self._mm.madvise(_POPULATE_READ, lo, end - lo)
-        except (OSError, ValueError):
-            pass
-
-    def __getitem__(self, key: str) -> Tensor:
-        if key not in self._shapes:
-            raise KeyError(key)
-        if self._last is not None and self._last != key:
-            self._release(self._last)
-        if self._last != key:
-            self._populate(key)
-        self._last = key
-        t = self._tensors[key]
-        return t if self.dtype is None else t.to(self.dtype)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._shapes[key]
-
-    def stored_dtype(self, key: str) -> torch.dtype:
-        """The dtype on access, without reading the tensor's pages."""
-        return self.dtype if self.dtype is not None else self._tensors[key].dtype
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-    def numel(self) -> int:
-        return sum(self._tensors[k].numel() for k in self._keys)
 
 
 class DiffParams(Mapping):
@@ -250,7 +169,7 @@ def task_vector_from_checkpoints(
 ) -> Path:
     """``finetuned - base`` for the keys of ``finetuned`` (optionally those matching ``include``,
     e.g. trainable or adapter keys); keys, shapes or dtypes that differ are an error."""
-    b, f = LazyParams(base), LazyParams(finetuned)
+    b, f = LazyTaskVector(base), LazyTaskVector(finetuned)
     keys = _select(list(f), include)
     missing = [k for k in keys if k not in b._shapes]
     if missing:
@@ -293,7 +212,7 @@ def task_vector_from_lora(adapter_dir: str | Path, out: str | Path, *, base_fing
     """The exact dense update of a peft LoRA adapter: ``scaling * B @ A`` per adapted layer
     (``scaling = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA), keyed by the adapted
     module's weight name (``<module>.weight``, peft's ``base_model.model.`` prefix removed)."""
-    from federated.lora import split_peft_state
+    from asymvlm.lora import split_peft_state
 
     adapter_dir = Path(adapter_dir)
     cfg_path = adapter_dir / "adapter_config.json"
@@ -304,7 +223,7 @@ def task_vector_from_lora(adapter_dir: str | Path, out: str | Path, *, base_fing
     if not r or alpha is None:
         raise MergeInputError(f"{cfg_path} lacks r / lora_alpha")
     scaling = alpha / (r**0.5 if cfg.get("use_rslora") else r)
-    state = LazyParams(adapter_dir / "adapter_model.safetensors")
+    state = LazyTaskVector(adapter_dir / "adapter_model.safetensors")
     layers = split_peft_state({k: state[k] for k in state})
     tau = {}
     for layer, ab in layers.items():

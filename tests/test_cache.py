@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from asymvlm.cache import CacheMismatchError, EmbeddingCache, SafetensorsStreamWriter, embed_dataset
-from asymvlm.io import ArtefactError, load_safetensors
+from asymvlm.cache import CacheMismatchError, EmbeddingCache, embed_dataset
+from asymvlm.io import ArtefactError, SafetensorsStreamWriter, load_safetensors
 
 CAPTIONS = [
     ["a red circle", "a circle"],

@@ -8,7 +8,7 @@ import pytest
 
 @pytest.mark.slow
 def test_quick_demo_writes_the_report(tmp_path, monkeypatch, capsys, quick_toy_cache):
-    from asymvlm.demo import main
+    from asymvlm.training.demo import main
 
     monkeypatch.setenv("ASYMVLM_CACHE", str(quick_toy_cache))  # the --quick toy CLIP, built once per session
     assert main(["--quick", "--clients", "4", "--out", str(tmp_path / "out")]) == 0

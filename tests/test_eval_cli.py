@@ -3,11 +3,11 @@
 import json
 
 import torch
+from asymvlm.eval.cli import main
 
 from asymvlm.encoders import load_encoder
 from asymvlm.heads import TextHead
 from asymvlm.model import AsymVLM
-from eval.cli import main
 
 
 def test_eval_cli_on_shapeworld_writes_metrics_and_plots(tmp_path, tiny_open_clip_dir, capsys):
@@ -80,8 +80,7 @@ def test_models_that_adapt_the_text_tower_are_evaluated_on_their_own_text(tmp_pa
     import dataclasses
 
     import pytest
-
-    from eval.benchmark import evaluate, shapeworld_eval_data
+    from asymvlm.eval.benchmark import evaluate, shapeworld_eval_data
 
     torch.manual_seed(0)
     frozen = load_encoder(str(tiny_open_clip_dir))

@@ -6,11 +6,16 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-
-from eval.benchmark import EvalData, evaluate, summary_table
-from eval.retrieval import positive_ranks, positives_from_index, recall_at_k, retrieval_metrics
-from eval.uncertainty import ambiguity_spearman, bin_correlations, binned_recall, error_auroc, uncertainty_report
-from eval.zeroshot import accuracy, aurc, risk_coverage, selective_accuracy_at
+from asymvlm.eval.benchmark import EvalData, evaluate, summary_table
+from asymvlm.eval.retrieval import positive_ranks, positives_from_index, recall_at_k, retrieval_metrics
+from asymvlm.eval.uncertainty import (
+    ambiguity_spearman,
+    bin_correlations,
+    binned_recall,
+    error_auroc,
+    uncertainty_report,
+)
+from asymvlm.eval.zeroshot import accuracy, aurc, risk_coverage, selective_accuracy_at
 
 
 def naive_rank(scores, pos):

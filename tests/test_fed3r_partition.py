@@ -3,9 +3,8 @@
 import numpy as np
 import pytest
 import torch
-
-from federated.fed3r import client_statistics, solve
-from federated.partition import (
+from asymvlm.federated.fed3r import client_statistics, solve
+from asymvlm.federated.partition import (
     dirichlet_label_skew,
     domain_skew,
     iid,

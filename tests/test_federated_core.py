@@ -1,4 +1,4 @@
-"""federated.core: aggregators and server optimizers against numpy transcriptions.
+"""asymvlm.federated.core: aggregators and server optimizers against numpy transcriptions.
 
 References: the published formulas (Reddi et al. 2021 Algorithm 2 for FedAdam/FedYogi/FedAdagrad;
 Hsu et al. 2019 for FedAvgM; Yin et al. 2018 for median/trimmed mean; Blanchard et al. 2017 for
@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
-
-from federated.core import (
+from asymvlm.federated.core import (
     ClientUpdateError,
     ClippedMean,
     CoordinateMedian,

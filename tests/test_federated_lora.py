@@ -1,9 +1,10 @@
-"""federated.lora: every aggregation mode against the dense Delta W = sum_k p_k s B_k A_k oracle."""
+"""asymvlm.federated.lora: every aggregation mode against the dense Delta W = sum_k p_k s B_k A_k oracle."""
 
 import pytest
 import torch
+from asymvlm.federated.lora import LORA_MODES, aggregate_lora
 
-from federated.lora import LORA_MODES, aggregate_lora, dense_delta, join_peft_state, split_peft_state
+from asymvlm.lora import dense_delta, join_peft_state, split_peft_state
 
 
 def client_factors(k=4, r=3, d_in=12, d_out=10, seed=0, same_a=False, ranks=None):

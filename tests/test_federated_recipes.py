@@ -5,9 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
-
-from federated.core import apply_updates
-from federated.recipes import RECIPES, ghbm_momentum, make_recipe
+from asymvlm.federated.core import apply_updates
+from asymvlm.federated.recipes import RECIPES, ghbm_momentum, make_recipe
 
 SHAPES = {"a": (3, 2), "b": (4,)}
 

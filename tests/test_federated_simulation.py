@@ -5,12 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
-from asymvlm.cache import write_cache
-from asymvlm.io import ArtefactError
-from federated.client import ClientOptions, FederatedTask, client_update
-from federated.simulation import (
+from asymvlm.federated.client import ClientOptions, FederatedTask, client_update
+from asymvlm.federated.simulation import (
     FederatedArguments,
     _participants,
     get_federated_data,
@@ -18,7 +14,11 @@ from federated.simulation import (
     run_federated,
     save_federated_model,
 )
-from training.config import DataArguments
+from safetensors.torch import load_file
+
+from asymvlm.cache import write_cache
+from asymvlm.config import DataArguments
+from asymvlm.io import ArtefactError
 
 
 def synthetic_cache(path, n_images):
@@ -173,8 +173,8 @@ def test_differential_privacy_noise_and_accountant(cache, tmp_path):
 
 
 def test_fedprox_and_ghbm_client_terms(cache):
+    from asymvlm.batching import IndexBatcher
     from asymvlm.heads import HeadConfig
-    from training.data import IndexBatcher
 
     g = torch.Generator().manual_seed(1)
     img = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=-1)
@@ -240,7 +240,7 @@ def test_federated_lora_modes_train_and_save(mode, tmp_path, tiny_open_clip_dir)
 
 
 def test_federate_cli(cache, tmp_path, capsys):
-    from federated.cli import main
+    from asymvlm.federated.cli import main
 
     y = tmp_path / "fed.yaml"
     y.write_text(

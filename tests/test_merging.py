@@ -6,16 +6,15 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-from merging.methods import Dare, Ties, kth_smallest_magnitude, merge_files, merge_params
-from merging.task_vectors import (
-    LazyParams,
+from asymvlm.merging.methods import Dare, Ties, kth_smallest_magnitude, merge_files, merge_params
+from asymvlm.merging.task_vectors import (
+    LazyTaskVector,
     MergeInputError,
     task_vector_from_checkpoints,
     task_vector_from_lora,
     task_vector_from_models,
 )
+from safetensors.torch import load_file, save_file
 
 SHAPES = {"a.weight": (7, 5), "a.bias": (7,), "b.weight": (3, 7), "c": (11,)}
 
@@ -166,7 +165,7 @@ def test_files_stream_and_match_memory_merge(tmp_path):
     out = merge_files(
         tmp_path / "base.safetensors", paths, tmp_path / "merged.safetensors", "ties", lam=0.8, density=0.3
     )
-    mem = merge_params(base, [LazyParams(p) for p in paths], "ties", lam=0.8, density=0.3)
+    mem = merge_params(base, [LazyTaskVector(p) for p in paths], "ties", lam=0.8, density=0.3)
     got = load_file(out)
     for k in base:
         torch.testing.assert_close(got[k], mem[k])
@@ -226,7 +225,7 @@ def test_lora_task_vectors_are_exact_and_target_checked(tmp_path):
     adapter(tmp_path / "a2", ["m.q", "m.k"])
     tv1 = task_vector_from_lora(tmp_path / "a1", tmp_path / "tv1")
     tv2 = task_vector_from_lora(tmp_path / "a2", tmp_path / "tv2")
-    dense = LazyParams(tv1)["m.q.weight"]
+    dense = LazyTaskVector(tv1)["m.q.weight"]
     b, a = s1["base_model.model.m.q.lora_B.weight"], s1["base_model.model.m.q.lora_A.weight"]
     torch.testing.assert_close(dense, 4.0 * b @ a)  # scaling = lora_alpha / r = 8 / 2
     save_file(
@@ -247,7 +246,7 @@ def test_head_task_vectors_from_saved_models(tmp_path):
     with torch.no_grad():
         base.mlp[0].weight.add_(1.0)
     AsymVLM(base).save_pretrained(tmp_path / "ft")
-    tv = LazyParams(task_vector_from_models(tmp_path / "base", tmp_path / "ft", tmp_path / "tv"))
+    tv = LazyTaskVector(task_vector_from_models(tmp_path / "base", tmp_path / "ft", tmp_path / "tv"))
     torch.testing.assert_close(tv["mlp.0.weight"], torch.ones(4, 8))
     assert float(tv["mlp.2.weight"].abs().sum()) == 0.0
     AsymVLM(TextHead(dim=8, hidden_dims=(5,))).save_pretrained(tmp_path / "other")
@@ -258,8 +257,9 @@ def test_head_task_vectors_from_saved_models(tmp_path):
 def test_merging_core_import_stays_light():
     # the import time itself is measured by bench/merge.py (no timing thresholds in tests)
     code = (
-        "import sys; import merging, merging.methods, merging.task_vectors, merging.lora, merging.talos, "
-        "merging.api, merging.cli; print([m for m in ('transformers', 'peft') if m in sys.modules])"
+        "import sys; import asymvlm.merging, asymvlm.merging.methods, asymvlm.merging.task_vectors, "
+        "asymvlm.merging.lora, asymvlm.merging.talos, asymvlm.merging.api, asymvlm.merging.cli; "
+        "print([m for m in ('transformers', 'peft') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -1,4 +1,4 @@
-"""merging.api / merging.lora / asymvlm-merge: every input kind, exact LoRA outputs checked with
+"""asymvlm.merging.api / asymvlm.merging.lora / asymvlm-merge: every input kind, exact LoRA outputs checked with
 peft, the lambda search, YAML recipes and bad input."""
 
 import json
@@ -7,15 +7,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from asymvlm.merging.api import lambda_search, merge, recall_at_1
+from asymvlm.merging.cli import main
+from asymvlm.merging.methods import merge_params
+from asymvlm.merging.task_vectors import MergeInputError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from asymvlm.heads import TextHead
 from asymvlm.model import AsymVLM
-from merging.api import lambda_search, merge, recall_at_1
-from merging.cli import main
-from merging.methods import merge_params
-from merging.task_vectors import MergeInputError
 
 
 # ------------------------------------------------------------------------------------------------

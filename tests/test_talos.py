@@ -1,15 +1,11 @@
-"""merging.talos: TaLoS sensitivities against per-sample autograd, exact global thresholds, rounds,
+"""asymvlm.merging.talos: TaLoS sensitivities against per-sample autograd, exact global thresholds, rounds,
 mask files, and sparse federated clients."""
 
 import json
 
 import pytest
 import torch
-from torch import nn
-
-from asymvlm.heads import HeadConfig, TextHead
-from asymvlm.losses import log_likelihood
-from merging.talos import (
+from asymvlm.merging.talos import (
     _keep_lowest,
     calibrate_mask,
     mask_density,
@@ -17,7 +13,11 @@ from merging.talos import (
     save_masks,
     sensitivity_scores,
 )
-from training.masks import load_masks
+from torch import nn
+
+from asymvlm.heads import HeadConfig, TextHead
+from asymvlm.losses import log_likelihood
+from asymvlm.masks import load_masks
 
 
 def unit(n, d, seed):
@@ -174,11 +174,11 @@ def test_mask_files_round_trip_through_the_training_hook(tmp_path):
 
 
 def test_federated_clients_send_sparse_deltas(tmp_path):
+    from asymvlm.federated.simulation import FederatedArguments, get_federated_data, run_federated
     from safetensors.torch import save_file
 
     from asymvlm.cache import write_cache
-    from federated.simulation import FederatedArguments, get_federated_data, run_federated
-    from training.config import DataArguments
+    from asymvlm.config import DataArguments
 
     g = torch.Generator().manual_seed(0)
     img = nn.functional.normalize(torch.randn(60, 16, generator=g), dim=-1)
@@ -188,7 +188,7 @@ def test_federated_clients_send_sparse_deltas(tmp_path):
     common = dict(rounds=2, num_clients=3, local_steps=3, local_batch_size=16, head_hidden=[32], progress=False)
     fed = FederatedArguments(fed_output_dir=str(tmp_path / "dense"), **common)
     data = get_federated_data(DataArguments(cache_dir=str(tmp_path / "c")), fed)
-    from federated.client import FederatedTask
+    from asymvlm.federated.client import FederatedTask
 
     start = FederatedTask(HeadConfig(dim=16, hidden_dims=(32,)), seed=fed.seed).get_params()  # the run's theta_0
     masks = {
@@ -225,14 +225,14 @@ def test_federated_clients_send_sparse_deltas(tmp_path):
 def test_talos_end_to_end_calibrate_train_merge(tmp_path):
     """calibrate_mask on a saved AsymVLM -> asymvlm-train's loop with mask_file -> merge(method=talos):
     each expert moves only inside its mask and the merge is base + the sum of the sparse task vectors."""
+    from asymvlm.merging.api import merge
+    from asymvlm.training.config import TrainConfig
+    from asymvlm.training.loop import train
     from safetensors.torch import load_file
 
+    from asymvlm.batching import IndexBatcher
     from asymvlm.cache import EmbeddingCache, write_cache
     from asymvlm.model import AsymVLM
-    from merging.api import merge
-    from training.config import TrainConfig
-    from training.data import IndexBatcher
-    from training.loop import train
 
     def cfg(cache, out, **kw):
         return TrainConfig.from_dict(

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from asymvlm.training import data as data_mod
+from asymvlm.training.config import TRAIN_GROUPS, TrainConfig, parse_config
+from asymvlm.training.loop import CheckpointWriteError, TrainingDiverged, latest_checkpoint, train
 from safetensors.torch import load_file, save_file
 
 from asymvlm.cache import write_cache
+from asymvlm.config import ConfigError, load_yaml
 from asymvlm.model import AsymVLM
-from training import data as data_mod
-from training.config import ConfigError, TrainConfig, load_yaml, parse_config
-from training.loop import CheckpointWriteError, TrainingDiverged, latest_checkpoint, train
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def test_yaml_then_flags_and_unknown_keys(tmp_path):
     assert (model.family, train_args.max_steps, model.hidden_dims, train_args.optimizer) == ("ps", 9, [64, 32], "adamw")
     y.write_text("family: ps\nlearning_rate: 0.1\n")
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['learning_rate'\]"):
-        load_yaml(y)
+        load_yaml(y, TRAIN_GROUPS)
     with pytest.raises(ConfigError, match="unknown argument"):
         parse_config(["--nonsense", "1"])
     with pytest.raises(ConfigError, match="optimizer='rmsprop'"):
@@ -85,7 +86,7 @@ def test_yaml_then_flags_and_unknown_keys(tmp_path):
 
 def test_caption_styles_pick_the_shapeworld_training_styles(tmp_path, monkeypatch, tiny_encoder):
     from asymvlm import shapeworld as sw
-    from training.config import DataArguments
+    from asymvlm.config import DataArguments
 
     data, _, _ = parse_config(["--caption_styles", "photo, synonyms", "--train_images", "30"])
     assert data.styles() == ("photo", "synonyms")
@@ -102,7 +103,7 @@ def test_caption_styles_pick_the_shapeworld_training_styles(tmp_path, monkeypatc
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):
-    from training.cli import main
+    from asymvlm.training.cli import main
 
     y = tmp_path / "exp.yaml"
     y.write_text("warmup: 3\n")
@@ -254,7 +255,7 @@ def test_sparse_masks_freeze_everything_outside(cache_dir, tmp_path):
 
 
 def test_gradient_accumulation_steps_once_per_accumulated_batch(cache_dir, tmp_path, monkeypatch):
-    from training.data import IndexBatcher
+    from asymvlm.batching import IndexBatcher
 
     seen = []
     real = IndexBatcher.batch
@@ -300,7 +301,7 @@ def test_dimension_mismatch_and_missing_cache(cache_dir, tmp_path):
 
 
 def test_batches_are_a_function_of_the_step():
-    from training.data import IndexBatcher
+    from asymvlm.batching import IndexBatcher
 
     text = torch.arange(10).float().unsqueeze(1)
     b = IndexBatcher(text, torch.zeros(10, 1), torch.arange(10), batch_size=4, seed=0)

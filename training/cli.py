@@ -19,16 +19,17 @@ EPILOG = """examples:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from training.config import ConfigError, TrainConfig, parse_config
+    from asymvlm.training.config import TrainConfig, parse_config
+
+    from asymvlm.config import ConfigError
 
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
+        from asymvlm.training.config import TRAIN_GROUPS
         from transformers import HfArgumentParser
 
-        from training.config import DataArguments, ModelArguments, TrainArguments
-
         p = HfArgumentParser(
-            (DataArguments, ModelArguments, TrainArguments),
+            TRAIN_GROUPS,
             prog="asymvlm-train",
             description=__doc__.splitlines()[0],
             epilog=EPILOG,
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"asymvlm-train: error: {err}", file=sys.stderr)
         return 2
-    from training.loop import CheckpointWriteError, TrainingDiverged, train
+    from asymvlm.training.loop import CheckpointWriteError, TrainingDiverged, train
 
     try:
         path = train(TrainConfig(data, model, train_args))

@@ -1,6 +1,6 @@
 """``train(cfg)``: the accelerate training loop for AsymVLM heads and text-tower LoRA adapters.
 
-Accelerator -> seed -> data (:func:`training.data.get_dataloaders`, the seam) -> model ->
+Accelerator -> seed -> data (:func:`asymvlm.training.data.get_dataloaders`, the seam) -> model ->
 optimizer/scheduler -> ``accelerator.prepare`` -> loop:
 
 * gradient accumulation (``accelerator.accumulate``) and mixed precision where supported;
@@ -38,26 +38,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from asymvlm.training import data as data_mod
+from asymvlm.training.config import TrainConfig
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from asymvlm.errors import CheckpointWriteError, TrainingDiverged
 from asymvlm.heads import FAMILIES, HeadConfig, TextHead
 from asymvlm.losses import AsymVLMLoss, parameter_groups, positives_from_ids
-from training import data as data_mod
-from training.config import TrainConfig
 
 __all__ = ["train", "TrainModel", "latest_checkpoint", "TrainingDiverged", "CheckpointWriteError"]
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8})$")
 STATE_NAME = "trainer_state.json"
-
-
-class TrainingDiverged(FloatingPointError):
-    """The loss became NaN or infinite."""
-
-
-class CheckpointWriteError(OSError):
-    """A checkpoint could not be written; the previous one is intact."""
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -107,7 +100,7 @@ class TrainModel(nn.Module):
 
     def forward(self, text: Tensor | dict[str, Tensor], images: Tensor, ids: Tensor) -> Tensor:
         if self.peft_model is not None:
-            from training.lora import text_features
+            from asymvlm.lora import text_features
 
             text = F.normalize(text_features(self._encoder, text).float(), dim=-1)
         q = self.head(text)
@@ -221,8 +214,9 @@ def _save_checkpoint(accelerator: Any, cfg: TrainConfig, step: int, extra: dict[
 
 
 def _evaluate(model: TrainModel, data: Any, step: int) -> dict[str, float]:
+    from asymvlm.eval.benchmark import evaluate, progress_metrics, with_text_tower
+
     from asymvlm.model import AsymVLM
-    from eval.benchmark import evaluate, progress_metrics, with_text_tower
 
     ed = data.eval_data
     if model.peft_model is not None and ed.captions:  # the LoRA-adapted tower embeds the captions
@@ -279,7 +273,7 @@ def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None
     if m.mode == "lora":
         if data.encoder is None:
             raise ValueError("mode=lora needs the encoder (the data seam returned none)")
-        from training.lora import add_text_lora
+        from asymvlm.lora import add_text_lora
 
         peft_model = add_text_lora(
             data.encoder, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout, target_modules=m.lora_target_modules
@@ -294,7 +288,7 @@ def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None
     model = TrainModel(head, loss_fn, data.encoder, peft_model)
     mask_tensors = None
     if m.mask_file:
-        from training.masks import SparseMasks, load_masks
+        from asymvlm.masks import SparseMasks, load_masks
 
         mask_tensors = load_masks(m.mask_file)
         SparseMasks(mask_tensors, model)  # validate names and shapes before any work

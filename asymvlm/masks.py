@@ -22,12 +22,16 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SparseMasks", "load_masks"]
+__all__ = ["SparseMasks", "load_masks", "save_masks", "mask_density", "MASKS_TYPE"]
+
+MASKS_TYPE = "asymvlm.masks"
 
 
 def load_masks(path: str | Path) -> dict[str, Tensor]:
@@ -75,3 +79,27 @@ class SparseMasks:
     def density(self) -> float:
         total = sum(m.numel() for _, _, m in self.entries)
         return float(sum(int(m.sum()) for _, _, m in self.entries)) / max(1, total)
+
+
+def mask_density(masks: Mapping[str, Tensor]) -> float:
+    """Fraction of entries that are trainable."""
+    total = sum(m.numel() for m in masks.values())
+    return float(sum(int(m.sum()) for m in masks.values())) / max(1, total)
+
+
+def save_masks(masks: Mapping[str, Tensor], path: str | Path, meta: dict[str, Any] | None = None) -> Path:
+    """Write the masks as bool safetensors (atomically) with a JSON sidecar ``<name>.json``
+    (density and the calibration settings)."""
+    from asymvlm.io import atomic_save_safetensors, atomic_write_json
+
+    bad = [k for k, v in masks.items() if v.dtype != torch.bool]
+    if bad:
+        raise ValueError(f"masks must be bool tensors; {bad[:4]} are not")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors({k: v.contiguous() for k, v in masks.items()}, path)
+    atomic_write_json(
+        {"type": MASKS_TYPE, "format_version": 1, "density": mask_density(masks), **(meta or {})},
+        path.with_name(path.stem + ".json"),
+    )
+    return path

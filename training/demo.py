@@ -63,8 +63,8 @@ def _encoder(toy_steps: int | None):
 
 
 def _train_head(cache: Path, out: Path, s: dict, family: str, seed: int, **extra) -> Path:
-    from training.config import TrainConfig
-    from training.loop import train
+    from asymvlm.training.config import TrainConfig
+    from asymvlm.training.loop import train
 
     cfg = TrainConfig.from_dict(
         dict(
@@ -93,16 +93,18 @@ def _domain_caches(encoder, n: int, seed: int, root: Path) -> dict[str, dict[str
 
 
 def _r1(head, cache_path: Path) -> float:
+    from asymvlm.merging.api import recall_at_1
+
     from asymvlm.cache import EmbeddingCache
-    from merging.api import recall_at_1
 
     c = EmbeddingCache.load(cache_path)
     return recall_at_1(head, c.text_embeddings, c.image_embeddings, c.text_image_index)
 
 
 def _federated(recipe: str, spec: tuple[str, str], s: dict, out: Path, seed: int) -> Path:
-    from federated.simulation import FederatedArguments, get_federated_data, run_federated, save_federated_model
-    from training.config import DataArguments
+    from asymvlm.federated.simulation import FederatedArguments, get_federated_data, run_federated, save_federated_model
+
+    from asymvlm.config import DataArguments
 
     fed = FederatedArguments(
         recipe=recipe, rounds=s["rounds"], num_clients=s["clients"], partition="dirichlet",
@@ -155,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     _say("[1/6] toy CLIP (built and cached on first use) and the embedding caches")
     t = time.time()
     encoder, spec = _encoder(s["toy_steps"])
-    from training.config import DataArguments
-    from training.data import cache_for_config
+    from asymvlm.config import DataArguments
+    from asymvlm.data import cache_for_config
 
     train_cache = cache_for_config(
         DataArguments(
@@ -168,8 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         ),  # fmt: skip
         encoder,
     )
+    from asymvlm.eval.benchmark import evaluate, shapeworld_eval_data, summary_table
+
     from asymvlm import shapeworld as sw
-    from eval.benchmark import evaluate, shapeworld_eval_data, summary_table
 
     world = dict(caption_styles=sw.CAPTION_STYLES, visual_styles=sw.VISUAL_STYLES)
     eval_data = shapeworld_eval_data(encoder, n=s["eval_images"], seed=12345, **world)
@@ -191,10 +194,11 @@ def main(argv: list[str] | None = None) -> int:
 
     _say("[4/6] per-style experts (dense and TaLoS) from the central vMF head; merges")
     t = time.time()
+    from asymvlm.merging.api import merge
+    from asymvlm.merging.talos import calibrate_mask, save_masks
+
+    from asymvlm.batching import IndexBatcher
     from asymvlm.cache import EmbeddingCache
-    from merging.api import merge
-    from merging.talos import calibrate_mask, save_masks
-    from training.data import IndexBatcher
 
     base = central["vmf"]
     base_model = AsymVLM.from_pretrained(base, load_encoder=False)
@@ -251,9 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     lap("evaluation", t)
 
     _say("[6/6] report")
+    from asymvlm.eval.cli import _json_safe
+    from asymvlm.eval.plots import plot_report
+
     from asymvlm.io import atomic_write_json
-    from eval.cli import _json_safe
-    from eval.plots import plot_report
 
     report = {
         "uncertainty_ambiguity_spearman": {f: metrics[f]["uncertainty_ambiguity_spearman"] for f in ("vmf", "ps")},

@@ -44,6 +44,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from asymvlm.errors import ClientUpdateError
+
 __all__ = [
     "Params",
     "ClientUpdateError",
@@ -78,15 +80,6 @@ __all__ = [
 ]
 
 Params = dict[str, Tensor]
-
-
-class ClientUpdateError(ValueError):
-    """A client's update does not fit the global state or is not finite (names client and key)."""
-
-    def __init__(self, message: str, client: Any = None, key: str | None = None):
-        super().__init__(message)
-        self.client = client
-        self.key = key
 
 
 # ----------------------------------------------------------------------------------------------
