@@ -15,19 +15,85 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from asymvlm.errors import ConfigError
 
-__all__ = ["ConfigError", "DataArguments", "check_choice", "config_fields", "load_yaml", "parse_dataclass_args"]
+__all__ = [
+    "ConfigError",
+    "DataArguments",
+    "HeadArguments",
+    "check_choice",
+    "check_fields",
+    "argument_parser",
+    "config_fields",
+    "load_yaml",
+    "parse_dataclass_args",
+]
 
 
 def check_choice(name: str, value: Any, allowed: tuple) -> None:
+    """Raise a :class:`ConfigError` unless ``value`` is one of ``allowed``."""
     if value not in allowed:
         raise ConfigError(f"{name}={value!r} is not one of {allowed}")
+
+
+def _type_error(name: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _check_value(name: str, value: Any, tp: Any) -> Any:
+    """``value`` checked against the annotation ``tp`` (returns it, an int widened for a float)."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_value(name, value, inner[0]) if len(inner) == 1 else value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name}={value!r} is not one of {list(args)}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _type_error(name, value, "a list")
+        item = args[0] if args else Any
+        return type(value)(_check_value(f"{name}[{i}]", v, item) for i, v in enumerate(value))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise _type_error(name, value, "true or false")
+    elif tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _type_error(name, value, "an integer")
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _type_error(name, value, "a number")
+        if math.isnan(value):
+            raise ConfigError(f"{name} must be a number, got NaN")
+        return float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise _type_error(name, value, "a string")
+    return value
+
+
+def check_fields(obj: Any) -> None:
+    """Check every field of the dataclass instance ``obj`` against its annotation (YAML values
+    reach a config untyped: ``max_steps: 5.7`` or ``hidden_dims: 64`` must be an error, not a
+    crash later). Ints given for floats are widened in place."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        checked = _check_value(f.name, value, hints[f.name])
+        if checked is not value:
+            object.__setattr__(obj, f.name, checked)
 
 
 @dataclass(frozen=True)
@@ -84,6 +150,7 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.train_images < 1 or self.eval_images < 0:
@@ -100,6 +167,56 @@ class DataArguments:
 
         picked = tuple(c.strip() for c in self.caption_styles.split(",") if c.strip())
         return picked or tuple(CAPTION_STYLES)
+
+
+@dataclass(frozen=True)
+class HeadArguments:
+    """The text head (shared by ``asymvlm-train`` and ``asymvlm-federate``)."""
+
+    family: Literal["vmf", "ps"] = field(
+        default="vmf", metadata={"help": "Distribution family: von Mises-Fisher (vmf) or Power Spherical (ps)."}
+    )
+    hidden_dims: list[int] = field(
+        default_factory=lambda: [1024, 1024, 1024],
+        metadata={"help": "Hidden widths of the head MLP (the paper: 1024 1024 1024)."},
+    )
+    activation: Literal["relu", "gelu", "silu", "tanh"] = field(default="relu", metadata={"help": "Head activation."})
+    residual: bool = field(
+        default=False,
+        metadata={
+            "help": "Residual head: eta = init_concentration * x + MLP(x), starting exactly at CLIP's directions."
+        },
+    )
+    init_concentration: float = field(default=10.0, metadata={"help": "Concentration of an untrained residual head."})
+    min_concentration: float = field(default=1e-3, metadata={"help": "Lower bound on the concentration."})
+    max_concentration: float = field(default=1e5, metadata={"help": "Upper bound on the concentration."})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.hidden_dims or any(h < 1 for h in self.hidden_dims):
+            raise ConfigError(f"hidden_dims must be a non-empty list of positive widths, got {self.hidden_dims}")
+        if not 0 < self.min_concentration < self.max_concentration:
+            raise ConfigError(
+                f"need 0 < min_concentration < max_concentration, got {self.min_concentration}, "
+                f"{self.max_concentration}"
+            )
+        if self.residual and not self.init_concentration > 0:
+            raise ConfigError(f"init_concentration must be > 0, got {self.init_concentration}")
+
+    def head_config(self, dim: int) -> Any:
+        """The :class:`~asymvlm.heads.HeadConfig` of these arguments for embeddings of dimension ``dim``."""
+        from asymvlm.heads import HeadConfig
+
+        return HeadConfig(
+            dim=dim,
+            family=self.family,
+            hidden_dims=tuple(self.hidden_dims),
+            activation=self.activation,
+            residual=self.residual,
+            init_concentration=self.init_concentration,
+            min_concentration=self.min_concentration,
+            max_concentration=self.max_concentration,
+        )
 
 
 def config_fields(types: tuple[type, ...]) -> dict[str, type]:
@@ -138,23 +255,43 @@ def load_yaml(
     return doc
 
 
-def parse_dataclass_args(types: tuple[type, ...], argv: list[str] | None, prog: str) -> tuple[Any, ...]:
-    """``[--config exp.yaml] [--flag value ...]`` into instances of ``types`` (HfArgumentParser):
-    YAML values first, flags override them; unknown keys or flags are a :class:`ConfigError`."""
-    import argparse
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in ``--help`` and epilogs printed as written."""
 
+
+def argument_parser(
+    types: tuple[type, ...], prog: str, description: str = "", epilog: str = ""
+) -> argparse.ArgumentParser:
+    """The flag parser of a command made of config dataclasses (``transformers.HfArgumentParser``):
+    every field is a flag spelled with underscores or dashes (``--max_steps`` / ``--max-steps``),
+    choices and defaults show in ``--help``, abbreviations are not accepted (``--max_step`` is an
+    error, not ``--max_steps``), and a parse error is a :class:`ConfigError`, not an exit."""
     from transformers import HfArgumentParser
 
+    class Parser(HfArgumentParser):
+        def error(self, message: str):  # argparse would print the usage and exit
+            raise ConfigError(message)
+
+    return Parser(
+        types, prog=prog, description=description, epilog=epilog, formatter_class=_HelpFormatter, allow_abbrev=False
+    )
+
+
+def parse_dataclass_args(types: tuple[type, ...], argv: list[str] | None, prog: str) -> tuple[Any, ...]:
+    """``[--config exp.yaml] [--flag value ...]`` into instances of ``types``: YAML values first,
+    flags override them; unknown keys or flags, bad values and abbreviations are a :class:`ConfigError`."""
     config_fields(types)  # field names must be unique across the groups
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
-    parser = HfArgumentParser(types, prog=prog)
+    parser = argument_parser(types, prog)
     if known.config:
         parser.set_defaults(**load_yaml(known.config, types, prog))
     try:
         *outputs, extra = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
-    except ValueError as err:  # a dataclass's own validation
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:  # a dataclass's own validation
         raise ConfigError(str(err)) from err
     if extra:
         raise ConfigError(f"unknown argument(s) {extra}; see {prog} --help")

@@ -13,6 +13,9 @@ expected layout when something is missing.
   ``file_name`` (relative to the root) and ``text`` / ``caption`` (a string) or ``captions`` (a
   list of strings) — the Hugging Face ``imagefolder`` convention.
 
+:func:`load_dataset_spec` reads a ``<kind>:<field>:...`` string (the CLIs' ``--dataset``); its kinds
+are the entries of :data:`DATASET_SPEC_REGISTRY`, each declaring its fields.
+
 Every loader returns columns ``image`` (``datasets.Image``, decoded lazily from the file),
 ``image_id``, ``captions`` (list of strings) and ``file_name``.
 
@@ -32,15 +35,17 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from asymvlm.errors import DatasetLayoutError
+from asymvlm.errors import ConfigError, DatasetLayoutError
+from asymvlm.registry import Param, Registry
 
 __all__ = [
     "load_coco_karpathy",
     "load_coco_2017",
     "load_flickr30k_karpathy",
     "load_image_folder",
+    "DATASET_SPEC_REGISTRY",
     "load_dataset_spec",
     "cache_for_config",
     "DatasetLayoutError",
@@ -204,23 +209,131 @@ def load_image_folder(root: str | Path, *, check_files: bool = True):
     return _to_dataset(rows, _FOLDER_LAYOUT, check_files)
 
 
-def load_dataset_spec(spec: str):
-    """``imagefolder:<root>``, ``coco-karpathy:<json>:<image root>[:split]``,
-    ``coco2017:<annotations json>:<image dir>`` or ``flickr30k:<json>:<image dir>[:split]``."""
+# ----------------------------------------------------------------------------------------------
+# dataset specs: "<kind>:<field>:<field>..." strings (the --dataset flag of the CLIs)
+# ----------------------------------------------------------------------------------------------
+# Each entry's leading ``extra["fields"]`` params are the colon-separated fields of the spec (the
+# first ``extra["required"]`` of them required); the rest (``check_files``) are keyword options of
+# load_dataset_spec. ``extra["form"]`` is the spec's syntax, shown in every error.
+DATASET_SPEC_REGISTRY = Registry("dataset spec")
+
+
+def _non_empty(x: str) -> str | None:
+    return None if x else "a non-empty path"
+
+
+def _path(name: str, help: str) -> Param:
+    return Param(name, str, None, f"{help} Required spec field.", check=_non_empty)
+
+
+_SPLIT = Param(
+    "split",
+    Literal[KARPATHY_SPLITS],
+    "test",
+    "Karpathy split: train, restval, val or test.",
+    reference="Karpathy & Fei-Fei 2015 https://arxiv.org/abs/1412.2306",
+)
+_CHECK_FILES = Param("check_files", bool, True, "Check that every image file exists (keyword only, not a spec field).")
+
+
+DATASET_SPEC_REGISTRY.register(
+    "imagefolder",
+    params=[_path("root", "Folder holding metadata.jsonl and the images it names."), _CHECK_FILES],
+    help="An image folder with a metadata.jsonl of captions (Hugging Face imagefolder convention).",
+    reference="https://huggingface.co/docs/datasets/image_dataset#imagefolder",
+    form="imagefolder:<root>",
+    fields=1,
+    required=1,
+)(load_image_folder)
+DATASET_SPEC_REGISTRY.register(
+    "coco-karpathy",
+    params=[
+        _path("karpathy_json", "Karpathy's dataset_coco.json."),
+        _path("image_root", "Image root holding train2014/ and val2014/."),
+        _SPLIT,
+        _CHECK_FILES,
+    ],
+    help="COCO captions with Karpathy's splits (test: the 5k test images, 5 captions each).",
+    reference="Chen et al. 2015 https://arxiv.org/abs/1504.00325; splits: Karpathy & Fei-Fei 2015 "
+    "https://arxiv.org/abs/1412.2306",
+    form="coco-karpathy:<json>:<root>[:split]",
+    fields=3,
+    required=2,
+)(load_coco_karpathy)
+DATASET_SPEC_REGISTRY.register(
+    "coco2017",
+    params=[
+        _path("annotations_json", "The official captions_val2017.json (or captions_train2017.json)."),
+        _path("image_dir", "The matching image folder (val2017/ or train2017/)."),
+        _CHECK_FILES,
+    ],
+    help="COCO captions from the official 2017 annotation file (all captions of each image).",
+    reference="Chen et al. 2015 https://arxiv.org/abs/1504.00325; https://cocodataset.org/#download",
+    form="coco2017:<json>:<dir>",
+    fields=2,
+    required=2,
+)(load_coco_2017)
+DATASET_SPEC_REGISTRY.register(
+    "flickr30k",
+    params=[
+        _path("karpathy_json", "Karpathy's dataset_flickr30k.json."),
+        _path("image_dir", "The folder of Flickr30k *.jpg images."),
+        _SPLIT,
+        _CHECK_FILES,
+    ],
+    help="Flickr30k with Karpathy's splits (test: 1k images, 5 captions each).",
+    reference="Young et al. 2014 https://aclanthology.org/Q14-1006/; splits: Karpathy & Fei-Fei 2015 "
+    "https://arxiv.org/abs/1412.2306",
+    form="flickr30k:<json>:<dir>[:split]",
+    fields=3,
+    required=2,
+)(load_flickr30k_karpathy)
+
+
+def _spec_forms() -> str:
+    return ", ".join(e.extra["form"] for e in DATASET_SPEC_REGISTRY.values())
+
+
+def load_dataset_spec(spec: str, **options: Any):
+    """The dataset a spec string names: ``imagefolder:<root>``, ``coco-karpathy:<json>:<image
+    root>[:split]``, ``coco2017:<annotations json>:<image dir>`` or ``flickr30k:<json>:<image
+    dir>[:split]`` (entries of :data:`DATASET_SPEC_REGISTRY`; ``DATASET_SPEC_REGISTRY.describe()``).
+
+    Args:
+        spec: ``<kind>:<field>:...``, the fields separated by ``:``.
+        **options: keyword options of the kind that are not spec fields (``check_files``).
+
+    Raises:
+        ConfigError: an unknown kind, a wrong number of fields, an empty field, a bad split or an
+            unknown option (the message names the valid kinds and the expected form).
+
+    Example:
+        >>> load_dataset_spec("coco:/x")  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        asymvlm.errors.ConfigError: cannot parse dataset spec 'coco:/x': unknown kind 'coco'; valid kinds: ...
+    """
+    if not isinstance(spec, str):
+        raise ConfigError(f"a dataset spec must be a string, got {type(spec).__name__}")
     kind, _, rest = spec.partition(":")
     parts = rest.split(":") if rest else []
-    if kind == "imagefolder" and len(parts) == 1:
-        return load_image_folder(parts[0])
-    if kind == "coco-karpathy" and len(parts) in (2, 3):
-        return load_coco_karpathy(*parts)
-    if kind == "coco2017" and len(parts) == 2:
-        return load_coco_2017(*parts)
-    if kind == "flickr30k" and len(parts) in (2, 3):
-        return load_flickr30k_karpathy(*parts)
-    raise ValueError(
-        f"cannot parse dataset spec {spec!r}: use imagefolder:<root>, "
-        f"coco-karpathy:<json>:<root>[:split], coco2017:<json>:<dir> or flickr30k:<json>:<dir>[:split]"
-    )
+    if kind not in DATASET_SPEC_REGISTRY:
+        raise ConfigError(f"cannot parse dataset spec {spec!r}: unknown kind {kind!r}; valid kinds: {_spec_forms()}")
+    entry = DATASET_SPEC_REGISTRY[kind]
+    n_fields, n_required, form = entry.extra["fields"], entry.extra["required"], entry.extra["form"]
+    if not n_required <= len(parts) <= n_fields:
+        expected = str(n_fields) if n_required == n_fields else f"{n_required} to {n_fields}"
+        plural = "s" if n_fields > 1 else ""
+        raise ConfigError(
+            f"cannot parse dataset spec {spec!r}: {kind} expects {form} ({expected} field{plural}, "
+            f"got {len(parts)}); valid kinds: {_spec_forms()}"
+        )
+    field_names = entry.param_names[:n_fields]
+    clash = sorted(set(options) & set(field_names))
+    if clash:
+        raise ConfigError(f"dataset spec {kind!r}: {clash} are fields of the spec string ({form}), not keyword options")
+    resolved = DATASET_SPEC_REGISTRY.resolve(kind, {**dict(zip(field_names, parts)), **options})
+    return entry.factory(**resolved)
 
 
 def cache_for_config(data_args: Any, encoder: Any = None):

@@ -5,6 +5,10 @@ embedding ``x`` (N, d) through an MLP to ``eta`` (N, d) and reads the distributi
 ``loc = eta / |eta|`` and ``concentration = |eta|``; ``1 / concentration`` is the text's
 uncertainty. The default MLP is the paper's, d -> 1024 -> 1024 -> 1024 -> d with ReLU.
 
+The family (``"vmf"`` or ``"ps"``) is an entry of :data:`FAMILY_REGISTRY`, which declares each
+family's options and reference (``FAMILY_REGISTRY.describe()``); :func:`make_distribution` builds
+one. ``FAMILIES`` (name -> (class, reference)) is kept for existing code.
+
 Options beyond the paper:
 
 * ``hidden_dims`` / ``activation`` for other widths and depths;
@@ -28,6 +32,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,14 +41,95 @@ import torch
 from torch import Tensor, nn
 
 from asymvlm.distributions import PowerSpherical, SphericalDistribution, VonMisesFisher
+from asymvlm.registry import Param, Registry
 
-__all__ = ["FAMILIES", "ACTIVATIONS", "HeadConfig", "TextHead", "check_embeddings"]
+__all__ = [
+    "FAMILY_REGISTRY",
+    "FAMILIES",
+    "family_class",
+    "family_of",
+    "make_distribution",
+    "ACTIVATIONS",
+    "HeadConfig",
+    "TextHead",
+    "check_embeddings",
+]
 
-# family name -> (distribution class, reference)
+# ----------------------------------------------------------------------------------------------
+# distribution families: name -> constructor (loc, concentration) of a SphericalDistribution
+# ----------------------------------------------------------------------------------------------
+# ``FAMILY_REGISTRY.build(name, **options)`` returns a constructor ``(loc (N, d), concentration (N,))
+# -> distribution``; ``FAMILY_REGISTRY[name].extra["cls"]`` is the class (see make_distribution).
+FAMILY_REGISTRY = Registry("family")
+
+_VALIDATE_ARGS = Param(
+    "validate_args",
+    bool,
+    None,
+    "Check that loc is unit and concentration finite and >= 0 (None: torch.distributions' global default).",
+    reference="https://pytorch.org/docs/stable/distributions.html#torch.distributions.distribution.Distribution",
+)
+
+
+def _family_factory(cls: type[SphericalDistribution]) -> Callable[..., Callable[..., SphericalDistribution]]:
+    def factory(validate_args: bool | None = None) -> Callable[..., SphericalDistribution]:
+        return functools.partial(cls, validate_args=validate_args)
+
+    return factory
+
+
+FAMILY_REGISTRY.register(
+    "vmf",
+    params=[_VALIDATE_ARGS],
+    help="von Mises-Fisher vMF(mu, kappa): density C_d(kappa) exp(kappa mu^T x), exact log-space normaliser.",
+    reference="Banerjee et al. 2005 https://jmlr.org/papers/v6/banerjee05a.html; Mardia & Jupp 2000 sec. 9.3; "
+    "sampling: Wood 1994 https://doi.org/10.1080/03610919408813161",
+    cls=VonMisesFisher,
+)(_family_factory(VonMisesFisher))
+FAMILY_REGISTRY.register(
+    "ps",
+    params=[_VALIDATE_ARGS],
+    help="Power Spherical PS(mu, kappa): density C(kappa) (1 + mu^T x)^kappa, closed-form normaliser and sampler.",
+    reference="De Cao & Aziz 2020 https://arxiv.org/abs/2006.04437",
+    cls=PowerSpherical,
+)(_family_factory(PowerSpherical))
+
+# Backward-compatible view (``FAMILIES[name][0]`` is the class): name -> (class, reference).
+# A snapshot taken here: register new families in FAMILY_REGISTRY before importing code that reads it.
 FAMILIES: dict[str, tuple[type[SphericalDistribution], str]] = {
-    "vmf": (VonMisesFisher, "Mardia & Jupp 2000; Wood 1994 https://doi.org/10.1080/03610919408813161"),
-    "ps": (PowerSpherical, "De Cao & Aziz 2020 https://arxiv.org/abs/2006.04437"),
+    name: (entry.extra["cls"], entry.reference) for name, entry in FAMILY_REGISTRY.items()
 }
+
+
+def family_class(family: str) -> type[SphericalDistribution]:
+    """The distribution class of a family (a :class:`~asymvlm.errors.ConfigError` naming the valid ones).
+
+    Example:
+        >>> family_class("vmf").__name__
+        'VonMisesFisher'
+    """
+    return FAMILY_REGISTRY.entry(family).extra["cls"]
+
+
+def family_of(distribution: Any) -> str | None:
+    """The family name of a distribution instance, or None if it is of no registered family."""
+    for name, entry in FAMILY_REGISTRY.items():
+        if isinstance(distribution, entry.extra["cls"]):
+            return name
+    return None
+
+
+def make_distribution(family: str, loc: Tensor, concentration: Tensor, **options: Any) -> SphericalDistribution:
+    """``family``'s distribution over ``loc`` (N, d) and ``concentration`` (N,), ``options`` checked
+    against the family's declared parameters (see ``FAMILY_REGISTRY.describe()``).
+
+    Example:
+        >>> import torch
+        >>> make_distribution("vmf", torch.eye(4)[:1], torch.tensor([3.0])).concentration
+        tensor([3.])
+    """
+    return FAMILY_REGISTRY.build(family, **options)(loc, concentration)
+
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
 
@@ -105,8 +192,7 @@ class HeadConfig:
     max_concentration: float = field(default=1e5, metadata={"help": "Upper bound on concentration."})
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES:
-            raise ValueError(f"unknown family {self.family!r}; choose one of {sorted(FAMILIES)}")
+        FAMILY_REGISTRY.entry(self.family)  # ConfigError "unknown family ...; choose one of [...]"
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
         if not isinstance(self.dim, int) or self.dim < 2:
@@ -217,7 +303,7 @@ class TextHead(nn.Module):
     def forward(self, text_embeddings: Tensor) -> SphericalDistribution:
         """Distribution over image embeddings for each text: batch shape (N,), event (d,)."""
         loc, kappa = self.loc_concentration(text_embeddings)
-        return FAMILIES[self.config.family][0](loc, kappa, validate_args=False)
+        return family_class(self.config.family)(loc, kappa, validate_args=False)
 
     def uncertainty(self, text_embeddings: Tensor) -> Tensor:
         """``1 / concentration`` (N,)."""

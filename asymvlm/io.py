@@ -3,7 +3,8 @@
 Every artefact asymvlm saves is a JSON document with a ``type`` tag and a ``format_version``
 next to ``.safetensors`` files. Files are written to a temporary file in the same directory,
 flushed and fsync'ed, then ``os.replace``'d into place, so a crash leaves either the old file
-or the new one, never half of one. Nothing is pickled.
+or the new one, never half of one. Nothing is pickled. Files get the permissions ``open()`` would
+give them (``0o666 & ~umask``; directories ``0o777 & ~umask``), not ``tempfile``'s private 0600.
 
 Example:
     >>> import tempfile, torch
@@ -17,9 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
-import tempfile
 import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -40,6 +41,7 @@ __all__ = [
     "load_safetensors",
     "read_json",
     "read_tagged_json",
+    "json_safe",
     "mmap_safetensors",
     "SafetensorsStreamWriter",
     "LazyParams",
@@ -59,11 +61,47 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+# O_EXCL: never reuse an existing name; O_NOFOLLOW: never write through a planted symlink
+# (tempfile.mkstemp's flags); O_BINARY matters on Windows only
+_TEMP_FLAGS = (
+    os.O_RDWR
+    | os.O_CREAT
+    | os.O_EXCL
+    | getattr(os, "O_NOFOLLOW", 0)
+    | getattr(os, "O_CLOEXEC", 0)
+    | getattr(os, "O_BINARY", 0)
+)
+
+
+def _create_temp_file(target: Path) -> tuple[int, Path]:
+    """``(fd, path)`` of a new, uniquely named temp file next to ``target``, mode ``0o666 & ~umask``.
+
+    ``tempfile.mkstemp`` creates its file with mode 0600 and ``os.replace`` keeps the mode, so every
+    report.json / metrics.json / .safetensors would be private to its owner. Creating the file with
+    ``os.open(..., O_CREAT | O_EXCL, 0o666)`` instead lets the kernel apply the process umask (and a
+    directory's default ACL) at creation, exactly as ``open()`` does. No umask is read: the only
+    portable way to read it, ``os.umask(0)`` then restoring it, is process-global, so a thread
+    creating a file between the two calls would get a world-writable 0666 file; per call that
+    race repeats on every write, and a value read once at import would go stale when the process
+    changes its umask later. The kernel's own mask needs neither.
+    """
+    for _ in range(100):
+        tmp = target.parent / f".{target.name}.{uuid.uuid4().hex[:12]}.tmp"
+        try:
+            return os.open(tmp, _TEMP_FLAGS, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a unique temporary file next to {target}")
+
+
 def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
-    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``."""
+    """Write ``data`` to ``path`` via a temp file in the same directory and ``os.replace``.
+
+    The file gets mode ``0o666 & ~umask``, as with ``open(path, "wb")``.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _create_temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -97,7 +135,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    tmp.mkdir()  # mode 0o777 & ~umask, like any mkdir (tempfile.mkdtemp would make it 0700)
     try:
         yield tmp
         if path.exists():
@@ -238,6 +276,22 @@ def mmap_safetensors(
     return mm, out, ranges
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (strict JSON has no NaN or inf).
+
+    Example:
+        >>> json_safe({"a": [1.0, float("nan")], "b": float("inf")})
+        {'a': [1.0, None], 'b': None}
+    """
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def read_json(path: str | Path) -> Any:
     """Read JSON with an :class:`ArtefactError` naming the file when missing or corrupt."""
     path = Path(path)
@@ -329,7 +383,7 @@ class SafetensorsStreamWriter:
             header["__metadata__"] = metadata
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section
-        self._file = open(self.path, "wb")
+        self._file = open(self.path, "wb")  # a plain open(): mode 0o666 & ~umask
         self._file.write(len(raw).to_bytes(8, "little"))
         self._file.write(raw)
         self._current = 0

@@ -45,9 +45,11 @@ from torch import Tensor, nn
 
 from asymvlm.distributions import SphericalDistribution, VonMisesFisher
 from asymvlm.heads import check_embeddings
+from asymvlm.registry import Registry
 from asymvlm.special import vmf_log_normalizer, vmf_log_normalizer_approx
 
 __all__ = [
+    "VMF_NORMALIZER_REGISTRY",
     "VMF_NORMALIZERS",
     "POSITIVE_MODES",
     "log_likelihood",
@@ -58,10 +60,27 @@ __all__ = [
     "parameter_groups",
 ]
 
-# name -> (log C_d(kappa) function, reference)
+# vMF log-normalisers: ``VMF_NORMALIZER_REGISTRY.build(name)`` returns ``log C_d(kappa)`` as a
+# function ``(dim, kappa (T,)) -> (T,)``. Neither takes options: both are parameter-free formulas
+# (Power Spherical has its own exact closed form and ignores this choice).
+VMF_NORMALIZER_REGISTRY = Registry("vmf_normalizer")
+VMF_NORMALIZER_REGISTRY.register(
+    "exact",
+    help="Exact log C_d(kappa) from log-space Bessel functions (series + uniform Debye expansion).",
+    reference="Mardia & Jupp 2000 eq. 9.3.4; DLMF 10.25.2, 10.41.3 https://dlmf.nist.gov/10.41; "
+    "Banerjee et al. 2005 https://jmlr.org/papers/v6/banerjee05a.html",
+    fn=vmf_log_normalizer,
+)(lambda: vmf_log_normalizer)
+VMF_NORMALIZER_REGISTRY.register(
+    "approx",
+    help="Integrated rational bounds on A_d(kappa), up to an additive constant (the AsymVLM reference code's).",
+    reference="Scott, Gallagher & Mozer 2021 https://arxiv.org/abs/2103.15718",
+    fn=vmf_log_normalizer_approx,
+)(lambda: vmf_log_normalizer_approx)
+
+# Backward-compatible view: name -> (log C_d(kappa) function, reference).
 VMF_NORMALIZERS: dict[str, tuple[Callable[[int, Tensor], Tensor], str]] = {
-    "exact": (vmf_log_normalizer, "exact log-space Bessel (asymvlm.special)"),
-    "approx": (vmf_log_normalizer_approx, "Scott et al. 2021, https://arxiv.org/abs/2103.15718"),
+    name: (entry.extra["fn"], entry.reference) for name, entry in VMF_NORMALIZER_REGISTRY.items()
 }
 
 POSITIVE_MODES = ("exclude", "sum", "diagonal")
@@ -81,7 +100,7 @@ def log_likelihood(
         text_distribution: a :class:`VonMisesFisher` or :class:`PowerSpherical` with batch
             shape ``(T,)``.
         image_embeddings: unit vectors ``(I, d)``.
-        vmf_normalizer: ``"exact"`` or ``"approx"`` (vMF only; see :data:`VMF_NORMALIZERS`).
+        vmf_normalizer: ``"exact"`` or ``"approx"`` (vMF only; see :data:`VMF_NORMALIZER_REGISTRY`).
         chunk_size: images per matmul; bounds the temporaries to ``T * chunk_size`` entries.
             ``None`` computes in one go.
         validate: check shapes, finiteness and unit norm of ``image_embeddings``.
@@ -91,6 +110,7 @@ def log_likelihood(
 
     Raises:
         ValueError: wrong shapes, dimension mismatch, NaN/inf or non-unit rows (named).
+        ConfigError: an unknown ``vmf_normalizer`` (the message lists the valid ones).
     """
     q = text_distribution
     if not isinstance(q, SphericalDistribution):
@@ -99,11 +119,10 @@ def log_likelihood(
         raise ValueError(f"text_distribution must have batch shape (T,), got {tuple(q.batch_shape)}")
     if validate:
         check_embeddings(image_embeddings, q.dim, "image embeddings", unit=True)
-    if vmf_normalizer not in VMF_NORMALIZERS:
-        raise ValueError(f"unknown vmf_normalizer {vmf_normalizer!r}; choose one of {sorted(VMF_NORMALIZERS)}")
+    normalizer = VMF_NORMALIZER_REGISTRY.build(vmf_normalizer)  # ConfigError if unknown, even for PS
     log_norm = None
     if isinstance(q, VonMisesFisher):
-        log_norm = VMF_NORMALIZERS[vmf_normalizer][0](q.dim, q.concentration)
+        log_norm = normalizer(q.dim, q.concentration)
     n = image_embeddings.shape[0]
     if chunk_size is None or n <= chunk_size:
         return q.pairwise_log_prob(image_embeddings, log_norm)
@@ -215,8 +234,7 @@ class AsymVLMLoss(nn.Module):
         max_logit_scale: float | None = None,
     ):
         super().__init__()
-        if vmf_normalizer not in VMF_NORMALIZERS:
-            raise ValueError(f"unknown vmf_normalizer {vmf_normalizer!r}; choose one of {sorted(VMF_NORMALIZERS)}")
+        VMF_NORMALIZER_REGISTRY.entry(vmf_normalizer)  # ConfigError "unknown vmf_normalizer ..."
         if positive_mode not in POSITIVE_MODES:
             raise ValueError(f"unknown positive_mode {positive_mode!r}; choose one of {POSITIVE_MODES}")
         self.vmf_normalizer = vmf_normalizer

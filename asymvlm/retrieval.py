@@ -38,8 +38,9 @@ import torch
 from torch import Tensor
 
 from asymvlm.distributions import SphericalDistribution
-from asymvlm.heads import FAMILIES, check_embeddings
+from asymvlm.heads import FAMILY_REGISTRY, check_embeddings, family_class, family_of
 from asymvlm.io import ArtefactError, atomic_save_safetensors, atomic_write_json, load_safetensors, read_tagged_json
+from asymvlm.registry import Param, Registry, in_range, non_negative
 
 __all__ = [
     "SearchResult",
@@ -47,6 +48,7 @@ __all__ = [
     "TextIndex",
     "ZeroShotResult",
     "zero_shot_classify",
+    "ABSTAIN_REGISTRY",
     "ABSTAIN_CRITERIA",
     "topk_chunked",
 ]
@@ -364,8 +366,7 @@ class TextIndex:
         backend: str = "exact",
         encoder_fingerprint: str | None = None,
     ):
-        if family not in FAMILIES:
-            raise ValueError(f"unknown family {family!r}; choose one of {sorted(FAMILIES)}")
+        FAMILY_REGISTRY.entry(family)  # ConfigError "unknown family ...; choose one of [...]"
         if backend not in ("exact", "faiss"):
             raise ValueError(f"backend must be 'exact' or 'faiss', got {backend!r}")
         loc = loc.detach().float()
@@ -375,7 +376,7 @@ class TextIndex:
         if concentration.shape != loc.shape[:1]:
             raise ValueError(f"concentration must have shape ({loc.shape[0]},), got {tuple(concentration.shape)}")
         # validates unit loc, finite non-negative concentration
-        FAMILIES[family][0](loc, concentration, validate_args=True)
+        family_class(family)(loc, concentration, validate_args=True)
         self.loc = loc
         self.concentration = concentration
         self.family = family
@@ -391,7 +392,7 @@ class TextIndex:
 
     @classmethod
     def from_distribution(cls, q: SphericalDistribution, ids: Sequence[Any] | None = None, **kwargs) -> TextIndex:
-        family = next((name for name, (c, _) in FAMILIES.items() if isinstance(q, c)), None)
+        family = family_of(q)
         if family is None:
             raise TypeError(f"unsupported distribution {type(q).__name__}")
         if len(q.batch_shape) != 1:
@@ -431,13 +432,13 @@ class TextIndex:
         return self.loc.shape[1]
 
     def _dist(self, s: int, e: int) -> SphericalDistribution:
-        return FAMILIES[self.family][0](self.loc[s:e], self.concentration[s:e], validate_args=False)
+        return family_class(self.family)(self.loc[s:e], self.concentration[s:e], validate_args=False)
 
     def _scores(self, x: Tensor, s: int, e: int, out: Tensor | None = None) -> Tensor:
         cos = torch.mm(x, self.loc[s:e].T, out=out)  # (Q, C)
         if self.family == "vmf":  # kappa * cos + log C, in place
             return cos.mul_(self.concentration[s:e]).add_(self.log_normalizer[s:e])
-        return FAMILIES[self.family][0]._log_prob_from_cosine(
+        return family_class(self.family)._log_prob_from_cosine(
             cos, self.concentration[s:e].unsqueeze(0), self.log_normalizer[s:e].unsqueeze(0)
         )
 
@@ -498,7 +499,7 @@ class TextIndex:
             ub, cand = self._faiss_index.search(xq, kc)
             cand = torch.from_numpy(cand).to(torch.int64)
             cos = (x.unsqueeze(1) * self.loc[cand]).sum(-1)  # (Q, kc)
-            exact = FAMILIES[self.family][0]._log_prob_from_cosine(
+            exact = family_class(self.family)._log_prob_from_cosine(
                 cos, self.concentration[cand], self.log_normalizer[cand]
             )
             top, pos = exact.topk(k, dim=1)
@@ -583,16 +584,84 @@ def _entropy(p: Tensor) -> Tensor:
     return -(p * torch.log(p.clamp_min(1e-30))).sum(-1)
 
 
-# criterion -> (statistic(result fields) , abstain when statistic ... threshold, doc)
+# Abstention criteria: ``ABSTAIN_REGISTRY.build(name, threshold=t)`` returns a rule
+# ``(best_ll (N,), uncertainty (N,), probabilities (N, C)) -> abstained (N,) bool``: abstain where the
+# criterion's statistic crosses ``t`` in its direction (``extra["direction"]``); ``t=None`` never abstains.
+ABSTAIN_REGISTRY = Registry("criterion")
+
+
+def _not_nan(x: float) -> str | None:
+    return "a number (not NaN)" if math.isnan(x) else None
+
+
+def _abstain_factory(statistic: Callable[[Tensor, Tensor, Tensor], Tensor], direction: str) -> Callable[..., Any]:
+    def factory(threshold: float | None = None) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        def rule(ll: Tensor, unc: Tensor, p: Tensor) -> Tensor:
+            if threshold is None:
+                return torch.zeros_like(ll, dtype=torch.bool)
+            stat = statistic(ll, unc, p)  # (N,)
+            return stat < threshold if direction == "below" else stat > threshold
+
+        return rule
+
+    return factory
+
+
+def _register_criterion(
+    name: str,
+    statistic: Callable[[Tensor, Tensor, Tensor], Tensor],
+    direction: str,
+    help: str,
+    reference: str,
+    threshold_help: str,
+    check: Callable[[Any], str | None],
+) -> None:
+    threshold = Param("threshold", float, None, threshold_help + " None never abstains.", check=check)
+    ABSTAIN_REGISTRY.register(
+        name, params=[threshold], help=help, reference=reference, statistic=statistic, direction=direction
+    )(_abstain_factory(statistic, direction))
+
+
+_register_criterion(
+    "likelihood",
+    lambda ll, unc, p: ll,
+    "below",
+    "Abstain when log q_c(x) of the best class is below the threshold (the image is unlikely under every class)",
+    "Ju et al. 2025 (AsymVLM text distributions) https://arxiv.org/abs/2505.11029",
+    "Log-likelihood (nats) of the best class below which to abstain.",
+    _not_nan,
+)
+_register_criterion(
+    "uncertainty",
+    lambda ll, unc, p: unc,
+    "above",
+    "Abstain when 1/kappa of the best class is above the threshold",
+    "Ju et al. 2025 (uncertainty = 1/concentration) https://arxiv.org/abs/2505.11029",
+    "Uncertainty 1/kappa of the best class above which to abstain.",
+    non_negative,
+)
+_register_criterion(
+    "probability",
+    lambda ll, unc, p: p.max(-1).values,
+    "below",
+    "Abstain when the posterior of the best class is below the threshold",
+    "Chow 1970 https://doi.org/10.1109/TIT.1970.1054406; Hendrycks & Gimpel 2017 https://arxiv.org/abs/1610.02136",
+    "Posterior probability of the best class below which to abstain.",
+    in_range(0.0, 1.0),
+)
+_register_criterion(
+    "entropy",
+    lambda ll, unc, p: _entropy(p),
+    "above",
+    "Abstain when the posterior entropy is above the threshold",
+    "selective classification, Geifman & El-Yaniv 2017 https://arxiv.org/abs/1705.08500",
+    "Posterior entropy (nats, at most log C) above which to abstain.",
+    non_negative,
+)
+
+# Backward-compatible view: criterion -> (statistic(ll, unc, p), "below" | "above", help).
 ABSTAIN_CRITERIA: dict[str, tuple[Callable[[Tensor, Tensor, Tensor], Tensor], str, str]] = {
-    "likelihood": (
-        lambda ll, unc, p: ll,
-        "below",
-        "log q_c(x) of the best class below the threshold (the image is unlikely under every class)",
-    ),
-    "uncertainty": (lambda ll, unc, p: unc, "above", "1/kappa of the best class above the threshold"),
-    "probability": (lambda ll, unc, p: p.max(-1).values, "below", "posterior of the best class below the threshold"),
-    "entropy": (lambda ll, unc, p: _entropy(p), "above", "posterior entropy above the threshold"),
+    name: (entry.extra["statistic"], entry.extra["direction"], entry.help) for name, entry in ABSTAIN_REGISTRY.items()
 }
 
 
@@ -616,12 +685,16 @@ def zero_shot_classify(
             or ``{name: [prompts]}``; their unit embeddings are averaged and renormalised, the
             CLIP prompt-ensembling convention), or class text embeddings (C, d).
         class_names: names for the classes (defaults: dict keys, the single prompts, or indices).
-        criterion: abstention rule, one of :data:`ABSTAIN_CRITERIA`.
-        threshold: abstain when the criterion crosses it; None never abstains.
+        criterion: abstention rule, an entry of :data:`ABSTAIN_REGISTRY` (``likelihood``,
+            ``uncertainty``, ``probability``, ``entropy``; ``ABSTAIN_REGISTRY.describe()``).
+        threshold: abstain when the criterion crosses it; None never abstains. Checked against
+            the criterion's declared range (a probability in [0, 1], an entropy >= 0, ...).
         unknown_label: label of abstentions.
+
+    Raises:
+        ConfigError: an unknown criterion or a threshold of the wrong type or out of range.
     """
-    if criterion not in ABSTAIN_CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; choose one of {sorted(ABSTAIN_CRITERIA)}")
+    abstain = ABSTAIN_REGISTRY.build(criterion, threshold=threshold)
     if isinstance(classes, dict):
         class_names = list(classes) if class_names is None else class_names
         classes = list(classes.values())
@@ -651,12 +724,7 @@ def zero_shot_classify(
     probs = torch.softmax(math.exp(model.logit_scale) * ll, dim=-1)
     best_ll, best = ll.max(dim=-1)
     unc = (1.0 / q.concentration)[best]
-    if threshold is None:
-        abstained = torch.zeros_like(best, dtype=torch.bool)
-    else:
-        stat_fn, direction, _ = ABSTAIN_CRITERIA[criterion]
-        stat = stat_fn(best_ll, unc, probs)
-        abstained = stat < threshold if direction == "below" else stat > threshold
+    abstained = abstain(best_ll, unc, probs)  # (N,) bool
     preds = torch.where(abstained, torch.full_like(best, -1), best)
     labels = [unknown_label if a else names[b] for a, b in zip(abstained.tolist(), best.tolist())]
     return ZeroShotResult(preds, labels, best_ll, unc, probs, abstained, best)

@@ -25,6 +25,7 @@ from functools import reduce
 import numpy as np
 import torch
 from _common import Results, timed
+
 from asymvlm.federated.core import WeightedMean, apply_updates, chain, scale, scale_by_adam
 
 

@@ -99,9 +99,10 @@ def run_method(method: str, work: Path, tasks: int, density: float, width: int =
             opts.update(sign_weighted=False, normalize="count", zero_sign="positive")
         merge_files(work / "base.safetensors", vecs, out, name, lam=1.0, **opts)
     elif method == "peft_ties":
-        from asymvlm.merging.task_vectors import LazyTaskVector
         from peft.utils.merge_utils import ties
         from safetensors import safe_open
+
+        from asymvlm.merging.task_vectors import LazyTaskVector
 
         base = LazyTaskVector(work / "base.safetensors")
         merged = {}

@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 from _common import Results
-from asymvlm.training.config import TrainConfig
-from asymvlm.training.loop import train
 
 from asymvlm import AsymVLMLoss, TextHead, parameter_groups, positives_from_ids
 from asymvlm.cache import write_cache
+from asymvlm.training.config import TrainConfig
+from asymvlm.training.loop import train
 
 
 def make_cache(path: Path, images: int, d: int) -> None:

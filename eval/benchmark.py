@@ -11,7 +11,8 @@
   correlation to the bin index (exact hits; negative is good), the error AUROC, the mean
   uncertainty per caption level and the Spearman correlation with the true ambiguity;
 * zero-shot classification of ShapeWorld's shape and colour (accuracy, selective accuracy and
-  AURC, abstaining on the least confident predictions).
+  AURC, abstaining on the least confident predictions), by the package's one zero-shot classifier
+  :func:`asymvlm.retrieval.zero_shot_classify` (the CLIP baseline through a cosine adapter).
 
 Example:
     >>> import torch
@@ -28,14 +29,17 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
+
 from asymvlm.eval.retrieval import positive_ranks, positives_from_index, recall_at_k, retrieval_metrics
 from asymvlm.eval.uncertainty import ambiguity_spearman, uncertainty_report
 from asymvlm.eval.zeroshot import accuracy, aurc, risk_coverage, selective_accuracy_at
-from torch import Tensor
+from asymvlm.retrieval import zero_shot_classify
 
 __all__ = ["EvalData", "evaluate", "shapeworld_eval_data", "summary_table"]
 
@@ -135,28 +139,40 @@ def _scores_and_uncertainty(model: Any, data: EvalData) -> tuple[Tensor, Tensor 
         return model.log_likelihood(q, data.image_embeddings.float()).cpu(), (1.0 / q.concentration).cpu()
 
 
+class _CosineZeroShot:
+    """The CLIP baseline in the shape :func:`~asymvlm.retrieval.zero_shot_classify` asks of a model,
+    so that the baseline goes through the same classifier as every AsymVLM: cosine scores, CLIP's
+    fixed logit scale 100 and a constant concentration (the baseline has no uncertainty)."""
+
+    # exp(log 100) = 100.00000000000004 in float64, exactly 100.0 once cast to the float32 scores
+    logit_scale = math.log(100.0)
+
+    def encode_text(self, prompts: Tensor) -> SimpleNamespace:
+        return SimpleNamespace(loc=prompts, concentration=torch.ones(prompts.shape[0], dtype=prompts.dtype))
+
+    def log_likelihood(self, q: SimpleNamespace, images: Tensor) -> Tensor:
+        return (images @ q.loc.T).T  # (C, I): the (I, C) cosine of the baseline's retrieval, transposed
+
+
 def _zero_shot(model: Any, data: EvalData) -> dict[str, float]:
     out: dict[str, float] = {}
-    for task, (prompts, _names, labels) in (data.zero_shot or {}).items():
-        if model is None:
-            scores = data.image_embeddings.float() @ prompts.float().T  # (I, C)
-            scale = 100.0
-        else:
-            with torch.no_grad():
-                scores = model.log_likelihood(model.encode_text(prompts.float()), data.image_embeddings.float()).T
-            scale = math.exp(model.logit_scale)
-        probs = torch.softmax(scale * scores, dim=1)
-        conf, pred = probs.max(1)
-        correct = pred == labels
-        unc = 1 - conf
-        out[f"zeroshot_{task}_accuracy"] = accuracy(pred, labels)
+    for task, (prompts, names, labels) in (data.zero_shot or {}).items():
+        res = zero_shot_classify(
+            _CosineZeroShot() if model is None else model,
+            data.image_embeddings.float(),
+            prompts.float(),
+            class_names=names,
+        )  # no threshold, no abstention: the most likely class (torch's max: the first one on ties)
+        correct = res.predictions == labels
+        unc = 1 - res.probabilities.max(1).values  # 1 - the posterior of the predicted class
+        out[f"zeroshot_{task}_accuracy"] = accuracy(res.predictions, labels)
         out[f"zeroshot_{task}_aurc"] = aurc(unc, correct)
         out[f"zeroshot_{task}_selective_accuracy@50"] = selective_accuracy_at(unc, correct, 0.5)
         cov, acc = risk_coverage(unc, correct)
         pick = np.unique(np.linspace(0, cov.numel() - 1, min(100, cov.numel())).round().astype(int))
         out[f"zeroshot_{task}_risk_coverage"] = {"coverage": cov[pick].tolist(), "risk": (1 - acc[pick]).tolist()}
         if model is not None:  # the likelihood itself as the confidence: abstain on unlikely images
-            out[f"zeroshot_{task}_aurc_likelihood"] = aurc(-scores.max(1).values, correct)
+            out[f"zeroshot_{task}_aurc_likelihood"] = aurc(-res.log_likelihood, correct)  # (I,) log q_c(x), predicted c
     return out
 
 

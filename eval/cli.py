@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -41,16 +40,6 @@ def _local_eval_data(encoder: Any, dataset: Any, max_images: int | None):
         text_image_index=torch.tensor(index),
         captions=captions,
     )
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,11 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="eval-out", help="output directory for metrics.json and plots")
     args = parser.parse_args(argv)
 
-    from asymvlm.eval.benchmark import evaluate, shapeworld_eval_data, summary_table
-    from asymvlm.eval.plots import plot_report
-
     from asymvlm import shapeworld as sw
     from asymvlm.encoders import load_encoder
+    from asymvlm.eval.benchmark import evaluate, shapeworld_eval_data, summary_table
+    from asymvlm.eval.plots import plot_report
     from asymvlm.model import CONFIG_NAME, AsymVLM
 
     start = time.time()
@@ -146,10 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     report = evaluate(data, models, n_bins=args.bins)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from asymvlm.io import atomic_write_json
+    from asymvlm.io import atomic_write_json, json_safe
 
     atomic_write_json(
-        _json_safe(
+        json_safe(
             {
                 "dataset": args.dataset,
                 "images": int(data.image_embeddings.shape[0]),

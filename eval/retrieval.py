@@ -30,7 +30,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["positive_ranks", "recall_at_k", "rank_summary", "retrieval_metrics", "positives_from_index"]
+__all__ = [
+    "positive_ranks",
+    "recall_at_k",
+    "rank_summary",
+    "retrieval_metrics",
+    "positives_from_index",
+    "t2i_recall_at_1",
+]
 
 
 def _check(scores: Tensor, positives: Tensor) -> None:
@@ -81,6 +88,45 @@ def positives_from_index(text_image_index: Tensor, num_images: int) -> Tensor:
     pos = torch.zeros(idx.shape[0], num_images, dtype=torch.bool)
     pos[torch.arange(idx.shape[0]), idx] = True
     return pos
+
+
+def t2i_recall_at_1(scores: Tensor, text_image_index: Tensor, num_images: int | None = None) -> float:
+    """Text -> image R@1 from a (T, I) score matrix and the image row of each text.
+
+    The one definition of R@1: :func:`recall_at_k` at k = 1 of the :func:`positive_ranks` of the
+    :func:`positives_from_index` positives. A text hits only if its image scores strictly above
+    every other image; a negative tied with the positive is a miss (pessimistic ties), so a
+    constant score matrix gives 0, where ``argmax`` (first index wins) would count text rows whose
+    image comes first as hits. Several texts may share one image (e.g. COCO's five captions per
+    image): each is its own query with that image as its positive.
+
+    Args:
+        scores: (T, I), higher = better; any sign (log-likelihoods are negative).
+        text_image_index: (T,) int, the image row of each text, in ``[0, num_images)``.
+        num_images: I; defaults to ``scores.shape[1]`` and must equal it when given.
+
+    Example:
+        >>> scores = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.2, 0.7], [0.3, -0.4]])
+        >>> index = torch.tensor([0, 0, 1, 0])      # texts 0, 1 and 3 describe image 0
+        >>> t2i_recall_at_1(scores, index)          # text 1 ties with image 1: a miss
+        0.75
+        >>> float((scores.argmax(1) == index).float().mean())  # argmax would call the tie a hit
+        1.0
+        >>> t2i_recall_at_1(torch.zeros(4, 3), torch.tensor([0, 1, 2, 0]))
+        0.0
+    """
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be (T, I), got {tuple(scores.shape)}")
+    idx = torch.as_tensor(text_image_index)
+    if idx.dim() != 1 or idx.shape[0] != scores.shape[0]:
+        raise ValueError(
+            f"text_image_index must be ({scores.shape[0]},) for scores {tuple(scores.shape)}, got {tuple(idx.shape)}"
+        )
+    if num_images is None:
+        num_images = scores.shape[1]
+    elif num_images != scores.shape[1]:
+        raise ValueError(f"num_images={num_images} but scores has {scores.shape[1]} image columns")
+    return recall_at_k(positive_ranks(scores, positives_from_index(idx, num_images)), (1,))["R@1"]
 
 
 def retrieval_metrics(

@@ -28,32 +28,46 @@ https://arxiv.org/abs/2301.09357  [6] Li et al. 2020 https://arxiv.org/abs/1905.
 [7] Zaccone et al. 2024 https://arxiv.org/abs/2311.18578  [8] Yin et al. 2018
 https://arxiv.org/abs/1803.01498  [9] Blanchard et al. 2017 https://arxiv.org/abs/1703.02757
 
+Every recipe declares its options (:data:`RECIPES`, an :class:`asymvlm.registry.Registry`):
+``make_recipe("fedadam", sever_lr=1)`` is a :class:`~asymvlm.errors.ConfigError` naming the key,
+the recipe and the valid options. Flower's FedAdam is ``make_recipe("fedadam", server_tau=1e-3,
+bias_correction=True, bias_correction_offset=1)`` (its eta, eta_l, beta_1, beta_2 defaults are
+ours). ``make_recipe(name, dp=DifferentialPrivacy(...))`` wraps the aggregation in the Gaussian
+mechanism; recipes whose rule has no DP analysis refuse it (:data:`DP_RECIPES` lists those that
+accept it).
+
 Example:
     >>> r = make_recipe("fedadam", server_lr=0.1)
-    >>> r.name, type(r.aggregator).__name__
-    ('fedadam', 'WeightedMean')
+    >>> r.name, type(r.aggregator).__name__, r.options["server_tau"]
+    ('fedadam', 'WeightedMean', 1e-09)
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
 
+import torch
+from torch import Tensor
+
+from asymvlm.errors import ConfigError
 from asymvlm.federated.core import (
     AggregateResult,
     Aggregator,
     CoordinateMedian,
+    DifferentialPrivacy,
     Krum,
     Params,
+    Recipe,
     Sum,
     Transform,
     TrimmedMean,
     WeightedMean,
-    _keys,
-    _weights,
     chain,
+    check_weights,
+    keys_of,
     scale,
     scale_by_adagrad,
     scale_by_adam,
@@ -62,43 +76,20 @@ from asymvlm.federated.core import (
     tree_norm,
     tree_zeros_like,
 )
-from torch import Tensor
+from asymvlm.registry import Param, Registry, at_least, in_range, non_negative, positive
 
 __all__ = [
     "Recipe",
     "RECIPES",
+    "DP_RECIPES",
     "make_recipe",
     "AdaFedAdamAggregate",
     "adafedadam_adam",
     "QFFLAggregate",
     "ghbm_history",
     "ghbm_momentum",
+    "ghbm_server_momentum",
 ]
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """A federated algorithm.
-
-    Attributes:
-        name, reference: registry name and paper.
-        aggregator: combines client deltas (stateless).
-        server: the server transform (stateful through its returned state).
-        proximal_mu: FedProx's client proximal coefficient (0 = off).
-        ghbm_beta, ghbm_tau: GHBM's client momentum (beta = 0 = off).
-        needs: per-client information the round must collect: ``loss_before`` (loss at the global
-            model before local training), ``grad_norm`` (norm of the full local gradient there),
-            ``loss_initial`` (the loss at the initial model, kept by the server).
-    """
-
-    name: str
-    reference: str
-    aggregator: Aggregator
-    server: Transform
-    proximal_mu: float = 0.0
-    ghbm_beta: float = 0.0
-    ghbm_tau: int = 1
-    needs: frozenset[str] = field(default_factory=frozenset)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,8 +119,8 @@ class AdaFedAdamAggregate(Aggregator):
         k = len(deltas)
         if loss_before is None or grad_norm is None:
             raise ValueError("adafedadam needs loss_before and grad_norm of every client")
-        n = _weights(weights, k)
-        norms = [tree_norm({key: d[key] for key in _keys(deltas)}) for d in deltas]
+        n = check_weights(weights, k)
+        norms = [tree_norm({key: d[key] for key in keys_of(deltas)}) for d in deltas]
         eff = [dn / max(gn, 1e-30) for dn, gn in zip(norms, grad_norm)]
         certainty = [math.log(max(e, 1e-30) / self.local_lr) + 1.0 for e in eff]
         base = [
@@ -195,7 +186,7 @@ class QFFLAggregate(Aggregator):
             raise ValueError("qffl needs loss_before (the loss at the global model) of every client")
         big_l = 1.0 / self.local_lr
         f = [float(x) + 1e-10 for x in loss_before]
-        norms = [tree_norm({key: d[key] for key in _keys(deltas)}) for d in deltas]
+        norms = [tree_norm({key: d[key] for key in keys_of(deltas)}) for d in deltas]
         h = [self.q * fk ** (self.q - 1) * (big_l * nk) ** 2 + big_l * fk**self.q for fk, nk in zip(f, norms)]
         coef = [big_l * fk**self.q / sum(h) for fk in f]
         return AggregateResult(Sum()(deltas, coef).delta, {"h": h})
@@ -239,92 +230,171 @@ def _find_ghbm_state(state: Any) -> dict | None:
     return None
 
 
+def ghbm_server_momentum(recipe: Recipe, opt_state: Any, params: Mapping[str, Tensor]) -> Params | None:
+    """The GHBM momentum the server sends this round (``None`` for other recipes and until
+    ``ghbm_tau`` models exist), over every exchanged key (zero for keys the server does not step)."""
+    state = _find_ghbm_state(opt_state)
+    if state is None or not state["history"]:
+        return None
+    owned = {k: v for k, v in params.items() if k in state["history"][0]}
+    momentum = ghbm_momentum(state["history"], owned, recipe.ghbm_tau)
+    if momentum is None:
+        return None
+    return {k: momentum[k] if k in momentum else torch.zeros_like(v) for k, v in params.items()}
+
+
 # ----------------------------------------------------------------------------------------------
-# the registry
+# the registry: every recipe declares its options
 # ----------------------------------------------------------------------------------------------
+RECIPES = Registry("recipe")
+_beta = in_range(0.0, 1.0, hi_open=True)
+
+
+def _lr(default: float) -> Param:
+    return Param("server_lr", float, default, "Server learning rate (the step on the aggregate).", check=positive)
+
+
+def _betas(b2: float) -> tuple[Param, Param]:
+    return (
+        Param("server_beta1", float, 0.9, "Server first-moment decay beta1 in [0, 1).", check=_beta),
+        Param("server_beta2", float, b2, "Server second-moment decay beta2 in [0, 1).", check=_beta),
+    )
+
+
+def _tau(default: float) -> Param:
+    return Param("server_tau", float, default, "Adaptivity tau: the epsilon of the server's division.", check=positive)
+
+
+_BIAS = (
+    Param("bias_correction", bool, False, "Bias-correct the moments (Kingma & Ba; Flower's FedAdam: true)."),
+    Param(
+        "bias_correction_offset",
+        int,
+        0,
+        "Rounds added to the correction's exponent (Flower's FedAdam: 1, its round number + 1).",
+        check=at_least(0),
+    ),
+)
+_LOCAL_LR = Param("local_lr", float, 0.1, "The clients' learning rate eta_l (a run passes its own).", check=positive)
+
+
 def _fedopt(direction: Transform, server_lr: float) -> Transform:
     return chain(direction, scale(server_lr))
 
 
-RECIPES: dict[str, tuple[str, Callable[..., Recipe]]] = {}
+@RECIPES.register(
+    "fedavg",
+    help="weighted mean, server step server_lr",
+    reference="https://arxiv.org/abs/1602.05629",
+    params=(
+        _lr(1.0),
+        Param("weighting", Literal["examples", "uniform", "capped"], "examples", "Client weights in the mean."),
+        Param("weighting_cap", float, None, "The cap of weighting='capped' (min(examples, cap)).", check=positive),
+    ),
+)
+def _fedavg(server_lr, weighting, weighting_cap):
+    if (weighting == "capped") != (weighting_cap is not None):
+        raise ConfigError("recipe 'fedavg': weighting='capped' and weighting_cap go together")
+    return dict(aggregator=WeightedMean(weighting, weighting_cap), server=scale(server_lr))
 
 
-def _register(name: str, reference: str):
-    def deco(fn):
-        RECIPES[name] = (reference, fn)
-        return fn
-
-    return deco
-
-
-@_register("fedavg", "https://arxiv.org/abs/1602.05629")
-def _fedavg(server_lr: float = 1.0, weighting: str = "examples", **_):
-    return dict(aggregator=WeightedMean(weighting), server=scale(server_lr))
-
-
-@_register("fedavgm", "https://arxiv.org/abs/1909.06335")
-def _fedavgm(server_lr: float = 1.0, server_momentum: float = 0.9, nesterov: bool = False, **_):
-    return dict(aggregator=WeightedMean(), server=chain(trace(server_momentum, nesterov), scale(server_lr)))
+@RECIPES.register(
+    "fedavgm",
+    help="weighted mean, server momentum",
+    reference="https://arxiv.org/abs/1909.06335",
+    params=(
+        _lr(1.0),
+        Param("server_momentum", float, 0.9, "Server momentum in [0, 1).", check=_beta),
+        Param("server_nesterov", bool, False, "Nesterov server momentum."),
+    ),
+)
+def _fedavgm(server_lr, server_momentum, server_nesterov):
+    return dict(aggregator=WeightedMean(), server=chain(trace(server_momentum, server_nesterov), scale(server_lr)))
 
 
-@_register("fedprox", "https://arxiv.org/abs/1812.06127")
-def _fedprox(proximal_mu: float = 0.01, server_lr: float = 1.0, **_):
+@RECIPES.register(
+    "fedprox",
+    help="weighted mean; clients add mu/2 ||w - w_global||^2",
+    reference="https://arxiv.org/abs/1812.06127",
+    params=(Param("proximal_mu", float, 0.01, "FedProx proximal coefficient mu.", check=non_negative), _lr(1.0)),
+)
+def _fedprox(proximal_mu, server_lr):
     return dict(aggregator=WeightedMean(), server=scale(server_lr), proximal_mu=proximal_mu)
 
 
-@_register("fedadam", "https://arxiv.org/abs/2003.00295")
-def _fedadam(
-    server_lr: float = 0.1,
-    beta1: float = 0.9,
-    beta2: float = 0.99,
-    tau: float = 1e-9,
-    bias_correction: bool = False,
-    **_,
-):
-    return dict(aggregator=WeightedMean(), server=_fedopt(scale_by_adam(beta1, beta2, tau, bias_correction), server_lr))
+@RECIPES.register(
+    "fedadam",
+    help="weighted mean, Adam on the pseudo-gradient",
+    reference="https://arxiv.org/abs/2003.00295",
+    params=(_lr(0.1), *_betas(0.99), _tau(1e-9), *_BIAS),
+)
+def _fedadam(server_lr, server_beta1, server_beta2, server_tau, bias_correction, bias_correction_offset):
+    direction = scale_by_adam(server_beta1, server_beta2, server_tau, bias_correction, bias_correction_offset)
+    return dict(aggregator=WeightedMean(), server=_fedopt(direction, server_lr))
 
 
-@_register("fedyogi", "https://arxiv.org/abs/2003.00295")
-def _fedyogi(
-    server_lr: float = 1e-2,
-    beta1: float = 0.9,
-    beta2: float = 0.99,
-    tau: float = 1e-3,
-    bias_correction: bool = False,
-    **_,
-):
-    return dict(aggregator=WeightedMean(), server=_fedopt(scale_by_yogi(beta1, beta2, tau, bias_correction), server_lr))
+@RECIPES.register(
+    "fedyogi",
+    help="weighted mean, Yogi on the pseudo-gradient",
+    reference="https://arxiv.org/abs/2003.00295",
+    params=(_lr(1e-2), *_betas(0.99), _tau(1e-3), *_BIAS),
+)
+def _fedyogi(server_lr, server_beta1, server_beta2, server_tau, bias_correction, bias_correction_offset):
+    direction = scale_by_yogi(server_beta1, server_beta2, server_tau, bias_correction, bias_correction_offset)
+    return dict(aggregator=WeightedMean(), server=_fedopt(direction, server_lr))
 
 
-@_register("fedadagrad", "https://arxiv.org/abs/2003.00295")
-def _fedadagrad(server_lr: float = 0.1, tau: float = 1e-9, **_):
-    return dict(aggregator=WeightedMean(), server=_fedopt(scale_by_adagrad(0.0, tau), server_lr))
+@RECIPES.register(
+    "fedadagrad",
+    help="weighted mean, Adagrad on the pseudo-gradient",
+    reference="https://arxiv.org/abs/2003.00295",
+    params=(_lr(0.1), _tau(1e-9)),
+)
+def _fedadagrad(server_lr, server_tau):
+    return dict(aggregator=WeightedMean(), server=_fedopt(scale_by_adagrad(0.0, server_tau), server_lr))
 
 
-@_register("adafedadam", "https://arxiv.org/abs/2301.09357")
-def _adafedadam(
-    server_lr: float = 1e-3,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    tau: float = 1e-8,
-    local_lr: float = 0.1,
-    fairness_alpha: float = 1.0,
-    **_,
-):
+@RECIPES.register(
+    "adafedadam",
+    help="normalised, fairness-weighted updates; Adam with certainty",
+    reference="https://arxiv.org/abs/2301.09357",
+    params=(
+        _lr(1e-3),
+        *_betas(0.999),
+        _tau(1e-8),
+        _LOCAL_LR,
+        Param("fairness_alpha", float, 1.0, "Fairness exponent alpha of the loss ratios.", check=non_negative),
+    ),
+)
+def _adafedadam(server_lr, server_beta1, server_beta2, server_tau, local_lr, fairness_alpha):
     return dict(
         aggregator=AdaFedAdamAggregate(local_lr, fairness_alpha),
-        server=adafedadam_adam(server_lr, beta1, beta2, tau),
+        server=adafedadam_adam(server_lr, server_beta1, server_beta2, server_tau),
         needs=frozenset({"loss_before", "grad_norm", "loss_initial"}),
     )
 
 
-@_register("qffl", "https://arxiv.org/abs/1905.10497")
-def _qffl(q: float = 0.2, local_lr: float = 0.1, **_):
-    return dict(aggregator=QFFLAggregate(q, local_lr), server=scale(1.0), needs=frozenset({"loss_before"}))
+@RECIPES.register(
+    "qffl",
+    help="q-fair aggregation from the losses at the global model",
+    reference="https://arxiv.org/abs/1905.10497",
+    params=(Param("qffl_q", float, 0.2, "q-FFL fairness exponent q (0 = FedAvg).", check=non_negative), _LOCAL_LR),
+)
+def _qffl(qffl_q, local_lr):
+    return dict(aggregator=QFFLAggregate(qffl_q, local_lr), server=scale(1.0), needs=frozenset({"loss_before"}))
 
 
-@_register("ghbm", "https://arxiv.org/abs/2311.18578")
-def _ghbm(ghbm_beta: float = 0.9, ghbm_tau: int = 10, server_lr: float = 1.0, **_):
+@RECIPES.register(
+    "ghbm",
+    help="weighted mean; clients add generalised heavy-ball momentum",
+    reference="https://arxiv.org/abs/2311.18578",
+    params=(
+        Param("ghbm_beta", float, 0.9, "GHBM momentum beta in [0, 1).", check=_beta),
+        Param("ghbm_tau", int, 10, "GHBM history length tau (about 1 / participation).", check=at_least(1)),
+        _lr(1.0),
+    ),
+)
+def _ghbm(ghbm_beta, ghbm_tau, server_lr):
     return dict(
         aggregator=WeightedMean(),
         server=chain(ghbm_history(ghbm_tau), scale(server_lr)),
@@ -333,24 +403,51 @@ def _ghbm(ghbm_beta: float = 0.9, ghbm_tau: int = 10, server_lr: float = 1.0, **
     )
 
 
-@_register("fedmedian", "https://arxiv.org/abs/1803.01498")
-def _fedmedian(**_):
+@RECIPES.register("fedmedian", help="coordinate-wise median", reference="https://arxiv.org/abs/1803.01498")
+def _fedmedian():
     return dict(aggregator=CoordinateMedian(), server=scale(1.0))
 
 
-@_register("fedtrimmedavg", "https://arxiv.org/abs/1803.01498")
-def _fedtrimmedavg(trim_beta: float = 0.2, **_):
+@RECIPES.register(
+    "fedtrimmedavg",
+    help="coordinate-wise trimmed mean",
+    reference="https://arxiv.org/abs/1803.01498",
+    params=(
+        Param(
+            "trim_beta",
+            float,
+            0.2,
+            "Fraction cut from each end of every coordinate, in [0, 0.5).",
+            check=in_range(0.0, 0.5, hi_open=True),
+        ),
+    ),
+)
+def _fedtrimmedavg(trim_beta):
     return dict(aggregator=TrimmedMean(trim_beta), server=scale(1.0))
 
 
-@_register("krum", "https://arxiv.org/abs/1703.02757")
-def _krum(num_malicious: int = 0, krum_keep: int = 1, **_):
-    return dict(aggregator=Krum(num_malicious, krum_keep), server=scale(1.0))
+@RECIPES.register(
+    "krum",
+    help="(multi-)Krum",
+    reference="https://arxiv.org/abs/1703.02757",
+    params=(
+        Param("krum_num_malicious", int, 0, "Byzantine clients f that Krum tolerates.", check=at_least(0)),
+        Param("krum_keep", int, 1, "Clients averaged (1 = Krum, more = multi-Krum).", check=at_least(1)),
+    ),
+)
+def _krum(krum_num_malicious, krum_keep):
+    return dict(aggregator=Krum(krum_num_malicious, krum_keep), server=scale(1.0))
 
 
-def make_recipe(name: str, **options: Any) -> Recipe:
-    """Build a registered recipe; options not used by it are ignored (one config serves all)."""
-    if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; choose one of {sorted(RECIPES)}")
-    reference, factory = RECIPES[name]
-    return Recipe(name=name, reference=reference, **factory(**options))
+def make_recipe(name: str, *, dp: DifferentialPrivacy | None = None, **options: Any) -> Recipe:
+    """Build a registered recipe with its declared options (an option it does not declare is a
+    :class:`~asymvlm.errors.ConfigError`); ``dp`` wraps its aggregation in the Gaussian mechanism
+    (a :class:`~asymvlm.federated.core.DPCompositionError` for recipes without a DP analysis)."""
+    entry = RECIPES.entry(name)
+    resolved = RECIPES.resolve(name, options)
+    recipe = Recipe(name=name, reference=entry.reference, options=resolved, **entry.factory(**resolved))
+    return recipe.with_dp(dp, DP_RECIPES) if dp is not None else recipe
+
+
+# the recipes whose aggregation is a (weighted) mean: the ones that compose with DP
+DP_RECIPES = tuple(name for name in RECIPES if getattr(make_recipe(name).aggregator, "mean_type", False))

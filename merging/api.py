@@ -38,8 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from asymvlm.merging.task_vectors import MergeInputError
 from torch import Tensor
+
+from asymvlm.merging.task_vectors import MergeInputError
 
 __all__ = ["merge", "input_kind", "lambda_search", "LambdaSearch", "recall_metric", "recall_at_1", "INPUT_KINDS"]
 
@@ -98,15 +99,18 @@ def lambda_search(
     """Evaluate ``metric(base + lam * aggregate(task_vectors))`` for every ``lam`` in ``grid``
     (higher is better; a metric may return a float or a dict with ``score`` and anything else to
     log). The aggregate is computed once."""
-    from asymvlm.merging.methods import _validate, make_method
+    from asymvlm.federated.core import server_update
+    from asymvlm.merging.methods import make_method, validate_task_vectors
 
     if not grid:
         raise ValueError("empty lambda grid")
-    _validate(task_vectors, base)
-    agg = make_method(method, **options)(task_vectors, weights).delta
+    validate_task_vectors(task_vectors, base)
+    options.pop("lam", None)
+    agg = make_method(method, **options).aggregator(task_vectors, weights)  # once for the whole grid
     result = LambdaSearch()
     for lam in grid:
-        params = {k: (torch.add(v, agg[k].to(v.dtype), alpha=float(lam)) if k in agg else v) for k, v in base.items()}
+        recipe = make_method(method, lam=float(lam), **options)
+        params, _, _ = server_update(recipe, task_vectors, weights, {}, base, aggregated=agg)
         value = metric(params)
         entry = {"lam": float(lam), **(dict(value) if isinstance(value, Mapping) else {"score": float(value)})}
         result.curve.append(entry)
@@ -163,7 +167,6 @@ def recall_metric(
 
 def _asymvlm_vectors(base: Path, inputs: Sequence[Path]):
     from asymvlm.merging.task_vectors import DiffParams, LazyTaskVector
-
     from asymvlm.model import WEIGHTS_NAME, AsymVLM
 
     base_model = AsymVLM.from_pretrained(base, load_encoder=False)
@@ -211,8 +214,6 @@ def merge(
     """
     from asymvlm.merging.methods import METHODS
 
-    if method not in METHODS:
-        raise MergeInputError(f"unknown merge method {method!r}; choose one of {sorted(METHODS)}")
     if not inputs:
         raise MergeInputError("no inputs to merge")
     if weights is not None and len(weights) != len(inputs):
@@ -223,6 +224,7 @@ def merge(
         raise MergeInputError(f"density must be in (0, 1], got {options['density']}")
     if "p" in options and not 0 <= float(options["p"]) < 1:
         raise MergeInputError(f"the DARE drop probability p must be in [0, 1), got {options['p']}")
+    METHODS.resolve(method, {**options, "lam": lam})  # ConfigError: unknown method, unknown or invalid options
     kinds = {input_kind(p) for p in inputs}
     if len(kinds) > 1:
         raise MergeInputError(f"inputs of different kinds {sorted(kinds)}: merge one kind at a time")
@@ -235,7 +237,7 @@ def merge(
         "base": str(base) if base is not None else None,
         "inputs": [str(p) for p in inputs],
         "method": method,
-        "reference": METHODS[method][0],
+        "reference": METHODS[method].reference,
         "options": options,
         "weights": list(weights) if weights is not None else None,
     }
@@ -266,7 +268,6 @@ def merge(
 
     if kind == "asymvlm":
         from asymvlm.merging.methods import merge_params
-
         from asymvlm.model import AsymVLM
 
         if input_kind(base) != "asymvlm":

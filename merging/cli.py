@@ -109,8 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg["_list"]:
         from asymvlm.merging.methods import METHODS
 
-        for name, (ref, _) in METHODS.items():
-            print(f"{name:<16} {ref}")
+        print(METHODS.describe())
         return 0
     missing = [k for k in ("inputs", "out") if not cfg.get(k)]
     if missing:

@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from asymvlm.merging.task_vectors import MemoryParams, MergeInputError
 from torch import Tensor
+
+from asymvlm.merging.task_vectors import MemoryParams, MergeInputError
 
 __all__ = ["LoraAdapter", "read_lora_adapter", "merge_lora_adapters", "LORA_OUTPUTS", "LINEAR_METHODS"]
 
@@ -62,9 +63,8 @@ def _weight_name(layer: str) -> str:
 
 def read_lora_adapter(adapter_dir: str | Path) -> LoraAdapter:
     """Read a peft adapter directory (clear errors for missing/corrupt files, per-layer patterns)."""
-    from asymvlm.merging.task_vectors import LazyTaskVector
-
     from asymvlm.lora import split_peft_state
+    from asymvlm.merging.task_vectors import LazyTaskVector
 
     adapter_dir = Path(adapter_dir)
     cfg_path = adapter_dir / "adapter_config.json"
@@ -220,7 +220,7 @@ def merge_lora_adapters(
             )
             atomic_write_json(report, tmp / "merge.json")
         return report
-    agg = make_method(method, **options)(vectors, weights)
+    agg = make_method(method, **options).aggregator(vectors, weights)
     r = rank or max(a.shape[0] for ad in adapters for a, _ in ad.layers.values())
     from asymvlm.lora import low_rank_factors
 

@@ -1,9 +1,11 @@
-"""Merge methods: one aggregation round of the federated core with a stateless server step.
+"""Merge methods: recipes of the federated core, one server step with a stateless ``scale(lam)``.
 
-``merged = base + lam * aggregate(task_vectors)``: task vectors are pseudo-gradients, the
-aggregators are :mod:`asymvlm.federated.core`'s interface (``Sum``, ``WeightedMean``) plus the TIES and
-DARE rules below, and the server step is ``asymvlm.federated.core.scale(lam)``. Registry
-(:data:`METHODS`, each with its paper):
+``merged = base + lam * aggregate(task_vectors)``: task vectors are pseudo-gradients, and a merge
+method is a :class:`~asymvlm.federated.core.Recipe` like FedAvg: an aggregator (``Sum``,
+``WeightedMean``, or the TIES and DARE rules below) and the server transform ``scale(lam)``.
+Merging calls the same :func:`~asymvlm.federated.core.server_update` as a federated round.
+Registry (:data:`METHODS`, each entry with its paper and declared options; an option a method
+does not declare is a :class:`~asymvlm.errors.ConfigError`):
 
 =================  ====================================================================
 ``task_arithmetic``  ``sum_i tau_i`` (Ilharco et al. 2023, https://arxiv.org/abs/2212.04089)
@@ -39,17 +41,31 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from asymvlm.federated.core import AggregateResult, Aggregator, Params, Sum, WeightedMean, _keys, _stack, scale
 from torch import Tensor
+
+from asymvlm.federated.core import (
+    AggregateResult,
+    Aggregator,
+    Params,
+    Recipe,
+    Sum,
+    WeightedMean,
+    keys_of,
+    scale,
+    server_update,
+    stack_key,
+)
+from asymvlm.registry import Param, Registry, in_range, probability
 
 __all__ = [
     "Ties",
     "Dare",
     "METHODS",
     "make_method",
+    "validate_task_vectors",
     "merge_params",
     "merge_files",
     "kth_smallest_magnitude",
@@ -173,8 +189,8 @@ class Ties(Aggregator):
         out: Params = {}
         pending_zero: list[tuple[str, Tensor, Tensor, Tensor]] = []  # key, index, value if +, value if -
         sign_total = 0.0
-        for key in _keys(deltas):
-            stack = _stack(deltas, key)  # (K, ...) of this tensor only
+        for key in keys_of(deltas):
+            stack = stack_key(deltas, key)  # (K, ...) of this tensor only
             shape = stack.shape[1:]
             # NaN/inf in any task propagate into the plain sum: one check of one tensor, the culprit
             # is looked for only on failure (trimming would otherwise hide a NaN: NaN >= t is False)
@@ -270,38 +286,90 @@ class _Dropped(Mapping):
 # ----------------------------------------------------------------------------------------------
 # the registry and merging
 # ----------------------------------------------------------------------------------------------
-METHODS: dict[str, tuple[str, Callable[..., Aggregator]]] = {
-    "task_arithmetic": ("https://arxiv.org/abs/2212.04089", lambda **o: Sum()),
-    "mean": ("https://arxiv.org/abs/2203.05482", lambda **o: WeightedMean("examples")),  # uniform unless weighted
-    "ties": (
-        "https://arxiv.org/abs/2306.01708",
-        lambda density=0.2, **o: Ties(
-            density=density,
-            **{k: v for k, v in o.items() if k in ("scope", "sign", "sign_weighted", "normalize", "zero_sign")},
-        ),
+METHODS = Registry("merge method")
+_LAM = Param(
+    "lam", float, 1.0, "Scaling lambda of the merged task vector (the server step).", check=in_range(-1e6, 1e6)
+)
+_TIES_SIGN = (
+    Param("sign", Literal["total", "frequency"], "total", "TIES sign election: sign of the sum, or majority vote."),
+    Param("sign_weighted", bool, False, "Elect the sign on weighted (True) or unweighted trimmed vectors (peft)."),
+    Param("normalize", Literal["count", "weight"], "count", "Disjoint mean: divide by the agreeing count or weight."),
+    Param(
+        "zero_sign",
+        Literal["majority", "positive", "none"],
+        "majority",
+        "A coordinate whose sum is exactly 0: the model-wide majority sign (paper), + (peft), or no update.",
     ),
-    "dare": ("https://arxiv.org/abs/2311.03099", lambda p=0.9, seed=0, **o: Dare(p=p, seed=seed)),
-    "dare_ties": (
-        "https://arxiv.org/abs/2311.03099",
-        lambda p=0.9, seed=0, **o: Dare(
-            p=p,
-            seed=seed,
-            then="ties",
-            ties_options={k: v for k, v in o.items() if k in ("sign", "sign_weighted", "normalize", "zero_sign")},
+)
+_DARE = (
+    Param("p", float, 0.9, "DARE drop probability in [0, 1).", check=probability),
+    Param("seed", int, 0, "DARE drop-mask seed."),
+)
+
+
+def _recipe(aggregator: Aggregator, lam: float) -> dict[str, Any]:
+    return {"aggregator": aggregator, "server": scale(lam)}
+
+
+@METHODS.register("task_arithmetic", params=(_LAM,), help="sum of the task vectors",
+                  reference="https://arxiv.org/abs/2212.04089")  # fmt: skip
+def _task_arithmetic(lam):
+    return _recipe(Sum(), lam)
+
+
+@METHODS.register("mean", params=(_LAM,), help="model soup: the (weighted) mean of the task vectors",
+                  reference="https://arxiv.org/abs/2203.05482")  # fmt: skip
+def _mean(lam):
+    return _recipe(WeightedMean("examples"), lam)  # uniform unless weighted
+
+
+@METHODS.register(
+    "ties",
+    help="trim, elect sign, disjoint mean",
+    reference="https://arxiv.org/abs/2306.01708",
+    params=(
+        _LAM,
+        Param(
+            "density", float, 0.2, "Fraction of entries kept per task, in (0, 1].", check=in_range(0, 1, lo_open=True)
         ),
+        Param("scope", Literal["global", "per_tensor"], "global", "Top-k over the whole model (paper) or per tensor."),
+        *_TIES_SIGN,
     ),
-    "talos": ("https://arxiv.org/abs/2504.02620", lambda **o: Sum()),
-}
+)
+def _ties(lam, density, scope, sign, sign_weighted, normalize, zero_sign):
+    return _recipe(Ties(density, scope, sign, sign_weighted, normalize, zero_sign), lam)
 
 
-def make_method(name: str, **options: Any) -> Aggregator:
-    """The aggregator of a registered merge method (options it does not use are ignored)."""
-    if name not in METHODS:
-        raise ValueError(f"unknown merge method {name!r}; choose one of {sorted(METHODS)}")
-    return METHODS[name][1](**options)
+@METHODS.register("dare", params=(_LAM, *_DARE), help="drop with probability p, rescale 1/(1-p), sum",
+                  reference="https://arxiv.org/abs/2311.03099")  # fmt: skip
+def _dare(lam, p, seed):
+    return _recipe(Dare(p=p, seed=seed), lam)
 
 
-def _validate(deltas: Sequence[Mapping[str, Tensor]], base: Mapping[str, Tensor] | None) -> None:
+@METHODS.register("dare_ties", params=(_LAM, *_DARE, *_TIES_SIGN),
+                  help="DARE's drop-and-rescale, then TIES' sign election and disjoint mean",
+                  reference="https://arxiv.org/abs/2311.03099")  # fmt: skip
+def _dare_ties(lam, p, seed, sign, sign_weighted, normalize, zero_sign):
+    ties = {"sign": sign, "sign_weighted": sign_weighted, "normalize": normalize, "zero_sign": zero_sign}
+    return _recipe(Dare(p=p, seed=seed, then="ties", ties_options=ties), lam)
+
+
+@METHODS.register("talos", params=(_LAM,), help="task arithmetic of sparse (TaLoS-masked) task vectors",
+                  reference="https://arxiv.org/abs/2504.02620")  # fmt: skip
+def _talos(lam):
+    return _recipe(Sum(), lam)
+
+
+def make_method(name: str, **options: Any) -> Recipe:
+    """The recipe of a registered merge method (``lam`` and the method's declared options; any other
+    option is a :class:`~asymvlm.errors.ConfigError` naming it and the valid ones)."""
+    entry = METHODS.entry(name)
+    resolved = METHODS.resolve(name, options)
+    return Recipe(name=name, reference=entry.reference, options=resolved, **entry.factory(**resolved))
+
+
+def validate_task_vectors(deltas: Sequence[Mapping[str, Tensor]], base: Mapping[str, Tensor] | None) -> None:
+    """Task vectors with the same keys, all present in ``base`` (a :class:`MergeInputError` otherwise)."""
     from asymvlm.merging.task_vectors import MergeInputError
 
     if not deltas:
@@ -329,19 +397,15 @@ def merge_params(
     touches are copied unchanged). Non-finite task-vector entries are an error naming the key."""
     from asymvlm.merging.task_vectors import MergeInputError
 
-    _validate(task_vectors, base)
+    validate_task_vectors(task_vectors, base)
     for i, d in enumerate(task_vectors):
         for k in d:
             t = d[k]
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise MergeInputError(f"task vector {i}: {k!r} contains NaN or inf")
-    agg = make_method(method, **options)(task_vectors, weights)
-    step, _ = scale(lam).update(agg.delta, {}, None)
-    out = {}
-    for k in base:
-        b = base[k]
-        out[k] = b + step[k].to(b.dtype) if k in step else b.clone()
-    return out
+    recipe = make_method(method, lam=lam, **options)
+    merged, _, _ = server_update(recipe, task_vectors, weights, recipe.server.init(base), base)
+    return dict(merged)
 
 
 def merge_files(
@@ -359,19 +423,19 @@ def merge_files(
     atomically (nothing is written if any input is invalid). ``vector_paths`` are task-vector files
     or directories, or mappings with ``LazyTaskVector``' interface (:class:`~asymvlm.merging.task_vectors.DiffParams`
     for checkpoints never turned into task-vector files, :class:`~asymvlm.merging.task_vectors.MemoryParams`)."""
-    from asymvlm.merging.task_vectors import LazyTaskVector, MergeInputError, check_same_base
-
     from asymvlm.io import SafetensorsStreamWriter
+    from asymvlm.merging.task_vectors import LazyTaskVector, MergeInputError, check_same_base
 
     base = LazyTaskVector(base_path)
     vectors = [p if isinstance(p, Mapping) else LazyTaskVector(p) for p in vector_paths]
     check_same_base(vectors)
-    _validate(vectors, base)
+    validate_task_vectors(vectors, base)
     for v in vectors:
         for k in v:
             if v.shape(k) != base.shape(k):
                 raise MergeInputError(f"{k!r}: shape {v.shape(k)} in {v.path}, {base.shape(k)} in the base")
-    agg = make_method(method, **options)(vectors, weights)
+    recipe = make_method(method, lam=lam, **options)
+    agg = recipe.aggregator(vectors, weights)
     bad = next((k for k, v in agg.delta.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
     if bad is not None:  # NaN/inf in an input propagate into the merge: name the input
         for i, v in enumerate(vectors):
@@ -384,14 +448,12 @@ def merge_files(
     specs = {k: (base.stored_dtype(k), base.shape(k)) for k in base}
     from tqdm.auto import tqdm
 
+    # the server step, applied lazily: each merged tensor is computed when it is written
+    merged, _, _ = server_update(recipe, vectors, weights, {}, base, aggregated=agg, lazy=True)
     try:
         with SafetensorsStreamWriter(tmp, specs) as w:
             for k in tqdm(base, desc="writing", disable=not progress, unit="tensor"):
-                # apply_updates(base, scale(lam)(delta)), fused into one op per tensor
-                b = base[k]
-                w.write(
-                    k, torch.add(b, agg.delta[k].to(b.dtype), alpha=lam).reshape(base.shape(k)) if k in agg.delta else b
-                )
+                w.write(k, merged[k].reshape(base.shape(k)))
         import os
 
         os.replace(tmp, out_path)

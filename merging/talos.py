@@ -280,7 +280,7 @@ def calibrate_mask(
     """TaLoS masks: True where the parameter entry is fine-tuned.
 
     Args:
-        model: a module with a ``head`` (``asymvlm.training.loop.TrainModel``, an :class:`~asymvlm.AsymVLM`,
+        model: a module with a ``head`` (:class:`~asymvlm.trainable.TrainableModel`, an :class:`~asymvlm.AsymVLM`,
             or any ``ModuleDict(head=...)``); mask names are its parameter names.
         data: calibration batches: an iterable of ``{"text", "images"}`` dicts or ``(text, images)``
             pairs (cached embeddings, or token ids for a LoRA text tower), or a

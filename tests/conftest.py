@@ -165,9 +165,8 @@ def quick_toy_cache(tmp_path_factory):
     """An ``ASYMVLM_CACHE`` folder holding the ``--quick`` toy CLIP (built once per session), also
     linked where the default recipe is looked up, so ``open_clip:asymvlm-toy-clip`` loads it.
     Tests set the variable with ``monkeypatch.setenv("ASYMVLM_CACHE", str(quick_toy_cache))``."""
-    from asymvlm.training.demo import QUICK_TOY_STEPS
-
     from asymvlm import toyclip
+    from asymvlm.training.demo import QUICK_TOY_STEPS
 
     root = tmp_path_factory.mktemp("asymvlm-cache")
     before = os.environ.get("ASYMVLM_CACHE")

@@ -3,9 +3,9 @@
 import json
 
 import torch
-from asymvlm.eval.cli import main
 
 from asymvlm.encoders import load_encoder
+from asymvlm.eval.cli import main
 from asymvlm.heads import TextHead
 from asymvlm.model import AsymVLM
 
@@ -80,6 +80,7 @@ def test_models_that_adapt_the_text_tower_are_evaluated_on_their_own_text(tmp_pa
     import dataclasses
 
     import pytest
+
     from asymvlm.eval.benchmark import evaluate, shapeworld_eval_data
 
     torch.manual_seed(0)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+
 from asymvlm.eval.benchmark import EvalData, evaluate, summary_table
 from asymvlm.eval.retrieval import positive_ranks, positives_from_index, recall_at_k, retrieval_metrics
 from asymvlm.eval.uncertainty import (

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+
 from asymvlm.federated.fed3r import client_statistics, solve
 from asymvlm.federated.partition import (
     dirichlet_label_skew,

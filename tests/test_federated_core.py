@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+
 from asymvlm.federated.core import (
     ClientUpdateError,
     ClippedMean,

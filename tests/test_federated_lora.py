@@ -1,9 +1,9 @@
-"""asymvlm.federated.lora: every aggregation mode against the dense Delta W = sum_k p_k s B_k A_k oracle."""
+"""asymvlm.federated.core.lora: every aggregation mode against the dense Delta W = sum_k p_k s B_k A_k oracle."""
 
 import pytest
 import torch
-from asymvlm.federated.lora import LORA_MODES, aggregate_lora
 
+from asymvlm.federated.core.lora import LORA_MODES, aggregate_lora
 from asymvlm.lora import dense_delta, join_peft_state, split_peft_state
 
 

@@ -5,6 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from asymvlm.federated.core import apply_updates
 from asymvlm.federated.recipes import RECIPES, ghbm_momentum, make_recipe
 
@@ -35,7 +36,7 @@ def test_registry_names_and_references():
         "fedtrimmedavg",
         "krum",
     }
-    assert all(ref.startswith("https://arxiv.org/abs/") for ref, _ in RECIPES.values())
+    assert all(ref.startswith("https://arxiv.org/abs/") for ref in (e.reference for e in RECIPES.values()))
     with pytest.raises(ValueError, match="unknown recipe"):
         make_recipe("fedsgd")
     assert make_recipe("fedprox", proximal_mu=0.3).proximal_mu == 0.3
@@ -46,7 +47,7 @@ def test_qffl_matches_the_published_update():
     locals_ = [tree(s) for s in (1, 2, 3)]
     deltas = [{k: lw[k] - w[k] for k in SHAPES} for lw in locals_]
     losses, q, lr = [0.7, 2.5, 1.1], 0.5, 0.05
-    r = make_recipe("qffl", q=q, local_lr=lr)
+    r = make_recipe("qffl", qffl_q=q, local_lr=lr)
     res = r.aggregator(deltas, [10, 20, 30], loss_before=losses)
     new = apply_updates(w, r.server.update(res.delta, r.server.init(w), w)[0])
     # Li et al. 2020 Alg. 3: Delta w_k = L (w - w_k); Delta_k = F^q Delta w_k; h_k = q F^(q-1)|Delta w_k|^2 + L F^q
@@ -60,7 +61,7 @@ def test_qffl_matches_the_published_update():
 
 def test_qffl_with_q_zero_is_uniform_fedavg():
     deltas = [tree(s) for s in (4, 5)]
-    r = make_recipe("qffl", q=0.0, local_lr=0.1)
+    r = make_recipe("qffl", qffl_q=0.0, local_lr=0.1)
     res = r.aggregator(deltas, [1, 99], loss_before=[3.0, 0.2])
     np.testing.assert_allclose(flat(res.delta), (flat(deltas[0]) + flat(deltas[1])) / 2, rtol=1e-12)
 
@@ -70,7 +71,15 @@ def test_adafedadam_matches_its_algorithm():
     rounds = [[tree(10 * t + s) for s in range(3)] for t in range(3)]
     n = [5, 10, 20]
     eta_l, alpha, lr, b1, b2, eps = 0.1, 1.0, 1e-2, 0.9, 0.999, 1e-8
-    r = make_recipe("adafedadam", server_lr=lr, beta1=b1, beta2=b2, tau=eps, local_lr=eta_l, fairness_alpha=alpha)
+    r = make_recipe(
+        "adafedadam",
+        server_lr=lr,
+        server_beta1=b1,
+        server_beta2=b2,
+        server_tau=eps,
+        local_lr=eta_l,
+        fairness_alpha=alpha,
+    )
     state = r.server.init(w)
     ours = w
     ref = flat(w)

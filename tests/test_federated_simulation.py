@@ -5,19 +5,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from asymvlm.federated.client import ClientOptions, FederatedTask, client_update
-from asymvlm.federated.simulation import (
-    FederatedArguments,
-    _participants,
-    get_federated_data,
-    load_server_state,
-    run_federated,
-    save_federated_model,
-)
 from safetensors.torch import load_file
 
 from asymvlm.cache import write_cache
-from asymvlm.config import DataArguments
+from asymvlm.config import DataArguments, HeadArguments
+from asymvlm.federated.checkpoint import load_server_state, save_federated_model
+from asymvlm.federated.client import ClientOptions, build_client_model, client_update
+from asymvlm.federated.config import FederatedArguments
+from asymvlm.federated.data import get_federated_data
+from asymvlm.federated.recipes import RECIPES
+from asymvlm.federated.rounds import run_federated, sample_clients
 from asymvlm.io import ArtefactError
 
 
@@ -35,25 +32,30 @@ def cache(tmp_path_factory):
     return synthetic_cache(tmp_path_factory.mktemp("fedcache") / "c", 120)
 
 
+HEAD = HeadArguments(hidden_dims=[32])
+RECIPE_OPTIONS = {p.name for e in RECIPES.values() for p in e.params} - {"local_lr"}
+
+
 def fed_args(out, **kw):
     base = dict(
         rounds=6,
         num_clients=5,
         local_steps=3,
         local_batch_size=16,
-        head_hidden=[32],
-        fed_output_dir=str(out),
+        output_dir=str(out),
         progress=False,
         eval_every=3,
         local_lr=0.2,
     )
-    base.update(kw)
+    base.update({k: v for k, v in kw.items() if k not in RECIPE_OPTIONS})
     return FederatedArguments(**base)
 
 
 def run(cache, out, **kw):
     fed = fed_args(out, **kw)
-    return run_federated(fed, get_federated_data(DataArguments(cache_dir=str(cache)), fed))
+    options = {k: v for k, v in kw.items() if k in RECIPE_OPTIONS}
+    data = get_federated_data(DataArguments(cache_dir=str(cache)), fed)
+    return run_federated(fed, data, head=HEAD, recipe_options=options)
 
 
 def records(out):
@@ -78,13 +80,15 @@ def same(a, b):
 def test_killed_and_resumed_run_is_bit_identical(cache, tmp_path, recipe, extra):
     full, _ = run(cache, tmp_path / "full", recipe=recipe, client_fraction=0.6, dropout_prob=0.2, **extra)
     part, _ = run_federated(
-        fed := fed_args(tmp_path / "part", recipe=recipe, client_fraction=0.6, dropout_prob=0.2, **extra),
+        fed := fed_args(tmp_path / "part", recipe=recipe, client_fraction=0.6, dropout_prob=0.2),
         get_federated_data(DataArguments(cache_dir=str(cache)), fed),
+        head=HEAD,
+        recipe_options=extra,
         stop_after=4,
     )
     assert part.round == 4
     resumed, _ = run(
-        cache, tmp_path / "part", recipe=recipe, client_fraction=0.6, dropout_prob=0.2, fed_resume=True, **extra
+        cache, tmp_path / "part", recipe=recipe, client_fraction=0.6, dropout_prob=0.2, resume=True, **extra
     )
     assert resumed.round == 6 and same(full.params, resumed.params)
     assert [r["sampled"] for r in records(tmp_path / "full")] == [r["sampled"] for r in records(tmp_path / "part")]
@@ -103,7 +107,7 @@ def test_corrupt_checkpoint_is_a_clear_error(cache, tmp_path):
     assert previous.round == 2
     (latest / "server.json").write_text("{")
     with pytest.raises(ArtefactError, match="corrupt JSON"):
-        run(cache, tmp_path / "r", rounds=4, fed_resume=True)
+        run(cache, tmp_path / "r", rounds=4, resume=True)
 
 
 def test_non_finite_clients_are_rejected_and_the_round_continues(cache, tmp_path):
@@ -116,7 +120,7 @@ def test_non_finite_clients_are_rejected_and_the_round_continues(cache, tmp_path
         return {**b, "text": torch.full_like(b["text"], float("nan"))}
 
     data.batchers[2].batch = poisoned
-    state, _ = run_federated(fed, data)
+    state, _ = run_federated(fed, data, head=HEAD)
     rec = records(tmp_path / "nan")
     assert [r["client"] for r in rec[0]["rejected"]] == [2] and "NaN" in rec[0]["rejected"][0]["reason"]
     assert "skipped" not in rec[0] and all(torch.isfinite(v).all() for v in state.params.values())
@@ -124,8 +128,8 @@ def test_non_finite_clients_are_rejected_and_the_round_continues(cache, tmp_path
 
 def test_sampling_dropouts_stragglers_and_min_clients(cache, tmp_path):
     fed = fed_args(tmp_path, num_clients=10, client_fraction=0.5, dropout_prob=0.3, straggler_deadline=4.0)
-    a, who = _participants(fed, 3)
-    b, who2 = _participants(fed, 3)
+    a, who = sample_clients(fed, 3)
+    b, who2 = sample_clients(fed, 3)
     assert a == b and who == who2 and len(who["sampled"]) == 5
     assert set(a) | set(who["dropped"]) | set(who["stragglers"]) == set(who["sampled"])
     run(cache, tmp_path / "few", rounds=2, min_clients=6, clients_per_round=5)
@@ -153,7 +157,7 @@ def test_robust_rules_resist_byzantine_clients_where_the_mean_does_not(tmp_path)
     for recipe, kw in (
         ("fedmedian", {}),
         ("fedtrimmedavg", {"trim_beta": 0.2}),
-        ("krum", {"num_malicious": 2, "krum_keep": 6}),
+        ("krum", {"krum_num_malicious": 2, "krum_keep": 6}),
     ):
         assert drift(recipe, **kw) < 0.5, recipe
 
@@ -161,15 +165,49 @@ def test_robust_rules_resist_byzantine_clients_where_the_mean_does_not(tmp_path)
 def test_differential_privacy_noise_and_accountant(cache, tmp_path):
     from opacus.accountants import RDPAccountant
 
-    state, _ = run(
-        cache, tmp_path / "dp", rounds=3, dp_noise_multiplier=1.1, dp_max_norm=0.5, dp_delta=1e-5, client_fraction=0.6
-    )
+    from asymvlm.config import ConfigError
+
+    kw = dict(rounds=3, dp_noise_multiplier=1.1, dp_max_norm=0.5, dp_delta=1e-5, client_fraction=0.6)
+    state, _ = run(cache, tmp_path / "dp", **kw)
     acc = RDPAccountant()
     for _ in range(3):
         acc.step(noise_multiplier=1.1, sample_rate=3 / 5)
-    assert records(tmp_path / "dp")[-1]["dp_epsilon"] == pytest.approx(acc.get_epsilon(1e-5))
-    plain, _ = run(cache, tmp_path / "plain", rounds=3, client_fraction=0.6)
-    assert not same(state.params, plain.params)
+    rec = records(tmp_path / "dp")
+    assert rec[-1]["dp_epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-12)
+    assert "client_loss_after" not in rec[-1] and "client_loss" not in rec[-1]  # no per-client values under DP
+    assert rec[-1]["dp"]["noise_source"].startswith("os.urandom")
+    again, _ = run(cache, tmp_path / "dp2", **kw)  # secure noise: not reproducible from the config
+    assert not same(state.params, again.params)
+    server = json.loads((tmp_path / "dp" / "checkpoints" / "round-000003" / "server.json").read_text())
+    assert server["config"]["dp_insecure_seed"] is None and server["dp_releases"] == 3
+    a, _ = run(cache, tmp_path / "t1", dp_insecure_seed=7, **kw)  # the explicit test mode repeats, marked so
+    b, _ = run(cache, tmp_path / "t2", dp_insecure_seed=7, **kw)
+    assert same(a.params, b.params) and "INSECURE" in records(tmp_path / "t1")[-1]["dp"]["noise_source"]
+    with pytest.raises(ConfigError, match="differential privacy cannot be combined with 'krum'"):
+        run(cache, tmp_path / "krum", recipe="krum", **kw)
+    assert not (tmp_path / "krum" / "checkpoints").exists()
+
+
+def test_dp_covers_the_lora_factors_and_base_in_the_exact_modes(tmp_path, tiny_open_clip_dir):
+    from asymvlm import shapeworld as sw
+    from asymvlm.cache import embed_dataset
+    from asymvlm.encoders import load_encoder
+
+    enc = load_encoder(str(tiny_open_clip_dir))
+    cache = embed_dataset(enc, sw.generate(40, seed=0), tmp_path / "cache", dtype="float32", progress=False)
+    da = DataArguments(cache_dir=str(cache.path), encoder=str(tiny_open_clip_dir), pretrained="")
+    out = {}
+    for name, noise, seed in (("n0", 0.0, None), ("n1", 1.0, 1), ("n2", 1.0, 2)):
+        fed = fed_args(
+            tmp_path / name, rounds=1, num_clients=3, trainable="both", lora_mode="residual", lora_r=2,
+            local_batch_size=8, eval_every=0, dp_noise_multiplier=noise, dp_insecure_seed=seed, dp_max_norm=1.0,
+        )  # fmt: skip
+        out[name], _ = run_federated(fed, get_federated_data(da, fed), head=HEAD)
+    for k in out["n0"].params:  # noise in every released tensor: head, A and B of every layer
+        assert not torch.equal(out["n1"].params[k], out["n2"].params[k]), k
+        assert not torch.equal(out["n0"].params[k], out["n1"].params[k]), k
+    for layer in out["n0"].base:  # and in the folded base weights
+        assert not torch.equal(out["n1"].base[layer], out["n2"].base[layer]), layer
 
 
 def test_fedprox_and_ghbm_client_terms(cache):
@@ -179,7 +217,7 @@ def test_fedprox_and_ghbm_client_terms(cache):
     g = torch.Generator().manual_seed(1)
     img = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=-1)
     batcher = IndexBatcher(img + 0.0, img, torch.arange(40), 8, 0)
-    task = FederatedTask(HeadConfig(dim=16, hidden_dims=(8,)), seed=0)
+    task = build_client_model(HeadConfig(dim=16, hidden_dims=(8,)), seed=0)
     start = task.get_params()
 
     def delta(**kw):
@@ -219,7 +257,7 @@ def test_federated_lora_modes_train_and_save(mode, tmp_path, tiny_open_clip_dir)
         eval_every=0,
     )
     data = get_federated_data(da, fed)
-    state, task = run_federated(fed, data)
+    state, task = run_federated(fed, data, head=HEAD)
     rec = records(tmp_path / "run")
     if mode in ("stack", "residual", "svd"):
         assert state.base and all(torch.isfinite(w).all() for w in state.base.values())
@@ -240,18 +278,18 @@ def test_federated_lora_modes_train_and_save(mode, tmp_path, tiny_open_clip_dir)
 
 
 def test_federate_cli(cache, tmp_path, capsys):
-    from asymvlm.federated.cli import main
+    from asymvlm.training.federate import main
 
     y = tmp_path / "fed.yaml"
     y.write_text(
         f"cache_dir: {cache}\nrecipe: fedadam\nserver_lr: 0.05\nrounds: 2\nnum_clients: 4\nlocal_steps: 2\n"
-        f"local_batch_size: 16\nhead_hidden: [16]\nprogress: false\nfed_output_dir: {tmp_path / 'o'}\n"
+        f"local_batch_size: 16\nhidden_dims: [16]\nprogress: false\noutput_dir: {tmp_path / 'o'}\n"
     )
     assert main(["--config", str(y)]) == 0
     assert (tmp_path / "o" / "model" / "head.safetensors").is_file()
     assert len(records(tmp_path / "o")) == 2
     assert main(["--config", str(y), "--recipe", "fedsgd"]) == 2
-    assert "unknown recipe 'fedsgd'" in capsys.readouterr().err
+    assert "invalid choice: 'fedsgd'" in capsys.readouterr().err
     y.write_text("rounds: 2\nclients: 4\n")
     assert main(["--config", str(y)]) == 2
     assert "unknown config key(s) ['clients']" in capsys.readouterr().err

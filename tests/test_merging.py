@@ -6,6 +6,8 @@ import sys
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+
 from asymvlm.merging.methods import Dare, Ties, kth_smallest_magnitude, merge_files, merge_params
 from asymvlm.merging.task_vectors import (
     LazyTaskVector,
@@ -14,7 +16,6 @@ from asymvlm.merging.task_vectors import (
     task_vector_from_lora,
     task_vector_from_models,
 )
-from safetensors.torch import load_file, save_file
 
 SHAPES = {"a.weight": (7, 5), "a.bias": (7,), "b.weight": (3, 7), "c": (11,)}
 

@@ -7,14 +7,15 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from asymvlm.errors import ConfigError
+from asymvlm.heads import TextHead
 from asymvlm.merging.api import lambda_search, merge, recall_at_1
 from asymvlm.merging.cli import main
 from asymvlm.merging.methods import merge_params
 from asymvlm.merging.task_vectors import MergeInputError
-from safetensors.torch import load_file, save_file
-from torch import nn
-
-from asymvlm.heads import TextHead
 from asymvlm.model import AsymVLM
 
 
@@ -297,7 +298,6 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(heads, tmp_path, capsys):
     cases = [
         (dict(density=0.0), "density must be in"),
         (dict(density=1.5), "density must be in"),
-        (dict(method="nope"), "unknown merge method"),
         (dict(weights=[1.0]), "1 weights for 3 inputs"),
         (dict(lam_grid=[0.5]), "--lam-grid needs --val"),
     ]
@@ -305,6 +305,15 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(heads, tmp_path, capsys):
         kw = {"method": "ties", **kw}
         with pytest.raises(MergeInputError, match=msg):
             merge(base, fts, out, kw.pop("method"), **kw)
+    # unknown methods and options a method does not declare are config errors naming the key
+    with pytest.raises(ConfigError, match="unknown merge method 'nope'"):
+        merge(base, fts, out, "nope")
+    with pytest.raises(
+        ConfigError, match=r"unknown option 'density' for merge method 'task_arithmetic'; valid options: lam"
+    ):
+        merge(base, fts, out, "task_arithmetic", density=0.2)
+    with pytest.raises(ConfigError, match="scope='nowhere' is not one of"):
+        merge(base, fts, out, "ties", scope="nowhere")
     with pytest.raises(MergeInputError, match="needs --base"):
         merge(None, fts, out, "ties")
     save_file({"w": torch.zeros(2)}, tmp_path / "ck.safetensors")

@@ -5,6 +5,11 @@ import json
 
 import pytest
 import torch
+from torch import nn
+
+from asymvlm.heads import HeadConfig, TextHead
+from asymvlm.losses import log_likelihood
+from asymvlm.masks import load_masks
 from asymvlm.merging.talos import (
     _keep_lowest,
     calibrate_mask,
@@ -13,11 +18,6 @@ from asymvlm.merging.talos import (
     save_masks,
     sensitivity_scores,
 )
-from torch import nn
-
-from asymvlm.heads import HeadConfig, TextHead
-from asymvlm.losses import log_likelihood
-from asymvlm.masks import load_masks
 
 
 def unit(n, d, seed):
@@ -173,38 +173,45 @@ def test_mask_files_round_trip_through_the_training_hook(tmp_path):
     assert not (tmp_path / "bad.safetensors").exists()
 
 
-def test_federated_clients_send_sparse_deltas(tmp_path):
-    from asymvlm.federated.simulation import FederatedArguments, get_federated_data, run_federated
-    from safetensors.torch import save_file
-
+def _synthetic_cache(path, n=60, d=16):
     from asymvlm.cache import write_cache
-    from asymvlm.config import DataArguments
 
     g = torch.Generator().manual_seed(0)
-    img = nn.functional.normalize(torch.randn(60, 16, generator=g), dim=-1)
-    idx = torch.arange(60).repeat_interleave(2)
-    txt = nn.functional.normalize(img[idx] + 0.3 * torch.randn(120, 16, generator=g), dim=-1)
-    write_cache(tmp_path / "c", img, txt, idx)
-    common = dict(rounds=2, num_clients=3, local_steps=3, local_batch_size=16, head_hidden=[32], progress=False)
-    fed = FederatedArguments(fed_output_dir=str(tmp_path / "dense"), **common)
-    data = get_federated_data(DataArguments(cache_dir=str(tmp_path / "c")), fed)
-    from asymvlm.federated.client import FederatedTask
+    img = nn.functional.normalize(torch.randn(n, d, generator=g), dim=-1)
+    idx = torch.arange(n).repeat_interleave(2)
+    txt = nn.functional.normalize(img[idx] + 0.3 * torch.randn(2 * n, d, generator=g), dim=-1)
+    write_cache(path, img, txt, idx)
+    return path
 
-    start = FederatedTask(HeadConfig(dim=16, hidden_dims=(32,)), seed=fed.seed).get_params()  # the run's theta_0
-    masks = {
-        f"head.{k[5:]}": torch.rand(v.shape, generator=g) < 0.25 for k, v in start.items() if k.startswith("head.")
-    }
+
+def test_federated_clients_send_sparse_deltas(tmp_path):
+    from safetensors.torch import save_file
+
+    from asymvlm.config import DataArguments, HeadArguments
+    from asymvlm.federated.client import build_client_model
+    from asymvlm.federated.config import FederatedArguments
+    from asymvlm.federated.data import get_federated_data
+    from asymvlm.federated.rounds import run_federated
+
+    g = torch.Generator().manual_seed(0)
+    _synthetic_cache(tmp_path / "c")
+    head = HeadArguments(hidden_dims=[32])
+    common = dict(rounds=2, num_clients=3, local_steps=3, local_batch_size=16, progress=False)
+    fed = FederatedArguments(output_dir=str(tmp_path / "dense"), **common)
+    data = get_federated_data(DataArguments(cache_dir=str(tmp_path / "c")), fed)
+    start = build_client_model(head.head_config(16), seed=fed.seed).get_params()  # the run's theta_0
+    masks = {k: torch.rand(v.shape, generator=g) < 0.25 for k, v in start.items() if k.startswith("head.")}
     save_file(masks, tmp_path / "masks.safetensors")
     logs = []
     fed = FederatedArguments(
-        fed_output_dir=str(tmp_path / "sparse"), mask_file=str(tmp_path / "masks.safetensors"), **common
+        output_dir=str(tmp_path / "sparse"), mask_file=str(tmp_path / "masks.safetensors"), **common
     )
-    state, _ = run_federated(fed, data, log=logs.append)
+    state, _ = run_federated(fed, data, head=head, log=logs.append)
     for k, m in masks.items():
         moved = state.params[k] != start[k]
         assert not (moved & ~m).any(), k  # nothing outside the mask moved
         assert moved.any(), k
-    assert not torch.equal(state.params["loss.logit_scale"], start["loss.logit_scale"])  # unmasked: trains
+    assert not torch.equal(state.params["loss_fn.logit_scale"], start["loss_fn.logit_scale"])  # unmasked: trains
     comm = next(r for r in logs if r.get("event", "").startswith("communication"))
     n_head = sum(m.numel() for m in masks.values())
     kept = sum(int(m.sum()) for m in masks.values())
@@ -213,26 +220,72 @@ def test_federated_clients_send_sparse_deltas(tmp_path):
     assert comm["saving"] == pytest.approx(1 - (kept + 1) / (n_head + 1))
     bad = {"head.nope": torch.ones(3, dtype=torch.bool)}
     save_file(bad, tmp_path / "bad.safetensors")
-    with pytest.raises(ValueError, match="names no exchanged parameter"):
+    with pytest.raises(ValueError, match="names no parameter"):
         run_federated(
-            FederatedArguments(
-                fed_output_dir=str(tmp_path / "b"), mask_file=str(tmp_path / "bad.safetensors"), **common
-            ),
+            FederatedArguments(output_dir=str(tmp_path / "b"), mask_file=str(tmp_path / "bad.safetensors"), **common),
             data,
+            head=head,
         )
+
+
+def test_one_mask_file_works_unchanged_in_training_and_federated_clients(tmp_path):
+    """calibrate_mask's file, as written, restricts asymvlm-train's optimizer and federated clients alike."""
+    from asymvlm.batching import IndexBatcher
+    from asymvlm.cache import EmbeddingCache
+    from asymvlm.config import DataArguments, HeadArguments
+    from asymvlm.federated.config import FederatedArguments
+    from asymvlm.federated.data import get_federated_data
+    from asymvlm.federated.rounds import run_federated
+    from asymvlm.model import AsymVLM
+    from asymvlm.training.config import TrainConfig
+    from asymvlm.training.loop import train
+
+    cache = _synthetic_cache(tmp_path / "c")
+    base = train(TrainConfig.from_dict(dict(
+        cache_dir=str(cache), hidden_dims=[32], max_steps=3, batch_size=16, save_every=0, eval_every=-1,
+        log_with="none", progress=False, output_dir=str(tmp_path / "base"), seed=3,
+    )))  # fmt: skip
+    model = AsymVLM.from_pretrained(base, load_encoder=False)
+    c = EmbeddingCache.load(cache)
+    batcher = IndexBatcher(c.text_embeddings.float(), c.image_embeddings.float(), c.text_image_index, 16, 0)
+    masks = calibrate_mask(model, batcher, sparsity=0.8, rounds=2, num_batches=2)
+    mask_file = save_masks(masks, tmp_path / "mask.safetensors")
+    start = AsymVLM.from_pretrained(base, load_encoder=False).head.state_dict()
+
+    def check(head_state, where):
+        for name, m in masks.items():
+            key = name.removeprefix("head.")
+            moved = head_state[key] != start[key]
+            assert not (moved & ~m).any(), (where, name)
+            assert moved.any() or not m.any(), (where, name)
+        assert any(bool((head_state[n.removeprefix("head.")] != start[n.removeprefix("head.")]).any()) for n in masks)
+
+    trained = train(TrainConfig.from_dict(dict(
+        cache_dir=str(cache), hidden_dims=[32], max_steps=4, batch_size=16, save_every=0, eval_every=-1,
+        log_with="none", progress=False, output_dir=str(tmp_path / "t"), init_from=str(base),
+        mask_file=str(mask_file), optimizer="adamw", lr=1e-2,
+    )))  # fmt: skip
+    check(AsymVLM.from_pretrained(trained, load_encoder=False).head.state_dict(), "asymvlm-train")
+    fed = FederatedArguments(
+        rounds=2, num_clients=3, local_steps=3, local_batch_size=16, progress=False, output_dir=str(tmp_path / "f"),
+        init_from=str(base), mask_file=str(mask_file), local_lr=0.5,
+    )  # fmt: skip
+    data = get_federated_data(DataArguments(cache_dir=str(cache)), fed)
+    state, client_model = run_federated(fed, data, head=HeadArguments(hidden_dims=[32]))
+    check(client_model.head.state_dict(), "asymvlm-federate")
 
 
 def test_talos_end_to_end_calibrate_train_merge(tmp_path):
     """calibrate_mask on a saved AsymVLM -> asymvlm-train's loop with mask_file -> merge(method=talos):
     each expert moves only inside its mask and the merge is base + the sum of the sparse task vectors."""
-    from asymvlm.merging.api import merge
-    from asymvlm.training.config import TrainConfig
-    from asymvlm.training.loop import train
     from safetensors.torch import load_file
 
     from asymvlm.batching import IndexBatcher
     from asymvlm.cache import EmbeddingCache, write_cache
+    from asymvlm.merging.api import merge
     from asymvlm.model import AsymVLM
+    from asymvlm.training.config import TrainConfig
+    from asymvlm.training.loop import train
 
     def cfg(cache, out, **kw):
         return TrainConfig.from_dict(

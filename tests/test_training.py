@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from asymvlm.training import data as data_mod
-from asymvlm.training.config import TRAIN_GROUPS, TrainConfig, parse_config
-from asymvlm.training.loop import CheckpointWriteError, TrainingDiverged, latest_checkpoint, train
 from safetensors.torch import load_file, save_file
 
 from asymvlm.cache import write_cache
 from asymvlm.config import ConfigError, load_yaml
 from asymvlm.model import AsymVLM
+from asymvlm.training import data as data_mod
+from asymvlm.training.config import TRAIN_GROUPS, TrainConfig, parse_config
+from asymvlm.training.loop import CheckpointWriteError, TrainingDiverged, latest_checkpoint, train
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +68,34 @@ def losses(out):
 def test_yaml_then_flags_and_unknown_keys(tmp_path):
     y = tmp_path / "exp.yaml"
     y.write_text("family: ps\nmax_steps: 7\nhidden_dims: [64, 32]\noptimizer: adamw\n")
-    data, model, train_args = parse_config(["--config", str(y), "--max_steps", "9"])
-    assert (model.family, train_args.max_steps, model.hidden_dims, train_args.optimizer) == ("ps", 9, [64, 32], "adamw")
+    cfg = parse_config(["--config", str(y), "--max_steps", "9"])
+    assert (cfg.head.family, cfg.train.max_steps, cfg.head.hidden_dims, cfg.train.optimizer) == (
+        "ps",
+        9,
+        [64, 32],
+        "adamw",
+    )
     y.write_text("family: ps\nlearning_rate: 0.1\n")
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['learning_rate'\]"):
         load_yaml(y, TRAIN_GROUPS)
     with pytest.raises(ConfigError, match="unknown argument"):
         parse_config(["--nonsense", "1"])
-    with pytest.raises(ConfigError, match="optimizer='rmsprop'"):
+    with pytest.raises(ConfigError, match="invalid choice: 'rmsprop'"):
         parse_config(["--optimizer", "rmsprop"])
+    with pytest.raises(ConfigError, match="optimizer='rmsprop' is not one of"):
+        TrainConfig.from_dict({"optimizer": "rmsprop"})
+    with pytest.raises(ConfigError, match="unrecognized|unknown argument"):  # no prefix abbreviations
+        parse_config(["--max_step", "3"])
+    y.write_text("hidden_dims: 64\n")
+    with pytest.raises(ConfigError, match="hidden_dims must be a list"):
+        parse_config(["--config", str(y)])
+    y.write_text("max_steps: 5.7\n")
+    with pytest.raises(ConfigError, match="max_steps must be an integer"):
+        parse_config(["--config", str(y)])
+    y.write_text("lr: [1, 2]\n")
+    with pytest.raises(ConfigError, match="lr must be a number"):
+        parse_config(["--config", str(y)])
+    assert parse_config(["--max-steps", "3"]).train.max_steps == 3  # dashes or underscores
     with pytest.raises(ConfigError, match="lr must be a positive"):
         TrainConfig.from_dict({"lr": -1.0})
     with pytest.raises(ConfigError, match=r"unknown config key\(s\) \['bogus'\]"):
@@ -88,7 +107,7 @@ def test_caption_styles_pick_the_shapeworld_training_styles(tmp_path, monkeypatc
     from asymvlm import shapeworld as sw
     from asymvlm.config import DataArguments
 
-    data, _, _ = parse_config(["--caption_styles", "photo, synonyms", "--train_images", "30"])
+    data = parse_config(["--caption_styles", "photo, synonyms", "--train_images", "30"]).data
     assert data.styles() == ("photo", "synonyms")
     assert DataArguments().styles() == tuple(sw.CAPTION_STYLES)
     with pytest.raises(ConfigError, match=r"unknown caption_styles \['poetry'\]"):

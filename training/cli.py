@@ -19,14 +19,14 @@ EPILOG = """examples:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from asymvlm.training.config import TrainConfig, parse_config
-
     from asymvlm.config import ConfigError
+    from asymvlm.training.config import parse_config
 
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        from asymvlm.training.config import TRAIN_GROUPS
         from transformers import HfArgumentParser
+
+        from asymvlm.training.config import TRAIN_GROUPS
 
         p = HfArgumentParser(
             TRAIN_GROUPS,
@@ -39,14 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         p.print_help()
         return 0
     try:
-        data, model, train_args = parse_config(argv)
+        cfg = parse_config(argv)
     except ConfigError as err:
         print(f"asymvlm-train: error: {err}", file=sys.stderr)
         return 2
     from asymvlm.training.loop import CheckpointWriteError, TrainingDiverged, train
 
     try:
-        path = train(TrainConfig(data, model, train_args))
+        path = train(cfg)
     except (TrainingDiverged, CheckpointWriteError, FileNotFoundError, ValueError) as err:
         print(f"asymvlm-train: error: {err}", file=sys.stderr)
         return 1

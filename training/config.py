@@ -16,8 +16,8 @@ Example YAML::
     output_dir: runs/vmf
 
 Example:
-    >>> data, model, train = parse_config(["--family", "ps", "--max_steps", "10"])
-    >>> model.family, train.max_steps, train.optimizer
+    >>> cfg = parse_config(["--family", "ps", "--max_steps", "10"])
+    >>> cfg.head.family, cfg.train.max_steps, cfg.train.optimizer
     ('ps', 10, 'sgd')
 """
 
@@ -26,12 +26,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from asymvlm.config import ConfigError, DataArguments, check_choice, config_fields, parse_dataclass_args
+from asymvlm.config import ConfigError, DataArguments, HeadArguments, check_fields, config_fields, parse_dataclass_args
 
 __all__ = [
     "DataArguments",
+    "HeadArguments",
     "ModelArguments",
     "TrainArguments",
     "TrainConfig",
@@ -44,28 +45,13 @@ __all__ = [
 class ModelArguments:
     """What is trained: a head on cached embeddings, or a LoRA adapter on the text tower + head."""
 
-    mode: str = field(
+    mode: Literal["head", "lora"] = field(
         default="head",
         metadata={
             "help": "'head': the text head on cached embeddings (fast path). 'lora': peft LoRA on the frozen text "
             "tower plus the head; image embeddings still come from the cache."
         },
     )
-    family: str = field(default="vmf", metadata={"help": "Distribution family: 'vmf' or 'ps'."})
-    hidden_dims: list[int] = field(
-        default_factory=lambda: [1024, 1024, 1024],
-        metadata={"help": "Hidden widths of the head MLP (the paper: 1024 1024 1024)."},
-    )
-    activation: str = field(default="relu", metadata={"help": "Head activation: relu, gelu, silu or tanh."})
-    residual: bool = field(
-        default=False,
-        metadata={
-            "help": "Residual head: eta = init_concentration * x + MLP(x), starting exactly at CLIP's directions."
-        },
-    )
-    init_concentration: float = field(default=10.0, metadata={"help": "Concentration of an untrained residual head."})
-    min_concentration: float = field(default=1e-3, metadata={"help": "Lower bound on the concentration."})
-    max_concentration: float = field(default=1e5, metadata={"help": "Upper bound on the concentration."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank (mode=lora)."})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
@@ -87,11 +73,7 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
-        check_choice("mode", self.mode, ("head", "lora"))
-        check_choice("family", self.family, ("vmf", "ps"))
-        check_choice("activation", self.activation, ("relu", "gelu", "silu", "tanh"))
-        if any(int(h) < 1 for h in self.hidden_dims):
-            raise ConfigError(f"hidden_dims must be positive, got {self.hidden_dims}")
+        check_fields(self)
         if self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
             raise ConfigError("need lora_r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1")
 
@@ -117,18 +99,26 @@ class TrainArguments:
         default=1,
         metadata={"help": "Micro-steps per optimizer step (each micro-batch is its own contrastive problem)."},
     )
-    optimizer: str = field(default="sgd", metadata={"help": "'sgd' (the paper: momentum 0.9) or 'adamw'."})
+    optimizer: Literal["sgd", "adamw"] = field(
+        default="sgd", metadata={"help": "'sgd' (the paper: momentum 0.9) or 'adamw'."}
+    )
     lr: float = field(default=1e-2, metadata={"help": "Peak learning rate."})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
     weight_decay: float = field(default=5e-4, metadata={"help": "Weight decay (never on the temperature)."})
-    scheduler: str = field(default="cosine", metadata={"help": "'cosine' (to 0) or 'constant', after warm-up."})
+    scheduler: Literal["cosine", "constant"] = field(
+        default="cosine", metadata={"help": "'cosine' (to 0) or 'constant', after warm-up."}
+    )
     warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
-    mixed_precision: str = field(default="no", metadata={"help": "'no', 'fp16' or 'bf16' (accelerate)."})
-    positive_mode: str = field(
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(
+        default="no", metadata={"help": "'no', 'fp16' or 'bf16' (accelerate)."}
+    )
+    positive_mode: Literal["exclude", "sum", "diagonal"] = field(
         default="exclude",
         metadata={"help": "Captions of the same image in a batch: 'exclude' (not negatives), 'sum' or 'diagonal'."},
     )
-    vmf_normalizer: str = field(default="exact", metadata={"help": "'exact' or 'approx' (Scott et al. 2021)."})
+    vmf_normalizer: Literal["exact", "approx"] = field(
+        default="exact", metadata={"help": "'exact' or 'approx' (Scott et al. 2021)."}
+    )
     init_logit_scale: float = field(default=0.0, metadata={"help": "Initial log temperature (0 = scale 1)."})
     max_logit_scale: float = field(default=math.inf, metadata={"help": "Clamp of the log temperature (inf = none)."})
     clip_grad_norm: float = field(default=0.0, metadata={"help": "Clip the gradient norm (0 = off)."})
@@ -137,7 +127,7 @@ class TrainArguments:
     keep_last: int = field(default=2, metadata={"help": "Checkpoints to keep."})
     resume: bool = field(default=False, metadata={"help": "Resume from the latest checkpoint in output_dir."})
     log_every: int = field(default=10, metadata={"help": "Log every N steps."})
-    log_with: str = field(
+    log_with: Literal["auto", "tensorboard", "none"] = field(
         default="auto",
         metadata={
             "help": "accelerate tracker: 'auto' (tensorboard when installed), 'tensorboard' or 'none'. "
@@ -147,12 +137,7 @@ class TrainArguments:
     progress: bool = field(default=True, metadata={"help": "Progress bar on the main process."})
 
     def __post_init__(self) -> None:
-        check_choice("optimizer", self.optimizer, ("sgd", "adamw"))
-        check_choice("scheduler", self.scheduler, ("cosine", "constant"))
-        check_choice("mixed_precision", self.mixed_precision, ("no", "fp16", "bf16"))
-        check_choice("positive_mode", self.positive_mode, ("exclude", "sum", "diagonal"))
-        check_choice("vmf_normalizer", self.vmf_normalizer, ("exact", "approx"))
-        check_choice("log_with", self.log_with, ("auto", "tensorboard", "none"))
+        check_fields(self)
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -162,17 +147,23 @@ class TrainArguments:
             raise ConfigError("weight_decay, warmup_steps, save_every and clip_grad_norm must be >= 0")
 
 
+TRAIN_GROUPS = (DataArguments, HeadArguments, ModelArguments, TrainArguments)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """The three argument groups together."""
+    """The four argument groups together (a flat YAML file or flag list maps onto them)."""
 
     data: DataArguments = field(default_factory=DataArguments)
+    head: HeadArguments = field(default_factory=HeadArguments)
     model: ModelArguments = field(default_factory=ModelArguments)
     train: TrainArguments = field(default_factory=TrainArguments)
 
     def to_dict(self) -> dict[str, Any]:
         """Flat {field: value} (the YAML layout)."""
-        return {**dataclasses.asdict(self.data), **dataclasses.asdict(self.model), **dataclasses.asdict(self.train)}
+        return {
+            k: v for part in (self.data, self.head, self.model, self.train) for k, v in dataclasses.asdict(part).items()
+        }
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
@@ -181,7 +172,7 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config key(s) {unknown}; see asymvlm-train --help")
         parts = {}
-        for group, klass in (("data", DataArguments), ("model", ModelArguments), ("train", TrainArguments)):
+        for group, klass in zip(("data", "head", "model", "train"), TRAIN_GROUPS):
             names = {f.name for f in dataclasses.fields(klass)}
             parts[group] = klass(**{k: v for k, v in values.items() if k in names})
         return cls(**parts)
@@ -190,10 +181,6 @@ class TrainConfig:
         return TrainConfig.from_dict({**self.to_dict(), **changes})
 
 
-TRAIN_GROUPS = (DataArguments, ModelArguments, TrainArguments)
-
-
-def parse_config(argv: list[str] | None = None) -> tuple[DataArguments, ModelArguments, TrainArguments]:
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
     """Parse ``[--config exp.yaml] [--flag value ...]``: YAML values first, flags override them."""
-    data, model, train = parse_dataclass_args(TRAIN_GROUPS, argv, "asymvlm-train")
-    return data, model, train
+    return TrainConfig(*parse_dataclass_args(TRAIN_GROUPS, argv, "asymvlm-train"))

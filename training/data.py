@@ -67,9 +67,8 @@ def get_dataloaders(cfg: Any, accelerator: Any) -> TrainData:
     eval_data = None
     n_img = images.shape[0]
     if d.dataset == "shapeworld" and not d.cache_dir and d.eval_images and t.eval_every >= 0:
-        from asymvlm.eval.benchmark import shapeworld_eval_data
-
         from asymvlm import shapeworld as sw
+        from asymvlm.eval.benchmark import shapeworld_eval_data
 
         eval_data = shapeworld_eval_data(
             encoder,

@@ -93,34 +93,35 @@ def _domain_caches(encoder, n: int, seed: int, root: Path) -> dict[str, dict[str
 
 
 def _r1(head, cache_path: Path) -> float:
-    from asymvlm.merging.api import recall_at_1
-
     from asymvlm.cache import EmbeddingCache
+    from asymvlm.merging.api import recall_at_1
 
     c = EmbeddingCache.load(cache_path)
     return recall_at_1(head, c.text_embeddings, c.image_embeddings, c.text_image_index)
 
 
 def _federated(recipe: str, spec: tuple[str, str], s: dict, out: Path, seed: int) -> Path:
-    from asymvlm.federated.simulation import FederatedArguments, get_federated_data, run_federated, save_federated_model
-
-    from asymvlm.config import DataArguments
+    from asymvlm.config import DataArguments, HeadArguments
+    from asymvlm.federated.checkpoint import save_federated_model
+    from asymvlm.federated.config import FederatedArguments
+    from asymvlm.federated.data import get_federated_data
+    from asymvlm.federated.rounds import run_federated
 
     fed = FederatedArguments(
         recipe=recipe, rounds=s["rounds"], num_clients=s["clients"], partition="dirichlet",
         partition_column="caption_style", partition_alpha=0.5, local_steps=s["local_steps"],
-        local_batch_size=s["local_batch"], local_lr=0.2, local_momentum=0.9,
-        server_lr=0.01 if recipe == "fedadam" else 1.0, trainable="both", lora_mode=s["lora_mode"],
-        head_hidden=list(s["hidden"]), residual_head=False, eval_every=0, seed=seed,
-        fed_output_dir=str(out / f"federated-{recipe}"), progress=False,
+        local_batch_size=s["local_batch"], local_lr=0.2, local_momentum=0.9, trainable="both",
+        lora_mode=s["lora_mode"], eval_every=0, seed=seed, output_dir=str(out / f"federated-{recipe}"), progress=False,
     )  # fmt: skip
+    # FedAdam at server lr 0.01 with tau 1e-3 (the values this demo has always used)
+    options = {"server_lr": 0.01, "server_tau": 1e-3} if recipe == "fedadam" else {}
     data_args = DataArguments(
         dataset="shapeworld", encoder=spec[0], pretrained=spec[1], train_images=s["train_images"], data_seed=seed,
         eval_images=0,
     )  # fmt: skip
     data = get_federated_data(data_args, fed)
-    state, task = run_federated(fed, data)
-    return save_federated_model(task, state, data, out / f"federated-{recipe}" / "model")
+    state, model = run_federated(fed, data, head=HeadArguments(hidden_dims=list(s["hidden"])), recipe_options=options)
+    return save_federated_model(model, state, data, out / f"federated-{recipe}" / "model")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,9 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         ),  # fmt: skip
         encoder,
     )
-    from asymvlm.eval.benchmark import evaluate, shapeworld_eval_data, summary_table
-
     from asymvlm import shapeworld as sw
+    from asymvlm.eval.benchmark import evaluate, shapeworld_eval_data, summary_table
 
     world = dict(caption_styles=sw.CAPTION_STYLES, visual_styles=sw.VISUAL_STYLES)
     eval_data = shapeworld_eval_data(encoder, n=s["eval_images"], seed=12345, **world)
@@ -194,11 +194,10 @@ def main(argv: list[str] | None = None) -> int:
 
     _say("[4/6] per-style experts (dense and TaLoS) from the central vMF head; merges")
     t = time.time()
-    from asymvlm.merging.api import merge
-    from asymvlm.merging.talos import calibrate_mask, save_masks
-
     from asymvlm.batching import IndexBatcher
     from asymvlm.cache import EmbeddingCache
+    from asymvlm.merging.api import merge
+    from asymvlm.merging.talos import calibrate_mask, save_masks
 
     base = central["vmf"]
     base_model = AsymVLM.from_pretrained(base, load_encoder=False)
@@ -255,10 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     lap("evaluation", t)
 
     _say("[6/6] report")
-    from asymvlm.eval.cli import _json_safe
     from asymvlm.eval.plots import plot_report
-
-    from asymvlm.io import atomic_write_json
+    from asymvlm.io import atomic_write_json, json_safe
 
     report = {
         "uncertainty_ambiguity_spearman": {f: metrics[f]["uncertainty_ambiguity_spearman"] for f in ("vmf", "ps")},
@@ -284,8 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         "timings": timings,
         "seconds": round(time.time() - start, 1),
     }
-    atomic_write_json(_json_safe(report), out / "report.json")
-    atomic_write_json(_json_safe({"metrics": metrics}), out / "metrics.json")
+    atomic_write_json(json_safe(report), out / "report.json")
+    atomic_write_json(json_safe({"metrics": metrics}), out / "metrics.json")
     plots = plot_report({k: v for k, v in metrics.items()}, out, level_ambiguity=sw.level_ambiguity())
     _say("")
     _say(summary_table(metrics))

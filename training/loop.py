@@ -37,78 +37,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from asymvlm.training import data as data_mod
-from asymvlm.training.config import TrainConfig
-from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from asymvlm.errors import CheckpointWriteError, TrainingDiverged
-from asymvlm.heads import FAMILIES, HeadConfig, TextHead
-from asymvlm.losses import AsymVLMLoss, parameter_groups, positives_from_ids
+from asymvlm.heads import TextHead
+from asymvlm.losses import AsymVLMLoss, parameter_groups
+from asymvlm.trainable import TrainableModel
+from asymvlm.training import data as data_mod
+from asymvlm.training.config import TrainConfig
 
-__all__ = ["train", "TrainModel", "latest_checkpoint", "TrainingDiverged", "CheckpointWriteError"]
+__all__ = ["train", "latest_checkpoint", "TrainingDiverged", "CheckpointWriteError"]
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8})$")
 STATE_NAME = "trainer_state.json"
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather along dim 0 whose backward sums every process's gradient of the gathered
-    tensor and hands each process the slice of its own input (works on gloo and nccl)."""
-
-    @staticmethod
-    def forward(ctx, t: Tensor) -> Tensor:
-        world = torch.distributed.get_world_size()
-        parts = [torch.empty_like(t) for _ in range(world)]
-        torch.distributed.all_gather(parts, t.contiguous())
-        ctx.rank, ctx.rows = torch.distributed.get_rank(), t.shape[0]
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        grad = grad.contiguous()
-        torch.distributed.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
-
-
-def _all_gather(t: Tensor) -> Tensor:
-    """Concatenate ``t`` from every process along dim 0, differentiably (identity on one process)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return t
-    if torch.distributed.get_world_size() == 1:
-        return t
-    if not t.requires_grad:  # ids and frozen image embeddings: a plain gather
-        parts = [torch.empty_like(t) for _ in range(torch.distributed.get_world_size())]
-        torch.distributed.all_gather(parts, t.contiguous())
-        return torch.cat(parts, dim=0)
-    return _GatherWithGrad.apply(t)
-
-
-class TrainModel(nn.Module):
-    """Head + loss (+ LoRA-adapted text tower): ``forward(batch) -> global loss``."""
-
-    def __init__(self, head: TextHead, loss_fn: AsymVLMLoss, encoder: Any = None, peft_model: nn.Module | None = None):
-        super().__init__()
-        self.head = head
-        self.loss_fn = loss_fn
-        self.peft_model = peft_model
-        self._encoder = encoder  # not a Module: its model is inside peft_model
-
-    def no_weight_decay(self) -> set[str]:
-        return {"loss_fn.logit_scale"}
-
-    def forward(self, text: Tensor | dict[str, Tensor], images: Tensor, ids: Tensor) -> Tensor:
-        if self.peft_model is not None:
-            from asymvlm.lora import text_features
-
-            text = F.normalize(text_features(self._encoder, text).float(), dim=-1)
-        q = self.head(text)
-        loc, kappa = _all_gather(q.loc), _all_gather(q.concentration)
-        images, ids = _all_gather(images.to(loc.dtype)), _all_gather(ids)
-        q_all = FAMILIES[self.head.family][0](loc, kappa, validate_args=False)
-        positives = None if self.loss_fn.positive_mode == "diagonal" else positives_from_ids(ids, ids)
-        return self.loss_fn(q_all, images, positives)
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -143,19 +84,7 @@ def _build_head(cfg: TrainConfig, dim: int) -> tuple[TextHead, float | None]:
         if start.dim != dim:
             raise ValueError(f"init_from {m.init_from} has a head of dimension {start.dim}, the embeddings have {dim}")
         return start.head, start.logit_scale
-    head = TextHead(
-        config=HeadConfig(
-            dim=dim,
-            family=m.family,
-            hidden_dims=tuple(m.hidden_dims),
-            activation=m.activation,
-            residual=m.residual,
-            init_concentration=m.init_concentration,
-            min_concentration=m.min_concentration,
-            max_concentration=m.max_concentration,
-        ),
-        validate=False,
-    )
+    head = TextHead(config=cfg.head.head_config(dim), validate=False)
     return head, None
 
 
@@ -213,9 +142,8 @@ def _save_checkpoint(accelerator: Any, cfg: TrainConfig, step: int, extra: dict[
     return final
 
 
-def _evaluate(model: TrainModel, data: Any, step: int) -> dict[str, float]:
+def _evaluate(model: TrainableModel, data: Any, step: int) -> dict[str, float]:
     from asymvlm.eval.benchmark import evaluate, progress_metrics, with_text_tower
-
     from asymvlm.model import AsymVLM
 
     ed = data.eval_data
@@ -285,7 +213,7 @@ def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None
             set_peft_model_state_dict(
                 peft_model, load_file(Path(m.init_from) / "text_adapter" / "adapter_model.safetensors")
             )
-    model = TrainModel(head, loss_fn, data.encoder, peft_model)
+    model = TrainableModel(head, loss_fn, data.encoder, peft_model)
     mask_tensors = None
     if m.mask_file:
         from asymvlm.masks import SparseMasks, load_masks

@@ -1,0 +1,177 @@
+"""``asymvlm-federate``'s configuration: the federation (:class:`FederatedArguments`) and the
+recipe's options (:class:`RecipeArguments`).
+
+:class:`RecipeArguments` is generated from the recipe registry: one field per declared option of
+any recipe (``server_lr``, ``server_beta1``, ``qffl_q``, ``krum_num_malicious``, ...), every one
+``None`` by default, meaning "the recipe's own default". Only options that are set reach
+:func:`~asymvlm.federated.recipes.make_recipe`, which rejects those the chosen recipe does not
+declare, so ``--recipe fedavg --qffl_q 0.1`` is an error and ``--recipe fedadam`` runs at
+FedAdam's server learning rate, not at another recipe's.
+
+Example:
+    >>> fed = FederatedArguments(recipe="fedadam", rounds=3)
+    >>> recipe_options(RecipeArguments(server_lr=0.01))
+    {'server_lr': 0.01}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from asymvlm.config import ConfigError, check_fields
+from asymvlm.federated.core import LORA_MODES
+from asymvlm.federated.partition import PARTITIONERS
+from asymvlm.federated.recipes import RECIPES
+
+__all__ = ["FederatedArguments", "RecipeArguments", "recipe_options", "ATTACKS", "RUN_OPTIONS"]
+
+ATTACKS = ("none", "sign_flip", "scale")
+RUN_OPTIONS = ("local_lr",)  # recipe options the run supplies itself (AdaFedAdam's and q-FFL's eta_l)
+
+
+@dataclass(frozen=True)
+class FederatedArguments:
+    """Everything about the federation (the data come from :class:`asymvlm.config.DataArguments`,
+    the head from :class:`asymvlm.config.HeadArguments`, the recipe's options from
+    :class:`RecipeArguments`)."""
+
+    recipe: Literal[tuple(RECIPES)] = field(  # type: ignore[valid-type]
+        default="fedavg", metadata={"help": "Algorithm (asymvlm-federate --list-recipes shows each one's options)."}
+    )
+    rounds: int = field(default=20, metadata={"help": "Communication rounds."})
+    num_clients: int = field(default=8, metadata={"help": "Simulated clients."})
+    clients_per_round: int = field(default=0, metadata={"help": "Clients sampled per round (0: use client_fraction)."})
+    client_fraction: float = field(default=1.0, metadata={"help": "Fraction of clients sampled per round."})
+    min_clients: int = field(default=1, metadata={"help": "Fewest valid updates to make a server step."})
+    dropout_prob: float = field(default=0.0, metadata={"help": "Probability that a sampled client drops out."})
+    straggler_deadline: float = field(
+        default=0.0,
+        metadata={
+            "help": "Deadline in local steps of a nominal client; client speeds ~ lognormal(0, 0.5); slower clients "
+            "miss the round (0 = no deadline)."
+        },
+    )
+    partition: Literal[tuple(PARTITIONERS)] = field(  # type: ignore[valid-type]
+        default="iid", metadata={"help": "How the images are split among the clients."}
+    )
+    partition_column: str = field(
+        default="caption_style",
+        metadata={
+            "help": "Per-image column for dirichlet/domain (ShapeWorld: shape, colour, size, position, "
+            "caption_style, visual_style)."
+        },
+    )
+    partition_alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration (dirichlet, quantity)."})
+    min_client_size: int = field(default=4, metadata={"help": "Fewest images per client."})
+    local_steps: int = field(default=10, metadata={"help": "Local SGD steps per round."})
+    local_lr: float = field(default=0.05, metadata={"help": "Client learning rate eta_l."})
+    local_batch_size: int = field(default=256, metadata={"help": "Client batch (captions)."})
+    local_momentum: float = field(default=0.0, metadata={"help": "Client SGD momentum."})
+    trainable: Literal["head", "lora", "both"] = field(
+        default="head", metadata={"help": "What the clients train and send: the head, a text-tower LoRA, or both."}
+    )
+    lora_mode: Literal[tuple(LORA_MODES)] = field(  # type: ignore[valid-type]
+        default="residual",
+        metadata={
+            "help": "LoRA aggregation: factors (FedIT), frozen_a (FFA-LoRA), stack (FLoRA), residual (FedEx-LoRA), svd."
+        },
+    )
+    lora_r: int = field(default=4, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=8.0, metadata={"help": "LoRA alpha."})
+    lora_targets: str = field(
+        default="",
+        metadata={
+            "help": "Regex of text-tower Linear modules "
+            "(default: open_clip mlp.c_fc/c_proj; HF q/k/v/out_proj, fc1/fc2)."
+        },
+    )
+    mask_file: str = field(
+        default="",
+        metadata={
+            "help": "Sparse fine-tuning masks (from calibrate_mask; the same file works with asymvlm-train): clients "
+            "update only masked entries and send only those values; the communication saving is logged."
+        },
+    )
+    init_from: str = field(default="", metadata={"help": "A saved AsymVLM whose head and temperature start the run."})
+    eval_every: int = field(default=5, metadata={"help": "Evaluate every N rounds and after the last."})
+    fairness_batches: int = field(default=2, metadata={"help": "Batches per client for the fairness report."})
+    attack: Literal[ATTACKS] = field(  # type: ignore[valid-type]
+        default="none", metadata={"help": "Simulated Byzantine clients (robustness experiments)."}
+    )
+    malicious_fraction: float = field(default=0.0, metadata={"help": "Fraction of clients that attack."})
+    attack_scale: float = field(default=10.0, metadata={"help": "Factor of the 'scale' attack."})
+    dp_noise_multiplier: float = field(
+        default=0.0,
+        metadata={
+            "help": "Differential privacy (0 = off): Gaussian noise of std multiplier * dp_max_norm on the sum of the "
+            "clipped client releases; clients are Poisson-sampled; needs opacus for the accountant."
+        },
+    )
+    dp_max_norm: float = field(default=1.0, metadata={"help": "Per-client joint clipping norm of everything it sends."})
+    dp_delta: float = field(default=1e-5, metadata={"help": "Target delta of the (epsilon, delta) accountant."})
+    dp_insecure_seed: Optional[int] = field(  # noqa: UP045 (HfArgumentParser reads typing.Optional)
+        default=None,
+        metadata={
+            "help": "TESTS ONLY: seed the DP noise so runs repeat (anyone with the seed can remove the noise); "
+            "the run's reports are marked INSECURE."
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of everything random (except secure DP noise)."})
+    output_dir: str = field(default="runs/federated", metadata={"help": "Checkpoints, metrics.jsonl, model/."})
+    resume: bool = field(default=False, metadata={"help": "Resume from the latest round checkpoint in output_dir."})
+    keep_rounds: int = field(default=2, metadata={"help": "Round checkpoints kept."})
+    progress: bool = field(default=True, metadata={"help": "Progress bar per round."})
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for name in ("rounds", "num_clients", "local_steps", "min_clients", "local_batch_size", "min_client_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.client_fraction <= 1 or not 0 <= self.dropout_prob < 1 or not 0 <= self.malicious_fraction < 1:
+            raise ConfigError("need 0 < client_fraction <= 1, 0 <= dropout_prob < 1, 0 <= malicious_fraction < 1")
+        if self.dp_noise_multiplier < 0 or not math.isfinite(self.dp_noise_multiplier):
+            raise ConfigError(f"dp_noise_multiplier must be >= 0 (0 = off), got {self.dp_noise_multiplier}")
+        if not (self.dp_max_norm > 0 and math.isfinite(self.dp_max_norm)):
+            raise ConfigError(f"dp_max_norm must be > 0, got {self.dp_max_norm}")
+
+    @property
+    def sample_rate(self) -> float:
+        """The fraction of clients sampled per round."""
+        m = self.clients_per_round or max(1, int(round(self.client_fraction * self.num_clients)))
+        return min(m, self.num_clients) / self.num_clients
+
+
+def _recipe_fields() -> list[tuple[str, Any, Any]]:
+    """One optional field per declared recipe option (types must agree across recipes)."""
+    seen: dict[str, Any] = {}
+    users: dict[str, list[str]] = {}
+    for name, entry in RECIPES.items():
+        for p in entry.params:
+            if p.name in RUN_OPTIONS:
+                continue
+            if p.name in seen and seen[p.name].type != p.type:  # pragma: no cover - guarded by tests
+                raise TypeError(f"recipe option {p.name!r} has different types across recipes")
+            seen.setdefault(p.name, p)
+            users.setdefault(p.name, []).append(name)
+    out = []
+    for pname, p in seen.items():
+        help_ = f"{p.help} Recipes: {', '.join(users[pname])} (default: the recipe's own)."
+        out.append((pname, Optional[p.type], field(default=None, metadata={"help": help_})))  # noqa: UP045
+    return out
+
+
+RecipeArguments = dataclasses.make_dataclass(
+    "RecipeArguments",
+    _recipe_fields(),
+    frozen=True,
+    namespace={"__doc__": "Options of the recipe (each None = the recipe's default; see --list-recipes)."},
+)
+RecipeArguments.__module__ = __name__
+
+
+def recipe_options(args: Any) -> dict[str, Any]:
+    """The options of a :class:`RecipeArguments` that are set."""
+    return {k: v for k, v in dataclasses.asdict(args).items() if v is not None}

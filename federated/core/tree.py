@@ -1,0 +1,138 @@
+"""``Params`` trees: flat ``{name: tensor}`` dicts, the arithmetic on them, and their validation.
+
+Nothing here modifies a tensor in place: every function returns new tensors (inputs may be
+memory-mapped, read-only views).
+
+Example:
+    >>> import torch
+    >>> apply_updates({"w": torch.ones(2)}, {"w": torch.tensor([0.5, -1.0])})["w"].tolist()
+    [1.5, 0.0]
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from asymvlm.errors import ClientUpdateError
+
+__all__ = [
+    "Params",
+    "ClientUpdateError",
+    "apply_updates",
+    "tree_map",
+    "tree_sub",
+    "tree_add",
+    "tree_scale",
+    "tree_zeros_like",
+    "tree_norm",
+    "keys_of",
+    "stack_key",
+    "ScaledView",
+    "check_delta",
+    "validate_deltas",
+]
+
+Params = dict[str, Tensor]
+
+
+def tree_map(fn: Callable[..., Tensor], tree: Mapping[str, Tensor], *rest: Mapping[str, Tensor]) -> Params:
+    return {k: fn(v, *(r[k] for r in rest)) for k, v in tree.items()}
+
+
+def apply_updates(params: Mapping[str, Tensor], updates: Mapping[str, Tensor]) -> Params:
+    """``params + updates`` (in the dtype of ``params``); keys without an update are copied."""
+    return {k: (v + updates[k].to(v.dtype)) if k in updates else v.clone() for k, v in params.items()}
+
+
+def tree_sub(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Params:
+    return {k: a[k] - b[k] for k in a}
+
+
+def tree_add(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Params:
+    return {k: a[k] + b[k] for k in a}
+
+
+def tree_scale(a: Mapping[str, Tensor], s: float) -> Params:
+    return {k: v * s for k, v in a.items()}
+
+
+def tree_zeros_like(a: Mapping[str, Tensor]) -> Params:
+    return {k: torch.zeros_like(v) for k, v in a.items()}
+
+
+def tree_norm(a: Mapping[str, Tensor]) -> float:
+    """Global L2 norm over every tensor (float64 accumulation)."""
+    return math.sqrt(sum(float(v.double().pow(2).sum()) for v in a.values()))
+
+
+def keys_of(deltas: Sequence[Mapping[str, Tensor]]) -> list[str]:
+    """The keys of the first delta (every rule works key by key in this order)."""
+    if not deltas:
+        raise ValueError("no client deltas to aggregate")
+    return list(deltas[0].keys())
+
+
+def stack_key(deltas: Sequence[Mapping[str, Tensor]], key: str) -> Tensor:
+    """``(K, ...)``: the K deltas' copies of one tensor (never the whole model)."""
+    return torch.stack([d[key] for d in deltas])
+
+
+class ScaledView(Mapping):
+    """A lazy ``s * base`` (each tensor is computed when read; nothing is copied up front)."""
+
+    def __init__(self, base: Mapping[str, Tensor], s: float):
+        self.base, self.s = base, s
+
+    def __getitem__(self, k: str) -> Tensor:
+        return self.base[k] * self.s
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.base)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+
+def check_delta(reference: Mapping[str, Tensor], delta: Mapping[str, Tensor], client: Any) -> None:
+    """Raise :class:`ClientUpdateError` if ``delta`` has other keys, shapes or dtypes than
+    ``reference`` or holds NaN/inf; the message names the client and the key."""
+    ref_keys, keys = set(reference), set(delta)
+    if keys != ref_keys:
+        missing, extra = sorted(ref_keys - keys), sorted(keys - ref_keys)
+        raise ClientUpdateError(
+            f"client {client!r}: keys differ from the global state (missing {missing[:5]}, unexpected {extra[:5]})",
+            client,
+            (missing or extra)[0],
+        )
+    for k in reference:
+        r, d = reference[k], delta[k]
+        if tuple(d.shape) != tuple(r.shape):
+            raise ClientUpdateError(
+                f"client {client!r}: {k!r} has shape {tuple(d.shape)}, the global state {tuple(r.shape)}", client, k
+            )
+        if d.dtype != r.dtype:
+            raise ClientUpdateError(
+                f"client {client!r}: {k!r} has dtype {d.dtype}, the global state {r.dtype}", client, k
+            )
+        if d.is_floating_point() and not bool(torch.isfinite(d).all()):
+            raise ClientUpdateError(f"client {client!r}: {k!r} contains NaN or inf", client, k)
+
+
+def validate_deltas(
+    reference: Mapping[str, Tensor], deltas: Sequence[Mapping[str, Tensor]], clients: Sequence[Any] | None = None
+) -> tuple[list[int], list[tuple[Any, str]]]:
+    """Indices of the valid deltas and ``(client, reason)`` for each rejected one."""
+    clients = list(range(len(deltas))) if clients is None else list(clients)
+    ok, rejected = [], []
+    for i, (c, d) in enumerate(zip(clients, deltas)):
+        try:
+            check_delta(reference, d, c)
+            ok.append(i)
+        except ClientUpdateError as err:
+            rejected.append((c, str(err)))
+    return ok, rejected

@@ -1,0 +1,116 @@
+"""The federation's data: an embedding cache partitioned by image among the simulated clients.
+
+:func:`get_federated_data` is the seam tests (and users) replace: it returns one
+:class:`~asymvlm.batching.IndexBatcher` per client over that client's caption rows (all captions
+of an image go to the image's client). Evaluation data are not built here: the caller hands an
+``evaluate`` function to :func:`asymvlm.federated.rounds.run_federated`.
+
+Example:
+    >>> FederatedData.__dataclass_fields__["batchers"].type
+    'list[Any]'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = ["FederatedData", "get_federated_data"]
+
+
+@dataclass
+class FederatedData:
+    """Per-client training data."""
+
+    batchers: list[Any]  # one IndexBatcher per client (its caption rows)
+    num_examples: list[int]  # images per client
+    dim: int
+    encoder_source: dict[str, Any] | None
+    encoder: Any = None  # the frozen encoder, when clients train a text-tower LoRA
+    summary: str = ""
+
+
+def _shapeworld_columns(data_args: Any) -> dict[str, np.ndarray]:
+    """Per-image attribute columns of the generated ShapeWorld training split (for partitioning)."""
+    from asymvlm import shapeworld as sw
+
+    w = sw.generate_arrays(
+        data_args.train_images,
+        seed=data_args.data_seed,
+        caption_styles=data_args.styles(),  # the columns of the cache cache_for_config built
+        visual_styles=sw.VISUAL_STYLES,
+    )
+    columns: dict[str, np.ndarray] = {}
+    for i, attr in enumerate(sw.ATTRIBUTES):
+        columns[attr] = np.asarray(sw.ATTRIBUTES[attr])[w.objects[:, 0, i]]
+    columns["caption_style"] = np.asarray(w.config.caption_styles)[w.caption_style]
+    columns["visual_style"] = np.asarray(w.config.visual_styles)[w.visual_style]
+    return columns
+
+
+def get_federated_data(data_args: Any, fed: Any) -> FederatedData:
+    """The embedding cache (built once, as for asymvlm-train) partitioned by image among the clients.
+
+    Args:
+        data_args: an :class:`asymvlm.config.DataArguments`.
+        fed: an :class:`asymvlm.federated.config.FederatedArguments`.
+    """
+    from asymvlm.batching import IndexBatcher
+    from asymvlm.data import cache_for_config
+    from asymvlm.encoders import load_encoder
+    from asymvlm.federated.partition import partition_dataset, partition_summary
+
+    encoder = None
+    if fed.trainable != "head" or not data_args.cache_dir:
+        encoder = load_encoder(data_args.encoder, data_args.pretrained or None)
+    cache = cache_for_config(data_args, encoder)
+    n_img = cache.image_embeddings.shape[0]
+    columns = _shapeworld_columns(data_args) if data_args.dataset == "shapeworld" and not data_args.cache_dir else {}
+
+    class _Rows:
+        def __len__(self):
+            return n_img
+
+        def __getitem__(self, name):
+            if name not in columns:
+                raise ValueError(
+                    f"partition column {name!r} is not available for this data; "
+                    f"available: {sorted(columns)} (ShapeWorld built from --dataset shapeworld)"
+                )
+            return columns[name]
+
+    parts = partition_dataset(
+        _Rows(),
+        fed.num_clients,
+        fed.partition,
+        column=fed.partition_column,
+        alpha=fed.partition_alpha,
+        seed=fed.seed,
+        min_size=fed.min_client_size,
+    )
+    owner = cache.text_image_index
+    images = cache.image_embeddings.float()
+    if fed.trainable == "head":
+        text_all: Any = cache.text_embeddings.float()
+    else:
+        if not cache.captions:
+            raise ValueError("federating LoRA needs the caption strings in the cache")
+        text_all = encoder.tokenize(cache.captions)
+    batchers = []
+    for k, img_rows in enumerate(parts):
+        mask = torch.isin(owner, torch.from_numpy(img_rows))
+        rows = torch.nonzero(mask).squeeze(1)
+        text = {key: v[rows] for key, v in text_all.items()} if isinstance(text_all, dict) else text_all[rows]
+        batchers.append(IndexBatcher(text, images, owner[rows], min(fed.local_batch_size, len(rows)), fed.seed + k))
+    summary = partition_summary(parts, columns.get(fed.partition_column) if columns else None)
+    return FederatedData(
+        batchers,
+        [len(p) for p in parts],
+        images.shape[1],
+        dict(cache.manifest["encoder"]),
+        encoder if fed.trainable != "head" else None,
+        summary,
+    )

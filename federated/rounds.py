@@ -1,0 +1,405 @@
+"""Federated rounds: sample -> client update -> validate -> server step -> checkpoint -> log.
+
+Randomness: every stream of round t (which clients are sampled, drop out or straggle, each
+client's batch order and LoRA dropout) comes from :func:`seed_sequence` ``(seed, stream, t,
+client)``, so the round number *is* the RNG state: a run killed after round k and resumed replays
+rounds k+1... exactly and ends with bit-identical parameters (secure DP noise excepted: it is
+drawn from the OS, never stored).
+
+LoRA: with ``trainable`` in (lora, both) the adapter's factors travel as parameters. ``factors``
+and ``frozen_a`` aggregate them with the recipe like any parameter (FedIT; FFA-LoRA keeps A
+frozen, so averaging B is exact); ``stack``, ``residual`` and ``svd`` fold the exact dense update
+into the frozen text-tower weights the server keeps (:mod:`asymvlm.federated.core.lora`); the
+recipe's server optimizer then steps the head only.
+
+Differential privacy (``dp_noise_multiplier > 0``): clients are Poisson-sampled with the
+configured rate, every client's release is clipped jointly and the aggregate noised inside the
+server step (:mod:`asymvlm.federated.core.dp`); invalid updates count as zero updates (so the
+release stays a function of the clipped sum); per-client losses are not logged (they are
+functions of private data outside the mechanism); epsilon is logged every round.
+
+Example:
+    >>> int_seed(0, "client", 3, 1) == int_seed(0, "client", 3, 1) != int_seed(0, "client", 3, 2)
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from asymvlm.config import HeadArguments
+from asymvlm.federated.checkpoint import ServerState, load_server_state, prune_rounds, round_dirs, save_server_state
+from asymvlm.federated.client import (
+    ClientOptions,
+    ClientResult,
+    build_client_model,
+    check_masks,
+    client_loss,
+    client_update,
+    get_base,
+    lora_layer_keys,
+    set_base,
+    upload_bytes,
+)
+from asymvlm.federated.config import RUN_OPTIONS, FederatedArguments
+from asymvlm.federated.core import (
+    ClientUpdateError,
+    DifferentialPrivacy,
+    LoraLayers,
+    Recipe,
+    check_delta,
+    server_owned,
+    server_update,
+)
+from asymvlm.federated.data import FederatedData
+from asymvlm.federated.recipes import RECIPES, ghbm_server_momentum, make_recipe
+from asymvlm.trainable import TrainableModel
+
+__all__ = [
+    "run_federated",
+    "Federation",
+    "seed_sequence",
+    "int_seed",
+    "sample_clients",
+    "attackers",
+    "fairness",
+    "STREAMS",
+]
+
+# every random stream of a run: (seed, stream id, round, client) -> numpy's SeedSequence
+STREAMS = {"sampling": 1, "attackers": 2, "client": 3, "initial_loss": 4, "fairness": 5, "lora_init": 6, "model": 7}
+
+
+def seed_sequence(seed: int, stream: str, *key: int) -> np.random.SeedSequence:
+    """The independent stream ``stream`` of ``(seed, *key)`` (NumPy's SeedSequence: no collisions
+    between different keys, unlike hand-made ``seed * a + round * b + client`` formulas)."""
+    return np.random.SeedSequence([int(seed), STREAMS[stream], *(int(k) for k in key)])
+
+
+def int_seed(seed: int, stream: str, *key: int) -> int:
+    """A 32-bit seed of that stream (for ``torch.manual_seed`` and the batchers)."""
+    return int(seed_sequence(seed, stream, *key).generate_state(1)[0])
+
+
+def sample_clients(fed: FederatedArguments, rnd: int, poisson: bool = False) -> tuple[list[int], dict[str, Any]]:
+    """Round ``rnd``'s active clients and who was sampled, dropped or late. ``poisson``: each client
+    independently with probability ``fed.sample_rate`` (what the DP accountant assumes), else a
+    uniform sample of fixed size."""
+    rng = np.random.default_rng(seed_sequence(fed.seed, "sampling", rnd))
+    if poisson:
+        sampled = [c for c in range(fed.num_clients) if rng.random() < fed.sample_rate]
+    else:
+        m = round(fed.sample_rate * fed.num_clients)
+        sampled = sorted(rng.choice(fed.num_clients, size=m, replace=False).tolist())
+    dropped = [c for c in sampled if rng.random() < fed.dropout_prob]
+    speeds = {c: float(rng.lognormal(0.0, 0.5)) for c in sampled}
+    late = []
+    if fed.straggler_deadline > 0:
+        late = [c for c in sampled if c not in dropped and fed.local_steps / speeds[c] > fed.straggler_deadline]
+    active = [c for c in sampled if c not in dropped and c not in late]
+    return active, {"sampled": sampled, "dropped": dropped, "stragglers": late}
+
+
+def attackers(fed: FederatedArguments) -> set[int]:
+    """The simulated Byzantine clients (fixed for the run)."""
+    if fed.attack == "none" or fed.malicious_fraction <= 0:
+        return set()
+    rng = np.random.default_rng(seed_sequence(fed.seed, "attackers"))
+    count = int(round(fed.malicious_fraction * fed.num_clients))
+    return set(rng.choice(fed.num_clients, size=count, replace=False).tolist())
+
+
+def fairness(values: list[float]) -> dict[str, float]:
+    """Mean, std and mean of the worst 10% (at least one) of per-client values (losses: worst = highest)."""
+    v = np.asarray(values, dtype=np.float64)
+    worst = np.sort(v)[::-1][: max(1, int(math.ceil(0.1 * len(v))))]
+    return {"mean": float(v.mean()), "std": float(v.std()), "worst10": float(worst.mean())}
+
+
+@dataclass
+class Federation:
+    """What a run is made of: the recipe, the clients' model and training options, the LoRA layers."""
+
+    fed: FederatedArguments
+    data: FederatedData
+    recipe: Recipe
+    model: TrainableModel
+    options: ClientOptions
+    lora: LoraLayers | None
+    comm: dict[str, float]
+
+    @classmethod
+    def build(
+        cls,
+        fed: FederatedArguments,
+        data: FederatedData,
+        head: HeadArguments | None = None,
+        recipe_options: Mapping[str, Any] | None = None,
+    ) -> Federation:
+        options = dict(recipe_options or {})
+        declared = RECIPES.entry(fed.recipe).param_names
+        options.update({k: getattr(fed, k) for k in RUN_OPTIONS if k in declared})  # AdaFedAdam's / q-FFL's eta_l
+        dp = None
+        if fed.dp_noise_multiplier > 0:
+            dp = DifferentialPrivacy(
+                fed.dp_noise_multiplier, fed.dp_max_norm, fed.sample_rate, fed.num_clients, fed.dp_delta,
+                fed.dp_insecure_seed,
+            )  # fmt: skip
+        recipe = make_recipe(fed.recipe, dp=dp, **options)
+        lora_cfg = None
+        if fed.trainable != "head":
+            from asymvlm.lora import DEFAULT_TARGETS
+
+            targets = (
+                fed.lora_targets
+                or {
+                    "open_clip": r"transformer\.resblocks\.\d+\.mlp\.(c_fc|c_proj)",
+                    "hf": DEFAULT_TARGETS["hf"],
+                }[data.encoder.backend]
+            )
+            lora_cfg = {"r": fed.lora_r, "alpha": fed.lora_alpha, "dropout": 0.0, "target_modules": targets}
+        model = build_client_model(
+            (head or HeadArguments()).head_config(data.dim),
+            trainable=fed.trainable,
+            encoder=data.encoder,
+            lora=lora_cfg,
+            freeze_lora_a=fed.lora_mode == "frozen_a",
+            seed=fed.seed,
+        )
+        if fed.init_from:
+            _init_from(model, fed.init_from)
+        masks = None
+        if fed.mask_file:
+            from asymvlm.masks import load_masks
+
+            masks = check_masks(model, load_masks(fed.mask_file))
+        exchanged = model.get_params()
+        comm = upload_bytes({k: v for k, v in exchanged.items() if k in set(model.trained_names())}, masks)
+        opts = ClientOptions(
+            masks=masks,
+            local_steps=fed.local_steps,
+            local_lr=fed.local_lr,
+            batch_size=fed.local_batch_size,
+            momentum=fed.local_momentum,
+            proximal_mu=recipe.proximal_mu,
+            ghbm_beta=recipe.ghbm_beta,
+        )
+        lora = None
+        if fed.trainable != "head":
+            lora = LoraLayers(fed.lora_mode, lora_layer_keys(exchanged), fed.lora_alpha / fed.lora_r, fed.lora_r)
+        return cls(fed, data, recipe, model, opts, lora, comm)
+
+    # -- state --------------------------------------------------------------------------------------
+    def start(self, log: Callable[[dict], None] | None) -> ServerState:
+        """The state to continue from: the latest checkpoint (``resume``) or round 0."""
+        ckpt = Path(self.fed.output_dir) / "checkpoints"
+        rounds = round_dirs(ckpt)
+        if self.fed.resume and rounds:
+            state = load_server_state(rounds[-1])
+            if state.base:
+                set_base(self.model, state.base)
+            return state
+        if self.fed.resume and log:
+            log({"event": "no checkpoint to resume from; starting from scratch"})
+        params = self.model.get_params()
+        base = get_base(self.model, self.lora.layers) if self.lora is not None and self.lora.exact else {}
+        state = ServerState(0, params, self.recipe.server.init(server_owned(self._full(params, base), self.lora)))
+        state.base = base
+        return state
+
+    def _full(self, params: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
+        return {**params, **{LoraLayers.base_key(layer): w for layer, w in base.items()}}
+
+    # -- one round's pieces -------------------------------------------------------------------------
+    def train_clients(self, state: ServerState, active: list[int], rnd: int) -> list[ClientResult]:
+        needs = self.recipe.needs
+        momentum = ghbm_server_momentum(self.recipe, state.opt_state, state.params)
+        results = []
+        for c in active:
+            batcher = self.data.batchers[c]
+            seed = int_seed(self.fed.seed, "client", rnd, c)
+            batcher.reseed(seed)
+            results.append(
+                client_update(
+                    self.model,
+                    state.params,
+                    batcher,
+                    self.options,
+                    client=c,
+                    num_examples=self.data.num_examples[c],
+                    seed=seed,
+                    ghbm_momentum=momentum,
+                    need_loss_before=bool(needs & {"loss_before", "loss_initial"}),
+                    need_grad_norm="grad_norm" in needs,
+                )  # fmt: skip
+            )
+        return results
+
+    def attack(self, results: list[ClientResult], malicious: set[int]) -> list[ClientResult]:
+        for r in results:
+            if r.client in malicious:
+                factor = -1.0 if self.fed.attack == "sign_flip" else self.fed.attack_scale
+                r.delta = {k: v * factor for k, v in r.delta.items()}
+        return results
+
+    def validate(self, state: ServerState, results: list[ClientResult]) -> tuple[list[ClientResult], list[dict]]:
+        """Valid updates, and the rejected ones with the reason. Under DP an invalid update counts as
+        a zero update (dropping it would make the release depend on which client failed)."""
+        accepted, rejected = [], []
+        for r in results:
+            try:
+                check_delta(state.params, r.delta, r.client)
+                accepted.append(r)
+            except ClientUpdateError as err:
+                rejected.append({"client": r.client, "reason": str(err)})
+                if self.recipe.dp is not None:
+                    r.delta = {k: torch.zeros_like(v) for k, v in state.params.items()}
+                    accepted.append(r)
+        return accepted, rejected
+
+    def server_step(self, state: ServerState, results: list[ClientResult], rnd: int, record: dict) -> ServerState:
+        """:func:`~asymvlm.federated.core.server_update` on the accepted updates."""
+        info_in: dict[str, Any] = {}
+        needs = self.recipe.needs
+        if needs & {"loss_before", "loss_initial"}:
+            info_in["loss_before"] = [r.loss_before for r in results]
+        if "grad_norm" in needs:
+            info_in["grad_norm"] = [r.grad_norm for r in results]
+        if "loss_initial" in needs:
+            info_in["loss_initial"] = [state.initial_losses[str(r.client)] for r in results]
+        lora = self.lora
+        if lora is not None:  # stack's re-initialised A: a fresh stream per round
+            lora = dataclasses.replace(lora, seed=int_seed(self.fed.seed, "lora_init", rnd))
+        full = self._full(state.params, state.base)
+        new, opt_state, info = server_update(
+            self.recipe, [r.delta for r in results], [max(1, r.num_examples) for r in results], state.opt_state,
+            full, lora=lora, round_index=rnd, **info_in,
+        )  # fmt: skip
+        params = {k: new[k] for k in state.params}
+        base = {layer: new[LoraLayers.base_key(layer)] for layer in state.base}
+        if base:
+            set_base(self.model, base)
+        out = ServerState(rnd, params, opt_state, state.initial_losses, base, state.epsilon, state.dp_releases)
+        if self.recipe.dp is not None:
+            out.dp_releases += 1
+            out.epsilon = self.recipe.dp.epsilon(out.dp_releases)
+            record["dp_epsilon"] = out.epsilon
+            record["dp"] = info["dp"]
+        if "lora" in info:
+            record["lora_info"] = info["lora"]
+        record["aggregator_info"] = {
+            k: v
+            for k, v in info["aggregator"].items()
+            if isinstance(v, (int, float, list)) and not (isinstance(v, list) and len(v) > 64)
+        }
+        return out
+
+    def initial_losses(self, state: ServerState) -> None:
+        """F_k(theta_0): every client's loss at the initial global model (AdaFedAdam's fairness weights)."""
+        self.model.set_params(state.params)
+        for c, b in enumerate(self.data.batchers):
+            b.reseed(int_seed(self.fed.seed, "initial_loss", c))
+            state.initial_losses[str(c)] = client_loss(self.model, b, self.options.loss_batches)[0]
+
+    def client_losses(self, state: ServerState) -> dict[str, Any]:
+        """The fairness report: every client's loss at the current global model."""
+        self.model.set_params(state.params)
+        losses = []
+        for k, b in enumerate(self.data.batchers):
+            b.reseed(int_seed(self.fed.seed, "fairness", k))
+            losses.append(client_loss(self.model, b, self.fed.fairness_batches)[0])
+        return {"client_loss": {str(k): v for k, v in enumerate(losses)}, "fairness": fairness(losses)}
+
+
+def run_federated(
+    fed: FederatedArguments,
+    data: FederatedData,
+    *,
+    head: HeadArguments | None = None,
+    recipe_options: Mapping[str, Any] | None = None,
+    evaluate: Callable[[TrainableModel], dict[str, Any]] | None = None,
+    log: Callable[[dict], None] | None = None,
+    stop_after: int | None = None,
+) -> tuple[ServerState, TrainableModel]:
+    """Run (or resume) the federation; return the final server state and the trained model.
+
+    Args:
+        fed, data: the federation and its clients' data (:func:`~asymvlm.federated.data.get_federated_data`).
+        head: the text head's architecture (default :class:`~asymvlm.config.HeadArguments`).
+        recipe_options: options of ``fed.recipe`` (declared by the recipe; others are an error).
+        evaluate: ``evaluate(model) -> metrics`` on held-out data, called every ``eval_every``
+            rounds and after the last (the CLI passes :mod:`asymvlm.eval`'s; the rounds import no eval).
+        log: called with every round's record (also appended to ``metrics.jsonl``).
+        stop_after: end after that many rounds of this call (tests simulate a crash).
+    """
+    run = Federation.build(fed, data, head, recipe_options)
+    out, dp = Path(fed.output_dir), run.recipe.dp is not None
+    out.mkdir(parents=True, exist_ok=True)
+    if log:
+        log({"event": "communication per client and round", **run.comm})
+    state = run.start(log)
+    if "loss_initial" in run.recipe.needs and not state.initial_losses:
+        run.initial_losses(state)
+    malicious, config = attackers(fed), {**asdict(fed), "recipe_options": run.recipe.options}
+    bar = tqdm(range(state.round, fed.rounds), initial=state.round, total=fed.rounds, desc="rounds",
+               disable=not fed.progress)  # fmt: skip
+    for done_here, rnd in enumerate(bar, 1):
+        t0 = time.time()
+        active, who = sample_clients(fed, rnd, poisson=dp)  # sample
+        record: dict[str, Any] = {"round": rnd + 1, **who}
+        results = run.attack(run.train_clients(state, active, rnd), malicious)  # client update
+        accepted, record["rejected"] = run.validate(state, results)  # validate
+        record["upload_bytes"] = {"per_client": run.comm["sent_bytes"], "dense": run.comm["dense_bytes"]}
+        if len(accepted) < fed.min_clients or not accepted:
+            record["skipped"] = f"{len(accepted)} valid updates < min_clients={fed.min_clients}"
+        else:
+            state = run.server_step(state, accepted, rnd, record)  # server step
+        state.round = rnd + 1
+        if dp:
+            record["dp_note"] = "per-client losses are not logged under DP; epsilon covers the released model"
+        elif accepted:
+            record["client_loss_after"] = {str(r.client): r.loss_after for r in accepted}
+            record["loss_after"] = fairness([r.loss_after for r in accepted])
+        if (fed.eval_every > 0 and (rnd + 1) % fed.eval_every == 0) or rnd + 1 == fed.rounds:
+            if not dp:
+                record.update(run.client_losses(state))
+            if evaluate is not None:
+                run.model.set_params(state.params)
+                record.update(evaluate(run.model))
+        record["seconds"] = round(time.time() - t0, 3)
+        save_server_state(state, out / "checkpoints", config)  # checkpoint
+        prune_rounds(out / "checkpoints", fed.keep_rounds)
+        with open(out / "metrics.jsonl", "a") as f:  # log
+            f.write(json.dumps(record) + "\n")
+        if log:
+            log(record)
+        bar.set_postfix(loss=f"{record.get('loss_after', {}).get('mean', float('nan')):.3f}")
+        if stop_after is not None and done_here >= stop_after:
+            break
+    run.model.set_params(state.params)
+    return state, run.model
+
+
+def _init_from(model: TrainableModel, path: str) -> None:
+    """Start from a saved AsymVLM's head and temperature (same head architecture)."""
+    from asymvlm.model import AsymVLM
+
+    start = AsymVLM.from_pretrained(path, load_encoder=False)
+    if start.head.config != model.head.config:
+        raise ValueError(
+            f"init_from {path}: head {start.head.config} differs from the federated head {model.head.config}"
+        )
+    with torch.no_grad():
+        model.head.load_state_dict(start.head.state_dict())
+        model.loss_fn.logit_scale.fill_(start.logit_scale)
