@@ -27,7 +27,7 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
 demo: $(STAMP)
-	$(BIN)/asymvlm-demo --out demo-out
+	$(BIN)/asymvlm-demo --output_dir demo-out
 
 lint: $(STAMP)
 	$(BIN)/ruff check asymvlm federated merging training eval tests bench examples

@@ -12,8 +12,9 @@ from asymvlm.encoders import FrozenEncoder, load_encoder
 from asymvlm.heads import HeadConfig, TextHead
 from asymvlm.losses import AsymVLMLoss, log_likelihood, parameter_groups, positives_from_ids, symmetric_infonce
 from asymvlm.model import AsymVLM
-from asymvlm.retrieval import ImageIndex, SearchResult, TextIndex, zero_shot_classify
+from asymvlm.retrieval import ImageIndex, SearchResult, TextIndex
 from asymvlm.special import bessel_ratio, log_bessel_iv, vmf_log_normalizer
+from asymvlm.zeroshot import zero_shot_classify
 
 __version__ = "0.1.0"
 

@@ -60,6 +60,8 @@ __all__ = [
     "embed_dataset",
     "write_cache",
     "dataset_fingerprint",
+    "validate_embeddings",
+    "validate_index",
 ]
 
 CACHE_TYPE = "asymvlm.embedding_cache"
@@ -160,6 +162,7 @@ class EmbeddingCache:
     text_embeddings: Tensor
     text_image_index: Tensor
     captions: list[str] | None
+    validated: bool = False  # the values were checked when loaded (ImageIndex.from_cache then skips it)
 
     @property
     def dim(self) -> int:
@@ -181,11 +184,16 @@ class EmbeddingCache:
         encoder_fingerprint: str | None = None,
         dataset_fingerprint: str | None = None,
         mmap: bool = True,
+        validate: bool = True,
     ) -> EmbeddingCache:
         """Open a cache directory; optionally require matching fingerprints.
 
+        ``validate`` (default) checks the stored values once, vectorised and in chunks (memory stays
+        bounded on memory-mapped files): every embedding row finite and of unit norm (a zero row is
+        not), every caption's image row in ``[0, num_images)``. A failure names the file and the row.
+
         Raises:
-            ArtefactError: missing, corrupt or inconsistent files.
+            ArtefactError: missing, corrupt or inconsistent files, or invalid values.
             CacheMismatchError: a fingerprint given here differs from the cache's.
         """
         path = Path(path)
@@ -211,7 +219,41 @@ class EmbeddingCache:
                 f"manifest ({manifest['num_images']} images, {manifest['num_texts']} texts, d={d})"
             )
         captions = read_json(path / "captions.json") if (path / "captions.json").is_file() else None
-        return cls(path, manifest, images, texts["embeddings"], texts["image_index"], captions)
+        if captions is not None and (not isinstance(captions, list) or len(captions) != manifest["num_texts"]):
+            raise ArtefactError(f"{path / 'captions.json'}: expected a list of {manifest['num_texts']} captions")
+        if validate:
+            validate_embeddings(images, path / "images.safetensors", "image embeddings")
+            validate_embeddings(texts["embeddings"], path / "texts.safetensors", "text embeddings")
+            validate_index(texts["image_index"], int(manifest["num_images"]), path / "texts.safetensors")
+        cache = cls(path, manifest, images, texts["embeddings"], texts["image_index"], captions)
+        cache.validated = validate
+        return cache
+
+
+def validate_embeddings(x: Tensor, where: Path | str, name: str, chunk: int = 65536) -> None:
+    """Every row finite and of unit norm, checked in chunks; an :class:`ArtefactError` naming the
+    file and the first bad row otherwise."""
+    from asymvlm.heads import check_embeddings
+
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ArtefactError(f"{where}: {name} must be a floating (N, d) tensor, got {x.dtype} {tuple(x.shape)}")
+    for s in range(0, x.shape[0], chunk):
+        try:
+            check_embeddings(x[s : s + chunk].float(), x.shape[1], name, unit=True, row_offset=s)
+        except ValueError as err:
+            raise ArtefactError(f"{where}: {err}") from None
+
+
+def validate_index(index: Tensor, num_images: int, where: Path | str) -> None:
+    """Each caption's image row is an integer in ``[0, num_images)`` (a -1 would wrap to the last image)."""
+    if index.dim() != 1 or index.dtype not in (torch.int64, torch.int32):
+        raise ArtefactError(
+            f"{where}: image_index must be a 1-d integer tensor, got {index.dtype} {tuple(index.shape)}"
+        )
+    bad = (index < 0) | (index >= num_images)
+    if bool(bad.any()):
+        row = int(torch.nonzero(bad)[0, 0])
+        raise ArtefactError(f"{where}: caption row {row} points at image {int(index[row])}, outside [0, {num_images})")
 
 
 def _check_fingerprints(manifest: dict, path: Path, encoder_fp: str | None, dataset_fp: str | None) -> None:

@@ -118,11 +118,47 @@ def atomic_write_bytes(data: bytes, path: str | Path) -> Path:
     return path
 
 
+MANIFEST_NAME = ".asymvlm-files.json"  # the entries asymvlm wrote into a directory it built
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _owned_entries(path: Path) -> set[str] | None:
+    """The entries asymvlm wrote into ``path`` (None: no record, i.e. not built by atomic_directory)."""
+    record = path / MANIFEST_NAME
+    if not record.is_file():
+        return None
+    try:
+        doc = json.loads(record.read_text())
+        return set(doc["entries"]) | {MANIFEST_NAME}
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Build a directory atomically: write into the yielded temporary folder next to ``path``;
-    on success it replaces ``path`` (an existing one is moved aside, then deleted), on any error
-    it is removed and ``path`` is left untouched.
+    on success it takes ``path``'s place, on any error it is removed and ``path`` is untouched.
+
+    Replacing an existing ``path`` never deletes what asymvlm did not write there: the new
+    folder records its entries (``.asymvlm-files.json``); when it replaces a folder, the entries
+    that folder's record lists are dropped, every other entry (a user's notes, results) is moved
+    into the new folder first, and the two folders are swapped in one atomic step
+    (``renameat2(RENAME_EXCHANGE)``: ``path`` is never missing; where the system lacks it, two
+    renames). An existing non-empty folder without a record was not built by asymvlm: it is an
+    :class:`ArtefactError`, and nothing is touched.
 
     Example:
         >>> import tempfile
@@ -134,15 +170,40 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    keep: list[str] = []
+    if path.exists():
+        if not path.is_dir():
+            raise ArtefactError(f"{path} exists and is not a directory")
+        owned = _owned_entries(path)
+        present = {p.name for p in path.iterdir()}
+        if owned is None and present:
+            raise ArtefactError(
+                f"{path} exists, is not empty and was not written by asymvlm ({sorted(present)[:4]}): nothing was "
+                "changed; choose another output path or empty it"
+            )
+        keep = sorted(present - (owned or set()))
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()  # mode 0o777 & ~umask, like any mkdir (tempfile.mkdtemp would make it 0700)
     try:
         yield tmp
+        entries = sorted(p.name for p in tmp.iterdir())
+        clash = [k for k in keep if k in entries]
+        if clash:
+            raise ArtefactError(
+                f"{path}: {clash} were not written by asymvlm but the new contents have the same names; nothing "
+                "was changed"
+            )
+        atomic_write_bytes(json.dumps({"entries": entries}).encode(), tmp / MANIFEST_NAME)
         if path.exists():
-            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            for name in keep:  # carried over: the user's entries survive the replacement
+                os.replace(path / name, tmp / name)
+            if _exchange(tmp, path):  # now tmp holds the old folder (only asymvlm's entries)
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(path, old)
+                os.replace(tmp, path)
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
         _fsync_dir(path.parent)

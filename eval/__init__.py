@@ -1,13 +1,48 @@
-"""eval: retrieval and uncertainty metrics computed from ranks, zero-shot evaluation, plots.
-
-Import it as ``from asymvlm.eval import ...`` (never a bare ``import eval``: it shadows the builtin).
+"""asymvlm.eval: retrieval and uncertainty metrics computed from ranks, zero-shot evaluation, plots.
 
 * :mod:`asymvlm.eval.retrieval` — R@K, mean/median rank, RSUM (pessimistic ties), and
   ``t2i_recall_at_1``, the one text -> image R@1 of the package;
 * :mod:`asymvlm.eval.uncertainty` — binned R@1 vs uncertainty, error AUROC, ambiguity correlation;
-* :mod:`asymvlm.eval.zeroshot` — zero-shot accuracy, risk-coverage, AURC;
+* :mod:`asymvlm.eval.zeroshot` — zero-shot accuracy, risk-coverage, AURC (classification itself is
+  :func:`asymvlm.zeroshot.zero_shot_classify`);
 * :mod:`asymvlm.eval.benchmark` — everything on one dataset next to the CLIP baseline, the summary table;
 * :mod:`asymvlm.eval.plots` — PNG plots; :mod:`asymvlm.eval.cli` — ``asymvlm-eval``.
 """
 
-__all__: list[str] = []
+_EXPORTS = {
+    "positive_ranks": "asymvlm.eval.retrieval",
+    "recall_at_k": "asymvlm.eval.retrieval",
+    "rank_summary": "asymvlm.eval.retrieval",
+    "retrieval_metrics": "asymvlm.eval.retrieval",
+    "positives_from_index": "asymvlm.eval.retrieval",
+    "t2i_recall_at_1": "asymvlm.eval.retrieval",
+    "binned_recall": "asymvlm.eval.uncertainty",
+    "bin_correlations": "asymvlm.eval.uncertainty",
+    "error_auroc": "asymvlm.eval.uncertainty",
+    "ambiguity_spearman": "asymvlm.eval.uncertainty",
+    "uncertainty_report": "asymvlm.eval.uncertainty",
+    "accuracy": "asymvlm.eval.zeroshot",
+    "risk_coverage": "asymvlm.eval.zeroshot",
+    "aurc": "asymvlm.eval.zeroshot",
+    "selective_accuracy_at": "asymvlm.eval.zeroshot",
+    "EvalData": "asymvlm.eval.benchmark",
+    "evaluate": "asymvlm.eval.benchmark",
+    "shapeworld_eval_data": "asymvlm.eval.benchmark",
+    "summary_table": "asymvlm.eval.benchmark",
+    "plot_report": "asymvlm.eval.plots",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):  # PEP 562: import the defining module on first use (keeps imports light)
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

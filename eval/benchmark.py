@@ -12,7 +12,7 @@
   uncertainty per caption level and the Spearman correlation with the true ambiguity;
 * zero-shot classification of ShapeWorld's shape and colour (accuracy, selective accuracy and
   AURC, abstaining on the least confident predictions), by the package's one zero-shot classifier
-  :func:`asymvlm.retrieval.zero_shot_classify` (the CLIP baseline through a cosine adapter).
+  :func:`asymvlm.zeroshot.zero_shot_classify` (the CLIP baseline through a cosine adapter).
 
 Example:
     >>> import torch
@@ -39,7 +39,7 @@ from torch import Tensor
 from asymvlm.eval.retrieval import positive_ranks, positives_from_index, recall_at_k, retrieval_metrics
 from asymvlm.eval.uncertainty import ambiguity_spearman, uncertainty_report
 from asymvlm.eval.zeroshot import accuracy, aurc, risk_coverage, selective_accuracy_at
-from asymvlm.retrieval import zero_shot_classify
+from asymvlm.zeroshot import zero_shot_classify
 
 __all__ = ["EvalData", "evaluate", "shapeworld_eval_data", "summary_table"]
 
@@ -140,7 +140,7 @@ def _scores_and_uncertainty(model: Any, data: EvalData) -> tuple[Tensor, Tensor 
 
 
 class _CosineZeroShot:
-    """The CLIP baseline in the shape :func:`~asymvlm.retrieval.zero_shot_classify` asks of a model,
+    """The CLIP baseline in the shape :func:`~asymvlm.zeroshot.zero_shot_classify` asks of a model,
     so that the baseline goes through the same classifier as every AsymVLM: cosine scores, CLIP's
     fixed logit scale 100 and a constant concentration (the baseline has no uncertainty)."""
 

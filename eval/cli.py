@@ -1,27 +1,33 @@
 """``asymvlm-eval``: evaluate saved AsymVLM models (and always the CLIP baseline) on a dataset.
 
-Writes ``metrics.json`` and PNG plots to ``--out`` and prints a summary table.
+Writes ``metrics.json`` and PNG plots to ``--output_dir`` and prints a summary table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from asymvlm.errors import ArtefactError, ConfigError, EncoderMismatchError, InputError
+
 __all__ = ["main"]
 
 EPILOG = """examples:
   asymvlm-eval                                   # the toy CLIP baseline on held-out ShapeWorld
-  asymvlm-eval --model runs/vmf --model runs/ps --images 1000 --out eval-out
+  asymvlm-eval --model runs/vmf/model --model runs/ps/model --images 1000 --output_dir eval-out
   asymvlm-eval --encoder hf:openai/clip-vit-base-patch32 --dataset imagefolder:/data/my-captions
-  asymvlm-eval --model runs/vmf --dataset coco-karpathy:/data/dataset_coco.json:/data/coco:test
+  asymvlm-eval --model runs/vmf/model --dataset coco-karpathy:/data/dataset_coco.json:/data/coco:test
+
+A model is the folder that asymvlm-train / asymvlm-federate write to <output_dir>/model (or an
+asymvlm-merge --output_dir).
 """
+
+PROG = "asymvlm-eval"
 
 
 def _local_eval_data(encoder: Any, dataset: Any, max_images: int | None):
@@ -42,41 +48,84 @@ def _local_eval_data(encoder: Any, dataset: Any, max_images: int | None):
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="asymvlm-eval",
-        description=__doc__.splitlines()[0],
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def _device(value: str) -> str:
+    """An argparse ``type``: ``auto`` or a torch device string."""
+    if value != "auto":
+        try:
+            torch.device(value)
+        except (RuntimeError, ValueError) as err:
+            raise argparse.ArgumentTypeError(f"invalid device {value!r} (cpu, cuda, cuda:<i>, mps or auto)") from err
+    return value
+
+
+def _default_name(path: str) -> str:
+    """``runs/vmf/model`` -> ``vmf`` (the folder training wrote), ``merged/ties`` -> ``ties``."""
+    p = Path(path).resolve() if Path(path).name in ("", ".", "..") else Path(path)
+    return p.parent.name if p.name == "model" and p.parent.name else p.name
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``asymvlm-eval`` (flags spelled with underscores or dashes; no abbreviations)."""
+    from asymvlm import shapeworld as sw
+    from asymvlm.cli import comma_choices, make_parser, summary
+
+    parser = make_parser(PROG, summary(__doc__), EPILOG)
     parser.add_argument(
         "--model",
         action="append",
         default=[],
         metavar="DIR",
-        help="a saved AsymVLM (repeatable); its encoder is loaded from its config",
+        help="A saved AsymVLM, e.g. <output_dir>/model of asymvlm-train (repeatable); its encoder is loaded "
+        "from its config.",
     )
-    parser.add_argument("--name", action="append", default=[], help="display names for --model, in order")
+    parser.add_argument("--name", action="append", default=[], help="Display names for --model, in order.")
     parser.add_argument(
         "--encoder",
         default=None,
-        help="encoder spec for the CLIP baseline when no --model is given (default: the toy CLIP)",
+        help="Encoder spec for the CLIP baseline when no --model is given (default: the toy CLIP).",
     )
-    parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag or file for --encoder")
+    parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag or file for --encoder.")
     parser.add_argument(
         "--dataset",
         default="shapeworld",
-        help="shapeworld (default), imagefolder:<root>, coco-karpathy:<json>:<root>[:split], "
-        "coco2017:<json>:<dir>, flickr30k:<json>:<dir>[:split]",
+        help="shapeworld, imagefolder:<root>, coco-karpathy:<json>:<root>[:split], coco2017:<json>:<dir>, "
+        "flickr30k:<json>:<dir>[:split].",
     )
-    parser.add_argument("--images", type=int, default=1000, help="held-out images (ShapeWorld) or at most this many")
-    parser.add_argument("--seed", type=int, default=12345, help="ShapeWorld split seed")
-    parser.add_argument("--caption-styles", default="all", help="ShapeWorld caption styles, comma list or 'all'")
-    parser.add_argument("--visual-styles", default="all", help="ShapeWorld visual styles, comma list or 'all'")
-    parser.add_argument("--bins", type=int, default=10, help="uncertainty bins")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", default="eval-out", help="output directory for metrics.json and plots")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--images", type=int, default=1000, help="Held-out images (ShapeWorld), or at most this many (other data)."
+    )
+    parser.add_argument("--seed", type=int, default=12345, help="ShapeWorld split seed.")
+    parser.add_argument(
+        "--caption_styles",
+        type=comma_choices(sw.CAPTION_STYLES),
+        default="all",
+        metavar="STYLES",
+        help=f"ShapeWorld caption styles: all, or a comma list of {{{','.join(sw.CAPTION_STYLES)}}}.",
+    )
+    parser.add_argument(
+        "--visual_styles",
+        type=comma_choices(sw.VISUAL_STYLES),
+        default="all",
+        metavar="STYLES",
+        help=f"ShapeWorld visual styles: all, or a comma list of {{{','.join(sw.VISUAL_STYLES)}}}.",
+    )
+    parser.add_argument("--bins", type=int, default=10, help="Uncertainty bins.")
+    parser.add_argument("--device", type=_device, default="cpu", help="Torch device (cpu, cuda, cuda:1, ... or auto).")
+    parser.add_argument("--output_dir", default="eval-out", help="Output directory for metrics.json and the plots.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``asymvlm-eval``; returns the exit status (2 for a user error, printed as one line)."""
+    from asymvlm.cli import run
+
+    return run(PROG, _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if len(args.name) > len(args.model):
+        raise ConfigError(f"{len(args.name)} --name for {len(args.model)} --model")
 
     from asymvlm import shapeworld as sw
     from asymvlm.encoders import load_encoder
@@ -86,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.time()
     models = {}
-    names = list(args.name) + [Path(m).name for m in args.model[len(args.name) :]]
+    names = list(args.name) + [_default_name(m) for m in args.model[len(args.name) :]]
+    if len(set(names)) < len(names) or "clip" in names:
+        raise ConfigError(f"the models need distinct display names other than 'clip' (got {names}); give --name")
     for name, path in zip(names, args.model):
         # a model that adapts the text tower (LoRA, folded federated updates) embeds the captions itself
         cfg = json.loads((Path(path) / CONFIG_NAME).read_text()) if (Path(path) / CONFIG_NAME).is_file() else {}
@@ -95,16 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     if models:
         sources = {json.dumps(m.encoder_source, sort_keys=True) for m in models.values()}
         if len(sources) > 1:
-            print("error: the models were trained on different encoders; evaluate them separately", file=sys.stderr)
-            return 2
+            raise InputError("the models were trained on different encoders; evaluate them separately")
         src = next(iter(models.values())).encoder_source
         if not src:
-            print("error: the model has no encoder recorded; cannot embed the dataset", file=sys.stderr)
-            return 2
+            raise ArtefactError("the model has no encoder recorded; cannot embed the dataset")
         encoder = load_encoder(src["spec"], src.get("pretrained"), device=args.device)
         if src.get("fingerprint") and encoder.fingerprint != src["fingerprint"]:
-            print(f"error: encoder {src['spec']} has other weights than the model was trained with", file=sys.stderr)
-            return 2
+            raise EncoderMismatchError(f"encoder {src['spec']} has other weights than the model was trained with")
     else:
         from asymvlm.toyclip import TOY_CLIP_SPEC, TOY_CLIP_TAG
 
@@ -114,16 +162,12 @@ def main(argv: list[str] | None = None) -> int:
 
     level_ambiguity = None
     if args.dataset == "shapeworld":
-
-        def styles(value: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
-            return allowed if value == "all" else tuple(s.strip() for s in value.split(","))
-
         data = shapeworld_eval_data(
             encoder,
             n=args.images,
             seed=args.seed,
-            caption_styles=styles(args.caption_styles, sw.CAPTION_STYLES),
-            visual_styles=styles(args.visual_styles, sw.VISUAL_STYLES),
+            caption_styles=args.caption_styles,
+            visual_styles=args.visual_styles,
         )
         level_ambiguity = sw.level_ambiguity()
     else:
@@ -132,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         data = _local_eval_data(encoder, load_dataset_spec(args.dataset), args.images)
 
     report = evaluate(data, models, n_bins=args.bins)
-    out = Path(args.out)
+    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     from asymvlm.io import atomic_write_json, json_safe
 

@@ -19,7 +19,7 @@ fixed random orthogonal matrix per style), an encoder that puts each style in it
 the sphere; at ``A = pi/2`` the base retrieves at chance and each expert must learn its style.
 
 Run:  python examples/talos_merging.py [--train-images 4000] [--steps 300] [--sparsity 0.9]
-                                       [--style-rotation 0.0] [--out talos-out]
+                                       [--style-rotation 0.0] [--output_dir talos-out]
 Prints a table and writes ``results.json``.
 """
 
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         help="rotate each non-plain style's caption embeddings by this angle into its own region (0: the real styles)",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="talos-out")
+    p.add_argument("--output_dir", "--output-dir", dest="out", default="talos-out")
     args = p.parse_args(argv)
     t0 = time.time()
     out = Path(args.out)

@@ -26,10 +26,21 @@ from asymvlm.federated.core import LORA_MODES
 from asymvlm.federated.partition import PARTITIONERS
 from asymvlm.federated.recipes import RECIPES
 
-__all__ = ["FederatedArguments", "RecipeArguments", "recipe_options", "ATTACKS", "RUN_OPTIONS"]
+__all__ = [
+    "FederatedArguments",
+    "RecipeArguments",
+    "recipe_options",
+    "ATTACKS",
+    "RUN_OPTIONS",
+    "RESUMABLE_CHANGES",
+    "RUN_OUTPUTS",
+]
 
 ATTACKS = ("none", "sign_flip", "scale")
 RUN_OPTIONS = ("local_lr",)  # recipe options the run supplies itself (AdaFedAdam's and q-FFL's eta_l)
+# what may change between a run and its --resume (everything else must match the checkpoint's config)
+RESUMABLE_CHANGES = ("rounds", "resume", "overwrite", "progress", "keep_rounds", "eval_every", "output_dir")
+RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "model")  # what a run writes into output_dir
 
 
 @dataclass(frozen=True)
@@ -121,7 +132,17 @@ class FederatedArguments:
     )
     seed: int = field(default=0, metadata={"help": "Seed of everything random (except secure DP noise)."})
     output_dir: str = field(default="runs/federated", metadata={"help": "Checkpoints, metrics.jsonl, model/."})
-    resume: bool = field(default=False, metadata={"help": "Resume from the latest round checkpoint in output_dir."})
+    resume: bool = field(
+        default=False,
+        metadata={"help": "Resume from the latest round checkpoint in output_dir (its config must match)."},
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Start afresh in a used output_dir: removes what a run writes there (checkpoints/, "
+            "metrics.jsonl, model/), nothing else."
+        },
+    )
     keep_rounds: int = field(default=2, metadata={"help": "Round checkpoints kept."})
     progress: bool = field(default=True, metadata={"help": "Progress bar per round."})
 
@@ -136,6 +157,27 @@ class FederatedArguments:
             raise ConfigError(f"dp_noise_multiplier must be >= 0 (0 = off), got {self.dp_noise_multiplier}")
         if not (self.dp_max_norm > 0 and math.isfinite(self.dp_max_norm)):
             raise ConfigError(f"dp_max_norm must be > 0, got {self.dp_max_norm}")
+        if self.keep_rounds < 1:
+            raise ConfigError(
+                f"keep_rounds must be >= 1 (the latest round is what --resume needs), got {self.keep_rounds}"
+            )
+        if self.clients_per_round < 0 or self.clients_per_round > self.num_clients:
+            raise ConfigError(
+                f"clients_per_round must be in [0, num_clients={self.num_clients}] (0: use client_fraction), "
+                f"got {self.clients_per_round}"
+            )
+        per_round = round(self.sample_rate * self.num_clients)
+        if self.min_clients > (self.num_clients if self.dp_noise_multiplier > 0 else per_round):
+            raise ConfigError(
+                f"min_clients={self.min_clients} exceeds the {per_round} clients sampled per round: every round "
+                "would be skipped"
+            )
+        if self.resume and self.overwrite:
+            raise ConfigError("resume and overwrite exclude each other: continue the run, or replace it")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        if self.local_lr <= 0 or not math.isfinite(self.local_lr):
+            raise ConfigError(f"local_lr must be > 0, got {self.local_lr}")
 
     @property
     def sample_rate(self) -> float:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -38,7 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from asymvlm.config import HeadArguments
+from asymvlm.config import ConfigError, HeadArguments
 from asymvlm.federated.checkpoint import ServerState, load_server_state, prune_rounds, round_dirs, save_server_state
 from asymvlm.federated.client import (
     ClientOptions,
@@ -52,7 +53,7 @@ from asymvlm.federated.client import (
     set_base,
     upload_bytes,
 )
-from asymvlm.federated.config import RUN_OPTIONS, FederatedArguments
+from asymvlm.federated.config import RESUMABLE_CHANGES, RUN_OPTIONS, RUN_OUTPUTS, FederatedArguments
 from asymvlm.federated.core import (
     ClientUpdateError,
     DifferentialPrivacy,
@@ -157,6 +158,13 @@ class Federation:
                 fed.dp_insecure_seed,
             )  # fmt: skip
         recipe = make_recipe(fed.recipe, dp=dp, **options)
+        f = recipe.options.get("krum_num_malicious")
+        per_round = round(fed.sample_rate * fed.num_clients)
+        if f is not None and per_round <= 2 * f + 2:
+            raise ConfigError(
+                f"Krum tolerates f Byzantine clients among n only when n > 2f + 2 (Blanchard et al. 2017): "
+                f"krum_num_malicious={f} needs more than {2 * f + 2} clients per round, got {per_round}"
+            )
         lora_cfg = None
         if fed.trainable != "head":
             from asymvlm.lora import DEFAULT_TARGETS
@@ -201,15 +209,42 @@ class Federation:
         return cls(fed, data, recipe, model, opts, lora, comm)
 
     # -- state --------------------------------------------------------------------------------------
-    def start(self, log: Callable[[dict], None] | None) -> ServerState:
-        """The state to continue from: the latest checkpoint (``resume``) or round 0."""
-        ckpt = Path(self.fed.output_dir) / "checkpoints"
+    def config(self, head: HeadArguments | None) -> dict[str, Any]:
+        """What identifies the run (saved in every checkpoint; ``--resume`` compares it)."""
+        return {
+            **asdict(self.fed),
+            "recipe_options": dict(self.recipe.options),
+            "head": asdict(head or HeadArguments()),
+            "data": {
+                "encoder_fingerprint": (self.data.encoder_source or {}).get("fingerprint"),
+                "client_sizes": list(self.data.num_examples),
+            },
+        }
+
+    def start(self, config: dict[str, Any], log: Callable[[dict], None] | None) -> ServerState:
+        """The state to continue from: the latest checkpoint (``resume``, whose config must match)
+        or round 0 (``output_dir`` must be new or empty, or ``overwrite`` clears what a run wrote)."""
+        out = Path(self.fed.output_dir)
+        ckpt = out / "checkpoints"
         rounds = round_dirs(ckpt)
         if self.fed.resume and rounds:
             state = load_server_state(rounds[-1])
+            _check_resumable(rounds[-1], config)
             if state.base:
                 set_base(self.model, state.base)
             return state
+        if self.fed.overwrite:
+            for name in RUN_OUTPUTS:  # only what a run writes; a user's own files stay
+                target = out / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+        elif out.is_dir() and any(out.iterdir()) and not self.fed.resume:
+            raise ConfigError(
+                f"output_dir {out} is not empty (a previous run?): pass resume to continue that run, overwrite to "
+                "replace it, or choose a new output_dir"
+            )
         if self.fed.resume and log:
             log({"event": "no checkpoint to resume from; starting from scratch"})
         params = self.model.get_params()
@@ -345,13 +380,14 @@ def run_federated(
     """
     run = Federation.build(fed, data, head, recipe_options)
     out, dp = Path(fed.output_dir), run.recipe.dp is not None
+    config = run.config(head)
+    state = run.start(config, log)
     out.mkdir(parents=True, exist_ok=True)
     if log:
         log({"event": "communication per client and round", **run.comm})
-    state = run.start(log)
     if "loss_initial" in run.recipe.needs and not state.initial_losses:
         run.initial_losses(state)
-    malicious, config = attackers(fed), {**asdict(fed), "recipe_options": run.recipe.options}
+    malicious = attackers(fed)
     bar = tqdm(range(state.round, fed.rounds), initial=state.round, total=fed.rounds, desc="rounds",
                disable=not fed.progress)  # fmt: skip
     for done_here, rnd in enumerate(bar, 1):
@@ -389,6 +425,18 @@ def run_federated(
             break
     run.model.set_params(state.params)
     return state, run.model
+
+
+def _check_resumable(checkpoint: Path, config: dict[str, Any]) -> None:
+    """A resumed run must be the same run: every config key outside RESUMABLE_CHANGES must match."""
+    saved = json.loads((checkpoint / "server.json").read_text()).get("config") or {}
+    differ = sorted(k for k in set(saved) | set(config) if k not in RESUMABLE_CHANGES and saved.get(k) != config.get(k))
+    if differ:
+        shown = ", ".join(f"{k} ({saved.get(k)!r} -> {config.get(k)!r})" for k in differ[:6])
+        raise ConfigError(
+            f"cannot resume {checkpoint.parent.parent}: its run had another config; differing keys: {shown}. Use the "
+            "same config (only rounds, keep_rounds, eval_every and progress may change), or a new output_dir"
+        )
 
 
 def _init_from(model: TrainableModel, path: str) -> None:

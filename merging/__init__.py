@@ -1,14 +1,47 @@
-"""merging: task vectors, task arithmetic, TIES, DARE and TaLoS on the federated core.
+"""asymvlm.merging: task vectors, task arithmetic, TIES, DARE and TaLoS on the federated core.
 
-* :mod:`asymvlm.merging.task_vectors` — task vectors from checkpoints, AsymVLM heads and LoRA adapters,
-  read lazily (memory-mapped, tensor by tensor);
-* :mod:`asymvlm.merging.methods` — the method registry and streamed merging (``merge_params``,
-  ``merge_files``);
+* :mod:`asymvlm.merging.task_vectors` — task vectors from checkpoints, AsymVLM heads and LoRA
+  adapters, read lazily (memory-mapped, tensor by tensor);
+* :mod:`asymvlm.merging.methods` — the merge methods (recipes of :mod:`asymvlm.federated.core`
+  with declared options) and merging through its one server step (``merge_params``, ``merge_files``);
 * :mod:`asymvlm.merging.lora` — LoRA adapters merged on their exact dense updates (dense / concat / svd);
 * :mod:`asymvlm.merging.talos` — TaLoS mask calibration for sparse, interference-free fine-tuning;
 * :mod:`asymvlm.merging.api` — ``merge`` for any input kind and the lambda search (``asymvlm-merge``).
 
-Importing ``merging`` (or these modules) does not import transformers or peft.
+Importing ``asymvlm.merging`` (or these modules) does not import transformers or peft.
 """
 
-__all__: list[str] = []
+_EXPORTS = {
+    "METHODS": "asymvlm.merging.methods",
+    "make_method": "asymvlm.merging.methods",
+    "merge_params": "asymvlm.merging.methods",
+    "merge_files": "asymvlm.merging.methods",
+    "Ties": "asymvlm.merging.methods",
+    "Dare": "asymvlm.merging.methods",
+    "merge": "asymvlm.merging.api",
+    "lambda_search": "asymvlm.merging.api",
+    "recall_metric": "asymvlm.merging.api",
+    "recall_at_1": "asymvlm.merging.api",
+    "LazyTaskVector": "asymvlm.merging.task_vectors",
+    "MergeInputError": "asymvlm.merging.task_vectors",
+    "task_vector_from_checkpoints": "asymvlm.merging.task_vectors",
+    "task_vector_from_models": "asymvlm.merging.task_vectors",
+    "task_vector_from_lora": "asymvlm.merging.task_vectors",
+    "merge_lora_adapters": "asymvlm.merging.lora",
+    "calibrate_mask": "asymvlm.merging.talos",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):  # PEP 562: import the defining module on first use (keeps imports light)
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

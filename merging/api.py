@@ -125,14 +125,16 @@ def lambda_search(
 
 
 def recall_at_1(head: Any, text: Tensor, images: Tensor, text_image_index: Tensor) -> float:
-    """Text->image R@1 of a head (log-likelihood scores) on cached embeddings."""
+    """Text->image R@1 of a head (log-likelihood scores) on cached embeddings: the one definition
+    of R@1, :func:`asymvlm.eval.retrieval.t2i_recall_at_1` (rank-based, a tie with a negative is
+    a miss)."""
+    from asymvlm.eval.retrieval import t2i_recall_at_1
     from asymvlm.losses import log_likelihood
 
     with torch.no_grad():
         q = head(text.float())
         ll = log_likelihood(q, images.float())
-    hit = ll.argmax(1) == text_image_index
-    return float(hit.double().mean())
+    return t2i_recall_at_1(ll, text_image_index, images.shape[0])
 
 
 def recall_metric(
@@ -218,6 +220,8 @@ def merge(
         raise MergeInputError("no inputs to merge")
     if weights is not None and len(weights) != len(inputs):
         raise MergeInputError(f"{len(weights)} weights for {len(inputs)} inputs")
+    if weights is not None and not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights):
+        raise MergeInputError(f"weights must be finite numbers, got {list(weights)}")
     if not (isinstance(lam, (int, float)) and math.isfinite(lam)):
         raise MergeInputError(f"lam must be a finite number, got {lam}")
     if "density" in options and not 0 < float(options["density"]) <= 1:

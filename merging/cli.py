@@ -1,7 +1,8 @@
 """``asymvlm-merge``: merge fine-tuned AsymVLM heads, checkpoints, task vectors or LoRA adapters.
 
 Values come from a YAML recipe (``--config recipe.yaml``, keys = the long flags with underscores),
-then command-line flags override them; unknown keys are an error. Inputs that do not fit
+then command-line flags override them (spelled with underscores or dashes); unknown keys, unknown
+flags and abbreviations are an error (one line, exit status 2). Inputs that do not fit
 together (keys, shapes, bases, non-finite values, bad density) are a clear error and nothing is
 written; outputs are written atomically with a ``merge.json`` report.
 """
@@ -9,19 +10,23 @@ written; outputs are written atomically with a ``merge.json`` report.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any
+
+from asymvlm.errors import ConfigError
 
 __all__ = ["main", "build_parser"]
 
 EPILOG = """examples:
-  asymvlm-merge --base runs/base/model --inputs runs/a/model runs/b/model --method ties --density 0.2 --out merged
-  asymvlm-merge --base base/model --inputs a/model b/model --method task_arithmetic \\
-      --lam-grid 0.2,0.4,0.6,0.8,1.0 --val caches/a-val caches/b-val --out merged
-  asymvlm-merge --base base.safetensors --inputs ft1.safetensors ft2.safetensors --method dare_ties --p 0.9 --out m
-  asymvlm-merge --inputs adapter1 adapter2 --method task_arithmetic --lora-output concat --out merged-adapter
-  asymvlm-merge --inputs adapter1 adapter2 --method ties --lora-output svd --rank 8 --out merged-adapter
+  asymvlm-merge --base runs/base/model --inputs runs/a/model runs/b/model --method ties --density 0.2 \\
+      --output_dir merged
+  asymvlm-merge --base runs/base/model --inputs runs/a/model runs/b/model --method task_arithmetic \\
+      --lam_grid 0.2,0.4,0.6,0.8,1.0 --val caches/a-val caches/b-val --output_dir merged
+  asymvlm-merge --base base.safetensors --inputs ft1.safetensors ft2.safetensors --method dare_ties --p 0.9 \\
+      --output_dir merged
+  asymvlm-merge --inputs adapter1 adapter2 --method task_arithmetic --lora_output concat --output_dir merged-adapter
+  asymvlm-merge --inputs adapter1 adapter2 --method ties --lora_output svd --rank 8 --output_dir merged-adapter
   asymvlm-merge --config recipe.yaml --lam 0.7
+  asymvlm-merge --list_methods
 
 recipe.yaml:
   base: runs/base/model
@@ -29,96 +34,135 @@ recipe.yaml:
   method: ties
   density: 0.2
   lam: 1.0
-  out: merged
+  output_dir: merged
 """
 
-# YAML key -> (flag, argparse kwargs); the merge options passed to the method are OPTION_KEYS
-SPEC: dict[str, tuple[str, dict[str, Any]]] = {
-    "base": ("--base", {"help": "What the inputs were fine-tuned from: a saved AsymVLM or a .safetensors checkpoint."}),
-    "inputs": ("--inputs", {"nargs": "+", "help": "AsymVLMs, checkpoints, task-vector dirs or peft adapters."}),
-    "out": ("--out", {"help": "Output directory (written atomically)."}),
-    "method": ("--method", {"help": "Merge method (see --list-methods); default ties."}),
-    "lam": ("--lam", {"type": float, "help": "Scaling lambda of the merged task vector (default 1.0)."}),
-    "weights": ("--weights", {"nargs": "+", "type": float, "help": "Per-input weights."}),
-    "density": ("--density", {"type": float, "help": "TIES: fraction of entries kept per task, in (0, 1] (0.2)."}),
-    "scope": ("--scope", {"choices": ("global", "per_tensor"), "help": "TIES top-k scope (global: the paper's)."}),
-    "sign": ("--sign", {"choices": ("total", "frequency"), "help": "TIES sign election."}),
-    "sign_weighted": (
-        "--sign-weighted",
-        {"action": "store_const", "const": True, "help": "Elect on weighted vectors."},
-    ),
-    "normalize": ("--normalize", {"choices": ("count", "weight"), "help": "TIES disjoint mean: by count or weight."}),
-    "zero_sign": ("--zero-sign", {"choices": ("majority", "positive", "none"), "help": "TIES: resolve a zero sum."}),
-    "p": ("--p", {"type": float, "help": "DARE drop probability in [0, 1) (0.9)."}),
-    "seed": ("--seed", {"type": int, "help": "DARE seed."}),
-    "lora_output": (
-        "--lora-output",
-        {"choices": ("dense", "concat", "svd"), "help": "LoRA inputs: dense (folded into --base), concat, svd."},
-    ),
-    "rank": ("--rank", {"type": int, "help": "LoRA svd output rank (default: the largest input rank)."}),
-    "lam_grid": ("--lam-grid", {"help": "Comma-separated lambdas to search on --val (AsymVLM inputs)."}),
-    "val": ("--val", {"nargs": "+", "help": "Validation embedding caches, one per input (normalised R@1)."}),
+PROG = "asymvlm-merge"
+
+
+def _floats(value: str) -> list[float]:
+    """``"0.2,0.4"`` -> ``[0.2, 0.4]`` (an argparse ``type``)."""
+    try:
+        return [float(x) for x in value.split(",") if x.strip()]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"must be comma-separated numbers, got {value!r}") from err
+
+
+# YAML key = flag (``--<key>``, also spelled with dashes) -> argparse kwargs. The merge options
+# passed to the method are OPTION_KEYS: they have no default here (each method has its own, see
+# --list_methods), so only the ones given reach the method.
+SPEC: dict[str, dict[str, Any]] = {
+    "base": {"help": "What the inputs were fine-tuned from: a saved AsymVLM or a .safetensors checkpoint."},
+    "inputs": {"nargs": "+", "help": "AsymVLMs, checkpoints, task-vector dirs or peft adapters."},
+    "output_dir": {"help": "Output directory (written atomically, with merge.json)."},
+    "method": {"default": "ties", "help": "Merge method (see --list_methods)."},
+    "lam": {"type": float, "default": 1.0, "help": "Scaling lambda of the merged task vector."},
+    "weights": {"nargs": "+", "type": float, "help": "Per-input weights."},
+    "density": {"type": float, "help": "TIES: fraction of entries kept per task, in (0, 1] (method default 0.2)."},
+    "scope": {"choices": ("global", "per_tensor"), "help": "TIES top-k scope (global: the paper's)."},
+    "sign": {"choices": ("total", "frequency"), "help": "TIES sign election."},
+    "sign_weighted": {"action": "store_const", "const": True, "help": "TIES: elect the sign on weighted vectors."},
+    "normalize": {"choices": ("count", "weight"), "help": "TIES disjoint mean: by count or by weight."},
+    "zero_sign": {"choices": ("majority", "positive", "none"), "help": "TIES: resolve a zero sum."},
+    "p": {"type": float, "help": "DARE drop probability in [0, 1) (method default 0.9)."},
+    "seed": {"type": int, "help": "DARE seed (method default 0)."},
+    "lora_output": {
+        "choices": ("dense", "concat", "svd"),
+        "default": "concat",
+        "help": "LoRA inputs: dense (folded into --base), concat (exact), svd (best rank --rank).",
+    },
+    "rank": {"type": int, "help": "LoRA svd output rank (default: the largest input rank)."},
+    "lam_grid": {"type": _floats, "help": "Comma-separated lambdas to search on --val (AsymVLM inputs)."},
+    "val": {"nargs": "+", "help": "Validation embedding caches, one per input (mean normalised R@1)."},
 }
 OPTION_KEYS = ("density", "scope", "sign", "sign_weighted", "normalize", "zero_sign", "p", "seed")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="asymvlm-merge",
-        description=__doc__.splitlines()[0],
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    """The parser of ``asymvlm-merge`` (flags spelled with underscores or dashes; no abbreviations)."""
+    from asymvlm.cli import make_parser, summary
+    from asymvlm.merging.methods import METHODS
+
+    p = make_parser(PROG, summary(__doc__), EPILOG)
     p.add_argument("--config", default=None, help="YAML recipe (keys as the flags, with underscores).")
-    for key, (flag, kw) in SPEC.items():
-        p.add_argument(flag, dest=key, default=None, **kw)
-    p.add_argument("--no-progress", action="store_true", help="No progress bar.")
-    p.add_argument("--list-methods", action="store_true", help="List the merge methods with their papers.")
+    for key, kw in SPEC.items():
+        kw = {"default": None, **kw}
+        if key == "method":
+            kw["choices"] = tuple(METHODS)
+        p.add_argument(f"--{key}", dest=key, **kw)
+    p.add_argument("--no_progress", action="store_true", help="No progress bar.")
+    p.add_argument("--list_methods", action="store_true", help="List the merge methods with their options and papers.")
     return p
 
 
+def _check_yaml(parser: argparse.ArgumentParser, doc: dict[str, Any], path: str) -> None:
+    """What argparse checks for a flag but not for a default (a YAML value): choices and types."""
+    for action in parser._actions:
+        value = doc.get(action.dest)
+        if value is None or isinstance(value, str):  # strings go through the flag's own type
+            continue
+        key, many = action.dest, action.nargs == "+" or action.type is _floats
+        if action.const is True:  # --sign_weighted
+            ok, want = isinstance(value, bool), "true or false"
+        elif isinstance(value, list) and not many:
+            ok, want = False, "a single value"
+        else:
+            items = value if isinstance(value, list) else [value]
+            kind = {float: (int, float), _floats: (int, float), int: (int,)}.get(action.type, (str,))
+            ok = all(isinstance(v, kind) and not isinstance(v, bool) for v in items)
+            want = {(int, float): "a number", (int,): "an integer"}.get(kind, "a string")
+            want += " (or a list of them)" if many else ""
+        if not ok:
+            raise ConfigError(f"{path}: {key} must be {want}, got {value!r}")
+    for action in parser._actions:  # argparse checks the choices of flags, not of defaults
+        value = doc.get(action.dest)
+        if action.choices is not None and value is not None and value not in action.choices:
+            raise ConfigError(f"{path}: {action.dest}={value!r} is not one of {list(action.choices)}")
+
+
 def _config(argv: list[str]) -> dict[str, Any]:
+    """YAML recipe values first (``--config``), then the flags; every value checked by the parser."""
+    from asymvlm.cli import ArgumentParser
     from asymvlm.config import load_yaml
 
-    args = build_parser().parse_args(argv)
-    cfg: dict[str, Any] = {}
-    if args.config:  # ConfigError (a ValueError) names unknown keys
-        cfg.update(load_yaml(args.config, prog="asymvlm-merge", known=SPEC))
-    cfg.update({k: v for k, v in vars(args).items() if k in SPEC and v is not None})
+    pre = ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False)
+    pre.add_argument("--config", default=None)
+    known, _ = pre.parse_known_args(argv)
+    parser = build_parser()
+    if known.config:  # ConfigError names unknown keys
+        doc = load_yaml(known.config, prog=PROG, known=SPEC)
+        _check_yaml(parser, doc, known.config)
+        parser.set_defaults(**doc)  # string values are converted by each flag's type
+    args = parser.parse_args(argv)
+    cfg: dict[str, Any] = {k: v for k, v in vars(args).items() if k in SPEC and v is not None}
     cfg["_progress"] = not args.no_progress
     cfg["_list"] = args.list_methods
-    grid = cfg.get("lam_grid")
-    if isinstance(grid, str):
-        try:
-            cfg["lam_grid"] = [float(x) for x in grid.split(",") if x.strip()]
-        except ValueError as err:
-            raise ValueError(f"--lam-grid must be comma-separated numbers, got {grid!r}") from err
-    for key in ("inputs", "val"):
-        if isinstance(cfg.get(key), str):
+    for key in ("inputs", "val", "weights"):  # nargs="+": a single YAML value is a list of one
+        if key in cfg and not isinstance(cfg[key], list):
             cfg[key] = [cfg[key]]
     return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        cfg = _config(argv)
-    except ValueError as err:
-        print(f"asymvlm-merge: error: {err}", file=sys.stderr)
-        return 2
+    """``asymvlm-merge``; returns the exit status (2 for a user error, printed as one line)."""
+    from asymvlm.cli import run
+
+    return run(PROG, _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    cfg = _config(argv)
     if cfg["_list"]:
         from asymvlm.merging.methods import METHODS
 
         print(METHODS.describe())
         return 0
-    missing = [k for k in ("inputs", "out") if not cfg.get(k)]
+    missing = [k for k in ("inputs", "output_dir") if not cfg.get(k)]
     if missing:
-        print(f"asymvlm-merge: error: missing {', '.join('--' + m for m in missing)}", file=sys.stderr)
-        return 2
+        raise ConfigError(f"missing {', '.join('--' + m for m in missing)} (a flag or a --config key)")
     from asymvlm.merging.api import merge
-    from asymvlm.merging.task_vectors import MergeInputError
 
-    method = cfg.get("method", "ties")
+    method = cfg["method"]
     options = {k: cfg[k] for k in OPTION_KEYS if k in cfg}
 
     def log(entry: dict[str, Any]) -> None:
@@ -127,32 +171,26 @@ def main(argv: list[str] | None = None) -> int:
             extra = " normalised R@1 " + ", ".join(f"{x:.3f}" for x in entry["normalised_R@1"])
         print(f"  lam={entry['lam']:<6g} score={entry['score']:.4f}{extra}")
 
-    try:
-        report = merge(
-            cfg.get("base"),
-            cfg["inputs"],
-            cfg["out"],
-            method,
-            lam=float(cfg.get("lam", 1.0)),
-            weights=cfg.get("weights"),
-            lora_output=cfg.get("lora_output", "concat"),
-            rank=cfg.get("rank"),
-            lam_grid=cfg.get("lam_grid"),
-            val=cfg.get("val"),
-            progress=cfg["_progress"],
-            log=log,
-            **options,
-        )
-    except (MergeInputError, ValueError, FileNotFoundError) as err:
-        print(f"asymvlm-merge: error: {err}", file=sys.stderr)
-        return 1
+    report = merge(
+        cfg.get("base"),
+        cfg["inputs"],
+        cfg["output_dir"],
+        method,
+        lam=float(cfg["lam"]),
+        weights=cfg.get("weights"),
+        lora_output=cfg["lora_output"],
+        rank=cfg.get("rank"),
+        lam_grid=cfg.get("lam_grid"),
+        val=cfg.get("val"),
+        progress=cfg["_progress"],
+        log=log,
+        **options,
+    )
     opts = ", ".join(f"{k}={v}" for k, v in options.items())
     what = f"{len(report['inputs'])} {report['kind']} input(s)"
     onto = f" onto {report['base']}" if report.get("base") else ""
     size = f"; {report['keys']} tensors, {report['parameters']:,} parameters" if "keys" in report else ""
-    print(
-        f"asymvlm-merge: merged {what}{onto} with {method}({opts}) lam={report.get('lam', cfg.get('lam', 1.0))}{size}"
-    )
+    print(f"{PROG}: merged {what}{onto} with {method}({opts}) lam={report.get('lam', cfg['lam'])}{size}")
     if "lambda_search" in report:
         print(f"  best lam {report['lambda_search']['best_lam']} (score {report['lambda_search']['best_score']:.4f})")
     if "truncation_error" in report:
@@ -160,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  rank-{report['rank']} SVD truncation error: overall {te['overall']:.3e}, worst layer {te['max']:.3e}")
     elif report.get("output") == "concat":
         print(f"  exact concatenated LoRA of rank {report['rank']}")
-    print(f"  -> {cfg['out']}")
+    print(f"  -> {cfg['output_dir']}")
     return 0
 
 

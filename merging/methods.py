@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -404,7 +405,12 @@ def merge_params(
             if t.is_floating_point() and not bool(torch.isfinite(t).all()):
                 raise MergeInputError(f"task vector {i}: {k!r} contains NaN or inf")
     recipe = make_method(method, lam=lam, **options)
+    if weights is not None and not all(math.isfinite(float(w)) for w in weights):
+        raise MergeInputError(f"weights must be finite numbers, got {list(weights)}")
     merged, _, _ = server_update(recipe, task_vectors, weights, recipe.server.init(base), base)
+    bad = next((k for k, v in merged.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise MergeInputError(f"the merge of {bad!r} is not finite (overflow): scale the inputs or lam down")
     return dict(merged)
 
 
@@ -435,6 +441,8 @@ def merge_files(
             if v.shape(k) != base.shape(k):
                 raise MergeInputError(f"{k!r}: shape {v.shape(k)} in {v.path}, {base.shape(k)} in the base")
     recipe = make_method(method, lam=lam, **options)
+    if weights is not None and not all(math.isfinite(float(w)) for w in weights):
+        raise MergeInputError(f"weights must be finite numbers, got {list(weights)}")
     agg = recipe.aggregator(vectors, weights)
     bad = next((k for k, v in agg.delta.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
     if bad is not None:  # NaN/inf in an input propagate into the merge: name the input

@@ -51,7 +51,7 @@ def _text_embeddings(model: nn.Module, text: Any) -> Tensor:
     if peft_model is not None and (not isinstance(text, Tensor) or not text.is_floating_point()):
         from asymvlm.lora import text_features
 
-        return nn.functional.normalize(text_features(model._encoder, text).float(), dim=-1)
+        return nn.functional.normalize(text_features(model.encoder, text).float(), dim=-1)
     return text
 
 

@@ -11,7 +11,7 @@ def test_quick_demo_writes_the_report(tmp_path, monkeypatch, capsys, quick_toy_c
     from asymvlm.training.demo import main
 
     monkeypatch.setenv("ASYMVLM_CACHE", str(quick_toy_cache))  # the --quick toy CLIP, built once per session
-    assert main(["--quick", "--clients", "4", "--out", str(tmp_path / "out")]) == 0
+    assert main(["--quick", "--clients", "4", "--output_dir", str(tmp_path / "out")]) == 0
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     numbers = {
         "uncertainty_ambiguity_spearman": ("vmf", "ps"),

@@ -27,7 +27,7 @@ def test_eval_cli_on_shapeworld_writes_metrics_and_plots(tmp_path, tiny_open_cli
             "60",
             "--bins",
             "4",
-            "--out",
+            "--output_dir",
             str(tmp_path / "out"),
         ]
     )
@@ -66,7 +66,14 @@ def test_eval_cli_baseline_on_an_image_folder(tmp_path, tiny_open_clip_dir, make
         lines.append(json.dumps({"file_name": f"{i}.png", "captions": [f"image {i}", "a photo"]}))
     (root / "metadata.jsonl").write_text("\n".join(lines))
     rc = main(
-        ["--encoder", str(tiny_open_clip_dir), "--dataset", f"imagefolder:{root}", "--out", str(tmp_path / "out")]
+        [
+            "--encoder",
+            str(tiny_open_clip_dir),
+            "--dataset",
+            f"imagefolder:{root}",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
     )
     assert rc == 0
     doc = json.loads((tmp_path / "out" / "metrics.json").read_text())
@@ -89,7 +96,10 @@ def test_models_that_adapt_the_text_tower_are_evaluated_on_their_own_text(tmp_pa
     weight = dict(frozen.model.named_parameters())["token_embedding.weight"]
     delta = {"token_embedding.weight": 0.5 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))}
     AsymVLM(head, frozen, text_base_delta=delta).save_pretrained(tmp_path / "fed")
-    assert main(["--model", str(tmp_path / "fed"), "--images", "40", "--bins", "4", "--out", str(tmp_path / "o")]) == 0
+    assert (
+        main(["--model", str(tmp_path / "fed"), "--images", "40", "--bins", "4", "--output_dir", str(tmp_path / "o")])
+        == 0
+    )
     got = json.loads((tmp_path / "o" / "metrics.json").read_text())["metrics"]["fed"]
 
     from asymvlm import shapeworld as sw

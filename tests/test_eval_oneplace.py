@@ -1,4 +1,4 @@
-"""One implementation each: eval's zero-shot is asymvlm.retrieval.zero_shot_classify, and R@1 is
+"""One implementation each: eval's zero-shot is asymvlm.zeroshot.zero_shot_classify, and R@1 is
 eval's rank-based, pessimistic-tie definition (asymvlm.eval.retrieval.t2i_recall_at_1)."""
 
 from types import SimpleNamespace
@@ -12,7 +12,7 @@ from asymvlm.eval.retrieval import positive_ranks, positives_from_index, recall_
 from asymvlm.eval.zeroshot import accuracy, aurc, selective_accuracy_at
 from asymvlm.heads import TextHead
 from asymvlm.model import AsymVLM
-from asymvlm.retrieval import zero_shot_classify
+from asymvlm.zeroshot import zero_shot_classify
 
 
 def _half_vectors(n: int, d: int, generator) -> torch.Tensor:

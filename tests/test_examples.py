@@ -28,7 +28,7 @@ def test_talos_merging_example_runs(tmp_path, monkeypatch, capsys, quick_toy_cac
     monkeypatch.setenv("ASYMVLM_CACHE", str(quick_toy_cache))
     argv = ["--train-images", "200", "--eval-images", "60", "--base-steps", "5", "--steps", "5",
             "--hidden", "32", "--calib-batches", "1", "--rounds", "2", "--lam-grid", "0.5,1.0",
-            "--out", str(tmp_path / "out")]  # fmt: skip
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
     assert load("talos_merging").main(argv) == 0
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["seconds"] > 0

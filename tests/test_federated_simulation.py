@@ -132,8 +132,20 @@ def test_sampling_dropouts_stragglers_and_min_clients(cache, tmp_path):
     b, who2 = sample_clients(fed, 3)
     assert a == b and who == who2 and len(who["sampled"]) == 5
     assert set(a) | set(who["dropped"]) | set(who["stragglers"]) == set(who["sampled"])
-    run(cache, tmp_path / "few", rounds=2, min_clients=6, clients_per_round=5)
-    assert all("skipped" in r for r in records(tmp_path / "few"))
+    from asymvlm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="min_clients=6 exceeds the 5 clients sampled per round"):
+        fed_args(tmp_path / "few", num_clients=10, min_clients=6, clients_per_round=5)
+    # a round with fewer valid updates than min_clients (a dropout here) is skipped, the run goes on
+    run(cache, tmp_path / "few", rounds=3, num_clients=5, min_clients=5, dropout_prob=0.5)
+    recs = records(tmp_path / "few")
+    assert any("skipped" in r for r in recs) and all(
+        ("skipped" in r) == (len(r["sampled"]) - len(r["dropped"]) < 5) for r in recs
+    )
+    with pytest.raises(ConfigError, match=r"krum_num_malicious=2 needs more than 6 clients per round, got 5"):
+        run(cache, tmp_path / "krum", recipe="krum", krum_num_malicious=2)
+    with pytest.raises(ConfigError, match="keep_rounds must be >= 1"):
+        fed_args(tmp_path, keep_rounds=0)
 
 
 def test_robust_rules_resist_byzantine_clients_where_the_mean_does_not(tmp_path):
@@ -293,3 +305,25 @@ def test_federate_cli(cache, tmp_path, capsys):
     y.write_text("rounds: 2\nclients: 4\n")
     assert main(["--config", str(y)]) == 2
     assert "unknown config key(s) ['clients']" in capsys.readouterr().err
+
+
+def test_a_used_output_dir_is_refused_overwritten_only_in_our_files_and_resumed_only_by_the_same_run(cache, tmp_path):
+    from asymvlm.config import ConfigError
+
+    out = tmp_path / "used"
+    run(cache, out, rounds=2)
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="is not empty"):
+        run(cache, out, rounds=2)
+    with pytest.raises(ConfigError, match=r"differing keys: recipe \('fedavg' -> 'fedadam'\)"):
+        run(cache, out, rounds=3, recipe="fedadam", resume=True)
+    with pytest.raises(ConfigError, match="local_lr"):
+        run(cache, out, rounds=3, local_lr=0.3, resume=True)
+    resumed, _ = run(cache, out, rounds=3, resume=True)  # more rounds of the same run: fine
+    assert resumed.round == 3
+    fresh, _ = run(cache, out, rounds=1, recipe="fedadam", overwrite=True)
+    assert fresh.round == 1 and (out / "notes.txt").read_text() == "mine"  # the user's file survives
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["round-000001"]  # the old run's rounds are gone
+    assert len(records(out)) == 1
+    with pytest.raises(ConfigError, match="exclude each other"):
+        fed_args(out, resume=True, overwrite=True)

@@ -193,7 +193,7 @@ def state(path):
 def test_cli_merges_asymvlm_heads_like_the_reference(heads, tmp_path, capsys):
     base, fts = heads
     rc = main(["--base", str(base), "--inputs", *map(str, fts), "--method", "ties", "--density", "0.3",
-               "--lam", "0.8", "--out", str(tmp_path / "m"), "--no-progress"])  # fmt: skip
+               "--lam", "0.8", "--output_dir", str(tmp_path / "m"), "--no-progress"])  # fmt: skip
     assert rc == 0
     out = capsys.readouterr().out
     assert "merged 3 asymvlm input(s)" in out and "ties(density=0.3)" in out and "lam=0.8" in out
@@ -214,14 +214,14 @@ def test_yaml_recipe_and_flag_override(heads, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
         f"base: {base}\ninputs: [{', '.join(map(str, fts))}]\n"
-        f"method: task_arithmetic\nlam: 0.3\nout: {tmp_path / 'y'}\n"
+        f"method: task_arithmetic\nlam: 0.3\noutput_dir: {tmp_path / 'y'}\n"
     )
     assert main(["--config", str(recipe), "--lam", "0.5", "--no-progress"]) == 0
     b = state(base)
     got = state(tmp_path / "y")
     for k in b:
         torch.testing.assert_close(got[k], b[k] + 0.5 * sum(state(f)[k] - b[k] for f in fts), rtol=1e-6, atol=1e-6)
-    recipe.write_text(f"base: {base}\ninputs: [{fts[0]}]\ndensty: 0.2\nout: x\n")
+    recipe.write_text(f"base: {base}\ninputs: [{fts[0]}]\ndensty: 0.2\noutput_dir: x\n")
     assert main(["--config", str(recipe)]) == 2
     assert "unknown config key(s) ['densty']" in capsys.readouterr().err
 
@@ -238,7 +238,7 @@ def test_lambda_grid_on_validation_caches(heads, tmp_path, capsys):
         vals.append(write_cache(tmp_path / f"val{i}", img, txt, torch.arange(30)).path)
     grid = [0.0, 0.5, 1.0, 1.5, 3.0]
     rc = main(["--base", str(base), "--inputs", *map(str, fts), "--method", "task_arithmetic",
-               "--lam-grid", ",".join(map(str, grid)), "--val", *map(str, vals), "--out", str(tmp_path / "m"),
+               "--lam-grid", ",".join(map(str, grid)), "--val", *map(str, vals), "--output_dir", str(tmp_path / "m"),
                "--no-progress"])  # fmt: skip
     assert rc == 0
     rep = json.loads((tmp_path / "m" / "merge.json").read_text())
@@ -299,6 +299,8 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(heads, tmp_path, capsys):
         (dict(density=0.0), "density must be in"),
         (dict(density=1.5), "density must be in"),
         (dict(weights=[1.0]), "1 weights for 3 inputs"),
+        (dict(weights=[1.0, float("nan"), 1.0]), "weights must be finite"),
+        (dict(weights=[1.0, float("inf"), 1.0]), "weights must be finite"),
         (dict(lam_grid=[0.5]), "--lam-grid needs --val"),
     ]
     for kw, msg in cases:
@@ -338,7 +340,7 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(heads, tmp_path, capsys):
     with pytest.raises(MergeInputError, match="missing input"):
         merge(base, [tmp_path / "nowhere"], out, "ties")
     assert not out.exists()
-    assert main(["--base", str(base), "--inputs", str(fts[0]), "--density", "2", "--out", str(out)]) == 1
+    assert main(["--base", str(base), "--inputs", str(fts[0]), "--density", "2", "--output_dir", str(out)]) == 2
     assert "density must be in (0, 1]" in capsys.readouterr().err
     assert main(["--inputs", str(fts[0])]) == 2
     assert not out.exists()

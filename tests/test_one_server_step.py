@@ -153,3 +153,45 @@ def test_the_server_step_is_deterministic_and_keeps_untouched_keys(name):
     b, _, _ = server_update(recipe, deltas, [1, 2, 3, 4], state, params)
     assert all(torch.equal(a[k], b[k]) for k in params)
     assert torch.equal(a["frozen"], params["frozen"]) and a["frozen"] is not params["frozen"]
+
+
+def test_merge_scoring_uses_evals_rank_based_recall():
+    # two identical images: the caption of image 0 ties with image 1. argmax (first index wins)
+    # called it a hit; the one R@1 (asymvlm.eval.retrieval) counts the tie against the positive
+    from asymvlm.eval.retrieval import t2i_recall_at_1
+    from asymvlm.heads import TextHead
+    from asymvlm.losses import log_likelihood
+    from asymvlm.merging.api import recall_at_1
+
+    g = torch.Generator().manual_seed(9)
+    img = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=-1)
+    img = torch.cat([img[:1], img])  # rows 0 and 1 are the same image
+    head = TextHead(dim=8, hidden_dims=(16,), residual=True)  # retrieves like cosine at the start
+    text, idx = img[[0, 2, 3, 4]], torch.tensor([0, 2, 3, 4])
+    with torch.no_grad():
+        ll = log_likelihood(head(text), img)
+    assert float((ll.argmax(1) == idx).float().mean()) == 1.0
+    assert recall_at_1(head, text, img, idx) == t2i_recall_at_1(ll, idx) == 0.75
+
+
+def test_flower_fedadam_is_reachable_from_yaml_and_flags(tmp_path):
+    from asymvlm.config import DataArguments, HeadArguments, parse_dataclass_args
+    from asymvlm.federated.config import FederatedArguments, RecipeArguments, recipe_options
+
+    groups = (DataArguments, HeadArguments, FederatedArguments, RecipeArguments)
+    y = tmp_path / "fed.yaml"
+    y.write_text("recipe: fedadam\nserver_tau: 0.001\nbias_correction: true\nbias_correction_offset: 1\n")
+    for argv in (
+        ["--config", str(y)],
+        ["--recipe", "fedadam", "--server_tau", "1e-3", "--bias_correction", "true", "--bias-correction-offset", "1"],
+    ):
+        *_, fed, rargs = parse_dataclass_args(groups, argv, "asymvlm-federate")
+        recipe = make_recipe(fed.recipe, **recipe_options(rargs))
+        assert recipe.options["bias_correction"] is True and recipe.options["bias_correction_offset"] == 1
+        assert recipe.options["server_tau"] == 1e-3 and recipe.options["server_lr"] == 0.1  # FedAdam's own lr
+    # an option the chosen recipe does not declare is an error, not silently dropped
+    *_, fed, rargs = parse_dataclass_args(groups, ["--recipe", "fedavg", "--qffl_q", "0.5"], "asymvlm-federate")
+    from asymvlm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown option 'qffl_q' for recipe 'fedavg'; valid options: server_lr"):
+        make_recipe(fed.recipe, **recipe_options(rargs))

@@ -93,3 +93,25 @@ def test_eval_package_does_not_shadow_the_builtin():
 
     assert isinstance(eval_all, list)
     assert builtins.eval("1 + 1") == 2
+
+
+def test_subpackages_re_export_their_public_api_without_the_hf_stack():
+    code = (
+        "import sys\n"
+        "from asymvlm.federated import WeightedMean, make_recipe, server_update, run_federated\n"
+        "from asymvlm.merging import merge, merge_params, METHODS\n"
+        "from asymvlm.eval import evaluate, t2i_recall_at_1\n"
+        "from asymvlm.training import TrainConfig\n"
+        "print([m for m in ('peft', 'transformers') if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip()
+    assert out == "[]"
+    import importlib
+
+    for sub in SUBPACKAGES:
+        mod = importlib.import_module(f"asymvlm.{sub}")
+        assert mod.__all__, sub
+        for name in mod.__all__:
+            assert getattr(mod, name) is not None, (sub, name)
+        with pytest.raises(AttributeError):
+            mod.no_such_name  # noqa: B018

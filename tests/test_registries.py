@@ -33,8 +33,9 @@ from asymvlm.federated.partition import (
 from asymvlm.heads import FAMILIES, FAMILY_REGISTRY, HeadConfig, TextHead, family_class, family_of, make_distribution
 from asymvlm.losses import VMF_NORMALIZER_REGISTRY, VMF_NORMALIZERS, AsymVLMLoss, log_likelihood
 from asymvlm.model import AsymVLM
-from asymvlm.retrieval import ABSTAIN_CRITERIA, ABSTAIN_REGISTRY, TextIndex, zero_shot_classify
+from asymvlm.retrieval import TextIndex
 from asymvlm.special import vmf_log_normalizer, vmf_log_normalizer_approx
+from asymvlm.zeroshot import ABSTAIN_CRITERIA, ABSTAIN_REGISTRY, zero_shot_classify
 
 REGISTRIES = {
     "family": (FAMILY_REGISTRY, {"vmf", "ps"}),

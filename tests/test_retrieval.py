@@ -10,7 +10,8 @@ from asymvlm.distributions import PowerSpherical, VonMisesFisher
 from asymvlm.heads import TextHead
 from asymvlm.losses import log_likelihood
 from asymvlm.model import AsymVLM
-from asymvlm.retrieval import ImageIndex, TextIndex, topk_chunked, zero_shot_classify
+from asymvlm.retrieval import ImageIndex, TextIndex, topk_chunked
+from asymvlm.zeroshot import zero_shot_classify
 
 FAMILIES = {"vmf": VonMisesFisher, "ps": PowerSpherical}
 

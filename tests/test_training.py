@@ -141,7 +141,7 @@ def test_cli_reports_config_errors(tmp_path, capsys):
                 "none",
             ]
         )
-        == 1
+        == 2
     )
     err = capsys.readouterr().err
     assert "cannot use the embedding cache" in err and "missing" in err

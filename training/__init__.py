@@ -1,12 +1,44 @@
-"""training: accelerate-launched training of AsymVLM heads and LoRA text adapters (``asymvlm-train``).
+"""asymvlm.training: accelerate-launched training, and the commands that compose every package.
 
-* :mod:`asymvlm.training.config` — ``TrainConfig`` / ``DataArguments`` (dataclasses; flags and YAML,
-  unknown keys are errors);
+* :mod:`asymvlm.training.config` — ``TrainConfig`` (``DataArguments``, ``HeadArguments``,
+  ``ModelArguments``, ``TrainArguments``; flags and YAML, unknown keys are errors);
 * :mod:`asymvlm.training.loop` — ``train(cfg)``: one function for one CPU, one GPU or
   ``accelerate launch``; atomic checkpoints and ``--resume``;
 * :mod:`asymvlm.training.data` — the data seam (embedding caches, ShapeWorld + toy CLIP by default);
-* :mod:`asymvlm.lora` — peft LoRA on the frozen text tower; :mod:`asymvlm.masks` — sparse
-  update masks (TaLoS).
+* :mod:`asymvlm.training.federate` — ``asymvlm-federate`` (federation + evaluation);
+* :mod:`asymvlm.training.demo` — ``asymvlm-demo``, the whole package end to end;
+* :mod:`asymvlm.training.cli` — ``asymvlm-train``.
+
+The shared building blocks live in the core: :mod:`asymvlm.lora` (peft LoRA on the text tower),
+:mod:`asymvlm.masks` (sparse update masks), :mod:`asymvlm.trainable` (the trained model),
+:mod:`asymvlm.batching` (index-drawn batches).
 """
 
-__all__: list[str] = []
+_EXPORTS = {
+    "train": "asymvlm.training.loop",
+    "latest_checkpoint": "asymvlm.training.loop",
+    "TrainConfig": "asymvlm.training.config",
+    "ModelArguments": "asymvlm.training.config",
+    "TrainArguments": "asymvlm.training.config",
+    "TRAIN_GROUPS": "asymvlm.training.config",
+    "parse_config": "asymvlm.training.config",
+    "TrainData": "asymvlm.training.data",
+    "get_dataloaders": "asymvlm.training.data",
+    "federate": "asymvlm.training.federate",
+    "evaluator": "asymvlm.training.federate",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):  # PEP 562: import the defining module on first use (keeps imports light)
+    if name in _EXPORTS:
+        import importlib
+
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

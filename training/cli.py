@@ -1,57 +1,64 @@
 """``asymvlm-train``: train an AsymVLM head (or a text-tower LoRA adapter + head).
 
-Runs as is on a laptop CPU and unchanged under ``accelerate launch``.
+Runs as is on a laptop CPU and unchanged under ``accelerate launch``. Values come from a YAML file
+(``--config exp.yaml``, keys = the flags with underscores), then flags override them; flags are
+spelled with underscores or dashes, never abbreviated. The model is written to
+``<output_dir>/model`` (what ``asymvlm-eval --model`` and ``asymvlm-merge --inputs`` take). A user
+error is one line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser"]
+
+PROG = "asymvlm-train"
 
 EPILOG = """examples:
   asymvlm-train --config exp.yaml
   asymvlm-train --family ps --max_steps 2000 --output_dir runs/ps
   asymvlm-train --cache_dir caches/coco --mode lora --lora_r 8 --output_dir runs/coco-lora
   asymvlm-train --config exp.yaml --resume
-  accelerate launch --num_processes 2 --cpu --no_python asymvlm-train --config exp.yaml
+  asymvlm-train --init_from runs/ps/model --caption_styles photo --max_steps 100 --output_dir runs/photo
+  accelerate launch --multi_gpu --num_processes 2 --no_python asymvlm-train --config exp.yaml --output_dir runs/ddp
+
+The model is saved to <output_dir>/model (asymvlm-eval --model runs/ps/model). The accelerate
+command also runs without GPUs (CPU processes, gloo backend); accelerate's CPU launcher needs MPI.
 """
 
 
-def main(argv: list[str] | None = None) -> int:
-    from asymvlm.config import ConfigError
-    from asymvlm.training.config import parse_config
+def build_parser() -> argparse.ArgumentParser:
+    """The full parser of ``asymvlm-train`` (for ``--help``; parsing goes through
+    :func:`asymvlm.training.config.parse_config`, which adds the YAML layer)."""
+    from asymvlm.cli import dataclass_parser, summary
+    from asymvlm.training.config import TRAIN_GROUPS
 
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        from transformers import HfArgumentParser
+    p = dataclass_parser(TRAIN_GROUPS, PROG, summary(__doc__), EPILOG)
+    p.add_argument("--config", default=None, help="YAML file of config keys (flags override it).")
+    return p
 
-        from asymvlm.training.config import TRAIN_GROUPS
 
-        p = HfArgumentParser(
-            TRAIN_GROUPS,
-            prog="asymvlm-train",
-            description=__doc__.splitlines()[0],
-            epilog=EPILOG,
-        )
-        p.add_argument("--config", default=None, help="YAML file of config keys (flags override it).")
-        p.formatter_class = __import__("argparse").RawDescriptionHelpFormatter
-        p.print_help()
+def _main(argv: list[str]) -> int:
+    from asymvlm.cli import help_requested, is_main_process
+
+    if help_requested(argv):
+        build_parser().print_help()
         return 0
-    try:
-        cfg = parse_config(argv)
-    except ConfigError as err:
-        print(f"asymvlm-train: error: {err}", file=sys.stderr)
-        return 2
-    from asymvlm.training.loop import CheckpointWriteError, TrainingDiverged, train
+    from asymvlm.training.config import parse_config
+    from asymvlm.training.loop import train
 
-    try:
-        path = train(cfg)
-    except (TrainingDiverged, CheckpointWriteError, FileNotFoundError, ValueError) as err:
-        print(f"asymvlm-train: error: {err}", file=sys.stderr)
-        return 1
-    print(f"asymvlm-train: saved {path}")
+    path = train(parse_config(argv))
+    if is_main_process():
+        print(f"{PROG}: saved {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``asymvlm-train``; returns the exit status (2 for a user error, printed as one line)."""
+    from asymvlm.cli import run
+
+    return run(PROG, _main, argv)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ On ShapeWorld with the toy CLIP (built on first use, then loaded from the user c
    merge them (task arithmetic and TIES of the dense experts, task arithmetic of the TaLoS ones),
    lambda chosen on a validation split by mean normalised R@1;
 5. evaluate everything with :mod:`eval` next to the CLIP baseline on held-out ShapeWorld, print one
-   summary table, and write ``report.json``, ``metrics.json`` and PNG plots to ``--out``.
+   summary table, and write ``report.json``, ``metrics.json`` and PNG plots to ``--output_dir``.
 
 ``--quick`` is a smoke version (a small toy CLIP, small splits, few steps) for CI.
 """
@@ -71,7 +71,7 @@ def _train_head(cache: Path, out: Path, s: dict, family: str, seed: int, **extra
             cache_dir=str(cache), family=family, hidden_dims=list(s["hidden"]),
             max_steps=extra.pop("steps", s["steps"]), batch_size=s["batch"], optimizer="adamw", lr=1e-3,
             weight_decay=1e-4, seed=seed, output_dir=str(out),
-            save_every=0, eval_every=-1, log_with="none", progress=False, **extra,
+            save_every=0, eval_every=-1, log_with="none", progress=extra.pop("progress", True), **extra,
         )
     )  # fmt: skip
     return Path(train(cfg))
@@ -88,7 +88,7 @@ def _domain_caches(encoder, n: int, seed: int, root: Path) -> dict[str, dict[str
             count = n * (4 if split == "train" else 1)
             data = sw.generate(count, seed=seed + 100 * d_i + 10 * s_i + 7, caption_styles=(style,))
             path = root / f"demo-{style}-{split}-{count}-{seed}-{encoder.fingerprint[:12]}"
-            out[style][split] = embed_dataset(encoder, data, path, batch_size=256, progress=False).path
+            out[style][split] = embed_dataset(encoder, data, path, batch_size=256, progress=True).path
     return out
 
 
@@ -111,7 +111,7 @@ def _federated(recipe: str, spec: tuple[str, str], s: dict, out: Path, seed: int
         recipe=recipe, rounds=s["rounds"], num_clients=s["clients"], partition="dirichlet",
         partition_column="caption_style", partition_alpha=0.5, local_steps=s["local_steps"],
         local_batch_size=s["local_batch"], local_lr=0.2, local_momentum=0.9, trainable="both",
-        lora_mode=s["lora_mode"], eval_every=0, seed=seed, output_dir=str(out / f"federated-{recipe}"), progress=False,
+        lora_mode=s["lora_mode"], eval_every=0, seed=seed, output_dir=str(out / f"federated-{recipe}"), progress=True,
     )  # fmt: skip
     # FedAdam at server lr 0.01 with tau 1e-3 (the values this demo has always used)
     options = {"server_lr": 0.01, "server_tau": 1e-3} if recipe == "fedadam" else {}
@@ -124,24 +124,45 @@ def _federated(recipe: str, spec: tuple[str, str], s: dict, out: Path, seed: int
     return save_federated_model(model, state, data, out / f"federated-{recipe}" / "model")
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="asymvlm-demo", description=__doc__.splitlines()[0])
-    p.add_argument("--out", default="demo-out", help="report.json, metrics.json, plots and runs (default ./demo-out)")
-    p.add_argument("--quick", action="store_true", help="a small smoke version (< 2 minutes)")
-    p.add_argument("--train-images", type=int, default=None)
-    p.add_argument("--eval-images", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="central training steps per head")
-    p.add_argument("--rounds", type=int, default=None, help="federated rounds per recipe")
-    p.add_argument("--clients", type=int, default=8, help="federated clients (default 8)")
+EPILOG = """examples:
+  asymvlm-demo                                   # the full run (about 4 minutes with the toy CLIP built)
+  asymvlm-demo --quick --output_dir demo-quick   # the smoke version (about a minute)
+  asymvlm-demo --steps 800 --rounds 30 --clients 16 --lora_mode svd --output_dir demo-big
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``asymvlm-demo`` (flags spelled with underscores or dashes; no abbreviations)."""
+    from asymvlm.cli import make_parser, summary
+
+    p = make_parser("asymvlm-demo", summary(__doc__), EPILOG)
+    p.add_argument("--output_dir", default="demo-out", help="report.json, metrics.json, the plots and every run.")
+    p.add_argument("--quick", action="store_true", help="A small smoke version (a smaller toy CLIP; < 2 minutes).")
+    p.add_argument("--train_images", type=int, default=None, help="Training images (default 8000; --quick 1500).")
+    p.add_argument("--eval_images", type=int, default=None, help="Held-out images (default 1000; --quick 300).")
+    p.add_argument("--steps", type=int, default=None, help="Central training steps per head (default 400; --quick 60).")
+    p.add_argument("--rounds", type=int, default=None, help="Federated rounds per recipe (default 16; --quick 2).")
+    p.add_argument("--clients", type=int, default=8, help="Federated clients.")
     p.add_argument(
-        "--lora-mode", default="residual", choices=("residual", "factors", "frozen_a", "stack", "svd"),
-        help="federated LoRA aggregation (default residual: the exact FedEx-LoRA folding)",
+        "--lora_mode", default="residual", choices=("residual", "factors", "frozen_a", "stack", "svd"),
+        help="Federated LoRA aggregation (residual: the exact FedEx-LoRA folding).",
     )  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    p.add_argument("--seed", type=int, default=0, help="Seed of the data splits and the runs.")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``asymvlm-demo``; returns the exit status (2 for a user error, printed as one line)."""
+    from asymvlm.cli import run
+
+    return run("asymvlm-demo", _main, argv)
+
+
+def _main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
     start = time.time()
     s = _settings(args)
-    out = Path(args.out)
+    out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
 

@@ -3,7 +3,9 @@
 Clients are simulated in one process on partitions of an embedding cache (by default ShapeWorld
 embedded by the toy CLIP). Writes ``metrics.jsonl`` (one JSON line per round: participants,
 rejections, per-client losses and the fairness summary, evaluation), a checkpoint of the server
-state after every round (``--resume`` continues) and the final AsymVLM in ``model/``.
+state after every round (``--resume`` continues) and the final AsymVLM in ``<output_dir>/model``.
+Values come from a YAML file (``--config fed.yaml``), then flags override them (spelled with
+underscores or dashes, never abbreviated); a user error is one line on stderr and exit status 2.
 
 This command lives in :mod:`asymvlm.training` because it composes the federation
 (:mod:`asymvlm.federated`, which imports no evaluation code) with :mod:`asymvlm.eval`'s metrics,
@@ -12,18 +14,20 @@ handed to the rounds as an ``evaluate`` function.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "federate", "evaluator"]
+__all__ = ["main", "build_parser", "federate", "evaluator"]
 
 EPILOG = """examples:
-  asymvlm-federate --recipe fedadam --rounds 30 --num_clients 8 --partition dirichlet --partition_column shape
+  asymvlm-federate --recipe fedadam --rounds 30 --num_clients 8 --partition dirichlet --partition_column shape \\
+      --output_dir runs/fedadam
   asymvlm-federate --config fed.yaml --resume
-  asymvlm-federate --recipe fedavg --trainable both --lora_mode residual --rounds 10
+  asymvlm-federate --recipe fedavg --trainable both --lora_mode residual --rounds 10 --output_dir runs/fedavg
   asymvlm-federate --recipe krum --krum_num_malicious 2 --attack sign_flip --malicious_fraction 0.2
-  asymvlm-federate --list-recipes
+  asymvlm-federate --list_recipes
+
+The final model is saved to <output_dir>/model (asymvlm-eval --model runs/fedavg/model).
 """
 
 
@@ -57,7 +61,7 @@ def federate(data_args: Any, head: Any, fed: Any, recipe_options: dict[str, Any]
     from asymvlm.federated.rounds import run_federated
 
     data = get_federated_data(data_args, fed)
-    print(data.summary)
+    logging.getLogger(__name__).info("clients:\n%s", data.summary)
     evaluate = None
     if data_args.dataset == "shapeworld" and not data_args.cache_dir and data_args.eval_images:
         from asymvlm import shapeworld as sw
@@ -78,42 +82,54 @@ def federate(data_args: Any, head: Any, fed: Any, recipe_options: dict[str, Any]
     return state, model, path
 
 
-def main(argv: list[str] | None = None) -> int:
-    from asymvlm.config import ConfigError, DataArguments, HeadArguments, parse_dataclass_args
-    from asymvlm.federated.config import FederatedArguments, RecipeArguments, recipe_options
+PROG = "asymvlm-federate"
 
-    groups = (DataArguments, HeadArguments, FederatedArguments, RecipeArguments)
-    argv = sys.argv[1:] if argv is None else argv
+
+def _groups() -> tuple[type, ...]:
+    from asymvlm.config import DataArguments, HeadArguments
+    from asymvlm.federated.config import FederatedArguments, RecipeArguments
+
+    return (DataArguments, HeadArguments, FederatedArguments, RecipeArguments)
+
+
+def build_parser():
+    """The full parser of ``asymvlm-federate`` (for ``--help``; parsing goes through
+    :func:`asymvlm.config.parse_dataclass_args`, which adds the YAML layer)."""
+    from asymvlm.cli import dataclass_parser, summary
+
+    p = dataclass_parser(_groups(), PROG, summary(__doc__), EPILOG)
+    p.add_argument("--config", default=None, help="YAML file of config keys (flags override it).")
+    p.add_argument(
+        "--list_recipes", "--list-recipes", action="store_true", help="List every recipe with its options and exit."
+    )
+    return p
+
+
+def _main(argv: list[str]) -> int:
+    from asymvlm.cli import help_requested, is_main_process, parse_dataclass_args
+    from asymvlm.federated.config import recipe_options
+
     if "--list-recipes" in argv or "--list_recipes" in argv:
         from asymvlm.federated.recipes import DP_RECIPES, RECIPES
 
         print(RECIPES.describe())
         print(f"\ndifferential privacy (--dp_noise_multiplier > 0) composes with: {', '.join(DP_RECIPES)}")
         return 0
-    if any(a in ("-h", "--help") for a in argv):
-        import argparse
-
-        from transformers import HfArgumentParser
-
-        p = HfArgumentParser(
-            groups,
-            prog="asymvlm-federate",
-            description=__doc__.splitlines()[0],
-            epilog=EPILOG,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        p.add_argument("--config", default=None, help="YAML file of config keys (flags override it).")
-        p.add_argument("--list-recipes", action="store_true", help="List every recipe with its options.")
-        p.print_help()
+    if help_requested(argv):
+        build_parser().print_help()
         return 0
-    try:
-        data_args, head, fed, rargs = parse_dataclass_args(groups, argv, "asymvlm-federate")
-        state, _, path = federate(data_args, head, fed, recipe_options(rargs))
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        print(f"asymvlm-federate: error: {err}", file=sys.stderr)
-        return 2
-    print(f"asymvlm-federate: {state.round} rounds; saved {path}")
+    data_args, head, fed, rargs = parse_dataclass_args(_groups(), argv, PROG)
+    state, _, path = federate(data_args, head, fed, recipe_options(rargs))
+    if is_main_process():
+        print(f"{PROG}: {state.round} rounds; saved {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``asymvlm-federate``; returns the exit status (2 for a user error, printed as one line)."""
+    from asymvlm.cli import run
+
+    return run(PROG, _main, argv)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ scheduler and RNG states are written by ``torch.save`` and read back with
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -47,6 +48,8 @@ from asymvlm.training import data as data_mod
 from asymvlm.training.config import TrainConfig
 
 __all__ = ["train", "latest_checkpoint", "TrainingDiverged", "CheckpointWriteError"]
+
+logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8})$")
 STATE_NAME = "trainer_state.json"
@@ -187,7 +190,7 @@ def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None
         out.mkdir(parents=True, exist_ok=True)
     resume_from = latest_checkpoint(out) if t.resume else None
     if t.resume and resume_from is None and accelerator.is_main_process:
-        print(f"asymvlm-train: no checkpoint in {out / 'checkpoints'}; starting from scratch")
+        logger.info("no checkpoint in %s; starting from scratch", out / "checkpoints")
 
     data = (data_fn or data_mod.get_dataloaders)(cfg, accelerator)
     head, start_scale = _build_head(cfg, data.dim)
@@ -236,7 +239,7 @@ def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None
         accelerator.load_state(str(resume_from))
         start_step = json.loads((resume_from / STATE_NAME).read_text())["step"]
         if accelerator.is_main_process:
-            print(f"asymvlm-train: resumed from {resume_from} (step {start_step})")
+            logger.info("resumed from %s (step %d)", resume_from, start_step)
     if log_with:
         accelerator.init_trackers("asymvlm", config={k: str(v) for k, v in cfg.to_dict().items()})
     log_path = out / "train_log.jsonl"
