@@ -196,13 +196,13 @@ def evaluate(
         hits = positive_ranks(scores, exact) == 0  # exact t2i hit@1 per caption
         if data.levels is not None:
             for lv in sorted(set(data.levels.tolist())):
-                m[f"t2i_R@1_level{lv}"] = float(hits[data.levels == lv].float().mean())
+                m[f"t2i_R@1_level{lv}"] = float(hits[data.levels == lv].double().mean())
         if data.consistent is not None:
             cranks = positive_ranks(scores, data.consistent)
             m.update({f"consistent_t2i_{k}": v for k, v in recall_at_k(cranks, ks).items()})
             if data.levels is not None:
                 for lv in sorted(set(data.levels.tolist())):
-                    m[f"consistent_t2i_R@1_level{lv}"] = float((cranks[data.levels == lv] == 0).float().mean())
+                    m[f"consistent_t2i_R@1_level{lv}"] = float((cranks[data.levels == lv] == 0).double().mean())
         if unc is not None:
             m.update(uncertainty_report(unc, hits, n_bins))
             if data.ambiguity is not None:

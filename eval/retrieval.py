@@ -68,10 +68,11 @@ def positive_ranks(scores: Tensor, positives: Tensor, *, chunk_size: int = 1024)
 
 
 def recall_at_k(ranks: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:
-    """``{"R@k": fraction of queries with rank < k}``."""
+    """``{"R@k": fraction of queries with rank < k}`` (counted exactly: a float64 mean of the hits,
+    so 121 hits of 1000 queries is 0.121, not float32's 0.12099999934)."""
     if ranks.numel() == 0:
         raise ValueError("no ranks")
-    return {f"R@{k}": float((ranks < k).float().mean()) for k in ks}
+    return {f"R@{k}": float((ranks < k).double().mean()) for k in ks}
 
 
 def rank_summary(ranks: Tensor) -> dict[str, float]:

@@ -29,7 +29,7 @@ def accuracy(predictions: Tensor, labels: Tensor) -> float:
     """Fraction of ``predictions == labels`` (abstentions, -1, count as wrong)."""
     if predictions.shape != labels.shape or predictions.numel() == 0:
         raise ValueError(f"predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)} must match")
-    return float((predictions == labels).float().mean())
+    return float((predictions == labels).double().mean())
 
 
 def risk_coverage(uncertainty: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]:

@@ -162,7 +162,7 @@ def test_trains_saves_and_reloads(cache_dir, tmp_path):
     assert ckpts == ["checkpoint-00000008", "checkpoint-00000012"]  # keep_last = 2, nothing temporary left
     state = json.loads((out / "checkpoints" / "checkpoint-00000012" / "trainer_state.json").read_text())
     assert state["step"] == 12 and state["config"]["max_steps"] == 12
-    assert (out / "checkpoints" / "checkpoint-00000012" / "model.safetensors").is_file()
+    assert (out / "checkpoints" / "checkpoint-00000012" / "trainable.safetensors").is_file()
 
 
 def test_same_seed_same_weights(cache_dir, tmp_path):
@@ -224,20 +224,19 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(cache_dir, tmp_path):
 
 
 def test_failed_checkpoint_write_keeps_the_previous_one(cache_dir, tmp_path, monkeypatch):
-    from accelerate import Accelerator
+    import asymvlm.training.loop as loop
 
-    real = Accelerator.save_state
+    real = loop.save_training_state
     calls = {"n": 0}
 
-    def flaky(self, output_dir=None, **kwargs):
+    def flaky(directory, *args, **kwargs):
         calls["n"] += 1
         if calls["n"] == 2:
-            Path(output_dir).mkdir(parents=True, exist_ok=True)
-            (Path(output_dir) / "partial.bin").write_bytes(b"half")
+            (Path(directory) / "partial.bin").write_bytes(b"half")
             raise OSError(28, "No space left on device")
-        return real(self, output_dir, **kwargs)
+        return real(directory, *args, **kwargs)
 
-    monkeypatch.setattr(Accelerator, "save_state", flaky)
+    monkeypatch.setattr(loop, "save_training_state", flaky)
     with pytest.raises(CheckpointWriteError, match=r"step 8 .*No space left.*checkpoint-00000004.*is intact"):
         train(config(cache_dir, tmp_path / "run"))
     root = tmp_path / "run" / "checkpoints"

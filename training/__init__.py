@@ -25,7 +25,7 @@ _EXPORTS = {
     "TrainData": "asymvlm.training.data",
     "get_dataloaders": "asymvlm.training.data",
     "federate": "asymvlm.training.federate",
-    "evaluator": "asymvlm.training.federate",
+    "evaluator": "asymvlm.training.evaluation",
 }
 __all__ = sorted(_EXPORTS)
 

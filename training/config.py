@@ -125,7 +125,16 @@ class TrainArguments:
     eval_every: int = field(default=0, metadata={"help": "Evaluate every N steps (0 = only at the end; -1 = never)."})
     save_every: int = field(default=500, metadata={"help": "Checkpoint every N steps (0 = only at the end)."})
     keep_last: int = field(default=2, metadata={"help": "Checkpoints to keep."})
-    resume: bool = field(default=False, metadata={"help": "Resume from the latest checkpoint in output_dir."})
+    resume: bool = field(
+        default=False, metadata={"help": "Resume from the latest checkpoint in output_dir (its config must match)."}
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Start afresh in a used output_dir: removes what a run writes there (checkpoints/, "
+            "train_log.jsonl, model/), nothing else."
+        },
+    )
     log_every: int = field(default=10, metadata={"help": "Log every N steps."})
     log_with: Literal["auto", "tensorboard", "none"] = field(
         default="auto",
@@ -138,6 +147,8 @@ class TrainArguments:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.resume and self.overwrite:
+            raise ConfigError("resume and overwrite exclude each other: continue the run, or replace it")
         for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "keep_last", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -14,8 +14,11 @@ handed to the rounds as an ``evaluate`` function.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
+
+from asymvlm.training.evaluation import evaluator
 
 __all__ = ["main", "build_parser", "federate", "evaluator"]
 
@@ -29,29 +32,6 @@ EPILOG = """examples:
 
 The final model is saved to <output_dir>/model (asymvlm-eval --model runs/fedavg/model).
 """
-
-
-def evaluator(eval_data: Any, encoder: Any = None):
-    """``evaluate(model) -> metrics``: :func:`asymvlm.eval.benchmark.evaluate` of a
-    :class:`~asymvlm.trainable.TrainableModel` on ``eval_data`` (captions re-embedded by its
-    LoRA-adapted text tower when it has one), reduced to the logged progress metrics."""
-
-    def evaluate(model: Any) -> dict[str, float]:
-        from asymvlm.eval.benchmark import evaluate as run_eval
-        from asymvlm.eval.benchmark import progress_metrics, with_text_tower
-        from asymvlm.model import AsymVLM
-
-        ed = eval_data
-        if model.peft_model is not None and ed.captions:  # the LoRA-adapted tower embeds the captions
-            ed = with_text_tower(ed, encoder if encoder is not None else model.encoder)
-        was = model.head.training
-        model.head.eval()
-        asym = AsymVLM(model.head, logit_scale=float(model.loss_fn.logit_scale.detach()))
-        report = run_eval(ed, {"model": asym}, include_clip=False)["model"]
-        model.head.train(was)
-        return progress_metrics(report)
-
-    return evaluate
 
 
 def federate(data_args: Any, head: Any, fed: Any, recipe_options: dict[str, Any], *, log=None):

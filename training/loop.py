@@ -6,22 +6,19 @@ optimizer/scheduler -> ``accelerator.prepare`` -> loop:
 * gradient accumulation (``accelerator.accumulate``) and mixed precision where supported;
 * the contrastive loss sees the negatives of every process: each process embeds its slice of
   the global batch, the text distributions and image embeddings are gathered *with gradient*
-  (``torch.distributed.nn.all_gather``) and every process computes the global loss. The gather's
+  (:func:`asymvlm.trainable.all_gather_with_grad`) and every process computes the global loss. The gather's
   backward sums the identical gradients of all processes and DDP averages them, which gives
   exactly the single-process gradient of the same global batch;
 * a progress bar on the main process, logs to ``train_log.jsonl`` and accelerate's trackers
-  (TensorBoard when installed), periodic evaluation with :mod:`eval`;
-* checkpoints with ``accelerator.save_state`` every ``save_every`` steps, written to a temporary
-  folder and renamed (atomic), keeping the last ``keep_last``; ``resume=True`` continues from the
-  latest one with bit-identical results on CPU;
+  (TensorBoard when installed), periodic evaluation with :mod:`asymvlm.eval`;
+* checkpoints (:mod:`asymvlm.training.checkpoint`: safetensors + JSON, nothing pickled) every
+  ``save_every`` steps, written to a temporary folder and renamed (atomic), keeping the last
+  ``keep_last``; ``resume=True`` continues from the latest one with bit-identical results on CPU
+  (its config must match the run's); a new run refuses a used output_dir unless ``overwrite``;
 * a non-finite loss stops the run with a message naming the step, and the last good checkpoint
   stays; a failed checkpoint write (disk full, permissions) leaves the previous one intact;
 * at the end ``save_pretrained`` of the AsymVLM (head, temperature, encoder reference and, for
   LoRA, the adapter in peft's format) to ``<output_dir>/model``.
-
-Note on accelerate's checkpoint files: the model weights are safetensors; the optimizer,
-scheduler and RNG states are written by ``torch.save`` and read back with
-``torch.load(weights_only=True)`` by accelerate.
 """
 
 from __future__ import annotations
@@ -40,12 +37,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from asymvlm.errors import CheckpointWriteError, TrainingDiverged
+from asymvlm.errors import CheckpointWriteError, ConfigError, TrainingDiverged
 from asymvlm.heads import TextHead
+from asymvlm.io import read_json
 from asymvlm.losses import AsymVLMLoss, parameter_groups
 from asymvlm.trainable import TrainableModel
 from asymvlm.training import data as data_mod
+from asymvlm.training.checkpoint import load_training_state, save_training_state
 from asymvlm.training.config import TrainConfig
+from asymvlm.training.evaluation import evaluator
 
 __all__ = ["train", "latest_checkpoint", "TrainingDiverged", "CheckpointWriteError"]
 
@@ -103,8 +103,11 @@ def _trackers(cfg: TrainConfig) -> str | None:
     return "tensorboard"
 
 
-def _save_checkpoint(accelerator: Any, cfg: TrainConfig, step: int, extra: dict[str, Any]) -> Path:
-    """accelerator.save_state into a temporary folder, renamed into place; keep the last K."""
+def _save_checkpoint(
+    accelerator: Any, cfg: TrainConfig, step: int, extra: dict[str, Any], model: Any, optimizer: Any, scheduler: Any
+) -> Path:
+    """The training state (safetensors + JSON, :mod:`asymvlm.training.checkpoint`) into a temporary
+    folder, renamed into place; keep the last K."""
     root = Path(cfg.train.output_dir) / "checkpoints"
     final = root / f"checkpoint-{step:08d}"
     tmp = root / f".checkpoint-{step:08d}.tmp"
@@ -113,8 +116,14 @@ def _save_checkpoint(accelerator: Any, cfg: TrainConfig, step: int, extra: dict[
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(tmp), safe_serialization=True)
+        save_training_state(
+            tmp, accelerator.unwrap_model(model), optimizer, scheduler,
+            rank=accelerator.process_index, main=accelerator.is_main_process,
+        )  # fmt: skip
     except OSError as err:
         error = err
     accelerator.wait_for_everyone()
@@ -145,19 +154,41 @@ def _save_checkpoint(accelerator: Any, cfg: TrainConfig, step: int, extra: dict[
     return final
 
 
-def _evaluate(model: TrainableModel, data: Any, step: int) -> dict[str, float]:
-    from asymvlm.eval.benchmark import evaluate, progress_metrics, with_text_tower
-    from asymvlm.model import AsymVLM
+# what a training run writes into output_dir, and what may change between a run and its --resume
+RUN_OUTPUTS = ("checkpoints", "train_log.jsonl", "model", "asymvlm")
+RESUMABLE_CHANGES = (
+    "resume", "overwrite", "progress", "log_every", "save_every", "keep_last", "eval_every", "log_with", "output_dir",
+)  # fmt: skip
 
-    ed = data.eval_data
-    if model.peft_model is not None and ed.captions:  # the LoRA-adapted tower embeds the captions
-        ed = with_text_tower(ed, data.encoder)
-    was = model.head.training
-    model.head.eval()
-    asym = AsymVLM(model.head, logit_scale=float(model.loss_fn.logit_scale.detach()))
-    report = evaluate(ed, {"model": asym}, include_clip=False)["model"]
-    model.head.train(was)
-    return progress_metrics(report)
+
+def _prepare_output_dir(cfg: TrainConfig, resume_from: Path | None) -> None:
+    """A new run needs a new or empty output_dir (``overwrite`` clears only what a run writes); a
+    resumed run must have the checkpoint's config, except the keys of RESUMABLE_CHANGES."""
+    t = cfg.train
+    out = Path(t.output_dir)
+    if resume_from is not None:
+        saved = read_json(resume_from / STATE_NAME).get("config") or {}
+        now = json.loads(json.dumps(cfg.to_dict(), default=str))
+        differ = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+        if differ:
+            shown = ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in differ[:6])
+            raise ConfigError(
+                f"cannot resume {out}: its run had another config; differing keys: {shown}. Use the same config, "
+                "or a new output_dir"
+            )
+    elif t.overwrite:
+        for name in RUN_OUTPUTS:  # only what a run writes; a user's own files stay
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    elif out.is_dir() and any(out.iterdir()):
+        raise ConfigError(
+            f"output_dir {out} is not empty (a previous run?): pass --resume to continue that run, --overwrite to "
+            "replace it, or choose a new output_dir"
+        )
+    out.mkdir(parents=True, exist_ok=True)
 
 
 def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None = None) -> Path:
@@ -186,9 +217,10 @@ def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None
         cpu=cpu_distributed,
     )
     set_seed(t.seed)
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
     resume_from = latest_checkpoint(out) if t.resume else None
+    if accelerator.is_main_process:
+        _prepare_output_dir(cfg, resume_from)
+    accelerator.wait_for_everyone()
     if t.resume and resume_from is None and accelerator.is_main_process:
         logger.info("no checkpoint in %s; starting from scratch", out / "checkpoints")
 
@@ -229,15 +261,17 @@ def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None
     else:
         optimizer = torch.optim.AdamW(groups, lr=t.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg))
+    # the scheduler is stepped once per optimizer step by us, and checkpointed by us (JSON), never
+    # registered with accelerate (which would pickle it)
     model, optimizer = accelerator.prepare(model, optimizer)
-    # stepped once per optimizer step by us (not by accelerate, which would step it per process)
-    accelerator.register_for_checkpointing(scheduler)
     masks = SparseMasks(mask_tensors, accelerator.unwrap_model(model)) if mask_tensors is not None else None
 
     start_step = 0
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
-        start_step = json.loads((resume_from / STATE_NAME).read_text())["step"]
+        load_training_state(
+            resume_from, accelerator.unwrap_model(model), optimizer, scheduler, rank=accelerator.process_index
+        )
+        start_step = int(read_json(resume_from / STATE_NAME)["step"])
         if accelerator.is_main_process:
             logger.info("resumed from %s (step %d)", resume_from, start_step)
     if log_with:
@@ -298,7 +332,7 @@ def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None
             and ((t.eval_every > 0 and done % t.eval_every == 0) or done == t.max_steps)
         )
         if evaluating and accelerator.is_main_process:
-            record = {"step": done, **record, **_evaluate(unwrapped, data, done)}
+            record = {"step": done, **record, **evaluator(data.eval_data, data.encoder)(unwrapped)}
         if record and accelerator.is_main_process:
             bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
             with open(log_path, "a") as f:
@@ -306,7 +340,7 @@ def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None
             if log_with:
                 accelerator.log({k: v for k, v in record.items() if k != "step"}, step=done)
         if (t.save_every and done % t.save_every == 0) or done == t.max_steps:
-            _save_checkpoint(accelerator, cfg, done, {"loss": sum(losses) / len(losses)})
+            _save_checkpoint(accelerator, cfg, done, {"loss": sum(losses) / len(losses)}, model, optimizer, scheduler)
 
     accelerator.wait_for_everyone()
     model_dir = out / "model"
