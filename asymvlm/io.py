@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -42,6 +43,7 @@ __all__ = [
     "read_json",
     "read_tagged_json",
     "json_safe",
+    "tensor_fingerprint",
     "mmap_safetensors",
     "SafetensorsStreamWriter",
     "LazyParams",
@@ -351,6 +353,17 @@ def json_safe(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [json_safe(v) for v in obj]
     return obj
+
+
+def tensor_fingerprint(params: Mapping[str, Tensor], keys: Sequence[str] | None = None) -> str:
+    """sha256 over the named tensors (name, dtype, shape, bytes), in key order (what a saved model
+    records as the weights it was fine-tuned from, and task vectors as their base)."""
+    h = hashlib.sha256()
+    for k in sorted(keys if keys is not None else params.keys()):
+        t = params[k].detach().cpu().contiguous()
+        h.update(f"|{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
 
 
 def read_json(path: str | Path) -> Any:

@@ -105,6 +105,7 @@ class AsymVLM(nn.Module):
         encoder_source: dict[str, Any] | None = None,
         text_adapter: nn.Module | None = None,
         text_base_delta: dict[str, Tensor] | None = None,
+        lineage: dict[str, Any] | None = None,
     ):
         super().__init__()
         if encoder is not None and encoder.dim != head.dim:
@@ -122,6 +123,9 @@ class AsymVLM(nn.Module):
         self._adapter_files: Path | None = None  # an adapter loaded (and merged) from disk
         # dense updates folded into the frozen text tower (exact federated LoRA aggregation)
         self.text_base_delta = text_base_delta
+        # what the head was fine-tuned from: {"init_from": path, "init_from_fingerprint": sha256 of
+        # its head weights}; merges check that every expert comes from the --base they are given
+        self.lineage = dict(lineage) if lineage else None
 
     @property
     def dim(self) -> int:
@@ -201,6 +205,8 @@ class AsymVLM(nn.Module):
             "encoder": self.encoder_source,
             "logit_scale": self.logit_scale,
         }
+        if self.lineage:
+            config["lineage"] = self.lineage
         if self.text_adapter is not None or self._adapter_files is not None:
             import shutil
 
@@ -247,7 +253,7 @@ class AsymVLM(nn.Module):
             MODEL_TYPE,
             MODEL_VERSION,
             required=("head",),
-            known=("encoder", "logit_scale", "text_adapter", "text_base_delta"),
+            known=("encoder", "logit_scale", "text_adapter", "text_base_delta", "lineage"),
         )
         head_cfg = cfg["head"]
         if not isinstance(head_cfg, dict):
@@ -304,6 +310,7 @@ class AsymVLM(nn.Module):
             logit_scale=float(cfg.get("logit_scale", 0.0)),
             encoder_source=source,
             text_base_delta=base_delta,
+            lineage=cfg.get("lineage") if isinstance(cfg.get("lineage"), dict) else None,
         )
         if cfg.get("text_adapter"):
             model._adapter_files = directory / cfg["text_adapter"]

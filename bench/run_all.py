@@ -44,6 +44,7 @@ BENCHMARKS: dict[str, Path] = {
     "train_throughput": BENCH_DIR / "train_throughput.py",
     "retrieval": BENCH_DIR / "retrieval.py",
     "merge": BENCH_DIR / "merge.py",
+    "robustness": BENCH_DIR / "robustness.py",
 }
 
 STDERR_TAIL = 20  # lines of a failed benchmark's stderr kept in the report

@@ -129,7 +129,9 @@ def load_server_state(path: Path) -> ServerState:
     )
 
 
-def save_federated_model(model: Any, state: ServerState, data: Any, directory: Path) -> Path:
+def save_federated_model(
+    model: Any, state: ServerState, data: Any, directory: Path, *, init_from: str | None = None
+) -> Path:
     """Save the federated AsymVLM: head, temperature, the LoRA adapter (peft format) and, for the
     exact LoRA modes, the dense updates folded into the frozen text tower (relative to the
     encoder's original weights, reloaded from its source)."""
@@ -147,6 +149,12 @@ def save_federated_model(model: Any, state: ServerState, data: Any, directory: P
             f"{module_path(layer)}.weight": w - original[f"{module_path(layer)}.weight"]
             for layer, w in state.base.items()
         }
+    lineage = None
+    if init_from:  # what the head started from (merges check that experts share their base)
+        from asymvlm.io import tensor_fingerprint
+
+        start = AsymVLM.from_pretrained(init_from, load_encoder=False)
+        lineage = {"init_from": str(init_from), "init_from_fingerprint": tensor_fingerprint(start.head.state_dict())}
     model.head.eval()
     asym = AsymVLM(
         model.head,
@@ -154,5 +162,6 @@ def save_federated_model(model: Any, state: ServerState, data: Any, directory: P
         encoder_source=data.encoder_source,
         text_adapter=model.peft_model,
         text_base_delta=base_delta,
+        lineage=lineage,
     )
     return asym.save_pretrained(directory)

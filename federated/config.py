@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from asymvlm.config import ConfigError, check_fields
+from asymvlm.federated.attacks import ATTACKS
 from asymvlm.federated.core import LORA_MODES
 from asymvlm.federated.partition import PARTITIONERS
 from asymvlm.federated.recipes import RECIPES
@@ -36,7 +37,6 @@ __all__ = [
     "RUN_OUTPUTS",
 ]
 
-ATTACKS = ("none", "sign_flip", "scale")
 RUN_OPTIONS = ("local_lr",)  # recipe options the run supplies itself (AdaFedAdam's and q-FFL's eta_l)
 # what may change between a run and its --resume (everything else must match the checkpoint's config)
 RESUMABLE_CHANGES = ("rounds", "resume", "overwrite", "progress", "keep_rounds", "eval_every", "output_dir")
@@ -109,11 +109,14 @@ class FederatedArguments:
     init_from: str = field(default="", metadata={"help": "A saved AsymVLM whose head and temperature start the run."})
     eval_every: int = field(default=5, metadata={"help": "Evaluate every N rounds and after the last."})
     fairness_batches: int = field(default=2, metadata={"help": "Batches per client for the fairness report."})
-    attack: Literal[ATTACKS] = field(  # type: ignore[valid-type]
-        default="none", metadata={"help": "Simulated Byzantine clients (robustness experiments)."}
+    attack: Literal[tuple(ATTACKS)] = field(  # type: ignore[valid-type]
+        default="none",
+        metadata={"help": "Simulated Byzantine clients (robustness experiments; asymvlm.federated.attacks)."},
     )
     malicious_fraction: float = field(default=0.0, metadata={"help": "Fraction of clients that attack."})
-    attack_scale: float = field(default=10.0, metadata={"help": "Factor of the 'scale' attack."})
+    attack_scale: float = field(
+        default=10.0, metadata={"help": "Factor of the 'scale' attack; noise norm / honest norm of 'gaussian'."}
+    )
     dp_noise_multiplier: float = field(
         default=0.0,
         metadata={

@@ -40,6 +40,7 @@ import torch
 from tqdm.auto import tqdm
 
 from asymvlm.config import ConfigError, HeadArguments
+from asymvlm.federated.attacks import DATA_ATTACKS, UPDATE_ATTACKS, ShuffledCaptions, attack_updates
 from asymvlm.federated.checkpoint import ServerState, load_server_state, prune_rounds, round_dirs, save_server_state
 from asymvlm.federated.client import (
     ClientOptions,
@@ -70,6 +71,7 @@ from asymvlm.trainable import TrainableModel
 __all__ = [
     "run_federated",
     "Federation",
+    "federation_recipe",
     "seed_sequence",
     "int_seed",
     "sample_clients",
@@ -79,7 +81,9 @@ __all__ = [
 ]
 
 # every random stream of a run: (seed, stream id, round, client) -> numpy's SeedSequence
-STREAMS = {"sampling": 1, "attackers": 2, "client": 3, "initial_loss": 4, "fairness": 5, "lora_init": 6, "model": 7}
+STREAMS = {
+    "sampling": 1, "attackers": 2, "client": 3, "initial_loss": 4, "fairness": 5, "lora_init": 6, "attack": 7,
+}  # fmt: skip
 
 
 def seed_sequence(seed: int, stream: str, *key: int) -> np.random.SeedSequence:
@@ -128,6 +132,31 @@ def fairness(values: list[float]) -> dict[str, float]:
     return {"mean": float(v.mean()), "std": float(v.std()), "worst10": float(worst.mean())}
 
 
+def federation_recipe(fed: FederatedArguments, recipe_options: Mapping[str, Any] | None = None) -> Recipe:
+    """The run's recipe: ``fed.recipe`` with its declared options, the run's client learning rate
+    where the recipe needs it, and DP when asked. Cheap, so commands call it before loading data:
+    an unknown option, a rule without a DP analysis or a Krum that cannot tolerate its ``f`` fail
+    at once."""
+    options = dict(recipe_options or {})
+    declared = RECIPES.entry(fed.recipe).param_names
+    options.update({k: getattr(fed, k) for k in RUN_OPTIONS if k in declared})  # AdaFedAdam's / q-FFL's eta_l
+    dp = None
+    if fed.dp_noise_multiplier > 0:
+        dp = DifferentialPrivacy(
+            fed.dp_noise_multiplier, fed.dp_max_norm, fed.sample_rate, fed.num_clients, fed.dp_delta,
+            fed.dp_insecure_seed,
+        )  # fmt: skip
+    recipe = make_recipe(fed.recipe, dp=dp, **options)
+    f = recipe.options.get("krum_num_malicious")
+    per_round = round(fed.sample_rate * fed.num_clients)
+    if f is not None and per_round <= 2 * f + 2:
+        raise ConfigError(
+            f"Krum tolerates f Byzantine clients among n only when n > 2f + 2 (Blanchard et al. 2017): "
+            f"krum_num_malicious={f} needs more than {2 * f + 2} clients per round, got {per_round}"
+        )
+    return recipe
+
+
 @dataclass
 class Federation:
     """What a run is made of: the recipe, the clients' model and training options, the LoRA layers."""
@@ -148,23 +177,7 @@ class Federation:
         head: HeadArguments | None = None,
         recipe_options: Mapping[str, Any] | None = None,
     ) -> Federation:
-        options = dict(recipe_options or {})
-        declared = RECIPES.entry(fed.recipe).param_names
-        options.update({k: getattr(fed, k) for k in RUN_OPTIONS if k in declared})  # AdaFedAdam's / q-FFL's eta_l
-        dp = None
-        if fed.dp_noise_multiplier > 0:
-            dp = DifferentialPrivacy(
-                fed.dp_noise_multiplier, fed.dp_max_norm, fed.sample_rate, fed.num_clients, fed.dp_delta,
-                fed.dp_insecure_seed,
-            )  # fmt: skip
-        recipe = make_recipe(fed.recipe, dp=dp, **options)
-        f = recipe.options.get("krum_num_malicious")
-        per_round = round(fed.sample_rate * fed.num_clients)
-        if f is not None and per_round <= 2 * f + 2:
-            raise ConfigError(
-                f"Krum tolerates f Byzantine clients among n only when n > 2f + 2 (Blanchard et al. 2017): "
-                f"krum_num_malicious={f} needs more than {2 * f + 2} clients per round, got {per_round}"
-            )
+        recipe = federation_recipe(fed, recipe_options)
         lora_cfg = None
         if fed.trainable != "head":
             from asymvlm.lora import DEFAULT_TARGETS
@@ -206,6 +219,13 @@ class Federation:
         lora = None
         if fed.trainable != "head":
             lora = LoraLayers(fed.lora_mode, lora_layer_keys(exchanged), fed.lora_alpha / fed.lora_r, fed.lora_r)
+        if fed.attack in DATA_ATTACKS:  # poisoned clients train on shuffled caption-image pairs
+            bad = attackers(fed)
+            batchers = [
+                ShuffledCaptions(b, int_seed(fed.seed, "attack", c)) if c in bad else b
+                for c, b in enumerate(data.batchers)
+            ]
+            data = dataclasses.replace(data, batchers=batchers)
         return cls(fed, data, recipe, model, opts, lora, comm)
 
     # -- state --------------------------------------------------------------------------------------
@@ -281,11 +301,17 @@ class Federation:
             )
         return results
 
-    def attack(self, results: list[ClientResult], malicious: set[int]) -> list[ClientResult]:
-        for r in results:
-            if r.client in malicious:
-                factor = -1.0 if self.fed.attack == "sign_flip" else self.fed.attack_scale
-                r.delta = {k: v * factor for k, v in r.delta.items()}
+    def attack(self, results: list[ClientResult], malicious: set[int], rnd: int) -> list[ClientResult]:
+        """What the round's attackers send instead of their honest updates (update attacks)."""
+        at = {i for i, r in enumerate(results) if r.client in malicious}
+        if not at or self.fed.attack not in UPDATE_ATTACKS:
+            return results
+        sent = attack_updates(
+            self.fed.attack, [r.delta for r in results], at, scale=self.fed.attack_scale,
+            seed=int_seed(self.fed.seed, "attack", rnd),
+        )  # fmt: skip
+        for r, d in zip(results, sent):
+            r.delta = d
         return results
 
     def validate(self, state: ServerState, results: list[ClientResult]) -> tuple[list[ClientResult], list[dict]]:
@@ -394,7 +420,7 @@ def run_federated(
         t0 = time.time()
         active, who = sample_clients(fed, rnd, poisson=dp)  # sample
         record: dict[str, Any] = {"round": rnd + 1, **who}
-        results = run.attack(run.train_clients(state, active, rnd), malicious)  # client update
+        results = run.attack(run.train_clients(state, active, rnd), malicious, rnd)  # client update
         accepted, record["rejected"] = run.validate(state, results)  # validate
         record["upload_bytes"] = {"per_client": run.comm["sent_bytes"], "dense": run.comm["dense_bytes"]}
         if len(accepted) < fed.min_clients or not accepted:

@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,8 @@ import torch
 from torch import Tensor
 
 from asymvlm.merging.task_vectors import MergeInputError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["merge", "input_kind", "lambda_search", "LambdaSearch", "recall_metric", "recall_at_1", "INPUT_KINDS"]
 
@@ -168,27 +171,39 @@ def recall_metric(
 
 
 def _asymvlm_vectors(base: Path, inputs: Sequence[Path]):
+    from asymvlm.io import tensor_fingerprint
     from asymvlm.merging.task_vectors import DiffParams, LazyTaskVector
     from asymvlm.model import WEIGHTS_NAME, AsymVLM
 
     base_model = AsymVLM.from_pretrained(base, load_encoder=False)
     fp = (base_model.encoder_source or {}).get("fingerprint")
-    experts = []
+    base_weights = tensor_fingerprint(base_model.head.state_dict())
+    experts, warnings = [], []
     for p in inputs:
         m = AsymVLM.from_pretrained(p, load_encoder=False)
         if m.head.config != base_model.head.config:
             raise MergeInputError(f"{p}: head {m.head.config} differs from the base's {base_model.head.config}")
         if (m.encoder_source or {}).get("fingerprint") != fp:
             raise MergeInputError(f"{p} was trained on another encoder than the base {base}")
-        if m.text_adapter is not None or m._adapter_files is not None or m.text_base_delta:
+        if m.adapts_text_tower:
             raise MergeInputError(
                 f"{p} carries a text-tower adapter: merge its text_adapter/ directories as LoRA inputs and the "
                 "heads separately"
             )
+        started = (m.lineage or {}).get("init_from_fingerprint")
+        if started is not None and started != base_weights:
+            raise MergeInputError(
+                f"{p} was fine-tuned from {m.lineage.get('init_from')!r}, whose head weights are not those of the "
+                f"base {base}: its difference to the base is not its task vector"
+            )
+        if started is None:
+            warnings.append(f"{p} does not record what it was fine-tuned from: its base could not be checked")
         experts.append(m)
+    for w in warnings:
+        logger.warning(w)
     b = LazyTaskVector(base / WEIGHTS_NAME)
     vectors = [DiffParams(b, LazyTaskVector(Path(p) / WEIGHTS_NAME)) for p in inputs]
-    return base_model, experts, b, vectors
+    return base_model, experts, b, vectors, warnings
 
 
 def merge(
@@ -276,7 +291,9 @@ def merge(
 
         if input_kind(base) != "asymvlm":
             raise MergeInputError(f"the base of AsymVLM inputs must be a saved AsymVLM, got {base}")
-        base_model, experts, b, vectors = _asymvlm_vectors(base, inputs)
+        base_model, experts, b, vectors, warnings = _asymvlm_vectors(base, inputs)
+        if warnings:
+            report["warnings"] = warnings
         base_params = {k: b[k].clone() for k in b}
         if lam_grid:
             refs = None

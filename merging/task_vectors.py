@@ -28,7 +28,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -39,7 +38,7 @@ import torch
 from torch import Tensor
 
 from asymvlm.errors import MergeInputError
-from asymvlm.io import LazyParams
+from asymvlm.io import LazyParams, tensor_fingerprint
 
 __all__ = [
     "LazyTaskVector",
@@ -128,16 +127,6 @@ def _read_meta(path: Path) -> dict[str, Any]:
         except json.JSONDecodeError as err:
             raise MergeInputError(f"corrupt JSON in {side}: {err}") from err
     return {}
-
-
-def tensor_fingerprint(params: Mapping[str, Tensor], keys: Sequence[str] | None = None) -> str:
-    """sha256 over the named tensors (name, dtype, shape, bytes), in key order."""
-    h = hashlib.sha256()
-    for k in sorted(keys if keys is not None else params.keys()):
-        t = params[k].detach().cpu().contiguous()
-        h.update(f"|{k}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-    return h.hexdigest()
 
 
 def save_task_vector(tau: Mapping[str, Tensor], directory: str | Path, meta: dict[str, Any]) -> Path:

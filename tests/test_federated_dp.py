@@ -215,3 +215,24 @@ def test_every_recipe_declares_its_options():
     with pytest.raises(Exception, match="unknown option 'sever_lr' for recipe 'fedadam'; valid options: server_lr"):
         make_recipe("fedadam", sever_lr=1)
     assert isinstance(make_recipe("fedavg").aggregator, WeightedMean)
+
+
+@pytest.mark.parametrize(
+    "name,options,message",
+    [
+        ("fedadam", {"server_beta1": 1.5}, r"server_beta1 must be in \[0.0, 1.0\)"),
+        ("fedyogi", {"server_tau": -1.0}, "server_tau must be > 0"),
+        ("qffl", {"qffl_q": -1.0}, "qffl_q must be >= 0"),
+        ("ghbm", {"ghbm_tau": 0}, "ghbm_tau must be >= 1"),
+        ("krum", {"krum_keep": 0}, "krum_keep must be >= 1"),
+        ("fedtrimmedavg", {"trim_beta": 0.5}, r"trim_beta must be in \[0.0, 0.5\)"),
+        ("fedadam", {"server_lr": "fast"}, "server_lr must be a number"),
+        ("krum", {"krum_num_malicious": 1.0}, "krum_num_malicious must be an integer"),
+        ("fedavg", {"weighting": "votes"}, r"weighting='votes' is not one of"),
+    ],
+)
+def test_recipe_option_values_are_checked(name, options, message):
+    from asymvlm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        make_recipe(name, **options)

@@ -142,3 +142,50 @@ def test_the_folder_is_never_missing_while_it_is_replaced(tmp_path, monkeypatch)
     with io.atomic_directory(out) as tmp:
         (tmp / "a").write_text("2")
     assert all(seen) and out.exists() and (out / "a").read_text() == "2"
+
+
+def test_merge_refuses_an_expert_fine_tuned_from_another_base_and_warns_when_unknown(tmp_path):
+    from asymvlm.errors import MergeInputError
+    from asymvlm.heads import TextHead
+    from asymvlm.io import tensor_fingerprint
+    from asymvlm.merging.api import merge
+    from asymvlm.model import AsymVLM
+
+    def head(seed):
+        torch.manual_seed(seed)
+        return TextHead(dim=8, hidden_dims=(16,), residual=True)
+
+    base, other = head(0), head(1)
+    AsymVLM(base).save_pretrained(tmp_path / "base")
+    fp = {"init_from": str(tmp_path / "base"), "init_from_fingerprint": tensor_fingerprint(base.state_dict())}
+    wrong = {"init_from": "elsewhere", "init_from_fingerprint": tensor_fingerprint(other.state_dict())}
+    for name, lineage, seed in (("good", fp, 2), ("bad", wrong, 3), ("unknown", None, 4)):
+        h = head(0)
+        with torch.no_grad():
+            for p in h.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(seed)))
+        AsymVLM(h, lineage=lineage).save_pretrained(tmp_path / name)
+    rep = merge(tmp_path / "base", [tmp_path / "good"], tmp_path / "m1", "task_arithmetic")
+    assert "warnings" not in rep
+    with pytest.raises(MergeInputError, match="was fine-tuned from 'elsewhere'"):
+        merge(tmp_path / "base", [tmp_path / "good", tmp_path / "bad"], tmp_path / "m2", "task_arithmetic")
+    assert not (tmp_path / "m2").exists()
+    rep = merge(tmp_path / "base", [tmp_path / "good", tmp_path / "unknown"], tmp_path / "m3", "task_arithmetic")
+    assert any("does not record what it was fine-tuned from" in w for w in rep["warnings"])
+
+
+def test_training_from_a_model_records_its_lineage(tmp_path, cache):
+    from asymvlm.io import tensor_fingerprint
+    from asymvlm.model import AsymVLM
+    from asymvlm.training.config import TrainConfig
+    from asymvlm.training.loop import train
+
+    common = dict(cache_dir=str(cache), hidden_dims=[8], max_steps=1, batch_size=4, log_with="none",
+                  progress=False, eval_every=-1)  # fmt: skip
+    base = train(TrainConfig.from_dict(dict(output_dir=str(tmp_path / "b"), **common)))
+    tuned = train(TrainConfig.from_dict(dict(output_dir=str(tmp_path / "t"), init_from=str(base), **common)))
+    lineage = AsymVLM.from_pretrained(tuned, load_encoder=False).lineage
+    assert lineage["init_from_fingerprint"] == tensor_fingerprint(
+        AsymVLM.from_pretrained(base, load_encoder=False).head.state_dict()
+    )
+    assert AsymVLM.from_pretrained(base, load_encoder=False).lineage is None

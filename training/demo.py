@@ -71,7 +71,8 @@ def _train_head(cache: Path, out: Path, s: dict, family: str, seed: int, **extra
             cache_dir=str(cache), family=family, hidden_dims=list(s["hidden"]),
             max_steps=extra.pop("steps", s["steps"]), batch_size=s["batch"], optimizer="adamw", lr=1e-3,
             weight_decay=1e-4, seed=seed, output_dir=str(out),
-            save_every=0, eval_every=-1, log_with="none", progress=extra.pop("progress", True), **extra,
+            save_every=0, eval_every=-1, log_with="none", progress=extra.pop("progress", True), overwrite=True,
+            **extra,
         )
     )  # fmt: skip
     return Path(train(cfg))
@@ -112,6 +113,7 @@ def _federated(recipe: str, spec: tuple[str, str], s: dict, out: Path, seed: int
         partition_column="caption_style", partition_alpha=0.5, local_steps=s["local_steps"],
         local_batch_size=s["local_batch"], local_lr=0.2, local_momentum=0.9, trainable="both",
         lora_mode=s["lora_mode"], eval_every=0, seed=seed, output_dir=str(out / f"federated-{recipe}"), progress=True,
+        overwrite=True,
     )  # fmt: skip
     # FedAdam at server lr 0.01 with tau 1e-3 (the values this demo has always used)
     options = {"server_lr": 0.01, "server_tau": 1e-3} if recipe == "fedadam" else {}
@@ -160,6 +162,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    from asymvlm.errors import ConfigError
+
+    for name in ("train_images", "eval_images", "steps", "rounds"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{name} must be >= 1, got {value}")
+    if args.clients < 2:
+        raise ConfigError(f"--clients must be >= 2 (a federation), got {args.clients}")
+    if args.seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {args.seed}")
     start = time.time()
     s = _settings(args)
     out = Path(args.output_dir)

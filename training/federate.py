@@ -38,8 +38,9 @@ def federate(data_args: Any, head: Any, fed: Any, recipe_options: dict[str, Any]
     """The whole command: data, evaluation data, rounds, the saved model. Returns (state, model, path)."""
     from asymvlm.federated.checkpoint import save_federated_model
     from asymvlm.federated.data import get_federated_data
-    from asymvlm.federated.rounds import run_federated
+    from asymvlm.federated.rounds import federation_recipe, run_federated
 
+    federation_recipe(fed, recipe_options)  # an unknown option or an impossible combination fails before the data load
     data = get_federated_data(data_args, fed)
     logging.getLogger(__name__).info("clients:\n%s", data.summary)
     evaluate = None
@@ -58,7 +59,7 @@ def federate(data_args: Any, head: Any, fed: Any, recipe_options: dict[str, Any]
         )
         evaluate = evaluator(eval_data, data.encoder)
     state, model = run_federated(fed, data, head=head, recipe_options=recipe_options, evaluate=evaluate, log=log)
-    path = save_federated_model(model, state, data, Path(fed.output_dir) / "model")
+    path = save_federated_model(model, state, data, Path(fed.output_dir) / "model", init_from=fed.init_from or None)
     return state, model, path
 
 

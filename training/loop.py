@@ -91,6 +91,18 @@ def _build_head(cfg: TrainConfig, dim: int) -> tuple[TextHead, float | None]:
     return head, None
 
 
+def _lineage(cfg: TrainConfig) -> dict[str, Any] | None:
+    """What the trained head starts from (recorded in the saved model; merges check it)."""
+    if not cfg.model.init_from:
+        return None
+    from asymvlm.io import tensor_fingerprint
+    from asymvlm.model import AsymVLM
+
+    start = AsymVLM.from_pretrained(cfg.model.init_from, load_encoder=False)
+    fingerprint = tensor_fingerprint(start.head.state_dict())
+    return {"init_from": str(cfg.model.init_from), "init_from_fingerprint": fingerprint}
+
+
 def _trackers(cfg: TrainConfig) -> str | None:
     if cfg.train.log_with == "none":
         return None
@@ -188,7 +200,6 @@ def _prepare_output_dir(cfg: TrainConfig, resume_from: Path | None) -> None:
             f"output_dir {out} is not empty (a previous run?): pass --resume to continue that run, --overwrite to "
             "replace it, or choose a new output_dir"
         )
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None = None) -> Path:
@@ -225,6 +236,8 @@ def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None
         logger.info("no checkpoint in %s; starting from scratch", out / "checkpoints")
 
     data = (data_fn or data_mod.get_dataloaders)(cfg, accelerator)
+    if accelerator.is_main_process:  # only now: a run that fails on its config or data writes nothing
+        out.mkdir(parents=True, exist_ok=True)
     head, start_scale = _build_head(cfg, data.dim)
     loss_fn = AsymVLMLoss(
         vmf_normalizer=t.vmf_normalizer,
@@ -352,6 +365,7 @@ def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None
             logit_scale=float(unwrapped.loss_fn.logit_scale.detach()),
             encoder_source=data.encoder_source,
             text_adapter=unwrapped.peft_model,
+            lineage=_lineage(cfg),
         )
         final.save_pretrained(model_dir)
     if log_with:
