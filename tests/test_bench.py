@@ -13,7 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
-RATIO = re.compile(r"\| [0-9][0-9.e+]*x (faster|slower|smaller error|larger error) \|")
+RATIO = re.compile(r"\| [0-9][0-9.e+]*x (faster|slower|smaller error|larger error|smaller drift|larger drift) \|")
 
 
 @pytest.fixture
