@@ -51,6 +51,11 @@ def add_text_lora(
     """
     from peft import LoraConfig, get_peft_model
 
+    if getattr(encoder.model, "peft_config", None):  # peft injects in place: a second adapter would stack
+        raise ValueError(
+            f"the text tower of {encoder.spec} already carries a LoRA adapter (injected in place by an earlier "
+            "run): load a fresh encoder for each model that adapts it"
+        )
     target = target_modules or DEFAULT_TARGETS[encoder.backend]
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=target, bias="none")
     try:

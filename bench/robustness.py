@@ -8,7 +8,9 @@ ShapeWorld embedded by the toy CLIP (``--quick``: a small synthetic world and a 
 open_clip, for the smoke test).
 
 * drift = |theta_attacked - theta_honest| / |theta_honest - theta_0|: how far the attack moves the
-  final model, relative to how far honest training moved it, for the same rule and seed;
+  final model, relative to how far honest training moved it, for the same rule and seed (DP
+  runs: relative to the honest run *without* DP, whose change the noise does not dominate); for
+  LoRA also over the LoRA tensors alone (the factors and the folded base weights);
 * R@1: consistent text -> image R@1 on a held-out split (the retrieved image satisfies the
   caption) of the final model (``--quick``: exact R@1).
 
@@ -45,9 +47,13 @@ ATTACKS = {"sign_flip": {}, "scale_x10": {"attack": "scale", "attack_scale": 10.
            "alie": {}, "caption_shuffle": {}}  # fmt: skip
 
 
-def drift(attacked, honest, start) -> float:
-    num = sum(float((attacked[k] - honest[k]).double().pow(2).sum()) for k in honest) ** 0.5
-    den = sum(float((honest[k] - start[k]).double().pow(2).sum()) for k in honest) ** 0.5
+def drift(attacked, honest, start, reference=None, keys=None) -> float:
+    """|attacked - honest| / |reference - start| over ``keys`` (reference: the honest run itself, or
+    for DP runs the honest run without DP, whose change is not dominated by the noise)."""
+    reference = honest if reference is None else reference
+    keys = list(honest) if keys is None else keys
+    num = sum(float((attacked[k] - honest[k]).double().pow(2).sum()) for k in keys) ** 0.5
+    den = sum(float((reference[k] - start[k]).double().pow(2).sum()) for k in keys) ** 0.5
     return num / den
 
 
@@ -96,28 +102,35 @@ def main(argv=None) -> int:
         )  # fmt: skip
         data = get_federated_data(data_args, fed)
         state, model = run_federated(fed, data, head=head, recipe_options=opts)
+        params = {**state.params, **{f"base/{k}": v for k, v in state.base.items()}}  # LoRA: the folded base too
         quality = None
         if eval_data is not None:
             metrics = evaluator(eval_data, data.encoder)(model)
             quality = metrics.get("eval/consistent_t2i_R@1")
-        return state.params, quality
+        return params, quality
 
     from asymvlm.federated.rounds import Federation
 
     RULES["krum"] = ("krum", {"krum_num_malicious": min(2, (clients - 3) // 2)})
 
     def initial(kind):
-        """theta_0: the exchanged parameters every run starts from (the same seed)."""
+        """theta_0: the exchanged parameters (and frozen LoRA base weights) every run starts from."""
+        from asymvlm.federated.client import get_base
+
         fed = FederatedArguments(num_clients=clients, trainable="head" if kind == "head" else "both",
                                  lora_mode="residual", lora_r=2, output_dir=str(work / "init"))  # fmt: skip
-        return Federation.build(fed, get_federated_data(data_args, fed), head).model.get_params()
+        run = Federation.build(fed, get_federated_data(data_args, fed), head)
+        base = get_base(run.model, run.lora.layers) if run.lora is not None else {}
+        return {**run.model.get_params(), **{f"base/{k}": v for k, v in base.items()}}
 
     t0 = time.time()
     print(f"{clients} clients, {rounds} rounds, {train_images} ShapeWorld images; drift | R@1")
     for kind in kinds:
+        start = initial(kind)
+        lora_keys = [k for k in start if "lora_" in k or k.startswith("base/")] if kind == "lora" else None
+        plain_honest = {}
         for dp in (False, True):
             label = f"{kind}{' + DP' if dp else ''}"
-            start = initial(kind)
             honest = {}
             for rule in RULES:
                 try:
@@ -127,6 +140,8 @@ def main(argv=None) -> int:
                         raise
                     honest[rule] = None
                     results.note(f"{label}: {rule} refuses DP ({str(err).split(':')[0]}).")
+            if not dp:
+                plain_honest = {rule: h[0] for rule, h in honest.items() if h is not None}
             for frac in fractions:
                 for attack in ATTACKS:
                     row = {}
@@ -135,7 +150,10 @@ def main(argv=None) -> int:
                             row[rule] = None
                             continue
                         params, quality = run(f"{kind}-{dp}-{rule}-{attack}-{frac}", kind, rule, frac, attack, dp)
-                        row[rule] = (drift(params, honest[rule][0], start), quality, honest[rule][1])
+                        ref = plain_honest.get(rule) if dp else None
+                        d = drift(params, honest[rule][0], start, ref)
+                        d_lora = drift(params, honest[rule][0], start, ref, lora_keys) if lora_keys else None
+                        row[rule] = (d, quality, honest[rule][1], d_lora)
                     base = row["fedavg"][0]
                     line = []
                     for rule, val in row.items():
@@ -145,13 +163,15 @@ def main(argv=None) -> int:
                                         better="smaller drift", worse="larger drift", note="refuses DP")  # fmt: skip
                             line.append(f"{rule} refused")
                             continue
-                        d, q, q_honest = val
+                        d, q, q_honest, d_lora = val
                         results.add(case, d, base, "drift", higher_is_better=False, better="smaller drift",
-                                    worse="larger drift", r1=q, honest_r1=q_honest)  # fmt: skip
-                        line.append(f"{rule} {d:.2f}" + (f" | {q:.3f}" if q is not None else ""))
+                                    worse="larger drift", r1=q, honest_r1=q_honest, lora_drift=d_lora)  # fmt: skip
+                        line.append(f"{rule} {d:.2f}" + (f" (LoRA {d_lora:.2f})" if d_lora is not None else "")
+                                    + (f" | {q:.3f}" if q is not None else ""))  # fmt: skip
                     print(f"  {label:<10} {int(frac * 100)}% {attack:<15} " + "; ".join(line), flush=True)
     results.note(
-        f"drift = |theta_attacked - theta_honest| / |theta_honest - theta_0| (same rule, seed and DP noise); "
+        f"drift = |theta_attacked - theta_honest| / |theta_honest - theta_0| (same rule, seed and DP noise; DP rows "
+        f"divide by the honest change without DP); LoRA rows: also over the LoRA factors and folded base alone; "
         f"R@1 = consistent text->image R@1 on 300 held-out images; {time.time() - t0:.0f} s."
     )
     results.write(args.json)
