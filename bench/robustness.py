@@ -40,7 +40,7 @@ from asymvlm.federated.rounds import run_federated  # noqa: E402
 RULES = {
     "fedavg": ("fedavg", {}),
     "median": ("fedmedian", {}),
-    "trimmed_mean": ("fedtrimmedavg", {"trim_beta": 0.4}),
+    "trimmed_mean": ("fedtrimmedavg", {"trim_beta": 0.2}),
     "krum": ("krum", {"krum_num_malicious": 2}),
 }
 ATTACKS = {"sign_flip": {}, "scale_x10": {"attack": "scale", "attack_scale": 10.0}, "gaussian": {"attack_scale": 3.0},
