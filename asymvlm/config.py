@@ -32,6 +32,8 @@ __all__ = [
     "HeadArguments",
     "check_choice",
     "check_fields",
+    "claim_output_dir",
+    "check_resume_config",
     "argument_parser",
     "config_fields",
     "load_yaml",
@@ -216,6 +218,38 @@ class HeadArguments:
             init_concentration=self.init_concentration,
             min_concentration=self.min_concentration,
             max_concentration=self.max_concentration,
+        )
+
+
+def claim_output_dir(out: Path, outputs: tuple[str, ...], *, overwrite: bool) -> None:
+    """A new run's output folder: new or empty, or (``overwrite``) cleared of ``outputs`` — only what
+    a run writes there; a user's own files stay. Anything else is a :class:`ConfigError`."""
+    import shutil
+
+    out = Path(out)
+    if overwrite:
+        for name in outputs:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    elif out.is_dir() and any(out.iterdir()):
+        raise ConfigError(
+            f"output_dir {out} is not empty (a previous run?): pass --resume to continue that run, --overwrite to "
+            "replace it, or choose a new output_dir"
+        )
+
+
+def check_resume_config(saved: dict[str, Any], now: dict[str, Any], may_change: tuple[str, ...], where: Path) -> None:
+    """A resumed run is the same run: every key outside ``may_change`` must equal the saved one;
+    otherwise a :class:`ConfigError` naming the keys that differ (old -> new)."""
+    differ = sorted(k for k in set(saved) | set(now) if k not in may_change and saved.get(k) != now.get(k))
+    if differ:
+        shown = ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in differ[:6])
+        raise ConfigError(
+            f"cannot resume {where}: its run had another config; differing keys: {shown}. Use the same config "
+            f"(only {', '.join(may_change)} may change), or a new output_dir"
         )
 
 

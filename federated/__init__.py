@@ -17,6 +17,8 @@ The names below import lazily: ``from asymvlm.federated import WeightedMean, mak
 not import peft or transformers.
 """
 
+from asymvlm.lazy import lazy_exports
+
 _EXPORTS = {
     "Params": "asymvlm.federated.core",
     "AggregateResult": "asymvlm.federated.core",
@@ -68,15 +70,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):  # PEP 562: import the defining module on first use (keeps imports light)
-    if name in _EXPORTS:
-        import importlib
-
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from asymvlm.config import ConfigError, HeadArguments
+from asymvlm.config import ConfigError, HeadArguments, check_resume_config, claim_output_dir
 from asymvlm.federated.attacks import DATA_ATTACKS, UPDATE_ATTACKS, ShuffledCaptions, attack_updates
 from asymvlm.federated.checkpoint import ServerState, load_server_state, prune_rounds, round_dirs, save_server_state
 from asymvlm.federated.client import (
@@ -253,18 +252,8 @@ class Federation:
             if state.base:
                 set_base(self.model, state.base)
             return state
-        if self.fed.overwrite:
-            for name in RUN_OUTPUTS:  # only what a run writes; a user's own files stay
-                target = out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
-                    target.unlink()
-        elif out.is_dir() and any(out.iterdir()) and not self.fed.resume:
-            raise ConfigError(
-                f"output_dir {out} is not empty (a previous run?): pass resume to continue that run, overwrite to "
-                "replace it, or choose a new output_dir"
-            )
+        if not self.fed.resume or self.fed.overwrite:
+            claim_output_dir(out, RUN_OUTPUTS, overwrite=self.fed.overwrite)
         if self.fed.resume and log:
             log({"event": "no checkpoint to resume from; starting from scratch"})
         params = self.model.get_params()
@@ -456,13 +445,7 @@ def run_federated(
 def _check_resumable(checkpoint: Path, config: dict[str, Any]) -> None:
     """A resumed run must be the same run: every config key outside RESUMABLE_CHANGES must match."""
     saved = json.loads((checkpoint / "server.json").read_text()).get("config") or {}
-    differ = sorted(k for k in set(saved) | set(config) if k not in RESUMABLE_CHANGES and saved.get(k) != config.get(k))
-    if differ:
-        shown = ", ".join(f"{k} ({saved.get(k)!r} -> {config.get(k)!r})" for k in differ[:6])
-        raise ConfigError(
-            f"cannot resume {checkpoint.parent.parent}: its run had another config; differing keys: {shown}. Use the "
-            "same config (only rounds, keep_rounds, eval_every and progress may change), or a new output_dir"
-        )
+    check_resume_config(saved, config, RESUMABLE_CHANGES, checkpoint.parent.parent)
 
 
 def _init_from(model: TrainableModel, path: str) -> None:

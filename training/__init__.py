@@ -14,6 +14,8 @@ The shared building blocks live in the core: :mod:`asymvlm.lora` (peft LoRA on t
 :mod:`asymvlm.batching` (index-drawn batches).
 """
 
+from asymvlm.lazy import lazy_exports
+
 _EXPORTS = {
     "train": "asymvlm.training.loop",
     "latest_checkpoint": "asymvlm.training.loop",
@@ -30,15 +32,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):  # PEP 562: import the defining module on first use (keeps imports light)
-    if name in _EXPORTS:
-        import importlib
-
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -37,7 +37,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from asymvlm.errors import CheckpointWriteError, ConfigError, TrainingDiverged
+from asymvlm.config import check_resume_config, claim_output_dir
+from asymvlm.errors import CheckpointWriteError, TrainingDiverged
 from asymvlm.heads import TextHead
 from asymvlm.io import read_json
 from asymvlm.losses import AsymVLMLoss, parameter_groups
@@ -181,25 +182,9 @@ def _prepare_output_dir(cfg: TrainConfig, resume_from: Path | None) -> None:
     if resume_from is not None:
         saved = read_json(resume_from / STATE_NAME).get("config") or {}
         now = json.loads(json.dumps(cfg.to_dict(), default=str))
-        differ = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
-        if differ:
-            shown = ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in differ[:6])
-            raise ConfigError(
-                f"cannot resume {out}: its run had another config; differing keys: {shown}. Use the same config, "
-                "or a new output_dir"
-            )
-    elif t.overwrite:
-        for name in RUN_OUTPUTS:  # only what a run writes; a user's own files stay
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    elif out.is_dir() and any(out.iterdir()):
-        raise ConfigError(
-            f"output_dir {out} is not empty (a previous run?): pass --resume to continue that run, --overwrite to "
-            "replace it, or choose a new output_dir"
-        )
+        check_resume_config(saved, now, RESUMABLE_CHANGES, out)
+    elif not t.resume:  # (--resume without a checkpoint starts from scratch where it is)
+        claim_output_dir(out, RUN_OUTPUTS, overwrite=t.overwrite)
 
 
 def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None = None) -> Path:
