@@ -40,8 +40,8 @@ import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from asymvlm.config import HelpFormatter, parse_dataclass_args
 from asymvlm.config import argument_parser as dataclass_parser
-from asymvlm.config import parse_dataclass_args
 from asymvlm.errors import AsymVLMError, ConfigError
 
 __all__ = [
@@ -169,15 +169,6 @@ def help_requested(argv: Iterable[str]) -> bool:
         if a in ("-h", "--help"):
             return True
     return False
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in ``--help`` (not for flags, nor where there is none), the epilog printed as written."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.nargs == 0 or action.default is None or action.default == []:
-            return action.help or ""
-        return super()._get_help_string(action)
 
 
 def _spellings(flag: str) -> list[str]:

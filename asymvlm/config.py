@@ -289,8 +289,14 @@ def load_yaml(
     return doc
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in ``--help`` and epilogs printed as written."""
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in ``--help`` (not for flags, nor where there is none, nor twice: a field whose
+    default is ``None`` or ``""`` says in its help what it falls back to), the epilog as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.nargs == 0 or action.default in (None, [], "") or "(default:" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def argument_parser(
@@ -307,7 +313,7 @@ def argument_parser(
             raise ConfigError(message)
 
     return Parser(
-        types, prog=prog, description=description, epilog=epilog, formatter_class=_HelpFormatter, allow_abbrev=False
+        types, prog=prog, description=description, epilog=epilog, formatter_class=HelpFormatter, allow_abbrev=False
     )
 
 

@@ -57,22 +57,25 @@ SPEC: dict[str, dict[str, Any]] = {
     "output_dir": {"help": "Output directory (written atomically, with merge.json)."},
     "method": {"default": "ties", "help": "Merge method (see --list_methods)."},
     "lam": {"type": float, "default": 1.0, "help": "Scaling lambda of the merged task vector."},
-    "weights": {"nargs": "+", "type": float, "help": "Per-input weights."},
-    "density": {"type": float, "help": "TIES: fraction of entries kept per task, in (0, 1] (method default 0.2)."},
+    "weights": {"nargs": "+", "type": float, "help": "Per-input weights (default: equal)."},
+    "density": {"type": float, "help": "TIES: fraction of entries kept per task, in (0, 1]."},
     "scope": {"choices": ("global", "per_tensor"), "help": "TIES top-k scope (global: the paper's)."},
     "sign": {"choices": ("total", "frequency"), "help": "TIES sign election."},
     "sign_weighted": {"action": "store_const", "const": True, "help": "TIES: elect the sign on weighted vectors."},
     "normalize": {"choices": ("count", "weight"), "help": "TIES disjoint mean: by count or by weight."},
     "zero_sign": {"choices": ("majority", "positive", "none"), "help": "TIES: resolve a zero sum."},
-    "p": {"type": float, "help": "DARE drop probability in [0, 1) (method default 0.9)."},
-    "seed": {"type": int, "help": "DARE seed (method default 0)."},
+    "p": {"type": float, "help": "DARE drop probability in [0, 1)."},
+    "seed": {"type": int, "help": "DARE seed."},
     "lora_output": {
         "choices": ("dense", "concat", "svd"),
         "default": "concat",
         "help": "LoRA inputs: dense (folded into --base), concat (exact), svd (best rank --rank).",
     },
     "rank": {"type": int, "help": "LoRA svd output rank (default: the largest input rank)."},
-    "lam_grid": {"type": _floats, "help": "Comma-separated lambdas to search on --val (AsymVLM inputs)."},
+    "lam_grid": {
+        "type": _floats,
+        "help": "Comma-separated lambdas to search on --val (AsymVLM inputs; default: no search, --lam).",
+    },
     "val": {"nargs": "+", "help": "Validation embedding caches, one per input (mean normalised R@1)."},
 }
 OPTION_KEYS = ("density", "scope", "sign", "sign_weighted", "normalize", "zero_sign", "p", "seed")
@@ -89,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
         kw = {"default": None, **kw}
         if key == "method":
             kw["choices"] = tuple(METHODS)
+        if key in OPTION_KEYS:  # the method's own default, read from the registry (one source)
+            defaults = {p.default for e in METHODS.values() for p in e.params if p.name == key}
+            if len(defaults) == 1:
+                kw["help"] += f" (method default: {defaults.pop()})"
         p.add_argument(f"--{key}", dest=key, **kw)
     p.add_argument("--no_progress", action="store_true", help="No progress bar.")
     p.add_argument("--list_methods", action="store_true", help="List the merge methods with their options and papers.")

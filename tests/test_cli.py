@@ -70,6 +70,10 @@ def test_help_shows_defaults_choices_and_examples(prog, capsys):
     choices, default = HELP_SHOWS[prog]
     assert out.startswith(f"usage: {prog}") and "examples:" in out
     assert choices in out and default in out, out
+    # a default is shown once per option, never as "None" (such options say what they fall back to)
+    assert "(default: None)" not in out
+    for block in re.split(r"\n  (?=-)", out):
+        assert block.count("(default:") <= 1, block
 
 
 @pytest.mark.parametrize("prog", SCRIPTS)
