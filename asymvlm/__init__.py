@@ -6,7 +6,7 @@ log-likelihoods. See README.md for a tour.
 """
 
 from asymvlm import toyclip as _toyclip  # noqa: F401  (registers the toy CLIP's pretrained tag)
-from asymvlm.cache import EmbeddingCache, embed_dataset
+from asymvlm.cache import EmbeddingCache, embed_dataset, write_cache
 from asymvlm.distributions import HypersphericalUniform, PowerSpherical, VonMisesFisher, sphere
 from asymvlm.encoders import FrozenEncoder, load_encoder
 from asymvlm.heads import HeadConfig, TextHead
@@ -37,6 +37,7 @@ __all__ = [
     "load_encoder",
     "FrozenEncoder",
     "embed_dataset",
+    "write_cache",
     "EmbeddingCache",
     "AsymVLM",
     "ImageIndex",

@@ -8,6 +8,8 @@ Layout of a cache directory::
     texts.safetensors    "embeddings": (num_texts, d), "image_index": (num_texts,) int64,
                          the image row each caption describes
     captions.json        the caption strings, in text-row order
+    caption_meta.json    optional: {"level": [...], "ambiguity": [...]} per text row (either key),
+                         the ground truth evaluations read (``asymvlm-eval --cache``)
 
 The files are streamed to a temporary directory next to the target (never more than one batch
 of embeddings in memory) and the directory is renamed into place at the end, so an interrupted
@@ -34,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +156,8 @@ class EmbeddingCache:
         text_embeddings: (num_texts, d), stored dtype.
         text_image_index: (num_texts,) int64, the image row of each caption.
         captions: the caption strings (or None if captions.json is absent).
+        caption_meta: ``{"level": (T,) int64, "ambiguity": (T,) float64}`` (the keys present in
+            caption_meta.json; empty without it).
     """
 
     path: Path
@@ -163,6 +167,7 @@ class EmbeddingCache:
     text_image_index: Tensor
     captions: list[str] | None
     validated: bool = False  # the values were checked when loaded (ImageIndex.from_cache then skips it)
+    caption_meta: dict[str, Tensor] = field(default_factory=dict)
 
     @property
     def dim(self) -> int:
@@ -225,9 +230,34 @@ class EmbeddingCache:
             validate_embeddings(images, path / "images.safetensors", "image embeddings")
             validate_embeddings(texts["embeddings"], path / "texts.safetensors", "text embeddings")
             validate_index(texts["image_index"], int(manifest["num_images"]), path / "texts.safetensors")
-        cache = cls(path, manifest, images, texts["embeddings"], texts["image_index"], captions)
+        meta = _read_caption_meta(path / CAPTION_META, int(manifest["num_texts"]))
+        cache = cls(path, manifest, images, texts["embeddings"], texts["image_index"], captions, caption_meta=meta)
         cache.validated = validate
         return cache
+
+
+CAPTION_META = "caption_meta.json"
+_META_DTYPES = {"level": torch.int64, "ambiguity": torch.float64}
+
+
+def _read_caption_meta(path: Path, num_texts: int) -> dict[str, Tensor]:
+    if not path.is_file():
+        return {}
+    doc = read_json(path)
+    if not isinstance(doc, dict) or set(doc) - set(_META_DTYPES):
+        raise ArtefactError(f"{path}: expected an object with keys among {sorted(_META_DTYPES)}")
+    out = {}
+    for key, values in doc.items():
+        if not isinstance(values, list) or len(values) != num_texts:
+            raise ArtefactError(f"{path}: '{key}' must be a list of {num_texts} numbers (one per caption)")
+        try:
+            t = torch.tensor(values, dtype=_META_DTYPES[key])
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ArtefactError(f"{path}: '{key}' holds a non-number: {err}") from None
+        if key == "ambiguity" and not bool((torch.isfinite(t) & (t > 0)).all()):
+            raise ArtefactError(f"{path}: 'ambiguity' must be positive and finite")
+        out[key] = t
+    return out
 
 
 def validate_embeddings(x: Tensor, where: Path | str, name: str, chunk: int = 65536) -> None:
@@ -306,6 +336,7 @@ def write_cache(
     encoder: dict[str, Any] | None = None,
     dataset_fingerprint: str = "unknown",
     dtype: str = "float32",
+    caption_meta: dict[str, Any] | None = None,
 ) -> EmbeddingCache:
     """Write precomputed embeddings as a cache (atomically), e.g. features made elsewhere.
 
@@ -318,6 +349,18 @@ def write_cache(
         encoder: ``{"spec", "pretrained", "fingerprint"}`` of the encoder that made them.
         dataset_fingerprint: any stable id of the data.
         dtype: storage dtype.
+        caption_meta: optional ground truth per caption, ``{"level": [...], "ambiguity": [...]}``
+            (either key; ambiguity = how many images a caption is true of), read by
+            ``asymvlm-eval --cache`` for per-level metrics and the ambiguity correlation.
+
+    Example (features made by any other model):
+        >>> import torch, tempfile
+        >>> img = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+        >>> txt = torch.nn.functional.normalize(torch.randn(6, 8), dim=-1)
+        >>> c = write_cache(tempfile.mkdtemp() + "/c", img, txt, torch.tensor([0, 0, 1, 1, 2, 2]),
+        ...                 captions=["a", "b", "c", "d", "e", "f"], caption_meta={"level": [0, 1] * 3})
+        >>> c.caption_meta["level"].tolist(), c.text_embeddings.shape[0]
+        ([0, 1, 0, 1, 0, 1], 6)
     """
     from asymvlm.heads import check_embeddings
 
@@ -336,7 +379,17 @@ def write_cache(
         raise ValueError(f"{len(captions)} captions for {text_embeddings.shape[0]} text embeddings")
     store = _DTYPES[dtype]
     info = {"spec": None, "pretrained": None, "fingerprint": None, **(encoder or {}), "dim": d}
+    if caption_meta is not None:
+        unknown = sorted(set(caption_meta) - set(_META_DTYPES))
+        if unknown:
+            raise ValueError(f"unknown caption_meta key(s) {unknown}; valid: {sorted(_META_DTYPES)}")
+        caption_meta = {k: torch.as_tensor(v).tolist() for k, v in caption_meta.items()}
+        for k, v in caption_meta.items():
+            if len(v) != text_embeddings.shape[0]:
+                raise ValueError(f"caption_meta['{k}'] has {len(v)} entries for {text_embeddings.shape[0]} texts")
     with atomic_directory(path) as tmp:
+        if caption_meta:
+            atomic_write_json(caption_meta, tmp / CAPTION_META)
         atomic_save_safetensors({"embeddings": image_embeddings.to(store)}, tmp / "images.safetensors")
         atomic_save_safetensors(
             {"image_index": index, "embeddings": text_embeddings.to(store)}, tmp / "texts.safetensors"

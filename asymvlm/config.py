@@ -183,6 +183,14 @@ class HeadArguments:
         metadata={"help": "Hidden widths of the head MLP (the paper: 1024 1024 1024)."},
     )
     activation: Literal["relu", "gelu", "silu", "tanh"] = field(default="relu", metadata={"help": "Head activation."})
+    direction: Literal["frozen", "learned"] = field(
+        default="frozen",
+        metadata={
+            "help": "Mean direction of each text's distribution: 'frozen' keeps the frozen text embedding (text->image "
+            "retrieval stays exactly the frozen model's; only the concentration is learned), 'learned' is the "
+            "paper's loc = eta / |eta|."
+        },
+    )
     residual: bool = field(
         default=False,
         metadata={
@@ -214,6 +222,7 @@ class HeadArguments:
             family=self.family,
             hidden_dims=tuple(self.hidden_dims),
             activation=self.activation,
+            direction=self.direction,
             residual=self.residual,
             init_concentration=self.init_concentration,
             min_concentration=self.min_concentration,

@@ -17,6 +17,11 @@ spec                                              meaning
 ``hf:<org>/<repo>`` or ``hf:<dir>``               a transformers ``CLIPModel`` / ``SiglipModel`` (any model
                                                   with ``get_text_features`` / ``get_image_features``), from
                                                   the Hub or a ``save_pretrained`` directory.
+``hf-text:<org>/<repo>`` or ``hf-text:<dir>``     a text-only transformers model (BERT, MiniLM, any
+                                                  ``AutoModel``), mean-pooled over the attention mask (the
+                                                  sentence-transformers convention): for captions whose
+                                                  image embeddings were made elsewhere (``write_cache``);
+                                                  ``encode_image`` is an error.
 ``<dir>``                                         a local directory, detected: ``open_clip_config.json``
                                                   -> open_clip, ``config.json`` -> transformers.
 ================================================  ==========================================================
@@ -55,6 +60,7 @@ __all__ = [
     "FrozenEncoder",
     "OpenCLIPEncoder",
     "HFEncoder",
+    "HFTextEncoder",
     "load_encoder",
     "parse_spec",
     "register_open_clip_configs",
@@ -439,11 +445,63 @@ class HFEncoder(FrozenEncoder):
         return self._pooled(self.model.get_text_features(**tokens))
 
 
+class HFTextEncoder(FrozenEncoder):
+    """A text-only transformers model as the frozen text tower: mean of the last hidden states over
+    the attention mask (sentence-transformers' pooling), L2-normalised. Image embeddings come from
+    elsewhere (a cache written with ``write_cache``); ``encode_image`` raises."""
+
+    backend = "hf-text"
+
+    def __init__(self, name_or_path: str, *, device=None, precision: str = "fp32", cache_dir: str | None = None):
+        from transformers import AutoModel, AutoTokenizer
+
+        device = _resolve_device(device)
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
+        if dtype is None:
+            raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
+        try:
+            model = AutoModel.from_pretrained(name_or_path, cache_dir=cache_dir).to(dtype)
+            self._tokenizer = AutoTokenizer.from_pretrained(name_or_path, cache_dir=cache_dir)
+        except OSError as err:
+            raise OSError(
+                f"could not load transformers text model {name_or_path!r}: {err}. Without network access pass a "
+                f"local directory (config.json, weights, tokenizer files)"
+            ) from err
+        self._max_length = min(int(getattr(model.config, "max_position_embeddings", 512)), 512)
+        super().__init__(f"hf-text:{name_or_path}", None, model.to(device), device)
+
+    def _no_images(self) -> ValueError:
+        return ValueError(
+            f"{self.spec} is a text-only encoder: it embeds no images. Write the image embeddings you have "
+            f"with asymvlm.cache.write_cache (README: 'Precomputed embeddings')"
+        )
+
+    def preprocess(self, images: Sequence[Any]) -> Tensor:
+        raise self._no_images()
+
+    def _image_features(self, pixels: Tensor) -> Tensor:
+        raise self._no_images()
+
+    def _settings(self) -> str:
+        return f"{type(self._tokenizer).__name__}|{len(self._tokenizer)}|mean|{self._max_length}"
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, Tensor]:
+        enc = self._tokenizer(
+            list(texts), padding=True, truncation=True, max_length=self._max_length, return_tensors="pt"
+        )
+        return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in enc}
+
+    def _text_features(self, tokens: dict[str, Tensor]) -> Tensor:
+        hidden = self.model(**tokens).last_hidden_state  # (N, L, d)
+        mask = tokens["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+
+
 # ----------------------------------------------------------------------------------------------
 # the loader
 # ----------------------------------------------------------------------------------------------
 def parse_spec(spec: str) -> tuple[str, str]:
-    """Split a spec into ``(backend, name)`` with backend ``"open_clip"`` or ``"hf"``.
+    """Split a spec into ``(backend, name)`` with backend ``"open_clip"``, ``"hf"`` or ``"hf-text"``.
 
     Example:
         >>> parse_spec("open_clip:ViT-B-32"), parse_spec("hf:openai/clip-vit-base-patch32")
@@ -451,7 +509,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
     """
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"encoder spec must be a non-empty string, got {spec!r}")
-    for prefix, backend in (("open_clip:", "open_clip"), ("hf:", "hf")):
+    for prefix, backend in (("open_clip:", "open_clip"), ("hf-text:", "hf-text"), ("hf:", "hf")):
         if spec.startswith(prefix):
             name = spec[len(prefix) :]
             if not name:
@@ -460,7 +518,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
                 name = f"local-dir:{os.path.abspath(name[len('local-dir:') :])}"
             elif backend == "open_clip" and not name.startswith("hf-hub:") and Path(name).is_dir():
                 name = f"local-dir:{os.path.abspath(name)}"
-            elif backend == "hf" and Path(name).is_dir():
+            elif backend in ("hf", "hf-text") and Path(name).is_dir():
                 name = os.path.abspath(name)
             return backend, name
     path = Path(spec)
@@ -474,13 +532,14 @@ def parse_spec(spec: str) -> tuple[str, str]:
         )
     raise ValueError(
         f"cannot parse encoder spec {spec!r}: use 'open_clip:<name>', 'open_clip:hf-hub:<repo>', "
-        f"'open_clip:<dir>', 'hf:<hub id or dir>' or an existing local directory"
+        f"'open_clip:<dir>', 'hf:<hub id or dir>', 'hf-text:<hub id or dir>' or an existing local directory"
     )
 
 
 _BACKENDS: dict[str, Callable[..., FrozenEncoder]] = {
     "open_clip": lambda name, pretrained, **kw: OpenCLIPEncoder(name, pretrained, **kw),
     "hf": lambda name, pretrained, **kw: HFEncoder(name, **kw),
+    "hf-text": lambda name, pretrained, **kw: HFTextEncoder(name, **kw),
 }
 
 
@@ -507,6 +566,6 @@ def load_encoder(
         MissingExtraError: an optional dependency (timm) is missing; names the extra.
     """
     backend, name = parse_spec(spec)
-    if backend == "hf" and pretrained is not None:
+    if backend in ("hf", "hf-text") and pretrained is not None:
         raise ValueError("pretrained= is for open_clip specs; a transformers spec names its weights itself")
     return _BACKENDS[backend](name, pretrained, device=device, precision=precision, cache_dir=cache_dir)

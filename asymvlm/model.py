@@ -265,6 +265,7 @@ class AsymVLM(nn.Module):
         if "dim" not in head_cfg:
             raise ArtefactError(f"{directory / CONFIG_NAME}: head config misses required key 'dim'")
         head_cfg = {k: v for k, v in head_cfg.items() if k in fields}
+        head_cfg.setdefault("direction", "learned")  # saved before the option existed: the paper's head
         if "hidden_dims" in head_cfg:
             head_cfg["hidden_dims"] = tuple(head_cfg["hidden_dims"])
         head = TextHead(config=HeadConfig(**head_cfg))

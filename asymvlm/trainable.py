@@ -110,6 +110,7 @@ class TrainableModel(nn.Module):
         self._encoder = encoder
         self.trainable = trainable
         self.freeze_lora_a = freeze_lora_a
+        self.last_concentration: tuple[float, ...] | None = None  # (min, median, max) of the last batch
 
     @property
     def encoder(self) -> Any:
@@ -127,17 +128,29 @@ class TrainableModel(nn.Module):
 
         return F.normalize(text_features(self._encoder, text).float(), dim=-1)
 
-    def forward(self, text: Tensor | dict[str, Tensor], images: Tensor, ids: Tensor) -> Tensor:
+    def forward(
+        self, text: Tensor | dict[str, Tensor], images: Tensor, ids: Tensor, positives: Tensor | None = None
+    ) -> Tensor:
+        """The loss of a batch: texts (this process's slice), the image of each, their image ids,
+        and optionally the (B, B) positives of the *global* batch (an
+        :class:`~asymvlm.batching.IndexBatcher` batch has them: identical captions of different
+        images are positives); without them, positives are the pairs of equal image id."""
         q = self.head(self.embed_text(text))
         loc, kappa = all_gather_with_grad(q.loc), all_gather_with_grad(q.concentration)
         images, ids = all_gather_with_grad(images.to(loc.dtype)), all_gather_with_grad(ids)
         q_all = FAMILIES[self.head.family][0](loc, kappa, validate_args=False)
-        positives = None if self.loss_fn.positive_mode == "diagonal" else positives_from_ids(ids, ids)
+        with torch.no_grad():  # what the log shows of the batch's concentrations
+            k = kappa.detach().float()
+            self.last_concentration = tuple(torch.stack([k.min(), k.median(), k.max()]).tolist())
+        if self.loss_fn.positive_mode == "diagonal":
+            positives = None
+        elif positives is None:
+            positives = positives_from_ids(ids, ids)
         return self.loss_fn(q_all, images, positives)
 
     def batch_loss(self, batch: Mapping[str, Any]) -> Tensor:
         """``forward`` on an :class:`~asymvlm.batching.IndexBatcher` batch."""
-        return self(batch["text"], batch["images"], batch["ids"])
+        return self(batch["text"], batch["images"], batch["ids"], batch.get("positives"))
 
     # -- what is exchanged (federated clients) ----------------------------------------------------
     def exchanged(self) -> dict[str, nn.Parameter]:

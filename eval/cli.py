@@ -22,6 +22,7 @@ EPILOG = """examples:
   asymvlm-eval --model runs/vmf/model --model runs/ps/model --images 1000 --output_dir eval-out
   asymvlm-eval --encoder hf:openai/clip-vit-base-patch32 --dataset imagefolder:/data/my-captions
   asymvlm-eval --model runs/vmf/model --dataset coco-karpathy:/data/dataset_coco.json:/data/coco:test
+  asymvlm-eval --model runs/vmf/model --cache caches/test   # precomputed embeddings (write_cache)
 
 A model is the folder that asymvlm-train / asymvlm-federate write to <output_dir>/model (or an
 asymvlm-merge --output_dir).
@@ -46,6 +47,39 @@ def _local_eval_data(encoder: Any, dataset: Any, max_images: int | None):
         text_image_index=torch.tensor(index),
         captions=captions,
     )
+
+
+def _cache_eval_data(args: argparse.Namespace, models: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """EvalData from a precomputed cache (the first ``--images`` images and their captions); the
+    models must have been trained on the cache's encoder (fingerprints compared when recorded)."""
+    from asymvlm.cache import EmbeddingCache
+    from asymvlm.eval.benchmark import EvalData
+
+    cache = EmbeddingCache.load(args.cache)
+    info = dict(cache.manifest["encoder"])
+    for name, model in models.items():
+        fp = (model.encoder_source or {}).get("fingerprint")
+        if fp and info.get("fingerprint") and fp != info["fingerprint"]:
+            raise EncoderMismatchError(
+                f"model {name!r} was trained on another encoder ({(model.encoder_source or {}).get('spec')}) than the "
+                f"one that made the cache {args.cache} ({info.get('spec')})"
+            )
+    n = min(args.images, cache.image_embeddings.shape[0])
+    keep = cache.text_image_index < n
+    meta = {k: v[keep] for k, v in cache.caption_meta.items()}
+    captions = [c for c, k in zip(cache.captions, keep.tolist()) if k] if cache.captions else None
+    data = EvalData(
+        image_embeddings=cache.image_embeddings[:n].float(),
+        text_embeddings=cache.text_embeddings[keep].float(),
+        text_image_index=cache.text_image_index[keep].clone(),
+        levels=meta.get("level"),
+        ambiguity=meta.get("ambiguity"),
+        captions=captions,
+    )
+    if any(getattr(m, "adapts_text_tower", False) for m in models.values()):
+        if captions is None:
+            raise ArtefactError(f"{args.cache} has no captions.json: a model that adapts the text tower needs them")
+    return data, info
 
 
 def _device(value: str) -> str:
@@ -87,12 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag or file for --encoder.")
     parser.add_argument(
         "--dataset",
-        default="shapeworld",
+        default=None,
         help="shapeworld, imagefolder:<root>, coco-karpathy:<json>:<root>[:split], coco2017:<json>:<dir>, "
-        "flickr30k:<json>:<dir>[:split].",
+        "flickr30k:<json>:<dir>[:split] (default: shapeworld).",
     )
     parser.add_argument(
-        "--images", type=int, default=1000, help="Held-out images (ShapeWorld), or at most this many (other data)."
+        "--cache",
+        default=None,
+        metavar="DIR",
+        help="Evaluate on a precomputed embedding cache (asymvlm.cache.write_cache / embed_dataset) instead of "
+        "--dataset: no encoder is loaded unless a model adapts the text tower. Its caption_meta.json, when "
+        "present, gives per-level metrics and the ambiguity correlation.",
+    )
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=1000,
+        help="Held-out images (ShapeWorld), or at most this many (other data, --cache).",
     )
     parser.add_argument("--seed", type=int, default=12345, help="ShapeWorld split seed.")
     parser.add_argument(
@@ -133,6 +178,11 @@ def _main(argv: list[str]) -> int:
     from asymvlm.eval.plots import plot_report
     from asymvlm.model import CONFIG_NAME, AsymVLM
 
+    if args.cache is not None and args.dataset is not None:
+        raise ConfigError("give --cache or --dataset, not both")
+    if args.cache is not None and args.encoder is not None:
+        raise ConfigError("--encoder is for --dataset; a cache records the encoder that made it")
+    dataset = args.dataset or "shapeworld"
     start = time.time()
     models = {}
     names = list(args.name) + [_default_name(m) for m in args.model[len(args.name) :]]
@@ -143,7 +193,10 @@ def _main(argv: list[str]) -> int:
         cfg = json.loads((Path(path) / CONFIG_NAME).read_text()) if (Path(path) / CONFIG_NAME).is_file() else {}
         adapts = bool(cfg.get("text_adapter") or cfg.get("text_base_delta"))
         models[name] = AsymVLM.from_pretrained(path, load_encoder=adapts, device=args.device)
-    if models:
+    if args.cache is not None:
+        data, encoder_info = _cache_eval_data(args, models)
+        encoder = None
+    elif models:
         sources = {json.dumps(m.encoder_source, sort_keys=True) for m in models.values()}
         if len(sources) > 1:
             raise InputError("the models were trained on different encoders; evaluate them separately")
@@ -161,7 +214,9 @@ def _main(argv: list[str]) -> int:
         encoder = load_encoder(spec, pretrained, device=args.device)
 
     level_ambiguity = None
-    if args.dataset == "shapeworld":
+    if args.cache is not None:
+        pass
+    elif dataset == "shapeworld":
         data = shapeworld_eval_data(
             encoder,
             n=args.images,
@@ -173,7 +228,7 @@ def _main(argv: list[str]) -> int:
     else:
         from asymvlm.data import load_dataset_spec
 
-        data = _local_eval_data(encoder, load_dataset_spec(args.dataset), args.images)
+        data = _local_eval_data(encoder, load_dataset_spec(dataset), args.images)
 
     report = evaluate(data, models, n_bins=args.bins)
     out = Path(args.output_dir)
@@ -183,9 +238,9 @@ def _main(argv: list[str]) -> int:
     atomic_write_json(
         json_safe(
             {
-                "dataset": args.dataset,
+                "dataset": f"cache:{args.cache}" if args.cache is not None else dataset,
                 "images": int(data.image_embeddings.shape[0]),
-                "encoder": encoder.source,
+                "encoder": encoder.source if encoder is not None else encoder_info,
                 "models": dict(zip(names, args.model)),
                 "metrics": report,
                 "seconds": round(time.time() - start, 1),

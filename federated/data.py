@@ -58,7 +58,7 @@ def get_federated_data(data_args: Any, fed: Any) -> FederatedData:
         data_args: an :class:`asymvlm.config.DataArguments`.
         fed: an :class:`asymvlm.federated.config.FederatedArguments`.
     """
-    from asymvlm.batching import IndexBatcher
+    from asymvlm.batching import IndexBatcher, caption_groups
     from asymvlm.data import cache_for_config
     from asymvlm.encoders import load_encoder
     from asymvlm.federated.partition import partition_dataset, partition_summary
@@ -104,7 +104,12 @@ def get_federated_data(data_args: Any, fed: Any) -> FederatedData:
         mask = torch.isin(owner, torch.from_numpy(img_rows))
         rows = torch.nonzero(mask).squeeze(1)
         text = {key: v[rows] for key, v in text_all.items()} if isinstance(text_all, dict) else text_all[rows]
-        batchers.append(IndexBatcher(text, images, owner[rows], min(fed.local_batch_size, len(rows)), fed.seed + k))
+        groups = caption_groups([cache.captions[r] for r in rows.tolist()]) if cache.captions else "identical"
+        batchers.append(
+            IndexBatcher(
+                text, images, owner[rows], min(fed.local_batch_size, len(rows)), fed.seed + k, text_groups=groups
+            )
+        )
     summary = partition_summary(parts, columns.get(fed.partition_column) if columns else None)
     return FederatedData(
         batchers,

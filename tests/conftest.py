@@ -136,6 +136,22 @@ def tiny_hf_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny transformers BERT (text only) with the word tokenizer, saved locally."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("bert")
+    cfg = BertConfig(
+        vocab_size=len(WORDS), hidden_size=24, num_hidden_layers=2, num_attention_heads=2, intermediate_size=48,
+        max_position_embeddings=32, pad_token_id=0,
+    )  # fmt: skip
+    BertModel(cfg).save_pretrained(d)
+    _word_tokenizer().save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
 def tiny_encoder(tiny_open_clip_dir):
     from asymvlm.encoders import load_encoder
 

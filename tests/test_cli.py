@@ -23,7 +23,7 @@ SCRIPTS = {
 
 # what --help must show: a choices set and a default of the script
 HELP_SHOWS = {
-    "asymvlm-train": ("{sgd,adamw}", "(default: 20000)"),
+    "asymvlm-train": ("{adamw,sgd}", "(default: 20000)"),
     "asymvlm-federate": ("{iid,", "(default: fedavg)"),
     "asymvlm-merge": ("{global,per_tensor}", "(default: ties)"),
     "asymvlm-eval": ("{plain,photo,synonyms,reordered}", "(default: eval-out)"),

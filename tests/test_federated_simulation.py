@@ -32,7 +32,7 @@ def cache(tmp_path_factory):
     return synthetic_cache(tmp_path_factory.mktemp("fedcache") / "c", 120)
 
 
-HEAD = HeadArguments(hidden_dims=[32])
+HEAD = HeadArguments(hidden_dims=[32], direction="learned")  # the paper's head: the mean moves with the updates
 RECIPE_OPTIONS = {p.name for e in RECIPES.values() for p in e.params} - {"local_lr"}
 
 

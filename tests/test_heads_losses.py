@@ -106,7 +106,7 @@ def test_default_head_is_the_papers_architecture():
 
 @pytest.mark.parametrize("family,cls", [("vmf", VonMisesFisher), ("ps", PowerSpherical)])
 def test_head_outputs_loc_and_concentration_from_eta(family, cls):
-    head = TextHead(dim=32, family=family, hidden_dims=(64, 64)).double()
+    head = TextHead(dim=32, family=family, hidden_dims=(64, 64), direction="learned").double()
     x = unit(5, 32)
     q = head(x)
     assert isinstance(q, cls) and q.batch_shape == (5,) and q.event_shape == (32,)
@@ -116,8 +116,29 @@ def test_head_outputs_loc_and_concentration_from_eta(family, cls):
     torch.testing.assert_close(head.uncertainty(x), 1 / eta.norm(dim=-1))
 
 
+@pytest.mark.parametrize("family", ["vmf", "ps"])
+def test_frozen_direction_keeps_the_frozen_ranking_and_learns_only_concentration(family):
+    """direction="frozen" (the default): loc is the input itself, bit for bit, so text->image
+    retrieval by log-likelihood is the frozen cosine ranking however the head is trained."""
+    head = TextHead(dim=32, family=family, hidden_dims=(64,)).double()
+    assert head.config.direction == "frozen"
+    text, images = unit(12, 32), unit(50, 32)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    for _ in range(20):
+        opt.zero_grad()
+        AsymVLMLoss()(head(text), images[:12]).backward()
+        opt.step()
+    q = head(text)
+    assert torch.equal(q.loc, text)
+    torch.testing.assert_close(q.concentration, head.eta(text).norm(dim=-1))
+    ll = log_likelihood(q, images)
+    assert torch.equal(ll.argsort(dim=1, stable=True), (text @ images.T).argsort(dim=1, stable=True))
+    with pytest.raises(ValueError, match="unknown direction 'free'; choose one of"):
+        HeadConfig(direction="free")
+
+
 def test_residual_head_starts_as_clip():
-    head = TextHead(dim=64, hidden_dims=(128,), residual=True, init_concentration=25.0).double()
+    head = TextHead(dim=64, hidden_dims=(128,), direction="learned", residual=True, init_concentration=25.0).double()
     text, images = unit(10, 64), unit(40, 64)
     q = head(text)
     torch.testing.assert_close(q.loc, text, rtol=0, atol=1e-15)
@@ -211,7 +232,7 @@ def test_log_likelihood_bad_input():
 @pytest.mark.parametrize("temperature", [1.0, 3.7])
 def test_loss_parity_with_reference_formulation(family, normalizer, temperature):
     d, n = 512, 64
-    head = TextHead(dim=d, family=family).double()
+    head = TextHead(dim=d, family=family, direction="learned").double()  # the paper's head
     with torch.no_grad():  # reach realistic concentrations (|eta| ~ 10-300)
         head.mlp[-1].weight.mul_(40.0)
     text, image = clip_like_batch(n, d)
@@ -368,7 +389,8 @@ def test_training_reduces_the_loss_and_learns_uncertainty():
 
     for family in ("vmf", "ps"):
         torch.manual_seed(0)
-        head, loss_fn = TextHead(dim=d, family=family, hidden_dims=(64,)), AsymVLMLoss()
+        head = TextHead(dim=d, family=family, hidden_dims=(64,), direction="learned")  # the paper's head
+        loss_fn = AsymVLMLoss()
         opt = torch.optim.Adam(list(head.parameters()) + list(loss_fn.parameters()), lr=1e-2)
         losses = []
         for _ in range(600):

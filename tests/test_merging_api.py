@@ -173,11 +173,12 @@ def save_head(path, head, logit_scale=0.0, source=SOURCE):
 @pytest.fixture()
 def heads(tmp_path):
     torch.manual_seed(0)
-    base = TextHead(dim=8, hidden_dims=(16,), residual=True)  # starts at the embeddings' directions
+    # the paper's head, starting at the embeddings' directions
+    base = TextHead(dim=8, hidden_dims=(16,), direction="learned", residual=True)
     save_head(tmp_path / "base", base, 1.0)
     paths = []
     for i in range(3):
-        h = TextHead(dim=8, hidden_dims=(16,), residual=True)
+        h = TextHead(dim=8, hidden_dims=(16,), direction="learned", residual=True)
         h.load_state_dict(base.state_dict())
         with torch.no_grad():
             for p in h.parameters():

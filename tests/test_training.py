@@ -323,14 +323,57 @@ def test_batches_are_a_function_of_the_step():
 
     text = torch.arange(10).float().unsqueeze(1)
     b = IndexBatcher(text, torch.zeros(10, 1), torch.arange(10), batch_size=4, seed=0)
-    seen = torch.cat([b.global_rows(i) for i in range(5)])  # 20 rows = two epochs
-    assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+    assert b.num_batches == 2  # 10 // 4: each epoch leaves out 2 rows of its permutation
+    for epoch in range(3):
+        rows = torch.cat([b.global_rows(2 * epoch + k) for k in range(2)])
+        assert len(set(rows.tolist())) == 8  # no caption twice in an epoch (nor in a batch)
+        assert torch.equal(rows, b._perm(epoch)[:8])
     again = IndexBatcher(text, torch.zeros(10, 1), torch.arange(10), batch_size=4, seed=0)
     assert torch.equal(again.global_rows(3), b.global_rows(3))
     halves = torch.cat([b.batch(2, 0, 2)["ids"], b.batch(2, 1, 2)["ids"]])
     assert torch.equal(halves, b.global_rows(2))
     with pytest.raises(ValueError, match="not divisible by 3 processes"):
         b.batch(0, 0, 3)
+    with pytest.raises(ValueError, match=r"batch_size must be in \[1, 10\]"):
+        IndexBatcher(text, torch.zeros(10, 1), torch.arange(10), batch_size=11, seed=0)
+
+
+def test_identical_captions_of_different_images_are_positives():
+    """Positives by caption identity as well as image identity, over the whole data: caption
+    "a shape" of image 0 is true of image 2 because image 2 has the caption "a shape" too, even
+    when that caption is not in the batch. Reference: a brute-force set of (text, image) pairs."""
+    from asymvlm.batching import IndexBatcher, caption_groups
+
+    captions = ["a shape", "red square", "a shape", "blue circle", "green star", "a shape", "red square", "x"]
+    owner = torch.tensor([0, 0, 2, 2, 3, 4, 5, 1])
+    true_of = {(c, int(i)) for c, i in zip(captions, owner)}
+    text = torch.nn.functional.normalize(torch.randn(8, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    b = IndexBatcher(
+        text, torch.eye(6, 4), owner, batch_size=4, seed=1, text_groups=caption_groups(captions), caption_scope="data"
+    )
+    for step in range(6):
+        rows = b.global_rows(step).tolist()
+        want = torch.tensor([[(captions[a], int(owner[c])) in true_of for c in rows] for a in rows])
+        got = b.batch(step)["positives"]
+        assert torch.equal(got, want), (step, rows)
+        assert got.diagonal().all()
+    # caption_scope="batch" (the default): only identical captions *in the batch* count
+    local = IndexBatcher(text, torch.eye(6, 4), owner, batch_size=4, seed=1, text_groups=caption_groups(captions))
+    for step in range(6):
+        rows = local.global_rows(step).tolist()
+        want = torch.tensor([[owner[a] == owner[c] or captions[a] == captions[c] for c in rows] for a in rows])
+        assert torch.equal(local.batch(step)["positives"], want)
+    # default "identical": identical rows are one caption; None: image ids only
+    same = text.clone()
+    same[2], same[5] = same[0], same[0]
+    auto = IndexBatcher(same, torch.eye(6, 4), owner, batch_size=8, seed=0)
+    by_caption = IndexBatcher(same, torch.eye(6, 4), owner, batch_size=8, seed=0, text_groups=caption_groups(
+        ["a", "b", "a", "c", "d", "a", "e", "f"]))  # fmt: skip
+    assert torch.equal(auto.batch(0)["positives"], by_caption.batch(0)["positives"])
+    ids = owner[auto.global_rows(0)]
+    plain = IndexBatcher(same, torch.eye(6, 4), owner, batch_size=8, seed=0, text_groups=None)
+    assert torch.equal(plain.batch(0)["positives"], ids[:, None] == ids[None, :])
+    assert not torch.equal(auto.batch(0)["positives"], plain.batch(0)["positives"])
 
 
 # ------------------------------------------------------------------------------------------

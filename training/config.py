@@ -11,14 +11,14 @@ Example YAML::
     family: vmf
     max_steps: 1000
     batch_size: 2048
-    optimizer: sgd
-    lr: 0.01
+    optimizer: adamw
+    lr: 0.001
     output_dir: runs/vmf
 
 Example:
     >>> cfg = parse_config(["--family", "ps", "--max_steps", "10"])
     >>> cfg.head.family, cfg.train.max_steps, cfg.train.optimizer
-    ('ps', 10, 'sgd')
+    ('ps', 10, 'adamw')
 """
 
 from __future__ import annotations
@@ -80,7 +80,9 @@ class ModelArguments:
 
 @dataclass(frozen=True)
 class TrainArguments:
-    """How it is trained (defaults: the AsymVLM paper's recipe)."""
+    """How it is trained. Defaults: AdamW 1e-3 with a 5% linear warm-up and cosine decay, which trains
+    on small collections without tuning; the AsymVLM paper's recipe is ``--optimizer sgd --lr 1e-2
+    --warmup_ratio 0`` (measured on real text it leaves every concentration near 1 at d = 384)."""
 
     output_dir: str = field(
         default="runs/asymvlm",
@@ -92,29 +94,41 @@ class TrainArguments:
         default=2048,
         metadata={
             "help": "Global batch (captions per micro-step, summed over processes; the paper: 2048). Each process "
-            "draws batch_size / num_processes; negatives come from all processes."
+            "draws batch_size / num_processes; negatives come from all processes. Capped, with a warning, at the "
+            "number of training captions (rounded down to a multiple of the process count)."
         },
     )
     gradient_accumulation_steps: int = field(
         default=1,
         metadata={"help": "Micro-steps per optimizer step (each micro-batch is its own contrastive problem)."},
     )
-    optimizer: Literal["sgd", "adamw"] = field(
-        default="sgd", metadata={"help": "'sgd' (the paper: momentum 0.9) or 'adamw'."}
+    optimizer: Literal["adamw", "sgd"] = field(
+        default="adamw", metadata={"help": "'adamw' or 'sgd' (the paper's, with momentum)."}
     )
-    lr: float = field(default=1e-2, metadata={"help": "Peak learning rate."})
+    lr: float = field(default=1e-3, metadata={"help": "Peak learning rate (the paper's SGD: 1e-2)."})
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum."})
     weight_decay: float = field(default=5e-4, metadata={"help": "Weight decay (never on the temperature)."})
     scheduler: Literal["cosine", "constant"] = field(
         default="cosine", metadata={"help": "'cosine' (to 0) or 'constant', after warm-up."}
     )
-    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
+    warmup_ratio: float = field(
+        default=0.05, metadata={"help": "Linear warm-up over this fraction of max_steps (unless warmup_steps > 0)."}
+    )
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps (> 0: overrides warmup_ratio)."})
     mixed_precision: Literal["no", "fp16", "bf16"] = field(
         default="no", metadata={"help": "'no', 'fp16' or 'bf16' (accelerate)."}
     )
     positive_mode: Literal["exclude", "sum", "diagonal"] = field(
         default="exclude",
         metadata={"help": "Captions of the same image in a batch: 'exclude' (not negatives), 'sum' or 'diagonal'."},
+    )
+    caption_positives: Literal["batch", "data", "none"] = field(
+        default="batch",
+        metadata={
+            "help": "Identical captions of different images: 'batch' (an identical caption in the batch is not a "
+            "negative: the reference code's masking), 'data' (nor any image with an identical caption anywhere), "
+            "'none' (positives by image only)."
+        },
     )
     vmf_normalizer: Literal["exact", "approx"] = field(
         default="exact", metadata={"help": "'exact' or 'approx' (Scott et al. 2021)."}
@@ -154,8 +168,15 @@ class TrainArguments:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive finite number, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.weight_decay < 0 or self.warmup_steps < 0 or self.save_every < 0 or self.clip_grad_norm < 0:
             raise ConfigError("weight_decay, warmup_steps, save_every and clip_grad_norm must be >= 0")
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up steps: ``warmup_steps`` if > 0, else ``round(warmup_ratio * max_steps)``."""
+        return self.warmup_steps if self.warmup_steps > 0 else int(round(self.warmup_ratio * self.max_steps))
 
 
 TRAIN_GROUPS = (DataArguments, HeadArguments, ModelArguments, TrainArguments)

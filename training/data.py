@@ -7,15 +7,33 @@ resumed run and P processes see exactly the batches of one uninterrupted process
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from asymvlm.batching import IndexBatcher
+from asymvlm.batching import IndexBatcher, caption_groups
 from asymvlm.data import cache_for_config
+from asymvlm.errors import ConfigError
 
 __all__ = ["TrainData", "get_dataloaders"]
+
+logger = logging.getLogger(__name__)
+
+
+def _batch_size(batch_size: int, captions: int, accelerator: Any) -> int:
+    """``batch_size``, capped (with a warning) at the number of training captions, rounded down to
+    a multiple of the process count: a batch never holds a caption twice."""
+    world = accelerator.num_processes
+    if batch_size <= captions:
+        return batch_size
+    cap = captions - captions % world
+    if cap < world:
+        raise ConfigError(f"{captions} training captions cannot fill a batch on {world} processes")
+    if accelerator.is_main_process:
+        logger.warning("batch_size %d exceeds the %d training captions; using %d", batch_size, captions, cap)
+    return cap
 
 
 @dataclass
@@ -90,7 +108,10 @@ def get_dataloaders(cfg: Any, accelerator: Any) -> TrainData:
             raise ValueError(f"mode=lora needs the caption strings in the cache ({cache.path}/captions.json)")
         text = encoder.tokenize(captions)
     device = accelerator.device if d.device_resident else torch.device("cpu")
-    batches = IndexBatcher(text, images, owner, t.batch_size, t.seed, device)
+    groups = None if t.caption_positives == "none" else caption_groups(captions) if captions else "identical"
+    scope = "data" if t.caption_positives == "data" else "batch"
+    batches = IndexBatcher(text, images, owner, _batch_size(t.batch_size, owner.shape[0], accelerator), t.seed,
+                           device, text_groups=groups, caption_scope=scope)  # fmt: skip
     return TrainData(
         batches=batches,
         dim=images.shape[1],

@@ -68,12 +68,14 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 def _lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
     t = cfg.train
 
+    warmup = t.warmup
+
     def factor(step: int) -> float:
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
+        if step < warmup:
+            return (step + 1) / warmup
         if t.scheduler == "constant":
             return 1.0
-        progress = (step - t.warmup_steps) / max(1, t.max_steps - t.warmup_steps)
+        progress = (step - warmup) / max(1, t.max_steps - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
@@ -293,7 +295,7 @@ def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None
             batch = data.batches.batch(step * t.gradient_accumulation_steps + micro, rank, world)
             with accelerator.accumulate(model):
                 with accelerator.autocast():
-                    loss = model(batch["text"], batch["images"], batch["ids"])
+                    loss = model(batch["text"], batch["images"], batch["ids"], batch.get("positives"))
                 if not bool(torch.isfinite(loss.detach())):
                     prev = latest_checkpoint(out)
                     raise TrainingDiverged(
@@ -322,8 +324,11 @@ def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None
                 "loss": sum(losses) / len(losses),
                 "lr": scheduler.get_last_lr()[0],
                 "logit_scale": float(unwrapped.loss_fn.logit_scale.detach()),
+                "temperature": math.exp(-float(unwrapped.loss_fn.logit_scale.detach())),
                 "seconds": round(time.time() - start, 2),
             }
+            if unwrapped.last_concentration is not None:  # the last batch's, the signal SGD collapses
+                record.update(zip(("kappa_min", "kappa_median", "kappa_max"), unwrapped.last_concentration))
         evaluating = (
             data.eval_data is not None
             and t.eval_every >= 0
@@ -332,7 +337,9 @@ def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None
         if evaluating and accelerator.is_main_process:
             record = {"step": done, **record, **evaluator(data.eval_data, data.encoder)(unwrapped)}
         if record and accelerator.is_main_process:
-            bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4f}")
+            bar.set_postfix(
+                loss=f"{record.get('loss', float('nan')):.4f}", kappa=f"{record.get('kappa_median', float('nan')):.3g}"
+            )
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if log_with:
