@@ -251,7 +251,7 @@ def test_lambda_grid_on_validation_caches(heads, tmp_path, capsys):
     assert rep["expert_R@1"] == pytest.approx(refs)
     b = state(base)
     for c in curve:  # each point re-computed independently
-        head = TextHead(dim=8, hidden_dims=(16,), residual=True)
+        head = TextHead(dim=8, hidden_dims=(16,), direction="learned", residual=True)
         head.load_state_dict({k: b[k] + c["lam"] * sum(state(f)[k] - b[k] for f in fts) for k in b})
         r1 = [recall_at_1(head, x.text_embeddings, x.image_embeddings, x.text_image_index) for x in caches]
         assert c["R@1"] == pytest.approx(r1)
@@ -322,7 +322,7 @@ def test_bad_inputs_are_clear_errors_and_write_nothing(heads, tmp_path, capsys):
     save_file({"w": torch.zeros(2)}, tmp_path / "ck.safetensors")
     with pytest.raises(MergeInputError, match="inputs of different kinds"):
         merge(base, [fts[0], tmp_path / "ck.safetensors"], out, "ties")
-    head = TextHead(dim=8, hidden_dims=(16,), residual=True)
+    head = TextHead(dim=8, hidden_dims=(16,), direction="learned", residual=True)
     other = save_head(tmp_path / "other", head, source={**SOURCE, "fingerprint": "0" * 64})
     with pytest.raises(MergeInputError, match="another encoder"):
         merge(base, [fts[0], other], out, "ties")
