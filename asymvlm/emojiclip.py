@@ -52,6 +52,7 @@ from tqdm.auto import tqdm
 from asymvlm import emoji as em
 from asymvlm.encoders import register_pretrained
 from asymvlm.losses import symmetric_infonce
+from asymvlm.toyclip import MEAN, STD, cache_root, decay_groups, normalized_pixels
 
 __all__ = [
     "EMOJI_CLIP_NAME",
@@ -72,8 +73,6 @@ __all__ = [
 EMOJI_CLIP_NAME = "asymvlm-emoji-clip"
 EMOJI_CLIP_TAG = "noto"
 EMOJI_CLIP_SPEC = f"open_clip:{EMOJI_CLIP_NAME}"
-MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's defaults, also used at inference
-STD = (0.26862954, 0.26130258, 0.27577711)
 CONTEXT_LENGTH = 32  # tokens; the longest emoji caption has fewer than 20
 TEXT_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 VISION_CFG: dict[str, Any] = {"image_size": 32, "patch_size": 8, "width": 128, "layers": 4, "head_width": 32}
@@ -174,8 +173,6 @@ def minilm_sentence_embeddings(texts: list[str], batch_size: int = 256) -> torch
 
 
 def emoji_clip_dir(recipe: EmojiCLIPRecipe | None = None) -> Path:
-    from asymvlm.toyclip import cache_root
-
     return cache_root() / "emoji-clip" / (recipe or EmojiCLIPRecipe()).fingerprint()
 
 
@@ -203,12 +200,6 @@ def ensure_emoji_clip(recipe: EmojiCLIPRecipe | None = None, *, progress: bool =
 register_pretrained(EMOJI_CLIP_NAME, EMOJI_CLIP_TAG, lambda: ensure_emoji_clip(), exclusive=True)
 
 
-def _pixels(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> normalised float (N, 3, H, W): open_clip's inference transform at the model's size."""
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
-    return (x - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
-
-
 def _shifted(pixels: torch.Tensor, shift: int, rng: np.random.Generator) -> torch.Tensor:
     """Translate each image by up to ``shift`` pixels, filling with white (the background)."""
     if shift <= 0:
@@ -219,14 +210,6 @@ def _shifted(pixels: torch.Tensor, shift: int, rng: np.random.Generator) -> torc
     padded[:, :, shift : shift + h, shift : shift + w] = pixels
     dy, dx = rng.integers(0, 2 * shift + 1, (2, n))
     return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
-
-
-def _param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    decay, no_decay = [], []
-    for name, p in module.named_parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or "embedding" in name or "logit_scale" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def _training_texts(split: em.EmojiSplit) -> tuple[list[str], list[list[list[int]]]]:
@@ -290,14 +273,14 @@ def build_emoji_clip(
         truth = torch.zeros(len(texts), len(train.emoji), dtype=torch.bool)  # (V, N): text v true of image j
         for j, desc in enumerate(train.descriptors):
             truth[[index[p] for p in desc if p in index], j] = True
-        pixels = _pixels(train.images)
+        pixels = normalized_pixels(train.images)
         n = pixels.shape[0]
         batch = min(recipe.batch_size, n)
         setup = time.time() - start
         model.visual.train()
         params = [*model.visual.parameters(), model.logit_scale]
         opt = torch.optim.AdamW(
-            _param_groups(model.visual, recipe.weight_decay) + [{"params": [model.logit_scale], "weight_decay": 0.0}],
+            decay_groups(model.visual, recipe.weight_decay) + [{"params": [model.logit_scale], "weight_decay": 0.0}],
             lr=recipe.lr,
             betas=(0.9, 0.98),
             eps=1e-6,

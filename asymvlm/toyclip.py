@@ -157,10 +157,11 @@ def ensure_toy_clip(recipe: ToyCLIPRecipe | None = None, *, progress: bool = Tru
 register_pretrained(TOY_CLIP_NAME, TOY_CLIP_TAG, lambda: ensure_toy_clip(), exclusive=True)
 
 
-def _pixels(images: np.ndarray) -> torch.Tensor:
+def normalized_pixels(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> normalised float (N, 3, H, W), exactly open_clip's inference transform
-    for images already at the model's size (Resize/CenterCrop are identities there)."""
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div_(255.0)
+    for images already at the model's size (Resize/CenterCrop are identities there). Shared by the
+    toy CLIP and the emoji CLIP (:mod:`asymvlm.emojiclip`)."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
     mean = torch.tensor(MEAN).view(1, 3, 1, 1)
     std = torch.tensor(STD).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -195,10 +196,13 @@ class _HardBatchSampler:
         return np.asarray(picked[: self.batch_size])
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups of the trainable parameters: weight decay on matrices, none on gains, biases,
+    embeddings and the temperature (shared by the toy CLIP and the emoji CLIP)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if p.ndim < 2 or "embedding" in name or "logit_scale" in name else decay).append(p)
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "embedding" in name or "logit_scale" in name else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -225,7 +229,7 @@ def build_toy_clip(
         world = sw.generate_arrays(
             recipe.train_images, seed=recipe.seed, caption_styles=sw.CAPTION_STYLES, visual_styles=sw.VISUAL_STYLES
         )
-        pixels = _pixels(world.images)
+        pixels = normalized_pixels(world.images)
         # every caption string once, tokenised once
         flat = [c for row in world.captions for c in row]
         uniq, inverse = np.unique(np.array(flat, dtype=object), return_inverse=True)
@@ -239,7 +243,7 @@ def build_toy_clip(
         caption_token_row = torch.from_numpy(inverse.reshape(len(world.captions), -1))
         specs = world.specs
         objects = world.objects
-        opt = torch.optim.AdamW(_param_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6)
+        opt = torch.optim.AdamW(decay_groups(model, recipe.weight_decay), lr=recipe.lr, betas=(0.9, 0.98), eps=1e-6)
 
         def lr_at(step: int) -> float:
             if step < recipe.warmup:

@@ -110,7 +110,8 @@ class TrainableModel(nn.Module):
         self._encoder = encoder
         self.trainable = trainable
         self.freeze_lora_a = freeze_lora_a
-        self.last_concentration: tuple[float, ...] | None = None  # (min, median, max) of the last batch
+        # (3,) min, median, max concentration of the last batch, detached; read (host sync) only when logged
+        self.last_concentration: Tensor | None = None
 
     @property
     def encoder(self) -> Any:
@@ -139,9 +140,9 @@ class TrainableModel(nn.Module):
         loc, kappa = all_gather_with_grad(q.loc), all_gather_with_grad(q.concentration)
         images, ids = all_gather_with_grad(images.to(loc.dtype)), all_gather_with_grad(ids)
         q_all = FAMILIES[self.head.family][0](loc, kappa, validate_args=False)
-        with torch.no_grad():  # what the log shows of the batch's concentrations
+        with torch.no_grad():  # what the log shows of the batch's concentrations (no host sync here)
             k = kappa.detach().float()
-            self.last_concentration = tuple(torch.stack([k.min(), k.median(), k.max()]).tolist())
+            self.last_concentration = torch.stack([k.min(), k.median(), k.max()])
         if self.loss_fn.positive_mode == "diagonal":
             positives = None
         elif positives is None:

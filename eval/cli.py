@@ -214,9 +214,7 @@ def _main(argv: list[str]) -> int:
         encoder = load_encoder(spec, pretrained, device=args.device)
 
     level_ambiguity = None
-    if args.cache is not None:
-        pass
-    elif dataset == "shapeworld":
+    if args.cache is None and dataset == "shapeworld":
         data = shapeworld_eval_data(
             encoder,
             n=args.images,
@@ -225,7 +223,7 @@ def _main(argv: list[str]) -> int:
             visual_styles=args.visual_styles,
         )
         level_ambiguity = sw.level_ambiguity()
-    else:
+    elif args.cache is None:
         from asymvlm.data import load_dataset_spec
 
         data = _local_eval_data(encoder, load_dataset_spec(dataset), args.images)

@@ -41,7 +41,7 @@ def test_tokenizer_matches_the_packaged_config():
 def test_training_pixels_equal_the_inference_preprocessing(tiny_toy_dir):
     enc = load_encoder(str(tiny_toy_dir), device="cpu")
     w = sw.generate_arrays(6, seed=1, visual_styles=sw.VISUAL_STYLES)
-    ours = toyclip._pixels(w.images)
+    ours = toyclip.normalized_pixels(w.images)
     theirs = enc.preprocess([Image.fromarray(im) for im in w.images])
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
     assert enc.dim == 256

@@ -328,7 +328,7 @@ def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None
                 "seconds": round(time.time() - start, 2),
             }
             if unwrapped.last_concentration is not None:  # the last batch's, the signal SGD collapses
-                record.update(zip(("kappa_min", "kappa_median", "kappa_max"), unwrapped.last_concentration))
+                record.update(zip(("kappa_min", "kappa_median", "kappa_max"), unwrapped.last_concentration.tolist()))
         evaluating = (
             data.eval_data is not None
             and t.eval_every >= 0
