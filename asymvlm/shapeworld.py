@@ -75,8 +75,10 @@ __all__ = [
 ]
 
 # Bumped whenever the same seed and config would render or caption differently: anything built
-# from generated data (the toy CLIP) keys its cache on it.
-WORLD_VERSION = 2
+# from generated data (the toy CLIP) keys its cache on it. Every version stays selectable
+# (ShapeWorldConfig.version), so results built on an earlier one reproduce.
+WORLD_VERSION = 3
+WORLD_VERSIONS = (2, 3)
 
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOURS = {
@@ -121,18 +123,42 @@ VISUAL_STYLES = ("plain", "light", "noise", "stripes")
 
 @dataclass(frozen=True)
 class ShapeWorldConfig:
-    """What to generate. Styles are sampled uniformly per image from the given tuples."""
+    """What to generate. Styles are sampled uniformly per image from the given tuples.
 
-    image_size: int = field(default=32, metadata={"help": "Image side in pixels."})
+    ``version`` picks the world (:data:`WORLD_VERSIONS`): 2, this module's single-object world, or
+    3, :mod:`asymvlm.shapeworld3`'s scenes of 1-3 objects with relations. ``image_size``,
+    ``max_objects`` and ``levels`` left at None take the version's defaults (32 / 1 / 0-4 for
+    version 2, 48 / 3 / 0-5 for version 3).
+    """
+
+    image_size: int | None = field(default=None, metadata={"help": "Image side in pixels (None: the version's)."})
     caption_styles: tuple[str, ...] = field(default=("plain",), metadata={"help": f"Any of {CAPTION_STYLES}."})
     visual_styles: tuple[str, ...] = field(default=("plain",), metadata={"help": f"Any of {VISUAL_STYLES}."})
-    max_objects: int = field(default=1, metadata={"help": "1 = target only; more adds distractors in other quadrants."})
-    levels: tuple[int, ...] = field(default=LEVELS, metadata={"help": "Caption levels per image, in order."})
+    max_objects: int | None = field(
+        default=None, metadata={"help": "Objects per scene at most (uniform from 1); None: the version's."}
+    )
+    levels: tuple[int, ...] | None = field(default=None, metadata={"help": "Caption levels per image, in order."})
     colour_jitter: float = field(default=18.0, metadata={"help": "Uniform +- jitter of each colour channel."})
-    position_jitter: float = field(default=0.05, metadata={"help": "Uniform +- jitter of the centre (fraction)."})
+    position_jitter: float | None = field(
+        default=None, metadata={"help": "Uniform +- jitter of the centre (fraction; None: 0.05 v2, 0.03 v3)."}
+    )
     size_jitter: float = field(default=0.12, metadata={"help": "Relative uniform +- jitter of the radius."})
+    version: int = field(default=2, metadata={"help": f"World version, one of {WORLD_VERSIONS}."})
 
     def __post_init__(self) -> None:
+        if self.version not in WORLD_VERSIONS:
+            raise ValueError(f"version must be one of {WORLD_VERSIONS}, got {self.version!r}")
+        v3 = self.version == 3
+        defaults = {
+            "image_size": 48 if v3 else 32,
+            "max_objects": 3 if v3 else 1,
+            "levels": _v3().LEVELS if v3 else LEVELS,
+            "position_jitter": 0.03 if v3 else 0.05,
+        }
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
+        object.__setattr__(self, "levels", tuple(int(v) for v in self.levels))
         for name, given, allowed in (
             ("caption_styles", self.caption_styles, CAPTION_STYLES),
             ("visual_styles", self.visual_styles, VISUAL_STYLES),
@@ -142,10 +168,21 @@ class ShapeWorldConfig:
                 raise ValueError(f"{name} must be a non-empty subset of {allowed}, got {given}")
         if not 16 <= self.image_size <= 512:
             raise ValueError(f"image_size must be in [16, 512], got {self.image_size}")
-        if not 1 <= self.max_objects <= len(POSITIONS):
-            raise ValueError(f"max_objects must be in [1, {len(POSITIONS)}], got {self.max_objects}")
-        if not self.levels or any(lv not in LEVELS for lv in self.levels):
-            raise ValueError(f"levels must be a non-empty subset of {LEVELS}, got {self.levels}")
+        cells = _v3().DEFAULT_WORLD.cells if v3 else len(POSITIONS)
+        if not 1 <= self.max_objects <= cells:
+            raise ValueError(f"max_objects must be in [1, {cells}], got {self.max_objects}")
+        allowed_levels = _v3().LEVELS if v3 else LEVELS
+        if not self.levels or any(lv not in allowed_levels for lv in self.levels):
+            raise ValueError(f"levels must be a non-empty subset of {allowed_levels}, got {self.levels}")
+
+
+_V3_WIDTH = 8  # asymvlm.shapeworld3.SPEC_WIDTH (not imported at module load)
+
+
+def _v3():
+    from asymvlm import shapeworld3
+
+    return shapeworld3
 
 
 @dataclass
@@ -194,13 +231,20 @@ def ambiguity(spec: Sequence[int]) -> int:
     Example:
         >>> ambiguity([-1, 0, -1, -1])   # "a red object": 4 shapes x 2 sizes x 4 positions
         32
+
+    A version-3 spec (:data:`asymvlm.shapeworld3.SPEC_WIDTH` entries) gets version 3's exact
+    probability instead (:func:`asymvlm.shapeworld3.ambiguity`, up to 3 objects).
     """
+    if len(spec) == _V3_WIDTH:
+        return _v3().ambiguity(spec)
     sizes = [len(v) for v in ATTRIBUTES.values()]
     return int(np.prod([n for n, s in zip(sizes, spec) if s < 0]))
 
 
 def ambiguities(specs: np.ndarray) -> np.ndarray:
-    """Vectorised :func:`ambiguity` over the last axis of an (..., 4) spec array."""
+    """Vectorised :func:`ambiguity` over the last axis of an (..., 4) spec array (or version 3's)."""
+    if np.shape(specs)[-1] == _V3_WIDTH:
+        return _v3().ambiguities(specs)
     sizes = np.array([len(v) for v in ATTRIBUTES.values()], dtype=np.int64)
     return np.where(np.asarray(specs) < 0, sizes, 1).prod(-1)
 
@@ -216,6 +260,8 @@ def describe(spec: Sequence[int], style: str = "plain") -> str:
         >>> describe([0, 0, 0, 0]), describe([0, 0, 0, 0], "synonyms"), describe([-1, 0, -1, -1], "reordered")
         ('a small red circle in the top left', 'a tiny crimson disc at the upper left', 'an object, red')
     """
+    if len(spec) == _V3_WIDTH:
+        return _v3().describe(spec, style)
     shape = SHAPES[spec[0]] if spec[0] >= 0 else None
     colour = tuple(COLOURS)[spec[1]] if spec[1] >= 0 else None
     size = tuple(SIZES)[spec[2]] if spec[2] >= 0 else None
@@ -249,8 +295,10 @@ def _describe_cached(spec: tuple[int, ...], style: str) -> str:
     return describe(spec, style)
 
 
-def vocabulary() -> list[str]:
-    """Every word any caption style can produce (for word-level tokenizers), sorted."""
+def vocabulary(version: int = 2) -> list[str]:
+    """Every word any caption style of world ``version`` can produce (for word-level tokenizers), sorted."""
+    if version == 3:
+        return _v3().vocabulary()
     words = {"a", "an", "the", "in", "at", "of", "photo", "object", ","}
     for values in ATTRIBUTES.values():
         for v in values:
@@ -264,14 +312,16 @@ def vocabulary() -> list[str]:
 # ----------------------------------------------------------------------------------------------
 # rendering
 # ----------------------------------------------------------------------------------------------
-def _shape_masks(shape: np.ndarray, cx: np.ndarray, cy: np.ndarray, r: np.ndarray, size: int) -> np.ndarray:
-    """(N, H, W) bool masks of N shapes (indices into SHAPES) centred at (cx, cy) px, radius r px."""
+def _shape_masks(
+    shape: np.ndarray, cx: np.ndarray, cy: np.ndarray, r: np.ndarray, size: int, names: Sequence[str] = SHAPES
+) -> np.ndarray:
+    """(N, H, W) bool masks of N shapes (indices into ``names``) centred at (cx, cy) px, radius r px."""
     coords = np.arange(size, dtype=np.float32) + 0.5
     dx = coords[None, None, :] - cx[:, None, None]  # (N, 1, W)
     dy = coords[None, :, None] - cy[:, None, None]  # (N, H, 1)
     rr = r[:, None, None]
     masks = np.zeros((len(shape), size, size), dtype=bool)
-    for i, name in enumerate(SHAPES):
+    for i, name in enumerate(names):
         sel = shape == i
         if not sel.any():
             continue
@@ -282,6 +332,11 @@ def _shape_masks(shape: np.ndarray, cx: np.ndarray, cy: np.ndarray, r: np.ndarra
             m = (np.abs(x) <= 0.82 * q) & (np.abs(y) <= 0.82 * q)
         elif name == "triangle":  # apex up, base at +0.75 r
             m = (y <= 0.75 * q) & (np.abs(x) <= 0.62 * (y + q))
+        elif name == "diamond":
+            m = np.abs(x) + np.abs(y) <= q
+        elif name == "ring":
+            d2 = x * x + y * y
+            m = (d2 <= q * q) & (d2 >= (0.55 * q) ** 2)
         else:  # cross
             m = ((np.abs(x) <= 0.32 * q) & (np.abs(y) <= q)) | ((np.abs(y) <= 0.32 * q) & (np.abs(x) <= q))
         masks[sel] = m
@@ -289,13 +344,19 @@ def _shape_masks(shape: np.ndarray, cx: np.ndarray, cy: np.ndarray, r: np.ndarra
 
 
 def render(
-    objects: np.ndarray, visual_style: np.ndarray, config: ShapeWorldConfig, rng: np.random.Generator
+    objects: np.ndarray,
+    visual_style: np.ndarray,
+    config: ShapeWorldConfig,
+    rng: np.random.Generator,
+    tables: tuple[Sequence[str], dict, dict, dict] | None = None,
 ) -> np.ndarray:
     """Render (N, max_objects, 4) attribute indices into (N, H, W, 3) uint8 images.
 
     Works in uint8 and touches only object pixels when painting; the ``noise`` style adds
-    uniform integer noise in [-24, 24] (standard deviation ~14).
+    uniform integer noise in [-24, 24] (standard deviation ~14). ``tables`` = (shapes, colours,
+    sizes, positions) of another world version (default: this module's, version 2).
     """
+    shapes, colours, sizes, positions = tables or (SHAPES, COLOURS, SIZES, POSITIONS)
     n, size = objects.shape[0], config.image_size
     styles = np.asarray(config.visual_styles)[visual_style]
     img = np.full((n, size, size, 3), 28, dtype=np.uint8)
@@ -305,9 +366,9 @@ def render(
         grid = np.arange(size)
         pattern = ((((grid[:, None] + grid[None, :]) // 3) % 2) * 38 + 24).astype(np.uint8)
         img[stripes] = pattern[None, :, :, None]
-    palette = np.array(list(COLOURS.values()), dtype=np.float32)
-    radii = np.array(list(SIZES.values()), dtype=np.float32)
-    centres = np.array(list(POSITIONS.values()), dtype=np.float32)
+    palette = np.array(list(colours.values()), dtype=np.float32)
+    radii = np.array(list(sizes.values()), dtype=np.float32)
+    centres = np.array(list(positions.values()), dtype=np.float32)
     for k in range(objects.shape[1]):
         rows = np.nonzero(objects[:, k, 0] >= 0)[0]
         if rows.size == 0:
@@ -322,6 +383,7 @@ def render(
             (c[:, 1] * size).astype(np.float32),
             r.astype(np.float32),
             size,
+            shapes,
         )  # (m, H, W)
         colour = palette[obj[:, 1]] + rng.uniform(-config.colour_jitter, config.colour_jitter, (m, 3))
         colour = np.clip(np.rint(colour), 0, 255).astype(np.uint8)
@@ -358,6 +420,8 @@ def generate_arrays(n: int, seed: int = 0, config: ShapeWorldConfig | None = Non
         raise TypeError("config must be a ShapeWorldConfig")
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if config.version == 3:
+        return _v3().generate_arrays(n, seed, config)
     rng = np.random.default_rng(seed)
     objects = _sample_objects(n, config, rng)
     caption_style = rng.integers(0, len(config.caption_styles), n)
@@ -408,7 +472,13 @@ def generate(n: int, seed: int = 0, config: ShapeWorldConfig | None = None, **ov
     import datasets
 
     w = generate_arrays(n, seed, config, **overrides)
-    names = {a: list(values) for a, values in ATTRIBUTES.items()}
+    v3 = w.config.version == 3
+    if v3:
+        world = _v3().DEFAULT_WORLD
+        names = {"shape": list(world.shapes), "colour": list(world.colours), "size": list(world.sizes)}
+        names["position"] = list(world.cell_names())
+    else:
+        names = {a: list(values) for a, values in ATTRIBUTES.items()}
 
     def name(attr: str, idx: int) -> str:
         return names[attr][idx] if idx >= 0 else ""
@@ -428,6 +498,21 @@ def generate(n: int, seed: int = 0, config: ShapeWorldConfig | None = None, **ov
         "caption_ambiguity": ambiguities(w.specs).tolist(),
         **{f"caption_{a}": [[name(a, int(s[k])) for s in spec] for spec in w.specs] for k, a in enumerate(keys)},
     }
+    extra: dict[str, Any] = {}
+    if v3:  # the second object of level 5 and "alone"
+        m = _v3()
+        rel = ["", *m.RELATIONS]
+        data["caption_relation"] = [[rel[int(s[m.REL]) + 1] for s in spec] for spec in w.specs]
+        data["caption_shape2"] = [[name("shape", int(s[m.SHAPE2])) for s in spec] for spec in w.specs]
+        data["caption_colour2"] = [[name("colour", int(s[m.COLOUR2])) for s in spec] for spec in w.specs]
+        data["caption_alone"] = [[bool(s[m.ALONE] > 0) for s in spec] for spec in w.specs]
+        extra = {
+            **{
+                c: datasets.Sequence(datasets.Value("string"))
+                for c in ("caption_relation", "caption_shape2", "caption_colour2")
+            },
+            "caption_alone": datasets.Sequence(datasets.Value("bool")),
+        }
     obj_feature = {a: datasets.Value("string") for a in keys}
     features = datasets.Features(
         {
@@ -439,8 +524,9 @@ def generate(n: int, seed: int = 0, config: ShapeWorldConfig | None = None, **ov
             "visual_style": datasets.Value("string"),
             "captions": datasets.Sequence(datasets.Value("string")),
             "caption_levels": datasets.Sequence(datasets.Value("int64")),
-            "caption_ambiguity": datasets.Sequence(datasets.Value("int64")),
+            "caption_ambiguity": datasets.Sequence(datasets.Value("float64" if v3 else "int64")),
             **{f"caption_{a}": datasets.Sequence(datasets.Value("string")) for a in keys},
+            **extra,
         }
     )
     return datasets.Dataset.from_dict(data, features=features)
@@ -458,6 +544,8 @@ def consistency_matrix(specs: np.ndarray, objects: np.ndarray) -> np.ndarray:
         objects: (I, K, 4) object attributes (-1 rows = absent), or (I, 4) for one object each.
     """
     specs = np.asarray(specs)
+    if specs.shape[-1] == _V3_WIDTH:
+        return _v3().consistency_matrix(specs, objects)
     objects = np.asarray(objects)
     if objects.ndim == 2:
         objects = objects[:, None, :]
@@ -474,8 +562,11 @@ def spec_from_names(shape: str = "", colour: str = "", size: str = "", position:
     return np.array(out, dtype=np.int64)
 
 
-def level_ambiguity() -> dict[int, float]:
-    """Mean ambiguity of each level (level 1 mixes colour-only and shape-only captions)."""
+def level_ambiguity(version: int = 2) -> dict[int, float]:
+    """Mean ambiguity of each level (level 1 mixes colour-only and shape-only captions); version 3:
+    the mean probability mass, :func:`asymvlm.shapeworld3.level_ambiguity`."""
+    if version == 3:
+        return _v3().level_ambiguity()
     sizes = {a: len(v) for a, v in ATTRIBUTES.items()}
     total = math.prod(sizes.values())
     colour_shape = sizes["colour"] * sizes["shape"]
