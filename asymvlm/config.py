@@ -112,8 +112,8 @@ class DataArguments:
     dataset: str = field(
         default="shapeworld",
         metadata={
-            "help": "Used when --cache_dir is empty: 'shapeworld' or a local dataset spec "
-            "(imagefolder:<root>, coco-karpathy:<json>:<root>[:split], coco2017:<json>:<dir>, "
+            "help": "Used when --cache_dir is empty: 'shapeworld' ('shapeworld:3' for world v3) or a local "
+            "dataset spec (imagefolder:<root>, coco-karpathy:<json>:<root>[:split], coco2017:<json>:<dir>, "
             "flickr30k:<json>:<dir>[:split])."
         },
     )
@@ -157,8 +157,18 @@ class DataArguments:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.train_images < 1 or self.eval_images < 0:
             raise ConfigError("train_images must be >= 1 and eval_images >= 0")
-        from asymvlm.shapeworld import CAPTION_STYLES
+        from asymvlm.shapeworld import CAPTION_STYLES, dataset_version
 
+        try:
+            version = dataset_version(self.dataset)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        toy = {2: "open_clip:asymvlm-toy-clip", 3: "open_clip:asymvlm-toy-clip-v3"}
+        if version is not None and self.encoder in toy.values() and self.encoder != toy[version]:
+            raise ConfigError(
+                f"the toy CLIP {self.encoder} was trained on another ShapeWorld version than {self.dataset!r} "
+                f"(version {version}); use --encoder {toy[version]}"
+            )
         unknown = [c for c in self.styles() if c not in CAPTION_STYLES]
         if unknown:
             raise ConfigError(f"unknown caption_styles {unknown}; choose from {list(CAPTION_STYLES)}")

@@ -356,14 +356,16 @@ def cache_for_config(data_args: Any, encoder: Any = None):
         from asymvlm.encoders import load_encoder
 
         encoder = load_encoder(data_args.encoder, data_args.pretrained or None)
-    if data_args.dataset == "shapeworld":
+    version = sw.dataset_version(data_args.dataset)
+    if version is not None:
         dataset = sw.generate(
             data_args.train_images,
             seed=data_args.data_seed,
             caption_styles=data_args.styles(),
             visual_styles=sw.VISUAL_STYLES,
+            version=version,
         )
-        name = f"shapeworld-{data_args.train_images}-{data_args.data_seed}"
+        name = f"shapeworld-{data_args.train_images}-{data_args.data_seed}" + ("-v3" if version == 3 else "")
         if data_args.styles() != tuple(sw.CAPTION_STYLES):
             name += "-" + "+".join(data_args.styles())
     else:

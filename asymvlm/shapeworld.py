@@ -72,6 +72,7 @@ __all__ = [
     "vocabulary",
     "spec_from_names",
     "level_ambiguity",
+    "dataset_version",
 ]
 
 # Bumped whenever the same seed and config would render or caption differently: anything built
@@ -177,6 +178,25 @@ class ShapeWorldConfig:
 
 
 _V3_WIDTH = 8  # asymvlm.shapeworld3.SPEC_WIDTH (not imported at module load)
+DEFAULT_DATASET_VERSION = 2  # what the dataset name "shapeworld" means (the offline default's world)
+
+
+def dataset_version(name: str | None) -> int | None:
+    """The world version a dataset name asks for: ``shapeworld`` (the default world,
+    :data:`DEFAULT_DATASET_VERSION`), ``shapeworld:2`` or ``shapeworld:3``; None for any other name.
+
+    Example:
+        >>> dataset_version("shapeworld:3"), dataset_version("imagefolder:/data")
+        (3, None)
+    """
+    if name == "shapeworld":
+        return DEFAULT_DATASET_VERSION
+    if isinstance(name, str) and name.startswith("shapeworld:"):
+        tail = name.split(":", 1)[1]
+        if tail not in {str(v) for v in WORLD_VERSIONS}:
+            raise ValueError(f"unknown ShapeWorld version in {name!r}; choose from {list(WORLD_VERSIONS)}")
+        return int(tail)
+    return None
 
 
 def _v3():

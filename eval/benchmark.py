@@ -82,19 +82,28 @@ def shapeworld_eval_data(encoder: Any, n: int = 1000, seed: int = 12345, **world
     images = encoder.encode_image([Image.fromarray(im) for im in w.images])
     levels_per_image = len(w.config.levels)
     captions = [c for row in w.captions for c in row]
-    specs = w.specs.reshape(-1, 4)
+    specs = w.specs.reshape(-1, w.specs.shape[-1])  # width 4 (v2) or 8 (v3)
     text = encoder.encode_text(captions)
+    v3 = w.config.version == 3
+    if v3:
+        world3 = sw._v3().DEFAULT_WORLD
+        class_names = {"shape": list(world3.shapes), "colour": list(world3.colours)}
+    else:
+        class_names = {a: list(sw.ATTRIBUTES[a]) for a in ("shape", "colour")}
     zero_shot, prompt_texts = {}, {}
     for task, attr in (("shape", 0), ("colour", 1)):
-        names = list(sw.ATTRIBUTES[task])
-        prompt_texts[task] = [sw.describe([i if a == attr else -1 for a in range(4)]) for i in range(len(names))]
+        names = class_names[task]
+        blank = [-1] * specs.shape[-1]
+        prompt_texts[task] = [
+            sw.describe([i if a == attr else v for a, v in enumerate(blank)]) for i in range(len(names))
+        ]
         zero_shot[task] = (encoder.encode_text(prompt_texts[task]), names, torch.from_numpy(w.objects[:, 0, attr]))
     return EvalData(
         image_embeddings=images,
         text_embeddings=text,
         text_image_index=torch.arange(n).repeat_interleave(levels_per_image),
         levels=torch.tensor(list(w.config.levels) * n),
-        ambiguity=torch.tensor([sw.ambiguity(s) for s in specs], dtype=torch.float64),
+        ambiguity=torch.as_tensor(sw.ambiguities(specs), dtype=torch.float64),
         consistent=torch.from_numpy(sw.consistency_matrix(specs, w.objects)),
         zero_shot=zero_shot,
         captions=captions,
@@ -176,6 +185,27 @@ def _zero_shot(model: Any, data: EvalData) -> dict[str, float]:
     return out
 
 
+def _i2t_by_level(scores: Tensor, exact: Tensor, data: EvalData) -> dict[str, float]:
+    """``i2t_R@1_level{lv}``: each image retrieves among the captions of one level only, and a
+    caption whose text equals one of the image's own captions there counts as its own (identical
+    texts score identically, so pessimistic ties would otherwise make every repeated caption a miss)."""
+    out: dict[str, float] = {}
+    for lv in sorted(set(data.levels.tolist())):
+        rows = torch.nonzero(data.levels == lv).flatten()
+        pos = exact[rows].T.clone()  # (I, T_lv)
+        if data.captions is not None:
+            texts = [data.captions[int(t)] for t in rows]
+            ids = {c: i for i, c in enumerate(dict.fromkeys(texts))}
+            cid = torch.tensor([ids[c] for c in texts])
+            same = cid[:, None] == cid[None, :]
+            pos = (pos.double() @ same.double()) > 0
+        keep = pos.any(1)
+        if bool(keep.any()):
+            ranks = positive_ranks(scores[rows].T[keep], pos[keep])
+            out[f"i2t_R@1_level{lv}"] = float((ranks == 0).double().mean())
+    return out
+
+
 def evaluate(
     data: EvalData,
     models: dict[str, Any],
@@ -197,6 +227,7 @@ def evaluate(
         if data.levels is not None:
             for lv in sorted(set(data.levels.tolist())):
                 m[f"t2i_R@1_level{lv}"] = float(hits[data.levels == lv].double().mean())
+            m.update(_i2t_by_level(scores, exact, data))
         if data.consistent is not None:
             cranks = positive_ranks(scores, data.consistent)
             m.update({f"consistent_t2i_{k}": v for k, v in recall_at_k(cranks, ks).items()})

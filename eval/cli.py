@@ -122,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dataset",
         default=None,
-        help="shapeworld, imagefolder:<root>, coco-karpathy:<json>:<root>[:split], coco2017:<json>:<dir>, "
-        "flickr30k:<json>:<dir>[:split] (default: shapeworld).",
+        help="shapeworld (shapeworld:3 for world v3), imagefolder:<root>, coco-karpathy:<json>:<root>[:split], "
+        "coco2017:<json>:<dir>, flickr30k:<json>:<dir>[:split] (default: shapeworld).",
     )
     parser.add_argument(
         "--cache",
@@ -183,6 +183,10 @@ def _main(argv: list[str]) -> int:
     if args.cache is not None and args.encoder is not None:
         raise ConfigError("--encoder is for --dataset; a cache records the encoder that made it")
     dataset = args.dataset or "shapeworld"
+    try:
+        version = sw.dataset_version(dataset)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     start = time.time()
     models = {}
     names = list(args.name) + [_default_name(m) for m in args.model[len(args.name) :]]
@@ -207,22 +211,24 @@ def _main(argv: list[str]) -> int:
         if src.get("fingerprint") and encoder.fingerprint != src["fingerprint"]:
             raise EncoderMismatchError(f"encoder {src['spec']} has other weights than the model was trained with")
     else:
-        from asymvlm.toyclip import TOY_CLIP_SPEC, TOY_CLIP_TAG
+        from asymvlm.toyclip import TOY_CLIP_SPEC, TOY_CLIP_TAG, TOY_CLIP_V3_SPEC
 
-        spec = args.encoder or TOY_CLIP_SPEC
+        default_spec = TOY_CLIP_V3_SPEC if version == 3 else TOY_CLIP_SPEC
+        spec = args.encoder or default_spec
         pretrained = args.pretrained if args.encoder else TOY_CLIP_TAG
         encoder = load_encoder(spec, pretrained, device=args.device)
 
     level_ambiguity = None
-    if args.cache is None and dataset == "shapeworld":
+    if args.cache is None and version is not None:
         data = shapeworld_eval_data(
             encoder,
             n=args.images,
             seed=args.seed,
             caption_styles=args.caption_styles,
             visual_styles=args.visual_styles,
+            version=version,
         )
-        level_ambiguity = sw.level_ambiguity()
+        level_ambiguity = sw.level_ambiguity(version)
     elif args.cache is None:
         from asymvlm.data import load_dataset_spec
 

@@ -37,15 +37,22 @@ def _shapeworld_columns(data_args: Any) -> dict[str, np.ndarray]:
     """Per-image attribute columns of the generated ShapeWorld training split (for partitioning)."""
     from asymvlm import shapeworld as sw
 
+    version = sw.dataset_version(data_args.dataset)
     w = sw.generate_arrays(
         data_args.train_images,
         seed=data_args.data_seed,
         caption_styles=data_args.styles(),  # the columns of the cache cache_for_config built
         visual_styles=sw.VISUAL_STYLES,
+        version=version,
     )
+    if version == 3:
+        world = sw._v3().DEFAULT_WORLD
+        names = {"shape": world.shapes, "colour": world.colours, "size": world.sizes, "position": world.cell_names()}
+    else:
+        names = sw.ATTRIBUTES
     columns: dict[str, np.ndarray] = {}
-    for i, attr in enumerate(sw.ATTRIBUTES):
-        columns[attr] = np.asarray(sw.ATTRIBUTES[attr])[w.objects[:, 0, i]]
+    for i, attr in enumerate(names):
+        columns[attr] = np.asarray(names[attr])[w.objects[:, 0, i]]
     columns["caption_style"] = np.asarray(w.config.caption_styles)[w.caption_style]
     columns["visual_style"] = np.asarray(w.config.visual_styles)[w.visual_style]
     return columns
@@ -68,7 +75,9 @@ def get_federated_data(data_args: Any, fed: Any) -> FederatedData:
         encoder = load_encoder(data_args.encoder, data_args.pretrained or None)
     cache = cache_for_config(data_args, encoder)
     n_img = cache.image_embeddings.shape[0]
-    columns = _shapeworld_columns(data_args) if data_args.dataset == "shapeworld" and not data_args.cache_dir else {}
+    from asymvlm.shapeworld import dataset_version
+
+    columns = _shapeworld_columns(data_args) if dataset_version(data_args.dataset) and not data_args.cache_dir else {}
 
     class _Rows:
         def __len__(self):

@@ -107,3 +107,38 @@ def test_quality_metric_on_a_perfect_oracle():
         oracle, n=200, seed=7, caption_styles=("plain",), visual_styles=("plain",)
     )
     assert scores[3] == 1.0 and scores[4] == 1.0
+
+
+TINY3 = toyclip.ToyCLIPRecipe(steps=4, batch_size=16, train_images=300, warmup=2, world_version=3)
+
+
+def test_v3_recipe_is_deterministic_and_loads_at_48_px(tmp_path):
+    a_dir = toyclip.build_toy_clip(tmp_path / "a", TINY3, progress=False)
+    b_dir = toyclip.build_toy_clip(tmp_path / "b", TINY3, progress=False)
+    a, b = load_encoder(str(a_dir), device="cpu"), load_encoder(str(b_dir), device="cpu")
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa) and a.fingerprint == b.fingerprint
+    w = sw.generate_arrays(4, seed=2, version=3, visual_styles=sw.VISUAL_STYLES)
+    torch.testing.assert_close(
+        toyclip.normalized_pixels(w.images), a.preprocess([Image.fromarray(im) for im in w.images]), rtol=0, atol=1e-6
+    )
+    tok = toyclip.build_tokenizer(3)
+    cfg = toyclip._model_config(3)
+    assert len(tok) == cfg["text_cfg"]["vocab_size"]
+    w = sw.generate_arrays(300, seed=0, version=3, caption_styles=sw.CAPTION_STYLES)
+    ids = [tok(c)["input_ids"] for row in w.captions for c in row]
+    assert max(len(i) for i in ids) <= cfg["text_cfg"]["context_length"]
+    assert all(tok.unk_token_id not in i for i in ids)
+    assert a.encode_text(["a big red ring in the centre, left of a blue square"]).shape == (1, 256)
+
+
+def test_v2_recipe_fingerprint_is_unchanged_by_the_v3_fields():
+    # the version-2 cache key must not move (built toy CLIPs stay valid): the payload as before
+    r = toyclip.ToyCLIPRecipe()
+    assert r.world_version == 2 and r.steps == 2000 and r.level_weights == (0.05, 0.1, 0.15, 0.25, 0.45)
+    assert r.fingerprint() == "a2e42831f888b9f3"
+    assert toyclip.ToyCLIPRecipe(world_version=3).steps == 1200
+    with pytest.raises(ValueError, match="world_version"):
+        toyclip.ToyCLIPRecipe(world_version=4)
+    with pytest.raises(ValueError, match="level_weights needs 6"):
+        toyclip.ToyCLIPRecipe(world_version=3, level_weights=(1.0,) * 5)

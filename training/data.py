@@ -84,8 +84,9 @@ def get_dataloaders(cfg: Any, accelerator: Any) -> TrainData:
 
     eval_data = None
     n_img = images.shape[0]
-    if d.dataset == "shapeworld" and not d.cache_dir and d.eval_images and t.eval_every >= 0:
-        from asymvlm import shapeworld as sw
+    from asymvlm import shapeworld as sw
+
+    if sw.dataset_version(d.dataset) and not d.cache_dir and d.eval_images and t.eval_every >= 0:
         from asymvlm.eval.benchmark import shapeworld_eval_data
 
         eval_data = shapeworld_eval_data(
@@ -94,6 +95,7 @@ def get_dataloaders(cfg: Any, accelerator: Any) -> TrainData:
             seed=d.data_seed + 10_000,
             caption_styles=sw.CAPTION_STYLES,
             visual_styles=sw.VISUAL_STYLES,
+            version=sw.dataset_version(d.dataset),
         )
     elif d.eval_fraction > 0:
         cut = int(round(n_img * (1 - d.eval_fraction)))

@@ -47,17 +47,19 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         v = getattr(args, k)
         if v is not None:
             s[k] = v
-    s["clients"], s["lora_mode"] = args.clients, args.lora_mode
+    s["clients"], s["lora_mode"], s["world"] = args.clients, args.lora_mode, args.world
+    s["dataset"] = "shapeworld" if args.world == 2 else f"shapeworld:{args.world}"
     return s
 
 
-def _encoder(toy_steps: int | None):
+def _encoder(toy_steps: int | None, world: int = 2):
     from asymvlm.encoders import load_encoder
-    from asymvlm.toyclip import TOY_CLIP_SPEC, TOY_CLIP_TAG, ToyCLIPRecipe, ensure_toy_clip
+    from asymvlm.toyclip import TOY_CLIP_SPEC, TOY_CLIP_TAG, TOY_CLIP_V3_SPEC, ToyCLIPRecipe, ensure_toy_clip
 
     if toy_steps is None:
-        return load_encoder(TOY_CLIP_SPEC, pretrained=TOY_CLIP_TAG, device="cpu"), (TOY_CLIP_SPEC, TOY_CLIP_TAG)
-    directory = ensure_toy_clip(ToyCLIPRecipe(steps=toy_steps))
+        spec = TOY_CLIP_V3_SPEC if world == 3 else TOY_CLIP_SPEC
+        return load_encoder(spec, pretrained=TOY_CLIP_TAG, device="cpu"), (spec, TOY_CLIP_TAG)
+    directory = ensure_toy_clip(ToyCLIPRecipe(steps=toy_steps, world_version=world))
     spec = f"open_clip:local-dir:{directory}"
     return load_encoder(spec, device="cpu"), (spec, "")
 
@@ -78,7 +80,7 @@ def _train_head(cache: Path, out: Path, s: dict, family: str, seed: int, **extra
     return Path(train(cfg))
 
 
-def _domain_caches(encoder, n: int, seed: int, root: Path) -> dict[str, dict[str, Path]]:
+def _domain_caches(encoder, n: int, seed: int, root: Path, world: int = 2) -> dict[str, dict[str, Path]]:
     from asymvlm import embed_dataset
     from asymvlm import shapeworld as sw
 
@@ -87,8 +89,9 @@ def _domain_caches(encoder, n: int, seed: int, root: Path) -> dict[str, dict[str
         out[style] = {}
         for s_i, split in enumerate(("train", "val", "test")):
             count = n * (4 if split == "train" else 1)
-            data = sw.generate(count, seed=seed + 100 * d_i + 10 * s_i + 7, caption_styles=(style,))
-            path = root / f"demo-{style}-{split}-{count}-{seed}-{encoder.fingerprint[:12]}"
+            data = sw.generate(count, seed=seed + 100 * d_i + 10 * s_i + 7, caption_styles=(style,), version=world)
+            tag = "" if world == 2 else f"-v{world}"
+            path = root / f"demo-{style}-{split}-{count}-{seed}{tag}-{encoder.fingerprint[:12]}"
             out[style][split] = embed_dataset(encoder, data, path, batch_size=256, progress=True).path
     return out
 
@@ -118,7 +121,7 @@ def _federated(recipe: str, spec: tuple[str, str], s: dict, out: Path, seed: int
     # FedAdam at server lr 0.01 with tau 1e-3 (the values this demo has always used)
     options = {"server_lr": 0.01, "server_tau": 1e-3} if recipe == "fedadam" else {}
     data_args = DataArguments(
-        dataset="shapeworld", encoder=spec[0], pretrained=spec[1], train_images=s["train_images"], data_seed=seed,
+        dataset=s["dataset"], encoder=spec[0], pretrained=spec[1], train_images=s["train_images"], data_seed=seed,
         eval_images=0,
     )  # fmt: skip
     data = get_federated_data(data_args, fed)
@@ -150,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="Federated LoRA aggregation (residual: the exact FedEx-LoRA folding).",
     )  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="Seed of the data splits and the runs.")
+    p.add_argument(
+        "--world", type=int, default=2, choices=(2, 3),
+        help="ShapeWorld version (3: scenes of 1-3 objects with relations, and its own toy CLIP).",
+    )  # fmt: skip
     return p
 
 
@@ -190,13 +197,13 @@ def _main(argv: list[str]) -> int:
     torch.manual_seed(args.seed)
     _say("[1/6] toy CLIP (built and cached on first use) and the embedding caches")
     t = time.time()
-    encoder, spec = _encoder(s["toy_steps"])
+    encoder, spec = _encoder(s["toy_steps"], s["world"])
     from asymvlm.config import DataArguments
     from asymvlm.data import cache_for_config
 
     train_cache = cache_for_config(
         DataArguments(
-            dataset="shapeworld",
+            dataset=s["dataset"],
             encoder=spec[0],
             pretrained=spec[1],
             train_images=s["train_images"],
@@ -207,9 +214,9 @@ def _main(argv: list[str]) -> int:
     from asymvlm import shapeworld as sw
     from asymvlm.eval.benchmark import evaluate, shapeworld_eval_data, summary_table
 
-    world = dict(caption_styles=sw.CAPTION_STYLES, visual_styles=sw.VISUAL_STYLES)
+    world = dict(caption_styles=sw.CAPTION_STYLES, visual_styles=sw.VISUAL_STYLES, version=s["world"])
     eval_data = shapeworld_eval_data(encoder, n=s["eval_images"], seed=12345, **world)
-    domains = _domain_caches(encoder, s["domain_images"], args.seed + 1, cache_root() / "caches")
+    domains = _domain_caches(encoder, s["domain_images"], args.seed + 1, cache_root() / "caches", s["world"])
     lap("caches", t)
 
     _say(f"[2/6] central heads (vMF, PS): {s['steps']} steps, batch {s['batch']}")
@@ -290,6 +297,7 @@ def _main(argv: list[str]) -> int:
     from asymvlm.eval.plots import plot_report
     from asymvlm.io import atomic_write_json, json_safe
 
+    top = int(eval_data.levels.max())
     report = {
         "uncertainty_ambiguity_spearman": {f: metrics[f]["uncertainty_ambiguity_spearman"] for f in ("vmf", "ps")},
         "r1_uncertainty_pearson": {f: metrics[f]["bin_pearson"] for f in ("vmf", "ps")},
@@ -297,6 +305,10 @@ def _main(argv: list[str]) -> int:
         "t2i_r1": {m: metrics[m]["t2i_R@1"] for m in ("clip", "vmf", "ps")},
         "i2t_r1": {m: metrics[m]["i2t_R@1"] for m in ("clip", "vmf", "ps")},
         "consistent_t2i_r1": {m: metrics[m]["consistent_t2i_R@1"] for m in ("clip", "vmf", "ps")},
+        # the most specific level: exact t2i and i2t (captions of that level only, identical texts as one)
+        "t2i_r1_most_specific": {m: metrics[m][f"t2i_R@1_level{top}"] for m in ("clip", "vmf", "ps")},
+        "i2t_r1_most_specific": {m: metrics[m][f"i2t_R@1_level{top}"] for m in ("clip", "vmf", "ps")},
+        "world_version": s["world"],
         "federated_t2i_r1": {
             "centralized": metrics["vmf"]["t2i_R@1"],
             **{r: metrics[f"federated-{r}"]["t2i_R@1"] for r in federated},
@@ -316,7 +328,7 @@ def _main(argv: list[str]) -> int:
     }
     atomic_write_json(json_safe(report), out / "report.json")
     atomic_write_json(json_safe({"metrics": metrics}), out / "metrics.json")
-    plots = plot_report({k: v for k, v in metrics.items()}, out, level_ambiguity=sw.level_ambiguity())
+    plots = plot_report({k: v for k, v in metrics.items()}, out, level_ambiguity=sw.level_ambiguity(s["world"]))
     _say("")
     _say(summary_table(metrics))
     _say("")
@@ -324,6 +336,12 @@ def _main(argv: list[str]) -> int:
         f"{f}: " + ", ".join(f"{u:.4f}" for u in report["uncertainty_by_level"][f]) for f in ("vmf", "ps")
     )
     _say(f"mean uncertainty by caption level (vague -> exact): {by_level}")
+    _say(
+        f"most specific level ({top}): exact t2i R@1 "
+        + ", ".join(f"{k} {v:.3f}" for k, v in report["t2i_r1_most_specific"].items())
+        + "; i2t R@1 "
+        + ", ".join(f"{k} {v:.3f}" for k, v in report["i2t_r1_most_specific"].items())
+    )
     fr = report["federated_t2i_r1"]
     _say("federated t2i R@1: " + ", ".join(f"{k} {v:.4f}" for k, v in fr.items()))
     _say(

@@ -44,8 +44,9 @@ def federate(data_args: Any, head: Any, fed: Any, recipe_options: dict[str, Any]
     data = get_federated_data(data_args, fed)
     logging.getLogger(__name__).info("clients:\n%s", data.summary)
     evaluate = None
-    if data_args.dataset == "shapeworld" and not data_args.cache_dir and data_args.eval_images:
-        from asymvlm import shapeworld as sw
+    from asymvlm import shapeworld as sw
+
+    if sw.dataset_version(data_args.dataset) and not data_args.cache_dir and data_args.eval_images:
         from asymvlm.encoders import load_encoder
         from asymvlm.eval.benchmark import shapeworld_eval_data
 
@@ -56,6 +57,7 @@ def federate(data_args: Any, head: Any, fed: Any, recipe_options: dict[str, Any]
             seed=data_args.data_seed + 10_000,
             caption_styles=sw.CAPTION_STYLES,
             visual_styles=sw.VISUAL_STYLES,
+            version=sw.dataset_version(data_args.dataset),
         )
         evaluate = evaluator(eval_data, data.encoder)
     state, model = run_federated(fed, data, head=head, recipe_options=recipe_options, evaluate=evaluate, log=log)
