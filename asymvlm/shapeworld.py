@@ -441,7 +441,7 @@ def generate_arrays(n: int, seed: int = 0, config: ShapeWorldConfig | None = Non
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if config.version == 3:
-        return _v3().generate_arrays(n, seed, config)
+        return _generate_v3(n, seed, config)
     rng = np.random.default_rng(seed)
     objects = _sample_objects(n, config, rng)
     caption_style = rng.integers(0, len(config.caption_styles), n)
@@ -461,6 +461,23 @@ def generate_arrays(n: int, seed: int = 0, config: ShapeWorldConfig | None = Non
     captions = [
         [_describe_cached(tuple(int(v) for v in s), config.caption_styles[caption_style[i]]) for s in specs[i]]
         for i in range(n)
+    ]
+    return WorldArrays(images, objects, caption_style, visual_style, specs, captions, config)
+
+
+def _generate_v3(n: int, seed: int, config: ShapeWorldConfig) -> WorldArrays:
+    """Version 3 (:mod:`asymvlm.shapeworld3`) through the same renderer and arrays."""
+    m = _v3()
+    world = m.DEFAULT_WORLD
+    rng = np.random.default_rng(seed)
+    objects = m.sample_objects(n, config.max_objects, world, rng)
+    caption_style = rng.integers(0, len(config.caption_styles), n)
+    visual_style = rng.integers(0, len(config.visual_styles), n)
+    images = render(objects, visual_style, config, rng, tables=(world.shapes, m.COLOURS, m.SIZES, world.centres()))
+    specs = m.caption_specs(objects, config.levels, rng, world)
+    styles = config.caption_styles
+    captions = [
+        [m.describe_cached(tuple(int(v) for v in s), styles[caption_style[i]]) for s in specs[i]] for i in range(n)
     ]
     return WorldArrays(images, objects, caption_style, visual_style, specs, captions, config)
 

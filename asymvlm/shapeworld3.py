@@ -51,8 +51,8 @@ __all__ = [
     "SPEC_WIDTH",
     "World",
     "DEFAULT_WORLD",
-    "generate_arrays",
     "caption_specs",
+    "sample_objects",
     "describe",
     "ambiguity",
     "ambiguities",
@@ -226,7 +226,7 @@ def ambiguities(specs: np.ndarray, max_objects: int = 3, world: World = DEFAULT_
 def level_ambiguity(max_objects: int = 3, n: int = 20000, seed: int = 0) -> dict[int, float]:
     """Mean ambiguity of each level over ``n`` generated scenes (a fixed seed: deterministic)."""
     rng = np.random.default_rng(seed)
-    objects = _sample_objects(n, max_objects, DEFAULT_WORLD, rng)
+    objects = sample_objects(n, max_objects, DEFAULT_WORLD, rng)
     specs = caption_specs(objects, LEVELS, rng)
     amb = ambiguities(specs, max_objects)
     return {lv: float(amb[:, j].mean()) for j, lv in enumerate(LEVELS)}
@@ -271,7 +271,7 @@ def consistency_matrix(specs: np.ndarray, objects: np.ndarray, world: World = DE
 # ----------------------------------------------------------------------------------------------
 # generation
 # ----------------------------------------------------------------------------------------------
-def _sample_objects(n: int, max_objects: int, world: World, rng: np.random.Generator) -> np.ndarray:
+def sample_objects(n: int, max_objects: int, world: World, rng: np.random.Generator) -> np.ndarray:
     objects = np.full((n, max_objects, 4), -1, dtype=np.int64)
     for a, c in enumerate((len(world.shapes), len(world.colours), len(world.sizes))):
         objects[:, :, a] = rng.integers(0, c, (n, max_objects))
@@ -316,25 +316,6 @@ def caption_specs(
             specs[:, j, SHAPE2] = np.where(multi, other_obj[:, 0], -1)
             specs[:, j, COLOUR2] = np.where(multi, other_obj[:, 1], -1)
     return specs
-
-
-def generate_arrays(n: int, seed: int, config: Any) -> Any:
-    """The version-3 world as :class:`asymvlm.shapeworld.WorldArrays` (called by it for version 3)."""
-    from asymvlm import shapeworld as sw
-
-    world = DEFAULT_WORLD
-    rng = np.random.default_rng(seed)
-    objects = _sample_objects(n, config.max_objects, world, rng)
-    caption_style = rng.integers(0, len(config.caption_styles), n)
-    visual_style = rng.integers(0, len(config.visual_styles), n)
-    tables = (world.shapes, COLOURS, SIZES, world.centres())
-    images = sw.render(objects, visual_style, config, rng, tables=tables)
-    specs = caption_specs(objects, config.levels, rng, world)
-    styles = config.caption_styles
-    captions = [
-        [_describe_cached(tuple(int(v) for v in s), styles[caption_style[i]]) for s in specs[i]] for i in range(n)
-    ]
-    return sw.WorldArrays(images, objects, caption_style, visual_style, specs, captions, config)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -391,7 +372,8 @@ def describe(spec: Any, style: str = "plain", world: World = DEFAULT_WORLD) -> s
 
 
 @functools.cache
-def _describe_cached(spec: tuple[int, ...], style: str) -> str:
+def describe_cached(spec: tuple[int, ...], style: str) -> str:
+    """:func:`describe` of a tuple spec, memoised (generation describes the same specs many times)."""
     return describe(spec, style)
 
 

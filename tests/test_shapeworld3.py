@@ -185,3 +185,46 @@ def test_dataset_columns_v3():
     assert all(isinstance(a, float) for a in row["caption_ambiguity"])
     assert row["caption_alone"][5] == (len(row["objects"]) == 1)
     assert (row["caption_relation"][5] != "") == (len(row["objects"]) > 1)
+
+
+def test_dataset_names_pick_the_world_and_the_matching_toy_clip():
+    from asymvlm.config import DataArguments
+    from asymvlm.errors import ConfigError
+
+    assert sw.dataset_version("shapeworld") == 2 and sw.dataset_version("shapeworld:3") == 3
+    assert sw.dataset_version("coco2017:a.json:dir") is None
+    with pytest.raises(ConfigError, match="use --encoder open_clip:asymvlm-toy-clip-v3"):
+        DataArguments(dataset="shapeworld:3")  # the default encoder is the v2 toy CLIP
+    with pytest.raises(ConfigError, match="use --encoder open_clip:asymvlm-toy-clip$"):
+        DataArguments(dataset="shapeworld", encoder="open_clip:asymvlm-toy-clip-v3")
+    with pytest.raises(ConfigError, match="unknown ShapeWorld version"):
+        DataArguments(dataset="shapeworld:7")
+    DataArguments(dataset="shapeworld:3", encoder="open_clip:asymvlm-toy-clip-v3")
+
+
+def test_i2t_per_level_counts_identical_texts_as_the_images_own():
+    import torch
+
+    from asymvlm.eval.benchmark import EvalData, evaluate
+
+    img = torch.eye(3)[:2]  # two images
+    # captions: level 0 "an object" for both (identical text), level 1 distinct
+    captions = ["an object", "a red object", "an object", "a circle"]
+    rows = [[1.0, 1.0, 0.0], [1.0, 1.0, 0.2], [1.0, 1.0, 0.0], [0.3, 0.3, 1.0]]
+    text = torch.nn.functional.normalize(torch.tensor(rows), dim=-1)
+    data = EvalData(
+        image_embeddings=img,
+        text_embeddings=text,
+        text_image_index=torch.tensor([0, 0, 1, 1]),
+        levels=torch.tensor([0, 1, 0, 1]),
+        captions=captions,
+    )
+    m = evaluate(data, {})["clip"]
+    # level 0: both images' best level-0 caption is "an object", their own text (ties are the same text)
+    assert m["i2t_R@1_level0"] == 1.0
+    # level 1: image 0 prefers "a red object" (its own); image 1 also prefers "a red object" (not its own)
+    s = img @ text.T
+    assert s[0, 1] > s[0, 3] and s[1, 1] > s[1, 3]
+    assert m["i2t_R@1_level1"] == 0.5
+    # the overall i2t keeps the exact convention: identical texts of other images tie -> a miss
+    assert m["i2t_R@1"] < 1.0
