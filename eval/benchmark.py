@@ -193,12 +193,14 @@ def _i2t_by_level(scores: Tensor, exact: Tensor, data: EvalData) -> dict[str, fl
     for lv in sorted(set(data.levels.tolist())):
         rows = torch.nonzero(data.levels == lv).flatten()
         pos = exact[rows].T.clone()  # (I, T_lv)
-        if data.captions is not None:
+        if data.captions is not None:  # image i owns text u if one of its captions reads u: (I, U), then (I, T_lv)
             texts = [data.captions[int(t)] for t in rows]
             ids = {c: i for i, c in enumerate(dict.fromkeys(texts))}
             cid = torch.tensor([ids[c] for c in texts])
-            same = cid[:, None] == cid[None, :]
-            pos = (pos.double() @ same.double()) > 0
+            owns = torch.zeros(pos.shape[0], len(ids), dtype=torch.bool)
+            img, col = torch.nonzero(pos, as_tuple=True)
+            owns[img, cid[col]] = True
+            pos = owns[:, cid]
         keep = pos.any(1)
         if bool(keep.any()):
             ranks = positive_ranks(scores[rows].T[keep], pos[keep])
