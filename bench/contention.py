@@ -14,7 +14,8 @@ training), the median step time:
   sleeps; its default is 3 x 10^5), one thread (``1 thread``), and ``asymvlm``: what the
   package sets when it is imported before torch (today: nothing; the defaults are chosen from these figures).
 
-Each configuration runs in a fresh process (OpenMP reads its environment once). Prints ms per
+Each configuration runs in a fresh process (OpenMP reads its environment once), ``--repeats``
+times interleaved with the others; the median is reported with its max/min spread. Prints ms per
 step and two ratios: slowdown against the same setting idle, and against torch's default idle
 (the baseline of the side-by-side comparison).
 
@@ -97,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batches", type=int, nargs="+", default=[64, 512])
     p.add_argument("--busy", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--repeats", type=int, default=3, help="Interleaved repeats; the median is reported.")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     rows = []
@@ -105,11 +107,17 @@ def main(argv: list[str] | None = None) -> int:
         try:
             time.sleep(0.5 if busy else 0)
             for batch in args.batches:
+                samples: dict[str, list[dict]] = {m: [] for m in MODES}
+                for rep in range(args.repeats):  # modes interleaved, rotated per repeat: drift hits all alike
+                    for mode in MODES[rep % len(MODES) :] + MODES[: rep % len(MODES)]:
+                        samples[mode].append(_measure(mode, batch, args.steps))
                 for mode in MODES:
-                    r = _measure(mode, batch, args.steps)
+                    runs = sorted(samples[mode], key=lambda r: r["ms"])
+                    r = {**runs[len(runs) // 2], "spread": runs[-1]["ms"] / runs[0]["ms"]}
                     rows.append({"busy": busy, "batch": batch, "mode": mode, **r})
                     print(
-                        f"busy {busy} batch {batch:4d} {mode:9s} {r['ms']:8.1f} ms  (threads {r['threads']})",
+                        f"busy {busy} batch {batch:4d} {mode:9s} {r['ms']:8.1f} ms  (threads {r['threads']}, "
+                        f"max/min over {args.repeats} runs {r['spread']:.2f})",
                         flush=True,
                     )
         finally:
