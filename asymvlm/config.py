@@ -163,7 +163,8 @@ class DataArguments:
             version = dataset_version(self.dataset)
         except ValueError as err:
             raise ConfigError(str(err)) from None
-        toy = {2: "open_clip:asymvlm-toy-clip", 3: "open_clip:asymvlm-toy-clip-v3"}
+        from asymvlm.toyclip import TOY_CLIP_SPECS as toy
+
         if version is not None and self.encoder in toy.values() and self.encoder != toy[version]:
             raise ConfigError(
                 f"the toy CLIP {self.encoder} was trained on another ShapeWorld version than {self.dataset!r} "

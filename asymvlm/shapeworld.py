@@ -73,6 +73,8 @@ __all__ = [
     "spec_from_names",
     "level_ambiguity",
     "dataset_version",
+    "attribute_names",
+    "level_names",
 ]
 
 # Bumped whenever the same seed and config would render or caption differently: anything built
@@ -203,6 +205,26 @@ def _v3():
     from asymvlm import shapeworld3
 
     return shapeworld3
+
+
+def attribute_names(version: int = 2) -> dict[str, tuple[str, ...]]:
+    """The value names of each attribute (shape, colour, size, position) in world ``version``;
+    version 3's positions are its grid cells. Attribute index ``i`` of an object is
+    ``attribute_names(v)[attr][i]``.
+
+    Example:
+        >>> attribute_names(3)["position"][4], attribute_names()["shape"]
+        ('centre', ('circle', 'square', 'triangle', 'cross'))
+    """
+    if version == 3:
+        w = _v3().DEFAULT_WORLD
+        return {"shape": w.shapes, "colour": w.colours, "size": w.sizes, "position": w.cell_names()}
+    return dict(ATTRIBUTES)
+
+
+def level_names(version: int = 2) -> tuple[str, ...]:
+    """The caption level names of world ``version``."""
+    return _v3().LEVEL_NAMES if version == 3 else LEVEL_NAMES
 
 
 @dataclass
@@ -510,12 +532,7 @@ def generate(n: int, seed: int = 0, config: ShapeWorldConfig | None = None, **ov
 
     w = generate_arrays(n, seed, config, **overrides)
     v3 = w.config.version == 3
-    if v3:
-        world = _v3().DEFAULT_WORLD
-        names = {"shape": list(world.shapes), "colour": list(world.colours), "size": list(world.sizes)}
-        names["position"] = list(world.cell_names())
-    else:
-        names = {a: list(values) for a, values in ATTRIBUTES.items()}
+    names = attribute_names(w.config.version)
 
     def name(attr: str, idx: int) -> str:
         return names[attr][idx] if idx >= 0 else ""

@@ -48,6 +48,9 @@ __all__ = [
     "TOY_CLIP_NAME",
     "TOY_CLIP_TAG",
     "TOY_CLIP_SPEC",
+    "TOY_CLIP_V3_NAME",
+    "TOY_CLIP_V3_SPEC",
+    "TOY_CLIP_SPECS",
     "ToyCLIPRecipe",
     "cache_root",
     "toy_clip_dir",
@@ -64,6 +67,7 @@ TOY_CLIP_TAG = "shapeworld"
 TOY_CLIP_SPEC = f"open_clip:{TOY_CLIP_NAME}"
 TOY_CLIP_V3_SPEC = f"open_clip:{TOY_CLIP_V3_NAME}"
 MODEL_NAMES = {2: TOY_CLIP_NAME, 3: TOY_CLIP_V3_NAME}
+TOY_CLIP_SPECS = {v: f"open_clip:{name}" for v, name in MODEL_NAMES.items()}  # the encoder of each world
 LEVEL_WEIGHTS = {2: (0.05, 0.1, 0.15, 0.25, 0.45), 3: (0.04, 0.08, 0.12, 0.16, 0.25, 0.35)}
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]")
 EOS = "[EOS]"  # the highest id: open_clip's default "argmax" text pooling then pools at EOS
@@ -376,11 +380,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from asymvlm.encoders import load_encoder
 
-    spec = TOY_CLIP_V3_SPEC if args.world == 3 else TOY_CLIP_SPEC
-    enc = load_encoder(spec, pretrained=TOY_CLIP_TAG, device="cpu")
+    enc = load_encoder(TOY_CLIP_SPECS[args.world], pretrained=TOY_CLIP_TAG, device="cpu")
     scores = evaluate_retrieval_by_level(enc, n=args.images, version=args.world)
-    names = sw.ShapeWorldConfig(version=args.world)
-    level_names = sw._v3().LEVEL_NAMES if names.version == 3 else sw.LEVEL_NAMES
+    level_names = sw.level_names(args.world)
     for level, value in scores.items():
         print(f"level {level} ({level_names[level]}): top-1 consistent {value:.3f}")
     return 0

@@ -84,19 +84,12 @@ def shapeworld_eval_data(encoder: Any, n: int = 1000, seed: int = 12345, **world
     captions = [c for row in w.captions for c in row]
     specs = w.specs.reshape(-1, w.specs.shape[-1])  # width 4 (v2) or 8 (v3)
     text = encoder.encode_text(captions)
-    v3 = w.config.version == 3
-    if v3:
-        world3 = sw._v3().DEFAULT_WORLD
-        class_names = {"shape": list(world3.shapes), "colour": list(world3.colours)}
-    else:
-        class_names = {a: list(sw.ATTRIBUTES[a]) for a in ("shape", "colour")}
+    class_names = sw.attribute_names(w.config.version)
     zero_shot, prompt_texts = {}, {}
     for task, attr in (("shape", 0), ("colour", 1)):
-        names = class_names[task]
-        blank = [-1] * specs.shape[-1]
-        prompt_texts[task] = [
-            sw.describe([i if a == attr else v for a, v in enumerate(blank)]) for i in range(len(names))
-        ]
+        names = list(class_names[task])
+        width = specs.shape[-1]  # a spec stating only this attribute
+        prompt_texts[task] = [sw.describe([i if a == attr else -1 for a in range(width)]) for i in range(len(names))]
         zero_shot[task] = (encoder.encode_text(prompt_texts[task]), names, torch.from_numpy(w.objects[:, 0, attr]))
     return EvalData(
         image_embeddings=images,

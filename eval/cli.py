@@ -211,10 +211,9 @@ def _main(argv: list[str]) -> int:
         if src.get("fingerprint") and encoder.fingerprint != src["fingerprint"]:
             raise EncoderMismatchError(f"encoder {src['spec']} has other weights than the model was trained with")
     else:
-        from asymvlm.toyclip import TOY_CLIP_SPEC, TOY_CLIP_TAG, TOY_CLIP_V3_SPEC
+        from asymvlm.toyclip import TOY_CLIP_SPECS, TOY_CLIP_TAG
 
-        default_spec = TOY_CLIP_V3_SPEC if version == 3 else TOY_CLIP_SPEC
-        spec = args.encoder or default_spec
+        spec = args.encoder or TOY_CLIP_SPECS[version or 2]
         pretrained = args.pretrained if args.encoder else TOY_CLIP_TAG
         encoder = load_encoder(spec, pretrained, device=args.device)
 

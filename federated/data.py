@@ -45,11 +45,7 @@ def _shapeworld_columns(data_args: Any) -> dict[str, np.ndarray]:
         visual_styles=sw.VISUAL_STYLES,
         version=version,
     )
-    if version == 3:
-        world = sw._v3().DEFAULT_WORLD
-        names = {"shape": world.shapes, "colour": world.colours, "size": world.sizes, "position": world.cell_names()}
-    else:
-        names = sw.ATTRIBUTES
+    names = sw.attribute_names(version)
     columns: dict[str, np.ndarray] = {}
     for i, attr in enumerate(names):
         columns[attr] = np.asarray(names[attr])[w.objects[:, 0, i]]

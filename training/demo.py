@@ -54,10 +54,10 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
 
 def _encoder(toy_steps: int | None, world: int = 2):
     from asymvlm.encoders import load_encoder
-    from asymvlm.toyclip import TOY_CLIP_SPEC, TOY_CLIP_TAG, TOY_CLIP_V3_SPEC, ToyCLIPRecipe, ensure_toy_clip
+    from asymvlm.toyclip import TOY_CLIP_SPECS, TOY_CLIP_TAG, ToyCLIPRecipe, ensure_toy_clip
 
     if toy_steps is None:
-        spec = TOY_CLIP_V3_SPEC if world == 3 else TOY_CLIP_SPEC
+        spec = TOY_CLIP_SPECS[world]
         return load_encoder(spec, pretrained=TOY_CLIP_TAG, device="cpu"), (spec, TOY_CLIP_TAG)
     directory = ensure_toy_clip(ToyCLIPRecipe(steps=toy_steps, world_version=world))
     spec = f"open_clip:local-dir:{directory}"
