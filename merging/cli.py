@@ -106,6 +106,8 @@ def _check_yaml(parser: argparse.ArgumentParser, doc: dict[str, Any], path: str)
     """What argparse checks for a flag but not for a default (a YAML value): choices and types."""
     for action in parser._actions:
         value = doc.get(action.dest)
+        if value is None and action.dest in doc and action.default is not None:  # null where a value is needed
+            raise ConfigError(f"{path}: {action.dest} must be given a value, got null")
         if value is None or isinstance(value, str):  # strings go through the flag's own type
             continue
         key, many = action.dest, action.nargs == "+" or action.type is _floats

@@ -278,6 +278,9 @@ def test_merge_checks_yaml_values_like_flags(tmp_path, capsys):
         ("inputs: [a]\noutput_dir: m\ndensity: abc\n", "invalid float value: 'abc'"),
         ("inputs: [a]\noutput_dir: m\nrank: 1.5\n", "rank must be an integer"),
         ("inputs: [a]\nout: m\n", "unknown config key(s) ['out']"),
+        ("inputs: [a]\noutput_dir: m\nmethod: null\n", "method must be given a value, got null"),
+        ("inputs: [a]\noutput_dir: m\nlam: null\n", "lam must be given a value, got null"),
+        ("inputs: [a]\noutput_dir: m\nlora_output: null\n", "lora_output must be given a value, got null"),
     ):
         y.write_text(text)
         assert merge(["--config", str(y)]) == 2
