@@ -5,6 +5,20 @@ Frozen image embeddings stay deterministic; each text gets a distribution on the
 log-likelihoods. See README.md for a tour.
 """
 
+import os as _os
+import sys as _sys
+
+# Threading default, chosen from bench/contention.py (README "Performance on a shared machine"):
+# torch's OpenMP (libgomp) worker threads spin about 3e5 times before they sleep; asymvlm lets them
+# spin 1e3 (GOMP_SPINCOUNT=1000). On 2 cores beside two busy processes a head step at batch 512 took
+# 16.6x its idle time with the default spinning and 2.5x with a short spin, for 1-8% more idle time
+# (OMP_WAIT_POLICY=PASSIVE, no spin at all, cost 36% idle on a toy CLIP step). OpenMP reads its
+# environment once, when torch loads, so this applies when asymvlm is imported first (every asymvlm
+# command); a user's own OMP_WAIT_POLICY or GOMP_SPINCOUNT is kept (OMP_WAIT_POLICY=ACTIVE restores
+# torch's behaviour).
+if "torch" not in _sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(_os.environ):
+    _os.environ["GOMP_SPINCOUNT"] = "1000"
+
 from asymvlm import toyclip as _toyclip  # noqa: F401  (registers the toy CLIP's pretrained tag)
 from asymvlm.cache import EmbeddingCache, embed_dataset, write_cache
 from asymvlm.distributions import HypersphericalUniform, PowerSpherical, VonMisesFisher, sphere

@@ -112,15 +112,17 @@ class DataArguments:
     dataset: str = field(
         default="shapeworld",
         metadata={
-            "help": "Used when --cache_dir is empty: 'shapeworld' ('shapeworld:3' for world v3) or a local "
+            "help": "Used when --cache_dir is empty: 'shapeworld' (world v3; 'shapeworld:2' the earlier world) or a "
+            "local "
             "dataset spec (imagefolder:<root>, coco-karpathy:<json>:<root>[:split], coco2017:<json>:<dir>, "
             "flickr30k:<json>:<dir>[:split])."
         },
     )
     encoder: str = field(
-        default="open_clip:asymvlm-toy-clip",
+        default="",
         metadata={
-            "help": "Frozen encoder spec (asymvlm.load_encoder grammar); needed to build a cache and for mode=lora."
+            "help": "Frozen encoder spec (asymvlm.load_encoder grammar); needed to build a cache and for mode=lora "
+            "('' = the toy CLIP of the ShapeWorld version: open_clip:asymvlm-toy-clip-v3, or -clip for shapeworld:2)."
         },
     )
     pretrained: str = field(default="shapeworld", metadata={"help": "open_clip pretrained tag or file ('' = none)."})
@@ -163,8 +165,11 @@ class DataArguments:
             version = dataset_version(self.dataset)
         except ValueError as err:
             raise ConfigError(str(err)) from None
+        from asymvlm.shapeworld import DEFAULT_DATASET_VERSION
         from asymvlm.toyclip import TOY_CLIP_SPECS as toy
 
+        if not self.encoder:  # the toy CLIP trained on the world the data come from
+            object.__setattr__(self, "encoder", toy[version if version is not None else DEFAULT_DATASET_VERSION])
         if version is not None and self.encoder in toy.values() and self.encoder != toy[version]:
             raise ConfigError(
                 f"the toy CLIP {self.encoder} was trained on another ShapeWorld version than {self.dataset!r} "

@@ -1,7 +1,9 @@
 """ShapeWorld: captioned images whose captions have a known ambiguity.
 
-Every image holds a *target* object (and optionally distractors) with four attributes drawn from
-finite sets: shape, colour, size and position (a quadrant). Every image gets one caption per
+Two versions: 3, the default (:data:`WORLD_VERSION`; scenes of 1-3 objects on a 3 x 3 grid
+with relations, :mod:`asymvlm.shapeworld3`), and 2, described here and selectable with
+``version=2`` so that earlier results reproduce. In version 2 every image holds a *target*
+object (and optionally distractors) with four attributes drawn from finite sets: shape, colour, size and position (a quadrant). Every image gets one caption per
 specificity level, from vague to exact:
 
 =====  ==========================  =====================================  ==========
@@ -31,11 +33,11 @@ Generation is vectorised numpy and deterministic given the seed (about 45k image
 6k/s as a ``datasets.Dataset`` with PNG-encoded images on 2 CPU cores; ``bench/shapeworld.py``).
 
 Example:
-    >>> ds = generate(8, seed=0)
+    >>> ds = generate(8, seed=0, version=2)
     >>> ds[0]["captions"][0], ds[0]["caption_ambiguity"][0], ds[0]["caption_ambiguity"][2:]
     ('an object', 192, [8, 4, 1])
-    >>> ds[0]["image"].size
-    (32, 32)
+    >>> ds[0]["image"].size, generate(2, seed=0)[0]["image"].size  # version 2, the default version 3
+    ((32, 32), (48, 48))
 """
 
 from __future__ import annotations
@@ -146,7 +148,7 @@ class ShapeWorldConfig:
         default=None, metadata={"help": "Uniform +- jitter of the centre (fraction; None: 0.05 v2, 0.03 v3)."}
     )
     size_jitter: float = field(default=0.12, metadata={"help": "Relative uniform +- jitter of the radius."})
-    version: int = field(default=2, metadata={"help": f"World version, one of {WORLD_VERSIONS}."})
+    version: int = field(default=WORLD_VERSION, metadata={"help": f"World version, one of {WORLD_VERSIONS}."})
 
     def __post_init__(self) -> None:
         if self.version not in WORLD_VERSIONS:
@@ -180,7 +182,7 @@ class ShapeWorldConfig:
 
 
 _V3_WIDTH = 8  # asymvlm.shapeworld3.SPEC_WIDTH (not imported at module load)
-DEFAULT_DATASET_VERSION = 2  # what the dataset name "shapeworld" means (the offline default's world)
+DEFAULT_DATASET_VERSION = WORLD_VERSION  # what the dataset name "shapeworld" means (the offline default's world)
 
 
 def dataset_version(name: str | None) -> int | None:
@@ -207,13 +209,13 @@ def _v3():
     return shapeworld3
 
 
-def attribute_names(version: int = 2) -> dict[str, tuple[str, ...]]:
+def attribute_names(version: int = WORLD_VERSION) -> dict[str, tuple[str, ...]]:
     """The value names of each attribute (shape, colour, size, position) in world ``version``;
     version 3's positions are its grid cells. Attribute index ``i`` of an object is
     ``attribute_names(v)[attr][i]``.
 
     Example:
-        >>> attribute_names(3)["position"][4], attribute_names()["shape"]
+        >>> attribute_names(3)["position"][4], attribute_names(2)["shape"]
         ('centre', ('circle', 'square', 'triangle', 'cross'))
     """
     if version == 3:
@@ -222,7 +224,7 @@ def attribute_names(version: int = 2) -> dict[str, tuple[str, ...]]:
     return dict(ATTRIBUTES)
 
 
-def level_names(version: int = 2) -> tuple[str, ...]:
+def level_names(version: int = WORLD_VERSION) -> tuple[str, ...]:
     """The caption level names of world ``version``."""
     return _v3().LEVEL_NAMES if version == 3 else LEVEL_NAMES
 
@@ -337,7 +339,7 @@ def _describe_cached(spec: tuple[int, ...], style: str) -> str:
     return describe(spec, style)
 
 
-def vocabulary(version: int = 2) -> list[str]:
+def vocabulary(version: int = WORLD_VERSION) -> list[str]:
     """Every word any caption style of world ``version`` can produce (for word-level tokenizers), sorted."""
     if version == 3:
         return _v3().vocabulary()
@@ -616,7 +618,7 @@ def spec_from_names(shape: str = "", colour: str = "", size: str = "", position:
     return np.array(out, dtype=np.int64)
 
 
-def level_ambiguity(version: int = 2) -> dict[int, float]:
+def level_ambiguity(version: int = WORLD_VERSION) -> dict[int, float]:
     """Mean ambiguity of each level (level 1 mixes colour-only and shape-only captions); version 3:
     the mean probability mass, :func:`asymvlm.shapeworld3.level_ambiguity`."""
     if version == 3:

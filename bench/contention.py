@@ -12,7 +12,7 @@ training), the median step time:
   ``OMP_WAIT_POLICY=PASSIVE`` (``passive``: waiting threads sleep at once), with
   ``GOMP_SPINCOUNT`` 10^4 or 10^5 (``spin 1e4``/``spin 1e5``: libgomp spins that long, then
   sleeps; its default is 3 x 10^5), one thread (``1 thread``), and ``asymvlm``: what the
-  package sets when it is imported before torch (today: nothing; the defaults are chosen from these figures).
+  package sets when it is imported before torch (GOMP_SPINCOUNT=1000, chosen from these figures).
 
 Each configuration runs in a fresh process (OpenMP reads its environment once), ``--repeats``
 times interleaved with the others; the median is reported with its max/min spread. Prints ms per
@@ -43,17 +43,33 @@ if mode == "asymvlm":
 import torch
 if mode == "1 thread":
     torch.set_num_threads(1)
-from asymvlm import AsymVLMLoss, TextHead
+workload = sys.argv[4]
 torch.manual_seed(0)
-head = TextHead(256, "vmf", hidden_dims=[1024, 1024, 1024])
-loss_fn = AsymVLMLoss()
-opt = torch.optim.AdamW(list(head.parameters()) + list(loss_fn.parameters()), lr=1e-3)
-x = torch.nn.functional.normalize(torch.randn(batch, 256), dim=-1)
-y = torch.nn.functional.normalize(x + 0.3 * torch.randn(batch, 256), dim=-1)
+if workload == "head":
+    from asymvlm import AsymVLMLoss, TextHead
+    head = TextHead(256, "vmf", hidden_dims=[1024, 1024, 1024])
+    loss_fn = AsymVLMLoss()
+    params = list(head.parameters()) + list(loss_fn.parameters())
+    x = torch.nn.functional.normalize(torch.randn(batch, 256), dim=-1)
+    y = torch.nn.functional.normalize(x + 0.3 * torch.randn(batch, 256), dim=-1)
+    def step():
+        return loss_fn(head(x), y)
+else:  # one step of the v3 toy CLIP's build: a ViT and a text transformer, contrastive loss
+    import open_clip
+    from asymvlm.encoders import register_open_clip_configs
+    from asymvlm.toyclip import MODEL_NAMES
+    register_open_clip_configs()
+    model = open_clip.create_model(MODEL_NAMES[3])
+    params = list(model.parameters())
+    pixels, tokens = torch.randn(batch, 3, 48, 48), torch.randint(0, 64, (batch, 24))
+    def step():
+        img, txt = model.encode_image(pixels), model.encode_text(tokens)
+        return (img @ txt.T).logsumexp(1).mean()
+opt = torch.optim.AdamW(params, lr=1e-3)
 times = []
 for i in range(steps + 5):
     t = time.perf_counter()
-    loss = loss_fn(head(x), y)
+    loss = step()
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -77,9 +93,9 @@ def _env(mode: str) -> dict[str, str]:
     return env
 
 
-def _measure(mode: str, batch: int, steps: int) -> dict:
+def _measure(mode: str, batch: int, steps: int, workload: str = "head") -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", WORKER, mode, str(batch), str(steps)],
+        [sys.executable, "-c", WORKER, mode, str(batch), str(steps), workload],
         env=_env(mode),
         capture_output=True,
         text=True,
@@ -99,19 +115,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, nargs="+", default=[64, 512])
     p.add_argument("--busy", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--repeats", type=int, default=3, help="Interleaved repeats; the median is reported.")
+    p.add_argument("--modes", nargs="+", default=list(MODES), help=f"Settings to compare, of {MODES} or 'spin N'.")
+    p.add_argument(
+        "--workload", default="head", choices=("head", "toyclip"),
+        help="head: a head step (batch = texts); toyclip: a v3 toy CLIP build step (batch = pairs).",
+    )  # fmt: skip
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if "default" not in args.modes:
+        p.error("--modes must include 'default' (the baseline)")
+    bad = [m for m in args.modes if m not in MODES and not (m.startswith("spin ") and m[5:].replace("e", "").isdigit())]
+    if bad:
+        p.error(f"unknown modes {bad}; choose from {MODES} or 'spin N'")
+    modes = tuple(args.modes)
     rows = []
     for busy in args.busy:
         procs = _spinners(busy)
         try:
             time.sleep(0.5 if busy else 0)
             for batch in args.batches:
-                samples: dict[str, list[dict]] = {m: [] for m in MODES}
+                samples: dict[str, list[dict]] = {m: [] for m in modes}
                 for rep in range(args.repeats):  # modes interleaved, rotated per repeat: drift hits all alike
-                    for mode in MODES[rep % len(MODES) :] + MODES[: rep % len(MODES)]:
-                        samples[mode].append(_measure(mode, batch, args.steps))
-                for mode in MODES:
+                    for mode in modes[rep % len(modes) :] + modes[: rep % len(modes)]:
+                        samples[mode].append(_measure(mode, batch, args.steps, args.workload))
+                for mode in modes:
                     runs = sorted(samples[mode], key=lambda r: r["ms"])
                     r = {**runs[len(runs) // 2], "spread": runs[-1]["ms"] / runs[0]["ms"]}
                     rows.append({"busy": busy, "batch": batch, "mode": mode, **r})

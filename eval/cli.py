@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dataset",
         default=None,
-        help="shapeworld (shapeworld:3 for world v3), imagefolder:<root>, coco-karpathy:<json>:<root>[:split], "
+        help="shapeworld (world v3; shapeworld:2 for the earlier world), imagefolder:<root>, "
+        "coco-karpathy:<json>:<root>[:split], "
         "coco2017:<json>:<dir>, flickr30k:<json>:<dir>[:split] (default: shapeworld).",
     )
     parser.add_argument(

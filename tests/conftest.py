@@ -178,8 +178,9 @@ def make_images():
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def quick_toy_cache(tmp_path_factory):
-    """An ``ASYMVLM_CACHE`` folder holding the ``--quick`` toy CLIP (built once per session), also
-    linked where the default recipe is looked up, so ``open_clip:asymvlm-toy-clip`` loads it.
+    """An ``ASYMVLM_CACHE`` folder holding the ``--quick`` toy CLIPs of both worlds (built once per
+    session), also linked where the default recipes are looked up, so ``open_clip:asymvlm-toy-clip``
+    (v2) and ``open_clip:asymvlm-toy-clip-v3`` load them.
     Tests set the variable with ``monkeypatch.setenv("ASYMVLM_CACHE", str(quick_toy_cache))``."""
     from asymvlm import toyclip
     from asymvlm.training.demo import QUICK_TOY_STEPS
@@ -188,10 +189,13 @@ def quick_toy_cache(tmp_path_factory):
     before = os.environ.get("ASYMVLM_CACHE")
     os.environ["ASYMVLM_CACHE"] = str(root)
     try:
-        built = toyclip.ensure_toy_clip(toyclip.ToyCLIPRecipe(steps=QUICK_TOY_STEPS), progress=False)
-        default = toyclip.toy_clip_dir()
-        default.parent.mkdir(parents=True, exist_ok=True)
-        default.symlink_to(built, target_is_directory=True)
+        for world in (2, 3):  # both worlds' toy CLIPs: the --quick recipes, linked as the defaults
+            built = toyclip.ensure_toy_clip(
+                toyclip.ToyCLIPRecipe(steps=QUICK_TOY_STEPS, world_version=world), progress=False
+            )
+            default = toyclip.toy_clip_dir(toyclip.ToyCLIPRecipe(world_version=world))
+            default.parent.mkdir(parents=True, exist_ok=True)
+            default.symlink_to(built, target_is_directory=True)
     finally:
         if before is None:
             del os.environ["ASYMVLM_CACHE"]

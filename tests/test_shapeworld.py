@@ -9,20 +9,26 @@ from asymvlm import shapeworld as sw
 
 
 def test_deterministic_in_seed_and_config():
-    a = sw.generate_arrays(300, seed=5, caption_styles=sw.CAPTION_STYLES, visual_styles=sw.VISUAL_STYLES, max_objects=3)
-    b = sw.generate_arrays(300, seed=5, caption_styles=sw.CAPTION_STYLES, visual_styles=sw.VISUAL_STYLES, max_objects=3)
-    c = sw.generate_arrays(300, seed=6, caption_styles=sw.CAPTION_STYLES, visual_styles=sw.VISUAL_STYLES, max_objects=3)
+    a = sw.generate_arrays(
+        300, seed=5, caption_styles=sw.CAPTION_STYLES, visual_styles=sw.VISUAL_STYLES, max_objects=3, version=2
+    )
+    b = sw.generate_arrays(
+        300, seed=5, caption_styles=sw.CAPTION_STYLES, visual_styles=sw.VISUAL_STYLES, max_objects=3, version=2
+    )
+    c = sw.generate_arrays(
+        300, seed=6, caption_styles=sw.CAPTION_STYLES, visual_styles=sw.VISUAL_STYLES, max_objects=3, version=2
+    )
     assert np.array_equal(a.images, b.images) and np.array_equal(a.objects, b.objects)
     assert a.captions == b.captions and np.array_equal(a.specs, b.specs)
     assert not np.array_equal(a.images, c.images)
-    d1, d2 = sw.generate(50, seed=1), sw.generate(50, seed=1)
+    d1, d2 = sw.generate(50, seed=1, version=2), sw.generate(50, seed=1, version=2)
     assert d1._fingerprint == d2._fingerprint and d1[7]["captions"] == d2[7]["captions"]
 
 
 def test_ambiguity_is_the_number_of_consistent_combinations():
     combos = np.array(list(itertools.product(*[range(len(v)) for v in sw.ATTRIBUTES.values()])))  # (192, 4)
     assert len(combos) == 192
-    w = sw.generate_arrays(200, seed=0)
+    w = sw.generate_arrays(200, seed=0, version=2)
     for spec in w.specs.reshape(-1, 4)[:300]:
         brute = sum(all(s < 0 or s == c for s, c in zip(spec, combo)) for combo in combos)
         assert sw.ambiguity(spec) == brute
@@ -31,11 +37,11 @@ def test_ambiguity_is_the_number_of_consistent_combinations():
     assert (amb[:, 0] == 192).all() and (amb[:, 4] == 1).all()
     assert (np.diff(amb, axis=1) < 0).all()
     assert set(amb[:, 1]) == {32, 48}
-    assert sw.level_ambiguity() == {0: 192.0, 1: 40.0, 2: 8.0, 3: 4.0, 4: 1.0}
+    assert sw.level_ambiguity(2) == {0: 192.0, 1: 40.0, 2: 8.0, 3: 4.0, 4: 1.0}
 
 
 def test_consistency_matrix_matches_loops_with_distractors():
-    w = sw.generate_arrays(60, seed=2, max_objects=3)
+    w = sw.generate_arrays(60, seed=2, max_objects=3, version=2)
     specs = w.specs.reshape(-1, 4)
     m = sw.consistency_matrix(specs, w.objects)
     for t, spec in enumerate(specs):
@@ -53,14 +59,14 @@ def test_consistency_matrix_matches_loops_with_distractors():
 
 
 def test_captions_describe_their_specs_in_every_style():
-    vocab = set(sw.vocabulary())
+    vocab = set(sw.vocabulary(2))
     spec = [2, 3, 1, 2]  # a big yellow triangle in the bottom left
     assert sw.describe(spec) == "a big yellow triangle in the bottom left"
     assert sw.describe(spec, "photo") == "a photo of a big yellow triangle in the bottom left"
     assert sw.describe(spec, "synonyms") == "a large golden wedge at the lower left"
     assert sw.describe(spec, "reordered") == "a triangle, yellow, big, bottom left"
     assert sw.describe([-1, -1, -1, -1]) == "an object" and sw.describe([-1, -1, -1, -1], "synonyms") == "a thing"
-    w = sw.generate_arrays(200, seed=3, caption_styles=sw.CAPTION_STYLES)
+    w = sw.generate_arrays(200, seed=3, caption_styles=sw.CAPTION_STYLES, version=2)
     for row, style in zip(w.captions, w.caption_style):
         for text in row:
             assert set(text.replace(",", " , ").split()) <= vocab
@@ -69,7 +75,7 @@ def test_captions_describe_their_specs_in_every_style():
 
 
 def test_rendering_puts_the_target_where_its_attributes_say():
-    w = sw.generate_arrays(400, seed=4, visual_styles=("plain",), colour_jitter=0.0)
+    w = sw.generate_arrays(400, seed=4, visual_styles=("plain",), colour_jitter=0.0, version=2)
     size = w.config.image_size
     palette = np.array(list(sw.COLOURS.values()))
     areas = {0: [], 1: []}
@@ -85,11 +91,11 @@ def test_rendering_puts_the_target_where_its_attributes_say():
 
 
 def test_visual_styles_and_dataset_columns():
-    w = sw.generate_arrays(200, seed=0, visual_styles=("light", "noise"))
+    w = sw.generate_arrays(200, seed=0, visual_styles=("light", "noise"), version=2)
     styles = np.array(w.config.visual_styles)[w.visual_style]
     corner = w.images[:, :2, :2].reshape(200, -1).mean(1)
     assert (corner[styles == "light"] > 200).all() and (corner[styles == "noise"] < 100).all()
-    ds = sw.generate(12, seed=0, caption_styles=("synonyms",))
+    ds = sw.generate(12, seed=0, caption_styles=("synonyms",), version=2)
     row = ds[3]
     assert row["image"].size == (32, 32) and len(row["captions"]) == 5
     assert row["caption_levels"] == [0, 1, 2, 3, 4] and row["caption_ambiguity"][4] == 1
@@ -101,10 +107,10 @@ def test_visual_styles_and_dataset_columns():
 
 def test_bad_config():
     with pytest.raises(ValueError, match="caption_styles"):
-        sw.ShapeWorldConfig(caption_styles=("emoji",))
+        sw.ShapeWorldConfig(caption_styles=("emoji",), version=2)
     with pytest.raises(ValueError, match="max_objects"):
-        sw.ShapeWorldConfig(max_objects=9)
+        sw.ShapeWorldConfig(max_objects=9, version=2)
     with pytest.raises(ValueError, match="image_size"):
-        sw.ShapeWorldConfig(image_size=4)
+        sw.ShapeWorldConfig(image_size=4, version=2)
     with pytest.raises(ValueError, match="levels"):
-        sw.ShapeWorldConfig(levels=(7,))
+        sw.ShapeWorldConfig(levels=(7,), version=2)

@@ -164,12 +164,15 @@ def test_rendering_draws_every_object_in_its_cell():
             assert (np.abs(tile - bg).max(-1) > 40).any()
 
 
-def test_version_two_is_still_the_default_and_selectable():
+def test_version_three_is_the_default_and_two_selectable():
     a = sw.generate_arrays(50, seed=0)
-    b = sw.generate_arrays(50, seed=0, version=2)
-    assert a.config.version == 2 and a.images.shape[1:] == (32, 32, 3) and a.specs.shape[-1] == 4
+    b = sw.generate_arrays(50, seed=0, version=3)
+    assert a.config.version == 3 and a.images.shape[1:] == (48, 48, 3) and a.specs.shape[-1] == 8
     assert np.array_equal(a.images, b.images) and a.captions == b.captions
+    two = sw.generate_arrays(50, seed=0, version=2)  # the earlier world, for reproducing earlier results
+    assert two.images.shape[1:] == (32, 32, 3) and two.specs.shape[-1] == 4
     assert sw.WORLD_VERSION == 3 and sw.WORLD_VERSIONS == (2, 3)
+    assert sw.vocabulary() == sw.vocabulary(3) and sw.level_names() == sw.level_names(3)
     with pytest.raises(ValueError, match="version must be one of"):
         sw.ShapeWorldConfig(version=4)
     with pytest.raises(ValueError, match="levels must be"):
@@ -191,12 +194,15 @@ def test_dataset_names_pick_the_world_and_the_matching_toy_clip():
     from asymvlm.config import DataArguments
     from asymvlm.errors import ConfigError
 
-    assert sw.dataset_version("shapeworld") == 2 and sw.dataset_version("shapeworld:3") == 3
+    assert sw.dataset_version("shapeworld") == 3 and sw.dataset_version("shapeworld:2") == 2
     assert sw.dataset_version("coco2017:a.json:dir") is None
+    # the default encoder is the toy CLIP of the dataset's world
+    assert DataArguments().encoder == DataArguments(dataset="shapeworld:3").encoder == "open_clip:asymvlm-toy-clip-v3"
+    assert DataArguments(dataset="shapeworld:2").encoder == "open_clip:asymvlm-toy-clip"
     with pytest.raises(ConfigError, match="use --encoder open_clip:asymvlm-toy-clip-v3"):
-        DataArguments(dataset="shapeworld:3")  # the default encoder is the v2 toy CLIP
+        DataArguments(dataset="shapeworld", encoder="open_clip:asymvlm-toy-clip")
     with pytest.raises(ConfigError, match="use --encoder open_clip:asymvlm-toy-clip$"):
-        DataArguments(dataset="shapeworld", encoder="open_clip:asymvlm-toy-clip-v3")
+        DataArguments(dataset="shapeworld:2", encoder="open_clip:asymvlm-toy-clip-v3")
     with pytest.raises(ConfigError, match="unknown ShapeWorld version"):
         DataArguments(dataset="shapeworld:7")
     DataArguments(dataset="shapeworld:3", encoder="open_clip:asymvlm-toy-clip-v3")

@@ -33,14 +33,14 @@ def test_tokenizer_matches_the_packaged_config():
     assert tok.eos_token_id == len(tok) - 1  # argmax pooling finds EOS
     assert tok.unk_token_id not in ids[0] + ids[1]
     # every caption any style can produce fits the context
-    w = sw.generate_arrays(300, seed=0, caption_styles=sw.CAPTION_STYLES)
+    w = sw.generate_arrays(300, seed=0, caption_styles=sw.CAPTION_STYLES, version=2)
     longest = max(len(tok(c)["input_ids"]) for row in w.captions for c in row)
     assert longest <= cfg["text_cfg"]["context_length"]
 
 
 def test_training_pixels_equal_the_inference_preprocessing(tiny_toy_dir):
     enc = load_encoder(str(tiny_toy_dir), device="cpu")
-    w = sw.generate_arrays(6, seed=1, visual_styles=sw.VISUAL_STYLES)
+    w = sw.generate_arrays(6, seed=1, visual_styles=sw.VISUAL_STYLES, version=2)  # the v2 toy CLIP: 32 px
     ours = toyclip.normalized_pixels(w.images)
     theirs = enc.preprocess([Image.fromarray(im) for im in w.images])
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
@@ -102,9 +102,9 @@ def test_quality_metric_on_a_perfect_oracle():
             return out / max(np.linalg.norm(out), 1e-9) if out.any() else np.ones(16) / 4
 
     oracle = Oracle()
-    oracle.keys = sw.generate_arrays(200, seed=7).objects[:, 0]
+    oracle.keys = sw.generate_arrays(200, seed=7, version=2).objects[:, 0]
     scores = toyclip.evaluate_retrieval_by_level(
-        oracle, n=200, seed=7, caption_styles=("plain",), visual_styles=("plain",)
+        oracle, n=200, seed=7, caption_styles=("plain",), visual_styles=("plain",), version=2
     )
     assert scores[3] == 1.0 and scores[4] == 1.0
 
@@ -137,8 +137,25 @@ def test_v2_recipe_fingerprint_is_unchanged_by_the_v3_fields():
     r = toyclip.ToyCLIPRecipe()
     assert r.world_version == 2 and r.steps == 2000 and r.level_weights == (0.05, 0.1, 0.15, 0.25, 0.45)
     assert r.fingerprint() == "a2e42831f888b9f3"
-    assert toyclip.ToyCLIPRecipe(world_version=3).steps == 1200
+    assert toyclip.ToyCLIPRecipe(world_version=3).steps == 2600
     with pytest.raises(ValueError, match="world_version"):
         toyclip.ToyCLIPRecipe(world_version=4)
     with pytest.raises(ValueError, match="level_weights needs 6"):
         toyclip.ToyCLIPRecipe(world_version=3, level_weights=(1.0,) * 5)
+
+
+def test_caption_styles_of_the_recipe():
+    from asymvlm import shapeworld as sw
+
+    every = toyclip.ToyCLIPRecipe(world_version=3)
+    assert every.caption_styles == sw.CAPTION_STYLES
+    # naming every style explicitly is the default recipe (same cache key); a subset is another recipe
+    assert toyclip.ToyCLIPRecipe(world_version=3, caption_styles=list(sw.CAPTION_STYLES)).fingerprint() == (
+        every.fingerprint()
+    )
+    held_out = toyclip.ToyCLIPRecipe(world_version=3, caption_styles=("plain", "photo", "reordered"))
+    assert held_out.fingerprint() != every.fingerprint()
+    with pytest.raises(ValueError, match="caption_styles must be a non-empty subset"):
+        toyclip.ToyCLIPRecipe(world_version=3, caption_styles=("plain", "klingon"))
+    with pytest.raises(ValueError, match="caption_styles must be a non-empty subset"):
+        toyclip.ToyCLIPRecipe(world_version=3, caption_styles=())
