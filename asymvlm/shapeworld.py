@@ -3,8 +3,9 @@
 Two versions: 3, the default (:data:`WORLD_VERSION`; scenes of 1-3 objects on a 3 x 3 grid
 with relations, :mod:`asymvlm.shapeworld3`), and 2, described here and selectable with
 ``version=2`` so that earlier results reproduce. In version 2 every image holds a *target*
-object (and optionally distractors) with four attributes drawn from finite sets: shape, colour, size and position (a quadrant). Every image gets one caption per
-specificity level, from vague to exact:
+object (and optionally distractors) with four attributes drawn from finite sets: shape, colour,
+size and position (a quadrant). Every image gets one caption per specificity level, from vague to
+exact:
 
 =====  ==========================  =====================================  ==========
 level  name                        example                                ambiguity
