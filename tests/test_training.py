@@ -462,3 +462,26 @@ def test_two_cpu_processes_train_the_same_model_as_one(cache_dir, tmp_path):
     one = [json.loads(line) for line in (tmp_path / "one" / "train_log.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in one] == pytest.approx([r["loss"] for r in log], rel=1e-5)
     assert_same(head_weights(tmp_path / "one" / "model"), head_weights(tmp_path / "two" / "model"), atol=1e-6)
+
+
+def test_cache_for_config_reuses_a_checked_cache_without_regenerating(tmp_path, monkeypatch, tiny_encoder):
+    """Within a process a ShapeWorld cache already built is loaded without generating the split
+    again; another cache root, seed or style set is another cache."""
+    from asymvlm import data as data_mod
+    from asymvlm import shapeworld as sw
+    from asymvlm.config import DataArguments
+
+    monkeypatch.setenv("ASYMVLM_CACHE", str(tmp_path / "root-a"))
+    args = DataArguments(train_images=12, data_seed=3)
+    first = data_mod.cache_for_config(args, tiny_encoder)
+    calls = []
+    real = sw.generate
+    monkeypatch.setattr(sw, "generate", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = data_mod.cache_for_config(args, tiny_encoder)
+    assert calls == [] and again.path == first.path
+    assert torch.equal(again.text_embeddings, first.text_embeddings)
+    data_mod.cache_for_config(DataArguments(train_images=12, data_seed=4), tiny_encoder)
+    assert calls == [1]
+    monkeypatch.setenv("ASYMVLM_CACHE", str(tmp_path / "root-b"))  # another root: built there
+    other = data_mod.cache_for_config(args, tiny_encoder)
+    assert calls == [1, 1] and str(other.path).startswith(str(tmp_path / "root-b"))
