@@ -272,15 +272,20 @@ def summary_table(report: dict[str, dict[str, Any]]) -> str:
         ("zeroshot_shape_accuracy", "ZS shape"),
     ]
     cols = [c for c in cols if any(c[0] in m for m in report.values())]
-    width = max([12, *(len(name) + 1 for name in report)])
+    return "\n".join(_table_lines(report, list(report), cols))
+
+
+def _table_lines(report: dict[str, dict[str, Any]], models: Sequence[str], cols: Sequence[tuple[str, str]]) -> list:
+    """A header and one row per model: each column's value to 3 decimals, '-' when absent or NaN."""
+    width = max([12, *(len(name) + 1 for name in models)])
     lines = [f"{'model':<{width}}" + "".join(f"{label:>11}" for _, label in cols)]
-    for name, m in report.items():
+    for name in models:
         cells = []
         for key, _ in cols:
-            v = m.get(key)
+            v = report[name].get(key)
             cells.append(f"{'-':>11}" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:>11.3f}")
         lines.append(f"{name:<{width}}" + "".join(cells))
-    return "\n".join(lines)
+    return lines
 
 
 def specific_table(report: dict[str, dict[str, Any]], models: Sequence[str], data: EvalData) -> str:
@@ -305,16 +310,7 @@ def specific_table(report: dict[str, dict[str, Any]], models: Sequence[str], dat
         ("bin_pearson", "bin r"),
         ("error_auroc", "err AUROC"),
     ]
-    width = max([12, *(len(name) + 1 for name in models)])
-    lines = [f"{'model':<{width}}" + "".join(f"{label:>11}" for _, label in cols)]
-    for name in models:
-        m = report[name]
-        cells = []
-        for key, _ in cols:
-            v = m.get(key)
-            bad = v is None or (isinstance(v, float) and np.isnan(v))
-            cells.append(f"{'-':>11}" if bad else f"{v:>11.3f}")
-        lines.append(f"{name:<{width}}" + "".join(cells))
+    lines = _table_lines(report, models, cols)
     lines += [
         f"R@1 L{top}: the top image of a level-{top} (most specific) caption is its own image, {n_img} images "
         f"(chance {1 / n_img:.3f}).",

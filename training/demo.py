@@ -1,16 +1,20 @@
 """``asymvlm-demo``: the whole package on the offline default, in one command (``make demo``).
 
-On ShapeWorld with the toy CLIP (built on first use, then loaded from the user cache):
+On ShapeWorld (v3 by default, ``--world 2`` for the earlier world) with its toy CLIP (built on
+first use, then loaded from the user cache):
 
 1. cache the frozen embeddings of a training split (every caption and visual style);
-2. train a vMF and a Power Spherical head centrally (the reference) with the AsymVLM loss;
-3. train them federatedly: K clients with Dirichlet caption-style skew, text-tower LoRA + head,
-   FedAvg and FedAdam, the exact LoRA aggregation (FedEx-LoRA residual folding) by default;
-4. fine-tune one expert per caption style from the central vMF head, dense and TaLoS-masked, and
-   merge them (task arithmetic and TIES of the dense experts, task arithmetic of the TaLoS ones),
-   lambda chosen on a validation split by mean normalised R@1;
-5. evaluate everything with :mod:`eval` next to the CLIP baseline on held-out ShapeWorld, print one
-   summary table, and write ``report.json``, ``metrics.json`` and PNG plots to ``--output_dir``.
+2. train a vMF and a Power Spherical head centrally with the AsymVLM loss (frozen mean direction);
+3. federated: K clients with a Dirichlet(0.1) shape skew train a head with a learned mean under
+   FedAvg, FedAvgM, FedProx, GHBM, FedAdam, FedYogi and AdaFedAdam, each recipe's server
+   hyperparameters chosen on a validation split (:data:`FED_GRID`), next to a centralised and an
+   IID reference at the same budget;
+4. merging: a learned-mean base head on three caption styles, one expert per style (dense and
+   TaLoS-masked), merged by task arithmetic, TIES, DARE-TIES and TaLoS, lambda chosen on the
+   styles' validation splits by mean normalised R@1;
+5. evaluate everything with :mod:`eval` next to the CLIP baseline on held-out ShapeWorld, print the
+   summary and federated tables, and write ``report.json``, ``metrics.json`` and PNG plots to
+   ``--output_dir``.
 
 ``--quick`` is a smoke version (a small toy CLIP, small splits, few steps) for CI.
 """
@@ -236,7 +240,7 @@ def federated_table(rows: list[dict], level: int) -> str:
 
 
 EPILOG = """examples:
-  asymvlm-demo                                   # the full run (about 4 minutes with the toy CLIP built)
+  asymvlm-demo                                   # the full run (about 5 minutes with the toy CLIP built)
   asymvlm-demo --quick --output_dir demo-quick   # the smoke version (about a minute)
   asymvlm-demo --steps 800 --rounds 30 --clients 16 --output_dir demo-big
 """
@@ -252,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train_images", type=int, default=None, help="Training images (default 8000; --quick 1500).")
     p.add_argument("--eval_images", type=int, default=None, help="Held-out images (default 1000; --quick 300).")
     p.add_argument("--steps", type=int, default=None, help="Central training steps per head (default 400; --quick 60).")
-    p.add_argument("--rounds", type=int, default=None, help="Federated rounds per recipe (default 16; --quick 2).")
+    p.add_argument("--rounds", type=int, default=None, help="Federated rounds per recipe (default 16; --quick 4).")
     p.add_argument("--clients", type=int, default=8, help="Federated clients.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the data splits and the runs.")
     p.add_argument(
