@@ -51,6 +51,7 @@ __all__ = [
     "TOY_CLIP_V3_NAME",
     "TOY_CLIP_V3_SPEC",
     "TOY_CLIP_SPECS",
+    "PRETRAINING_STYLES",
     "ToyCLIPRecipe",
     "cache_root",
     "toy_clip_dir",
@@ -68,6 +69,9 @@ TOY_CLIP_SPEC = f"open_clip:{TOY_CLIP_NAME}"
 TOY_CLIP_V3_SPEC = f"open_clip:{TOY_CLIP_V3_NAME}"
 MODEL_NAMES = {2: TOY_CLIP_NAME, 3: TOY_CLIP_V3_NAME}
 TOY_CLIP_SPECS = {v: f"open_clip:{name}" for v, name in MODEL_NAMES.items()}  # the encoder of each world
+# the caption styles each world's default toy CLIP is trained on (the demo trains and evaluates its
+# heads on these; v3's other styles are the merging domains)
+PRETRAINING_STYLES = {2: sw.CAPTION_STYLES, 3: ("plain",)}
 LEVEL_WEIGHTS = {2: (0.05, 0.1, 0.15, 0.25, 0.45), 3: (0.04, 0.08, 0.12, 0.16, 0.25, 0.35)}
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[BOS]")
 EOS = "[EOS]"  # the highest id: open_clip's default "argmax" text pooling then pools at EOS
@@ -98,8 +102,8 @@ class ToyCLIPRecipe:
     caption_styles: tuple[str, ...] | None = field(
         default=None,
         metadata={
-            "help": "Caption styles it is trained on (None: all of them; a subset leaves the others a dialect "
-            "the encoder never saw, as real jargon is for a real CLIP)."
+            "help": "Caption styles it is trained on (None: PRETRAINING_STYLES of the world, every style in v2 "
+            "and plain in v3; the others are dialects the encoder never saw, as real jargon is for a real CLIP)."
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of data generation and initialisation."})
@@ -113,10 +117,11 @@ class ToyCLIPRecipe:
             object.__setattr__(self, "level_weights", LEVEL_WEIGHTS[self.world_version])
         if self.hard_fraction is None:
             object.__setattr__(self, "hard_fraction", 0.75 if self.world_version == 2 else 0.0)
-        # every style by default; holding "synonyms" out of v3 (a dialect whose words are in the
-        # tokenizer but untrained) measured on 2026-12-02: exact R@1 at level 5 0.316 on the trained
-        # styles and 0.000 on synonyms, heads' ambiguity Spearman 0.735, head-only experts 0.006
-        styles = sw.CAPTION_STYLES if self.caption_styles is None else self.caption_styles
+        # v2: every style; v3: plain captions only, so that the other styles (a template prefix,
+        # another word order, other words) are domains the encoder never saw, as real jargon is for a
+        # real CLIP: with every style in pretraining, head experts had nothing to learn per style
+        # (issue 15, bench/merge_domains.py)
+        styles = PRETRAINING_STYLES[self.world_version] if self.caption_styles is None else self.caption_styles
         object.__setattr__(self, "caption_styles", tuple(styles))
         unknown = [c for c in self.caption_styles if c not in sw.CAPTION_STYLES]
         if unknown or not self.caption_styles:

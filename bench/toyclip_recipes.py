@@ -4,8 +4,9 @@ Builds the v3 toy CLIP with the recipe's defaults overridden by ``--recipe`` (JS
 :class:`asymvlm.toyclip.ToyCLIPRecipe` fields) into ``--out`` (a folder per recipe fingerprint,
 reused when present), then evaluates it on 1,000 held-out v3 images of every visual style with
 ``asymvlm.eval``, once with the caption styles it was trained on and once with the ones it never
-saw (v3's default recipe holds out ``synonyms``): exact t2i R@1, i2t R@1 (captions of one level, identical texts as one)
-and consistent t2i R@1 per level. Not part of ``make bench`` (minutes per recipe).
+saw (v3's default recipe is trained on ``plain`` captions only): exact t2i R@1, i2t R@1
+(captions of one level, identical texts as one) and consistent t2i R@1 per level.
+Not part of ``make bench`` (minutes per recipe).
 
 Run:  python bench/toyclip_recipes.py --recipe '{"steps": 2000}'
 """

@@ -111,7 +111,11 @@ def as_flag_value(v) -> str:
 
 
 def config_strategy(keys):
-    names = st.one_of(st.sampled_from(keys), st.text(string.ascii_lowercase + "_", min_size=1, max_size=10))
+    # random names, except --help and the prefixes argparse expands to it (those print help and exit 0)
+    random_names = st.text(string.ascii_lowercase + "_", min_size=1, max_size=10).filter(
+        lambda k: not "help".startswith(k)
+    )
+    names = st.one_of(st.sampled_from(keys), random_names)
     return st.dictionaries(names, scalar, max_size=5)
 
 

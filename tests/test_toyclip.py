@@ -147,14 +147,17 @@ def test_v2_recipe_fingerprint_is_unchanged_by_the_v3_fields():
 def test_caption_styles_of_the_recipe():
     from asymvlm import shapeworld as sw
 
-    every = toyclip.ToyCLIPRecipe(world_version=3)
-    assert every.caption_styles == sw.CAPTION_STYLES
-    # naming every style explicitly is the default recipe (same cache key); a subset is another recipe
-    assert toyclip.ToyCLIPRecipe(world_version=3, caption_styles=list(sw.CAPTION_STYLES)).fingerprint() == (
-        every.fingerprint()
-    )
+    # v3 is pretrained on plain captions (the other styles are domains it never saw); v2 on every style
+    default = toyclip.ToyCLIPRecipe(world_version=3)
+    assert default.caption_styles == ("plain",) == toyclip.PRETRAINING_STYLES[3]
+    assert toyclip.ToyCLIPRecipe().caption_styles == sw.CAPTION_STYLES == toyclip.PRETRAINING_STYLES[2]
+    # naming the default styles explicitly is the default recipe (same cache key); others are other recipes
+    assert toyclip.ToyCLIPRecipe(world_version=3, caption_styles=["plain"]).fingerprint() == default.fingerprint()
+    every = toyclip.ToyCLIPRecipe(world_version=3, caption_styles=sw.CAPTION_STYLES)
     held_out = toyclip.ToyCLIPRecipe(world_version=3, caption_styles=("plain", "photo", "reordered"))
-    assert held_out.fingerprint() != every.fingerprint()
+    assert len({default.fingerprint(), every.fingerprint(), held_out.fingerprint()}) == 3
+    # every style keeps the payload (and so the cache key) it had as v3's default before plain-only
+    assert every.fingerprint() == "ce0ff3bd6b8104fc"
     with pytest.raises(ValueError, match="caption_styles must be a non-empty subset"):
         toyclip.ToyCLIPRecipe(world_version=3, caption_styles=("plain", "klingon"))
     with pytest.raises(ValueError, match="caption_styles must be a non-empty subset"):
