@@ -57,6 +57,14 @@ ELSEWHERE = {
     ("make", "test"): (".ci/run", None),
     ("make", "demo"): ("tests/test_demo.py", "test_quick_demo_writes_the_report"),
     ("accelerate", "launch"): ("tests/test_training.py", "test_two_cpu_processes_train_the_same_model_as_one"),
+    **{
+        cmd: ("tests/test_flower_deployment.py", "test_flwr_run_on_a_loopback_deployment_equals_in_process")
+        for cmd in (
+            ("flower-superlink", "--ssl-ca-certfile"),
+            ("flower-supernode", "--root-certificates"),
+            ("flwr", "run"),
+        )
+    },
 }
 
 # Sizes the walkthrough shrinks to (the flag's value is replaced, or the flag appended).

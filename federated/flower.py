@@ -1,0 +1,506 @@
+"""asymvlm on Flower's deployment engine: a ServerApp whose strategy is asymvlm's one server step,
+and a ClientApp that runs asymvlm's client update on the node's own data.
+
+What runs where:
+
+* **SuperLink host** — the :data:`server_app` (``asymvlm.federated.flower:server_app``): the
+  recipe's aggregator, server transform and its state (optimizer moments, GHBM momentum,
+  AdaFedAdam's initial losses, DP accounting), the exact LoRA modes, the per-round checkpoint
+  (asymvlm's format: ``output_dir/checkpoints``, ``metrics.jsonl``) and the final model
+  (``output_dir/model``). It never sees data: the clients report their sizes, the embedding
+  width and the encoder's fingerprint in a handshake, and every node must agree.
+* **each SuperNode** — the :data:`client_app` (``asymvlm.federated.flower:client_app``): its node
+  config names its partition (``partition-id``, Flower's convention) and, for a real data holder,
+  its own embedding cache (``cache-dir``); without ``cache-dir`` it takes partition
+  ``partition-id`` of the run's dataset exactly as ``asymvlm-federate`` partitions it (simulation
+  and tests). A SuperNode may start a fresh ClientApp process per message, so the client keeps
+  nothing between messages: what a round needs (the global parameters, the GHBM momentum, the
+  exact-LoRA base weights, the round's seed) travels in the message.
+
+The run config (``[tool.flwr.app.config]`` or ``flwr run --run-config``) holds
+``asymvlm-federate``'s config keys, dashes or underscores (``recipe``, ``rounds``, ``num-clients``,
+``server-lr``...), plus ``config`` (a YAML file of them, on the SuperLink host and every node);
+unknown keys are an error. ``num-server-rounds`` is accepted for ``rounds`` (Flower's templates).
+
+Randomness is asymvlm's (every stream a function of seed, stream name and round), so a Flower run
+equals the in-process run to float rounding and a restarted ServerApp (``resume = true``)
+continues bit-identically from its last checkpoint.
+
+Interop: :data:`client_app` also answers Flower's own strategies (``flwr.serverapp.strategy``
+FedAvg, FedAdam...): without asymvlm's keys in the train config it replies with the updated
+parameters and ``num-examples``, as those strategies expect.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from asymvlm.errors import ConfigError
+
+__all__ = [
+    "server_app",
+    "client_app",
+    "parse_run_config",
+    "run_flower_server",
+    "LocalGrid",
+    "ROUNDS_ALIAS",
+]
+
+log = logging.getLogger(__name__)
+
+ROUNDS_ALIAS = "num_server_rounds"  # Flower's templates name the round count so
+PROG = "asymvlm (Flower run config)"
+# message types: Flower's "train" / "evaluate", and a "query" for the handshake and initial losses
+TRAIN, EVALUATE, QUERY = "train", "evaluate", "query"
+DELTA_KEY = "asymvlm.send-delta"  # train config: reply with the delta (asymvlm's server) or the new weights
+
+
+def _groups() -> tuple[type, ...]:
+    from asymvlm.config import DataArguments, HeadArguments
+    from asymvlm.federated.config import FederatedArguments, RecipeArguments
+
+    return (DataArguments, HeadArguments, FederatedArguments, RecipeArguments)
+
+
+def parse_run_config(run_config: Mapping[str, Any]) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """(data args, head args, federated args, recipe options) from a Flower run config.
+
+    Keys are ``asymvlm-federate``'s config keys (dashes or underscores); an empty string means "not
+    set" (asymvlm's default); ``round-timeout`` is the ServerApp's own; ``config`` names a YAML file
+    of keys (read first; the other keys override it); a list-valued key (``hidden_dims``) may be a
+    string (``"[256, 256]"`` or ``"256,256"``). Unknown keys are a :class:`ConfigError`."""
+    import dataclasses
+
+    import yaml
+
+    from asymvlm.config import argument_parser, config_fields, load_yaml
+    from asymvlm.federated.config import recipe_options
+
+    types = _groups()
+    known = config_fields(types)
+    values: dict[str, Any] = {}
+    # "" is "not set" (a Flower app must declare every key it lets --run-config override)
+    flat = {str(k).replace("-", "_"): v for k, v in run_config.items() if v != ""}
+    flat.pop("round_timeout", None)  # the ServerApp's, not asymvlm-federate's
+    if ROUNDS_ALIAS in flat:
+        if "rounds" in flat and flat["rounds"] != flat[ROUNDS_ALIAS]:
+            raise ConfigError(f"run config: rounds={flat['rounds']} and {ROUNDS_ALIAS}={flat[ROUNDS_ALIAS]} differ")
+        flat["rounds"] = flat.pop(ROUNDS_ALIAS)
+    if flat.get("config"):
+        values.update(load_yaml(flat.pop("config"), types, PROG))
+    flat.pop("config", None)
+    unknown = sorted(set(flat) - set(known))
+    if unknown:
+        raise ConfigError(f"run config: unknown key(s) {unknown}; the keys are asymvlm-federate's (--help)")
+    hints = {f.name: f.type for t in types for f in dataclasses.fields(t)}
+    for k, v in flat.items():
+        if isinstance(v, str) and "list" in str(hints.get(k, "")).lower():
+            text = v.strip()
+            v = yaml.safe_load(text if text.startswith("[") else f"[{text}]")
+        values[k] = v
+    parser = argument_parser(types, PROG)
+    parser.set_defaults(**values)
+    try:
+        *outputs, extra = parser.parse_args_into_dataclasses(args=[], return_remaining_strings=True)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConfigError(str(err)) from err
+    data_args, head, fed, rargs = (o for o in outputs if dataclasses.is_dataclass(o))
+    if fed.attack != "none":
+        raise ConfigError("attacks are simulated by asymvlm-federate only; a Flower run has real clients")
+    return data_args, head, fed, recipe_options(rargs)
+
+
+# -- the node side ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Node:
+    """What a ClientApp process builds once: the client's model, options and batcher."""
+
+    run: Any  # a Federation over this node's data (one or all partitions)
+    batcher: Any
+    num_examples: int
+    partition: int
+
+
+_NODES: dict[tuple, _Node] = {}  # per process: a SuperNode may reuse its ClientApp process
+
+
+def _partition_id(context: Context) -> int:
+    pid = context.node_config.get("partition-id", context.node_config.get("partition_id"))
+    if pid is None:
+        raise ConfigError("node config needs partition-id (this data holder's client index, 0 .. num-clients-1)")
+    if isinstance(pid, bool) or not isinstance(pid, int | float) or int(pid) != pid or pid < 0:
+        raise ConfigError(f"node config partition-id must be an integer >= 0, got {pid!r}")
+    return int(pid)
+
+
+def _node(context: Context) -> _Node:
+    from asymvlm.federated.data import FederatedData, get_federated_data
+    from asymvlm.federated.rounds import Federation
+
+    key = (
+        json.dumps(dict(context.run_config), sort_keys=True, default=str),
+        json.dumps(dict(context.node_config), sort_keys=True, default=str),
+    )
+    if key in _NODES:
+        return _NODES[key]
+    data_args, head, fed, ropts = parse_run_config(context.run_config)
+    c = _partition_id(context)
+    cache_dir = context.node_config.get("cache-dir", context.node_config.get("cache_dir"))
+    if cache_dir:  # a real data holder: its own embedding cache, one client
+        import dataclasses as dc
+
+        own = dc.replace(data_args, cache_dir=str(cache_dir), dataset="")
+        single = dc.replace(fed, num_clients=1, partition="iid", output_dir="")
+        data = get_federated_data(own, single)
+        batcher, n = data.batchers[0], data.num_examples[0]
+        seed_batcher = fed.seed + c  # as the partitioned run seeds client c's batcher
+        batcher.reseed(seed_batcher)
+    else:
+        if c >= fed.num_clients:
+            raise ConfigError(f"node config partition-id {c} >= num_clients {fed.num_clients}")
+        data = get_federated_data(data_args, fed)
+        batcher, n = data.batchers[c], data.num_examples[c]
+    client_data = FederatedData([batcher], [n], data.dim, data.encoder_source, data.encoder)
+    run = Federation.build(fed, client_data, head, ropts)
+    node = _Node(run, batcher, n, c)
+    _NODES[key] = node
+    return node
+
+
+def _to_arrays(params: Mapping[str, torch.Tensor]) -> ArrayRecord:
+    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in params.items()})
+
+
+def _from_arrays(record: ArrayRecord) -> dict[str, torch.Tensor]:
+    return dict(record.to_torch_state_dict())
+
+
+client_app = ClientApp()
+
+
+@client_app.query()
+def _client_query(msg: Message, context: Context) -> Message:
+    """The handshake (partition, size, embedding width, encoder) and, with parameters, the loss at them."""
+    from asymvlm.federated.client import client_loss
+    from asymvlm.federated.rounds import int_seed
+
+    node = _node(context)
+    fed = node.run.fed
+    metrics: dict[str, Any] = {
+        "partition-id": node.partition,
+        "num-examples": node.num_examples,
+        "dim": node.run.data.dim,
+    }
+    config = ConfigRecord({"encoder-fingerprint": str((node.run.data.encoder_source or {}).get("fingerprint", ""))})
+    if "arrays" in msg.content.array_records:
+        node.run.model.set_params(_from_arrays(msg.content["arrays"]))
+        node.batcher.reseed(int_seed(fed.seed, "initial_loss", node.partition))
+        metrics["loss"] = client_loss(node.run.model, node.batcher, node.run.options.loss_batches)[0]
+    return Message(RecordDict({"metrics": MetricRecord(metrics), "info": config}), reply_to=msg)
+
+
+@client_app.train()
+def _client_train(msg: Message, context: Context) -> Message:
+    """asymvlm's client update from the message's global parameters; the delta (asymvlm's server) or
+    the updated parameters and ``num-examples`` (Flower's strategies)."""
+    from asymvlm.federated.client import client_update, set_base
+    from asymvlm.federated.rounds import int_seed
+
+    node = _node(context)
+    run, fed = node.run, node.run.fed
+    content = msg.content
+    params = _from_arrays(content["arrays"])
+    config = content.config_records.get("config", ConfigRecord())
+    asym = bool(config.get(DELTA_KEY, False))
+    if "base" in content.array_records:
+        set_base(run.model, _from_arrays(content["base"]))
+    rnd = int(config.get("asymvlm.round", config.get("server-round", 1) - 1))
+    seed = int_seed(fed.seed, "client", rnd, node.partition)
+    node.batcher.reseed(seed)
+    momentum = _from_arrays(content["ghbm-momentum"]) if "ghbm-momentum" in content.array_records else None
+    needs = run.recipe.needs if asym else set()
+    result = client_update(
+        run.model, params, node.batcher, run.options, client=node.partition, num_examples=node.num_examples,
+        seed=seed, ghbm_momentum=momentum, need_loss_before=bool(needs & {"loss_before", "loss_initial"}),
+        need_grad_norm="grad_norm" in needs,
+    )  # fmt: skip
+    metrics: dict[str, Any] = {"num-examples": node.num_examples, "partition-id": node.partition}
+    for name in ("loss_before", "loss_after", "grad_norm"):
+        value = getattr(result, name)
+        if value is not None:
+            metrics[name.replace("_", "-")] = float(value)
+    sent = result.delta if asym else {k: params[k] + d for k, d in result.delta.items()}
+    return Message(RecordDict({"arrays": _to_arrays(sent), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+@client_app.evaluate()
+def _client_evaluate(msg: Message, context: Context) -> Message:
+    """The client's loss at the global model (asymvlm's fairness report; Flower's ``eval_loss``)."""
+    from asymvlm.federated.client import client_loss
+    from asymvlm.federated.rounds import int_seed
+
+    node = _node(context)
+    fed = node.run.fed
+    node.run.model.set_params(_from_arrays(msg.content["arrays"]))
+    node.batcher.reseed(int_seed(fed.seed, "fairness", node.partition))
+    loss = client_loss(node.run.model, node.batcher, fed.fairness_batches)[0]
+    metrics = {"eval_loss": float(loss), "num-examples": node.num_examples, "partition-id": node.partition}
+    return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+# -- the server side ----------------------------------------------------------------------------
+
+
+class FederationError(ConfigError):
+    """The federation cannot go on (nodes disagree, too few clients answered)."""
+
+
+def _send(grid: Grid, kind: str, contents: Mapping[int, RecordDict], rnd: int, timeout: float) -> tuple[dict, dict]:
+    """Send one message per node; (replies by node id, errors by node id). Missing replies are errors."""
+    messages = [Message(content, node, kind, group_id=str(rnd)) for node, content in contents.items()]
+    replies = list(grid.send_and_receive(messages, timeout=timeout))
+    by_id = {m.metadata.message_id: node for m, node in zip(messages, contents)}
+    ok, errors = {}, {}
+    for reply in replies:
+        node = by_id.get(reply.metadata.reply_to_message_id)
+        if node is None:
+            continue
+        if reply.has_error():
+            errors[node] = f"{reply.error.code}: {reply.error.reason}"
+        else:
+            ok[node] = reply
+    for node in contents:
+        if node not in ok and node not in errors:
+            errors[node] = f"no reply within {timeout:g} s"
+    return ok, errors
+
+
+def run_flower_server(grid: Grid, run_config: Mapping[str, Any], *, timeout: float = 3600.0) -> Any:
+    """The ServerApp's body: asymvlm's rounds over the grid's nodes; returns the final
+    :class:`~asymvlm.federated.checkpoint.ServerState` (the model is saved in ``output_dir/model``)."""
+    from asymvlm.federated.checkpoint import prune_rounds, save_federated_model, save_server_state
+    from asymvlm.federated.client import ClientResult
+    from asymvlm.federated.data import FederatedData
+    from asymvlm.federated.recipes import ghbm_server_momentum
+    from asymvlm.federated.rounds import Federation, fairness, federation_recipe, sample_clients
+
+    data_args, head, fed, ropts = parse_run_config(run_config)
+    recipe = federation_recipe(fed, ropts)  # an unknown option fails before any message
+    nodes = list(grid.get_node_ids())
+    # handshake: which node holds which partition, and what the data look like
+    ok, errors = _send(grid, QUERY, {n: RecordDict() for n in nodes}, 0, timeout)
+    if errors:
+        log.warning("handshake: no answer from %s", errors)
+    where: dict[int, int] = {}
+    sizes: dict[int, int] = {}
+    dims, fingerprints = set(), set()
+    for node, reply in ok.items():
+        m = dict(reply.content["metrics"])
+        pid = int(m["partition-id"])
+        if pid in where:
+            raise FederationError(f"nodes {where[pid]} and {node} both hold partition-id {pid}")
+        if pid >= fed.num_clients:
+            raise FederationError(f"node {node} holds partition-id {pid} >= num_clients {fed.num_clients}")
+        where[pid], sizes[pid] = node, int(m["num-examples"])
+        dims.add(int(m["dim"]))
+        fingerprints.add(str(reply.content["info"]["encoder-fingerprint"]))
+    if not where:
+        raise FederationError("no node answered the handshake")
+    if len(dims) != 1 or len(fingerprints) != 1:
+        raise FederationError(
+            f"nodes disagree on the data: embedding widths {sorted(dims)}, encoders {sorted(fingerprints)}"
+        )
+    log.info("partitions on nodes: %s", {p: where[p] for p in sorted(where)})
+    from asymvlm.encoders import load_encoder
+
+    encoder = None
+    if fed.trainable != "head":
+        encoder = load_encoder(data_args.encoder, data_args.pretrained or None)
+    source = {"fingerprint": fingerprints.pop(), "spec": data_args.encoder, "pretrained": data_args.pretrained or None}
+    server_data = FederatedData(
+        [None] * fed.num_clients, [sizes.get(c, 0) for c in range(fed.num_clients)], dims.pop(), source, encoder
+    )
+    run = Federation.build(fed, server_data, head, ropts)
+    out = Path(fed.output_dir)
+    config = run.config(head)
+    state = run.start(config, lambda r: log.info("%s", r))
+    out.mkdir(parents=True, exist_ok=True)
+    dp = recipe.dp is not None
+    if "loss_initial" in recipe.needs and not state.initial_losses:
+        theta0 = _to_arrays(state.params)
+        ok, errors = _send(grid, QUERY, {where[p]: RecordDict({"arrays": theta0}) for p in sorted(where)}, 0, timeout)
+        if errors:
+            raise FederationError(
+                f"initial losses: no answer from nodes {sorted(errors)} ({recipe.name} needs every client's)"
+            )
+        for reply in ok.values():
+            m = dict(reply.content["metrics"])
+            state.initial_losses[str(int(m["partition-id"]))] = float(m["loss"])
+    for rnd in range(state.round, fed.rounds):
+        t0 = time.time()
+        active, who = sample_clients(fed, rnd, poisson=dp)
+        unreachable = [c for c in active if c not in where]
+        active = [c for c in active if c in where]
+        record: dict[str, Any] = {"round": rnd + 1, **who, "unreachable": unreachable}
+        cfg = ConfigRecord({DELTA_KEY: True, "asymvlm.round": rnd, "server-round": rnd + 1})
+        content = {"arrays": _to_arrays(state.params), "config": cfg}
+        if state.base:
+            content["base"] = _to_arrays(state.base)
+        momentum = ghbm_server_momentum(recipe, state.opt_state, state.params)
+        if momentum is not None:
+            content["ghbm-momentum"] = _to_arrays(momentum)
+        ok, errors = _send(grid, TRAIN, {where[c]: RecordDict(content) for c in active}, rnd + 1, timeout)
+        node_to_pid = {where[c]: c for c in active}
+        results, rejected = [], [{"client": node_to_pid[n], "reason": why} for n, why in sorted(errors.items())]
+        for node in sorted(ok, key=lambda n: node_to_pid[n]):
+            m = dict(ok[node].content["metrics"])
+            c = node_to_pid[node]
+            try:
+                delta = _from_arrays(ok[node].content["arrays"])
+            except Exception as err:  # a malformed record: rejected like a bad delta
+                rejected.append({"client": c, "reason": f"unreadable arrays: {err}"})
+                continue
+            results.append(
+                ClientResult(c, delta, int(m.get("num-examples", 0)), m.get("loss-before"), m.get("loss-after"),
+                             m.get("grad-norm"))
+            )  # fmt: skip
+        accepted, bad = run.validate(state, results)
+        record["rejected"] = rejected + bad
+        for r in record["rejected"]:
+            log.error("round %d: update of client %s rejected: %s", rnd + 1, r["client"], r["reason"])
+        record["upload_bytes"] = {"per_client": run.comm["sent_bytes"], "dense": run.comm["dense_bytes"]}
+        if len(accepted) < fed.min_clients or not accepted:
+            record["skipped"] = f"{len(accepted)} valid updates < min_clients={fed.min_clients}"
+            log.error("round %d skipped: %s", rnd + 1, record["skipped"])
+        else:
+            state = run.server_step(state, accepted, rnd, record)
+        state.round = rnd + 1
+        if dp:
+            record["dp_note"] = "per-client losses are not logged under DP; epsilon covers the released model"
+        elif accepted:
+            record["client_loss_after"] = {str(r.client): r.loss_after for r in accepted}
+            losses = [r.loss_after for r in accepted if r.loss_after is not None]
+            if losses:
+                record["loss_after"] = fairness(losses)
+        if not dp and ((fed.eval_every > 0 and (rnd + 1) % fed.eval_every == 0) or rnd + 1 == fed.rounds):
+            arrays = _to_arrays(state.params)
+            ok, errors = _send(grid, EVALUATE, {where[p]: RecordDict({"arrays": arrays}) for p in sorted(where)},
+                               rnd + 1, timeout)  # fmt: skip
+            losses = {int(dict(r.content["metrics"])["partition-id"]): float(dict(r.content["metrics"])["eval_loss"])
+                      for r in ok.values()}  # fmt: skip
+            if losses:
+                record["client_loss"] = {str(k): losses[k] for k in sorted(losses)}
+                record["fairness"] = fairness([losses[k] for k in sorted(losses)])
+        record["seconds"] = round(time.time() - t0, 3)
+        save_server_state(state, out / "checkpoints", config)
+        prune_rounds(out / "checkpoints", fed.keep_rounds)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info("round %d/%d: %d updates, %d rejected", rnd + 1, fed.rounds, len(accepted), len(record["rejected"]))
+    run.model.set_params(state.params)
+    save_federated_model(run.model, state, server_data, out / "model", init_from=fed.init_from or None)
+    return state
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _server_main(grid: Grid, context: Context) -> None:
+    timeout = context.run_config.get("round-timeout", "")
+    run_flower_server(grid, context.run_config, timeout=3600.0 if timeout == "" else float(timeout))
+
+
+# -- an in-process grid (tests, debugging a ServerApp without a SuperLink) ------------------------
+
+
+class LocalGrid(Grid):
+    """A :class:`flwr.serverapp.Grid` that delivers each message to a ClientApp in this process,
+    one node per ``node_configs`` entry (node ids 1, 2, ...), each with its own node config and a
+    persistent ``Context.state`` as a SuperNode keeps it; ``apps`` gives some nodes another ClientApp.
+    Nodes in ``drop`` never answer; nodes in ``lost`` answer the handshake only (they die after it).
+    A ClientApp's exception becomes an error reply, as a SuperNode sends it."""
+
+    def __init__(
+        self,
+        app: ClientApp,
+        run_config: Mapping[str, Any],
+        node_configs: Iterable[Mapping[str, Any]],
+        apps: Mapping[int, ClientApp] | None = None,
+    ):
+        self.app = app
+        self.apps = dict(apps or {})
+        self.lost: set[int] = set()
+        self.contexts = {
+            i + 1: Context(
+                run_id=1, node_id=i + 1, node_config=dict(nc), state=RecordDict(), run_config=dict(run_config)
+            )
+            for i, nc in enumerate(node_configs)
+        }
+        self._run: Any = None
+        # Flower's Message takes the run and node ids from the process's task identity (set by the
+        # SuperLink / SuperNode runtimes); here one process plays the server and every node
+        from flwr.supercore.task_identity import TaskIdentity
+
+        self._identity = TaskIdentity
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+        self.drop: set[int] = set()
+        self._replies: dict[str, Message] = {}
+        self._counter = 0
+
+    def set_run(self, run: Any) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Any:
+        return self._run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            self._counter += 1
+            mid = f"local-{self._counter}"
+            msg.metadata.__dict__["_message_id"] = mid
+            ids.append(mid)
+            node = msg.metadata.dst_node_id
+            if node in self.drop or node not in self.contexts:
+                continue
+            if node in self.lost and msg.metadata.message_type != QUERY:
+                continue
+            self._identity.node_id = node
+            try:
+                self._replies[mid] = self.apps.get(node, self.app)(msg, self.contexts[node])
+            except Exception as err:  # what a SuperNode replies when its ClientApp raises
+                from flwr.app import Error
+
+                self._replies[mid] = Message(Error(code=2, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
+            finally:
+                self._identity.node_id = 0
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(m) for m in list(message_ids) if m in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return list(self.pull_messages(list(self.push_messages(messages))))
