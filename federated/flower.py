@@ -33,8 +33,10 @@ parameters and ``num-examples``, as those strategies expect.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -63,7 +65,17 @@ ROUNDS_ALIAS = "num_server_rounds"  # Flower's templates name the round count so
 PROG = "asymvlm (Flower run config)"
 # message types: Flower's "train" / "evaluate", and a "query" for the handshake and initial losses
 TRAIN, EVALUATE, QUERY = "train", "evaluate", "query"
+LEGACY_FITINS = "fitins.parameters"  # the record of Flower's FitIns (what SecAgg+'s workflow sends)
 DELTA_KEY = "asymvlm.send-delta"  # train config: reply with the delta (asymvlm's server) or the new weights
+# run-config keys of the ServerApp itself (not asymvlm-federate's): its wait, and Flower's SecAgg+
+SECAGG_DEFAULTS = {
+    "secure_aggregation": False,
+    "secagg_num_shares": 1.0,  # Flower's meaning: an int > 2 is a count, a float a fraction of the sampled
+    "secagg_reconstruction_threshold": 0.5,
+    "secagg_clipping_range": 8.0,
+    "secagg_quantization_range": 2**22,
+}
+SERVER_KEYS = ("round_timeout", *SECAGG_DEFAULTS)
 
 
 def _groups() -> tuple[type, ...]:
@@ -77,7 +89,7 @@ def parse_run_config(run_config: Mapping[str, Any]) -> tuple[Any, Any, Any, dict
     """(data args, head args, federated args, recipe options) from a Flower run config.
 
     Keys are ``asymvlm-federate``'s config keys (dashes or underscores); an empty string means "not
-    set" (asymvlm's default); ``round-timeout`` is the ServerApp's own; ``config`` names a YAML file
+    set" (asymvlm's default); :data:`SERVER_KEYS` are the ServerApp's own; ``config`` names a YAML file
     of keys (read first; the other keys override it); a list-valued key (``hidden_dims``) may be a
     string (``"[256, 256]"`` or ``"256,256"``). Unknown keys are a :class:`ConfigError`."""
     import dataclasses
@@ -92,7 +104,8 @@ def parse_run_config(run_config: Mapping[str, Any]) -> tuple[Any, Any, Any, dict
     values: dict[str, Any] = {}
     # "" is "not set" (a Flower app must declare every key it lets --run-config override)
     flat = {str(k).replace("-", "_"): v for k, v in run_config.items() if v != ""}
-    flat.pop("round_timeout", None)  # the ServerApp's, not asymvlm-federate's
+    for key in SERVER_KEYS:  # the ServerApp's, not asymvlm-federate's
+        flat.pop(key, None)
     if ROUNDS_ALIAS in flat:
         if "rounds" in flat and flat["rounds"] != flat[ROUNDS_ALIAS]:
             raise ConfigError(f"run config: rounds={flat['rounds']} and {ROUNDS_ALIAS}={flat[ROUNDS_ALIAS]} differ")
@@ -190,7 +203,18 @@ def _from_arrays(record: ArrayRecord) -> dict[str, torch.Tensor]:
     return dict(record.to_torch_state_dict())
 
 
-client_app = ClientApp()
+def _secagg_when_asked(msg: Message, context: Context, call_next: Any) -> Message:
+    """Flower's SecAgg+ client mod for the messages of a secure-aggregation round; others pass."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if msg.metadata.message_type == TRAIN and RECORD_KEY_CONFIGS in msg.content.config_records:
+        from flwr.client.mod import secaggplus_mod
+
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+client_app = ClientApp(mods=[_secagg_when_asked])
 
 
 @client_app.query()
@@ -224,8 +248,21 @@ def _client_train(msg: Message, context: Context) -> Message:
     node = _node(context)
     run, fed = node.run, node.run.fed
     content = msg.content
-    params = _from_arrays(content["arrays"])
-    config = content.config_records.get("config", ConfigRecord())
+    legacy = LEGACY_FITINS in content.array_records  # a SecAgg+ round: Flower's FitIns / FitRes records
+    if legacy:
+        import flwr.compat.common.recorddict_compat as compat
+        from flwr.common import parameters_to_ndarrays
+
+        fitins = compat.recorddict_to_fitins(content, keep_input=True)
+        names = sorted(run.model.get_params())
+        arrays = parameters_to_ndarrays(fitins.parameters)
+        if len(arrays) != len(names):
+            raise ConfigError(f"the server sent {len(arrays)} arrays; this client's model has {len(names)}")
+        params = {n: torch.from_numpy(a.copy()) for n, a in zip(names, arrays)}
+        config = dict(fitins.config)
+    else:
+        params = _from_arrays(content["arrays"])
+        config = content.config_records.get("config", ConfigRecord())
     asym = bool(config.get(DELTA_KEY, False))
     if "base" in content.array_records:
         set_base(run.model, _from_arrays(content["base"]))
@@ -245,6 +282,18 @@ def _client_train(msg: Message, context: Context) -> Message:
         if value is not None:
             metrics[name.replace("_", "-")] = float(value)
     sent = result.delta if asym else {k: params[k] + d for k, d in result.delta.items()}
+    if legacy:
+        from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+
+        clip = float(config.get("asymvlm.secagg-clipping-range", math.inf))
+        worst = max(float(v.abs().max()) for v in sent.values())
+        if not worst <= clip:  # SecAgg+ would clip it silently; the aggregate would be wrong
+            raise ValueError(f"update entry {worst:.3g} exceeds SecAgg+'s clipping range {clip:g} (raise it)")
+        # as 1-d at least: Flower 1.42's SecAgg+ garbles 0-d arrays (measured: the temperature came back 24 off)
+        arrays = [sent[n].numpy().reshape(-1) if sent[n].dim() == 0 else sent[n].numpy() for n in names]
+        weight = int(config.get("asymvlm.secagg-weight", node.num_examples))  # the recipe's weight of this client
+        fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), weight, metrics)
+        return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
     return Message(RecordDict({"arrays": _to_arrays(sent), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
@@ -290,13 +339,185 @@ def _send(grid: Grid, kind: str, contents: Mapping[int, RecordDict], rnd: int, t
     return ok, errors
 
 
+def _plain_round(grid: Grid, run: Any, state: Any, active: list[int], where: dict[int, int], rnd: int,
+                 timeout: float) -> tuple[list, list[dict]]:  # fmt: skip
+    """One training round's messages: every active client's own update (or the reason it has none)."""
+    from asymvlm.federated.client import ClientResult
+    from asymvlm.federated.recipes import ghbm_server_momentum
+
+    cfg = ConfigRecord({DELTA_KEY: True, "asymvlm.round": rnd, "server-round": rnd + 1})
+    content = {"arrays": _to_arrays(state.params), "config": cfg}
+    if state.base:
+        content["base"] = _to_arrays(state.base)
+    momentum = ghbm_server_momentum(run.recipe, state.opt_state, state.params)
+    if momentum is not None:
+        content["ghbm-momentum"] = _to_arrays(momentum)
+    ok, errors = _send(grid, TRAIN, {where[c]: RecordDict(content) for c in active}, rnd + 1, timeout)
+    node_to_pid = {where[c]: c for c in active}
+    results, rejected = [], [{"client": node_to_pid[n], "reason": why} for n, why in sorted(errors.items())]
+    for node in sorted(ok, key=lambda n: node_to_pid[n]):
+        m = dict(ok[node].content["metrics"])
+        c = node_to_pid[node]
+        try:
+            delta = _from_arrays(ok[node].content["arrays"])
+        except Exception as err:  # a malformed record: rejected like a bad delta
+            rejected.append({"client": c, "reason": f"unreadable arrays: {err}"})
+            continue
+        results.append(
+            ClientResult(c, delta, int(m.get("num-examples", 0)), m.get("loss-before"), m.get("loss-after"),
+                         m.get("grad-norm"))
+        )  # fmt: skip
+    return results, rejected
+
+
+def check_secure_aggregation(recipe: Any, fed: Any) -> None:
+    """SecAgg+ releases only the weighted sum of the updates: a :class:`ConfigError` naming why when
+    ``recipe`` needs more (individual updates, per-client losses or norms, server-side clipping)."""
+    from asymvlm.federated.core import WeightedMean
+
+    why = ""
+    if type(recipe.aggregator) is not WeightedMean:
+        why = f"its aggregator ({type(recipe.aggregator).__name__}) needs the individual updates"
+    elif recipe.aggregator.weighting == "capped" and float(recipe.aggregator.cap or 0) != int(
+        recipe.aggregator.cap or 0
+    ):
+        why = "SecAgg+ weights are whole numbers: give weighting_cap as one"
+    elif recipe.needs:
+        why = f"it needs each client's {', '.join(sorted(recipe.needs))}"
+    elif recipe.ghbm_beta > 0:
+        why = "GHBM's momentum is sent in asymvlm's own messages, not in SecAgg+'s"
+    elif recipe.dp is not None:
+        why = "central DP clips each client's update on the server"
+    elif fed.trainable != "head" and fed.lora_mode not in ("factors", "frozen_a"):
+        why = f"the exact LoRA mode {fed.lora_mode!r} aggregates each client's factor products"
+    if why:
+        raise ConfigError(
+            f"secure aggregation (SecAgg+) releases only the weighted sum of the updates; recipe "
+            f"{recipe.name!r} cannot run under it: {why}"
+        )
+
+
+def secagg_error_bound(
+    sizes: Iterable[int], clipping_range: float, quantization_range: int, max_weight: float
+) -> float:
+    """The most a coordinate of SecAgg+'s aggregate can differ from the exact weighted mean.
+
+    Flower's SecAgg+ (client mod ``secaggplus_mod``) scales client k's update by its weight
+    ``q_k = round(n_k / max_weight * R) / R``, clips to ``[-c, c]`` and rounds stochastically onto
+    ``R`` levels (step ``2c / R``); the server divides the sum by ``D = sum q_k``. Stochastic rounding
+    is off by less than one step per client (``n 2c / (R D)`` in all); the rounded weights move a
+    weighted mean of values within ``[-c, c]`` by at most ``sum |q_k - n_k / max_weight| 2c / D'``
+    with ``D' = D - n / (2R)`` (``n c / (R D')``); float32 adds ``c 2^-23``."""
+    sizes = list(sizes)
+    n, c, r = len(sizes), float(clipping_range), int(quantization_range)
+    d = sum(round(k / max_weight * r) / r for k in sizes)
+    d_low = d - n / (2 * r)
+    return n * 2 * c / (r * d) + n * c / (r * d_low) + c * 2.0**-23
+
+
+def _secagg_workflow(run_config: Mapping[str, Any], recipe: Any, fed: Any, sizes: dict[int, int], timeout: float):
+    """Flower's SecAggPlusWorkflow from the run config, or None when ``secure-aggregation`` is off."""
+    flat = {str(k).replace("-", "_"): v for k, v in run_config.items() if v != ""}
+    opts = {k: flat.get(k, v) for k, v in SECAGG_DEFAULTS.items()}
+    if not opts["secure_aggregation"]:
+        return None
+    check_secure_aggregation(recipe, fed)
+    from flwr.server.workflow import SecAggPlusWorkflow
+
+    try:
+        workflow = SecAggPlusWorkflow(
+            num_shares=opts["secagg_num_shares"], reconstruction_threshold=opts["secagg_reconstruction_threshold"],
+            max_weight=float(max(sizes.values())), clipping_range=float(opts["secagg_clipping_range"]),
+            quantization_range=int(opts["secagg_quantization_range"]), timeout=timeout,
+        )  # fmt: skip
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"secure aggregation: {err}") from err
+    return workflow
+
+
+def _secure_round(grid: Grid, workflow: Any, run: Any, state: Any, active: list[int], where: dict[int, int],
+                  sizes: list[int], rnd: int) -> tuple[list, list[dict], dict]:  # fmt: skip
+    """One round through Flower's SecAgg+ workflow: the clients' masked, quantised updates are summed
+    without the server seeing any one of them; returns the aggregate as the round's single update."""
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+    from flwr.server.compat.legacy_context import LegacyContext
+    from flwr.server.strategy import Strategy
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+    from flwr.server.workflow.constant import Key as WorkflowKey
+
+    from asymvlm.federated.client import ClientResult
+
+    # SecAgg+ tolerates clients dropping out mid-protocol, not a sampled node that is already gone
+    # (its neighbours are asked for key shares they never received): ping the sampled nodes first
+    alive, _ = _send(grid, QUERY, {where[c]: RecordDict() for c in active}, rnd + 1, workflow.timeout or 3600.0)
+    gone = [c for c in active if where[c] not in alive]
+    sizes = [n for c, n in zip(active, sizes) if c not in gone]
+    active = [c for c in active if c not in gone]
+    # the recipe's weights (examples, uniform or capped), sent to each client as SecAgg+'s weight
+    weights = [int(w) for w in run.recipe.aggregator.effective_weights([max(1, n) for n in sizes], len(sizes))]
+    workflow.max_weight = float(max(weights, default=1))
+    names = sorted(state.params)
+    config = {DELTA_KEY: True, "asymvlm.round": rnd, "server-round": rnd + 1,
+              "asymvlm.secagg-clipping-range": float(workflow.clipping_range)}  # fmt: skip
+    got: dict[str, Any] = {}
+
+    class _Round(Strategy):  # the legacy strategy SecAgg+'s workflow drives: sample, then hand over the sum
+        def initialize_parameters(self, client_manager):
+            return None
+
+        def configure_fit(self, server_round, parameters, client_manager):
+            return [
+                (GridClientProxy(where[c], grid, 0), FitIns(parameters, {**config, "asymvlm.secagg-weight": w}))
+                for c, w in zip(active, weights)
+            ]
+
+        def aggregate_fit(self, server_round, results, failures):
+            got["results"], got["failures"] = results, failures
+            if results:
+                got["sum"] = parameters_to_ndarrays(results[0][1].parameters)
+            return None, {}
+
+        def configure_evaluate(self, server_round, parameters, client_manager):
+            return []
+
+        def aggregate_evaluate(self, server_round, results, failures):
+            return None, {}
+
+        def evaluate(self, server_round, parameters):
+            return None
+
+    context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
+                            strategy=_Round())  # fmt: skip
+    context.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({WorkflowKey.CURRENT_ROUND: rnd + 1})
+    params = ndarrays_to_parameters([state.params[n].numpy() for n in names])
+    context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(params, keep_input=True)
+    if len(active) >= 2:  # else SecAgg+ cannot hide one update among others: nothing is aggregated
+        workflow(grid, context)
+    node_to_pid = {where[c]: c for c in active}
+    answered = sorted(node_to_pid[p.node_id] for p, _ in got.get("results", []))
+    rejected = [{"client": c, "reason": "no reply to the round's ping (not entered into SecAgg+)"} for c in gone]
+    rejected += [{"client": c, "reason": "no masked update (dropped or failed during SecAgg+)"}
+                 for c in active if c not in answered]  # fmt: skip
+    info = {"clients": answered, "error_bound": None}
+    if "sum" not in got:
+        return [], rejected, {**info, "halted": "SecAgg+ halted (too few clients kept up; see the server log)"}
+    dtype = {n: state.params[n].dtype for n in names}
+    aggregate = {n: torch.from_numpy(a).to(dtype[n]).reshape(state.params[n].shape) for n, a in zip(names, got["sum"])}
+    kept = [weights[active.index(c)] for c in answered]
+    info["error_bound"] = secagg_error_bound(
+        kept, workflow.clipping_range, workflow.quantization_range, workflow.max_weight
+    )
+    # one update standing for the answered clients (WeightedMean of one input is that input)
+    return [ClientResult("secure-aggregate", aggregate, max(1, sum(kept)))], rejected, info
+
+
 def run_flower_server(grid: Grid, run_config: Mapping[str, Any], *, timeout: float = 3600.0) -> Any:
     """The ServerApp's body: asymvlm's rounds over the grid's nodes; returns the final
     :class:`~asymvlm.federated.checkpoint.ServerState` (the model is saved in ``output_dir/model``)."""
     from asymvlm.federated.checkpoint import prune_rounds, save_federated_model, save_server_state
-    from asymvlm.federated.client import ClientResult
     from asymvlm.federated.data import FederatedData
-    from asymvlm.federated.recipes import ghbm_server_momentum
     from asymvlm.federated.rounds import Federation, fairness, federation_recipe, sample_clients
 
     data_args, head, fed, ropts = parse_run_config(run_config)
@@ -341,6 +562,7 @@ def run_flower_server(grid: Grid, run_config: Mapping[str, Any], *, timeout: flo
     state = run.start(config, lambda r: log.info("%s", r))
     out.mkdir(parents=True, exist_ok=True)
     dp = recipe.dp is not None
+    secagg = _secagg_workflow(run_config, recipe, fed, sizes, timeout)
     if "loss_initial" in recipe.needs and not state.initial_losses:
         theta0 = _to_arrays(state.params)
         ok, errors = _send(grid, QUERY, {where[p]: RecordDict({"arrays": theta0}) for p in sorted(where)}, 0, timeout)
@@ -357,28 +579,12 @@ def run_flower_server(grid: Grid, run_config: Mapping[str, Any], *, timeout: flo
         unreachable = [c for c in active if c not in where]
         active = [c for c in active if c in where]
         record: dict[str, Any] = {"round": rnd + 1, **who, "unreachable": unreachable}
-        cfg = ConfigRecord({DELTA_KEY: True, "asymvlm.round": rnd, "server-round": rnd + 1})
-        content = {"arrays": _to_arrays(state.params), "config": cfg}
-        if state.base:
-            content["base"] = _to_arrays(state.base)
-        momentum = ghbm_server_momentum(recipe, state.opt_state, state.params)
-        if momentum is not None:
-            content["ghbm-momentum"] = _to_arrays(momentum)
-        ok, errors = _send(grid, TRAIN, {where[c]: RecordDict(content) for c in active}, rnd + 1, timeout)
-        node_to_pid = {where[c]: c for c in active}
-        results, rejected = [], [{"client": node_to_pid[n], "reason": why} for n, why in sorted(errors.items())]
-        for node in sorted(ok, key=lambda n: node_to_pid[n]):
-            m = dict(ok[node].content["metrics"])
-            c = node_to_pid[node]
-            try:
-                delta = _from_arrays(ok[node].content["arrays"])
-            except Exception as err:  # a malformed record: rejected like a bad delta
-                rejected.append({"client": c, "reason": f"unreadable arrays: {err}"})
-                continue
-            results.append(
-                ClientResult(c, delta, int(m.get("num-examples", 0)), m.get("loss-before"), m.get("loss-after"),
-                             m.get("grad-norm"))
-            )  # fmt: skip
+        if secagg is None:
+            results, rejected = _plain_round(grid, run, state, active, where, rnd, timeout)
+        else:
+            results, rejected, record["secure_aggregation"] = _secure_round(
+                grid, secagg, run, state, active, where, [sizes[c] for c in active], rnd
+            )
         accepted, bad = run.validate(state, results)
         record["rejected"] = rejected + bad
         for r in record["rejected"]:
@@ -392,7 +598,7 @@ def run_flower_server(grid: Grid, run_config: Mapping[str, Any], *, timeout: flo
         state.round = rnd + 1
         if dp:
             record["dp_note"] = "per-client losses are not logged under DP; epsilon covers the released model"
-        elif accepted:
+        elif accepted and secagg is None:  # under SecAgg+ only the sum is released
             record["client_loss_after"] = {str(r.client): r.loss_after for r in accepted}
             losses = [r.loss_after for r in accepted if r.loss_after is not None]
             if losses:
@@ -433,7 +639,8 @@ class LocalGrid(Grid):
     """A :class:`flwr.serverapp.Grid` that delivers each message to a ClientApp in this process,
     one node per ``node_configs`` entry (node ids 1, 2, ...), each with its own node config and a
     persistent ``Context.state`` as a SuperNode keeps it; ``apps`` gives some nodes another ClientApp.
-    Nodes in ``drop`` never answer; nodes in ``lost`` answer the handshake only (they die after it).
+    Nodes in ``drop`` never answer; nodes in ``lost`` answer their first message only (the handshake:
+    they die after it).
     A ClientApp's exception becomes an error reply, as a SuperNode sends it."""
 
     def __init__(
@@ -446,6 +653,7 @@ class LocalGrid(Grid):
         self.app = app
         self.apps = dict(apps or {})
         self.lost: set[int] = set()
+        self._seen: dict[int, int] = {}
         self.contexts = {
             i + 1: Context(
                 run_id=1, node_id=i + 1, node_config=dict(nc), state=RecordDict(), run_config=dict(run_config)
@@ -486,14 +694,17 @@ class LocalGrid(Grid):
             node = msg.metadata.dst_node_id
             if node in self.drop or node not in self.contexts:
                 continue
-            if node in self.lost and msg.metadata.message_type != QUERY:
+            self._seen[node] = self._seen.get(node, 0) + 1
+            if node in self.lost and self._seen[node] > 1:  # it answered its first message only
                 continue
             self._identity.node_id = node
             try:
-                self._replies[mid] = self.apps.get(node, self.app)(msg, self.contexts[node])
+                # a SuperNode receives its own deserialised copy (SecAgg+'s mod edits its records in place)
+                self._replies[mid] = self.apps.get(node, self.app)(copy.deepcopy(msg), self.contexts[node])
             except Exception as err:  # what a SuperNode replies when its ClientApp raises
                 from flwr.app import Error
 
+                log.warning("node %d: %s raised %s: %s", node, msg.metadata.message_type, type(err).__name__, err)
                 self._replies[mid] = Message(Error(code=2, reason=f"{type(err).__name__}: {err}"), reply_to=msg)
             finally:
                 self._identity.node_id = 0

@@ -269,3 +269,83 @@ def test_run_config_parsing(cache, tmp_path):
         F.parse_run_config({"rounds": 3, "num-server-rounds": 4})
     with pytest.raises(ConfigError, match="attacks are simulated"):
         F.parse_run_config({"attack": "sign_flip", "malicious_fraction": 0.2})
+
+
+def test_secure_aggregation_is_within_its_bound_of_the_plain_aggregate(cache, tmp_path):
+    """Flower's SecAgg+ (client mod + server workflow) with asymvlm clients: after one FedAvg round the
+    parameters differ from the plain run by at most the documented quantisation bound, and FedAdam's
+    server optimizer runs on the secure sum."""
+    rc = run_config(cache, tmp_path / "plain", recipe="fedavg", rounds=1, eval_every=0)
+    plain = F.run_flower_server(grid(rc), rc)
+    sa = dict(secure_aggregation=True, secagg_num_shares=3, secagg_reconstruction_threshold=2)
+    rc = run_config(cache, tmp_path / "secure", recipe="fedavg", rounds=1, eval_every=0, **sa)
+    secure = F.run_flower_server(grid(rc), rc)
+    rec = json.loads((tmp_path / "secure" / "metrics.jsonl").read_text().splitlines()[0])
+    info = rec["secure_aggregation"]
+    assert info["clients"] == [0, 1, 2, 3] and "client_loss_after" not in rec  # only the sum is released
+    sizes = [
+        int(x)
+        for x in get_federated_data(
+            DataArguments(cache_dir=str(cache)), fed_args(tmp_path / "x", num_clients=4)
+        ).num_examples
+    ]
+    assert info["error_bound"] == F.secagg_error_bound(sizes, 8.0, 2**22, max(sizes))
+    diff = max_diff(plain.params, secure.params)
+    assert 0 < diff <= info["error_bound"], (diff, info["error_bound"])  # quantised, and within the bound
+    # the server optimizer on the secure sum; a node gone before the round is pinged out of it
+    rc = run_config(cache, tmp_path / "adam", recipe="fedadam", server_lr=0.03, rounds=2, eval_every=0, **sa)
+    g = grid(rc)
+    g.lost = {4}
+    state = F.run_flower_server(g, rc)
+    rec = [json.loads(x) for x in (tmp_path / "adam" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["secure_aggregation"]["clients"] == [0, 1, 2] and "skipped" not in r for r in rec)
+    assert all(r["rejected"] == [{"client": 3, "reason": "no reply to the round's ping (not entered into SecAgg+)"}]
+               for r in rec)  # fmt: skip
+    assert all(torch.isfinite(v).all() for v in state.params.values())
+
+
+def test_secure_aggregation_survives_a_client_failing_mid_protocol(cache, tmp_path):
+    """A client that fails while training (after the keys were shared): SecAgg+ rebuilds its masks
+    from the others' shares, and the round's aggregate is the three others' (within the bound)."""
+    from flwr.clientapp import ClientApp
+
+    failing = ClientApp(mods=[F._secagg_when_asked])
+
+    @failing.query()
+    def _q(msg, context):
+        return F._client_query(msg, context)
+
+    @failing.train()
+    def _t(msg, context):
+        raise RuntimeError("the GPU fell off the bus")
+
+    sa = dict(secure_aggregation=True, secagg_num_shares=3, secagg_reconstruction_threshold=2)
+    rc = run_config(cache, tmp_path / "s", recipe="fedavg", rounds=1, eval_every=0, **sa)
+    secure = F.run_flower_server(grid(rc, apps={2: failing}), rc)
+    rec = json.loads((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[0])
+    assert rec["secure_aggregation"]["clients"] == [0, 2, 3]
+    assert rec["rejected"] == [{"client": 1, "reason": "no masked update (dropped or failed during SecAgg+)"}]
+    # the plain run without client 1 (it never trains): the same up to the bound
+    rc = run_config(cache, tmp_path / "p", recipe="fedavg", rounds=1, eval_every=0)
+    g = grid(rc)
+    g.lost = {2}
+    plain = F.run_flower_server(g, rc)
+    assert max_diff(plain.params, secure.params) <= rec["secure_aggregation"]["error_bound"]
+
+
+@pytest.mark.parametrize(
+    "recipe,extra,why",
+    [
+        ("fedmedian", {}, "aggregator"),
+        ("krum", {}, "aggregator"),
+        ("adafedadam", {}, "AdaFedAdamAggregate"),
+        ("qffl", {}, "QFFLAggregate"),
+        ("ghbm", {"ghbm_beta": 0.5}, "GHBM's momentum"),
+        ("fedavg", {"dp_noise_multiplier": 0.5, "dp_max_norm": 1.0}, "central DP"),
+    ],
+)
+def test_secure_aggregation_refuses_recipes_that_need_individual_updates(recipe, extra, why, cache, tmp_path):
+    rc = run_config(cache, tmp_path / "o", recipe=recipe, secure_aggregation=True, **extra)
+    with pytest.raises(ConfigError, match=f"cannot run under it: .*{why}"):
+        F.run_flower_server(grid(rc), rc)
+    assert not (tmp_path / "o" / "checkpoints").exists()  # refused before anything is written

@@ -52,17 +52,18 @@ def yaml_files() -> dict[str, str]:
 
 
 # Commands run by another test (it runs the same program with the same flags on local fixtures) or
-# by CI; the test named must exist and contain every flag of the README's command.
+# by CI; the test (or the class a test runs) named must exist and contain every flag of the README's command.
 ELSEWHERE = {
     ("make", "test"): (".ci/run", None),
     ("make", "demo"): ("tests/test_demo.py", "test_quick_demo_writes_the_report"),
     ("accelerate", "launch"): ("tests/test_training.py", "test_two_cpu_processes_train_the_same_model_as_one"),
     **{
-        cmd: ("tests/test_flower_deployment.py", "test_flwr_run_on_a_loopback_deployment_equals_in_process")
-        for cmd in (
-            ("flower-superlink", "--ssl-ca-certfile"),
-            ("flower-supernode", "--root-certificates"),
-            ("flwr", "run"),
+        # started by LoopbackDeployment, which tests/test_flower_deployment.py runs
+        cmd: ("federated/flower_deploy.py", name)
+        for cmd, name in (
+            (("flower-superlink", "--ssl-ca-certfile"), "LoopbackDeployment"),
+            (("flower-supernode", "--root-certificates"), "LoopbackDeployment"),
+            (("flwr", "run"), "LoopbackDeployment"),
         )
     },
 }
@@ -99,8 +100,10 @@ def test_every_readme_command_is_covered():
             if name is None:
                 assert " ".join(tokens) in text, f"{path} does not run {' '.join(tokens)}"
             else:
-                body = text[text.index(f"def {name}(") :]
-                body = body[: body.find("\ndef ", 1) if "\ndef " in body[1:] else len(body)]
+                head = f"def {name}(" if f"def {name}(" in text else f"class {name}"
+                body = text[text.index(head) :]
+                ends = [i for i in (body.find("\ndef ", 1), body.find("\nclass ", 1)) if i > 0]
+                body = body[: min(ends)] if ends else body
                 flags = [t for t in tokens[2:] if t.startswith("--")]
                 missing = [f for f in flags if f.strip("-") not in body]
                 assert not missing, f"{path}::{name} does not exercise {missing} of {' '.join(tokens)}"
