@@ -88,10 +88,19 @@ def test_importing_federated_does_not_import_flower():
 
 @pytest.mark.parametrize(
     "recipe,options",
-    [("fedavg", {}), ("fedadam", {"server_lr": 0.03}), ("adafedadam", {}), ("ghbm", {"ghbm_beta": 0.5})],
+    [
+        ("fedavg", {}),
+        ("fedadam", {"server_lr": 0.03}),
+        ("adafedadam", {}),
+        ("ghbm", {"ghbm_beta": 0.5}),
+        ("qffl", {"qffl_q": 0.5}),  # the clients' loss before training travels in the reply
+        ("fedavg", {"dp_noise_multiplier": 0.5, "dp_max_norm": 1.0, "dp_insecure_seed": 3}),  # central DP
+    ],
 )
 def test_flower_server_equals_in_process(recipe, options, cache, tmp_path):
-    ours = in_process(cache, tmp_path / "in", recipe=recipe, recipe_options=options)
+    fed_only = {k: v for k, v in options.items() if k.startswith("dp_")}  # run options, not the recipe's
+    ropts = {k: v for k, v in options.items() if k not in fed_only}
+    ours = in_process(cache, tmp_path / "in", recipe=recipe, recipe_options=ropts, **fed_only)
     rc = run_config(cache, tmp_path / "fl", recipe=recipe, **options)
     flower = F.run_flower_server(grid(rc), rc)
     assert flower.round == ours.round == 4
@@ -103,7 +112,12 @@ def test_flower_server_equals_in_process(recipe, options, cache, tmp_path):
     if recipe == "adafedadam":
         assert ours.initial_losses == flower.initial_losses and len(flower.initial_losses) == 4
     rec = [json.loads(line) for line in (tmp_path / "fl" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rec] == [1, 2, 3, 4] and "fairness" in rec[1] and "fairness" in rec[3]
+    assert [r["round"] for r in rec] == [1, 2, 3, 4]
+    if fed_only:  # under DP no per-client loss leaves the server; epsilon is accounted as in-process
+        assert all("fairness" not in r and "client_loss_after" not in r for r in rec)
+        assert flower.epsilon == ours.epsilon > 0
+    else:
+        assert "fairness" in rec[1] and "fairness" in rec[3]
     assert (tmp_path / "fl" / "model" / "asymvlm_config.json").is_file()
 
 
