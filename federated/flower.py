@@ -177,12 +177,12 @@ def _node(context: Context) -> _Node:
     if cache_dir:  # a real data holder: its own embedding cache, one client
         import dataclasses as dc
 
-        own = dc.replace(data_args, cache_dir=str(cache_dir), dataset="")
-        single = dc.replace(fed, num_clients=1, partition="iid", output_dir="")
-        data = get_federated_data(own, single)
+        own = dc.replace(data_args, cache_dir=str(cache_dir))
+        single = dc.replace(
+            fed, num_clients=1, partition="iid", min_clients=1, clients_per_round=0, client_fraction=1.0
+        )
+        data = get_federated_data(own, single)  # the round's seed reseeds the batcher (client_update)
         batcher, n = data.batchers[0], data.num_examples[0]
-        seed_batcher = fed.seed + c  # as the partitioned run seeds client c's batcher
-        batcher.reseed(seed_batcher)
     else:
         if c >= fed.num_clients:
             raise ConfigError(f"node config partition-id {c} >= num_clients {fed.num_clients}")

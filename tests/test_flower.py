@@ -363,3 +363,24 @@ def test_secure_aggregation_refuses_recipes_that_need_individual_updates(recipe,
     with pytest.raises(ConfigError, match=f"cannot run under it: .*{why}"):
         F.run_flower_server(grid(rc), rc)
     assert not (tmp_path / "o" / "checkpoints").exists()  # refused before anything is written
+
+
+def test_data_holders_with_their_own_caches(tmp_path):
+    """Real data holders: each node names its own embedding cache (node config cache-dir); the server
+    learns the sizes in the handshake and weights the clients by them."""
+    paths = []
+    for k, n in enumerate((40, 80)):
+        g = torch.Generator().manual_seed(10 + k)
+        img = torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=-1)
+        idx = torch.arange(n).repeat_interleave(2)
+        txt = torch.nn.functional.normalize(img[idx] + 0.3 * torch.randn(2 * n, 16, generator=g), dim=-1)
+        write_cache(tmp_path / f"holder{k}", img, txt, idx)
+        paths.append(tmp_path / f"holder{k}")
+    rc = run_config("", tmp_path / "o", recipe="fedavg", num_clients=2, rounds=2, eval_every=1, min_clients=2)
+    rc.pop("cache_dir")
+    g = F.LocalGrid(F.client_app, rc, [{"partition-id": k, "cache-dir": str(p)} for k, p in enumerate(paths)])
+    state = F.run_flower_server(g, rc)
+    rec = [json.loads(line) for line in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["aggregator_info"]["weights"] for r in rec] == [[1 / 3, 2 / 3]] * 2
+    assert all(set(r["client_loss"]) == {"0", "1"} for r in rec)
+    assert state.round == 2 and all(torch.isfinite(v).all() for v in state.params.values())
