@@ -232,12 +232,16 @@ class AsymVLM(nn.Module):
         load_encoder: bool | str = "auto",
         device: str | torch.device | None = None,
         check_fingerprint: bool = True,
+        revision: str | None = None,
         **encoder_kwargs,
     ) -> AsymVLM:
         """Load a saved model.
 
         Args:
-            directory: what :meth:`save_pretrained` wrote.
+            directory: what :meth:`save_pretrained` wrote: a folder, or a Hugging Face Hub model id
+                (``user/repo``; fetched into the Hub cache, which ``HF_HUB_OFFLINE`` keeps to; see
+                :mod:`asymvlm.hub`).
+            revision: the Hub revision (branch, tag or commit) of a model id.
             load_encoder: ``"auto"`` (load it when the config names one), True (require it) or
                 False (embeddings only).
             device: device for the head (and the encoder).
@@ -245,7 +249,9 @@ class AsymVLM(nn.Module):
                 differ from those the model was saved with.
             **encoder_kwargs: passed to :func:`~asymvlm.encoders.load_encoder` (e.g. ``cache_dir``).
         """
-        directory = Path(directory)
+        from asymvlm.hub import resolve_artefact
+
+        directory = resolve_artefact(directory, revision=revision, cache_dir=encoder_kwargs.get("cache_dir"))
         if not directory.is_dir():
             raise ArtefactError(f"no saved AsymVLM at {directory}")
         cfg = read_tagged_json(

@@ -485,3 +485,39 @@ def test_cache_for_config_reuses_a_checked_cache_without_regenerating(tmp_path, 
     monkeypatch.setenv("ASYMVLM_CACHE", str(tmp_path / "root-b"))  # another root: built there
     other = data_mod.cache_for_config(args, tiny_encoder)
     assert calls == [1, 1] and str(other.path).startswith(str(tmp_path / "root-b"))
+
+
+def test_saved_hf_adapter_loads_in_peft_without_glue(tmp_path, tiny_hf_dirs):
+    """The text adapter's config names its base model, so peft's own loaders rebuild the adapted
+    tower: ``PeftModel.from_pretrained(AutoModel...)`` and ``AutoPeftModel.from_pretrained(dir)``
+    give the text features asymvlm computes (before the head)."""
+    import json
+
+    from peft import AutoPeftModel, PeftModel
+    from transformers import AutoModel, AutoTokenizer
+
+    from asymvlm import shapeworld as sw
+    from asymvlm.cache import embed_dataset
+    from asymvlm.encoders import load_encoder
+
+    base_path = str(tiny_hf_dirs["clip"])
+    spec = f"hf:{base_path}"
+    cache = embed_dataset(load_encoder(spec), sw.generate(48, seed=0), tmp_path / "cache", dtype="float32",
+                          progress=False)  # fmt: skip
+    cfg = config(cache.path, tmp_path / "run", mode="lora", encoder=spec, pretrained="", lora_r=4, max_steps=4,
+                 batch_size=16, lr=5e-2)  # fmt: skip
+    adapter_dir = train(cfg) / "text_adapter"
+    saved = json.loads((adapter_dir / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == base_path
+    texts = ["a red circle", "a big blue square in the top left"]
+    ours = AsymVLM.from_pretrained(adapter_dir.parent).text_embeddings(texts)
+    tok = AutoTokenizer.from_pretrained(base_path)
+    batch = tok(texts, padding=True, return_tensors="pt")
+    for peft_model in (
+        PeftModel.from_pretrained(AutoModel.from_pretrained(base_path), str(adapter_dir)),
+        AutoPeftModel.from_pretrained(str(adapter_dir)),
+    ):
+        with torch.no_grad():
+            feats = peft_model.get_text_features(**batch)
+        feats = getattr(feats, "pooler_output", feats)
+        torch.testing.assert_close(torch.nn.functional.normalize(feats, dim=-1), ours, rtol=1e-4, atol=1e-5)
