@@ -330,7 +330,7 @@ def _send(grid: Grid, kind: str, contents: Mapping[int, RecordDict], rnd: int, t
         if node is None:
             continue
         if reply.has_error():
-            errors[node] = f"{reply.error.code}: {reply.error.reason}"
+            errors[node] = f"error reply (Flower code {reply.error.code}): {reply.error.reason}"
         else:
             ok[node] = reply
     for node in contents:

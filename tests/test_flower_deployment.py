@@ -106,7 +106,9 @@ def test_a_supernode_killed_mid_run(tmp_path):
     later = [r for r in rec[1:] if r["rejected"]]
     assert later, rec  # the dead node's partition is reported in a later round
     for r in later:
-        assert [x["client"] for x in r["rejected"]] == [2] and "no reply" in r["rejected"][0]["reason"]
+        # the SuperLink answers for the dead node once its heartbeat lapses, else the round's wait ends
+        why = r["rejected"][0]["reason"]
+        assert [x["client"] for x in r["rejected"]] == [2] and ("no reply" in why or "Node Unavailable" in why), why
         assert "skipped" not in r and r["aggregator_info"]["weights"] and len(r["aggregator_info"]["weights"]) == 2
 
 
