@@ -349,11 +349,20 @@ def parse_dataclass_args(types: tuple[type, ...], argv: list[str] | None, prog: 
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--config", default=None)
     known, rest = pre.parse_known_args(argv)
+    return dataclasses_from_values(types, load_yaml(known.config, types, prog) if known.config else {}, prog, rest)
+
+
+def dataclasses_from_values(
+    types: tuple[type, ...], values: dict[str, Any], prog: str, argv: list[str] | None = None
+) -> tuple[Any, ...]:
+    """Instances of ``types`` from config ``values`` (keys already checked), overridden by flags in
+    ``argv``: the parse behind :func:`parse_dataclass_args` and Flower's run config; bad values,
+    unknown flags and abbreviations are a :class:`ConfigError`."""
     parser = argument_parser(types, prog)
-    if known.config:
-        parser.set_defaults(**load_yaml(known.config, types, prog))
+    if values:
+        parser.set_defaults(**values)
     try:
-        *outputs, extra = parser.parse_args_into_dataclasses(args=rest, return_remaining_strings=True)
+        *outputs, extra = parser.parse_args_into_dataclasses(args=argv or [], return_remaining_strings=True)
     except ConfigError:
         raise
     except (ValueError, TypeError) as err:  # a dataclass's own validation

@@ -37,8 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     from asymvlm.model import AsymVLM
     from asymvlm.toyclip import ToyCLIPRecipe, cache_root, ensure_toy_clip
     from asymvlm.training import demo
-    from asymvlm.training.config import TrainConfig
-    from asymvlm.training.loop import train
 
     recipe = ToyCLIPRecipe(world_version=3, caption_styles=tuple(args.clip_styles.split(",")))
     t = time.time()
@@ -73,16 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     for steps in (int(x) for x in args.expert_steps.split(",")):
         experts = []
         for d in doms:
-            cfg = TrainConfig.from_dict(
-                dict(
-                    cache_dir=str(domains[d]["train"]), family="vmf", hidden_dims=list(settings["hidden"]),
-                    max_steps=steps, batch_size=settings["batch"], optimizer="adamw", lr=args.expert_lr,
-                    weight_decay=1e-4, seed=0, output_dir=str(out / f"expert-{steps}-{args.expert_lr:g}-{d}"),
-                    save_every=0, eval_every=-1, log_with="none", progress=False, overwrite=True,
-                    init_from=str(base), direction="learned",
+            experts.append(
+                demo._train_head(
+                    domains[d]["train"], out / f"expert-{steps}-{args.expert_lr:g}-{d}", settings, "vmf", 0,
+                    init_from=str(base), steps=steps, lr=args.expert_lr, direction="learned", progress=False,
                 )
             )  # fmt: skip
-            experts.append(Path(train(cfg)))
         own = {d: r1(e)[d] for d, e in zip(doms, experts)}
         rows.append((f"experts ({steps} steps, lr {args.expert_lr:g})", "", own))
         val = [domains[d]["val"] for d in doms]

@@ -85,6 +85,12 @@ def _groups() -> tuple[type, ...]:
     return (DataArguments, HeadArguments, FederatedArguments, RecipeArguments)
 
 
+def _flat(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """Run-config keys with underscores; ``""`` is "not set" (a Flower app must declare every key it
+    lets ``--run-config`` override, so unset ones hold ``""``)."""
+    return {str(k).replace("-", "_"): v for k, v in run_config.items() if v != ""}
+
+
 def parse_run_config(run_config: Mapping[str, Any]) -> tuple[Any, Any, Any, dict[str, Any]]:
     """(data args, head args, federated args, recipe options) from a Flower run config.
 
@@ -96,14 +102,13 @@ def parse_run_config(run_config: Mapping[str, Any]) -> tuple[Any, Any, Any, dict
 
     import yaml
 
-    from asymvlm.config import argument_parser, config_fields, load_yaml
+    from asymvlm.config import config_fields, dataclasses_from_values, load_yaml
     from asymvlm.federated.config import recipe_options
 
     types = _groups()
     known = config_fields(types)
     values: dict[str, Any] = {}
-    # "" is "not set" (a Flower app must declare every key it lets --run-config override)
-    flat = {str(k).replace("-", "_"): v for k, v in run_config.items() if v != ""}
+    flat = _flat(run_config)
     for key in SERVER_KEYS:  # the ServerApp's, not asymvlm-federate's
         flat.pop(key, None)
     if ROUNDS_ALIAS in flat:
@@ -122,15 +127,7 @@ def parse_run_config(run_config: Mapping[str, Any]) -> tuple[Any, Any, Any, dict
             text = v.strip()
             v = yaml.safe_load(text if text.startswith("[") else f"[{text}]")
         values[k] = v
-    parser = argument_parser(types, PROG)
-    parser.set_defaults(**values)
-    try:
-        *outputs, extra = parser.parse_args_into_dataclasses(args=[], return_remaining_strings=True)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as err:
-        raise ConfigError(str(err)) from err
-    data_args, head, fed, rargs = (o for o in outputs if dataclasses.is_dataclass(o))
+    data_args, head, fed, rargs = dataclasses_from_values(types, values, PROG)
     if fed.attack != "none":
         raise ConfigError("attacks are simulated by asymvlm-federate only; a Flower run has real clients")
     return data_args, head, fed, recipe_options(rargs)
@@ -417,7 +414,7 @@ def secagg_error_bound(
 
 def _secagg_workflow(run_config: Mapping[str, Any], recipe: Any, fed: Any, sizes: dict[int, int], timeout: float):
     """Flower's SecAggPlusWorkflow from the run config, or None when ``secure-aggregation`` is off."""
-    flat = {str(k).replace("-", "_"): v for k, v in run_config.items() if v != ""}
+    flat = _flat(run_config)
     opts = {k: flat.get(k, v) for k, v in SECAGG_DEFAULTS.items()}
     if not opts["secure_aggregation"]:
         return None
@@ -516,7 +513,7 @@ def _secure_round(grid: Grid, workflow: Any, run: Any, state: Any, active: list[
 def run_flower_server(grid: Grid, run_config: Mapping[str, Any], *, timeout: float = 3600.0) -> Any:
     """The ServerApp's body: asymvlm's rounds over the grid's nodes; returns the final
     :class:`~asymvlm.federated.checkpoint.ServerState` (the model is saved in ``output_dir/model``)."""
-    from asymvlm.federated.checkpoint import prune_rounds, save_federated_model, save_server_state
+    from asymvlm.federated.checkpoint import save_federated_model
     from asymvlm.federated.data import FederatedData
     from asymvlm.federated.rounds import Federation, fairness, federation_recipe, sample_clients
 
@@ -589,20 +586,9 @@ def run_flower_server(grid: Grid, run_config: Mapping[str, Any], *, timeout: flo
         record["rejected"] = rejected + bad
         for r in record["rejected"]:
             log.error("round %d: update of client %s rejected: %s", rnd + 1, r["client"], r["reason"])
-        record["upload_bytes"] = {"per_client": run.comm["sent_bytes"], "dense": run.comm["dense_bytes"]}
-        if len(accepted) < fed.min_clients or not accepted:
-            record["skipped"] = f"{len(accepted)} valid updates < min_clients={fed.min_clients}"
+        state = run.apply_updates(state, accepted, rnd, record)  # SecAgg+'s sum carries no client loss
+        if "skipped" in record:
             log.error("round %d skipped: %s", rnd + 1, record["skipped"])
-        else:
-            state = run.server_step(state, accepted, rnd, record)
-        state.round = rnd + 1
-        if dp:
-            record["dp_note"] = "per-client losses are not logged under DP; epsilon covers the released model"
-        elif accepted and secagg is None:  # under SecAgg+ only the sum is released
-            record["client_loss_after"] = {str(r.client): r.loss_after for r in accepted}
-            losses = [r.loss_after for r in accepted if r.loss_after is not None]
-            if losses:
-                record["loss_after"] = fairness(losses)
         if not dp and ((fed.eval_every > 0 and (rnd + 1) % fed.eval_every == 0) or rnd + 1 == fed.rounds):
             arrays = _to_arrays(state.params)
             ok, errors = _send(grid, EVALUATE, {where[p]: RecordDict({"arrays": arrays}) for p in sorted(where)},
@@ -613,10 +599,7 @@ def run_flower_server(grid: Grid, run_config: Mapping[str, Any], *, timeout: flo
                 record["client_loss"] = {str(k): losses[k] for k in sorted(losses)}
                 record["fairness"] = fairness([losses[k] for k in sorted(losses)])
         record["seconds"] = round(time.time() - t0, 3)
-        save_server_state(state, out / "checkpoints", config)
-        prune_rounds(out / "checkpoints", fed.keep_rounds)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+        run.save_round(state, record, config)
         log.info("round %d/%d: %d updates, %d rejected", rnd + 1, fed.rounds, len(accepted), len(record["rejected"]))
     run.model.set_params(state.params)
     save_federated_model(run.model, state, server_data, out / "model", init_from=fed.init_from or None)

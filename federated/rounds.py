@@ -355,6 +355,33 @@ class Federation:
         }
         return out
 
+    def apply_updates(self, state: ServerState, accepted: list[ClientResult], rnd: int, record: dict) -> ServerState:
+        """Round ``rnd``'s valid updates into the state and its record: the server step (or why the
+        round is skipped), the round count, and the clients' losses after training (none under DP,
+        and none when no update carries one, as for SecAgg+'s sum)."""
+        fed = self.fed
+        record["upload_bytes"] = {"per_client": self.comm["sent_bytes"], "dense": self.comm["dense_bytes"]}
+        if len(accepted) < fed.min_clients or not accepted:
+            record["skipped"] = f"{len(accepted)} valid updates < min_clients={fed.min_clients}"
+        else:
+            state = self.server_step(state, accepted, rnd, record)
+        state.round = rnd + 1
+        if self.recipe.dp is not None:
+            record["dp_note"] = "per-client losses are not logged under DP; epsilon covers the released model"
+        elif any(r.loss_after is not None for r in accepted):
+            record["client_loss_after"] = {str(r.client): r.loss_after for r in accepted}
+            record["loss_after"] = fairness([r.loss_after for r in accepted if r.loss_after is not None])
+        return state
+
+    def save_round(self, state: ServerState, record: dict, config: dict[str, Any]) -> None:
+        """The round's checkpoint (atomic; rounds beyond ``keep_rounds`` pruned), then its line in
+        ``metrics.jsonl``."""
+        out = Path(self.fed.output_dir)
+        save_server_state(state, out / "checkpoints", config)
+        prune_rounds(out / "checkpoints", self.fed.keep_rounds)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
     def initial_losses(self, state: ServerState) -> None:
         """F_k(theta_0): every client's loss at the initial global model (AdaFedAdam's fairness weights)."""
         self.model.set_params(state.params)
@@ -411,17 +438,7 @@ def run_federated(
         record: dict[str, Any] = {"round": rnd + 1, **who}
         results = run.attack(run.train_clients(state, active, rnd), malicious, rnd)  # client update
         accepted, record["rejected"] = run.validate(state, results)  # validate
-        record["upload_bytes"] = {"per_client": run.comm["sent_bytes"], "dense": run.comm["dense_bytes"]}
-        if len(accepted) < fed.min_clients or not accepted:
-            record["skipped"] = f"{len(accepted)} valid updates < min_clients={fed.min_clients}"
-        else:
-            state = run.server_step(state, accepted, rnd, record)  # server step
-        state.round = rnd + 1
-        if dp:
-            record["dp_note"] = "per-client losses are not logged under DP; epsilon covers the released model"
-        elif accepted:
-            record["client_loss_after"] = {str(r.client): r.loss_after for r in accepted}
-            record["loss_after"] = fairness([r.loss_after for r in accepted])
+        state = run.apply_updates(state, accepted, rnd, record)  # server step
         if (fed.eval_every > 0 and (rnd + 1) % fed.eval_every == 0) or rnd + 1 == fed.rounds:
             if not dp:
                 record.update(run.client_losses(state))
@@ -429,10 +446,7 @@ def run_federated(
                 run.model.set_params(state.params)
                 record.update(evaluate(run.model))
         record["seconds"] = round(time.time() - t0, 3)
-        save_server_state(state, out / "checkpoints", config)  # checkpoint
-        prune_rounds(out / "checkpoints", fed.keep_rounds)
-        with open(out / "metrics.jsonl", "a") as f:  # log
-            f.write(json.dumps(record) + "\n")
+        run.save_round(state, record, config)  # checkpoint and log
         if log:
             log(record)
         bar.set_postfix(loss=f"{record.get('loss_after', {}).get('mean', float('nan')):.3f}")

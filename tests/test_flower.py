@@ -13,7 +13,6 @@ import sys
 import pytest
 import torch
 
-from asymvlm.cache import write_cache
 from asymvlm.config import DataArguments, HeadArguments
 from asymvlm.errors import ConfigError
 from asymvlm.federated import flower as F
@@ -29,15 +28,9 @@ COMMON = dict(local_steps=3, local_batch_size=16, progress=False, local_lr=0.2)
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
+def cache(tmp_path_factory, synthetic_cache):
     """120 images of width 16, two noisy captions each."""
-    g = torch.Generator().manual_seed(3)
-    img = torch.nn.functional.normalize(torch.randn(120, 16, generator=g), dim=-1)
-    idx = torch.arange(120).repeat_interleave(2)
-    txt = torch.nn.functional.normalize(img[idx] + 0.3 * torch.randn(240, 16, generator=g), dim=-1)
-    path = tmp_path_factory.mktemp("flowercache") / "c"
-    write_cache(path, img, txt, idx)
-    return path
+    return synthetic_cache(tmp_path_factory.mktemp("flowercache") / "c", 120, seed=3)
 
 
 def fed_args(out, **kw):
@@ -365,17 +358,10 @@ def test_secure_aggregation_refuses_recipes_that_need_individual_updates(recipe,
     assert not (tmp_path / "o" / "checkpoints").exists()  # refused before anything is written
 
 
-def test_data_holders_with_their_own_caches(tmp_path):
+def test_data_holders_with_their_own_caches(tmp_path, synthetic_cache):
     """Real data holders: each node names its own embedding cache (node config cache-dir); the server
     learns the sizes in the handshake and weights the clients by them."""
-    paths = []
-    for k, n in enumerate((40, 80)):
-        g = torch.Generator().manual_seed(10 + k)
-        img = torch.nn.functional.normalize(torch.randn(n, 16, generator=g), dim=-1)
-        idx = torch.arange(n).repeat_interleave(2)
-        txt = torch.nn.functional.normalize(img[idx] + 0.3 * torch.randn(2 * n, 16, generator=g), dim=-1)
-        write_cache(tmp_path / f"holder{k}", img, txt, idx)
-        paths.append(tmp_path / f"holder{k}")
+    paths = [synthetic_cache(tmp_path / f"holder{k}", n, seed=10 + k) for k, n in enumerate((40, 80))]
     rc = run_config("", tmp_path / "o", recipe="fedavg", num_clients=2, rounds=2, eval_every=1, min_clients=2)
     rc.pop("cache_dir")
     g = F.LocalGrid(F.client_app, rc, [{"partition-id": k, "cache-dir": str(p)} for k, p in enumerate(paths)])

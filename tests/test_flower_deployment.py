@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from asymvlm.cache import write_cache
 from asymvlm.config import DataArguments, HeadArguments
 from asymvlm.federated.checkpoint import load_server_state, round_dirs
 from asymvlm.federated.config import FederatedArguments
@@ -25,15 +24,6 @@ FED = dict(num_clients=3, local_steps=3, local_batch_size=16, local_lr=0.2, reci
 HEAD = dict(hidden_dims=[32], direction="learned")
 
 
-def small_cache(path: Path) -> Path:
-    g = torch.Generator().manual_seed(5)
-    img = torch.nn.functional.normalize(torch.randn(90, 16, generator=g), dim=-1)
-    idx = torch.arange(90).repeat_interleave(2)
-    txt = torch.nn.functional.normalize(img[idx] + 0.3 * torch.randn(180, 16, generator=g), dim=-1)
-    write_cache(path, img, txt, idx)
-    return path
-
-
 def run_config(cache: Path, out: Path, rounds: int, **kw) -> dict:
     return {
         "cache-dir": str(cache), "output-dir": str(out), "num-server-rounds": rounds, "num-clients": 3,
@@ -43,8 +33,8 @@ def run_config(cache: Path, out: Path, rounds: int, **kw) -> dict:
 
 
 @pytest.mark.parametrize("tls", [True], ids=["tls"])  # the insecure variant: the fault tests below
-def test_flwr_run_on_a_loopback_deployment_equals_in_process(tls, tmp_path):
-    cache, out = small_cache(tmp_path / "cache"), tmp_path / "out"
+def test_flwr_run_on_a_loopback_deployment_equals_in_process(tls, tmp_path, synthetic_cache):
+    cache, out = synthetic_cache(tmp_path / "cache", 90, seed=5), tmp_path / "out"
     nodes = [{"partition-id": i} for i in range(3)]
     with LoopbackDeployment(tmp_path / "deploy", nodes, tls=tls) as dep:
         printed = dep.run(APP, run_config(cache, out, 2), timeout=300)
@@ -63,10 +53,10 @@ def test_flwr_run_on_a_loopback_deployment_equals_in_process(tls, tmp_path):
         torch.testing.assert_close(deployed.params[k], ours.params[k], rtol=0, atol=1e-6)
 
 
-def test_secure_aggregation_on_a_loopback_deployment(tmp_path):
+def test_secure_aggregation_on_a_loopback_deployment(tmp_path, synthetic_cache):
     """SecAgg+ through real SuperNodes (the mod's state lives in each node's context across the
     protocol's four messages): one FedAvg round within the bound of the in-process aggregate."""
-    cache, out = small_cache(tmp_path / "cache"), tmp_path / "out"
+    cache, out = synthetic_cache(tmp_path / "cache", 90, seed=5), tmp_path / "out"
     rc = run_config(cache, out, 1, **{"recipe": "fedavg", "secure-aggregation": True, "secagg-num-shares": 3,
                                       "secagg-reconstruction-threshold": 2})  # fmt: skip
     with LoopbackDeployment(tmp_path / "deploy", [{"partition-id": i} for i in range(3)]) as dep:
@@ -84,10 +74,10 @@ def test_secure_aggregation_on_a_loopback_deployment(tmp_path):
     assert max(float((ours.params[k] - deployed.params[k]).abs().max()) for k in ours.params) <= bound
 
 
-def test_a_supernode_killed_mid_run(tmp_path):
+def test_a_supernode_killed_mid_run(tmp_path, synthetic_cache):
     """Node 2 dies after round 1: the later rounds complete with the two others (min-clients 2) and
     record the lost partition; with min-clients 3 they are skipped, each with its reason."""
-    cache, out = small_cache(tmp_path / "cache"), tmp_path / "out"
+    cache, out = synthetic_cache(tmp_path / "cache", 90, seed=5), tmp_path / "out"
     with LoopbackDeployment(tmp_path / "deploy", [{"partition-id": i} for i in range(3)]) as dep:
         import threading
 
@@ -112,7 +102,7 @@ def test_a_supernode_killed_mid_run(tmp_path):
         assert "skipped" not in r and r["aggregator_info"]["weights"] and len(r["aggregator_info"]["weights"]) == 2
 
 
-def test_a_killed_serverapp_resumes_bit_identically(tmp_path):
+def test_a_killed_serverapp_resumes_bit_identically(tmp_path, synthetic_cache):
     """The ServerApp process is killed after round 1; ``flwr run`` again with ``resume = true`` and
     the same output directory continues from the checkpoint and ends where an uninterrupted
     in-process run ends, bit for bit."""
@@ -120,7 +110,7 @@ def test_a_killed_serverapp_resumes_bit_identically(tmp_path):
 
     import psutil
 
-    cache, out = small_cache(tmp_path / "cache"), tmp_path / "out"
+    cache, out = synthetic_cache(tmp_path / "cache", 90, seed=5), tmp_path / "out"
     rc = run_config(cache, out, 3, resume=True)
     with LoopbackDeployment(tmp_path / "deploy", [{"partition-id": i} for i in range(3)]) as dep:
         link = psutil.Process(dep.procs["superlink"].pid)

@@ -90,8 +90,8 @@ def _train_head(cache: Path, out: Path, s: dict, family: str, seed: int, **extra
     cfg = TrainConfig.from_dict(
         dict(
             cache_dir=str(cache), family=family, hidden_dims=list(s["hidden"]),
-            max_steps=extra.pop("steps", s["steps"]), batch_size=s["batch"], optimizer="adamw", lr=1e-3,
-            weight_decay=1e-4, seed=seed, output_dir=str(out),
+            max_steps=extra.pop("steps", s["steps"]), batch_size=s["batch"], optimizer="adamw",
+            lr=extra.pop("lr", 1e-3), weight_decay=1e-4, seed=seed, output_dir=str(out),
             save_every=0, eval_every=-1, log_with="none", progress=extra.pop("progress", True), overwrite=True,
             **extra,
         )
