@@ -64,6 +64,8 @@ __all__ = [
     "dataset_fingerprint",
     "validate_embeddings",
     "validate_index",
+    "iter_batches",
+    "load_rgb",
 ]
 
 CACHE_TYPE = "asymvlm.embedding_cache"
@@ -78,8 +80,8 @@ def _num_rows(dataset: Any) -> int:
     return len(dataset)
 
 
-def _rows(dataset: Any, columns: Sequence[str], batch_size: int) -> Iterator[dict[str, list]]:
-    """Batches of columns as dicts of lists, for a datasets.Dataset or a sequence of dicts."""
+def iter_batches(dataset: Any, columns: Sequence[str], batch_size: int) -> Iterator[dict[str, list]]:
+    """Batches of ``columns`` as dicts of lists, for a ``datasets.Dataset`` or a sequence of dicts."""
     n = _num_rows(dataset)
     try:
         import datasets
@@ -114,7 +116,7 @@ def dataset_fingerprint(dataset: Any, image_column: str = "image", caption_colum
         return f"datasets:{fp}"
     h = hashlib.sha256()
     row = 0
-    for batch in _rows(dataset, [image_column, caption_column], 256):
+    for batch in iter_batches(dataset, [image_column, caption_column], 256):
         for im, caps in zip(batch[image_column], batch[caption_column]):
             caps = _as_caption_list(caps, row)
             row += 1
@@ -131,7 +133,8 @@ def dataset_fingerprint(dataset: Any, image_column: str = "image", caption_colum
     return f"sha256:{h.hexdigest()}"
 
 
-def _load_image(im: Any) -> Any:
+def load_rgb(im: Any) -> Any:
+    """An RGB PIL image from a PIL image (any mode) or an image file path; anything else as it is."""
     if isinstance(im, (str, os.PathLike)):
         from PIL import Image
 
@@ -469,7 +472,7 @@ def embed_dataset(
     captions: list[str] = []
     image_index: list[int] = []
     row = 0
-    for batch in _rows(dataset, [caption_column], 1024):
+    for batch in iter_batches(dataset, [caption_column], 1024):
         for caps in batch[caption_column]:
             caps = _as_caption_list(caps, row)
             captions.extend(caps)
@@ -482,10 +485,10 @@ def embed_dataset(
     with atomic_directory(path) as tmp:
         with SafetensorsStreamWriter(tmp / "images.safetensors", {"embeddings": (store, (n_images, d))}) as w:
             bar = tqdm(total=n_images, desc="embed images", disable=not progress)
-            for batch in _rows(dataset, [image_column], batch_size):
+            for batch in iter_batches(dataset, [image_column], batch_size):
                 w.write(
                     "embeddings",
-                    encoder.encode_image([_load_image(im) for im in batch[image_column]], batch_size=batch_size),
+                    encoder.encode_image([load_rgb(im) for im in batch[image_column]], batch_size=batch_size),
                 )
                 bar.update(len(batch[image_column]))
             bar.close()

@@ -114,6 +114,13 @@ def _check_concentration(kappa: Tensor) -> None:
         raise ValueError(f"concentration must be finite and >= 0; found {float(kappa[idx])} at index {idx}")
 
 
+def _finite_or_none(x: Any) -> Any:
+    """Nested lists with every non-finite float replaced by None (strict JSON has no inf)."""
+    if isinstance(x, list):
+        return [_finite_or_none(v) for v in x]
+    return x if math.isfinite(x) else None
+
+
 def power_spherical_log_normalizer(dim: int, concentration: Tensor) -> Tensor:
     """``log C(kappa) = -[(a+b) log 2 + b log pi + lgamma(a) - lgamma(a+b)]``, a = (d-1)/2 + kappa,
     b = (d-1)/2 (De Cao & Aziz 2020, eq. 4). Computed in float64 (the two lgamma terms are
@@ -186,10 +193,33 @@ class SphericalDistribution(Distribution):
         self.concentration = concentration.expand(batch_shape)
         super().__init__(batch_shape, torch.Size((d,)), validate_args=validate_args)
 
+    family: str = ""  # the registry name of the family (asymvlm.heads.FAMILY_REGISTRY): "vmf", "ps"
+
     @property
     def dim(self) -> int:
         """Ambient dimension d (samples live on S^{d-1} in R^d)."""
         return self.event_shape[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python (JSON-ready) form: ``family``, ``dim``, and ``mu``, ``kappa``, ``uncertainty``
+        (``1/kappa``; None where ``kappa == 0``) as nested lists of the batch shape (floats for a
+        scalar batch). The one serialisation of distributions, used by ``asymvlm-serve`` too.
+
+        Example:
+            >>> import torch
+            >>> q = VonMisesFisher(torch.tensor([[0.0, 1.0]]), torch.tensor([4.0]))
+            >>> q.to_dict()
+            {'family': 'vmf', 'dim': 2, 'mu': [[0.0, 1.0]], 'kappa': [4.0], 'uncertainty': [0.25]}
+        """
+        kappa = self.concentration.detach().cpu()
+        unc = torch.where(kappa > 0, 1.0 / kappa, torch.full_like(kappa, math.inf))
+        return {
+            "family": self.family or type(self).__name__,
+            "dim": self.dim,
+            "mu": self.loc.detach().cpu().tolist(),
+            "kappa": kappa.tolist(),
+            "uncertainty": _finite_or_none(unc.tolist()),
+        }
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(type(self), _instance)
@@ -305,6 +335,7 @@ class VonMisesFisher(SphericalDistribution):
     """
 
     has_rsample = False
+    family = "vmf"
 
     @property
     def log_normalizer(self) -> Tensor:
@@ -403,6 +434,7 @@ class PowerSpherical(SphericalDistribution):
     """
 
     has_rsample = True
+    family = "ps"
 
     @property
     def log_normalizer(self) -> Tensor:

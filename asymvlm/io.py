@@ -36,6 +36,7 @@ from asymvlm.errors import ArtefactError
 __all__ = [
     "ArtefactError",
     "atomic_directory",
+    "owned_entries",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_save_safetensors",
@@ -147,6 +148,12 @@ def _owned_entries(path: Path) -> set[str] | None:
         return set(doc["entries"]) | {MANIFEST_NAME}
     except (ValueError, KeyError, TypeError):
         return None
+
+
+def owned_entries(path: str | Path) -> set[str] | None:
+    """The entries asymvlm wrote into the folder ``path`` (its ``.asymvlm-files.json`` record, which
+    :func:`atomic_directory` writes), or None when it has no record."""
+    return _owned_entries(Path(path))
 
 
 @contextlib.contextmanager
@@ -420,6 +427,7 @@ _ST_NAMES = {
     torch.int64: "I64",
     torch.float64: "F64",
     torch.bool: "BOOL",
+    torch.uint8: "U8",
 }
 
 

@@ -29,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,12 +62,51 @@ class SearchResult:
         ids: (Q, k) nested list of gallery ids (the rows themselves when the index has no ids).
         uncertainty: (Q,) ``1/kappa`` of each text query (text -> image), or (Q, k) of each
             retrieved text (image -> text).
+        cosine: (Q, k) cosine ``mu_t^T x`` of each pair (None where not computed).
     """
 
     indices: Tensor
     scores: Tensor
     ids: list[list[Any]]
     uncertainty: Tensor
+    cosine: Tensor | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python (JSON-ready): ``{"queries": [{"hits": [{"id", "row", "score", "cosine"}, ...]}]}``,
+        best first, with the query's ``uncertainty`` (text -> image) or each hit's (image -> text).
+        Non-finite numbers become None. The one serialisation of search results, shared with
+        ``asymvlm-serve``.
+
+        Example:
+            >>> import torch
+            >>> from asymvlm.distributions import VonMisesFisher
+            >>> index = ImageIndex(torch.eye(3), ids=["a", "b", "c"])
+            >>> res = index.search(VonMisesFisher(torch.eye(3)[1:2], torch.tensor([2.0])), k=1)
+            >>> hit = res.to_dict()["queries"][0]
+            >>> hit["hits"][0]["id"], hit["hits"][0]["cosine"], hit["uncertainty"]
+            ('b', 1.0, 0.5)
+        """
+        per_query = self.uncertainty.dim() == 1
+        cols = {"score": self.scores.tolist()}
+        if self.cosine is not None:
+            cols["cosine"] = self.cosine.tolist()
+        if not per_query:
+            cols["uncertainty"] = self.uncertainty.tolist()
+        queries = []
+        for q, (rows, ids) in enumerate(zip(self.indices.tolist(), self.ids)):
+            hits = [
+                {"id": ids[j], "row": rows[j], **{c: _finite(v[q][j]) for c, v in cols.items()}}
+                for j in range(len(rows))
+            ]
+            entry: dict[str, Any] = {"hits": hits}
+            if per_query:
+                entry["uncertainty"] = _finite(float(self.uncertainty[q]))
+            queries.append(entry)
+        return {"queries": queries}
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def topk_chunked(
@@ -278,7 +318,7 @@ class ImageIndex:
         # re-sort by the exact score (equal to the cosine order for kappa > 0)
         scores, order = scores.sort(dim=1, descending=True)
         idx = idx.gather(1, order)
-        return SearchResult(idx, scores, _ids_for(self.ids, idx), 1.0 / kappa)
+        return SearchResult(idx, scores, _ids_for(self.ids, idx), 1.0 / kappa, cos.gather(1, order))
 
     def _faiss_search(self, loc: Tensor, k: int) -> Tensor:
         faiss = _faiss()
@@ -466,7 +506,8 @@ class TextIndex:
             scores, idx = self._faiss_search(x, k)
         else:
             scores, idx = _blocked_topk(x, self._scores, len(self), k, self.chunk_size, self.query_block)
-        return SearchResult(idx, scores, _ids_for(self.ids, idx), 1.0 / self.concentration[idx])
+        cos = (x.unsqueeze(1) * self.loc[idx]).sum(-1)  # (Q, k)
+        return SearchResult(idx, scores, _ids_for(self.ids, idx), 1.0 / self.concentration[idx], cos)
 
     # -- FAISS: linear (upper-bound) scores in d + 1 dimensions, exact re-ranking ----------------
     def _linear_form(self) -> tuple[Tensor, Tensor]:

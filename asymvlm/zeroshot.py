@@ -15,6 +15,9 @@ Example:
     >>> res = zero_shot_classify(model, classes, classes, class_names=["a", "b", "c"])
     >>> res.labels
     ['a', 'b', 'c']
+    >>> out = res.to_dict()["images"][0]
+    >>> out["label"], out["abstained"], sorted(out["probabilities"])
+    ('a', False, ['a', 'b', 'c'])
 """
 
 from __future__ import annotations
@@ -47,6 +50,8 @@ class ZeroShotResult:
         probabilities: (N, C) posterior ``softmax(exp(logit_scale) * log q_c(x))`` over classes.
         abstained: (N,) bool.
         best: (N,) the best class index before abstention.
+        class_names: the C class names (columns of ``probabilities``).
+        criterion: the abstention criterion used, and ``threshold`` its threshold (None: never abstains).
     """
 
     predictions: Tensor
@@ -56,6 +61,36 @@ class ZeroShotResult:
     probabilities: Tensor
     abstained: Tensor
     best: Tensor
+    class_names: list[str] | None = None
+    criterion: str | None = None
+    threshold: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python (JSON-ready): ``{"criterion", "threshold", "images": [{"label", "class_index",
+        "best_label", "abstained", "log_likelihood", "uncertainty", "probabilities": {name: p}}]}``
+        (``class_index`` None where the classifier abstained; non-finite numbers None). Shared with
+        ``asymvlm-serve``.
+        """
+        names = self.class_names or [str(c) for c in range(self.probabilities.shape[-1])]
+        images = []
+        for n in range(len(self.labels)):
+            best = int(self.best[n])
+            images.append(
+                {
+                    "label": self.labels[n],
+                    "class_index": None if bool(self.abstained[n]) else best,
+                    "best_label": names[best],
+                    "abstained": bool(self.abstained[n]),
+                    "log_likelihood": _finite(float(self.log_likelihood[n])),
+                    "uncertainty": _finite(float(self.uncertainty[n])),
+                    "probabilities": {name: float(p) for name, p in zip(names, self.probabilities[n].tolist())},
+                }
+            )
+        return {"criterion": self.criterion, "threshold": self.threshold, "images": images}
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
 
 
 def _entropy(p: Tensor) -> Tensor:
@@ -205,4 +240,4 @@ def zero_shot_classify(
     abstained = abstain(best_ll, unc, probs)  # (N,) bool
     preds = torch.where(abstained, torch.full_like(best, -1), best)
     labels = [unknown_label if a else names[b] for a, b in zip(abstained.tolist(), best.tolist())]
-    return ZeroShotResult(preds, labels, best_ll, unc, probs, abstained, best)
+    return ZeroShotResult(preds, labels, best_ll, unc, probs, abstained, best, names, criterion, threshold)

@@ -14,22 +14,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from asymvlm.procs import free_port, kill_tree, wait_for
+
 __all__ = ["LoopbackDeployment", "free_port", "make_certificates", "kill_tree", "toml_value"]
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_certificates(directory: Path, hosts: Sequence[str] = ("127.0.0.1", "localhost")) -> dict[str, Path]:
@@ -75,23 +68,6 @@ def make_certificates(directory: Path, hosts: Sequence[str] = ("127.0.0.1", "loc
     return out
 
 
-def kill_tree(proc: subprocess.Popen) -> None:
-    """Kill a process and every process it started (a SuperNode's SuperExec and ClientApps)."""
-    import psutil
-
-    try:
-        root = psutil.Process(proc.pid)
-        family = [*root.children(recursive=True), root]
-    except psutil.NoSuchProcess:
-        return
-    for p in family:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(family, timeout=10)
-
-
 def toml_value(value: Any) -> str:
     """One ``--run-config`` / ``--node-config`` value in TOML (strings quoted, bools lower-case)."""
     if isinstance(value, bool):
@@ -102,15 +78,6 @@ def toml_value(value: Any) -> str:
     if "'" in text:
         raise ValueError(f"a config value may not contain a single quote: {text!r}")
     return f"'{text}'"
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return
-        time.sleep(0.25)
-    raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 class LoopbackDeployment:
@@ -195,7 +162,7 @@ class LoopbackDeployment:
                 [str(self.bin / "flower-supernode"), *node_security, "--superlink", f"127.0.0.1:{self.port}",
                  "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", config],
             )  # fmt: skip
-        _wait_for(self._all_joined, self.startup_timeout, f"{len(self.nodes)} SuperNodes to join the SuperLink")
+        wait_for(self._all_joined, self.startup_timeout, f"{len(self.nodes)} SuperNodes to join the SuperLink")
 
     def _all_joined(self) -> bool:
         for name, proc in self.procs.items():
@@ -230,4 +197,4 @@ class LoopbackDeployment:
         return done.stdout + done.stderr
 
     def wait_for_file(self, path: Path, timeout: float = 300.0) -> None:
-        _wait_for(path.exists, timeout, str(path))
+        wait_for(path.exists, timeout, str(path))

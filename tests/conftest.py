@@ -219,3 +219,31 @@ def synthetic_cache():
         return path
 
     return make
+
+
+# ---------------------------------------------------------------------------------------------
+# a served model and gallery (tests/test_serve*.py): the tiny open_clip encoder, a head with
+# random weights (so concentrations differ between texts), 80 ShapeWorld v2 scenes (32 px)
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def serve_assets(tmp_path_factory, tiny_open_clip_dir):
+    """``{"model_dir", "gallery_dir", "model", "data"}``: a saved AsymVLM with its encoder and a
+    gallery of 80 ShapeWorld v2 scenes (PNG thumbnails, every distinct caption indexed)."""
+    from asymvlm import shapeworld as sw
+    from asymvlm.encoders import load_encoder
+    from asymvlm.heads import TextHead
+    from asymvlm.model import AsymVLM
+    from asymvlm.serve.gallery import build_gallery
+
+    root = tmp_path_factory.mktemp("serve")
+    encoder = load_encoder(f"open_clip:local-dir:{tiny_open_clip_dir}", device="cpu")
+    g = torch.Generator().manual_seed(7)
+    head = TextHead(dim=encoder.dim, hidden_dims=(32,), residual=True)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+    model = AsymVLM(head, encoder, logit_scale=2.0)
+    model_dir = model.save_pretrained(root / "model")
+    data = sw.generate(80, seed=3, version=2)
+    gallery = build_gallery(model, data, root / "gallery", thumbnail_format="png", progress=False, source="shapeworld:2")
+    return {"model_dir": model_dir, "gallery_dir": gallery.path, "model": model, "data": data}

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["main", "central_model", "build_parser"]
 
 # Merging, per world: the caption styles of the base head's training split, and the domains (one
 # expert each). v3's toy CLIP is pretrained on plain captions only (PRETRAINING_STYLES), so a
@@ -97,6 +97,31 @@ def _train_head(cache: Path, out: Path, s: dict, family: str, seed: int, **extra
         )
     )  # fmt: skip
     return Path(train(cfg))
+
+
+def central_model(
+    output_dir: str | Path = "demo-out", family: str = "vmf", *, quick: bool = False, seed: int = 0
+) -> Path:
+    """The demo's central head of ``family`` (``<output_dir>/central-<family>/model``, what ``asymvlm-demo``
+    writes): used as it is when there, else trained exactly as the demo trains it (the toy CLIP and
+    the embedding cache are built on first use). ``asymvlm-serve --demo`` serves it."""
+    out = Path(output_dir) / f"central-{family}"
+    if (out / "model" / "asymvlm_config.json").is_file():
+        return out / "model"
+    from asymvlm.config import DataArguments
+    from asymvlm.data import cache_for_config
+
+    args = build_parser().parse_args(["--output_dir", str(output_dir), "--seed", str(seed), *(["--quick"] * quick)])
+    s = _settings(args)
+    encoder, spec = _encoder(s["toy_steps"], s["world"])
+    cache = cache_for_config(
+        DataArguments(
+            dataset=s["dataset"], encoder=spec[0], pretrained=spec[1], train_images=s["train_images"],
+            data_seed=seed, caption_styles=s["caption_styles"],
+        ),
+        encoder,
+    )  # fmt: skip
+    return _train_head(cache.path, out, s, family, seed)
 
 
 def _domain_caches(

@@ -1,0 +1,239 @@
+"""``asymvlm-index`` (build a served gallery) and the serving half of ``asymvlm-serve``.
+
+``asymvlm-serve``'s console entry point is :func:`asymvlm.training.serve.main`: its ``--demo``
+trains the demo's model when it is missing, which is the training package's job; everything else
+(the parser, loading, running uvicorn) lives here, in the core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import stat
+import sys
+from pathlib import Path
+from typing import Any
+
+from asymvlm.errors import ConfigError
+
+__all__ = ["index_main", "build_serve_parser", "serve", "load_service", "app_from_environment", "ENV_ARGS"]
+
+log = logging.getLogger("asymvlm.serve")
+ENV_ARGS = "ASYMVLM_SERVE_ARGS"  # the parsed arguments, for uvicorn's worker processes (--workers > 1)
+
+INDEX_EPILOG = """examples:
+  asymvlm-index build --model runs/vmf/model --images imagefolder:/data/photos --out galleries/photos
+  asymvlm-index build --model runs/vmf/model --images coco-karpathy:dataset_coco.json:/data/coco:test \\
+      --out galleries/coco
+  asymvlm-index build --model alice/asymvlm-vmf --images flickr30k:dataset_flickr30k.json:/data/flickr30k-images \\
+      --out galleries/flickr --thumbnail_size 192
+  asymvlm-index build --model demo-out/central-vmf/model --images shapeworld --num_images 1000 --out galleries/sw \\
+      --thumbnail_format png
+  asymvlm-index info galleries/coco
+
+--images: imagefolder:<root> (a metadata.jsonl of captions, or just image files),
+coco-karpathy:<json>:<root>[:split], coco2017:<json>:<dir>, flickr30k:<json>:<dir>[:split], shapeworld[:<version>]
+"""
+
+SERVE_EPILOG = """examples:
+  asymvlm-serve --demo                                        # the demo's model and a ShapeWorld gallery
+  asymvlm-serve --model runs/vmf/model --index galleries/coco
+  asymvlm-serve --model runs/vmf/model --index galleries/coco --api_key_file key.txt --host 0.0.0.0 --port 8080
+  asymvlm-serve --model runs/vmf/model --index galleries/coco --abstain uncertainty:q90 --max_batch 128
+  asymvlm-serve --model runs/vmf/model --index galleries/coco --workers 2
+
+then:
+  curl -s localhost:8000/v1/search/text -H 'content-type: application/json' -d '{"query": "a dog on a beach", "k": 5}'
+  curl -s localhost:8000/v1/search/image/upload -F file=@photo.jpg -F k=5
+  open http://localhost:8000/  (the web page)     http://localhost:8000/docs  (the API)
+
+--abstain: none | uncertainty:<1/kappa> | uncertainty:q<percentile of the gallery captions' uncertainties> |
+likelihood:<log q(x) of the best image>
+"""
+
+
+# ----------------------------------------------------------------------------------------------
+# asymvlm-index
+# ----------------------------------------------------------------------------------------------
+def _index_parser() -> argparse.ArgumentParser:
+    from asymvlm.cli import make_parser
+
+    p = make_parser("asymvlm-index", "asymvlm-index: build a gallery that asymvlm-serve searches.", INDEX_EPILOG)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=type(p))
+    b = sub.add_parser("build", help="Embed an image collection into a gallery folder (atomically).",
+                       formatter_class=p.formatter_class, epilog=INDEX_EPILOG, allow_abbrev=False)  # fmt: skip
+    b.add_argument("--model", required=True, help="A saved AsymVLM (folder or Hub id) with its encoder.")
+    b.add_argument("--images", required=True, help="The collection: a dataset spec (see below).")
+    b.add_argument("--out", required=True, help="The gallery folder (built atomically; replaces an earlier gallery).")
+    b.add_argument(
+        "--num_images", type=int, default=None, help="Keep the first N images (ShapeWorld: generate N, 1000)."
+    )
+    b.add_argument("--seed", type=int, default=0, help="ShapeWorld's seed.")
+    b.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="Storage of the embeddings.")
+    b.add_argument("--thumbnail_size", type=int, default=256, help="Longest side of a thumbnail, in pixels.")
+    b.add_argument("--thumbnail_format", choices=["jpeg", "png", "webp"], default="jpeg", help="Thumbnail encoding.")
+    b.add_argument("--no_captions", action="store_true", help="No caption index (no image -> text search).")
+    b.add_argument("--batch_size", type=int, default=64, help="Images per encoder forward.")
+    b.add_argument("--device", default="cpu", help="Where the encoder runs (cpu, cuda, auto).")
+    b.add_argument("--no_progress", action="store_true", help="No progress bars.")
+    i = sub.add_parser("info", help="Print a gallery's gallery.json and sizes.", formatter_class=p.formatter_class)
+    i.add_argument("path", help="A gallery folder.")
+    return p
+
+
+def index_main(argv: list[str] | None = None) -> int:
+    """``asymvlm-index``; returns the exit status (2 for a user error, printed as one line)."""
+    from asymvlm.cli import run
+
+    return run("asymvlm-index", _index_main, argv)
+
+
+def _index_main(argv: list[str]) -> int:
+    args = _index_parser().parse_args(argv)
+    from asymvlm.serve.gallery import Gallery
+
+    if args.command == "info":
+        g = Gallery.open(args.path)
+        print(json.dumps({**g.meta, "images": len(g), "captions": len(g.captions)}, indent=2))
+        return 0
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
+    from asymvlm.model import AsymVLM
+    from asymvlm.serve.gallery import build_gallery, load_image_collection
+
+    model = AsymVLM.from_pretrained(args.model, load_encoder=True, device=args.device)
+    data = load_image_collection(args.images, num_images=args.num_images, seed=args.seed)
+    g = build_gallery(
+        model, data, args.out, source=args.images, dtype=args.dtype, thumbnail_size=args.thumbnail_size,
+        thumbnail_format=args.thumbnail_format, captions=not args.no_captions, batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    print(f"asymvlm-index: {len(g)} images, {len(g.captions)} captions -> {g.path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# asymvlm-serve
+# ----------------------------------------------------------------------------------------------
+def build_serve_parser() -> argparse.ArgumentParser:
+    from asymvlm.cli import make_parser
+    from asymvlm.serve.app import ServeConfig
+
+    p = make_parser(
+        "asymvlm-serve",
+        "asymvlm-serve: retrieval with uncertainty over HTTP (JSON API and a web page).",
+        SERVE_EPILOG,
+    )
+    p.add_argument("--model", default=None, help="A saved AsymVLM (folder or Hub id).")
+    p.add_argument("--index", default=None, help="A gallery folder built by asymvlm-index build.")
+    p.add_argument("--demo", action="store_true", help="Serve the demo's model and a ShapeWorld gallery "
+                   "(built, with the model if `make demo` has not made it, under --demo_dir).")  # fmt: skip
+    p.add_argument("--demo_dir", default="demo-out", help="Where the demo's outputs are (and are built).")
+    p.add_argument("--host", default="127.0.0.1", help="Interface to listen on (loopback by default).")
+    p.add_argument("--port", type=int, default=8000, help="TCP port.")
+    p.add_argument(
+        "--workers", type=int, default=1, help="Server processes (each loads the model; the gallery is shared)."
+    )
+    p.add_argument("--api_key_file", default=None, help="A file holding the API key (>= 16 characters).")
+    p.add_argument("--cors_origin", action="append", default=[], help="An origin allowed by CORS (repeatable).")
+    p.add_argument("--abstain", default="none", help="Default abstention of text queries (see below).")
+    p.add_argument("--backend", choices=["exact", "faiss"], default="exact", help="Top-k engine over the gallery.")
+    p.add_argument("--device", default="cpu", help="Where the model runs (cpu, cuda, auto).")
+    p.add_argument("--log_file", default=None, help="Also append the access log to this file.")
+    p.add_argument("--no_access_log", action="store_true", help="No per-request log lines.")
+    for f in dataclasses.fields(ServeConfig):
+        if f.name in ("api_key", "cors_origins"):
+            continue
+        p.add_argument(f"--{f.name}", type=type(f.default), default=f.default, help=f.metadata["help"])
+    return p
+
+
+def _read_api_key(path: str) -> str:
+    p = Path(path)
+    key = p.read_text().strip()
+    if not key:
+        raise ConfigError(f"the API key file {p} is empty")
+    if "\n" in key or any(ord(c) < 33 for c in key):
+        raise ConfigError(f"the API key in {p} must be one line without spaces or control characters")
+    if len(key) < 16:
+        raise ConfigError(f"the API key in {p} must have at least 16 characters (a shorter one is guessable)")
+    mode = p.stat().st_mode
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        log.warning("the API key file %s is readable by other users (chmod 600 it)", p)
+    return key
+
+
+def serve_config(args: argparse.Namespace) -> Any:
+    from asymvlm.serve.app import ServeConfig
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig) if hasattr(args, f.name)}
+    values["api_key"] = _read_api_key(args.api_key_file) if args.api_key_file else None
+    values["cors_origins"] = tuple(args.cors_origin)
+    return ServeConfig(**values)
+
+
+def load_service(args: argparse.Namespace) -> Any:
+    """The :class:`~asymvlm.serve.service.RetrievalService` the arguments name."""
+    from asymvlm.model import AsymVLM
+    from asymvlm.serve.gallery import Gallery
+    from asymvlm.serve.service import RetrievalService
+
+    if not args.model or not args.index:
+        raise ConfigError("give --model and --index (or --demo)")
+    model = AsymVLM.from_pretrained(args.model, device=None if args.device == "cpu" else args.device)
+    gallery = Gallery.open(args.index, backend=args.backend)
+    return RetrievalService(model, gallery, abstain=args.abstain)
+
+
+def app_from_environment() -> Any:
+    """The app of a uvicorn worker process (``--workers > 1``): arguments from :data:`ENV_ARGS`."""
+    from asymvlm.serve.app import create_app
+
+    args = argparse.Namespace(**json.loads(os.environ[ENV_ARGS]))
+    return create_app(load_service(args), serve_config(args))
+
+
+def _log_config(args: argparse.Namespace) -> dict[str, Any]:
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = json.loads(json.dumps(LOGGING_CONFIG))
+    if args.log_file:
+        config["handlers"]["access_file"] = {
+            "class": "logging.FileHandler",
+            "filename": str(Path(args.log_file).resolve()),
+            "formatter": "access",
+        }
+        config["loggers"]["uvicorn.access"]["handlers"].append("access_file")
+    return config
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Load, check and run the service with uvicorn (blocks until interrupted)."""
+    import uvicorn
+
+    from asymvlm.serve.app import create_app
+
+    if not 0 <= args.port <= 65535:
+        raise ConfigError(f"--port must be in [0, 65535], got {args.port}")
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    config = serve_config(args)  # checks the limits and reads the key before anything heavy
+    common = dict(
+        host=args.host, port=args.port, log_config=_log_config(args), access_log=not args.no_access_log,
+        server_header=False, proxy_headers=False,
+    )  # fmt: skip
+    if args.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
+        log.warning("listening on %s without an API key: anyone who reaches this port can query the model", args.host)
+    if args.workers == 1:
+        app = create_app(load_service(args), config)
+        print(f"asymvlm-serve: http://{args.host}:{args.port}/ (API: /docs)", file=sys.stderr, flush=True)
+        uvicorn.run(app, **common)
+        return 0
+    load_service(args)  # fail here, once, with one line, rather than in every worker
+    os.environ[ENV_ARGS] = json.dumps(vars(args))
+    print(f"asymvlm-serve: http://{args.host}:{args.port}/ ({args.workers} workers)", file=sys.stderr, flush=True)
+    uvicorn.run("asymvlm.serve.cli:app_from_environment", factory=True, workers=args.workers, **common)
+    return 0

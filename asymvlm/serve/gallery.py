@@ -1,0 +1,490 @@
+"""A served image collection: frozen image embeddings, thumbnails and the collection's captions in
+one folder, built atomically (``asymvlm-index build``) and opened read-only (``asymvlm-serve``).
+
+Layout of a gallery folder::
+
+    gallery.json             type "asymvlm.gallery", format_version, encoder (spec, pretrained,
+                             fingerprint, dim), size, source, thumbnails (format, max_side), captions
+    images/index.json        an :class:`~asymvlm.retrieval.ImageIndex` (ids, dim, size, encoder)
+    images/index.safetensors "embeddings": (N, d) unit image embeddings (float16 by default)
+    thumbnails.safetensors   "offsets": (N + 1,) int64, "data": (B,) uint8 — image i's encoded
+                             thumbnail is data[offsets[i]:offsets[i + 1]]
+    captions.json            the collection's distinct captions (optional; image -> text search)
+    captions.safetensors     "embeddings": (M, d) their frozen text embeddings
+
+The gallery holds only what the frozen encoder computes (and what the collection says); the
+text head's distributions over the captions are computed when a model opens it, so one gallery
+serves every head trained on the same encoder (the encoder fingerprint is checked).
+
+Thumbnails live in one memory-mapped blob addressed by row: serving a thumbnail never turns
+anything from a request into a file path.
+
+Example:
+    >>> import tempfile
+    >>> from PIL import Image
+    >>> from asymvlm.encoders import load_encoder
+    >>> from asymvlm.heads import TextHead
+    >>> from asymvlm.model import AsymVLM
+    >>> enc = load_encoder("open_clip:asymvlm-tiny-vit")
+    >>> model = AsymVLM(TextHead(dim=enc.dim, hidden_dims=(16,)), enc)
+    >>> data = [{"image": Image.new("RGB", (32, 32), c), "captions": [f"a {c} square"], "image_id": c}
+    ...         for c in ("red", "blue")]
+    >>> g = build_gallery(model, data, tempfile.mkdtemp() + "/gallery", progress=False)
+    >>> len(g), g.ids, g.captions, g.thumbnail(g.row_of("blue"))[:4]
+    (2, ['red', 'blue'], ['a red square', 'a blue square'], b'\\xff\\xd8\\xff\\xe0')
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from asymvlm.errors import ArtefactError, ConfigError, EncoderMismatchError
+from asymvlm.io import (
+    SafetensorsStreamWriter,
+    atomic_directory,
+    atomic_write_json,
+    load_safetensors,
+    read_json,
+    read_tagged_json,
+)
+
+__all__ = [
+    "Gallery",
+    "build_gallery",
+    "write_gallery",
+    "load_image_collection",
+    "THUMBNAIL_FORMATS",
+    "GALLERY_TYPE",
+]
+
+GALLERY_TYPE = "asymvlm.gallery"
+GALLERY_VERSION = 1
+# format -> (PIL format name, media type)
+THUMBNAIL_FORMATS = {"jpeg": ("JPEG", "image/jpeg"), "png": ("PNG", "image/png"), "webp": ("WEBP", "image/webp")}
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+# ----------------------------------------------------------------------------------------------
+# the collection
+# ----------------------------------------------------------------------------------------------
+def _plain_folder(root: Path) -> list[dict[str, Any]]:
+    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ConfigError(f"{root} holds no metadata.jsonl and no image files ({', '.join(IMAGE_SUFFIXES)})")
+    return [{"image": str(p), "file_name": p.relative_to(root).as_posix()} for p in files]
+
+
+def load_image_collection(spec: str, *, num_images: int | None = None, seed: int = 0) -> Any:
+    """The images (and captions, where the collection has them) a ``--images`` spec names.
+
+    Args:
+        spec: a dataset spec of :func:`asymvlm.data.load_dataset_spec` (``imagefolder:<root>``,
+            ``coco-karpathy:...``, ``coco2017:...``, ``flickr30k:...``); ``imagefolder:<root>``
+            without a metadata.jsonl indexes every image file under the root (no captions);
+            ``shapeworld`` / ``shapeworld:<version>`` generates ``num_images`` (default 1000)
+            ShapeWorld scenes with ``seed``.
+        num_images: keep the first ``num_images`` rows (all if None).
+        seed: the ShapeWorld seed.
+    """
+    from asymvlm import shapeworld as sw
+
+    if num_images is not None and num_images < 1:
+        raise ConfigError(f"num_images must be >= 1, got {num_images}")
+    try:
+        version = sw.dataset_version(spec)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if version is not None:
+        return sw.generate(num_images or 1000, seed=seed, version=version, visual_styles=sw.VISUAL_STYLES)
+    kind, _, rest = spec.partition(":")
+    if kind == "imagefolder" and rest and Path(rest).is_dir() and not (Path(rest) / "metadata.jsonl").exists():
+        rows = _plain_folder(Path(rest))
+        return rows[:num_images] if num_images else rows
+    from asymvlm.data import load_dataset_spec
+
+    data = load_dataset_spec(spec)
+    if num_images is not None and num_images < len(data):
+        data = data.select(range(num_images))
+    return data
+
+
+def _ids_of(dataset: Any) -> list[str]:
+    from asymvlm.cache import iter_batches
+
+    columns = dataset.column_names if hasattr(dataset, "column_names") else list(dataset[0]) if len(dataset) else []
+    key = next((c for c in ("file_name", "image_id", "id") if c in columns), None)
+    if key is None:
+        return [str(i) for i in range(len(dataset))]
+    ids = [str(v) for b in iter_batches(dataset, [key], 4096) for v in b[key]]
+    seen: dict[str, int] = {}
+    for row, i in enumerate(ids):
+        if i in seen:
+            raise ConfigError(f"the collection's ids ({key!r}) are not unique: {i!r} is rows {seen[i]} and {row}")
+        seen[i] = row
+    return ids
+
+
+def _thumbnail(image: Any, max_side: int, fmt: str) -> bytes:
+    im = image.copy()
+    im.thumbnail((max_side, max_side))  # keeps the aspect ratio, never enlarges
+    if fmt == "jpeg" and im.mode not in ("RGB", "L"):
+        im = im.convert("RGB")
+    out = io.BytesIO()
+    pil_format = THUMBNAIL_FORMATS[fmt][0]
+    im.save(out, format=pil_format, **({"quality": 85} if fmt in ("jpeg", "webp") else {}))
+    return out.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+# ----------------------------------------------------------------------------------------------
+def _encoder_info(model: Any) -> dict[str, Any]:
+    enc = model.encoder
+    return {"spec": enc.spec, "pretrained": enc.pretrained, "fingerprint": enc.fingerprint, "dim": enc.dim}
+
+
+def write_gallery(
+    out: str | Path,
+    embeddings: Tensor,
+    *,
+    ids: Sequence[str] | None = None,
+    thumbnails: Sequence[bytes] | None = None,
+    thumbnail_format: str = "jpeg",
+    thumbnail_size: int | None = None,
+    captions: Sequence[str] | None = None,
+    caption_embeddings: Tensor | None = None,
+    encoder: dict[str, Any] | None = None,
+    source: str = "",
+) -> Gallery:
+    """Write a gallery from tensors already in memory (tests, benchmarks, custom pipelines).
+
+    ``ids`` None means the rows' numbers are the ids. Written atomically; returns the opened gallery.
+    """
+    out = Path(out)
+    n, d = embeddings.shape
+    if ids is not None and (len(ids) != n or len(set(map(str, ids))) != n):
+        raise ConfigError(f"need {n} distinct ids, got {len(ids)} ({len(set(map(str, ids)))} distinct)")
+    with atomic_directory(out) as tmp:
+        _write_images(tmp, embeddings.dtype, n, d, [embeddings], ids, (encoder or {}).get("fingerprint"))
+        thumb_meta = None
+        if thumbnails is not None:
+            if len(thumbnails) != n:
+                raise ValueError(f"{len(thumbnails)} thumbnails for {n} images")
+            if not all(isinstance(b, bytes) and b for b in thumbnails):
+                raise ValueError("every thumbnail must be non-empty bytes (an encoded image)")
+            _write_thumbnails(tmp, list(thumbnails))
+            thumb_meta = {"format": thumbnail_format, "max_side": thumbnail_size}
+        n_caps = _write_captions(tmp, captions, caption_embeddings)
+        _write_meta(tmp, encoder, n, d, source, thumb_meta, n_caps)
+    return Gallery.open(out)
+
+
+def _write_images(
+    tmp: Path, dtype: torch.dtype, n: int, d: int, chunks: Any, ids: Sequence[str] | None, fingerprint: str | None
+) -> None:
+    (tmp / "images").mkdir()
+    with SafetensorsStreamWriter(tmp / "images" / "index.safetensors", {"embeddings": (dtype, (n, d))}) as w:
+        for chunk in chunks:
+            w.write("embeddings", chunk)
+    atomic_write_json(
+        {
+            "type": "asymvlm.image_index",
+            "format_version": 1,
+            "dim": d,
+            "size": n,
+            "ids": None if ids is None else list(ids),
+            "encoder_fingerprint": fingerprint,
+        },
+        tmp / "images" / "index.json",
+    )
+
+
+def _write_thumbnails(tmp: Path, blobs: Any, blob_file: Path | None = None) -> None:
+    """``blobs``: the encoded thumbnails in row order (a list), or their lengths when ``blob_file``
+    already holds the concatenated bytes."""
+    sizes = [len(b) for b in blobs] if blob_file is None else list(blobs)
+    offsets = torch.zeros(len(sizes) + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor(sizes, dtype=torch.int64).cumsum(0)
+    total = int(offsets[-1])
+    specs = {"offsets": (torch.int64, (len(sizes) + 1,)), "data": (torch.uint8, (total,))}
+    with SafetensorsStreamWriter(tmp / "thumbnails.safetensors", specs) as w:
+        w.write("offsets", offsets)
+        if blob_file is None:
+            for b in blobs:
+                if b:
+                    w.write("data", torch.frombuffer(bytearray(b), dtype=torch.uint8))
+        else:
+            with open(blob_file, "rb") as f:
+                while chunk := f.read(1 << 24):
+                    w.write("data", torch.frombuffer(bytearray(chunk), dtype=torch.uint8))
+
+
+def _write_captions(tmp: Path, captions: Sequence[str] | None, embeddings: Tensor | None) -> int:
+    if captions is None or embeddings is None or len(captions) == 0:
+        return 0
+    if embeddings.shape[0] != len(captions):
+        raise ValueError(f"{embeddings.shape[0]} caption embeddings for {len(captions)} captions")
+    from asymvlm.io import atomic_save_safetensors
+
+    atomic_save_safetensors({"embeddings": embeddings.float()}, tmp / "captions.safetensors")
+    atomic_write_json(list(captions), tmp / "captions.json")
+    return len(captions)
+
+
+def _write_meta(
+    tmp: Path, encoder: dict | None, n: int, d: int, source: str, thumbnails: dict | None, n_captions: int
+) -> None:
+    atomic_write_json(
+        {
+            "type": GALLERY_TYPE,
+            "format_version": GALLERY_VERSION,
+            "encoder": encoder,
+            "size": n,
+            "dim": d,
+            "source": source,
+            "thumbnails": thumbnails,
+            "captions": n_captions,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+        tmp / "gallery.json",
+    )
+
+
+@torch.no_grad()
+def build_gallery(
+    model: Any,
+    dataset: Any,
+    out: str | Path,
+    *,
+    source: str = "",
+    dtype: str = "float16",
+    thumbnail_size: int = 256,
+    thumbnail_format: str = "jpeg",
+    captions: bool = True,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> Gallery:
+    """Embed an image collection into a gallery folder (atomically: ``out`` is complete or untouched).
+
+    Args:
+        model: an :class:`~asymvlm.model.AsymVLM` with its encoder (its text tower, adapted if the
+            model adapts it, embeds the captions).
+        dataset: rows with an ``image`` (PIL image or file path) and optionally ``captions`` (a
+            string or a list) and an id column (``file_name``, ``image_id`` or ``id``; else the row).
+        out: the gallery folder.
+        source: what the collection was (the ``--images`` spec), recorded in gallery.json.
+        dtype: storage of the image embeddings, ``float16`` or ``float32``.
+        thumbnail_size: longest side of the thumbnails in pixels (never enlarged).
+        thumbnail_format: ``jpeg``, ``png`` or ``webp``.
+        captions: index the collection's distinct captions for image -> text search.
+        batch_size: images per encoder forward.
+        progress: show progress bars.
+    """
+    from asymvlm.cache import iter_batches, load_rgb
+
+    if model.encoder is None:
+        raise ConfigError("building a gallery needs a model with its encoder (it embeds images)")
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+    if thumbnail_format not in THUMBNAIL_FORMATS:
+        raise ConfigError(f"thumbnail_format must be one of {sorted(THUMBNAIL_FORMATS)}, got {thumbnail_format!r}")
+    if thumbnail_size < 8:
+        raise ConfigError(f"thumbnail_size must be >= 8 pixels, got {thumbnail_size}")
+    n = len(dataset)
+    if n == 0:
+        raise ConfigError("the image collection is empty")
+    ids = _ids_of(dataset)
+    columns = dataset.column_names if hasattr(dataset, "column_names") else list(dataset[0])
+    has_captions = captions and "captions" in columns
+    encoder = model.encoder
+    d = encoder.dim
+    out = Path(out)
+    sizes: list[int] = []
+    distinct: dict[str, None] = {}
+    with atomic_directory(out) as tmp:
+        blob_file = tmp / "thumbnails.bin.part"
+
+        def image_chunks():
+            bar = tqdm(total=n, desc="embed images", disable=not progress)
+            with open(blob_file, "wb") as blob:
+                wanted = ["image", "captions"] if has_captions else ["image"]
+                for batch in iter_batches(dataset, wanted, batch_size):
+                    images = [load_rgb(im) for im in batch["image"]]
+                    for im in images:
+                        b = _thumbnail(im, thumbnail_size, thumbnail_format)
+                        blob.write(b)
+                        sizes.append(len(b))
+                    if has_captions:
+                        for caps in batch["captions"]:
+                            for c in [caps] if isinstance(caps, str) else caps:
+                                distinct.setdefault(c, None)
+                    yield encoder.encode_image(images, batch_size=batch_size)
+                    bar.update(len(images))
+            bar.close()
+
+        _write_images(tmp, _DTYPES[dtype], n, d, image_chunks(), ids, encoder.fingerprint)
+        _write_thumbnails(tmp, sizes, blob_file)
+        blob_file.unlink()
+        texts = list(distinct)
+        cap_emb = None
+        if texts:
+            step = 1024
+            cap_emb = torch.cat(
+                [
+                    model.text_embeddings(texts[s : s + step]).float().cpu()
+                    for s in tqdm(range(0, len(texts), step), desc="embed captions", disable=not progress)
+                ]
+            )
+        n_caps = _write_captions(tmp, texts, cap_emb)
+        _write_meta(
+            tmp,
+            _encoder_info(model),
+            n,
+            d,
+            source,
+            {"format": thumbnail_format, "max_side": thumbnail_size},
+            n_caps,
+        )
+    return Gallery.open(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# reading
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Gallery:
+    """An opened gallery folder (memory-mapped, read-only: nothing here writes to it).
+
+    Attributes:
+        path: the folder.
+        meta: gallery.json.
+        index: the :class:`~asymvlm.retrieval.ImageIndex` over the image embeddings.
+        captions: the distinct captions (empty without a caption index).
+        caption_embeddings: (M, d) their frozen text embeddings, or None.
+    """
+
+    path: Path
+    meta: dict[str, Any]
+    index: Any
+    captions: list[str]
+    caption_embeddings: Tensor | None
+    _thumb_offsets: Tensor | None
+    _thumb_data: Tensor | None
+    _row_of: dict[str, int] | None
+
+    @classmethod
+    def open(cls, path: str | Path, *, backend: str = "exact", chunk_size: int = 65536) -> Gallery:
+        """Open a gallery folder read-only (embeddings memory-mapped; ids, captions read once)."""
+        from asymvlm.retrieval import ImageIndex
+
+        path = Path(path)
+        if not (path / "gallery.json").is_file():
+            raise ArtefactError(f"no asymvlm gallery at {path} (no gallery.json); build one with asymvlm-index build")
+        meta = read_tagged_json(
+            path / "gallery.json",
+            GALLERY_TYPE,
+            GALLERY_VERSION,
+            required=("size", "dim"),
+            known=("encoder", "source", "thumbnails", "captions", "created"),
+        )
+        index = ImageIndex.load(path / "images", mmap=True, backend=backend, chunk_size=chunk_size)
+        if (len(index), index.dim) != (meta["size"], meta["dim"]):
+            raise ArtefactError(
+                f"{path}: the image index holds ({len(index)}, {index.dim}), gallery.json says "
+                f"({meta['size']}, {meta['dim']})"
+            )
+        offsets = data = None
+        if meta.get("thumbnails"):
+            fmt = meta["thumbnails"].get("format")
+            if fmt not in THUMBNAIL_FORMATS:
+                raise ArtefactError(f"{path / 'gallery.json'}: unknown thumbnail format {fmt!r}")
+            t = load_safetensors(path / "thumbnails.safetensors", ["offsets", "data"], mmap=True)
+            offsets, data = t["offsets"], t["data"]
+            if offsets.shape != (len(index) + 1,) or int(offsets[0]) != 0 or int(offsets[-1]) != data.numel():
+                raise ArtefactError(f"{path / 'thumbnails.safetensors'}: offsets do not fit {len(index)} images")
+            if bool((offsets[1:] < offsets[:-1]).any()):
+                raise ArtefactError(f"{path / 'thumbnails.safetensors'}: offsets are not increasing")
+        captions: list[str] = []
+        cap_emb = None
+        if meta.get("captions"):
+            captions = read_json(path / "captions.json")
+            if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
+                raise ArtefactError(f"{path / 'captions.json'} must be a list of strings")
+            cap_emb = load_safetensors(path / "captions.safetensors", ["embeddings"], mmap=False)["embeddings"]
+            if tuple(cap_emb.shape) != (len(captions), meta["dim"]):
+                raise ArtefactError(
+                    f"{path / 'captions.safetensors'}: embeddings {tuple(cap_emb.shape)} for {len(captions)} captions"
+                )
+            from asymvlm.cache import validate_embeddings
+
+            validate_embeddings(cap_emb, path / "captions.safetensors", "caption embeddings")
+        row_of = None if index.ids is None else {str(i): r for r, i in enumerate(index.ids)}
+        if row_of is not None and len(row_of) != len(index):
+            raise ArtefactError(f"{path / 'images' / 'index.json'}: the ids are not unique")
+        return cls(path, meta, index, captions, cap_emb, offsets, data, row_of)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def dim(self) -> int:
+        return self.index.dim
+
+    @property
+    def ids(self) -> list[str]:
+        """The image ids (the rows' numbers as strings when the gallery has none)."""
+        return [str(i) for i in self.index.ids] if self.index.ids is not None else [str(i) for i in range(len(self))]
+
+    def id_of(self, row: int) -> str:
+        return str(self.index.ids[row]) if self.index.ids is not None else str(row)
+
+    def row_of(self, image_id: str) -> int | None:
+        """The row of an image id, or None when the gallery has no such image (never an error)."""
+        if self._row_of is not None:
+            return self._row_of.get(image_id)
+        # no stored ids: the id is the row's number, written canonically (no sign, no leading zeros)
+        if image_id.isascii() and image_id.isdigit() and str(int(image_id)) == image_id and int(image_id) < len(self):
+            return int(image_id)
+        return None
+
+    @property
+    def has_thumbnails(self) -> bool:
+        return self._thumb_data is not None
+
+    @property
+    def thumbnail_media_type(self) -> str | None:
+        return THUMBNAIL_FORMATS[self.meta["thumbnails"]["format"]][1] if self.has_thumbnails else None
+
+    def thumbnail(self, row: int) -> bytes:
+        """The encoded thumbnail of image ``row`` (a copy out of the memory map)."""
+        if not self.has_thumbnails:
+            raise ArtefactError(f"the gallery at {self.path} has no thumbnails")
+        a, b = int(self._thumb_offsets[row]), int(self._thumb_offsets[row + 1])
+        return self._thumb_data[a:b].numpy().tobytes()
+
+    def check_encoder(self, model: Any) -> None:
+        """Raise :class:`EncoderMismatchError` unless ``model``'s encoder made this gallery."""
+        want = (self.meta.get("encoder") or {}).get("fingerprint")
+        have = None
+        if model.encoder is not None:
+            have = model.encoder.fingerprint
+        elif model.encoder_source:
+            have = model.encoder_source.get("fingerprint")
+        if want and have and want != have:
+            spec = (self.meta.get("encoder") or {}).get("spec")
+            raise EncoderMismatchError(
+                f"the gallery at {self.path} was built with another encoder ({spec}, fingerprint {want[:12]}) than "
+                f"the model's ({have[:12]}); rebuild it with asymvlm-index build --model ..."
+            )
+        if self.dim != model.dim:
+            raise EncoderMismatchError(f"the gallery's embeddings have dimension {self.dim}, the model {model.dim}")

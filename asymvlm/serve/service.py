@@ -1,0 +1,431 @@
+"""Retrieval with uncertainty as a service: the computations behind ``asymvlm-serve``, without HTTP.
+
+:class:`RetrievalService` holds a model (:class:`~asymvlm.model.AsymVLM`) and an opened
+:class:`~asymvlm.serve.gallery.Gallery`. Each of its batch functions takes a list of requests and
+returns one answer per request — the HTTP app calls them through dynamic batchers with many
+requests at once, the one-by-one path (and Python users) with a list of one; it is the same code:
+
+* :meth:`search_text` — text -> images: top-k image ids, log-likelihood scores, cosines, the
+  query's concentration and uncertainty, and whether it abstains (criterion, threshold, statistic);
+* :meth:`search_image` — image (embedding or PIL image) -> captions of the gallery's caption index;
+* :meth:`classify` — zero-shot classification with abstention (:mod:`asymvlm.zeroshot`);
+* :meth:`distributions` — text -> (mu, kappa).
+
+Uncertainty in words. ``1/kappa`` has no absolute scale (it depends on the model and the
+dimension), so the service places each query among the gallery's own captions: the percentile of
+its uncertainty among theirs, and a word — ``specific`` (below the 1/3 quantile), ``moderate``, or
+``vague`` (above the 2/3 quantile). Without a caption index there is no reference and no word.
+
+Abstention of a text query (:class:`Abstention`): ``uncertainty`` abstains when ``1/kappa`` is
+above the threshold (the query is too vague to retrieve a particular image), ``likelihood`` when the
+best image's ``log q(x)`` is below it (nothing in the gallery fits). A threshold written ``q90``
+is the 90th percentile of the caption index's uncertainties, resolved when the service starts.
+
+Example:
+    >>> import tempfile, torch
+    >>> from asymvlm.heads import TextHead
+    >>> from asymvlm.model import AsymVLM
+    >>> from asymvlm.serve.gallery import write_gallery
+    >>> torch.manual_seed(0) and None
+    >>> images = torch.nn.functional.normalize(torch.randn(50, 8), dim=-1)
+    >>> gallery = write_gallery(tempfile.mkdtemp() + "/g", images, captions=["a", "b"], caption_embeddings=images[:2])
+    >>> service = RetrievalService(AsymVLM(TextHead(dim=8, hidden_dims=(16,), residual=True)), gallery)
+    >>> [answer] = service.search_text([TextQuery(images[3:4], k=2)])
+    >>> answer[0]["hits"][0]["id"], answer[0]["abstained"]
+    ('3', False)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from asymvlm.errors import ConfigError, InputError
+
+__all__ = [
+    "RetrievalService",
+    "Abstention",
+    "TextQuery",
+    "ImageQuery",
+    "ClassifyQuery",
+    "SEARCH_CRITERIA",
+    "parse_abstention",
+    "specificity_word",
+]
+
+SEARCH_CRITERIA = {
+    "uncertainty": "abstain when the query's uncertainty 1/kappa is above the threshold (too vague)",
+    "likelihood": "abstain when the best image's log-likelihood log q(x) is below the threshold (nothing fits)",
+}
+WORDS = ((1 / 3, "specific"), (2 / 3, "moderate"), (1.0, "vague"))
+
+
+def specificity_word(percentile: float | None) -> str | None:
+    """``specific`` / ``moderate`` / ``vague`` for an uncertainty percentile in [0, 100] (None: None)."""
+    if percentile is None:
+        return None
+    for bound, word in WORDS:
+        if percentile <= 100 * bound:
+            return word
+    return WORDS[-1][1]
+
+
+@dataclass(frozen=True)
+class Abstention:
+    """When a text query abstains: ``criterion`` (``uncertainty``, ``likelihood``, None = never) and
+    its ``threshold``; ``quantile`` records a threshold given as a quantile of the captions."""
+
+    criterion: str | None = None
+    threshold: float | None = None
+    quantile: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.criterion is not None and self.criterion not in SEARCH_CRITERIA:
+            raise ConfigError(
+                f"unknown abstention criterion {self.criterion!r}; choose one of {sorted(SEARCH_CRITERIA)}"
+            )
+        if (self.criterion is None) != (self.threshold is None):
+            raise ConfigError("an abstention criterion needs a threshold (and a threshold a criterion)")
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ConfigError(f"the abstention threshold must be a finite number, got {self.threshold}")
+        if self.criterion == "uncertainty" and self.threshold is not None and self.threshold < 0:
+            raise ConfigError(f"an uncertainty threshold must be >= 0, got {self.threshold}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"criterion": self.criterion, "threshold": self.threshold}
+        if self.quantile is not None:
+            out["quantile"] = self.quantile
+        return out
+
+
+def parse_abstention(spec: str | None, reference: Tensor | None = None) -> Abstention:
+    """``none``, ``uncertainty:<x>``, ``uncertainty:q<percent>`` or ``likelihood:<x>``.
+
+    Example:
+        >>> parse_abstention("uncertainty:0.05")
+        Abstention(criterion='uncertainty', threshold=0.05, quantile=None)
+        >>> parse_abstention("none").criterion is None
+        True
+        >>> parse_abstention("uncertainty:q50", torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)).threshold
+        0.2
+    """
+    if spec is None or spec.strip().lower() in ("", "none"):
+        return Abstention()
+    criterion, sep, value = spec.partition(":")
+    criterion = criterion.strip()
+    if not sep or criterion not in SEARCH_CRITERIA:
+        raise ConfigError(
+            f"cannot parse abstention {spec!r}: write none, uncertainty:<x>, uncertainty:q<percent> or likelihood:<x>"
+        )
+    value = value.strip()
+    if value.startswith("q"):
+        if criterion != "uncertainty":
+            raise ConfigError(f"a quantile threshold ({spec!r}) is defined for the uncertainty criterion only")
+        if reference is None or reference.numel() == 0:
+            raise ConfigError(f"{spec!r} is a quantile of the gallery captions' uncertainties; this gallery has none")
+        try:
+            q = float(value[1:])
+        except ValueError as err:
+            raise ConfigError(f"cannot parse the quantile in {spec!r}") from err
+        if not 0 <= q <= 100:
+            raise ConfigError(f"the quantile in {spec!r} must be in [0, 100]")
+        t = float(torch.quantile(reference.double(), q / 100))
+        return Abstention(criterion, t, q)
+    try:
+        t = float(value)
+    except ValueError as err:
+        raise ConfigError(f"cannot parse the threshold in {spec!r}") from err
+    return Abstention(criterion, t)
+
+
+@dataclass
+class TextQuery:
+    """Texts (strings, or frozen text embeddings (Q, d)) searched against the gallery's images.
+    ``abstain`` None: the service's default."""
+
+    texts: Sequence[str] | Tensor
+    k: int = 10
+    abstain: Abstention | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.texts)
+
+
+@dataclass
+class ImageQuery:
+    """Images (PIL images, or unit image embeddings (Q, d)) searched against the caption index."""
+
+    images: Sequence[Any] | Tensor
+    k: int = 10
+
+    @property
+    def size(self) -> int:
+        return len(self.images)
+
+
+@dataclass
+class ClassifyQuery:
+    """Zero-shot classification of images into ``classes`` (one prompt each) with abstention."""
+
+    images: Sequence[Any] | Tensor
+    classes: tuple[str, ...]
+    criterion: str = "probability"
+    threshold: float | None = None
+
+    @property
+    def size(self) -> int:
+        return len(self.images)
+
+
+@dataclass
+class _Reference:
+    """Sorted uncertainties of the caption index: the scale queries are placed on."""
+
+    sorted_uncertainty: Tensor | None = field(default=None)
+
+    def percentile(self, u: Tensor) -> list[float | None]:
+        if self.sorted_uncertainty is None or self.sorted_uncertainty.numel() == 0:
+            return [None] * u.numel()
+        ref = self.sorted_uncertainty
+        below = torch.searchsorted(ref, u.to(ref.dtype).contiguous(), right=False)
+        at_or_below = torch.searchsorted(ref, u.to(ref.dtype).contiguous(), right=True)
+        # mid-rank percentile: ties count half (a query equal to every caption sits at 50)
+        return [100.0 * float(b + a) / (2 * ref.numel()) for b, a in zip(below.tolist(), at_or_below.tolist())]
+
+
+def _finite(x: float) -> float | None:
+    return x if math.isfinite(x) else None
+
+
+class RetrievalService:
+    """A model and a gallery, answering batches of requests (see the module docstring).
+
+    Args:
+        model: an :class:`~asymvlm.model.AsymVLM`; it needs its encoder for strings and images
+            (embeddings work without one).
+        gallery: an opened :class:`~asymvlm.serve.gallery.Gallery` built with the model's encoder.
+        abstain: the default abstention of text queries (an :class:`Abstention` or a string for
+            :func:`parse_abstention`, e.g. ``"uncertainty:q90"``).
+    """
+
+    def __init__(self, model: Any, gallery: Any, *, abstain: Abstention | str | None = None):
+        from asymvlm.retrieval import TextIndex
+
+        gallery.check_encoder(model)
+        self.model = model.eval()
+        self.gallery = gallery
+        self.caption_index = None
+        ref = None
+        if gallery.caption_embeddings is not None and len(gallery.captions):
+            with torch.no_grad():
+                self.caption_index = TextIndex.from_texts(model, gallery.caption_embeddings, ids=gallery.captions)
+            ref = torch.sort((1.0 / self.caption_index.concentration.double()).clamp_max(1e300)).values
+        self.reference = _Reference(ref)
+        self.default_abstain = abstain if isinstance(abstain, Abstention) else parse_abstention(abstain, ref)
+        self.device = next(model.head.parameters()).device
+
+    # -- what the service is ------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """The model, the gallery and the defaults (``GET /v1/info``)."""
+        src = self.model.encoder_source or {}
+        ref = self.reference.sorted_uncertainty
+        return {
+            "family": self.model.family,
+            "dim": self.model.dim,
+            "encoder": {
+                "spec": src.get("spec"),
+                "pretrained": src.get("pretrained"),
+                "fingerprint": src.get("fingerprint"),
+            },
+            "accepts_text": self.model.encoder is not None,
+            "accepts_images": self.model.encoder is not None,
+            "gallery": {
+                "size": len(self.gallery),
+                "captions": len(self.gallery.captions),
+                "thumbnails": self.gallery.has_thumbnails,
+                "source": self.gallery.meta.get("source", ""),
+            },
+            "abstain": self.default_abstain.to_dict(),
+            "examples": self.examples(),
+            "uncertainty_scale": None
+            if ref is None
+            else {
+                "reference": "the gallery's captions",
+                **{f"q{q}": float(torch.quantile(ref, q / 100)) for q in (5, 33, 50, 67, 95)},
+            },
+        }
+
+    def examples(self, quantiles: Sequence[float] = (0.98, 0.6, 0.3, 0.02)) -> list[str]:
+        """Captions of the gallery from vague to specific (at these quantiles of their uncertainty):
+        example queries for the page."""
+        if self.caption_index is None:
+            return []
+        order = torch.argsort(self.caption_index.concentration, stable=True)  # low kappa = vague first
+        n = order.numel()
+        picks = [self.gallery.captions[int(order[min(n - 1, int((1 - q) * n))])] for q in quantiles]
+        return list(dict.fromkeys(picks))
+
+    # -- text -> images -----------------------------------------------------------------------
+    @torch.no_grad()
+    def search_text(self, requests: Sequence[TextQuery]) -> list[list[dict[str, Any]]]:
+        """One list of per-text answers for each request (one encoder + head forward and one
+        chunked top-k over the gallery for all of them)."""
+        if not requests:
+            return []
+        strings = [r for r in requests if not isinstance(r.texts, Tensor)]
+        if strings and any(isinstance(r.texts, Tensor) for r in requests):
+            return [self.search_text([r])[0] for r in requests]  # one kind per forward
+        if strings:
+            unique = list(dict.fromkeys(t for r in requests for t in r.texts))  # identical texts once
+            q = self.model.encode_text(unique)
+            pos = {t: i for i, t in enumerate(unique)}
+            rows = [pos[t] for r in requests for t in r.texts]
+            labels = [t for r in requests for t in r.texts]
+        else:
+            emb = torch.cat([r.texts for r in requests])
+            q = self.model.encode_text(emb.to(self.device))
+            rows = list(range(emb.shape[0]))
+            labels = [None] * len(rows)
+        k = max(r.k for r in requests)
+        res = self.gallery.index.search(q, k=k)
+        found = res.to_dict()["queries"]
+        kappa = q.concentration.detach().double().cpu()
+        unc = 1.0 / kappa
+        pct = self.reference.percentile(unc)
+        out: list[list[dict[str, Any]]] = []
+        at = 0
+        for r in requests:
+            rule = r.abstain if r.abstain is not None else self.default_abstain
+            answers = []
+            for _ in range(r.size):
+                i = rows[at]
+                hits = [{**h, "id": str(h["id"])} for h in found[i]["hits"][: r.k]]
+                u = float(unc[i])
+                stat = None
+                if rule.criterion == "uncertainty":
+                    stat = u
+                elif rule.criterion == "likelihood":
+                    stat = hits[0]["score"]
+                abstained = bool(
+                    stat is not None
+                    and (stat > rule.threshold if rule.criterion == "uncertainty" else stat < rule.threshold)
+                )
+                answers.append(
+                    {
+                        **({"query": labels[at]} if labels[at] is not None else {}),
+                        "concentration": _finite(float(kappa[i])),
+                        "uncertainty": _finite(u),
+                        "uncertainty_percentile": pct[i],
+                        "specificity": specificity_word(pct[i]),
+                        "abstained": abstained,
+                        "abstention": {**rule.to_dict(), "statistic": None if stat is None else _finite(float(stat))},
+                        "hits": hits,
+                    }
+                )
+                at += 1
+            out.append(answers)
+        return out
+
+    # -- image -> captions --------------------------------------------------------------------
+    def _image_embeddings(self, requests: Sequence[ImageQuery | ClassifyQuery]) -> Tensor:
+        """All requests' images as unit embeddings (PIL images encoded in one forward)."""
+        pil = [im for r in requests if not isinstance(r.images, Tensor) for im in r.images]
+        encoded = self.model.encode_image(pil) if pil else None
+        parts, at = [], 0
+        for r in requests:
+            if isinstance(r.images, Tensor):
+                parts.append(r.images.float().cpu())
+            else:
+                parts.append(encoded[at : at + len(r.images)])
+                at += len(r.images)
+        return torch.cat(parts)
+
+    @torch.no_grad()
+    def search_image(self, requests: Sequence[ImageQuery]) -> list[list[dict[str, Any]]]:
+        """One list of per-image answers (the k captions under which each image is most likely)."""
+        if not requests:
+            return []
+        if self.caption_index is None:
+            raise InputError("this gallery has no caption index (build it from a collection with captions)")
+        x = self._image_embeddings(requests)
+        res = self.caption_index.search(x, k=max(r.k for r in requests))
+        found = res.to_dict()["queries"]
+        unc = torch.tensor([[h["uncertainty"] or math.inf for h in q["hits"]] for q in found], dtype=torch.float64)
+        pct = [self.reference.percentile(row) for row in unc]
+        out, at = [], 0
+        for r in requests:
+            answers = []
+            for _ in range(r.size):
+                hits = found[at]["hits"][: r.k]
+                for h, p in zip(hits, pct[at]):
+                    h["uncertainty_percentile"] = p
+                    h["specificity"] = specificity_word(p)
+                answers.append({"hits": hits})
+                at += 1
+            out.append(answers)
+        return out
+
+    # -- zero-shot ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def classify(self, requests: Sequence[ClassifyQuery]) -> list[dict[str, Any]]:
+        """One :meth:`~asymvlm.zeroshot.ZeroShotResult.to_dict` per request; requests with the same
+        classes and rule share one forward."""
+        from asymvlm.zeroshot import zero_shot_classify
+
+        if not requests:
+            return []
+        x = self._image_embeddings(requests)
+        spans, at = [], 0
+        for r in requests:
+            spans.append((at, at + r.size))
+            at += r.size
+        out: list[dict[str, Any] | None] = [None] * len(requests)
+        groups: dict[tuple, list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((r.classes, r.criterion, r.threshold), []).append(i)
+        for (classes, criterion, threshold), members in groups.items():
+            rows = torch.cat([torch.arange(*spans[i]) for i in members])
+            res = zero_shot_classify(
+                self.model, x[rows], list(classes), criterion=criterion, threshold=threshold
+            ).to_dict()
+            at = 0
+            for i in members:
+                n = spans[i][1] - spans[i][0]
+                out[i] = {**{k: v for k, v in res.items() if k != "images"}, "images": res["images"][at : at + n]}
+                at += n
+        return out
+
+    # -- text -> distribution -----------------------------------------------------------------
+    @torch.no_grad()
+    def distributions(self, requests: Sequence[Sequence[str]]) -> list[list[dict[str, Any]]]:
+        """Per request, per text: ``family``, ``mu``, ``kappa``, ``uncertainty`` (and its place among
+        the gallery's captions)."""
+        if not requests:
+            return []
+        unique = list(dict.fromkeys(t for r in requests for t in r))
+        q = self.model.encode_text(unique)
+        d = q.to_dict()
+        pct = self.reference.percentile(1.0 / q.concentration.detach().double().cpu())
+        pos = {t: i for i, t in enumerate(unique)}
+        return [
+            [
+                {
+                    "text": t,
+                    "family": d["family"],
+                    "dim": d["dim"],
+                    "mu": d["mu"][pos[t]],
+                    "kappa": d["kappa"][pos[t]],
+                    "uncertainty": d["uncertainty"][pos[t]],
+                    "uncertainty_percentile": pct[pos[t]],
+                    "specificity": specificity_word(pct[pos[t]]),
+                }
+                for t in r
+            ]
+            for r in requests
+        ]

@@ -1,0 +1,200 @@
+// asymvlm-serve's page: plain JavaScript, no build step, no third-party code. Every request goes to
+// this origin; with an API key the browser's own prompt (HTTP Basic) supplies it to every request.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const fmt = (x, digits = 3) => (x === null || x === undefined ? "–" : Number(x).toPrecision(digits));
+
+function showError(message) {
+  const el = $("error");
+  el.textContent = message;
+  el.hidden = !message;
+}
+
+async function call(path, options = {}) {
+  const response = await fetch(path, options);
+  let body = null;
+  try {
+    body = await response.json();
+  } catch (err) {
+    body = null;
+  }
+  if (!response.ok) {
+    const message = body && body.error ? body.error.message : `${response.status} ${response.statusText}`;
+    throw new Error(message);
+  }
+  return body;
+}
+
+function meter(el, percentile, word) {
+  const fill = el.querySelector(".fill");
+  const value = percentile === null || percentile === undefined ? 0 : percentile;
+  fill.style.width = `${Math.max(2, Math.min(100, value))}%`; // CSSOM: allowed by the page's CSP
+  el.setAttribute("aria-valuenow", String(Math.round(value)));
+  el.dataset.word = word || "unknown";
+}
+
+function wordText(word) {
+  return word ? word : "no reference";
+}
+
+function renderSummary(answer) {
+  $("query-summary").hidden = false;
+  meter($("uncertainty-bar"), answer.uncertainty_percentile, answer.specificity);
+  const word = $("specificity");
+  word.textContent = wordText(answer.specificity);
+  word.dataset.word = answer.specificity || "unknown";
+  const pct = answer.uncertainty_percentile;
+  const place = pct === null || pct === undefined
+    ? ""
+    : `more uncertain than ${Math.round(pct)}% of this gallery's captions · `;
+  $("uncertainty-detail").textContent = `${place}1/κ = ${fmt(answer.uncertainty)}, κ = ${fmt(answer.concentration, 4)}`;
+  const banner = $("abstained-banner");
+  if (answer.abstained) {
+    const a = answer.abstention;
+    const rule = a.criterion === "uncertainty"
+      ? `its uncertainty ${fmt(a.statistic)} is above the threshold ${fmt(a.threshold)}`
+      : `the best image's log-likelihood ${fmt(a.statistic)} is below the threshold ${fmt(a.threshold)}`;
+    const quantile = a.quantile !== undefined && a.quantile !== null ? ` (the ${a.quantile}th percentile of the captions)` : "";
+    banner.textContent = `Abstained: ${rule}${quantile}. This description fits too many images to pick one; the results below are a guess — try a more specific description.`;
+    banner.hidden = false;
+  } else {
+    banner.hidden = true;
+    banner.textContent = "";
+  }
+}
+
+function renderHits(answer) {
+  const grid = $("results");
+  grid.replaceChildren();
+  grid.classList.toggle("abstained", Boolean(answer.abstained));
+  answer.hits.forEach((hit, i) => {
+    const card = document.createElement("figure");
+    card.className = "result";
+    if (hit.thumbnail) {
+      const img = document.createElement("img");
+      img.src = hit.thumbnail;
+      img.alt = `image ${hit.id}`;
+      img.loading = "lazy";
+      card.appendChild(img);
+    }
+    const cap = document.createElement("figcaption");
+    const id = document.createElement("span");
+    id.className = "id";
+    id.textContent = `#${i + 1} · ${hit.id}`;
+    cap.appendChild(id);
+    const stats = document.createElement("span");
+    stats.className = "stats";
+    stats.textContent = `log q = ${fmt(hit.score, 4)} · cos = ${fmt(hit.cosine)}`;
+    cap.appendChild(document.createElement("br"));
+    cap.appendChild(stats);
+    card.appendChild(cap);
+    grid.appendChild(card);
+  });
+}
+
+async function searchText(event) {
+  if (event) event.preventDefault();
+  const query = $("query").value.trim();
+  if (!query) return;
+  showError("");
+  $("search-button").disabled = true;
+  try {
+    const body = await call("/v1/search/text", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ query, k: Number($("k").value) }),
+    });
+    const answer = body.results[0];
+    renderSummary(answer);
+    renderHits(answer);
+  } catch (err) {
+    showError(err.message);
+  } finally {
+    $("search-button").disabled = false;
+  }
+}
+
+async function searchImage(event) {
+  event.preventDefault();
+  const file = $("upload").files[0];
+  if (!file) return;
+  showError("");
+  const preview = $("upload-preview");
+  preview.src = URL.createObjectURL(file);
+  preview.hidden = false;
+  const form = new FormData();
+  form.append("file", file);
+  form.append("k", "8");
+  $("upload-button").disabled = true;
+  try {
+    const body = await call("/v1/search/image/upload", { method: "POST", body: form });
+    const list = $("caption-results");
+    list.replaceChildren();
+    for (const hit of body.results[0].hits) {
+      const item = document.createElement("li");
+      item.className = "caption";
+      const text = document.createElement("span");
+      text.className = "text";
+      text.textContent = hit.id;
+      const bar = document.createElement("div");
+      bar.className = "bar small";
+      bar.setAttribute("role", "meter");
+      bar.setAttribute("aria-label", "uncertainty of the caption");
+      const fill = document.createElement("div");
+      fill.className = "fill";
+      bar.appendChild(fill);
+      meter(bar, hit.uncertainty_percentile, hit.specificity);
+      const word = document.createElement("span");
+      word.className = "word";
+      word.dataset.word = hit.specificity || "unknown";
+      word.textContent = wordText(hit.specificity);
+      const stats = document.createElement("span");
+      stats.className = "stats";
+      stats.textContent = `log q = ${fmt(hit.score, 4)}`;
+      item.append(text, bar, word, stats);
+      list.appendChild(item);
+    }
+  } catch (err) {
+    showError(err.message);
+  } finally {
+    $("upload-button").disabled = false;
+  }
+}
+
+async function loadInfo() {
+  try {
+    const info = await call("/v1/info");
+    const g = info.gallery;
+    const enc = info.encoder && info.encoder.spec ? info.encoder.spec : "embeddings only";
+    const rule = info.abstain.criterion
+      ? `abstains when ${info.abstain.criterion} ${info.abstain.criterion === "uncertainty" ? ">" : "<"} ${fmt(info.abstain.threshold)}`
+      : "never abstains";
+    $("model-info").textContent =
+      `${info.family} head on ${enc} · ${g.size} images, ${g.captions} captions · ${rule}`;
+    if (info.examples && info.examples.length) {
+      const box = $("examples");
+      for (const text of info.examples) {
+        const b = document.createElement("button");
+        b.type = "button";
+        b.className = "example";
+        b.textContent = text;
+        b.addEventListener("click", () => {
+          $("query").value = text;
+          searchText();
+        });
+        box.appendChild(b);
+      }
+      box.hidden = false;
+    }
+    $("image-search").hidden = !g.captions || !info.accepts_images;
+  } catch (err) {
+    showError(`cannot reach the service: ${err.message}`);
+  }
+}
+
+document.addEventListener("DOMContentLoaded", () => {
+  $("search-form").addEventListener("submit", searchText);
+  $("upload-form").addEventListener("submit", searchImage);
+  loadInfo();
+});
