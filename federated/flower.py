@@ -513,7 +513,7 @@ def _secure_round(grid: Grid, workflow: Any, run: Any, state: Any, active: list[
 def run_flower_server(grid: Grid, run_config: Mapping[str, Any], *, timeout: float = 3600.0) -> Any:
     """The ServerApp's body: asymvlm's rounds over the grid's nodes; returns the final
     :class:`~asymvlm.federated.checkpoint.ServerState` (the model is saved in ``output_dir/model``)."""
-    from asymvlm.federated.checkpoint import save_federated_model
+    from asymvlm.federated.checkpoint import federated_card, save_federated_model
     from asymvlm.federated.data import FederatedData
     from asymvlm.federated.rounds import Federation, fairness, federation_recipe, sample_clients
 
@@ -602,7 +602,8 @@ def run_flower_server(grid: Grid, run_config: Mapping[str, Any], *, timeout: flo
         run.save_round(state, record, config)
         log.info("round %d/%d: %d updates, %d rejected", rnd + 1, fed.rounds, len(accepted), len(record["rejected"]))
     run.model.set_params(state.params)
-    save_federated_model(run.model, state, server_data, out / "model", init_from=fed.init_from or None)
+    card = federated_card(fed, state, ropts, data_args=data_args, data=server_data)
+    save_federated_model(run.model, state, server_data, out / "model", init_from=fed.init_from or None, card=card)
     return state
 
 

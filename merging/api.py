@@ -12,7 +12,11 @@ peft LoRA adapters             base checkpoint (``dense`` only)    ``dense`` / `
 =============================  ==================================  =====================================
 
 Every output directory is written atomically and carries ``merge.json`` (inputs, method,
-options, lambda, and for LoRA the truncation error).
+options, lambda, and for LoRA the truncation error) and a ``README.md`` model card
+(:func:`asymvlm.hub.model_card`: the method, lambda, the base's and the experts' fingerprints, the
+lambda search's scores). ``base`` and every input may also be a Hugging Face Hub model id
+(``user/repo[@revision]``, fetched into the Hub cache, :func:`asymvlm.hub.resolve_artefact`); a
+folder holding a ``model.safetensors`` (a merged checkpoint, e.g. from the Hub) is a checkpoint.
 
 :func:`lambda_search` scores ``base + lam * aggregate(taus)`` over a grid with a metric callback
 (the aggregate is computed once); :func:`recall_metric` is the usual callback for AsymVLM heads:
@@ -45,9 +49,40 @@ from asymvlm.merging.task_vectors import MergeInputError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["merge", "input_kind", "lambda_search", "LambdaSearch", "recall_metric", "recall_at_1", "INPUT_KINDS"]
+__all__ = [
+    "merge",
+    "input_kind",
+    "local_input",
+    "lambda_search",
+    "LambdaSearch",
+    "recall_metric",
+    "recall_at_1",
+    "INPUT_KINDS",
+]
 
 INPUT_KINDS = ("asymvlm", "checkpoint", "task_vector", "lora")
+CHECKPOINT_NAME = "model.safetensors"  # what a merge of checkpoints writes (a folder holding one is a checkpoint)
+
+
+def local_input(name: str | Path) -> Path:
+    """A merge input or base as a local path: an existing path as it is, a Hub id
+    (``user/repo[@revision]``) as its snapshot in the Hub cache (downloaded unless ``HF_HUB_OFFLINE``)."""
+    from asymvlm.errors import ArtefactError
+    from asymvlm.hub import looks_like_hub_id, resolve_artefact, split_revision
+
+    p = Path(name)
+    if p.exists() or not looks_like_hub_id(split_revision(str(name))[0]):
+        return p
+    try:
+        return resolve_artefact(str(name), what="merge input")
+    except ArtefactError as err:
+        raise MergeInputError(str(err)) from err
+
+
+def _checkpoint_file(p: Path) -> Path:
+    """A checkpoint given as a folder (a merged checkpoint's output, a Hub snapshot) is its
+    ``model.safetensors``."""
+    return p / CHECKPOINT_NAME if p.is_dir() else p
 
 
 def input_kind(path: str | Path) -> str:
@@ -60,9 +95,11 @@ def input_kind(path: str | Path) -> str:
             return "lora"
         if (p / "task_vector.safetensors").is_file():
             return "task_vector"
+        if (p / CHECKPOINT_NAME).is_file():
+            return "checkpoint"
         raise MergeInputError(
-            f"{p} is neither a saved AsymVLM, a peft adapter nor a task vector (no asymvlm_config.json, "
-            "adapter_config.json or task_vector.safetensors)"
+            f"{p} is neither a saved AsymVLM, a peft adapter, a task vector nor a checkpoint (no asymvlm_config.json, "
+            f"adapter_config.json, task_vector.safetensors or {CHECKPOINT_NAME})"
         )
     if p.is_file() and p.suffix == ".safetensors":
         return "checkpoint"
@@ -203,7 +240,8 @@ def _asymvlm_vectors(base: Path, inputs: Sequence[Path]):
         logger.warning(w)
     b = LazyTaskVector(base / WEIGHTS_NAME)
     vectors = [DiffParams(b, LazyTaskVector(Path(p) / WEIGHTS_NAME)) for p in inputs]
-    return base_model, experts, b, vectors, warnings
+    fingerprints = {"base": base_weights, "experts": [tensor_fingerprint(m.head.state_dict()) for m in experts]}
+    return base_model, experts, b, vectors, warnings, fingerprints
 
 
 def merge(
@@ -244,17 +282,20 @@ def merge(
     if "p" in options and not 0 <= float(options["p"]) < 1:
         raise MergeInputError(f"the DARE drop probability p must be in [0, 1), got {options['p']}")
     METHODS.resolve(method, {**options, "lam": lam})  # ConfigError: unknown method, unknown or invalid options
+    names = [str(p) for p in inputs]  # as given (Hub ids stay Hub ids in the report and the card)
+    base_name = str(base) if base is not None else None
+    inputs = [local_input(p) for p in inputs]
+    base = local_input(base) if base is not None else None
     kinds = {input_kind(p) for p in inputs}
     if len(kinds) > 1:
         raise MergeInputError(f"inputs of different kinds {sorted(kinds)}: merge one kind at a time")
     kind = kinds.pop()
     out = Path(out)
-    inputs = [Path(p) for p in inputs]
     report: dict[str, Any] = {
         "type": "asymvlm.merge",
         "kind": kind,
-        "base": str(base) if base is not None else None,
-        "inputs": [str(p) for p in inputs],
+        "base": base_name,
+        "inputs": names,
         "method": method,
         "reference": METHODS[method].reference,
         "options": options,
@@ -275,15 +316,17 @@ def merge(
             weights=weights,
             output=lora_output,
             rank=rank,
-            base=base,
+            base=_checkpoint_file(base) if base is not None else None,
             progress=progress,
+            names=names,
             **options,
         )
         return {**report, **rep}
     if base is None:
         raise MergeInputError(f"merging {kind} inputs needs --base (what they were fine-tuned from)")
-    base = Path(base)
+    from asymvlm.hub import model_card, write_model_card
     from asymvlm.io import atomic_directory, atomic_write_json
+    from asymvlm.merging.cards import merge_card
 
     if kind == "asymvlm":
         from asymvlm.merging.methods import merge_params
@@ -291,7 +334,7 @@ def merge(
 
         if input_kind(base) != "asymvlm":
             raise MergeInputError(f"the base of AsymVLM inputs must be a saved AsymVLM, got {base}")
-        base_model, experts, b, vectors, warnings = _asymvlm_vectors(base, inputs)
+        base_model, experts, b, vectors, warnings, fingerprints = _asymvlm_vectors(base, inputs)
         if warnings:
             report["warnings"] = warnings
         base_params = {k: b[k].clone() for k in b}
@@ -328,25 +371,31 @@ def merge(
         )
         model.head.load_state_dict(merged)
         report.update(lam=lam, keys=len(merged), parameters=sum(v.numel() for v in merged.values()))
+        card = model.model_card("merged", **merge_card(report, fingerprints, val=val))
         with atomic_directory(out) as tmp:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, card=False)
             atomic_write_json(report, tmp / "merge.json")
+            write_model_card(tmp, card, replacing=out)
         return report
     # checkpoints and task vectors: streamed into out/model.safetensors
     from asymvlm.merging.methods import merge_files
     from asymvlm.merging.task_vectors import DiffParams, LazyTaskVector
 
+    base = _checkpoint_file(base)
     if kind == "checkpoint":
         b = LazyTaskVector(base)
-        vectors = [DiffParams(b, LazyTaskVector(p)) for p in inputs]
+        vectors = [DiffParams(b, LazyTaskVector(_checkpoint_file(p))) for p in inputs]
     else:
         vectors = [LazyTaskVector(p) for p in inputs]
     report.update(lam=lam, keys=len(vectors[0]), parameters=sum(math.prod(vectors[0].shape(k)) for k in vectors[0]))
+    experts = {"base_fingerprints": [v.meta.get("base_fingerprint") for v in vectors]} if kind == "task_vector" else {}
+    card = model_card("checkpoint", **merge_card(report, experts))
     with atomic_directory(out) as tmp:
         merge_files(
-            base, vectors, tmp / "model.safetensors", method, lam=lam, weights=weights, progress=progress, **options
+            base, vectors, tmp / CHECKPOINT_NAME, method, lam=lam, weights=weights, progress=progress, **options
         )
         atomic_write_json(report, tmp / "merge.json")
+        write_model_card(tmp, card, replacing=out)
     return report
 
 

@@ -52,9 +52,12 @@ def _floats(value: str) -> list[float]:
 # passed to the method are OPTION_KEYS: they have no default here (each method has its own, see
 # --list_methods), so only the ones given reach the method.
 SPEC: dict[str, dict[str, Any]] = {
-    "base": {"help": "What the inputs were fine-tuned from: a saved AsymVLM or a .safetensors checkpoint."},
-    "inputs": {"nargs": "+", "help": "AsymVLMs, checkpoints, task-vector dirs or peft adapters."},
-    "output_dir": {"help": "Output directory (written atomically, with merge.json)."},
+    "base": {
+        "help": "What the inputs were fine-tuned from: a saved AsymVLM or a .safetensors checkpoint (or a Hub id, "
+        "user/repo[@revision])."
+    },
+    "inputs": {"nargs": "+", "help": "AsymVLMs, checkpoints, task-vector dirs or peft adapters (folders or Hub ids)."},
+    "output_dir": {"help": "Output directory (written atomically, with merge.json and a README.md model card)."},
     "method": {"default": "ties", "help": "Merge method (see --list_methods)."},
     "lam": {"type": float, "default": 1.0, "help": "Scaling lambda of the merged task vector."},
     "weights": {"nargs": "+", "type": float, "help": "Per-input weights (default: equal)."},

@@ -16,7 +16,9 @@ with any registered method and writes one of three outputs (``output=``):
 
 The written adapter is in peft's format (``adapter_config.json`` from the first input with the new
 rank, ``lora_alpha = r`` so ``s = 1``, rsLoRA off; ``adapter_model.safetensors``) and loads with
-``peft.PeftModel.from_pretrained`` on the same base model.
+``peft.PeftModel.from_pretrained`` on the same base model. Every output also carries ``merge.json``
+and a ``README.md`` model card (:func:`asymvlm.hub.model_card`; ``base_model`` is the adapters'
+base when it is a Hub model).
 """
 
 from __future__ import annotations
@@ -116,9 +118,25 @@ def _check_compatible(adapters: Sequence[LoraAdapter]) -> None:
             raise MergeInputError(f"the adapters were trained on different bases: {b1!r} ({first.path}) vs {b2!r}")
 
 
+def _card(kind: str, report: dict[str, Any], adapters: Sequence[LoraAdapter]) -> Any:
+    """The output's model card: the merge's record, the adapters' base as ``base_model``."""
+    from asymvlm.hub import looks_like_hub_id, model_card
+    from asymvlm.merging.cards import merge_card
+
+    base = adapters[0].config.get("base_model_name_or_path")
+    base = base if isinstance(base, str) and looks_like_hub_id(base) and not Path(base).exists() else None
+    tags = ["peft"] if kind == "lora" else ["lora"]
+    return model_card(kind, **merge_card(report), base_model=base, tags=tags)
+
+
 def _write_adapter(
-    out: Path, template: dict[str, Any], layers: dict[str, tuple[Tensor, Tensor]], report: dict[str, Any]
+    out: Path,
+    template: dict[str, Any],
+    layers: dict[str, tuple[Tensor, Tensor]],
+    report: dict[str, Any],
+    adapters: Sequence[LoraAdapter],
 ) -> Path:
+    from asymvlm.hub import write_model_card
     from asymvlm.io import atomic_directory, atomic_save_safetensors, atomic_write_json
     from asymvlm.lora import join_peft_state
 
@@ -140,6 +158,7 @@ def _write_adapter(
         )
         atomic_write_json(cfg, tmp / "adapter_config.json")
         atomic_write_json(report, tmp / "merge.json")
+        write_model_card(tmp, _card("lora", report, adapters), replacing=out)
     return out
 
 
@@ -154,6 +173,7 @@ def merge_lora_adapters(
     rank: int | None = None,
     base: str | Path | None = None,
     progress: bool = False,
+    names: Sequence[str] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Merge peft LoRA adapters; returns the report written next to the output (``merge.json``).
@@ -166,6 +186,7 @@ def merge_lora_adapters(
         output: ``dense``, ``concat`` or ``svd`` (module docstring).
         rank: the adapter rank for ``svd`` (default: the largest input rank).
         base: the base checkpoint for ``dense``.
+        names: how the report and the card name the inputs (default their paths; e.g. Hub ids).
     """
     from asymvlm.merging.methods import make_method
 
@@ -184,7 +205,7 @@ def merge_lora_adapters(
     out = Path(out)
     report: dict[str, Any] = {
         "type": "asymvlm.merge",
-        "inputs": [str(a.path) for a in adapters],
+        "inputs": [str(n) for n in names] if names is not None else [str(a.path) for a in adapters],
         "kind": "lora",
         "method": method,
         "options": options,
@@ -205,13 +226,14 @@ def merge_lora_adapters(
             b_cat = torch.cat([(lam * wk * ad.scaling) * ad.layers[layer][1] for wk, ad in zip(w, adapters)], 1)
             layers[layer] = (a_cat, b_cat)  # scaling of the output adapter: r / r = 1
         report["rank"] = int(sum(ad.layers[next(iter(ad.layers))][0].shape[0] for ad in adapters))
-        _write_adapter(out, adapters[0].config, layers, report)
+        _write_adapter(out, adapters[0].config, layers, report, adapters)
         return report
     vectors = [MemoryParams(ad.dense(), str(ad.path), {"source": "lora"}) for ad in adapters]
     if output == "dense":
         from asymvlm.merging.methods import merge_files
 
         report["base"] = str(base)
+        from asymvlm.hub import write_model_card
         from asymvlm.io import atomic_directory, atomic_write_json
 
         with atomic_directory(out) as tmp:
@@ -219,6 +241,7 @@ def merge_lora_adapters(
                 base, vectors, tmp / "model.safetensors", method, lam=lam, weights=weights, progress=progress, **options
             )
             atomic_write_json(report, tmp / "merge.json")
+            write_model_card(tmp, _card("checkpoint", report, adapters), replacing=out)
         return report
     agg = make_method(method, **options).aggregator(vectors, weights)
     r = rank or max(a.shape[0] for ad in adapters for a, _ in ad.layers.values())
@@ -243,5 +266,5 @@ def merge_lora_adapters(
             "max": max(errors.values()),
         },
     )
-    _write_adapter(out, adapters[0].config, layers, report)
+    _write_adapter(out, adapters[0].config, layers, report, adapters)
     return report

@@ -11,7 +11,8 @@ convention: a delta is new minus reference, and ``apply_updates`` adds). Sources
   ``linear``/``ties`` LoRA merges inexact).
 
 Task vectors are saved as safetensors + a JSON sidecar (``base_fingerprint`` of the base tensors
-they were computed against, the keys' source) and opened lazily with :class:`LazyParams`, a
+they were computed against, the keys' source) + a ``README.md`` model card, and opened lazily with
+:class:`LazyParams`, a
 read-only mapping that loads one tensor per access (a fresh copy: safetensors may share storage,
 and nothing here edits loaded tensors in place).
 
@@ -136,10 +137,19 @@ def save_task_vector(tau: Mapping[str, Tensor], directory: str | Path, meta: dic
     for k, v in tau.items():
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise MergeInputError(f"task vector entry {k!r} contains NaN or inf")
+    from asymvlm.hub import model_card, public_name, write_model_card
+
     directory = Path(directory)
+    record = {k: public_name(v) if k in ("base", "finetuned", "adapter") else v for k, v in meta.items()}
+    record.pop("head", None)
+    record.pop("encoder", None)
+    record["keys"] = len(tau)
+    record["parameters"] = sum(v.numel() for v in tau.values())
+    card = model_card("task_vector", encoder=meta.get("encoder"), head=meta.get("head"), recipe=record)
     with atomic_directory(directory) as tmp:
         atomic_save_safetensors(dict(tau), tmp / "task_vector.safetensors")
         atomic_write_json({"type": TV_TYPE, "format_version": 1, **meta}, tmp / "task_vector.json")
+        write_model_card(tmp, card, replacing=directory)
     return directory
 
 
@@ -158,6 +168,14 @@ def task_vector_from_checkpoints(
 ) -> Path:
     """``finetuned - base`` for the keys of ``finetuned`` (optionally those matching ``include``,
     e.g. trainable or adapter keys); keys, shapes or dtypes that differ are an error."""
+    tau, base_fp = _checkpoint_delta(base, finetuned, include)
+    return save_task_vector(
+        tau, out, {"source": "checkpoint", "base": str(base), "finetuned": str(finetuned), "base_fingerprint": base_fp}
+    )
+
+
+def _checkpoint_delta(base: str | Path, finetuned: str | Path, include: str | None) -> tuple[dict[str, Tensor], str]:
+    """``(finetuned - base, the base's fingerprint)`` (see :func:`task_vector_from_checkpoints`)."""
     b, f = LazyTaskVector(base), LazyTaskVector(finetuned)
     keys = _select(list(f), include)
     missing = [k for k in keys if k not in b._shapes]
@@ -171,16 +189,17 @@ def task_vector_from_checkpoints(
         if tb.dtype != tf.dtype:
             raise MergeInputError(f"{k!r}: dtype {tf.dtype} in {finetuned}, {tb.dtype} in the base")
         tau[k] = tf - tb
-    base_fp = tensor_fingerprint(b)  # the whole base, so vectors over other key subsets still compare
-    return save_task_vector(
-        tau, out, {"source": "checkpoint", "base": str(base), "finetuned": str(finetuned), "base_fingerprint": base_fp}
-    )
+    return tau, tensor_fingerprint(b)  # the whole base, so vectors over other key subsets still compare
 
 
 def task_vector_from_models(base_model: str | Path, finetuned_model: str | Path, out: str | Path) -> Path:
-    """The head task vector of two saved AsymVLMs (same architecture and encoder)."""
+    """The head task vector of two saved AsymVLMs (same architecture and encoder); each a folder
+    or a Hugging Face Hub id (:func:`asymvlm.hub.resolve_artefact`)."""
+    from asymvlm.hub import resolve_artefact
     from asymvlm.model import WEIGHTS_NAME, AsymVLM
 
+    names = (str(base_model), str(finetuned_model))
+    base_model, finetuned_model = resolve_artefact(base_model), resolve_artefact(finetuned_model)
     bm = AsymVLM.from_pretrained(base_model, load_encoder=False)
     fm = AsymVLM.from_pretrained(finetuned_model, load_encoder=False)
     if bm.head.config != fm.head.config:
@@ -188,13 +207,16 @@ def task_vector_from_models(base_model: str | Path, finetuned_model: str | Path,
     src_b, src_f = bm.encoder_source or {}, fm.encoder_source or {}
     if src_b.get("fingerprint") != src_f.get("fingerprint"):
         raise MergeInputError("the two models were trained on different encoders")
-    out_dir = task_vector_from_checkpoints(Path(base_model) / WEIGHTS_NAME, Path(finetuned_model) / WEIGHTS_NAME, out)
-    meta = json.loads((Path(out_dir) / "task_vector.json").read_text())
-    meta.update(source="asymvlm", head=bm.head.config.to_dict(), encoder=src_f)
-    from asymvlm.io import atomic_write_json
-
-    atomic_write_json(meta, Path(out_dir) / "task_vector.json")
-    return out_dir
+    tau, base_fp = _checkpoint_delta(Path(base_model) / WEIGHTS_NAME, Path(finetuned_model) / WEIGHTS_NAME, None)
+    meta = {
+        "source": "asymvlm",
+        "base": names[0],
+        "finetuned": names[1],
+        "base_fingerprint": base_fp,
+        "head": bm.head.config.to_dict(),
+        "encoder": src_f,
+    }
+    return save_task_vector(tau, out, meta)
 
 
 def task_vector_from_lora(adapter_dir: str | Path, out: str | Path, *, base_fingerprint: str | None = None) -> Path:

@@ -245,5 +245,7 @@ def serve_assets(tmp_path_factory, tiny_open_clip_dir):
     model = AsymVLM(head, encoder, logit_scale=2.0)
     model_dir = model.save_pretrained(root / "model")
     data = sw.generate(80, seed=3, version=2)
-    gallery = build_gallery(model, data, root / "gallery", thumbnail_format="png", progress=False, source="shapeworld:2")
+    gallery = build_gallery(
+        model, data, root / "gallery", thumbnail_format="png", progress=False, source="shapeworld:2"
+    )
     return {"model_dir": model_dir, "gallery_dir": gallery.path, "model": model, "data": data}

@@ -42,7 +42,7 @@ def test_encode_text_image_and_likelihood(model, tiny_encoder, make_images):
 def test_save_and_load_roundtrip(tmp_path, model, tiny_encoder):
     model.save_pretrained(tmp_path / "m")
     files = sorted(p.name for p in (tmp_path / "m").iterdir())
-    assert files == ["asymvlm_config.json", "head.safetensors"]  # encoder weights referenced, not copied
+    assert files == ["README.md", "asymvlm_config.json", "head.safetensors"]  # encoder referenced, not copied
     cfg = json.loads((tmp_path / "m" / "asymvlm_config.json").read_text())
     assert cfg["type"] == "asymvlm" and cfg["format_version"] == 1
     assert cfg["encoder"]["spec"] == tiny_encoder.spec and cfg["encoder"]["fingerprint"] == tiny_encoder.fingerprint

@@ -163,14 +163,18 @@ def test_text_search_abstains_by_the_rule_given(client, service):
     texts = ["a red circle", "an object", "a small green triangle in the bottom right"]
     unc = (1 / service.model.encode_text(texts).concentration.double()).tolist()
     t = sorted(unc)[1]  # between the most and the least uncertain
-    r = client.post("/v1/search/text", json={"queries": texts, "k": 3, "abstain": {"criterion": "uncertainty", "threshold": t}})
+    r = client.post(
+        "/v1/search/text", json={"queries": texts, "k": 3, "abstain": {"criterion": "uncertainty", "threshold": t}}
+    )
     got = r.json()["results"]
     assert [a["abstained"] for a in got] == [u > t for u in unc] and sum(u > t for u in unc) == 1
     assert all(a["abstention"]["criterion"] == "uncertainty" and a["abstention"]["threshold"] == t for a in got)
     assert [a["abstention"]["statistic"] for a in got] == pytest.approx(unc)
     best = [a["hits"][0]["score"] for a in got]
     cut = sorted(best)[1]
-    r = client.post("/v1/search/text", json={"queries": texts, "k": 3, "abstain": {"criterion": "likelihood", "threshold": cut}})
+    r = client.post(
+        "/v1/search/text", json={"queries": texts, "k": 3, "abstain": {"criterion": "likelihood", "threshold": cut}}
+    )
     assert [a["abstained"] for a in r.json()["results"]] == [b < cut for b in best]
     r = client.post("/v1/search/text", json={"query": "an object", "k": 3, "abstain": None})
     assert r.json()["results"][0]["abstention"]["criterion"] is None
@@ -184,8 +188,14 @@ def test_the_default_rule_is_a_quantile_of_the_captions(serve_assets, service):
     answers = svc.search_text([TextQuery(service.gallery.captions, k=1)])[0]
     frac = np.mean([a["abstained"] for a in answers])
     assert abs(frac - 0.25) <= 1 / len(answers) + 1e-9  # a quarter of the captions lie above their q75
-    for bad, msg in [("uncertainty", "cannot parse"), ("entropy:1", "cannot parse"), ("likelihood:q5", "quantile"),
-                     ("uncertainty:qx", "quantile"), ("uncertainty:q101", r"\[0, 100\]"), ("uncertainty:-1", ">= 0")]:  # fmt: skip
+    for bad, msg in [
+        ("uncertainty", "cannot parse"),
+        ("entropy:1", "cannot parse"),
+        ("likelihood:q5", "quantile"),
+        ("uncertainty:qx", "quantile"),
+        ("uncertainty:q101", r"\[0, 100\]"),
+        ("uncertainty:-1", ">= 0"),
+    ]:
         with pytest.raises(Exception, match=msg):
             parse_abstention(bad, ref)
 
@@ -203,8 +213,9 @@ def test_image_search_by_embedding_and_upload_matches_brute_force(client, servic
     assert [h["id"] for h in hits] == [service.gallery.captions[j] for j in torch.argsort(ll, descending=True)[:5]]
     np.testing.assert_allclose([h["score"] for h in hits], torch.sort(ll, descending=True).values[:5], rtol=1e-5)
     assert all(h["uncertainty"] == pytest.approx(1 / float(q.concentration[h["row"]]), rel=1e-5) for h in hits)
-    up = client.post("/v1/search/image/upload", files={"file": ("s.png", png_bytes(data[11]["image"]), "image/png")},
-                     data={"k": "5"})  # fmt: skip
+    up = client.post(
+        "/v1/search/image/upload", files={"file": ("s.png", png_bytes(data[11]["image"]), "image/png")}, data={"k": "5"}
+    )
     assert up.status_code == 200 and [h["id"] for h in up.json()["results"][0]["hits"]] == [h["id"] for h in hits]
 
 
@@ -222,8 +233,11 @@ def test_classify_equals_zero_shot_classify(client, service, serve_assets):
     for a, b in zip(got["images"], ref["images"]):
         assert (a["label"], a["abstained"], a["best_label"]) == (b["label"], b["abstained"], b["best_label"])
         assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-6)
-    up = client.post("/v1/classify/upload", files={"file": ("x.png", png_bytes(data[2]["image"]), "image/png")},
-                     data={"classes": json.dumps(classes), "threshold": "0.4"})  # fmt: skip
+    up = client.post(
+        "/v1/classify/upload",
+        files={"file": ("x.png", png_bytes(data[2]["image"]), "image/png")},
+        data={"classes": json.dumps(classes), "threshold": "0.4"},
+    )
     assert up.status_code == 200 and up.json()["images"][0]["label"] == ref["images"][2]["label"]
 
 
@@ -235,9 +249,9 @@ def test_distribution_is_the_models(client, service):
         assert d["text"] == texts[i] and d["family"] == "vmf" and d["dim"] == q["dim"]
         np.testing.assert_allclose(d["mu"], q["mu"][i], atol=1e-7)
         assert d["kappa"] == pytest.approx(q["kappa"][i]) and d["uncertainty"] == pytest.approx(1 / q["kappa"][i])
-    assert client.post("/v1/distribution", json={"text": "a red circle"}).json()["results"][0]["kappa"] == pytest.approx(
-        q["kappa"][0]
-    )
+    assert client.post("/v1/distribution", json={"text": "a red circle"}).json()["results"][0][
+        "kappa"
+    ] == pytest.approx(q["kappa"][0])
 
 
 def test_thumbnails_health_metrics_docs_and_page(client, service):
@@ -255,10 +269,21 @@ def test_thumbnails_health_metrics_docs_and_page(client, service):
     ok = [s for s in fams["asymvlm_requests"].samples if s.labels.get("route") == "/v1/search/text"]
     assert any(s.labels["status"] == "200" and s.value >= 1 for s in ok)
     assert any(s.name.endswith("_count") and s.value >= 1 for s in fams["asymvlm_request_duration_seconds"].samples)
-    assert any(s.labels.get("kind") == "search_text" and s.name.endswith("_count") for s in fams["asymvlm_batch_size"].samples)
+    assert any(
+        s.labels.get("kind") == "search_text" and s.name.endswith("_count") for s in fams["asymvlm_batch_size"].samples
+    )
     schema = client.get("/openapi.json").json()
-    for path in ("/v1/search/text", "/v1/search/image", "/v1/search/image/upload", "/v1/classify",
-                 "/v1/classify/upload", "/v1/distribution", "/v1/thumbnails/{image_id}", "/healthz", "/readyz"):  # fmt: skip
+    for path in (
+        "/v1/search/text",
+        "/v1/search/image",
+        "/v1/search/image/upload",
+        "/v1/classify",
+        "/v1/classify/upload",
+        "/v1/distribution",
+        "/v1/thumbnails/{image_id}",
+        "/healthz",
+        "/readyz",
+    ):
         assert path in schema["paths"], path
     docs = client.get("/docs")
     assert docs.status_code == 200 and "/v1/search/text" in docs.text and "cdn" not in docs.text.lower()
@@ -279,8 +304,18 @@ def test_readiness_is_503_until_warm(service):
 # ----------------------------------------------------------------------------------------------
 # dynamic batching
 # ----------------------------------------------------------------------------------------------
-QUERIES = ["a red circle", "a blue square", "an object", "a small green triangle", "a big red object in the top left",
-           "a green object", "a square", "a big blue circle in the bottom right", "a triangle", "a small object"]  # fmt: skip
+QUERIES = [
+    "a red circle",
+    "a blue square",
+    "an object",
+    "a small green triangle",
+    "a big red object in the top left",
+    "a green object",
+    "a square",
+    "a big blue circle in the bottom right",
+    "a triangle",
+    "a small object",
+]
 
 
 def test_batched_results_equal_the_one_by_one_path(service):
@@ -291,7 +326,9 @@ def test_batched_results_equal_the_one_by_one_path(service):
     for req, got in zip(requests, batched):
         [alone] = service.search_text([req])
         assert [h["id"] for h in got[0]["hits"]] == [h["id"] for h in alone[0]["hits"]]
-        np.testing.assert_allclose([h["score"] for h in got[0]["hits"]], [h["score"] for h in alone[0]["hits"]], atol=1e-4)
+        np.testing.assert_allclose(
+            [h["score"] for h in got[0]["hits"]], [h["score"] for h in alone[0]["hits"]], atol=1e-4
+        )
         assert got[0]["uncertainty"] == pytest.approx(alone[0]["uncertainty"], rel=1e-6)
 
 
@@ -355,8 +392,14 @@ def test_batches_respect_max_batch_and_the_queue_bound():
     sizes = []
 
     async def main():
-        b = DynamicBatcher(lambda xs: [x for x in xs], max_batch=4, max_wait_s=0.02, executor=ThreadPoolExecutor(1),
-                           max_queue=6, on_batch=lambda units, waited: sizes.append(units))  # fmt: skip
+        b = DynamicBatcher(
+            lambda xs: [x for x in xs],
+            max_batch=4,
+            max_wait_s=0.02,
+            executor=ThreadPoolExecutor(1),
+            max_queue=6,
+            on_batch=lambda units, waited: sizes.append(units),
+        )
         ok = await asyncio.gather(*(b.submit(i) for i in range(6)))
         tasks = [asyncio.ensure_future(b.submit(i)) for i in range(6)]
         await asyncio.sleep(0)
@@ -394,7 +437,12 @@ BAD_JSON = [
     ("/v1/search/text", {"query": "a", "kk": 3}, 422, "kk"),
     ("/v1/search/text", {"query": "a", "abstain": {"criterion": "entropy", "threshold": 1}}, 422, "abstain.criterion"),
     ("/v1/search/text", {"query": "a", "abstain": {"criterion": "uncertainty"}}, 422, "abstain.threshold"),
-    ("/v1/search/text", {"query": "a", "abstain": {"criterion": "uncertainty", "threshold": -1}}, 422, "abstain.threshold"),
+    (
+        "/v1/search/text",
+        {"query": "a", "abstain": {"criterion": "uncertainty", "threshold": -1}},
+        422,
+        "abstain.threshold",
+    ),
     ("/v1/search/text", [1, 2], 422, "body"),
     ("/v1/search/image", {"embedding": [1.0, 0.0]}, 422, "embedding"),  # wrong dimension
     ("/v1/search/image", {"embedding": [0.5] * 32}, 422, "embedding"),  # not unit
@@ -421,7 +469,9 @@ def test_bad_json_is_a_4xx_naming_the_field(client, path, body, status, field):
 
 
 def test_malformed_bodies_uploads_and_ids(client, serve_assets):
-    raw = lambda path, content, ctype="application/json": client.post(path, content=content, headers={"content-type": ctype})  # noqa: E731
+    raw = lambda path, content, ctype="application/json": client.post(
+        path, content=content, headers={"content-type": ctype}
+    )  # noqa: E731
     r = raw("/v1/search/text", b"{not json")
     assert r.status_code == 422 and "invalid JSON" in r.json()["error"]["message"]
     r = raw("/v1/search/image", b'{"embedding": [NaN' + b", 0.0" * 31 + b"]}")
@@ -452,13 +502,22 @@ def test_malformed_bodies_uploads_and_ids(client, serve_assets):
     Image.new("1", (8000, 6000)).save(huge, format="PNG")  # 48 Mpx, tiny file
     r = up({"file": ("big.png", huge.getvalue(), "image/png")})
     assert r.status_code == 413 and r.json()["error"]["field"] == "file"
-    for bad in ("../../etc/passwd", "..%2F..%2Fetc%2Fpasswd", "%2e%2e/gallery.json", "80", "-1", "05", "1e1", "gallery.json",
-                "images%2Findex.json", "%00", "a" * 500):  # fmt: skip
+    for bad in (
+        "../../etc/passwd",
+        "..%2F..%2Fetc%2Fpasswd",
+        "%2e%2e/gallery.json",
+        "80",
+        "-1",
+        "05",
+        "1e1",
+        "gallery.json",
+        "images%2Findex.json",
+        "%00",
+        "a" * 500,
+    ):
         r = client.get(f"/v1/thumbnails/{bad}")
         assert r.status_code == 404 and r.headers["content-type"].startswith("application/json"), bad
-    r = client.post(
-        "/v1/classify/upload", files={"file": ("a.png", good, "image/png")}, data={"classes": "[1, 2]"}
-    )
+    r = client.post("/v1/classify/upload", files={"file": ("a.png", good, "image/png")}, data={"classes": "[1, 2]"})
     assert (r.status_code, r.json()["error"]["field"]) == (422, "classes")
 
 
@@ -498,9 +557,14 @@ def test_an_api_key_guards_every_endpoint_but_health(service):
     assert len(routes) >= 14
     with TestClient(app) as c:
         for method, path in routes:
-            for headers in ({}, {"Authorization": "Bearer wrong-key-0123456789abc"}, {"X-API-Key": KEY[:-1]},
-                            {"Authorization": "Basic " + base64.b64encode(b"u:nope").decode()},
-                            {"Authorization": "Basic ###"}, {"Authorization": KEY}):  # fmt: skip
+            for headers in (
+                {},
+                {"Authorization": "Bearer wrong-key-0123456789abc"},
+                {"X-API-Key": KEY[:-1]},
+                {"Authorization": "Basic " + base64.b64encode(b"u:nope").decode()},
+                {"Authorization": "Basic ###"},
+                {"Authorization": KEY},
+            ):
                 r = c.request(method, path, headers=headers, json={} if method == "POST" else None)
                 if path in ("/healthz", "/readyz"):
                     assert r.status_code == 200, path
@@ -508,8 +572,11 @@ def test_an_api_key_guards_every_endpoint_but_health(service):
                     assert r.status_code == 401, (method, path, headers)
                     assert r.json()["error"]["field"] == "authorization"
             if path not in ("/healthz", "/readyz"):
-                for good in ({"Authorization": f"Bearer {KEY}"}, {"X-API-Key": KEY},
-                             {"Authorization": "Basic " + base64.b64encode(f"anyone:{KEY}".encode()).decode()}):  # fmt: skip
+                for good in (
+                    {"Authorization": f"Bearer {KEY}"},
+                    {"X-API-Key": KEY},
+                    {"Authorization": "Basic " + base64.b64encode(f"anyone:{KEY}".encode()).decode()},
+                ):
                     r = c.request(method, path, headers=good, json={"query": "a"} if method == "POST" else None)
                     assert r.status_code != 401, (method, path, good)
         assert 'Basic realm="asymvlm"' in c.get("/").headers["www-authenticate"]  # the browser prompts
@@ -599,31 +666,85 @@ def test_asymvlm_index_builds_image_folders(tmp_path, serve_assets, capsys):
         data[i]["image"].save(folder / name)
         lines.append(json.dumps({"file_name": name, "captions": data[i]["captions"][:2]}))
     (folder / "metadata.jsonl").write_text("\n".join(lines))
-    assert index_main(["build", "--model", str(serve_assets["model_dir"]), "--images", f"imagefolder:{folder}",
-                       "--out", str(tmp_path / "g"), "--thumbnail_size", "16", "--no_progress"]) == 0  # fmt: skip
+    assert (
+        index_main(
+            [
+                "build",
+                "--model",
+                str(serve_assets["model_dir"]),
+                "--images",
+                f"imagefolder:{folder}",
+                "--out",
+                str(tmp_path / "g"),
+                "--thumbnail_size",
+                "16",
+                "--no_progress",
+            ]
+        )
+        == 0
+    )
     g = Gallery.open(tmp_path / "g")
     assert g.ids == [json.loads(x)["file_name"] for x in lines] and len(g.captions) > 0
     from PIL import Image
 
     assert max(Image.open(io.BytesIO(g.thumbnail(0))).size) == 16 and g.thumbnail_media_type == "image/jpeg"
     (folder / "metadata.jsonl").unlink()  # a plain folder of images: no captions
-    assert index_main(["build", "--model", str(serve_assets["model_dir"]), "--images", f"imagefolder:{folder}",
-                       "--out", str(tmp_path / "plain"), "--no_progress"]) == 0  # fmt: skip
+    assert (
+        index_main(
+            [
+                "build",
+                "--model",
+                str(serve_assets["model_dir"]),
+                "--images",
+                f"imagefolder:{folder}",
+                "--out",
+                str(tmp_path / "plain"),
+                "--no_progress",
+            ]
+        )
+        == 0
+    )
     plain = Gallery.open(tmp_path / "plain")
     assert sorted(plain.ids) == sorted(json.loads(x)["file_name"] for x in lines) and plain.captions == []
     assert index_main(["info", str(tmp_path / "plain")]) == 0
     assert '"images": 6' in capsys.readouterr().out
     for argv, msg in [
-        (["build", "--model", str(serve_assets["model_dir"]), "--images", "coco:/x", "--out", str(tmp_path / "z")],
-         "unknown kind 'coco'"),
-        (["build", "--model", str(tmp_path / "nope"), "--images", "shapeworld", "--out", str(tmp_path / "z")],
-         "no saved AsymVLM"),
-        (["build", "--model", str(serve_assets["model_dir"]), "--images", "shapeworld:9", "--out", str(tmp_path / "z")],
-         "unknown ShapeWorld version"),
-        (["build", "--model", str(serve_assets["model_dir"]), "--images", "shapeworld", "--out", str(tmp_path / "z"),
-          "--thumbnail_format", "gif"], "invalid choice"),
+        (
+            ["build", "--model", str(serve_assets["model_dir"]), "--images", "coco:/x", "--out", str(tmp_path / "z")],
+            "unknown kind 'coco'",
+        ),
+        (
+            ["build", "--model", str(tmp_path / "nope"), "--images", "shapeworld", "--out", str(tmp_path / "z")],
+            "no saved AsymVLM",
+        ),
+        (
+            [
+                "build",
+                "--model",
+                str(serve_assets["model_dir"]),
+                "--images",
+                "shapeworld:9",
+                "--out",
+                str(tmp_path / "z"),
+            ],
+            "unknown ShapeWorld version",
+        ),
+        (
+            [
+                "build",
+                "--model",
+                str(serve_assets["model_dir"]),
+                "--images",
+                "shapeworld",
+                "--out",
+                str(tmp_path / "z"),
+                "--thumbnail_format",
+                "gif",
+            ],
+            "invalid choice",
+        ),
         (["info", str(tmp_path)], "no asymvlm gallery"),
-    ]:  # fmt: skip
+    ]:
         assert index_main(argv) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and msg in err and "Traceback" not in err, err
@@ -638,15 +759,25 @@ def test_asymvlm_serve_refuses_bad_arguments_in_one_line(tmp_path, serve_assets,
     for argv, msg in [
         ([], "give --model and --index"),
         (["--demo", "--model", "x"], "leave out --model"),
+        (["--quick", "--model", "x"], "--quick goes with --demo"),
         (["--model", str(serve_assets["model_dir"]), "--index", str(tmp_path)], "no asymvlm gallery"),
         (["--model", "m", "--index", "i", "--api_key_file", str(short)], "16 characters"),
         (["--model", "m", "--index", "i", "--api_key_file", str(tmp_path / "none")], "No such file"),
         (["--model", "m", "--index", "i", "--max_batch", "0"], "max_batch"),
         (["--model", "m", "--index", "i", "--port", "70000"], "--port"),
-        (["--model", str(serve_assets["model_dir"]), "--index", str(serve_assets["gallery_dir"]), "--abstain", "x:1"],
-         "cannot parse abstention"),
+        (
+            [
+                "--model",
+                str(serve_assets["model_dir"]),
+                "--index",
+                str(serve_assets["gallery_dir"]),
+                "--abstain",
+                "x:1",
+            ],
+            "cannot parse abstention",
+        ),
         (["--nope"], "unrecognized arguments"),
-    ]:  # fmt: skip
+    ]:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and msg in err and "Traceback" not in err, (argv, err)
@@ -666,17 +797,32 @@ def test_a_real_server_on_loopback_writes_nothing_but_its_log(tmp_path, serve_as
         d.mkdir()
     gallery_before = _snapshot(serve_assets["gallery_dir"])
     model_before = _snapshot(serve_assets["model_dir"])
-    args = ["--model", str(serve_assets["model_dir"]), "--index", str(serve_assets["gallery_dir"]), "--api_key_file",
-            str(key), "--log_file", str(tmp_path / "logs" / "access.log"), "--abstain", "uncertainty:q50"]  # fmt: skip
+    args = [
+        "--model",
+        str(serve_assets["model_dir"]),
+        "--index",
+        str(serve_assets["gallery_dir"]),
+        "--api_key_file",
+        str(key),
+        "--log_file",
+        str(tmp_path / "logs" / "access.log"),
+        "--abstain",
+        "uncertainty:q50",
+    ]
     (tmp_path / "logs").mkdir()
     env = {"HOME": str(home), "TMPDIR": str(tmp), "XDG_CACHE_HOME": str(home / ".cache"), "MPLCONFIGDIR": str(tmp)}
     with LoopbackServer(args, work, env=env) as server:
         auth = {"Authorization": f"Bearer {KEY}"}
         assert httpx.get(server.url + "/v1/info").status_code == 401
-        r = httpx.post(server.url + "/v1/search/text", json={"queries": ["a red circle", "an object"], "k": 3}, headers=auth)
+        r = httpx.post(
+            server.url + "/v1/search/text", json={"queries": ["a red circle", "an object"], "k": 3}, headers=auth
+        )
         assert r.status_code == 200 and r.json()["results"][0]["abstention"]["quantile"] == 50.0
-        up = httpx.post(server.url + "/v1/search/image/upload", headers=auth,
-                        files={"file": ("a.png", png_bytes(serve_assets["data"][4]["image"]), "image/png")})  # fmt: skip
+        up = httpx.post(
+            server.url + "/v1/search/image/upload",
+            headers=auth,
+            files={"file": ("a.png", png_bytes(serve_assets["data"][4]["image"]), "image/png")},
+        )
         assert up.status_code == 200
         assert httpx.get(server.url + "/v1/thumbnails/..%2F..%2Fmodel", headers=auth).status_code == 404
         assert httpx.get(server.url + "/healthz").status_code == 200
@@ -684,7 +830,10 @@ def test_a_real_server_on_loopback_writes_nothing_but_its_log(tmp_path, serve_as
     written = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
     assert written == ["logs/access.log", "secret/key.txt", "work/server.log"], written
     assert "POST /v1/search/text" in (tmp_path / "logs" / "access.log").read_text()
-    assert _snapshot(serve_assets["gallery_dir"]) == gallery_before and _snapshot(serve_assets["model_dir"]) == model_before
+    assert (
+        _snapshot(serve_assets["gallery_dir"]) == gallery_before
+        and _snapshot(serve_assets["model_dir"]) == model_before
+    )
 
 
 @pytest.mark.slow
@@ -693,15 +842,51 @@ def test_two_worker_processes_serve_the_same_answers(tmp_path, serve_assets):
 
     from asymvlm.serve.loopback import LoopbackServer
 
-    args = ["--model", str(serve_assets["model_dir"]), "--index", str(serve_assets["gallery_dir"]), "--workers", "2",
-            "--no_access_log"]  # fmt: skip
+    args = [
+        "--model",
+        str(serve_assets["model_dir"]),
+        "--index",
+        str(serve_assets["gallery_dir"]),
+        "--workers",
+        "2",
+        "--no_access_log",
+    ]
     with LoopbackServer(args, tmp_path) as server:
         import psutil
 
         assert len(psutil.Process(server.proc.pid).children(recursive=True)) >= 2
         answers = {
-            json.dumps(httpx.post(server.url + "/v1/search/text", json={"query": "a red circle", "k": 5}).json()["results"][0]["hits"])
+            json.dumps(
+                httpx.post(server.url + "/v1/search/text", json={"query": "a red circle", "k": 5}).json()["results"][0][
+                    "hits"
+                ]
+            )
             for _ in range(8)
         }
         assert len(answers) == 1
     assert os.environ.get("ASYMVLM_SERVE_ARGS") is None
+
+
+@pytest.mark.slow
+def test_the_demo_server_builds_what_it_needs(tmp_path, quick_toy_cache, monkeypatch):
+    """asymvlm-serve --demo --quick --demo_dir D in an empty folder: the demo's model is trained and the
+    ShapeWorld gallery built at start-up, then served; a second start reuses both."""
+    import httpx
+
+    from asymvlm.serve.loopback import LoopbackServer
+
+    demo = tmp_path / "demo-out"
+    env = {"ASYMVLM_CACHE": str(quick_toy_cache)}
+    with LoopbackServer(["--demo", "--quick", "--demo_dir", str(demo), "--no_access_log"], tmp_path / "w1", env=env,
+                        startup_timeout=600) as server:  # fmt: skip
+        info = httpx.get(server.url + "/v1/info").json()
+        assert info["gallery"]["size"] == 1000 and info["gallery"]["source"] == "shapeworld:3"
+        assert info["abstain"]["criterion"] == "uncertainty" and info["abstain"]["quantile"] == 80
+        ans = httpx.post(server.url + "/v1/search/text", json={"queries": ["an object", info["examples"][-1]], "k": 5})
+        vague, specific = ans.json()["results"]
+        assert vague["uncertainty"] > specific["uncertainty"] and vague["abstained"]
+        assert httpx.get(server.url + vague["hits"][0]["thumbnail"]).headers["content-type"] == "image/png"
+    built = _snapshot(demo)
+    with LoopbackServer(["--demo", "--demo_dir", str(demo), "--no_access_log"], tmp_path / "w2", env=env) as server:
+        assert httpx.get(server.url + "/readyz").status_code == 200
+    assert _snapshot(demo) == built  # nothing rebuilt

@@ -63,7 +63,13 @@ class ModelArguments:
             "q/k/v/out_proj and mlp.fc1/fc2 of text_model.encoder.layers)."
         },
     )
-    init_from: str = field(default="", metadata={"help": "A saved AsymVLM whose head (and adapter) to start from."})
+    init_from: str = field(
+        default="",
+        metadata={
+            "help": "A saved AsymVLM (a folder or a Hub id, user/repo[@revision]) whose head (and adapter) to start "
+            "from."
+        },
+    )
     mask_file: str = field(
         default="",
         metadata={

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +48,8 @@ class TrainData:
         eval_data: an :class:`asymvlm.eval.benchmark.EvalData` for periodic evaluation (or None); its
             ``captions`` let mode=lora re-embed them with the adapted tower.
         encoder: the loaded encoder (mode=lora only).
+        extra: ``{"data": ..., "evaluation": {"dataset", "split"}}``: what the saved model's card says
+            about the training and evaluation data (:func:`asymvlm.hub.describe_data`); optional.
     """
 
     batches: IndexBatcher
@@ -83,6 +86,7 @@ def get_dataloaders(cfg: Any, accelerator: Any) -> TrainData:
     captions = cache.captions
 
     eval_data = None
+    evaluation: dict[str, Any] = {}
     n_img = images.shape[0]
     from asymvlm import shapeworld as sw
 
@@ -97,6 +101,7 @@ def get_dataloaders(cfg: Any, accelerator: Any) -> TrainData:
             visual_styles=sw.VISUAL_STYLES,
             version=sw.dataset_version(d.dataset),
         )
+        evaluation = {"dataset": d.dataset, "split": f"a fresh split of {d.eval_images} images"}
     elif d.eval_fraction > 0:
         cut = int(round(n_img * (1 - d.eval_fraction)))
         held = owner >= cut
@@ -104,6 +109,8 @@ def get_dataloaders(cfg: Any, accelerator: Any) -> TrainData:
         eval_data = EvalData(images[cut:], text[held], owner[held] - cut, captions=held_captions)
         text, owner, images = text[~held], owner[~held], images[:cut]
         captions = [c for c, h in zip(captions, held.tolist()) if not h] if captions else None
+        evaluation = {"dataset": d.dataset if not d.cache_dir else Path(d.cache_dir).name,
+                      "split": f"the last {d.eval_fraction:.0%} of the images, held out"}  # fmt: skip
 
     if m.mode == "lora":
         if not captions:
@@ -114,10 +121,16 @@ def get_dataloaders(cfg: Any, accelerator: Any) -> TrainData:
     scope = "data" if t.caption_positives == "data" else "batch"
     batches = IndexBatcher(text, images, owner, _batch_size(t.batch_size, owner.shape[0], accelerator), t.seed,
                            device, text_groups=groups, caption_scope=scope)  # fmt: skip
+    from asymvlm.hub import describe_data
+
     return TrainData(
         batches=batches,
         dim=images.shape[1],
         encoder_source=source,
         eval_data=eval_data,
         encoder=encoder if m.mode == "lora" else None,
+        extra={  # what the saved model's card records
+            "data": describe_data(d, cache, train_images=int(images.shape[0]), train_texts=int(owner.shape[0])),
+            "evaluation": evaluation,
+        },
     )

@@ -36,7 +36,7 @@ The final model is saved to <output_dir>/model (asymvlm-eval --model runs/fedavg
 
 def federate(data_args: Any, head: Any, fed: Any, recipe_options: dict[str, Any], *, log=None):
     """The whole command: data, evaluation data, rounds, the saved model. Returns (state, model, path)."""
-    from asymvlm.federated.checkpoint import save_federated_model
+    from asymvlm.federated.checkpoint import federated_card, save_federated_model
     from asymvlm.federated.data import get_federated_data
     from asymvlm.federated.rounds import federation_recipe, run_federated
 
@@ -61,7 +61,10 @@ def federate(data_args: Any, head: Any, fed: Any, recipe_options: dict[str, Any]
         )
         evaluate = evaluator(eval_data, data.encoder)
     state, model = run_federated(fed, data, head=head, recipe_options=recipe_options, evaluate=evaluate, log=log)
-    path = save_federated_model(model, state, data, Path(fed.output_dir) / "model", init_from=fed.init_from or None)
+    card = federated_card(fed, state, recipe_options, data_args=data_args, data=data)
+    path = save_federated_model(
+        model, state, data, Path(fed.output_dir) / "model", init_from=fed.init_from or None, card=card
+    )
     return state, model, path
 
 

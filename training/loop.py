@@ -18,11 +18,16 @@ optimizer/scheduler -> ``accelerator.prepare`` -> loop:
 * a non-finite loss stops the run with a message naming the step, and the last good checkpoint
   stays; a failed checkpoint write (disk full, permissions) leaves the previous one intact;
 * at the end ``save_pretrained`` of the AsymVLM (head, temperature, encoder reference and, for
-  LoRA, the adapter in peft's format) to ``<output_dir>/model``.
+  LoRA, the adapter in peft's format) to ``<output_dir>/model``, with its model card
+  (``README.md``: the training data, the config and the last logged loss and evaluation metrics).
+
+``init_from`` may be a folder or a Hugging Face Hub id (``user/repo[@revision]``,
+:func:`asymvlm.hub.resolve_artefact`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -104,6 +109,44 @@ def _lineage(cfg: TrainConfig) -> dict[str, Any] | None:
     start = AsymVLM.from_pretrained(cfg.model.init_from, load_encoder=False)
     fingerprint = tensor_fingerprint(start.head.state_dict())
     return {"init_from": str(cfg.model.init_from), "init_from_fingerprint": fingerprint}
+
+
+def _card_info(cfg: TrainConfig, data: Any, log_path: Path) -> dict[str, Any]:
+    """The model card's record of the run: its data, its config (without run control and local
+    paths) and the last logged training numbers and evaluation metrics (``train_log.jsonl``)."""
+    from asymvlm.hub import describe_data, public_name
+
+    records = []
+    if log_path.is_file():
+        records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    last = next((r for r in reversed(records) if "loss" in r), {})
+    logged = ("step", "loss", "temperature", "kappa_min", "kappa_median", "kappa_max")
+    metrics = {k: last[k] for k in logged if k in last}
+    evaluated = next((r for r in reversed(records) if any(k.startswith("eval/") for k in r)), None)
+    evaluation = None
+    if evaluated is not None:
+        where = dict(getattr(data, "extra", {}).get("evaluation") or {})
+        evaluation = {
+            "dataset": where.get("dataset") or "held-out data",
+            "split": where.get("split"),
+            "step": evaluated.get("step"),
+            "metrics": {k[len("eval/") :]: v for k, v in evaluated.items() if k.startswith("eval/")},
+        }
+    groups = (cfg.head, cfg.model, cfg.train)  # the data are the card's own section
+    recipe = {k: v for g in groups for k, v in dataclasses.asdict(g).items() if k not in RESUMABLE_CHANGES}
+    for key in ("mask_file", "init_from"):
+        recipe[key] = public_name(recipe.get(key))
+    described = dict(getattr(data, "extra", {}).get("data") or describe_data(cfg.data))
+    if not cfg.data.cache_dir:  # generated from a dataset: how
+        d = cfg.data
+        described.update(dataset=d.dataset, encoder=d.encoder, pretrained=d.pretrained, data_seed=d.data_seed,
+                         caption_styles=d.caption_styles)  # fmt: skip
+    return {
+        "data": described,
+        "recipe": recipe,
+        "metrics": metrics,
+        "evaluation": evaluation,
+    }
 
 
 def _trackers(cfg: TrainConfig) -> str | None:
@@ -241,13 +284,16 @@ def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None
         peft_model = add_text_lora(
             data.encoder, r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout, target_modules=m.lora_target_modules
         )
-        if m.init_from and (Path(m.init_from) / "text_adapter").is_dir():
+        start_dir = None
+        if m.init_from:
+            from asymvlm.hub import resolve_artefact
+
+            start_dir = resolve_artefact(m.init_from)  # a folder, or a Hub id's snapshot
+        if start_dir is not None and (start_dir / "text_adapter").is_dir():
             from peft import set_peft_model_state_dict
             from safetensors.torch import load_file
 
-            set_peft_model_state_dict(
-                peft_model, load_file(Path(m.init_from) / "text_adapter" / "adapter_model.safetensors")
-            )
+            set_peft_model_state_dict(peft_model, load_file(start_dir / "text_adapter" / "adapter_model.safetensors"))
     model = TrainableModel(head, loss_fn, data.encoder, peft_model)
     mask_tensors = None
     if m.mask_file:
@@ -359,7 +405,7 @@ def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None
             text_adapter=unwrapped.peft_model,
             lineage=_lineage(cfg),
         )
-        final.save_pretrained(model_dir)
+        final.save_pretrained(model_dir, card=_card_info(cfg, data, log_path))
     if log_with:
         accelerator.end_training()
     accelerator.wait_for_everyone()

@@ -62,10 +62,12 @@ def _main(argv: list[str]) -> int:
     parser = build_serve_parser()
     parser.description = __doc__.strip().splitlines()[0].replace("``", "")
     args: argparse.Namespace = parser.parse_args(argv)
+    if args.quick and not args.demo:
+        raise ConfigError("--quick goes with --demo (the demo's smoke version)")
     if args.demo:
         if args.model or args.index:
             raise ConfigError("--demo serves the demo's model and gallery; leave out --model and --index")
-        args.model, args.index = (str(p) for p in prepare_demo(args.demo_dir))
+        args.model, args.index = (str(p) for p in prepare_demo(args.demo_dir, quick=args.quick))
         if args.abstain == parser.get_default("abstain"):
             args.abstain = DEMO_ABSTAIN
     return serve(args)

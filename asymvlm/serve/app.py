@@ -588,6 +588,10 @@ def create_app(service: Any, config: ServeConfig | None = None) -> FastAPI:
             raise ApiError(422, where, f"{where}: {len(t)} characters, over the limit of {config.max_query_chars}")
         if "\x00" in t:
             raise ApiError(422, where, f"{where}: the text holds a NUL character")
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate from a JSON \ud800 escape
+            raise ApiError(422, where, f"{where}: not valid Unicode text ({err.reason})") from err
 
     def check_texts(texts: list[str], name: str) -> list[str]:
         if not texts:

@@ -132,6 +132,8 @@ def build_serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--demo", action="store_true", help="Serve the demo's model and a ShapeWorld gallery "
                    "(built, with the model if `make demo` has not made it, under --demo_dir).")  # fmt: skip
     p.add_argument("--demo_dir", default="demo-out", help="Where the demo's outputs are (and are built).")
+    p.add_argument("--quick", action="store_true", help="With --demo, when the model is missing: train the demo's "
+                   "smoke version (asymvlm-demo --quick: a smaller toy CLIP, about a minute).")  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="Interface to listen on (loopback by default).")
     p.add_argument("--port", type=int, default=8000, help="TCP port.")
     p.add_argument(

@@ -11,8 +11,13 @@ function showError(message) {
   el.hidden = !message;
 }
 
+// URLs from the origin alone: a page opened as user:key@host (the API key as the password)
+// must not put those credentials into request URLs, which fetch() refuses; the browser sends its
+// cached credentials for this origin by itself.
+const url = (path) => new URL(path, window.location.origin).href;
+
 async function call(path, options = {}) {
-  const response = await fetch(path, options);
+  const response = await fetch(url(path), options);
   let body = null;
   try {
     body = await response.json();
@@ -73,7 +78,7 @@ function renderHits(answer) {
     card.className = "result";
     if (hit.thumbnail) {
       const img = document.createElement("img");
-      img.src = hit.thumbnail;
+      img.src = url(hit.thumbnail);
       img.alt = `image ${hit.id}`;
       img.loading = "lazy";
       card.appendChild(img);
