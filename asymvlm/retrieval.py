@@ -47,6 +47,7 @@ __all__ = [
     "ImageIndex",
     "TextIndex",
     "topk_chunked",
+    "faiss_module",
 ]
 
 INDEX_VERSION = 1
@@ -174,7 +175,8 @@ def _ids_for(ids: list[Any] | None, indices: Tensor) -> list[list[Any]]:
     return [[ids[j] for j in row] for row in indices.tolist()]
 
 
-def _faiss():
+def faiss_module():
+    """The ``faiss`` module, or a :class:`MissingExtraError` saying how to install it."""
     try:
         import faiss
     except ImportError as err:
@@ -210,6 +212,8 @@ class ImageIndex:
         validate: check shape, finiteness and unit norm of every row (one pass over the gallery).
         encoder_fingerprint: the encoder that made the embeddings (saved with the index, checked
             against a model's encoder when searching with strings).
+        faiss_index: with ``backend="faiss"``, a ready FAISS inner-product index over the same rows
+            (e.g. read memory-mapped from disk); built from ``embeddings`` on first search otherwise.
     """
 
     def __init__(
@@ -222,6 +226,7 @@ class ImageIndex:
         backend: str = "exact",
         validate: bool = True,
         encoder_fingerprint: str | None = None,
+        faiss_index: Any = None,
     ):
         if not isinstance(embeddings, Tensor) or embeddings.dim() != 2:
             raise ValueError(
@@ -246,7 +251,12 @@ class ImageIndex:
         self.query_block = query_block
         self.backend = backend
         self.encoder_fingerprint = encoder_fingerprint
-        self._faiss_index = None
+        if faiss_index is not None and (faiss_index.ntotal, faiss_index.d) != tuple(embeddings.shape):
+            raise ValueError(
+                f"the FAISS index holds ({faiss_index.ntotal}, {faiss_index.d}) vectors, the embeddings "
+                f"{tuple(embeddings.shape)}"
+            )
+        self._faiss_index = faiss_index
 
     def __len__(self) -> int:
         return self.embeddings.shape[0]
@@ -321,7 +331,7 @@ class ImageIndex:
         return SearchResult(idx, scores, _ids_for(self.ids, idx), 1.0 / kappa, cos.gather(1, order))
 
     def _faiss_search(self, loc: Tensor, k: int) -> Tensor:
-        faiss = _faiss()
+        faiss = faiss_module()
         if self._faiss_index is None:
             index = faiss.IndexFlatIP(self.dim)
             for s in range(0, len(self), self.chunk_size):
@@ -521,7 +531,7 @@ class TextIndex:
         return kappa / (1 + c0), kappa * (torch.log1p(c0) - c0 / (1 + c0)) + log_norm
 
     def _faiss_search(self, x: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        faiss = _faiss()
+        faiss = faiss_module()
         slope, offset = self._linear_form()
         if self._faiss_index is None:
             vectors = torch.cat([self.loc * slope.unsqueeze(1), offset.unsqueeze(1)], dim=1)

@@ -248,4 +248,21 @@ def serve_assets(tmp_path_factory, tiny_open_clip_dir):
     gallery = build_gallery(
         model, data, root / "gallery", thumbnail_format="png", progress=False, source="shapeworld:2"
     )
-    return {"model_dir": model_dir, "gallery_dir": gallery.path, "model": model, "data": data}
+    return {
+        "model_dir": model_dir, "gallery_dir": gallery.path, "model": model, "data": data,
+        "args": ["--model", str(model_dir), "--index", str(gallery.path)],  # asymvlm-serve's
+    }  # fmt: skip
+
+
+@pytest.fixture
+def key_file(tmp_path):
+    """``make(key)``: a private (0600) file holding ``key``, as --api_key_file wants it."""
+
+    def make(key: str):
+        path = tmp_path / "secret" / "key.txt"
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(key + "\n")
+        path.chmod(0o600)
+        return path
+
+    return make

@@ -118,3 +118,21 @@ def test_run_all_quick_end_to_end(bench, tmp_path):
         body = by_name[name]
         assert f"`python bench/{name}.py --quick`" in body
         assert RATIO.search(body), f"no numeric ratio in the {name} section:\n{body}"
+
+
+@pytest.mark.slow
+def test_serve_bench_end_to_end(tmp_path, quick_toy_cache):
+    """bench/serve.py on tiny sizes: both servers answer every level, rows and the memory row come out."""
+    out = tmp_path / "serve.json"
+    env = {**os.environ, "ASYMVLM_CACHE": str(quick_toy_cache)}
+    cmd = [sys.executable, str(BENCH / "serve.py"), "--quick", "--demo_dir", str(tmp_path / "demo"), "--sizes",
+           "1000,2000", "--levels", "1,4", "--requests", "12", "--seconds", "5", "--json", str(out)]  # fmt: skip
+    subprocess.run(cmd, check=True, env=env, cwd=tmp_path, timeout=900)
+    rows = json.loads(out.read_text())["rows"]
+    cases = [r["case"] for r in rows]
+    for gallery in ("shapeworld-1k (1,000 images)", "synthetic-2k (2,000 images)"):
+        for level in (1, 4):
+            for what in ("requests/s", "p50 latency", "p99 latency"):
+                assert f"{gallery}, {level} clients: {what}" in cases
+    assert all(r["ours"] > 0 and r["baseline"] > 0 and r["extra"].get("errors", 0) == 0 for r in rows)
+    assert cases[-1].startswith("server private memory (RssAnon) after the load: 2,000 vs 1,000 images")

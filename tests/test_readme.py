@@ -57,6 +57,9 @@ ELSEWHERE = {
     ("make", "test"): (".ci/run", None),
     ("make", "demo"): ("tests/test_demo.py", "test_quick_demo_writes_the_report"),
     ("accelerate", "launch"): ("tests/test_training.py", "test_two_cpu_processes_train_the_same_model_as_one"),
+    # servers run until stopped: started on loopback by tests/test_serve.py with these flags
+    ("asymvlm-serve", "--model"): ("tests/test_serve.py", "test_a_real_server_on_loopback_writes_nothing_but_its_log"),
+    ("asymvlm-serve", "--demo"): ("tests/test_serve.py", "test_the_demo_server_builds_what_it_needs"),
     **{
         # started by LoopbackDeployment, which tests/test_flower_deployment.py runs
         cmd: ("federated/flower_deploy.py", name)
@@ -184,6 +187,7 @@ def test_readme_commands_run(tmp_path, monkeypatch, capsys, quick_toy_cache, tin
         print("\nREADME commands (seconds):", seconds)
     # what the commands promise to leave behind
     for path in ("runs/vmf/model", "runs/exp/model", "runs/fedavg/model", "runs/fedadam/model", "merged/ties",
+                 "galleries/captions/gallery.json",
                  "merged/task-arithmetic", "merged/dare", "merged/adapter", "eval-out/metrics.json",
                  "eval-vitb32/metrics.json", "eval-fedavg/metrics.json"):  # fmt: skip
         assert (tmp_path / path).exists(), path
@@ -205,12 +209,14 @@ def test_inline_commands_name_real_targets_files_and_flags(capsys):
     eps = {ep.name: ep for ep in entry_points(group="console_scripts")}
     helps: dict[str, str] = {}
     for name, args in re.findall(r"`(asymvlm-[a-z]+) ([^`]*)`", text):
-        if name not in helps:
+        sub = args.split()[0] if args.split() and re.fullmatch(r"[a-z]+", args.split()[0]) else None
+        key = f"{name} {sub}" if sub else name  # a subcommand (asymvlm-index build): its own --help
+        if key not in helps:
             try:
-                code = eps[name].load()(["--help"])
+                code = eps[name].load()([sub, "--help"] if sub else ["--help"])
             except SystemExit as exit_:
                 code = exit_.code
-            assert code in (0, None), name
-            helps[name] = capsys.readouterr().out
+            assert code in (0, None), key
+            helps[key] = capsys.readouterr().out
         for flag in re.findall(r"--[a-z][a-z_-]*", args):
-            assert flag in helps[name], f"README quotes `{name} {args}` but {name} has no {flag}"
+            assert flag in helps[key], f"README quotes `{name} {args}` but {key} has no {flag}"

@@ -26,6 +26,13 @@ from asymvlm.serve.service import Abstention, RetrievalService, TextQuery, parse
 KEY = "k3y-for-tests-0123456789abcdef"
 
 
+def build(serve_assets, out, *flags: str) -> int:
+    """``asymvlm-index build --model <the served model> --out <out> <flags>``."""
+    from asymvlm.serve.cli import index_main
+
+    return index_main(["build", "--model", str(serve_assets["model_dir"]), "--out", str(out), "--no_progress", *flags])
+
+
 @pytest.fixture(autouse=True)
 def _no_grad():
     with torch.no_grad():  # references below compute with the model's head
@@ -103,6 +110,24 @@ def test_gallery_build_is_atomic_and_refuses_foreign_folders(tmp_path, serve_ass
     with pytest.raises(Boom):
         build_gallery(serve_assets["model"], Exploding(), target, progress=False, batch_size=1)
     assert not target.exists() and not any(p.name.startswith(".g.tmp") for p in tmp_path.iterdir())
+
+
+def test_a_faiss_gallery_answers_as_the_exact_one(tmp_path, serve_assets, service):
+    pytest.importorskip("faiss")
+    flags = ["--images", "shapeworld:2", "--num_images", "80", "--seed", "3", "--backend", "faiss"]
+    assert build(serve_assets, str(tmp_path / "f"), *flags) == 0
+    g = Gallery.open(tmp_path / "f")
+    assert g.meta["backend"] == "faiss" and g.index.backend == "faiss" and (tmp_path / "f/images/faiss.index").is_file()
+    assert g.index._faiss_index is not None  # read from disk (memory-mapped), not rebuilt
+    exact = Gallery.open(tmp_path / "f", backend="exact")
+    q = service.model.encode_text(["a red circle", "an object", "a big blue square in the top left"])
+    a, b = g.index.search(q, k=9), exact.index.search(q, k=9)
+    assert torch.equal(a.indices, b.indices)
+    torch.testing.assert_close(a.scores, b.scores, atol=1e-4, rtol=0)
+    idx = tmp_path / "f/images/faiss.index"
+    idx.write_bytes(idx.read_bytes()[:100])
+    with pytest.raises(Exception, match="not a readable FAISS index"):
+        Gallery.open(tmp_path / "f")
 
 
 def test_gallery_rejects_corrupt_files(tmp_path):
@@ -666,44 +691,14 @@ def test_asymvlm_index_builds_image_folders(tmp_path, serve_assets, capsys):
         data[i]["image"].save(folder / name)
         lines.append(json.dumps({"file_name": name, "captions": data[i]["captions"][:2]}))
     (folder / "metadata.jsonl").write_text("\n".join(lines))
-    assert (
-        index_main(
-            [
-                "build",
-                "--model",
-                str(serve_assets["model_dir"]),
-                "--images",
-                f"imagefolder:{folder}",
-                "--out",
-                str(tmp_path / "g"),
-                "--thumbnail_size",
-                "16",
-                "--no_progress",
-            ]
-        )
-        == 0
-    )
+    assert build(serve_assets, str(tmp_path / "g"), "--images", f"imagefolder:{folder}", "--thumbnail_size", "16") == 0
     g = Gallery.open(tmp_path / "g")
     assert g.ids == [json.loads(x)["file_name"] for x in lines] and len(g.captions) > 0
     from PIL import Image
 
     assert max(Image.open(io.BytesIO(g.thumbnail(0))).size) == 16 and g.thumbnail_media_type == "image/jpeg"
     (folder / "metadata.jsonl").unlink()  # a plain folder of images: no captions
-    assert (
-        index_main(
-            [
-                "build",
-                "--model",
-                str(serve_assets["model_dir"]),
-                "--images",
-                f"imagefolder:{folder}",
-                "--out",
-                str(tmp_path / "plain"),
-                "--no_progress",
-            ]
-        )
-        == 0
-    )
+    assert build(serve_assets, str(tmp_path / "plain"), "--images", f"imagefolder:{folder}") == 0
     plain = Gallery.open(tmp_path / "plain")
     assert sorted(plain.ids) == sorted(json.loads(x)["file_name"] for x in lines) and plain.captions == []
     assert index_main(["info", str(tmp_path / "plain")]) == 0
@@ -765,15 +760,9 @@ def test_asymvlm_serve_refuses_bad_arguments_in_one_line(tmp_path, serve_assets,
         (["--model", "m", "--index", "i", "--api_key_file", str(tmp_path / "none")], "No such file"),
         (["--model", "m", "--index", "i", "--max_batch", "0"], "max_batch"),
         (["--model", "m", "--index", "i", "--port", "70000"], "--port"),
+        (["--model", "m", "--index", "i", "--ssl_certfile", "c.pem"], "both --ssl_certfile and --ssl_keyfile"),
         (
-            [
-                "--model",
-                str(serve_assets["model_dir"]),
-                "--index",
-                str(serve_assets["gallery_dir"]),
-                "--abstain",
-                "x:1",
-            ],
+            [*serve_assets["args"], "--abstain", "x:1"],
             "cannot parse abstention",
         ),
         (["--nope"], "unrecognized arguments"),
@@ -783,32 +772,20 @@ def test_asymvlm_serve_refuses_bad_arguments_in_one_line(tmp_path, serve_assets,
         assert err.count("\n") == 1 and msg in err and "Traceback" not in err, (argv, err)
 
 
-def test_a_real_server_on_loopback_writes_nothing_but_its_log(tmp_path, serve_assets):
+def test_a_real_server_on_loopback_writes_nothing_but_its_log(tmp_path, serve_assets, key_file):
     import httpx
 
     from asymvlm.serve.loopback import LoopbackServer
 
-    key = tmp_path / "secret" / "key.txt"
-    key.parent.mkdir()
-    key.write_text(KEY + "\n")
-    key.chmod(0o600)
+    key = key_file(KEY)
     work, home, tmp = tmp_path / "work", tmp_path / "home", tmp_path / "tmp"
     for d in (work, home, tmp):
         d.mkdir()
     gallery_before = _snapshot(serve_assets["gallery_dir"])
     model_before = _snapshot(serve_assets["model_dir"])
-    args = [
-        "--model",
-        str(serve_assets["model_dir"]),
-        "--index",
-        str(serve_assets["gallery_dir"]),
-        "--api_key_file",
-        str(key),
-        "--log_file",
-        str(tmp_path / "logs" / "access.log"),
-        "--abstain",
-        "uncertainty:q50",
-    ]
+    log = str(tmp_path / "logs" / "access.log")
+    args = ["--model", str(serve_assets["model_dir"]), "--index", str(serve_assets["gallery_dir"]),
+            "--abstain", "uncertainty:q50", "--api_key_file", str(key), "--log_file", log]  # fmt: skip
     (tmp_path / "logs").mkdir()
     env = {"HOME": str(home), "TMPDIR": str(tmp), "XDG_CACHE_HOME": str(home / ".cache"), "MPLCONFIGDIR": str(tmp)}
     with LoopbackServer(args, work, env=env) as server:
@@ -836,21 +813,40 @@ def test_a_real_server_on_loopback_writes_nothing_but_its_log(tmp_path, serve_as
     )
 
 
+def test_tls_keeps_the_key_off_the_wire(tmp_path, serve_assets, key_file):
+    import ssl
+
+    import httpx
+
+    from asymvlm.federated.flower_deploy import make_certificates
+    from asymvlm.serve.loopback import LoopbackServer
+
+    certs = make_certificates(tmp_path / "certs")
+    tls = ["--ssl_certfile", str(certs["cert"]), "--ssl_keyfile", str(certs["key"])]
+    args = [*serve_assets["args"], *tls, "--api_key_file", str(key_file(KEY)), "--no_access_log"]
+    with LoopbackServer(args, tmp_path / "w", verify=certs["ca"]) as server:
+        assert server.url.startswith("https://")
+        ctx = ssl.create_default_context(cafile=str(certs["ca"]))
+        r = httpx.post(
+            server.url + "/v1/search/text",
+            json={"query": "a red circle", "k": 2},
+            verify=ctx,
+            headers={"X-API-Key": KEY},
+        )
+        assert r.status_code == 200 and len(r.json()["results"][0]["hits"]) == 2
+        with pytest.raises(httpx.HTTPError):  # plain HTTP to the TLS port is not answered
+            httpx.get(server.url.replace("https", "http") + "/healthz", timeout=5)
+        with pytest.raises(httpx.HTTPError):  # nor is a client that does not trust the certificate
+            httpx.get(server.url + "/healthz", timeout=5)
+
+
 @pytest.mark.slow
 def test_two_worker_processes_serve_the_same_answers(tmp_path, serve_assets):
     import httpx
 
     from asymvlm.serve.loopback import LoopbackServer
 
-    args = [
-        "--model",
-        str(serve_assets["model_dir"]),
-        "--index",
-        str(serve_assets["gallery_dir"]),
-        "--workers",
-        "2",
-        "--no_access_log",
-    ]
+    args = [*serve_assets["args"], "--workers", "2", "--no_access_log"]
     with LoopbackServer(args, tmp_path) as server:
         import psutil
 

@@ -61,15 +61,7 @@ def browser(tmp_path_factory):
 def server(tmp_path_factory, serve_assets):
     from asymvlm.serve.loopback import LoopbackServer
 
-    args = [
-        "--model",
-        str(serve_assets["model_dir"]),
-        "--index",
-        str(serve_assets["gallery_dir"]),
-        "--abstain",
-        "uncertainty:q50",
-        "--no_access_log",
-    ]
+    args = [*serve_assets["args"], "--abstain", "uncertainty:q50", "--no_access_log"]
     with LoopbackServer(args, tmp_path_factory.mktemp("browser-server")) as s:
         yield s
 
@@ -174,21 +166,10 @@ def test_the_page_searches_by_uploaded_image(browser, server, serve_assets, tmp_
     assert browser.find_element(By.ID, "upload-preview").is_displayed()
 
 
-def test_with_an_api_key_the_page_works_through_the_browsers_credentials(browser, serve_assets, tmp_path):
+def test_with_an_api_key_the_page_works_through_the_browsers_credentials(browser, serve_assets, tmp_path, key_file):
     from asymvlm.serve.loopback import LoopbackServer
 
-    key = tmp_path / "key"
-    key.write_text(KEY)
-    key.chmod(0o600)
-    args = [
-        "--model",
-        str(serve_assets["model_dir"]),
-        "--index",
-        str(serve_assets["gallery_dir"]),
-        "--api_key_file",
-        str(key),
-        "--no_access_log",
-    ]
+    args = [*serve_assets["args"], "--api_key_file", str(key_file(KEY)), "--no_access_log"]
     with LoopbackServer(args, tmp_path / "srv") as s:
         browser.get(s.url + "/")  # no credentials: a 401 (headless chromium cannot show the prompt)
         assert not browser.find_elements(By.ID, "query") and "asymvlm" not in browser.page_source

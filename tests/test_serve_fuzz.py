@@ -159,7 +159,7 @@ def real_server(tmp_path_factory, serve_assets):
 
     from asymvlm.serve.loopback import LoopbackServer
 
-    args = ["--model", str(serve_assets["model_dir"]), "--index", str(serve_assets["gallery_dir"]), "--no_access_log"]
+    args = [*serve_assets["args"], "--no_access_log"]
     with LoopbackServer(args, tmp_path_factory.mktemp("fuzz-server")) as server:
         with httpx.Client(base_url=server.url, timeout=30) as client:
             yield server, client

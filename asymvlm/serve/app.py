@@ -78,7 +78,9 @@ class ServeConfig:
     )
     max_image_pixels: int = field(default=40_000_000, metadata={"help": "Largest decoded upload, width x height."})
     max_batch: int = field(default=64, metadata={"help": "Most queries per model call (1: one request per forward)."})
-    max_wait_ms: float = field(default=2.0, metadata={"help": "How long a request waits for others to batch with."})
+    max_wait_ms: float = field(
+        default=2.0, metadata={"help": "How long a request may wait for others to batch with (only under concurrency)."}
+    )
     max_queue: int = field(default=4096, metadata={"help": "Most queued queries; beyond it 503 (back-pressure)."})
     api_key: str | None = field(default=None, metadata={"help": "Require this key on every endpoint but health."})
     cors_origins: tuple[str, ...] = field(default=(), metadata={"help": "Origins allowed by CORS (none: closed)."})

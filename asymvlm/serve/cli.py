@@ -76,6 +76,8 @@ def _index_parser() -> argparse.ArgumentParser:
     b.add_argument("--thumbnail_size", type=int, default=256, help="Longest side of a thumbnail, in pixels.")
     b.add_argument("--thumbnail_format", choices=["jpeg", "png", "webp"], default="jpeg", help="Thumbnail encoding.")
     b.add_argument("--no_captions", action="store_true", help="No caption index (no image -> text search).")
+    b.add_argument("--backend", choices=["exact", "faiss"], default="exact",
+                   help="Top-k engine: exact chunked matmul, or FAISS (an exact flat index written too).")  # fmt: skip
     b.add_argument("--batch_size", type=int, default=64, help="Images per encoder forward.")
     b.add_argument("--device", default="cpu", help="Where the encoder runs (cpu, cuda, auto).")
     b.add_argument("--no_progress", action="store_true", help="No progress bars.")
@@ -109,6 +111,7 @@ def _index_main(argv: list[str]) -> int:
     g = build_gallery(
         model, data, args.out, source=args.images, dtype=args.dtype, thumbnail_size=args.thumbnail_size,
         thumbnail_format=args.thumbnail_format, captions=not args.no_captions, batch_size=args.batch_size,
+        backend=args.backend,
         progress=not args.no_progress,
     )  # fmt: skip
     print(f"asymvlm-index: {len(g)} images, {len(g.captions)} captions -> {g.path}")
@@ -141,8 +144,13 @@ def build_serve_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--api_key_file", default=None, help="A file holding the API key (>= 16 characters).")
     p.add_argument("--cors_origin", action="append", default=[], help="An origin allowed by CORS (repeatable).")
+    p.add_argument(
+        "--ssl_certfile", default=None, help="TLS: the server's certificate chain (PEM); with --ssl_keyfile."
+    )
+    p.add_argument("--ssl_keyfile", default=None, help="TLS: the server's private key (PEM).")
     p.add_argument("--abstain", default="none", help="Default abstention of text queries (see below).")
-    p.add_argument("--backend", choices=["exact", "faiss"], default="exact", help="Top-k engine over the gallery.")
+    p.add_argument("--backend", choices=["auto", "exact", "faiss"], default="auto",
+                   help="Top-k engine over the gallery (auto: the one the gallery was built for).")  # fmt: skip
     p.add_argument("--device", default="cpu", help="Where the model runs (cpu, cuda, auto).")
     p.add_argument("--log_file", default=None, help="Also append the access log to this file.")
     p.add_argument("--no_access_log", action="store_true", help="No per-request log lines.")
@@ -186,7 +194,7 @@ def load_service(args: argparse.Namespace) -> Any:
     if not args.model or not args.index:
         raise ConfigError("give --model and --index (or --demo)")
     model = AsymVLM.from_pretrained(args.model, device=None if args.device == "cpu" else args.device)
-    gallery = Gallery.open(args.index, backend=args.backend)
+    gallery = Gallery.open(args.index, backend=None if args.backend == "auto" else args.backend)
     return RetrievalService(model, gallery, abstain=args.abstain)
 
 
@@ -223,15 +231,24 @@ def serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     config = serve_config(args)  # checks the limits and reads the key before anything heavy
+    if (args.ssl_certfile is None) != (args.ssl_keyfile is None):
+        raise ConfigError("TLS needs both --ssl_certfile and --ssl_keyfile")
+    for name in ("ssl_certfile", "ssl_keyfile"):
+        if getattr(args, name) is not None and not Path(getattr(args, name)).is_file():
+            raise ConfigError(f"--{name}: no file at {getattr(args, name)}")
     common = dict(
         host=args.host, port=args.port, log_config=_log_config(args), access_log=not args.no_access_log,
-        server_header=False, proxy_headers=False,
+        server_header=False, proxy_headers=False, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
     )  # fmt: skip
-    if args.host not in ("127.0.0.1", "localhost", "::1") and config.api_key is None:
-        log.warning("listening on %s without an API key: anyone who reaches this port can query the model", args.host)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        if config.api_key is None:
+            log.warning("listening on %s without an API key: anyone who reaches this port can query it", args.host)
+        elif args.ssl_certfile is None:
+            log.warning("listening on %s without TLS: the API key crosses the network in clear text", args.host)
     if args.workers == 1:
         app = create_app(load_service(args), config)
-        print(f"asymvlm-serve: http://{args.host}:{args.port}/ (API: /docs)", file=sys.stderr, flush=True)
+        scheme = "https" if args.ssl_certfile else "http"
+        print(f"asymvlm-serve: {scheme}://{args.host}:{args.port}/ (API: /docs)", file=sys.stderr, flush=True)
         uvicorn.run(app, **common)
         return 0
     load_service(args)  # fail here, once, with one line, rather than in every worker

@@ -7,6 +7,8 @@ Layout of a gallery folder::
                              fingerprint, dim), size, source, thumbnails (format, max_side), captions
     images/index.json        an :class:`~asymvlm.retrieval.ImageIndex` (ids, dim, size, encoder)
     images/index.safetensors "embeddings": (N, d) unit image embeddings (float16 by default)
+    images/faiss.index       with backend "faiss": an exact FAISS inner-product index of the same
+                             rows (float32), read memory-mapped
     thumbnails.safetensors   "offsets": (N + 1,) int64, "data": (B,) uint8 — image i's encoded
                              thumbnail is data[offsets[i]:offsets[i + 1]]
     captions.json            the collection's distinct captions (optional; image -> text search)
@@ -68,6 +70,7 @@ __all__ = [
 
 GALLERY_TYPE = "asymvlm.gallery"
 GALLERY_VERSION = 1
+BACKENDS = ("exact", "faiss")
 # format -> (PIL format name, media type)
 THUMBNAIL_FORMATS = {"jpeg": ("JPEG", "image/jpeg"), "png": ("PNG", "image/png"), "webp": ("WEBP", "image/webp")}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -165,6 +168,7 @@ def write_gallery(
     caption_embeddings: Tensor | None = None,
     encoder: dict[str, Any] | None = None,
     source: str = "",
+    backend: str = "exact",
 ) -> Gallery:
     """Write a gallery from tensors already in memory (tests, benchmarks, custom pipelines).
 
@@ -172,6 +176,7 @@ def write_gallery(
     """
     out = Path(out)
     n, d = embeddings.shape
+    _check_backend(backend)
     if ids is not None and (len(ids) != n or len(set(map(str, ids))) != n):
         raise ConfigError(f"need {n} distinct ids, got {len(ids)} ({len(set(map(str, ids)))} distinct)")
     with atomic_directory(out) as tmp:
@@ -185,7 +190,9 @@ def write_gallery(
             _write_thumbnails(tmp, list(thumbnails))
             thumb_meta = {"format": thumbnail_format, "max_side": thumbnail_size}
         n_caps = _write_captions(tmp, captions, caption_embeddings)
-        _write_meta(tmp, encoder, n, d, source, thumb_meta, n_caps)
+        if backend == "faiss":
+            _write_faiss(tmp)
+        _write_meta(tmp, encoder, n, d, source, thumb_meta, n_caps, backend)
     return Gallery.open(out)
 
 
@@ -207,6 +214,27 @@ def _write_images(
         },
         tmp / "images" / "index.json",
     )
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+
+
+def _faiss():
+    from asymvlm.retrieval import faiss_module
+
+    return faiss_module()
+
+
+def _write_faiss(tmp: Path, chunk: int = 65536) -> None:
+    """An exact FAISS inner-product index of the written embeddings (float32), next to them."""
+    faiss = _faiss()
+    emb = load_safetensors(tmp / "images" / "index.safetensors", ["embeddings"], mmap=True)["embeddings"]
+    index = faiss.IndexFlatIP(emb.shape[1])
+    for s in range(0, emb.shape[0], chunk):
+        index.add(emb[s : s + chunk].float().contiguous().numpy())
+    faiss.write_index(index, str(tmp / "images" / "faiss.index"))
 
 
 def _write_thumbnails(tmp: Path, blobs: Any, blob_file: Path | None = None) -> None:
@@ -242,7 +270,14 @@ def _write_captions(tmp: Path, captions: Sequence[str] | None, embeddings: Tenso
 
 
 def _write_meta(
-    tmp: Path, encoder: dict | None, n: int, d: int, source: str, thumbnails: dict | None, n_captions: int
+    tmp: Path,
+    encoder: dict | None,
+    n: int,
+    d: int,
+    source: str,
+    thumbnails: dict | None,
+    n_captions: int,
+    backend: str = "exact",
 ) -> None:
     atomic_write_json(
         {
@@ -254,6 +289,7 @@ def _write_meta(
             "source": source,
             "thumbnails": thumbnails,
             "captions": n_captions,
+            "backend": backend,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         },
         tmp / "gallery.json",
@@ -272,6 +308,7 @@ def build_gallery(
     thumbnail_format: str = "jpeg",
     captions: bool = True,
     batch_size: int = 64,
+    backend: str = "exact",
     progress: bool = True,
 ) -> Gallery:
     """Embed an image collection into a gallery folder (atomically: ``out`` is complete or untouched).
@@ -288,10 +325,13 @@ def build_gallery(
         thumbnail_format: ``jpeg``, ``png`` or ``webp``.
         captions: index the collection's distinct captions for image -> text search.
         batch_size: images per encoder forward.
+        backend: the gallery's default top-k engine, ``exact`` (chunked matmul over the memory-mapped
+            embeddings) or ``faiss`` (also writes an exact FAISS index, read memory-mapped).
         progress: show progress bars.
     """
     from asymvlm.cache import iter_batches, load_rgb
 
+    _check_backend(backend)
     if model.encoder is None:
         raise ConfigError("building a gallery needs a model with its encoder (it embeds images)")
     if dtype not in _DTYPES:
@@ -346,15 +386,10 @@ def build_gallery(
                 ]
             )
         n_caps = _write_captions(tmp, texts, cap_emb)
-        _write_meta(
-            tmp,
-            _encoder_info(model),
-            n,
-            d,
-            source,
-            {"format": thumbnail_format, "max_side": thumbnail_size},
-            n_caps,
-        )
+        if backend == "faiss":
+            _write_faiss(tmp)
+        thumbs = {"format": thumbnail_format, "max_side": thumbnail_size}
+        _write_meta(tmp, _encoder_info(model), n, d, source, thumbs, n_caps, backend)
     return Gallery.open(out)
 
 
@@ -383,8 +418,12 @@ class Gallery:
     _row_of: dict[str, int] | None
 
     @classmethod
-    def open(cls, path: str | Path, *, backend: str = "exact", chunk_size: int = 65536) -> Gallery:
-        """Open a gallery folder read-only (embeddings memory-mapped; ids, captions read once)."""
+    def open(cls, path: str | Path, *, backend: str | None = None, chunk_size: int = 65536) -> Gallery:
+        """Open a gallery folder read-only (embeddings memory-mapped; ids, captions read once).
+
+        ``backend``: ``exact`` or ``faiss`` (None: the gallery's own, as built). FAISS reads the
+        gallery's ``faiss.index`` memory-mapped when there is one, else builds it in memory.
+        """
         from asymvlm.retrieval import ImageIndex
 
         path = Path(path)
@@ -395,9 +434,25 @@ class Gallery:
             GALLERY_TYPE,
             GALLERY_VERSION,
             required=("size", "dim"),
-            known=("encoder", "source", "thumbnails", "captions", "created"),
+            known=("encoder", "source", "thumbnails", "captions", "created", "backend"),
         )
-        index = ImageIndex.load(path / "images", mmap=True, backend=backend, chunk_size=chunk_size)
+        backend = backend or meta.get("backend") or "exact"
+        _check_backend(backend)
+        faiss_index = None
+        if backend == "faiss" and (path / "images" / "faiss.index").is_file():
+            faiss = _faiss()
+            try:  # memory-mapped and read-only: the index's vectors stay in the page cache
+                faiss_index = faiss.read_index(
+                    str(path / "images" / "faiss.index"), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+                )
+            except RuntimeError as err:
+                raise ArtefactError(f"{path / 'images' / 'faiss.index'} is not a readable FAISS index: {err}") from err
+        try:
+            index = ImageIndex.load(
+                path / "images", mmap=True, backend=backend, chunk_size=chunk_size, faiss_index=faiss_index
+            )
+        except ValueError as err:
+            raise ArtefactError(f"{path}: {err}") from err
         if (len(index), index.dim) != (meta["size"], meta["dim"]):
             raise ArtefactError(
                 f"{path}: the image index holds ({len(index)}, {index.dim}), gallery.json says "

@@ -38,6 +38,7 @@ class LoopbackServer:
         workdir: the process's working directory and where its log goes.
         env: extra environment variables (e.g. a private HOME).
         startup_timeout: seconds to wait for ``/readyz``.
+        verify: for a TLS server (``--ssl_certfile`` among ``args``), the CA file that signed its certificate.
     """
 
     def __init__(
@@ -47,17 +48,24 @@ class LoopbackServer:
         *,
         env: Mapping[str, str] | None = None,
         startup_timeout: float = 180.0,
+        verify: str | Path | bool = True,
     ):
         self.args = list(args)
         self.workdir = Path(workdir)
         self.env = dict(env or {})
         self.startup_timeout = startup_timeout
+        if isinstance(verify, (str, Path)):
+            import ssl
+
+            verify = ssl.create_default_context(cafile=str(verify))
+        self.verify = verify
         self.proc: subprocess.Popen | None = None
         self.port: int | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if "--ssl_certfile" in self.args else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -69,7 +77,7 @@ class LoopbackServer:
         if self.proc.poll() is not None:
             raise RuntimeError(f"asymvlm-serve exited with {self.proc.returncode}: {self.log_path.read_text()[-2000:]}")
         try:
-            return httpx.get(self.url + "/readyz", timeout=2).status_code == 200
+            return httpx.get(self.url + "/readyz", timeout=2, verify=self.verify).status_code == 200
         except httpx.HTTPError:
             return False
 

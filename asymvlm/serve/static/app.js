@@ -90,7 +90,7 @@ function renderHits(answer) {
     cap.appendChild(id);
     const stats = document.createElement("span");
     stats.className = "stats";
-    stats.textContent = `log q = ${fmt(hit.score, 4)} · cos = ${fmt(hit.cosine)}`;
+    stats.textContent = `log q ${fmt(hit.score, 4)} · cos ${fmt(hit.cosine)}`;
     cap.appendChild(document.createElement("br"));
     cap.appendChild(stats);
     card.appendChild(cap);
