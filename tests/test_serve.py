@@ -697,6 +697,11 @@ def test_asymvlm_index_builds_image_folders(tmp_path, serve_assets, capsys):
     from PIL import Image
 
     assert max(Image.open(io.BytesIO(g.thumbnail(0))).size) == 16 and g.thumbnail_media_type == "image/jpeg"
+    with TestClient(create_app(RetrievalService(serve_assets["model"], g))) as c:  # ids with a slash, by URL
+        hits = c.post("/v1/search/text", json={"query": "a red circle", "k": 6}).json()["results"][0]["hits"]
+        for h in hits:
+            assert c.get(h["thumbnail"]).content == g.thumbnail(h["row"])
+        assert any("%2F" in h["thumbnail"] for h in hits) and c.get("/v1/thumbnails/sub/img1.png").status_code == 200
     (folder / "metadata.jsonl").unlink()  # a plain folder of images: no captions
     assert build(serve_assets, str(tmp_path / "plain"), "--images", f"imagefolder:{folder}") == 0
     plain = Gallery.open(tmp_path / "plain")
