@@ -281,6 +281,11 @@ def describe_data(data_args: Any = None, cache: Any = None, **counts: Any) -> di
     return {k: v for k, v in out.items() if v not in (None, "")}
 
 
+def eval_metrics(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The evaluation metrics of a logged record (its ``eval/<name>`` keys), by name."""
+    return {k[len("eval/") :]: v for k, v in record.items() if k.startswith("eval/")}
+
+
 def _plain(obj: Any) -> Any:
     """YAML-safe plain data: non-finite floats -> None, tuples -> lists, anything else -> str."""
     from asymvlm.io import json_safe

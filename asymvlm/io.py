@@ -42,6 +42,7 @@ __all__ = [
     "atomic_save_safetensors",
     "load_safetensors",
     "read_json",
+    "read_jsonl",
     "read_tagged_json",
     "json_safe",
     "tensor_fingerprint",
@@ -382,6 +383,22 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ArtefactError(f"corrupt JSON in {path}: {err}") from err
+
+
+def read_jsonl(path: str | Path) -> list[Any]:
+    """The records of a JSON-lines log (``train_log.jsonl``, ``metrics.jsonl``); [] when the file is
+    missing, an :class:`ArtefactError` naming the file and line when one is corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ArtefactError(f"corrupt JSON in {path}, line {n}: {err}") from err
+    return records
 
 
 def read_tagged_json(

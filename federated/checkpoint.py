@@ -142,11 +142,11 @@ def federated_card(
     ``recipe``, ``metrics``, ``evaluation``): the recipe and its options, the rounds run, the
     clients and their sizes, the DP epsilon spent, and the last round's losses, fairness and
     evaluation metrics (from ``metrics.jsonl`` in ``fed.output_dir``)."""
-    import json
     from dataclasses import asdict
 
     from asymvlm.federated.config import RESUMABLE_CHANGES
-    from asymvlm.hub import describe_data, public_name
+    from asymvlm.hub import describe_data, eval_metrics, public_name
+    from asymvlm.io import read_jsonl
 
     recipe = {k: v for k, v in asdict(fed).items() if k not in RESUMABLE_CHANGES}
     recipe.update(mask_file=public_name(fed.mask_file), init_from=public_name(fed.init_from))
@@ -156,18 +156,15 @@ def federated_card(
     info = dict(getattr(data, "data_info", None) or describe_data(data_args))
     if data is not None and getattr(data, "num_examples", None) is not None:
         info.update(clients=len(data.num_examples), client_images=list(data.num_examples))
-    last: dict[str, Any] = {}
-    log = Path(fed.output_dir) / "metrics.jsonl"
-    if log.is_file():
-        rounds = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-        last = next((r for r in reversed(rounds) if "round" in r), {})
+    rounds = read_jsonl(Path(fed.output_dir) / "metrics.jsonl")
+    last = next((r for r in reversed(rounds) if "round" in r), {})
     metrics: dict[str, Any] = {"round": last.get("round", state.round)}
     for key in ("loss_after", "fairness"):
         if isinstance(last.get(key), dict):
             metrics[key] = last[key]
     if state.epsilon is not None:
         metrics["dp_epsilon"] = state.epsilon
-    evaluated = {k[len("eval/") :]: v for k, v in last.items() if k.startswith("eval/")}
+    evaluated = eval_metrics(last)
     evaluation = None
     if evaluated:
         name = getattr(data_args, "dataset", None) if data_args is not None else None

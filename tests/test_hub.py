@@ -559,3 +559,17 @@ def test_training_and_federated_init_from_and_exports_by_hub_id(tmp_path, monkey
     assert all(torch.equal(v, saved.head.state_dict()[k]) for k, v in shared.head.state_dict().items())
     with pytest.raises(ArtefactError, match="not in the local Hub cache"):
         train(train_config(cache, tmp_path / "c", init_from="alice/not-there"))
+
+
+def test_logs_read_for_cards_name_a_corrupt_line(tmp_path):
+    from asymvlm.hub import eval_metrics
+    from asymvlm.io import read_jsonl
+
+    log = tmp_path / "train_log.jsonl"
+    assert read_jsonl(log) == []  # no log yet: nothing to report
+    log.write_text('{"step": 1, "loss": 2.0}\n\n{"step": 2, "eval/R@1": 0.5, "loss": 1.5}\n')
+    records = read_jsonl(log)
+    assert [r["step"] for r in records] == [1, 2] and eval_metrics(records[1]) == {"R@1": 0.5}
+    log.write_text('{"step": 1}\n{"step": 2, "loss"\n')
+    with pytest.raises(ArtefactError, match=r"corrupt JSON in .*train_log.jsonl, line 2"):
+        read_jsonl(log)

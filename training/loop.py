@@ -114,11 +114,10 @@ def _lineage(cfg: TrainConfig) -> dict[str, Any] | None:
 def _card_info(cfg: TrainConfig, data: Any, log_path: Path) -> dict[str, Any]:
     """The model card's record of the run: its data, its config (without run control and local
     paths) and the last logged training numbers and evaluation metrics (``train_log.jsonl``)."""
-    from asymvlm.hub import describe_data, public_name
+    from asymvlm.hub import describe_data, eval_metrics, public_name
+    from asymvlm.io import read_jsonl
 
-    records = []
-    if log_path.is_file():
-        records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
+    records = read_jsonl(log_path)
     last = next((r for r in reversed(records) if "loss" in r), {})
     logged = ("step", "loss", "temperature", "kappa_min", "kappa_median", "kappa_max")
     metrics = {k: last[k] for k in logged if k in last}
@@ -130,7 +129,7 @@ def _card_info(cfg: TrainConfig, data: Any, log_path: Path) -> dict[str, Any]:
             "dataset": where.get("dataset") or "held-out data",
             "split": where.get("split"),
             "step": evaluated.get("step"),
-            "metrics": {k[len("eval/") :]: v for k, v in evaluated.items() if k.startswith("eval/")},
+            "metrics": eval_metrics(evaluated),
         }
     groups = (cfg.head, cfg.model, cfg.train)  # the data are the card's own section
     recipe = {k: v for g in groups for k, v in dataclasses.asdict(g).items() if k not in RESUMABLE_CHANGES}

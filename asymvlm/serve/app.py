@@ -39,7 +39,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import resources
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import quote
 
 import torch
@@ -119,6 +119,24 @@ Number = float  # strict float accepts JSON integers too
 Vector = Annotated[list[Number], Field(min_length=1)]
 
 
+class _OneOrMany(BaseModel):
+    """A request giving one item (field ``ONE``) or several (field ``MANY``), never both."""
+
+    ONE: ClassVar[str]
+    MANY: ClassVar[str]
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (getattr(self, self.ONE) is None) == (getattr(self, self.MANY) is None):
+            raise ValueError(f"give exactly one of {self.ONE} and {self.MANY}")
+        return self
+
+    def given(self) -> tuple[list[Any], str]:
+        """The items as a list, and the name of the field they came in."""
+        one = getattr(self, self.ONE)
+        return ([one], self.ONE) if one is not None else (getattr(self, self.MANY), self.MANY)
+
+
 class AbstainRule(BaseModel):
     """When a text query abstains (overrides the server's default; ``criterion: null`` never abstains)."""
 
@@ -129,20 +147,15 @@ class AbstainRule(BaseModel):
     threshold: Number | None = Field(default=None, description="The criterion's threshold.")
 
 
-class TextSearchRequest(BaseModel):
+class TextSearchRequest(_OneOrMany):
     """Text -> images. Give ``query`` (one text) or ``queries`` (several)."""
 
     model_config = _STRICT
+    ONE, MANY = "query", "queries"
     query: str | None = Field(default=None, description="One text query.", examples=["a red circle"])
     queries: list[str] | None = Field(default=None, description="Several text queries.")
     k: int = Field(default=10, description="Images per query (1 to the configured maximum and the gallery size).")
     abstain: AbstainRule | None = Field(default=None, description="Abstention rule (default: the server's).")
-
-    @model_validator(mode="after")
-    def _one_of(self):
-        if (self.query is None) == (self.queries is None):
-            raise ValueError("give exactly one of query and queries")
-        return self
 
 
 class Hit(BaseModel):
@@ -178,19 +191,14 @@ class TextSearchResponse(BaseModel):
     results: list[TextAnswer]
 
 
-class ImageSearchRequest(BaseModel):
+class ImageSearchRequest(_OneOrMany):
     """Image embedding(s) -> captions. Give ``embedding`` (one unit vector) or ``embeddings``."""
 
     model_config = _STRICT
+    ONE, MANY = "embedding", "embeddings"
     embedding: Vector | None = None
     embeddings: list[Vector] | None = None
     k: int = Field(default=10, description="Captions per image.")
-
-    @model_validator(mode="after")
-    def _one_of(self):
-        if (self.embedding is None) == (self.embeddings is None):
-            raise ValueError("give exactly one of embedding and embeddings")
-        return self
 
 
 class ImageAnswer(BaseModel):
@@ -201,10 +209,11 @@ class ImageSearchResponse(BaseModel):
     results: list[ImageAnswer]
 
 
-class ClassifyRequest(BaseModel):
+class ClassifyRequest(_OneOrMany):
     """Zero-shot classification of image embedding(s) into ``classes``, with abstention."""
 
     model_config = _STRICT
+    ONE, MANY = "embedding", "embeddings"
     embedding: Vector | None = None
     embeddings: list[Vector] | None = None
     classes: list[str] = Field(min_length=1, description="One prompt per class.", examples=[["a circle", "a square"]])
@@ -212,12 +221,6 @@ class ClassifyRequest(BaseModel):
         default="probability", description="Abstention criterion (asymvlm.zeroshot.ABSTAIN_REGISTRY)."
     )
     threshold: Number | None = Field(default=None, description="Abstain when the criterion crosses it; null never.")
-
-    @model_validator(mode="after")
-    def _one_of(self):
-        if (self.embedding is None) == (self.embeddings is None):
-            raise ValueError("give exactly one of embedding and embeddings")
-        return self
 
 
 class ClassifiedImage(BaseModel):
@@ -236,18 +239,13 @@ class ClassifyResponse(BaseModel):
     images: list[ClassifiedImage]
 
 
-class DistributionRequest(BaseModel):
+class DistributionRequest(_OneOrMany):
     """Text(s) -> their distributions on the sphere. Give ``text`` or ``texts``."""
 
     model_config = _STRICT
+    ONE, MANY = "text", "texts"
     text: str | None = None
     texts: list[str] | None = None
-
-    @model_validator(mode="after")
-    def _one_of(self):
-        if (self.text is None) == (self.texts is None):
-            raise ValueError("give exactly one of text and texts")
-        return self
 
 
 class Distribution(BaseModel):
@@ -627,6 +625,8 @@ def create_app(service: Any, config: ServeConfig | None = None) -> FastAPI:
 
     async def read_upload(request: Request) -> tuple[Any, dict[str, str]]:
         """The uploaded image (multipart field ``file``) and the other form fields."""
+        if service.model.encoder is None:
+            raise ApiError(422, "file", "file: this model has no image encoder; send embeddings")
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             raise ApiError(415, "file", "send the image as multipart/form-data with a field named file")
@@ -688,9 +688,10 @@ def create_app(service: Any, config: ServeConfig | None = None) -> FastAPI:
             return Abstention()
         if rule.threshold is None:
             raise ApiError(422, "abstain.threshold", "abstain.threshold: required with a criterion")
-        if rule.criterion == "uncertainty" and rule.threshold < 0:
-            raise ApiError(422, "abstain.threshold", "abstain.threshold: an uncertainty threshold must be >= 0")
-        return Abstention(rule.criterion, rule.threshold)
+        try:  # the criterion's declared threshold range (uncertainty: >= 0)
+            return Abstention(rule.criterion, rule.threshold)
+        except ConfigError as err:
+            raise ApiError(422, "abstain.threshold", f"abstain.threshold: {err}") from err
 
     def check_classes(classes: list[str], criterion: str, threshold: float | None) -> tuple[str, ...]:
         if len(classes) > config.max_classes:
@@ -750,9 +751,7 @@ def create_app(service: Any, config: ServeConfig | None = None) -> FastAPI:
         summary="Text -> images, with each query's uncertainty and abstention",
     )
     async def search_text(body: TextSearchRequest) -> TextSearchResponse:
-        texts = check_texts(
-            [body.query] if body.query is not None else body.queries, "query" if body.query is not None else "queries"
-        )
+        texts = check_texts(*body.given())
         check_k(body.k, len(gallery), "gallery size")
         item = TextQuery(texts, body.k, abstention(body.abstain, body.model_fields_set))
         return {"results": add_thumbnails(await submit("search_text", item))}
@@ -764,8 +763,7 @@ def create_app(service: Any, config: ServeConfig | None = None) -> FastAPI:
     )
     async def search_image(body: ImageSearchRequest) -> ImageSearchResponse:
         n = caption_index_size()
-        x = check_vectors([body.embedding] if body.embedding is not None else body.embeddings,
-                          "embedding" if body.embedding is not None else "embeddings")  # fmt: skip
+        x = check_vectors(*body.given())
         check_k(body.k, n, "caption index size")
         return {"results": await submit("search_image", ImageQuery(x, body.k))}
 
@@ -777,8 +775,6 @@ def create_app(service: Any, config: ServeConfig | None = None) -> FastAPI:
     )
     async def search_image_upload(request: Request) -> ImageSearchResponse:
         n = caption_index_size()
-        if service.model.encoder is None:
-            raise ApiError(422, "file", "file: this model has no image encoder; send embeddings")
         image, fields = await read_upload(request)
         _no_unknown(fields, {"k"})
         k = form_int(fields, "k", 10)
@@ -787,8 +783,7 @@ def create_app(service: Any, config: ServeConfig | None = None) -> FastAPI:
 
     @app.post("/v1/classify", summary="Zero-shot classification of image embedding(s), with abstention")
     async def classify(body: ClassifyRequest) -> ClassifyResponse:
-        x = check_vectors([body.embedding] if body.embedding is not None else body.embeddings,
-                          "embedding" if body.embedding is not None else "embeddings")  # fmt: skip
+        x = check_vectors(*body.given())
         classes = check_classes(body.classes, body.criterion, body.threshold)
         return await submit("classify", ClassifyQuery(x, classes, body.criterion, body.threshold))
 
@@ -804,8 +799,6 @@ def create_app(service: Any, config: ServeConfig | None = None) -> FastAPI:
         ),
     )
     async def classify_upload(request: Request) -> ClassifyResponse:
-        if service.model.encoder is None:
-            raise ApiError(422, "file", "file: this model has no image encoder; send embeddings")
         image, fields = await read_upload(request)
         _no_unknown(fields, {"classes", "criterion", "threshold"})
         try:
@@ -823,9 +816,7 @@ def create_app(service: Any, config: ServeConfig | None = None) -> FastAPI:
 
     @app.post("/v1/distribution", summary="Text(s) -> their distribution on the sphere (mu, kappa)")
     async def distribution(body: DistributionRequest) -> DistributionResponse:
-        texts = check_texts(
-            [body.text] if body.text is not None else body.texts, "text" if body.text is not None else "texts"
-        )
+        texts = check_texts(*body.given())
         return {"results": await submit("distribution", texts)}
 
     @app.get(

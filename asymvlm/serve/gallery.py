@@ -121,10 +121,17 @@ def load_image_collection(spec: str, *, num_images: int | None = None, seed: int
     return data
 
 
+def _columns(dataset: Any) -> list[str]:
+    """The column names of a ``datasets.Dataset`` or of a sequence of dicts (its first row's keys)."""
+    if hasattr(dataset, "column_names"):
+        return list(dataset.column_names)
+    return list(dataset[0]) if len(dataset) else []
+
+
 def _ids_of(dataset: Any) -> list[str]:
     from asymvlm.cache import iter_batches
 
-    columns = dataset.column_names if hasattr(dataset, "column_names") else list(dataset[0]) if len(dataset) else []
+    columns = _columns(dataset)
     key = next((c for c in ("file_name", "image_id", "id") if c in columns), None)
     if key is None:
         return [str(i) for i in range(len(dataset))]
@@ -344,7 +351,7 @@ def build_gallery(
     if n == 0:
         raise ConfigError("the image collection is empty")
     ids = _ids_of(dataset)
-    columns = dataset.column_names if hasattr(dataset, "column_names") else list(dataset[0])
+    columns = _columns(dataset)
     has_captions = captions and "captions" in columns
     encoder = model.encoder
     d = encoder.dim

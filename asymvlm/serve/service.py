@@ -37,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -78,13 +79,19 @@ def specificity_word(percentile: float | None) -> str | None:
 @dataclass(frozen=True)
 class Abstention:
     """When a text query abstains: ``criterion`` (``uncertainty``, ``likelihood``, None = never) and
-    its ``threshold``; ``quantile`` records a threshold given as a quantile of the captions."""
+    its ``threshold``; ``quantile`` records a threshold given as a quantile of the captions.
+
+    The rule is the zero-shot classifier's (:data:`asymvlm.zeroshot.ABSTAIN_REGISTRY`: its statistic,
+    direction and threshold range), applied to the best image's log-likelihood and the query's 1/kappa.
+    """
 
     criterion: str | None = None
     threshold: float | None = None
     quantile: float | None = None
 
     def __post_init__(self) -> None:
+        from asymvlm.zeroshot import ABSTAIN_REGISTRY
+
         if self.criterion is not None and self.criterion not in SEARCH_CRITERIA:
             raise ConfigError(
                 f"unknown abstention criterion {self.criterion!r}; choose one of {sorted(SEARCH_CRITERIA)}"
@@ -93,8 +100,17 @@ class Abstention:
             raise ConfigError("an abstention criterion needs a threshold (and a threshold a criterion)")
         if self.threshold is not None and not math.isfinite(self.threshold):
             raise ConfigError(f"the abstention threshold must be a finite number, got {self.threshold}")
-        if self.criterion == "uncertainty" and self.threshold is not None and self.threshold < 0:
-            raise ConfigError(f"an uncertainty threshold must be >= 0, got {self.threshold}")
+        if self.criterion is not None:  # the registry checks the threshold's range (uncertainty: >= 0)
+            object.__setattr__(self, "_rule", ABSTAIN_REGISTRY.build(self.criterion, threshold=self.threshold))
+
+    def decide(self, best_log_likelihood: Tensor, uncertainty: Tensor) -> tuple[Tensor, Tensor | None]:
+        """``(abstained (Q,) bool, the statistic compared (Q,) or None)`` for Q queries."""
+        if self.criterion is None:
+            return torch.zeros_like(uncertainty, dtype=torch.bool), None
+        from asymvlm.zeroshot import ABSTAIN_CRITERIA
+
+        statistic = ABSTAIN_CRITERIA[self.criterion][0](best_log_likelihood, uncertainty, None)
+        return self._rule(best_log_likelihood, uncertainty, None), statistic
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"criterion": self.criterion, "threshold": self.threshold}
@@ -231,8 +247,8 @@ class RetrievalService:
         self.device = next(model.head.parameters()).device
 
     # -- what the service is ------------------------------------------------------------------
-    def info(self) -> dict[str, Any]:
-        """The model, the gallery and the defaults (``GET /v1/info``)."""
+    @functools.cached_property
+    def _info(self) -> dict[str, Any]:
         src = self.model.encoder_source or {}
         ref = self.reference.sorted_uncertainty
         return {
@@ -260,6 +276,10 @@ class RetrievalService:
                 **{f"q{q}": float(torch.quantile(ref, q / 100)) for q in (5, 33, 50, 67, 95)},
             },
         }
+
+    def info(self) -> dict[str, Any]:
+        """The model, the gallery and the defaults (``GET /v1/info``; computed once: none of it changes)."""
+        return self._info
 
     def examples(self, quantiles: Sequence[float] = (0.98, 0.6, 0.3, 0.02)) -> list[str]:
         """Captions of the gallery from vague to specific (at these quantiles of their uncertainty):
@@ -297,25 +317,20 @@ class RetrievalService:
         found = res.to_dict()["queries"]
         kappa = q.concentration.detach().double().cpu()
         unc = 1.0 / kappa
+        best_ll = res.scores[:, 0].double().cpu()  # (Q,) the best image's log q(x)
         pct = self.reference.percentile(unc)
         out: list[list[dict[str, Any]]] = []
         at = 0
         for r in requests:
             rule = r.abstain if r.abstain is not None else self.default_abstain
+            mine = torch.tensor(rows[at : at + r.size])
+            abstained, stats = rule.decide(best_ll[mine], unc[mine])
             answers = []
-            for _ in range(r.size):
+            for j in range(r.size):
                 i = rows[at]
                 hits = [{**h, "id": str(h["id"])} for h in found[i]["hits"][: r.k]]
                 u = float(unc[i])
-                stat = None
-                if rule.criterion == "uncertainty":
-                    stat = u
-                elif rule.criterion == "likelihood":
-                    stat = hits[0]["score"]
-                abstained = bool(
-                    stat is not None
-                    and (stat > rule.threshold if rule.criterion == "uncertainty" else stat < rule.threshold)
-                )
+                stat = None if stats is None else float(stats[j])
                 answers.append(
                     {
                         **({"query": labels[at]} if labels[at] is not None else {}),
@@ -323,8 +338,8 @@ class RetrievalService:
                         "uncertainty": _finite(u),
                         "uncertainty_percentile": pct[i],
                         "specificity": specificity_word(pct[i]),
-                        "abstained": abstained,
-                        "abstention": {**rule.to_dict(), "statistic": None if stat is None else _finite(float(stat))},
+                        "abstained": bool(abstained[j]),
+                        "abstention": {**rule.to_dict(), "statistic": None if stat is None else _finite(stat)},
                         "hits": hits,
                     }
                 )
