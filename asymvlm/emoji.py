@@ -106,6 +106,8 @@ __all__ = [
     "write_emoji_cache",
     "read_emoji_meta",
     "META_NAME",
+    "unicode_data_path",
+    "character_names",
 ]
 
 logger = logging.getLogger(__name__)
@@ -129,6 +131,7 @@ _FONT_CANDIDATES = (
 )
 _EMOJI_TEST_CANDIDATES = ("/usr/share/unicode/emoji/emoji-test.txt", "/usr/share/unicode-data/emoji/emoji-test.txt")
 _CLDR_ROOTS = ("/usr/share/unicode/cldr/common", "/usr/share/unicode-cldr/common")
+_UNICODE_DATA_CANDIDATES = ("/usr/share/unicode/UnicodeData.txt", "/usr/share/unicode-data/UnicodeData.txt")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,6 +171,45 @@ def emoji_test_path() -> Path:
     if path is None:
         raise _missing("Unicode emoji-test.txt", "unicode-data")
     return path
+
+
+def unicode_data_path() -> Path:
+    """Unicode's UnicodeData.txt, the names of every character (``$ASYMVLM_UNICODE_DATA`` overrides).
+
+    Raises:
+        MissingExtraError: not installed; names ``apt-get install -y unicode-data``.
+    """
+    path = _first_file("ASYMVLM_UNICODE_DATA", _UNICODE_DATA_CANDIDATES)
+    if path is None:
+        raise _missing("Unicode UnicodeData.txt", "unicode-data")
+    return path
+
+
+def character_names(n: int = 2000, seed: int = 0, path: str | Path | None = None) -> list[str]:
+    """``n`` distinct names of characters that are not emoji (UnicodeData.txt: letters, digits,
+    symbols, box drawing, ...), lower-cased like the captions (:func:`normalise_phrase`): real text in
+    a vocabulary the emoji benchmark never trains on, the unfamiliar texts of its OOD AUROC.
+    Algorithmic names (``<control>``, CJK and Hangul syllables, ideographs) are left out. A seeded
+    uniform sample, sorted.
+    """
+    emoji_cps = {int(c, 16) for e in parse_emoji_test() for c in e.codepoints.split()}
+    names = []
+    with open(path or unicode_data_path(), encoding="utf-8") as f:
+        for line in f:
+            fields = line.split(";")
+            if len(fields) < 2:
+                continue
+            cp, name = fields[0].strip(), fields[1].strip()
+            if not name or name.startswith("<") or int(cp, 16) in emoji_cps:
+                continue
+            if any(word in name for word in ("CJK", "HANGUL", "IDEOGRAPH", "TANGUT", "KHITAN", "NUSHU")):
+                continue
+            names.append(normalise_phrase(name))
+    distinct = sorted(set(names))
+    if n > len(distinct):
+        raise ValueError(f"asked for {n} character names, UnicodeData.txt has {len(distinct)}")
+    rng = np.random.default_rng(seed)
+    return sorted(distinct[i] for i in rng.choice(len(distinct), size=n, replace=False))
 
 
 def annotations_path(derived: bool = False) -> Path:

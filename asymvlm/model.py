@@ -108,6 +108,7 @@ class AsymVLM(nn.Module):
         text_adapter: nn.Module | None = None,
         text_base_delta: dict[str, Tensor] | None = None,
         lineage: dict[str, Any] | None = None,
+        confidence: Any = None,
     ):
         super().__init__()
         if encoder is not None and encoder.dim != head.dim:
@@ -128,6 +129,8 @@ class AsymVLM(nn.Module):
         # what the head was fine-tuned from: {"init_from": path, "init_from_fingerprint": sha256 of
         # its head weights}; merges check that every expert comes from the --base they are given
         self.lineage = dict(lineage) if lineage else None
+        # how likely its answers are right: familiarity density + calibrator (asymvlm.confidence)
+        self.confidence = confidence
 
     @property
     def dim(self) -> int:
@@ -253,6 +256,11 @@ class AsymVLM(nn.Module):
         if self.text_base_delta:
             atomic_save_safetensors(self.text_base_delta, directory / BASE_DELTA_NAME)
             config["text_base_delta"] = BASE_DELTA_NAME
+        if self.confidence is not None:
+            from asymvlm.confidence import CONFIDENCE_NAME
+
+            self.confidence.save(directory)
+            config["confidence"] = CONFIDENCE_NAME
         atomic_write_json(config, directory / CONFIG_NAME)
         if card is not False:
             from asymvlm.hub import write_model_card
@@ -336,7 +344,7 @@ class AsymVLM(nn.Module):
             MODEL_TYPE,
             MODEL_VERSION,
             required=("head",),
-            known=("encoder", "logit_scale", "text_adapter", "text_base_delta", "lineage"),
+            known=("encoder", "logit_scale", "text_adapter", "text_base_delta", "lineage", "confidence"),
         )
         head_cfg = cfg["head"]
         if not isinstance(head_cfg, dict):
@@ -400,6 +408,17 @@ class AsymVLM(nn.Module):
             model._adapter_files = directory / cfg["text_adapter"]
         if not math.isfinite(model.logit_scale):
             raise ArtefactError(f"{directory / CONFIG_NAME}: logit_scale is not finite")
+        if cfg.get("confidence"):
+            from asymvlm.confidence import CONFIDENCE_NAME, ConfidenceModel
+
+            if cfg["confidence"] != CONFIDENCE_NAME:
+                raise ArtefactError(f"{directory / CONFIG_NAME}: 'confidence' must be {CONFIDENCE_NAME!r}")
+            model.confidence = ConfidenceModel.load(directory)
+            fam = model.confidence.familiarity
+            if fam is not None and fam.dim != model.dim:
+                raise ArtefactError(
+                    f"{directory}: the familiarity density has dimension {fam.dim}, the head {model.dim}"
+                )
         return model
 
     def extra_repr(self) -> str:

@@ -44,6 +44,7 @@ from asymvlm.io import ArtefactError, atomic_save_safetensors, atomic_write_json
 
 __all__ = [
     "SearchResult",
+    "OnlineSoftmax",
     "ImageIndex",
     "TextIndex",
     "topk_chunked",
@@ -64,6 +65,15 @@ class SearchResult:
         uncertainty: (Q,) ``1/kappa`` of each text query (text -> image), or (Q, k) of each
             retrieved text (image -> text).
         cosine: (Q, k) cosine ``mu_t^T x`` of each pair (None where not computed).
+        posterior: (Q, k) each hit's probability under the query's retrieval distribution over the
+            whole searched collection, ``p(i | t) = q_t(x_i) / sum_j q_t(x_j)`` (text -> image), or
+            ``p(t | x) = q_t(x) / sum_u q_u(x)`` (image -> text); None when not computed.
+        entropy: (Q,) the entropy (nats) of that distribution: ``log N`` when it is uniform over N
+            entries, 0 when one entry takes all the mass; ``exp(entropy)`` is the effective number of
+            competing entries. None when not computed.
+        log_partition: (Q,) ``log sum_j q(x_j)`` over the collection (float64), or None.
+        confidence: per-query parts of the answer's uncertainty and its probability of being right
+            (:class:`asymvlm.confidence.AnswerConfidence`), or None.
     """
 
     indices: Tensor
@@ -71,12 +81,17 @@ class SearchResult:
     ids: list[list[Any]]
     uncertainty: Tensor
     cosine: Tensor | None = None
+    posterior: Tensor | None = None
+    entropy: Tensor | None = None
+    log_partition: Tensor | None = None
+    confidence: Any = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain Python (JSON-ready): ``{"queries": [{"hits": [{"id", "row", "score", "cosine"}, ...]}]}``,
-        best first, with the query's ``uncertainty`` (text -> image) or each hit's (image -> text).
-        Non-finite numbers become None. The one serialisation of search results, shared with
-        ``asymvlm-serve``.
+        """Plain Python (JSON-ready): ``{"queries": [{"hits": [{"id", "row", "score", "cosine",
+        "probability"}, ...]}]}``, best first, with the query's ``uncertainty`` (text -> image) or each
+        hit's (image -> text), the retrieval distribution's ``entropy`` and, where computed, the
+        answer's ``confidence`` (:meth:`asymvlm.confidence.AnswerConfidence.to_dict`). Non-finite
+        numbers become None. The one serialisation of search results, shared with ``asymvlm-serve``.
 
         Example:
             >>> import torch
@@ -91,6 +106,8 @@ class SearchResult:
         cols = {"score": self.scores.tolist()}
         if self.cosine is not None:
             cols["cosine"] = self.cosine.tolist()
+        if self.posterior is not None:
+            cols["probability"] = self.posterior.tolist()
         if not per_query:
             cols["uncertainty"] = self.uncertainty.tolist()
         queries = []
@@ -102,6 +119,10 @@ class SearchResult:
             entry: dict[str, Any] = {"hits": hits}
             if per_query:
                 entry["uncertainty"] = _finite(float(self.uncertainty[q]))
+            if self.entropy is not None:
+                entry["entropy"] = _finite(float(self.entropy[q]))
+            if self.confidence is not None:
+                entry["confidence"] = self.confidence.to_dict(q)
             queries.append(entry)
         return {"queries": queries}
 
@@ -110,17 +131,85 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+class OnlineSoftmax:
+    """Running log-sum-exp and entropy of ``p_j ∝ exp(l_j)`` over column chunks, one row per query.
+
+    Per row it keeps ``m`` (the largest logit so far), ``s = sum exp(l - m)`` and
+    ``t = sum exp(l - m) (l - m)`` in float64; a larger maximum rescales both sums. Then
+    ``log Z = m + log s`` and the entropy ``H = -sum p log p = log s - t / s``. This is the online
+    softmax normaliser (Milakov & Gimelshein 2018, https://arxiv.org/abs/1805.02867) carried one
+    moment further, so the retrieval distribution's entropy costs no second pass over the gallery.
+
+    Example:
+        >>> import torch
+        >>> acc = OnlineSoftmax(1)
+        >>> logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
+        >>> acc.update(logits[:, :2]); acc.update(logits[:, 2:])
+        >>> p = torch.softmax(logits.double(), 1)
+        >>> bool(torch.allclose(acc.entropy, -(p * p.log()).sum(1)))
+        True
+    """
+
+    def __init__(self, rows: int, device: torch.device | str = "cpu"):
+        self.m = torch.full((rows,), -math.inf, dtype=torch.float64, device=device)
+        self.s = torch.zeros(rows, dtype=torch.float64, device=device)
+        self.t = torch.zeros(rows, dtype=torch.float64, device=device)
+
+    def update(self, logits: Tensor) -> None:
+        """Add a chunk of columns, ``logits`` (rows, C) (float32 or float64)."""
+        if logits.shape[1] == 0:
+            return
+        m_new = torch.maximum(self.m, logits.max(dim=1).values.double())  # (Q,)
+        live = torch.isfinite(m_new)  # a row whose logits are all -inf so far adds nothing
+        shift = torch.where(live, self.m - m_new, 0.0)  # <= 0, -inf on a row's first finite chunk
+        scale = torch.exp(shift)
+        # old terms: (l - m_old) = (l - m_new) - shift, so t_old becomes scale * (t + shift * s)
+        self.t = torch.where(self.s > 0, scale * (self.t + shift * self.s), 0.0)
+        self.s = scale * self.s
+        z = logits - torch.where(live, m_new, 0.0).to(logits.dtype).unsqueeze(1)  # (Q, C) <= 0
+        z.clamp_(min=-1e4)  # exp(-1e4) == 0 and -1e4 * 0 == 0: -inf logits drop out without NaN
+        w = torch.exp(z)
+        self.s = self.s + w.sum(dim=1, dtype=torch.float64)
+        self.t = self.t + z.mul_(w).sum(dim=1, dtype=torch.float64)
+        self.m = m_new
+
+    @property
+    def log_partition(self) -> Tensor:
+        """(Q,) ``log sum_j exp(l_j)``, float64."""
+        return self.m + torch.log(self.s)
+
+    @property
+    def entropy(self) -> Tensor:
+        """(Q,) ``-sum_j p_j log p_j`` in nats, float64 (clamped at 0 against rounding)."""
+        return (torch.log(self.s) - self.t / self.s).clamp_min(0.0)
+
+    @staticmethod
+    def cat(parts: Sequence[OnlineSoftmax]) -> OnlineSoftmax:
+        """Rows of several accumulators stacked (query blocks)."""
+        out = OnlineSoftmax(0)
+        out.m, out.s, out.t = (torch.cat([getattr(p, a) for p in parts]) for a in ("m", "s", "t"))
+        return out
+
+
 def topk_chunked(
-    score_fn: Callable[..., Tensor], n: int, k: int, chunk_size: int, buffer: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+    score_fn: Callable[..., Tensor],
+    n: int,
+    k: int,
+    chunk_size: int,
+    buffer: Tensor | None = None,
+    logits: Callable[[Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, OnlineSoftmax]:
     """Exact top-k over ``n`` columns scored chunk by chunk: ``score_fn(start, end) -> (Q, end-start)``.
 
     Keeps a running (Q, k) top-k, so memory is O(Q * (k + chunk_size)). With ``buffer`` (a flat
     tensor of at least Q * chunk_size elements), ``score_fn(start, end, out)`` is called with a
     contiguous ``(Q, end-start)`` view of it to write into, which avoids allocating (and
-    page-faulting) a fresh score matrix per chunk.
+    page-faulting) a fresh score matrix per chunk. With ``logits`` (a map from a score chunk to the
+    retrieval distribution's logits, e.g. ``kappa * cos``), the same pass also accumulates that
+    distribution's normaliser and entropy (:class:`OnlineSoftmax`), returned third.
     """
     best_v = best_i = None
+    acc = None
     for s in range(0, n, chunk_size):
         e = min(n, s + chunk_size)
         if buffer is None:
@@ -128,6 +217,10 @@ def topk_chunked(
         else:
             q = buffer.numel() // chunk_size
             sc = score_fn(s, e, buffer[: q * (e - s)].view(q, e - s))
+        if logits is not None:
+            if acc is None:
+                acc = OnlineSoftmax(sc.shape[0], sc.device)
+            acc.update(logits(sc))
         v, i = sc.topk(min(k, e - s), dim=1)
         i = i + s
         if best_v is None:
@@ -137,7 +230,9 @@ def topk_chunked(
             i = torch.cat([best_i, i], dim=1)
             best_v, pos = v.topk(min(k, v.shape[1]), dim=1)
             best_i = i.gather(1, pos)
-    return best_v, best_i
+    if logits is None:
+        return best_v, best_i
+    return best_v, best_i, acc
 
 
 def _blocked_topk(
@@ -147,19 +242,32 @@ def _blocked_topk(
     k: int,
     chunk_size: int,
     query_block: int,
-) -> tuple[Tensor, Tensor]:
+    logits: Callable[[slice, Tensor], Tensor] | None = None,
+) -> tuple[Tensor, Tensor, OnlineSoftmax | None]:
     """:func:`topk_chunked` over blocks of ``query_block`` queries with one reused score buffer:
-    peak memory is ``query_block * chunk_size`` floats whatever the number of queries."""
+    peak memory is ``query_block * chunk_size`` floats whatever the number of queries. With
+    ``logits(rows, scores)`` (``rows`` the block's slice of the queries) the retrieval
+    distribution's statistics come back too (else None)."""
     chunk = min(chunk_size, n)
     block = min(query_block, queries.shape[0])
     buf = torch.empty(block * chunk, dtype=torch.float32, device=queries.device)
-    values, indices = [], []
+    values, indices, stats = [], [], []
     for s in range(0, queries.shape[0], block):
         xq = queries[s : s + block]
-        v, i = topk_chunked(lambda a, b, out, xq=xq: score(xq, a, b, out), n, k, chunk, buf[: xq.shape[0] * chunk])
-        values.append(v)
-        indices.append(i)
-    return torch.cat(values), torch.cat(indices)
+        rows = slice(s, s + xq.shape[0])
+        out = topk_chunked(
+            lambda a, b, out, xq=xq: score(xq, a, b, out),
+            n,
+            k,
+            chunk,
+            buf[: xq.shape[0] * chunk],
+            None if logits is None else (lambda sc, rows=rows: logits(rows, sc)),
+        )
+        values.append(out[0])
+        indices.append(out[1])
+        if logits is not None:
+            stats.append(out[2])
+    return torch.cat(values), torch.cat(indices), (OnlineSoftmax.cat(stats) if stats else None)
 
 
 def _check_k(k: int, n: int) -> None:
@@ -265,7 +373,9 @@ class ImageIndex:
     def dim(self) -> int:
         return self.embeddings.shape[1]
 
-    def _queries(self, queries: Any, model: Any) -> SphericalDistribution:
+    def _queries(self, queries: Any, model: Any) -> tuple[SphericalDistribution, Tensor | None]:
+        """The queries' distributions, and their frozen text embeddings when the queries were texts."""
+        emb = None
         if isinstance(queries, SphericalDistribution):
             q = queries
         else:
@@ -288,16 +398,23 @@ class ImageIndex:
                     f"({model.encoder.spec}); rebuild the index or search with embeddings"
                 )
             with torch.no_grad():
-                q = model.encode_text(queries)
+                emb = model.text_embeddings(queries)
+                q = model.encode_text(emb)
         if len(q.batch_shape) != 1 or q.batch_shape[0] == 0:
             raise ValueError(f"need a non-empty batch of queries, got batch shape {tuple(q.batch_shape)}")
         if q.dim != self.dim:
             raise ValueError(f"query dimension {q.dim} does not match the index dimension {self.dim}")
-        return q
+        return q, emb
 
     @torch.no_grad()
     def search(
-        self, queries: SphericalDistribution | Tensor | Sequence[str], k: int = 10, *, model: Any = None
+        self,
+        queries: SphericalDistribution | Tensor | Sequence[str],
+        k: int = 10,
+        *,
+        model: Any = None,
+        posterior: bool = True,
+        calibrator: Any = None,
     ) -> SearchResult:
         """The k most likely images for each text query.
 
@@ -306,29 +423,59 @@ class ImageIndex:
                 (the last two need ``model``, an :class:`~asymvlm.model.AsymVLM`).
             k: results per query (<= gallery size).
             model: the AsymVLM that maps texts to distributions.
+            posterior: also compute the retrieval distribution ``p(i | t) ∝ q_t(x_i)`` over the whole
+                gallery, in the same streamed pass as the top-k: each hit's probability, the entropy
+                and the log normaliser (an elementwise exp per scored pair; with the FAISS backend a
+                pass over the gallery of its own).
+            calibrator: a :class:`~asymvlm.confidence.Calibrator` fitted on this gallery, used instead
+                of the model's own (whose ``confidence`` adds each answer's parts and ``p_correct``:
+                :mod:`asymvlm.confidence`).
         """
-        q = self._queries(queries, model)
+        q, emb = self._queries(queries, model)
         _check_k(k, len(self))
         loc = q.loc.detach().float()
+        kappa = q.concentration.detach().float()
+        family = type(q)
+        logits = None
+        if posterior:  # log q_t(x) without its normaliser: kappa cos (vMF), kappa log(1 + cos) (PS)
+            zero = torch.zeros((), dtype=torch.float32, device=loc.device)
+
+            def logits(rows: slice, cos: Tensor) -> Tensor:
+                return family._log_prob_from_cosine(cos, kappa[rows].unsqueeze(1), zero)
+
+        stats = None
         if self.backend == "faiss":
             idx = self._faiss_search(loc, k)
+            if posterior:
+                stats = _blocked_topk(loc, self._cosine_chunk, len(self), 1, self.chunk_size, self.query_block, logits)[
+                    2
+                ]
         else:
-            _, idx = _blocked_topk(
-                loc,
-                lambda xq, s, e, out: torch.mm(xq, self.embeddings[s:e].to(xq.device, torch.float32).T, out=out),
-                len(self),
-                k,
-                self.chunk_size,
-                self.query_block,
+            _, idx, stats = _blocked_topk(
+                loc, self._cosine_chunk, len(self), k, self.chunk_size, self.query_block, logits
             )
         cos = (loc.unsqueeze(1) * self.embeddings[idx.cpu()].to(loc.device, torch.float32)).sum(-1)  # (Q, k)
-        kappa = q.concentration.detach().float()
         log_norm = q.log_normalizer.detach().float()
         scores = q._log_prob_from_cosine(cos, kappa.unsqueeze(1), log_norm.unsqueeze(1))
         # re-sort by the exact score (equal to the cosine order for kappa > 0)
         scores, order = scores.sort(dim=1, descending=True)
         idx = idx.gather(1, order)
-        return SearchResult(idx, scores, _ids_for(self.ids, idx), 1.0 / kappa, cos.gather(1, order))
+        cos = cos.gather(1, order)
+        result = SearchResult(idx, scores, _ids_for(self.ids, idx), 1.0 / kappa, cos)
+        if stats is not None:
+            hit_logits = family._log_prob_from_cosine(cos.double(), kappa.double().unsqueeze(1), 0.0)
+            result.posterior = torch.exp(hit_logits - stats.log_partition.unsqueeze(1)).float()
+            result.entropy = stats.entropy.float()
+            result.log_partition = stats.log_partition + log_norm.double()
+            confidence = getattr(model, "confidence", None) if model is not None else None
+            if confidence is not None:  # the parts of each answer's uncertainty, and P(right)
+                result.confidence = confidence.assess(
+                    kappa, result.entropy, result.posterior[:, 0], len(self), emb, calibrator=calibrator
+                )
+        return result
+
+    def _cosine_chunk(self, xq: Tensor, s: int, e: int, out: Tensor) -> Tensor:
+        return torch.mm(xq, self.embeddings[s:e].to(xq.device, torch.float32).T, out=out)
 
     def _faiss_search(self, loc: Tensor, k: int) -> Tensor:
         faiss = faiss_module()
@@ -491,13 +638,18 @@ class TextIndex:
         )
 
     @torch.no_grad()
-    def search(self, images: Tensor | Sequence[Any], k: int = 10, *, model: Any = None) -> SearchResult:
+    def search(
+        self, images: Tensor | Sequence[Any], k: int = 10, *, model: Any = None, posterior: bool = True
+    ) -> SearchResult:
         """The k texts under which each image is most likely.
 
         Args:
             images: unit image embeddings (Q, d), or images (needs ``model`` with an encoder).
             k: results per image.
             model: an AsymVLM with an encoder, for raw images.
+            posterior: also compute the retrieval distribution over the texts,
+                ``p(t | x) = q_t(x) / sum_u q_u(x)`` (a uniform prior over the index's texts), in the
+                same streamed pass: each hit's probability, the entropy and the log normaliser.
         """
         if not isinstance(images, Tensor):
             if model is None:
@@ -512,12 +664,21 @@ class TextIndex:
         check_embeddings(images.float(), self.dim, "image queries", unit=True)
         _check_k(k, len(self))
         x = images.float()
+        logits = (lambda rows, sc: sc) if posterior else None  # the scores are log q_t(x) themselves
+        stats = None
         if self.backend == "faiss":
             scores, idx = self._faiss_search(x, k)
+            if posterior:
+                stats = _blocked_topk(x, self._scores, len(self), 1, self.chunk_size, self.query_block, logits)[2]
         else:
-            scores, idx = _blocked_topk(x, self._scores, len(self), k, self.chunk_size, self.query_block)
+            scores, idx, stats = _blocked_topk(x, self._scores, len(self), k, self.chunk_size, self.query_block, logits)
         cos = (x.unsqueeze(1) * self.loc[idx]).sum(-1)  # (Q, k)
-        return SearchResult(idx, scores, _ids_for(self.ids, idx), 1.0 / self.concentration[idx], cos)
+        result = SearchResult(idx, scores, _ids_for(self.ids, idx), 1.0 / self.concentration[idx], cos)
+        if stats is not None:
+            result.posterior = torch.exp(scores.double() - stats.log_partition.unsqueeze(1)).float()
+            result.entropy = stats.entropy.float()
+            result.log_partition = stats.log_partition
+        return result
 
     # -- FAISS: linear (upper-bound) scores in d + 1 dimensions, exact re-ranking ----------------
     def _linear_form(self) -> tuple[Tensor, Tensor]:

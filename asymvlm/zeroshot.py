@@ -4,7 +4,9 @@ An image is classified by the class text distribution under which it is most lik
 (``argmax_c log q_c(x)``); the posterior over classes is ``softmax(exp(logit_scale) log q_c(x))``.
 The classifier abstains when a criterion of :data:`ABSTAIN_REGISTRY` crosses its threshold:
 the best class's likelihood is too low, its uncertainty ``1/kappa`` too high, the posterior too
-flat (probability, entropy).
+flat (probability, entropy), or the calibrated probability that the prediction is right too low
+(``p_correct``: a :class:`~asymvlm.confidence.Calibrator` fitted on labelled validation images,
+:func:`fit_zero_shot_calibrator`).
 
 Example:
     >>> import torch
@@ -32,7 +34,7 @@ from torch import Tensor
 
 from asymvlm.registry import Param, Registry, in_range, non_negative
 
-__all__ = ["ZeroShotResult", "zero_shot_classify", "ABSTAIN_REGISTRY", "ABSTAIN_CRITERIA"]
+__all__ = ["ZeroShotResult", "zero_shot_classify", "fit_zero_shot_calibrator", "ABSTAIN_REGISTRY", "ABSTAIN_CRITERIA"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,6 +54,8 @@ class ZeroShotResult:
         best: (N,) the best class index before abstention.
         class_names: the C class names (columns of ``probabilities``).
         criterion: the abstention criterion used, and ``threshold`` its threshold (None: never abstains).
+        p_correct: (N,) the calibrated probability that the predicted class is right, or None
+            (no calibrator given).
     """
 
     predictions: Tensor
@@ -64,11 +68,13 @@ class ZeroShotResult:
     class_names: list[str] | None = None
     criterion: str | None = None
     threshold: float | None = None
+    p_correct: Tensor | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain Python (JSON-ready): ``{"criterion", "threshold", "images": [{"label", "class_index",
-        "best_label", "abstained", "log_likelihood", "uncertainty", "probabilities": {name: p}}]}``
-        (``class_index`` None where the classifier abstained; non-finite numbers None). Shared with
+        "best_label", "abstained", "log_likelihood", "uncertainty", "p_correct", "probabilities": {name: p}}]}``
+        (``class_index`` None where the classifier abstained; ``p_correct`` None without a calibrator;
+        non-finite numbers None). Shared with
         ``asymvlm-serve``.
         """
         names = self.class_names or [str(c) for c in range(self.probabilities.shape[-1])]
@@ -83,6 +89,7 @@ class ZeroShotResult:
                     "abstained": bool(self.abstained[n]),
                     "log_likelihood": _finite(float(self.log_likelihood[n])),
                     "uncertainty": _finite(float(self.uncertainty[n])),
+                    "p_correct": None if self.p_correct is None else _finite(float(self.p_correct[n])),
                     "probabilities": {name: float(p) for name, p in zip(names, self.probabilities[n].tolist())},
                 }
             )
@@ -98,8 +105,9 @@ def _entropy(p: Tensor) -> Tensor:
 
 
 # Abstention criteria: ``ABSTAIN_REGISTRY.build(name, threshold=t)`` returns a rule
-# ``(best_ll (N,), uncertainty (N,), probabilities (N, C)) -> abstained (N,) bool``: abstain where the
-# criterion's statistic crosses ``t`` in its direction (``extra["direction"]``); ``t=None`` never abstains.
+# ``(best_ll (N,), uncertainty (N,), probabilities (N, C), p_correct (N,) or None) -> abstained (N,)
+# bool``: abstain where the criterion's statistic crosses ``t`` in its direction (``extra["direction"]``);
+# ``t=None`` never abstains.
 ABSTAIN_REGISTRY = Registry("criterion")
 
 
@@ -107,12 +115,12 @@ def _not_nan(x: float) -> str | None:
     return "a number (not NaN)" if math.isnan(x) else None
 
 
-def _abstain_factory(statistic: Callable[[Tensor, Tensor, Tensor], Tensor], direction: str) -> Callable[..., Any]:
-    def factory(threshold: float | None = None) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-        def rule(ll: Tensor, unc: Tensor, p: Tensor) -> Tensor:
+def _abstain_factory(statistic: Callable[..., Tensor], direction: str) -> Callable[..., Any]:
+    def factory(threshold: float | None = None) -> Callable[..., Tensor]:
+        def rule(ll: Tensor, unc: Tensor, p: Tensor, p_correct: Tensor | None = None) -> Tensor:
             if threshold is None:
                 return torch.zeros_like(ll, dtype=torch.bool)
-            stat = statistic(ll, unc, p)  # (N,)
+            stat = statistic(ll, unc, p, p_correct)  # (N,)
             return stat < threshold if direction == "below" else stat > threshold
 
         return rule
@@ -122,7 +130,7 @@ def _abstain_factory(statistic: Callable[[Tensor, Tensor, Tensor], Tensor], dire
 
 def _register_criterion(
     name: str,
-    statistic: Callable[[Tensor, Tensor, Tensor], Tensor],
+    statistic: Callable[..., Tensor],
     direction: str,
     help: str,
     reference: str,
@@ -137,7 +145,7 @@ def _register_criterion(
 
 _register_criterion(
     "likelihood",
-    lambda ll, unc, p: ll,
+    lambda ll, unc, p, pc=None: ll,
     "below",
     "Abstain when log q_c(x) of the best class is below the threshold (the image is unlikely under every class)",
     "Ju et al. 2025 (AsymVLM text distributions) https://arxiv.org/abs/2505.11029",
@@ -146,7 +154,7 @@ _register_criterion(
 )
 _register_criterion(
     "uncertainty",
-    lambda ll, unc, p: unc,
+    lambda ll, unc, p, pc=None: unc,
     "above",
     "Abstain when 1/kappa of the best class is above the threshold",
     "Ju et al. 2025 (uncertainty = 1/concentration) https://arxiv.org/abs/2505.11029",
@@ -155,7 +163,7 @@ _register_criterion(
 )
 _register_criterion(
     "probability",
-    lambda ll, unc, p: p.max(-1).values,
+    lambda ll, unc, p, pc=None: p.max(-1).values,
     "below",
     "Abstain when the posterior of the best class is below the threshold",
     "Chow 1970 https://doi.org/10.1109/TIT.1970.1054406; Hendrycks & Gimpel 2017 https://arxiv.org/abs/1610.02136",
@@ -164,7 +172,7 @@ _register_criterion(
 )
 _register_criterion(
     "entropy",
-    lambda ll, unc, p: _entropy(p),
+    lambda ll, unc, p, pc=None: _entropy(p),
     "above",
     "Abstain when the posterior entropy is above the threshold",
     "selective classification, Geifman & El-Yaniv 2017 https://arxiv.org/abs/1705.08500",
@@ -172,8 +180,30 @@ _register_criterion(
     non_negative,
 )
 
-# Backward-compatible view: criterion -> (statistic(ll, unc, p), "below" | "above", help).
-ABSTAIN_CRITERIA: dict[str, tuple[Callable[[Tensor, Tensor, Tensor], Tensor], str, str]] = {
+
+def _p_correct(ll: Tensor, unc: Tensor, p: Tensor, pc: Tensor | None = None) -> Tensor:
+    if pc is None:
+        from asymvlm.errors import ConfigError
+
+        raise ConfigError(
+            "the p_correct criterion needs a calibrated probability of being right: fit a calibrator on a "
+            "validation split (asymvlm.confidence) and pass it"
+        )
+    return pc
+
+
+_register_criterion(
+    "p_correct",
+    _p_correct,
+    "below",
+    "Abstain when the calibrated probability that the answer is right is below the threshold",
+    "Platt 1999 (logistic calibration); Geifman & El-Yaniv 2017 https://arxiv.org/abs/1705.08500; asymvlm.confidence",
+    "Calibrated P(right) below which to abstain.",
+    in_range(0.0, 1.0),
+)
+
+# Backward-compatible view: criterion -> (statistic(ll, unc, p, p_correct=None), "below" | "above", help).
+ABSTAIN_CRITERIA: dict[str, tuple[Callable[..., Tensor], str, str]] = {
     name: (entry.extra["statistic"], entry.extra["direction"], entry.help) for name, entry in ABSTAIN_REGISTRY.items()
 }
 
@@ -188,6 +218,8 @@ def zero_shot_classify(
     criterion: str = "likelihood",
     threshold: float | None = None,
     unknown_label: str = "unknown",
+    calibrator: Any = None,
+    image_familiarity: Any = None,
 ) -> ZeroShotResult:
     """Classify images by the class text distribution under which they are most likely.
 
@@ -203,6 +235,11 @@ def zero_shot_classify(
         threshold: abstain when the criterion crosses it; None never abstains. Checked against
             the criterion's declared range (a probability in [0, 1], an entropy >= 0, ...).
         unknown_label: label of abstentions.
+        calibrator: a :class:`~asymvlm.confidence.Calibrator` for these classes
+            (:func:`fit_zero_shot_calibrator`): adds ``p_correct``, P(the predicted
+            class is right), and enables ``criterion="p_correct"``.
+        image_familiarity: the :class:`~asymvlm.confidence.Familiarity` of images the calibrator was
+            fitted with (when its features include ``unfamiliarity``).
 
     Raises:
         ConfigError: an unknown criterion or a threshold of the wrong type or out of range.
@@ -237,7 +274,40 @@ def zero_shot_classify(
     probs = torch.softmax(math.exp(model.logit_scale) * ll, dim=-1)
     best_ll, best = ll.max(dim=-1)
     unc = (1.0 / q.concentration)[best]
-    abstained = abstain(best_ll, unc, probs)  # (N,) bool
+    p_correct = None
+    if calibrator is not None:
+        from asymvlm.confidence import zero_shot_features
+
+        u = None if image_familiarity is None else image_familiarity.score(images.float().cpu())
+        p_correct = calibrator.predict(zero_shot_features(unc, probs, u)).to(probs.dtype)
+    abstained = abstain(best_ll, unc, probs, p_correct)  # (N,) bool
     preds = torch.where(abstained, torch.full_like(best, -1), best)
     labels = [unknown_label if a else names[b] for a, b in zip(abstained.tolist(), best.tolist())]
-    return ZeroShotResult(preds, labels, best_ll, unc, probs, abstained, best, names, criterion, threshold)
+    return ZeroShotResult(preds, labels, best_ll, unc, probs, abstained, best, names, criterion, threshold, p_correct)
+
+
+def fit_zero_shot_calibrator(
+    model: Any,
+    images: Tensor,
+    labels: Tensor,
+    classes: Sequence[str] | Tensor | Any,
+    *,
+    class_names: Sequence[str] | None = None,
+    method: str = "logistic",
+    image_familiarity: Any = None,
+) -> Any:
+    """A :class:`~asymvlm.confidence.Calibrator` of ``P(the predicted class is right | parts)`` fitted on
+    labelled validation images for one set of classes; pass it to :func:`zero_shot_classify`
+    (``calibrator=``). The parts: :func:`asymvlm.confidence.zero_shot_features`; ``image_familiarity``
+    (a :class:`~asymvlm.confidence.Familiarity` of images) adds the images' unfamiliarity."""
+    from asymvlm.confidence import Calibrator, zero_shot_features
+
+    res = zero_shot_classify(model, images, classes, class_names=class_names)
+    correct = res.best.cpu() == torch.as_tensor(labels).cpu()
+    u = None if image_familiarity is None else image_familiarity.score(images.float().cpu())
+    return Calibrator.fit(
+        zero_shot_features(res.uncertainty, res.probabilities, u),
+        correct,
+        method=method,
+        info={"label": "true class", "classes": list(res.class_names or []), "direction": "zero_shot"},
+    )

@@ -155,6 +155,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         models[name] = AsymVLM.from_pretrained(train(cfg), load_encoder=False)
         seconds[name] = round(time.time() - start, 1)
     report = evaluate(data, models)
+    # does each model know when its answer is right: p_correct calibrated on the val split (emoji no
+    # trained part saw), judged on the test split, unfamiliarity against names of non-emoji characters
+    from asymvlm.confidence import fit_confidence
+    from asymvlm.eval.confidence import confidence_report, positives_for
+
+    val_data = _eval_data(splits["val"], caches["val"])
+    ood_names = emoji.character_names(args.ood_texts, seed=0)
+    with torch.no_grad():
+        ood = encoder.encode_text(ood_names).float()
+    confidence = {}
+    for name, model in models.items():
+        positives, label = positives_for(val_data)
+        own = model.confidence
+        conf = fit_confidence(
+            model,
+            val_data.image_embeddings,
+            val_data.text_embeddings,
+            positives,
+            familiarity=own.familiarity if own is not None else None,
+            label=label,
+        )
+        confidence[name] = confidence_report(model, data, confidence=conf, ood_texts=ood)
 
     exact = positives_from_index(data.text_image_index, data.image_embeddings.shape[0])
     frozen_rank = positive_ranks(data.text_embeddings @ data.image_embeddings.T, exact).double()
@@ -169,6 +191,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "consistent_R@1_by_level": [m[f"consistent_t2i_R@1_level{lv}"] for lv in range(top + 1)],
             "seconds": seconds.get(name),
         }
+        if name in confidence:
+            c = confidence[name]
+            top_row = c["levels"][str(top)]["scores"]
+            row["confidence"] = {
+                "label": c["label"],
+                "accuracy_top": c["levels"][str(top)]["accuracy"],
+                "top": {k: top_row[k] for k in ("1 - p_correct", "1/kappa", "retrieval_entropy", "rank_oracle")},
+                "all": {k: c["levels"]["all"]["scores"][k] for k in ("1 - p_correct", "1/kappa")},
+                "ood_auroc": c["ood"]["auroc"],
+                "warnings": c["warnings"],
+            }
         if unc is not None:
             sub = uncertainty_report(unc[top_rows], hits[top_rows], args.bins)
             row.update(
@@ -239,6 +272,34 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {name} | {_f(r['ambiguity_spearman'], 2)} | {kappas} | {_f(r['exact_R@1_top'])} | "
             f"{_f(r['top_bin_pearson'], 2)} | {_f(r['top_error_auroc'], 2)} | {r['seconds']} |"
         )
+    conf_rows = [(n, r["confidence"]) for n, r in rows.items() if "confidence" in r]
+    if conf_rows:
+        label = conf_rows[0][1]["label"]
+        lines += [
+            "",
+            f"Does it know when its answer is right (right = {label}; p_correct calibrated on the val split), most "
+            "specific captions of the test split:",
+            "",
+            "| configuration | error AUROC: p_correct / 1/kappa / entropy | bin Pearson of p_correct | ECE | AURC: "
+            "p_correct / rank oracle | all levels: error AUROC of p_correct, ECE | OOD AUROC: unfamiliarity / "
+            "p_correct / 1/kappa |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name, c in conf_rows:
+            t, a, o = c["top"], c["all"], c["ood_auroc"]
+            p, pa = t["1 - p_correct"], a["1 - p_correct"]
+            lines.append(
+                f"| {name} | {_f(p['error_auroc'], 2)} / {_f(t['1/kappa']['error_auroc'], 2)} / "
+                f"{_f(t['retrieval_entropy']['error_auroc'], 2)} | {_f(p.get('bin_pearson'), 2)} | "
+                f"{_f(p.get('ece'))} | {_f(p['aurc'])} / {_f(t['rank_oracle']['aurc'])} "
+                f"| {_f(pa['error_auroc'], 2)}, {_f(pa.get('ece'))} | "
+                f"{_f(o.get('unfamiliarity'), 2)} / {_f(o.get('1 - p_correct'), 2)} / {_f(o.get('1/kappa'), 2)} |"
+            )
+        tail += (
+            f"\nOOD texts: {result['settings']['ood_texts']} names of non-emoji Unicode characters (UnicodeData.txt). "
+            "error AUROC / OOD AUROC: 0.5 chance, higher is better; bin Pearson: negative is better; ECE, AURC: "
+            "lower is better."
+        )
     return "\n".join(lines) + "\n" + tail
 
 
@@ -260,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         "saw) or trainval (both).",
     )
     p.add_argument("--bins", type=int, default=10)
+    p.add_argument(
+        "--ood_texts", type=int, default=2000, help="Names of non-emoji characters used as unfamiliar texts."
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--small", action="store_true", help="CI: a tiny tower and heads, the same path end to end.")
     p.add_argument("--no_progress", action="store_true")
@@ -270,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown config(s) {unknown}; choose from {list(CONFIGS)}")
     if args.small:
         args.steps, args.batch_size, args.hidden_dims = 20, 256, [64]
+        args.ood_texts = min(args.ood_texts, 200)
         args.tower_steps = args.tower_steps or 20
         if args.output_dir == "bench-out/emoji":
             args.output_dir = "bench-out/emoji-small"

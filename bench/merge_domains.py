@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             ("DARE-TIES", "dare_ties", {"p": 0.9, "seed": 0}),
         ):
             target = out / f"merge-{steps}-{args.expert_lr:g}-{method}"
-            rep = merge(base, experts, target, method, lam_grid=[0.25, 0.5, 0.75, 1.0], val=val, **opts)
+            rep = merge(base, experts, target, method, lam_grid=[0.25, 0.5, 0.75, 1.0], val=val, on_flat="warn", **opts)
             got = r1(target)
             norm = sum(got[d] / own[d] for d in doms if own[d] > 0) / max(1, sum(own[d] > 0 for d in doms))
             rows.append((f"  {name}", f"lam {rep['lam']}, normalised {norm:.3f}", got))

@@ -155,6 +155,37 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STYLES",
         help=f"ShapeWorld visual styles: all, or a comma list of {{{','.join(sw.VISUAL_STYLES)}}}.",
     )
+    parser.add_argument(
+        "--calibration",
+        default="auto",
+        choices=("auto", "split", "model", "none"),
+        help="Where p_correct's calibrator comes from: auto (ShapeWorld: a fresh calibration split of --images "
+        "images, seed --calibration_seed, the test gallery's size; --cache: --calibration_cache when given; else "
+        "the model's own), split (the calibration split or cache, required), model (the calibrator saved with the "
+        "model) or none (the parts alone, uncalibrated).",
+    )
+    parser.add_argument(
+        "--calibration_cache",
+        default=None,
+        metavar="DIR",
+        help="An embedding cache of a validation split to fit p_correct's calibrator on (same encoder).",
+    )
+    parser.add_argument("--calibration_seed", type=int, default=777, help="ShapeWorld calibration split seed.")
+    parser.add_argument(
+        "--ood_texts",
+        default=None,
+        metavar="FILE",
+        help="A text file, one text per line, unlike the training texts: the OOD AUROC of each uncertainty part "
+        "(embedded by the models' encoder).",
+    )
+    parser.add_argument(
+        "--ood_styles",
+        type=comma_choices(sw.CAPTION_STYLES),
+        default=None,
+        metavar="STYLES",
+        help="ShapeWorld: caption styles the model never trained on (e.g. photo,synonyms), captions of 300 fresh "
+        "images in them are the unfamiliar texts of the OOD AUROC.",
+    )
     parser.add_argument("--bins", type=int, default=10, help="Uncertainty bins.")
     parser.add_argument("--device", type=_device, default="cpu", help="Torch device (cpu, cuda, cuda:1, ... or auto).")
     parser.add_argument("--output_dir", default="eval-out", help="Output directory for metrics.json and the plots.")
@@ -240,6 +271,7 @@ def _main(argv: list[str]) -> int:
     report = evaluate(data, models, n_bins=args.bins)
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    confidence = _confidence(args, models, data, encoder, version, out) if models else {}
     from asymvlm.io import atomic_write_json, json_safe
 
     atomic_write_json(
@@ -250,15 +282,136 @@ def _main(argv: list[str]) -> int:
                 "encoder": encoder.source if encoder is not None else encoder_info,
                 "models": dict(zip(names, args.model)),
                 "metrics": report,
+                "confidence": {name: rep for name, (rep, _) in confidence.items()},
                 "seconds": round(time.time() - start, 1),
             }
         ),
         out / "metrics.json",
     )
     plots = plot_report(report, out, level_ambiguity=level_ambiguity)
+    plots += [p for _, paths in confidence.values() for p in paths]
+    from asymvlm.eval.confidence import confidence_table
+    from asymvlm.eval.uncertainty import LEGEND
+
     print(summary_table(report))
+    print(LEGEND.rstrip())
+
+    for name, (rep, _) in confidence.items():
+        print(f"\n{name}: does it know when its answer is right?\n{confidence_table(rep)}")
     print(f"\nwrote {out / 'metrics.json'}" + "".join(f"\nwrote {p}" for p in plots))
     return 0
+
+
+def _calibration_data(args: argparse.Namespace, data: Any, encoder: Any, version: int | None) -> Any:
+    """The validation split p_correct's calibrator is fitted on, or None (see ``--calibration``)."""
+    if args.calibration in ("model", "none"):
+        return None
+    if args.calibration_cache is not None:
+        from asymvlm.cache import EmbeddingCache
+
+        cache = EmbeddingCache.load(args.calibration_cache)
+        from asymvlm.eval.benchmark import EvalData
+
+        meta = cache.caption_meta
+        return EvalData(
+            image_embeddings=cache.image_embeddings.float(),
+            text_embeddings=cache.text_embeddings.float(),
+            text_image_index=cache.text_image_index.clone(),
+            levels=meta.get("level"),
+            captions=cache.captions,
+        )
+    if args.cache is None and version is not None and encoder is not None:
+        from asymvlm.eval.benchmark import shapeworld_eval_data
+
+        return shapeworld_eval_data(
+            encoder,
+            n=data.image_embeddings.shape[0],
+            seed=args.calibration_seed,
+            caption_styles=args.caption_styles,
+            visual_styles=args.visual_styles,
+            version=version,
+        )
+    if args.calibration == "split":
+        raise ConfigError("--calibration split needs --calibration_cache (or a ShapeWorld dataset)")
+    return None
+
+
+def _ood_texts(args: argparse.Namespace, encoder: Any, version: int | None) -> Any:
+    if args.ood_texts is not None and args.ood_styles is not None:
+        raise ConfigError("give --ood_texts or --ood_styles, not both")
+    if args.ood_texts is not None:
+        if encoder is None:
+            raise ConfigError("--ood_texts needs the models' encoder (not available with --cache)")
+        texts = [line.strip() for line in Path(args.ood_texts).read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not texts:
+            raise ConfigError(f"{args.ood_texts} holds no texts")
+        with torch.no_grad():
+            return encoder.encode_text(texts).float()
+    if args.ood_styles is not None:
+        if version is None or encoder is None:
+            raise ConfigError("--ood_styles is for ShapeWorld (--dataset shapeworld)")
+        from asymvlm.eval.benchmark import shapeworld_eval_data
+
+        return shapeworld_eval_data(
+            encoder, n=300, seed=args.seed + 1, caption_styles=args.ood_styles, version=version
+        ).text_embeddings.float()
+    return None
+
+
+def _confidence(
+    args: argparse.Namespace, models: dict[str, Any], data: Any, encoder: Any, version: int | None, out: Path
+) -> dict[str, tuple[dict[str, Any], list[Path]]]:
+    """Per model: its confidence report (:func:`asymvlm.eval.confidence.confidence_report`) and plots."""
+    from asymvlm.confidence import ConfidenceModel
+    from asymvlm.eval.confidence import confidence_report, positives_for
+    from asymvlm.eval.plots import plot_reliability, plot_risk_coverage
+
+    calib = _calibration_data(args, data, encoder, version)
+    ood = _ood_texts(args, encoder, version)
+    result = {}
+    for name, model in models.items():
+        if getattr(model, "adapts_text_tower", False):
+            continue  # its texts go through its own tower: the frozen-embedding parts do not describe it
+        own = model.confidence
+        conf = None
+        if args.calibration == "none":
+            conf = ConfidenceModel(own.familiarity if own is not None else None)
+        elif calib is not None:
+            from asymvlm.confidence import fit_confidence
+
+            positives, label = positives_for(calib)
+            conf = fit_confidence(
+                model,
+                calib.image_embeddings,
+                calib.text_embeddings,
+                positives,
+                familiarity=own.familiarity if own is not None else None,
+                label=label,
+            )
+        rep = confidence_report(model, data, confidence=conf, ood_texts=ood, keep_outcomes=True)
+        if conf is not None and calib is not None:
+            rep["calibration"] = {
+                **rep["calibration"],
+                "source": f"a calibration split of {len(calib.text_embeddings)} captions",
+            }
+        outcomes = rep.pop("outcomes")
+        paths = []
+        levels = outcomes["levels"]
+        rows = levels == levels.max() if levels is not None else torch.ones_like(outcomes["correct"])
+        curves = {k: (v[rows], outcomes["correct"][rows]) for k, v in outcomes["scores"].items()}
+        where = "most specific captions" if levels is not None else "all captions"
+        paths.append(plot_risk_coverage(curves, out / f"risk_coverage-{name}.png", title=f"{name}: {where}"))
+        if outcomes["p_correct"] is not None:
+            paths.append(
+                plot_reliability(
+                    outcomes["p_correct"].clamp(0, 1),
+                    outcomes["correct"],
+                    out / f"reliability-{name}.png",
+                    title=f"{name}: p_correct, all captions",
+                )
+            )
+        result[name] = (rep, paths)
+    return result
 
 
 if __name__ == "__main__":

@@ -6,7 +6,9 @@
   against the level's true ambiguity (log scale).
 * ``risk_coverage.png``: zero-shot selective risk vs coverage for every model.
 
-:func:`plot_federated` draws a federated recipe table (``asymvlm-demo``'s ``federated.png``).
+:func:`plot_federated` draws a federated recipe table (``asymvlm-demo``'s ``federated.png``);
+:func:`plot_risk_coverage` compares uncertainties by their risk-coverage curves against the oracle;
+:func:`plot_reliability` draws the reliability diagram of a probability of being right.
 """
 
 from __future__ import annotations
@@ -14,7 +16,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["plot_report", "plot_federated"]
+import torch
+
+from asymvlm.eval.uncertainty import expected_calibration_error, reliability_curve
+from asymvlm.eval.zeroshot import aurc, risk_coverage
+
+__all__ = ["plot_report", "plot_federated", "plot_risk_coverage", "plot_reliability"]
 
 
 def _plt():
@@ -112,4 +119,89 @@ def plot_federated(rows: list[dict[str, Any]], path: str | Path, level: int) -> 
     ax.tick_params(axis="x", labelrotation=30)
     written: list[Path] = []
     _save(plt, fig, ax, path, written)
+    return path
+
+
+def plot_risk_coverage(curves: dict[str, tuple[Any, Any]], path: str | Path, title: str | None = None) -> Path:
+    """Selective risk (1 - accuracy on the kept items) vs coverage, least uncertain first, for each
+    ``{name: (uncertainty (N,), correct (N,))}``, with the oracle curve of the first entry's
+    ``correct`` (every correct item first) dashed; the legend gives each AURC. Returns ``path``.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     p = plot_risk_coverage({"1/kappa": ([0.1, 0.9, 0.3], [1, 0, 1])}, f"{d}/rc.png")
+        ...     p.stat().st_size > 0
+        True
+    """
+    if not curves:
+        raise ValueError("curves is empty: give at least one {name: (uncertainty, correct)}")
+    plt = _plt()
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (unc, correct) in curves.items():
+        unc, correct = torch.as_tensor(unc, dtype=torch.float64), torch.as_tensor(correct, dtype=torch.float64)
+        cov, acc = risk_coverage(unc, correct)
+        ax.plot(cov, 1 - acc, label=f"{name} (AURC={aurc(unc, correct):.3g})")
+    correct = torch.as_tensor(next(iter(curves.values()))[1], dtype=torch.float64)
+    cov, acc = risk_coverage(-correct, correct)  # the ideal order: every correct item first
+    ax.plot(cov, 1 - acc, color="grey", linestyle="--", label=f"oracle (AURC={aurc(-correct, correct):.3g})")
+    ax.set_xlabel("coverage (least uncertain first)")
+    ax.set_ylabel("selective risk (1 - accuracy)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(bottom=0)
+    ax.set_title(title or "Risk-coverage (lower is better)")
+    _save(plt, fig, ax, path, [])
+    return path
+
+
+def plot_reliability(
+    probability: Any, correct: Any, path: str | Path, n_bins: int = 15, title: str | None = None
+) -> Path:
+    """Reliability diagram of a probability of being right: accuracy per equal-width bin (bars) against
+    the diagonal of perfect calibration, ECE in the legend, and a histogram of the probabilities below.
+    Returns ``path``.
+
+    Example:
+        >>> import tempfile
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     p = plot_reliability([0.2, 0.7, 0.9, 0.95], [0, 1, 1, 1], f"{d}/rel.png", n_bins=5)
+        ...     p.stat().st_size > 0
+        True
+    """
+    curve = reliability_curve(probability, correct, n_bins)  # validates: empty, NaN, outside [0, 1]
+    ece = expected_calibration_error(probability, correct, n_bins)
+    plt = _plt()
+    path = Path(path)
+    edges = curve["edges"].numpy()
+    left, right = edges[curve["bin"].numpy()], edges[curve["bin"].numpy() + 1]
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5, 6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.bar(
+        left,
+        curve["accuracy"].numpy(),
+        width=right - left,
+        align="edge",
+        edgecolor="black",
+        color="tab:blue",
+        alpha=0.7,
+        label=f"accuracy per bin (ECE={ece:.3f})",
+    )
+    ax.plot(
+        curve["confidence"].numpy(),
+        curve["accuracy"].numpy(),
+        "o",
+        color="tab:red",
+        markersize=4,
+        label="(mean probability, accuracy)",
+    )
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
+    ax.set_ylabel("observed accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title or "Reliability diagram (lower ECE is better)")
+    p = torch.as_tensor(probability, dtype=torch.float64).reshape(-1).numpy()
+    hist.hist(p, bins=edges, color="tab:grey", edgecolor="black")
+    hist.set_xlabel("predicted probability of being right")
+    hist.set_ylabel("count")
+    _save(plt, fig, ax, path, [])
     return path

@@ -175,7 +175,8 @@ def main(argv=None) -> int:
         row["base_R@1"] = base_r1
         for label, kw in (
             ("lam=1", {"lam": 1.0}),
-            ("lam=val", {"lam_grid": grid, "val": [caches[d]["val"] for d in DOMAINS]}),
+            # frozen-direction heads rank by the frozen cosine, so R@1 cannot move with lambda: the likelihood can
+            ("lam=val", {"lam_grid": grid, "val": [caches[d]["val"] for d in DOMAINS], "select_by": "likelihood"}),
         ):
             m_dir = out / f"merged-{fam}-{label.replace('=', '')}"
             rep = merge(base, dirs, m_dir, "talos" if fam == "talos" else "task_arithmetic", **kw)

@@ -19,8 +19,23 @@ lambda search's scores). ``base`` and every input may also be a Hugging Face Hub
 folder holding a ``model.safetensors`` (a merged checkpoint, e.g. from the Hub) is a checkpoint.
 
 :func:`lambda_search` scores ``base + lam * aggregate(taus)`` over a grid with a metric callback
-(the aggregate is computed once); :func:`recall_metric` is the usual callback for AsymVLM heads:
-mean (normalised) text->image R@1 over validation caches, one per task.
+(the aggregate is computed once). The callbacks for AsymVLM heads (:data:`SELECTION_CRITERIA`,
+``merge(select_by=...)``, ``asymvlm-merge --select_by``), each over validation caches, one per task:
+
+=================  ===============================================================================
+``r1``             :func:`recall_metric`: mean (normalised) exact text->image R@1 (the default)
+``likelihood``     :func:`likelihood_metric`: mean log-probability of a caption's correct images
+                   under the head's retrieval distribution over the validation gallery
+``error_auroc``    :func:`uncertainty_metric`: AUROC of ``1/kappa`` for detecting R@1 misses
+=================  ===============================================================================
+
+A flat criterion (design note "Known traps"): with the package's default frozen mean direction
+(``HeadConfig(direction="frozen")``: ``loc`` is the frozen text embedding, only ``kappa`` is
+learned) every text ranks the images by the frozen cosine whatever ``kappa`` is, so R@1 is the same
+for every lambda and the search would silently return the first lambda of the grid.
+:func:`lambda_search` detects a curve that did not move (:func:`is_flat`) and by default raises a
+:class:`FlatCriterionError` naming the criterion and the fix (``on_flat="warn"``: a
+:class:`FlatCriterionWarning` and the first lambda); the likelihood depends on ``kappa`` and moves.
 
 Example:
     >>> import torch
@@ -37,6 +52,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +61,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from asymvlm.errors import ConfigError
 from asymvlm.merging.task_vectors import MergeInputError
+from asymvlm.registry import Registry
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +73,19 @@ __all__ = [
     "local_input",
     "lambda_search",
     "LambdaSearch",
+    "is_flat",
+    "FlatCriterionError",
+    "FlatCriterionWarning",
     "recall_metric",
     "recall_at_1",
+    "likelihood_metric",
+    "uncertainty_metric",
+    "selection_metric",
+    "caption_positives",
+    "retrieval_log_prob",
+    "SELECTION_CRITERIA",
+    "ON_FLAT",
+    "FLAT_TOL",
     "INPUT_KINDS",
 ]
 
@@ -108,13 +137,40 @@ def input_kind(path: str | Path) -> str:
     raise MergeInputError(f"{p}: expected a .safetensors checkpoint or a directory")
 
 
+ON_FLAT = ("error", "warn")  # what lambda_search does when its criterion did not move over the grid
+# A curve is flat when its finite scores span at most FLAT_TOL * max(1, |best score|): equal up to
+# float64 rounding of a mean (R@1 on a flat curve is exactly equal: the same ranks give the same
+# count). A criterion that moves by less than this did not measure anything about lambda.
+FLAT_TOL = 1e-9
+
+
+class FlatCriterionError(ConfigError):
+    """The lambda-search criterion scored every lambda of the grid the same (it cannot select)."""
+
+
+class FlatCriterionWarning(UserWarning):
+    """``on_flat="warn"``: the criterion was flat and the first lambda of the grid was kept."""
+
+
 @dataclass
 class LambdaSearch:
-    """The metric over the grid (``curve``: one dict per lambda) and the best lambda."""
+    """The result of :func:`lambda_search`.
+
+    Attributes:
+        curve: one dict per lambda, in grid order: ``lam``, ``score`` and the metric's details.
+        best_lam: the selected lambda (the first in grid order among equal best scores).
+        best_score: its score.
+        flat: whether the finite scores did not move over the grid (:func:`is_flat`).
+        criterion: the criterion's name, as given to :func:`lambda_search` (None: unnamed).
+        warning: the flat-criterion message when ``flat`` (raised, or warned and kept).
+    """
 
     curve: list[dict[str, Any]] = field(default_factory=list)
     best_lam: float = float("nan")
     best_score: float = -float("inf")
+    flat: bool = False
+    criterion: str | None = None
+    warning: str | None = None
 
 
 def _score(value: Any) -> float:
@@ -123,6 +179,43 @@ def _score(value: Any) -> float:
             raise ValueError("a metric returning a dict must include 'score'")
         return float(value["score"])
     return float(value)
+
+
+def _check_flat_tol(tol: Any) -> None:
+    if isinstance(tol, bool) or not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
+        raise ConfigError(f"flat_tol must be a finite number >= 0, got {tol!r}")
+
+
+def is_flat(scores: Sequence[float], tol: float = FLAT_TOL) -> bool:
+    """Whether the finite ``scores`` did not move: at least two of them, spanning at most
+    ``tol * max(1, |best|)`` (non-finite scores are left out; fewer than two finite scores are
+    never flat: there is nothing to compare).
+
+    Example:
+        >>> is_flat([1.0, 1.0, float("nan"), 1.0]), is_flat([-2.31, -2.30]), is_flat([0.5])
+        (True, False, False)
+    """
+    _check_flat_tol(tol)
+    finite = [float(x) for x in scores if math.isfinite(float(x))]
+    if len(finite) < 2:
+        return False
+    best = max(finite)
+    return best - min(finite) <= tol * max(1.0, abs(best))
+
+
+def _flat_message(criterion: str | None, grid: Sequence[float], best: float, best_lam: float) -> str:
+    """One line: what was flat, why it usually is, and the two ways out."""
+    entry = SELECTION_CRITERIA.get(criterion) if criterion is not None else None
+    name = f" {criterion} ({entry.help})" if entry is not None else (f" {criterion}" if criterion else "")
+    why = f" ({entry.extra['flat_hint']})" if entry is not None else ""
+    if criterion == "likelihood":
+        fix = "the merged heads do not change with lambda (are the task vectors zero?)"
+    else:
+        fix = "select by likelihood (--select_by likelihood, select_by='likelihood')"
+    return (
+        f"the selection criterion{name} is flat over lambda in {[float(x) for x in grid]}: every lambda scores "
+        f"{best:.3f}{why}; {fix}, or keep lambda={best_lam:g} (the first) with --on_flat warn (on_flat='warn')"
+    )
 
 
 def lambda_search(
@@ -134,20 +227,63 @@ def lambda_search(
     method: str = "task_arithmetic",
     weights: Sequence[float] | None = None,
     log: Callable[[dict[str, Any]], None] | None = None,
+    criterion: str | None = None,
+    on_flat: str = "error",
+    flat_tol: float = FLAT_TOL,
     **options: Any,
 ) -> LambdaSearch:
     """Evaluate ``metric(base + lam * aggregate(task_vectors))`` for every ``lam`` in ``grid``
-    (higher is better; a metric may return a float or a dict with ``score`` and anything else to
-    log). The aggregate is computed once."""
+    and select the best (higher is better). The aggregate is computed once.
+
+    Ties: the first lambda in grid order among equal best scores wins (pass the grid in the order
+    you prefer on ties, e.g. ascending for the smallest). A curve that did not move at all
+    (:func:`is_flat` with ``flat_tol``) is a criterion that cannot select: ``on_flat="error"``
+    raises a :class:`FlatCriterionError`; ``"warn"`` warns (:class:`FlatCriterionWarning`) and
+    keeps the first lambda. Either way ``flat`` is recorded.
+
+    Args:
+        base: the base parameters.
+        task_vectors: one delta per expert (``theta_expert - theta_base``).
+        grid: the lambdas to try, in order.
+        metric: ``params -> float`` or ``-> dict`` with ``score`` and anything else to log
+            (:func:`recall_metric`, :func:`likelihood_metric`, :func:`uncertainty_metric`).
+        method: a merge method (:data:`~asymvlm.merging.methods.METHODS`); ``options`` are its own.
+        weights: per-expert weights (default equal).
+        log: called with each curve entry as it is computed.
+        criterion: the metric's name for messages (a key of :data:`SELECTION_CRITERIA` adds why it
+            may be flat).
+        on_flat: ``"error"`` or ``"warn"`` (:data:`ON_FLAT`).
+        flat_tol: relative tolerance of the flat test (:data:`FLAT_TOL`).
+
+    Raises:
+        FlatCriterionError: the curve is flat and ``on_flat="error"``.
+        ValueError: an empty grid, or a metric that is not finite for any lambda.
+
+    Example:
+        >>> import warnings
+        >>> base, taus = {"w": torch.zeros(1)}, [{"w": torch.ones(1)}]
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")
+        ...     res = lambda_search(base, taus, [0.5, 1.0], lambda p: 1.0, on_flat="warn")
+        >>> res.flat, res.best_lam
+        (True, 0.5)
+        >>> lambda_search(base, taus, [0.5, 1.0], lambda p: 1.0)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        asymvlm.merging.api.FlatCriterionError: the selection criterion is flat over lambda in [0.5, 1.0]: ...
+    """
     from asymvlm.federated.core import server_update
     from asymvlm.merging.methods import make_method, validate_task_vectors
 
     if not grid:
         raise ValueError("empty lambda grid")
+    if on_flat not in ON_FLAT:
+        raise ConfigError(f"on_flat={on_flat!r} is not one of {list(ON_FLAT)}")
+    _check_flat_tol(flat_tol)
     validate_task_vectors(task_vectors, base)
     options.pop("lam", None)
     agg = make_method(method, **options).aggregator(task_vectors, weights)  # once for the whole grid
-    result = LambdaSearch()
+    result = LambdaSearch(criterion=criterion)
     for lam in grid:
         recipe = make_method(method, lam=float(lam), **options)
         params, _, _ = server_update(recipe, task_vectors, weights, {}, base, aggregated=agg)
@@ -157,10 +293,16 @@ def lambda_search(
         if log is not None:
             log(entry)
         s = _score(value)
-        if math.isfinite(s) and s > result.best_score:
+        if math.isfinite(s) and s > result.best_score:  # strict: the first of equal scores wins
             result.best_lam, result.best_score = float(lam), s
     if not math.isfinite(result.best_score):
         raise ValueError(f"the metric is not finite for any lambda of {list(grid)}: {result.curve}")
+    result.flat = is_flat([_score(e) for e in result.curve], flat_tol)
+    if result.flat:
+        result.warning = _flat_message(criterion, grid, result.best_score, result.best_lam)
+        if on_flat == "error":
+            raise FlatCriterionError(result.warning)
+        warnings.warn(result.warning, FlatCriterionWarning, stacklevel=2)
     return result
 
 
@@ -177,12 +319,106 @@ def recall_at_1(head: Any, text: Tensor, images: Tensor, text_image_index: Tenso
     return t2i_recall_at_1(ll, text_image_index, images.shape[0])
 
 
+def caption_positives(text_image_index: Tensor, num_images: int, captions: Sequence[str] | None = None) -> Tensor:
+    """(T, I) bool: the correct images of each caption: its own image, and (``captions`` given)
+    every image that has an identical caption (design note: the same text describing several
+    images is not a negative). Without ``captions``: the caption's own image only.
+
+    Example:
+        >>> caption_positives(torch.tensor([0, 1, 2]), 3, ["a dog", "a cat", "a dog"]).int().tolist()
+        [[1, 0, 1], [0, 1, 0], [1, 0, 1]]
+    """
+    from asymvlm.batching import caption_groups
+    from asymvlm.eval.retrieval import positives_from_index
+
+    own = positives_from_index(text_image_index, num_images)  # (T, I), checks the index
+    if captions is None:
+        return own
+    if len(captions) != own.shape[0]:
+        raise ValueError(f"{len(captions)} captions for {own.shape[0]} caption rows")
+    groups = caption_groups(list(captions))  # (T,)
+    by_group = torch.zeros(int(groups.max()) + 1, num_images, dtype=torch.bool)  # (G, I)
+    by_group[groups, torch.as_tensor(text_image_index, dtype=torch.int64)] = True
+    return by_group[groups]
+
+
+def _retrieval_scores(
+    head: Any, text: Tensor, images: Tensor, positives: Tensor, text_image_index: Tensor | None, chunk_size: int
+) -> tuple[Tensor, Tensor | None]:
+    """Per caption: ``log p(correct images | text)`` (T,) float64 and (``text_image_index`` given)
+    the exact R@1 hit (T,) bool, from one log-likelihood matrix, ``chunk_size`` captions at a time."""
+    from asymvlm.eval.retrieval import positive_ranks, positives_from_index
+    from asymvlm.losses import log_likelihood
+
+    images = images.float()
+    log_p, hits = [], []
+    with torch.no_grad():
+        for s in range(0, text.shape[0], chunk_size):
+            ll = log_likelihood(head(text[s : s + chunk_size].float()), images)  # (c, I) log q_t(x_i)
+            # p(i | t) = softmax_i(log q_t(x_i)): the head's retrieval distribution over the gallery;
+            # log of the probability summed over the caption's correct images, in float64
+            log_post = torch.log_softmax(ll.double(), dim=1)  # (c, I)
+            pos = positives[s : s + chunk_size]
+            log_p.append(torch.logsumexp(log_post.masked_fill(~pos, float("-inf")), dim=1))
+            if text_image_index is not None:
+                exact = positives_from_index(text_image_index[s : s + chunk_size], images.shape[0])
+                hits.append(positive_ranks(ll, exact) == 0)  # the R@1 of recall_at_1 (ties are misses)
+    return torch.cat(log_p), (torch.cat(hits) if text_image_index is not None else None)
+
+
+def retrieval_log_prob(head: Any, text: Tensor, images: Tensor, positives: Tensor, *, chunk_size: int = 1024) -> Tensor:
+    """Per caption (T,) float64: ``log sum_{i in positives} p(i | t)``, with the head's retrieval
+    distribution over the gallery ``p(i | t) = softmax_i(log q_t(x_i))`` (``q_t = head(text)``,
+    :func:`asymvlm.losses.log_likelihood`). Unlike R@1 it depends on ``kappa``: a head that is
+    surer of the right images scores higher even when every ranking is the frozen cosine's.
+
+    Args:
+        head: a text head (``head(text) -> distribution``).
+        text: (T, d) text embeddings.
+        images: (I, d) unit image embeddings (the gallery).
+        positives: (T, I) bool, each caption's correct images (:func:`caption_positives`).
+        chunk_size: captions per log-likelihood matrix.
+
+    Example:
+        >>> from asymvlm.heads import TextHead
+        >>> head = TextHead(dim=4, hidden_dims=(8,))
+        >>> x = torch.nn.functional.normalize(torch.randn(3, 4), dim=-1)
+        >>> lp = retrieval_log_prob(head, x, x, torch.eye(3, dtype=torch.bool))
+        >>> lp.shape, bool((lp <= 0).all())
+        (torch.Size([3]), True)
+    """
+    if positives.shape != (text.shape[0], images.shape[0]) or positives.dtype != torch.bool:
+        raise ValueError(
+            f"positives must be a bool ({text.shape[0]}, {images.shape[0]}) tensor, got {positives.dtype} "
+            f"{tuple(positives.shape)}"
+        )
+    if not bool(positives.any(1).all()):
+        raise ValueError(f"caption {int(torch.nonzero(~positives.any(1))[0, 0])} has no correct image")
+    return _retrieval_scores(head, text, images, positives, None, chunk_size)[0]
+
+
+def _load_val(val_caches: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """Each validation cache's tensors and caption-identity positives (computed once per search)."""
+    from asymvlm.cache import EmbeddingCache
+
+    out = []
+    for p in val_caches:
+        c = EmbeddingCache.load(p)
+        idx = torch.as_tensor(c.text_image_index, dtype=torch.int64)
+        out.append({
+            "text": c.text_embeddings, "images": c.image_embeddings, "index": idx,
+            "positives": caption_positives(idx, c.image_embeddings.shape[0], c.captions),
+        })  # fmt: skip
+    return out
+
+
 def recall_metric(
     head_template: Any, val_caches: Sequence[str | Path], *, references: Sequence[float] | None = None
 ) -> Callable[[dict[str, Tensor]], dict[str, Any]]:
     """A metric callback for AsymVLM heads: R@1 on each validation cache and their mean, normalised
     by ``references`` (each task's expert R@1 on its own cache) when given: the score is the mean
-    normalised R@1 (Ilharco et al. 2023's normalised accuracy)."""
+    normalised R@1 (Ilharco et al. 2023's normalised accuracy). Flat over lambda when the heads'
+    mean direction is frozen (module docstring)."""
     import copy
 
     from asymvlm.cache import EmbeddingCache
@@ -205,6 +441,109 @@ def recall_metric(
         return out
 
     return metric
+
+
+def likelihood_metric(
+    head_template: Any, val_caches: Sequence[str | Path], *, chunk_size: int = 1024
+) -> Callable[[dict[str, Tensor]], dict[str, Any]]:
+    """A metric callback for AsymVLM heads that moves with ``kappa``: on each validation cache the
+    mean over captions of ``log p(correct images | text)`` (:func:`retrieval_log_prob`; correct =
+    the caption's own image and every image with an identical caption, :func:`caption_positives`,
+    when the cache holds the caption strings), and their mean as the score (higher is better;
+    ``log(1/I)`` is a uniform guess over I images).
+
+    Returns ``score``, ``log_p`` (per cache), ``mean_log_p`` (= score), and the exact ``R@1`` of
+    the same likelihood matrices with ``mean_R@1``, so the curve shows both.
+
+    Example:
+        >>> from asymvlm.cache import write_cache
+        >>> from asymvlm.heads import TextHead
+        >>> import tempfile
+        >>> x = torch.nn.functional.normalize(torch.randn(6, 4), dim=-1)
+        >>> head = TextHead(dim=4, hidden_dims=(8,))
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     path = write_cache(Path(d) / "val", x, x, torch.arange(6)).path
+        ...     out = likelihood_metric(head, [path])(head.state_dict())
+        >>> sorted(out), out["score"] == out["mean_log_p"]
+        (['R@1', 'log_p', 'mean_R@1', 'mean_log_p', 'score'], True)
+    """
+    import copy
+
+    data = _load_val(val_caches)
+    head = copy.deepcopy(head_template)
+
+    def metric(params: dict[str, Tensor]) -> dict[str, Any]:
+        head.load_state_dict(params)
+        log_p, r1 = [], []
+        for d in data:
+            lp, hits = _retrieval_scores(head, d["text"], d["images"], d["positives"], d["index"], chunk_size)
+            log_p.append(float(lp.mean()))
+            r1.append(float(hits.double().mean()))
+        mean = sum(log_p) / len(log_p)
+        return {"score": mean, "log_p": log_p, "mean_log_p": mean, "R@1": r1, "mean_R@1": sum(r1) / len(r1)}
+
+    return metric
+
+
+def uncertainty_metric(
+    head_template: Any, val_caches: Sequence[str | Path], *, chunk_size: int = 1024
+) -> Callable[[dict[str, Tensor]], dict[str, Any]]:
+    """A metric callback for AsymVLM heads that scores the uncertainty: on each validation cache the
+    AUROC of ``1/kappa`` for detecting the captions whose exact R@1 is a miss
+    (:func:`asymvlm.eval.uncertainty.error_auroc`; 0.5 = no better than chance), and their mean
+    as the score (higher is better). A cache where every caption hits (or every one misses) has no
+    AUROC (NaN), and so has the score: such a lambda is never selected.
+
+    Returns ``score``, ``error_AUROC`` (per cache), ``mean_error_AUROC`` (= score), ``R@1`` and
+    ``mean_R@1``.
+    """
+    import copy
+
+    from asymvlm.eval.uncertainty import error_auroc
+
+    data = _load_val(val_caches)
+    head = copy.deepcopy(head_template)
+
+    def metric(params: dict[str, Tensor]) -> dict[str, Any]:
+        head.load_state_dict(params)
+        auroc, r1 = [], []
+        for d in data:
+            _, hits = _retrieval_scores(head, d["text"], d["images"], d["positives"], d["index"], chunk_size)
+            with torch.no_grad():
+                u = head.uncertainty(d["text"].float())  # (T,) 1 / kappa
+            auroc.append(error_auroc(u, hits.double()))
+            r1.append(float(hits.double().mean()))
+        mean = sum(auroc) / len(auroc)  # NaN when any cache has none
+        return {"score": mean, "error_AUROC": auroc, "mean_error_AUROC": mean, "R@1": r1,
+                "mean_R@1": sum(r1) / len(r1)}  # fmt: skip
+
+    return metric
+
+
+# The lambda-search criteria of AsymVLM heads: name -> metric factory
+# ``(head_template, val_caches, *, references=None) -> metric``; ``flat_hint`` says when it is flat.
+SELECTION_CRITERIA = Registry("selection criterion")
+SELECTION_CRITERIA.register(
+    "r1", help="mean normalised R@1", reference="https://arxiv.org/abs/2212.04089",
+    flat_hint="with a frozen mean direction every text ranks the images by the frozen cosine, whatever lambda",
+)(lambda head, val, *, references=None: recall_metric(head, val, references=references))  # fmt: skip
+SELECTION_CRITERIA.register(
+    "likelihood", help="mean log p(correct image | text) over the validation gallery",
+    flat_hint="kappa and the mean direction did not change with lambda",
+)(lambda head, val, *, references=None: likelihood_metric(head, val))  # fmt: skip
+SELECTION_CRITERIA.register(
+    "error_auroc", help="mean AUROC of 1/kappa for R@1 misses",
+    flat_hint="the order of 1/kappa over the captions did not change with lambda",
+)(lambda head, val, *, references=None: uncertainty_metric(head, val))  # fmt: skip
+
+
+def selection_metric(
+    select_by: str, head_template: Any, val_caches: Sequence[str | Path], *, references: Sequence[float] | None = None
+) -> Callable[[dict[str, Tensor]], dict[str, Any]]:
+    """The metric callback of a :data:`SELECTION_CRITERIA` entry (an unknown name is a
+    :class:`~asymvlm.errors.ConfigError` listing the valid ones); ``references`` (each expert's R@1
+    on its own cache) normalise ``r1`` and are not used by the others."""
+    return SELECTION_CRITERIA.entry(select_by).factory(head_template, val_caches, references=references)
 
 
 def _asymvlm_vectors(base: Path, inputs: Sequence[Path]):
@@ -256,6 +595,8 @@ def merge(
     rank: int | None = None,
     lam_grid: Sequence[float] | None = None,
     val: Sequence[str | Path] | None = None,
+    select_by: str | None = None,
+    on_flat: str | None = None,
     progress: bool = False,
     log: Callable[[dict[str, Any]], None] | None = None,
     **options: Any,
@@ -263,9 +604,15 @@ def merge(
     """Merge ``inputs`` into ``base`` with ``method`` (see the module docstring for the input kinds)
     and write ``out`` atomically; returns the report (also written to ``out/merge.json``).
 
-    ``lam_grid`` + ``val`` (AsymVLM inputs): pick lambda by :func:`lambda_search` with
-    :func:`recall_metric` on the validation caches (one per input, in order: the score is the mean
-    normalised R@1; otherwise the mean R@1), and merge with the best one.
+    ``lam_grid`` + ``val`` (AsymVLM inputs): pick lambda by :func:`lambda_search` on the validation
+    caches and merge with the best one. ``select_by`` (:data:`SELECTION_CRITERIA`, default
+    ``"r1"``): ``r1`` scores the mean normalised R@1 when there is one cache per input, in order
+    (each expert's R@1 on its own cache, ``expert_R@1`` in the report), otherwise the mean R@1;
+    ``likelihood`` the mean log-probability of the correct images; ``error_auroc`` the mean AUROC
+    of ``1/kappa`` for R@1 misses. ``on_flat`` (default ``"error"``): a criterion that scores every
+    lambda the same (R@1 of heads with a frozen mean direction) raises a
+    :class:`FlatCriterionError` and writes nothing; ``"warn"`` keeps the first lambda, with the
+    warning in the report. The report's ``lambda_search`` holds the curve, the criterion and ``flat``.
     """
     from asymvlm.merging.methods import METHODS
 
@@ -282,6 +629,12 @@ def merge(
     if "p" in options and not 0 <= float(options["p"]) < 1:
         raise MergeInputError(f"the DARE drop probability p must be in [0, 1), got {options['p']}")
     METHODS.resolve(method, {**options, "lam": lam})  # ConfigError: unknown method, unknown or invalid options
+    if select_by is not None:
+        SELECTION_CRITERIA.entry(select_by)  # ConfigError naming the valid criteria
+    if on_flat is not None and on_flat not in ON_FLAT:
+        raise ConfigError(f"on_flat={on_flat!r} is not one of {list(ON_FLAT)}")
+    if (select_by is not None or on_flat is not None) and not lam_grid:
+        raise MergeInputError("--select_by/--on_flat choose lambda on --lam_grid: give --lam_grid and --val too")
     names = [str(p) for p in inputs]  # as given (Hub ids stay Hub ids in the report and the card)
     base_name = str(base) if base is not None else None
     inputs = [local_input(p) for p in inputs]
@@ -339,8 +692,9 @@ def merge(
             report["warnings"] = warnings
         base_params = {k: b[k].clone() for k in b}
         if lam_grid:
+            criterion = select_by or "r1"
             refs = None
-            if len(val) == len(inputs):  # each expert on its own task: normalised R@1
+            if criterion == "r1" and len(val) == len(inputs):  # each expert on its own task: normalised R@1
                 from asymvlm.cache import EmbeddingCache
 
                 refs = []
@@ -355,14 +709,21 @@ def merge(
                 base_params,
                 vectors,
                 list(lam_grid),
-                recall_metric(base_model.head, val, references=refs),
+                selection_metric(criterion, base_model.head, val, references=refs),
                 method=method,
                 weights=weights,
                 log=log,
+                criterion=criterion,
+                on_flat=on_flat or "error",
                 **options,
             )
             lam = search.best_lam
-            report["lambda_search"] = {"curve": search.curve, "best_lam": lam, "best_score": search.best_score}
+            report["lambda_search"] = {
+                "criterion": criterion, "curve": search.curve, "best_lam": lam, "best_score": search.best_score,
+                "flat": search.flat,
+            }  # fmt: skip
+            if search.warning:
+                report["warnings"] = [*report.get("warnings", []), search.warning]
         merged = merge_params(base_params, vectors, method, lam=lam, weights=weights, **options)
         model = AsymVLM(
             base_model.head,

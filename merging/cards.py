@@ -15,7 +15,8 @@ def merge_card(
 ) -> dict[str, Any]:
     """The model card's record of a merge (:func:`asymvlm.hub.model_card`'s ``recipe``, ``metrics``
     and ``evaluation``) from its report: method, paper, options, lambda, weights, the base and the
-    experts (names as given, fingerprints of their weights where known) and the lambda search.
+    experts (names as given, fingerprints of their weights where known) and the lambda search
+    (its grid, criterion and whether the curve was flat; the selected lambda's scores).
 
     Example:
         >>> merge_card({"method": "ties", "lam": 1.0, "inputs": ["alice/a", "alice/b"]})["recipe"]["experts"]
@@ -54,6 +55,10 @@ def merge_card(
     search = report.get("lambda_search")
     if search:
         recipe["lambda_grid"] = [entry["lam"] for entry in search["curve"]]
+        if search.get("criterion") is not None:  # reports before issue 25 selected by R@1 and did not say
+            recipe["lambda_selected_by"] = search["criterion"]
+        if search.get("flat") is not None:  # the criterion scored every lambda the same (first one kept)
+            recipe["lambda_curve_flat"] = bool(search["flat"])
         best = next((e for e in search["curve"] if e["lam"] == search["best_lam"]), {})
         metrics.update(best_lam=search["best_lam"], best_score=search["best_score"])
         if report.get("expert_R@1") is not None:

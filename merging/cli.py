@@ -21,6 +21,8 @@ EPILOG = """examples:
       --output_dir merged
   asymvlm-merge --base runs/base/model --inputs runs/a/model runs/b/model --method task_arithmetic \\
       --lam_grid 0.2,0.4,0.6,0.8,1.0 --val caches/a-val caches/b-val --output_dir merged
+  asymvlm-merge --base runs/base/model --inputs runs/a/model runs/b/model --method task_arithmetic \\
+      --lam_grid 0.2,0.4,0.6,0.8,1.0 --val caches/a-val caches/b-val --select_by likelihood --output_dir merged
   asymvlm-merge --base base.safetensors --inputs ft1.safetensors ft2.safetensors --method dare_ties --p 0.9 \\
       --output_dir merged
   asymvlm-merge --inputs adapter1 adapter2 --method task_arithmetic --lora_output concat --output_dir merged-adapter
@@ -80,6 +82,15 @@ SPEC: dict[str, dict[str, Any]] = {
         "help": "Comma-separated lambdas to search on --val (AsymVLM inputs; default: no search, --lam).",
     },
     "val": {"nargs": "+", "help": "Validation embedding caches, one per input (mean normalised R@1)."},
+    "select_by": {
+        "help": "What --lam_grid selects lambda by on --val: r1 (mean normalised R@1), likelihood (mean log "
+        "p(correct image | text): moves with kappa, also when the mean direction is frozen and R@1 cannot), "
+        "error_auroc (AUROC of 1/kappa for R@1 misses) (default: r1)."
+    },
+    "on_flat": {
+        "help": "When the criterion scores every lambda the same (R@1 of heads with a frozen mean direction): "
+        "error, or warn and keep the first lambda (default: error).",
+    },
 }
 OPTION_KEYS = ("density", "scope", "sign", "sign_weighted", "normalize", "zero_sign", "p", "seed")
 
@@ -87,6 +98,7 @@ OPTION_KEYS = ("density", "scope", "sign", "sign_weighted", "normalize", "zero_s
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``asymvlm-merge`` (flags spelled with underscores or dashes; no abbreviations)."""
     from asymvlm.cli import make_parser, summary
+    from asymvlm.merging.api import ON_FLAT, SELECTION_CRITERIA
     from asymvlm.merging.methods import METHODS
 
     p = make_parser(PROG, summary(__doc__), EPILOG)
@@ -95,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
         kw = {"default": None, **kw}
         if key == "method":
             kw["choices"] = tuple(METHODS)
+        if key == "select_by":
+            kw["choices"] = tuple(SELECTION_CRITERIA)
+        if key == "on_flat":
+            kw["choices"] = ON_FLAT
         if key in OPTION_KEYS:  # the method's own default, read from the registry (one source)
             defaults = {p.default for e in METHODS.values() for p in e.params if p.name == key}
             if len(defaults) == 1:
@@ -172,39 +188,63 @@ def _main(argv: list[str]) -> int:
     missing = [k for k in ("inputs", "output_dir") if not cfg.get(k)]
     if missing:
         raise ConfigError(f"missing {', '.join('--' + m for m in missing)} (a flag or a --config key)")
-    from asymvlm.merging.api import merge
+    import sys
+    import warnings
+
+    from asymvlm.merging.api import FlatCriterionWarning, merge
 
     method = cfg["method"]
     options = {k: cfg[k] for k in OPTION_KEYS if k in cfg}
+    select_by = cfg.get("select_by")
+    logged: list[float] = []
 
     def log(entry: dict[str, Any]) -> None:
+        if not logged:
+            print(f"{PROG}: selecting lambda by {select_by or 'r1'} on {len(cfg['val'])} validation cache(s)")
+        logged.append(entry["lam"])
         extra = ""
         if "normalised_R@1" in entry:
             extra = " normalised R@1 " + ", ".join(f"{x:.3f}" for x in entry["normalised_R@1"])
+        elif (select_by or "r1") != "r1" and "mean_R@1" in entry:
+            extra = f" mean R@1 {entry['mean_R@1']:.3f}"
         print(f"  lam={entry['lam']:<6g} score={entry['score']:.4f}{extra}")
 
-    report = merge(
-        cfg.get("base"),
-        cfg["inputs"],
-        cfg["output_dir"],
-        method,
-        lam=float(cfg["lam"]),
-        weights=cfg.get("weights"),
-        lora_output=cfg["lora_output"],
-        rank=cfg.get("rank"),
-        lam_grid=cfg.get("lam_grid"),
-        val=cfg.get("val"),
-        progress=cfg["_progress"],
-        log=log,
-        **options,
-    )
+    caught: list[warnings.WarningMessage] = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", FlatCriterionWarning)
+            report = merge(
+                cfg.get("base"),
+                cfg["inputs"],
+                cfg["output_dir"],
+                method,
+                lam=float(cfg["lam"]),
+                weights=cfg.get("weights"),
+                lora_output=cfg["lora_output"],
+                rank=cfg.get("rank"),
+                lam_grid=cfg.get("lam_grid"),
+                val=cfg.get("val"),
+                select_by=select_by,
+                on_flat=cfg.get("on_flat"),
+                progress=cfg["_progress"],
+                log=log,
+                **options,
+            )
+    finally:
+        for w in caught:  # the flat-criterion warning as one line; anything else as Python shows it
+            if issubclass(w.category, FlatCriterionWarning):
+                print(f"{PROG}: warning: {' '.join(str(w.message).split())}", file=sys.stderr)
+            else:
+                warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     opts = ", ".join(f"{k}={v}" for k, v in options.items())
     what = f"{len(report['inputs'])} {report['kind']} input(s)"
     onto = f" onto {report['base']}" if report.get("base") else ""
     size = f"; {report['keys']} tensors, {report['parameters']:,} parameters" if "keys" in report else ""
     print(f"{PROG}: merged {what}{onto} with {method}({opts}) lam={report.get('lam', cfg['lam'])}{size}")
     if "lambda_search" in report:
-        print(f"  best lam {report['lambda_search']['best_lam']} (score {report['lambda_search']['best_score']:.4f})")
+        search = report["lambda_search"]
+        flat = ", flat: every lambda scored the same" if search["flat"] else ""
+        print(f"  best lam {search['best_lam']} (score {search['best_score']:.4f} by {search['criterion']}{flat})")
     if "truncation_error" in report:
         te = report["truncation_error"]
         print(f"  rank-{report['rank']} SVD truncation error: overall {te['overall']:.3e}, worst layer {te['max']:.3e}")

@@ -319,7 +319,9 @@ def test_every_merge_output_kind_has_its_card(tmp_path):
     # AsymVLM heads, lambda picked by the search on validation caches: its scores are the card's metrics
     base, experts = expert_heads(tmp_path)
     val = [small_cache(tmp_path / f"val{i}", n_images=20, dim=8, seed=i) for i in range(2)]
-    rep = merge(base, experts, tmp_path / "heads", "ties", density=0.5, lam_grid=[0.5, 1.0], val=val)
+    rep = merge(
+        base, experts, tmp_path / "heads", "ties", density=0.5, lam_grid=[0.5, 1.0], val=val, select_by="likelihood"
+    )
     rec = card_record(tmp_path / "heads" / "README.md")
     assert rec["kind"] == "merged" and rec["recipe"]["method"] == "ties"
     assert rec["recipe"]["options"] == {"density": 0.5}

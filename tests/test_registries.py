@@ -40,7 +40,7 @@ from asymvlm.zeroshot import ABSTAIN_CRITERIA, ABSTAIN_REGISTRY, zero_shot_class
 REGISTRIES = {
     "family": (FAMILY_REGISTRY, {"vmf", "ps"}),
     "vmf_normalizer": (VMF_NORMALIZER_REGISTRY, {"exact", "approx"}),
-    "criterion": (ABSTAIN_REGISTRY, {"likelihood", "uncertainty", "probability", "entropy"}),
+    "criterion": (ABSTAIN_REGISTRY, {"likelihood", "uncertainty", "probability", "entropy", "p_correct"}),
     "dataset spec": (DATASET_SPEC_REGISTRY, {"imagefolder", "coco-karpathy", "coco2017", "flickr30k"}),
     "partition": (PARTITIONER_REGISTRY, {"iid", "dirichlet", "quantity", "domain"}),
 }
@@ -192,14 +192,22 @@ def zero_shot_setup():
 
 def test_abstention_equals_the_direct_rule(zero_shot_setup):
     model, images, classes = zero_shot_setup
-    base = zero_shot_classify(model, images, classes)
+    from asymvlm.confidence import zero_shot_features
+    from asymvlm.zeroshot import fit_zero_shot_calibrator
+
+    # a calibrator fitted on the first 8 images' true classes (the last 8 are unit noise: class 0 here)
+    labels = torch.cat([torch.arange(4), torch.zeros(8, dtype=torch.int64)])
+    cal = fit_zero_shot_calibrator(model, images, labels, classes)
+    base = zero_shot_classify(model, images, classes, calibrator=cal)
     assert not base.abstained.any()
     p = base.probabilities
+    assert torch.allclose(base.p_correct, cal.predict(zero_shot_features(base.uncertainty, p)).to(p.dtype))
     stats = {
         "likelihood": (base.log_likelihood, "below"),
         "uncertainty": (base.uncertainty, "above"),
         "probability": (p.max(-1).values, "below"),
         "entropy": (-(p * torch.log(p.clamp_min(1e-30))).sum(-1), "above"),
+        "p_correct": (base.p_correct, "below"),
     }
     assert set(ABSTAIN_CRITERIA) == set(stats)
     for name, (stat, direction) in stats.items():
@@ -207,14 +215,18 @@ def test_abstention_equals_the_direct_rule(zero_shot_setup):
         thr = float(stat.median())
         expected = stat < thr if direction == "below" else stat > thr
         assert 0 < int(expected.sum()) < len(stat), name  # the threshold splits the images
-        out = zero_shot_classify(model, images, classes, criterion=name, threshold=thr)
+        out = zero_shot_classify(model, images, classes, criterion=name, threshold=thr, calibrator=cal)
         assert torch.equal(out.abstained, expected), name
         assert torch.equal(out.predictions, torch.where(expected, -1, base.best))
         assert out.labels == ["unknown" if a else str(b) for a, b in zip(expected.tolist(), base.best.tolist())]
         rule = ABSTAIN_REGISTRY.build(name, threshold=thr)
-        assert torch.equal(rule(base.log_likelihood, base.uncertainty, p), expected)
-        assert torch.equal(ABSTAIN_CRITERIA[name][0](base.log_likelihood, base.uncertainty, p), stat)
+        assert torch.equal(rule(base.log_likelihood, base.uncertainty, p, base.p_correct), expected)
+        assert torch.equal(ABSTAIN_CRITERIA[name][0](base.log_likelihood, base.uncertainty, p, base.p_correct), stat)
         assert not ABSTAIN_REGISTRY.build(name)(base.log_likelihood, base.uncertainty, p).any()
+    # without a calibrator the p_correct criterion is one clear error
+    with pytest.raises(ConfigError, match="p_correct criterion needs a calibrated probability"):
+        zero_shot_classify(model, images, classes, criterion="p_correct", threshold=0.5)
+    assert base.to_dict()["images"][0]["p_correct"] == pytest.approx(float(base.p_correct[0]))
 
 
 def test_abstention_threshold_is_checked(zero_shot_setup):

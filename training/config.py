@@ -164,6 +164,14 @@ class TrainArguments:
         },
     )
     progress: bool = field(default=True, metadata={"help": "Progress bar on the main process."})
+    fit_confidence: bool = field(
+        default=True,
+        metadata={
+            "help": "Save with the model what it needs to say how likely its answers are right (asymvlm.confidence): "
+            "a density of the training texts (unfamiliarity) and, when there is held-out evaluation data "
+            "(eval_images / eval_fraction), a calibrator of P(right) fitted on it (mode=head only)."
+        },
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)

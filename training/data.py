@@ -50,6 +50,8 @@ class TrainData:
         encoder: the loaded encoder (mode=lora only).
         extra: ``{"data": ..., "evaluation": {"dataset", "split"}}``: what the saved model's card says
             about the training and evaluation data (:func:`asymvlm.hub.describe_data`); optional.
+        train_texts: (T, d) the frozen embeddings of the training captions (the familiarity density
+            saved with the model is fitted on them; :mod:`asymvlm.confidence`), or None.
     """
 
     batches: IndexBatcher
@@ -58,6 +60,7 @@ class TrainData:
     eval_data: Any = None
     encoder: Any = None
     extra: dict[str, Any] = field(default_factory=dict)
+    train_texts: Any = None
 
 
 def get_dataloaders(cfg: Any, accelerator: Any) -> TrainData:
@@ -112,6 +115,7 @@ def get_dataloaders(cfg: Any, accelerator: Any) -> TrainData:
         evaluation = {"dataset": d.dataset if not d.cache_dir else Path(d.cache_dir).name,
                       "split": f"the last {d.eval_fraction:.0%} of the images, held out"}  # fmt: skip
 
+    frozen_text = text  # (T, d) the training captions' frozen embeddings
     if m.mode == "lora":
         if not captions:
             raise ValueError(f"mode=lora needs the caption strings in the cache ({cache.path}/captions.json)")
@@ -129,6 +133,7 @@ def get_dataloaders(cfg: Any, accelerator: Any) -> TrainData:
         encoder_source=source,
         eval_data=eval_data,
         encoder=encoder if m.mode == "lora" else None,
+        train_texts=frozen_text,
         extra={  # what the saved model's card records
             "data": describe_data(d, cache, train_images=int(images.shape[0]), train_texts=int(owner.shape[0])),
             "evaluation": evaluation,

@@ -8,12 +8,14 @@ first use, then loaded from the user cache):
 2. train a vMF and a Power Spherical head centrally with the AsymVLM loss (frozen mean direction);
 3. federated: K clients with a Dirichlet(0.1) shape skew train a head with a learned mean under
    FedAvg, FedAvgM, FedProx, GHBM, FedAdam, FedYogi and AdaFedAdam, each recipe's server
-   hyperparameters chosen on a validation split (:data:`FED_GRID`), next to a centralised and an
-   IID reference at the same budget;
+   hyperparameters chosen on a validation split (:data:`FED_GRID`; by R@1 of the most specific
+   captions, ties broken by their likelihood), next to a centralised and an IID reference at the
+   same budget;
 4. merging: a learned-mean base head on plain captions (v3), one expert per caption style that
    neither the toy CLIP nor the base has seen (a template prefix, another word order; dense and
    TaLoS-masked), merged by task arithmetic, TIES, DARE-TIES and TaLoS, lambda chosen on the
-   styles' validation splits by mean normalised R@1;
+   styles' validation splits by mean normalised R@1 (by the validation likelihood where R@1 is the
+   same for every lambda);
 5. evaluate everything with :mod:`eval` next to the CLIP baseline on held-out ShapeWorld, print the
    summary and federated tables, and write ``report.json``, ``metrics.json`` and PNG plots to
    ``--output_dir``.
@@ -191,6 +193,45 @@ def _specific_r1(head, data) -> float:
     return recall_at_1(head, data.text_embeddings[rows], data.image_embeddings, data.text_image_index[rows])
 
 
+def _specific_log_p(head, data) -> float:
+    """Mean log p(correct image | text) of the most specific captions of an EvalData under the head's
+    retrieval distribution over its images (correct: the caption's image and every image with an
+    identical caption): the validation tie-break, the likelihood ``asymvlm-merge --select_by
+    likelihood`` selects by (:func:`asymvlm.merging.api.likelihood_metric`)."""
+    import torch
+
+    from asymvlm.merging.api import caption_positives, retrieval_log_prob
+
+    levels = torch.as_tensor(data.levels)
+    rows = levels == levels.max()
+    index = torch.as_tensor(data.text_image_index)[rows]
+    captions = None if data.captions is None else [c for c, r in zip(data.captions, rows.tolist()) if r]
+    positives = caption_positives(index, data.image_embeddings.shape[0], captions)
+    return float(retrieval_log_prob(head, data.text_embeddings[rows], data.image_embeddings, positives).mean())
+
+
+def _choose(recipe: str, tried: list[dict[str, Any]]) -> int:
+    """The grid point a recipe keeps: the best validation R@1, ties broken by the validation
+    likelihood (``val_log_p``), then by grid order. A grid whose R@1 did not move at all
+    (:func:`asymvlm.merging.api.is_flat`) is said in one line: the likelihood chose."""
+    from asymvlm.merging.api import is_flat
+
+    def key(i: int) -> tuple[float, float]:
+        lp = tried[i]["val_log_p"]
+        return tried[i]["val"], (lp if math.isfinite(lp) else float("-inf"))
+
+    best = 0
+    for i in range(1, len(tried)):
+        if key(i) > key(best):  # strict: the first of equal points wins
+            best = i
+    if is_flat([t["val"] for t in tried]):
+        _say(
+            f"      warning: {recipe}: validation R@1 is the same ({tried[best]['val']:.3f}) for every grid point; "
+            f"chosen by validation log-likelihood ({_grid_label(tried[best]['options'])})"
+        )
+    return best
+
+
 def _federated_table(spec: tuple[str, str], s: dict, out: Path, seed: int, val) -> tuple[list[dict], dict]:
     """Every recipe of the grid on one non-IID federation, plus two references at the same budget.
 
@@ -205,6 +246,7 @@ def _federated_table(spec: tuple[str, str], s: dict, out: Path, seed: int, val) 
     from asymvlm.federated.config import FederatedArguments
     from asymvlm.federated.data import get_federated_data
     from asymvlm.federated.rounds import run_federated
+    from asymvlm.merging.api import is_flat
     from asymvlm.model import AsymVLM
 
     data_args = DataArguments(
@@ -226,7 +268,7 @@ def _federated_table(spec: tuple[str, str], s: dict, out: Path, seed: int, val) 
     rows: list[dict] = []
     models: dict[str, Any] = {}
 
-    def run(name: str, setup: str, recipe: str, options: dict[str, Any]) -> tuple[Any, float, float]:
+    def run(name: str, setup: str, recipe: str, options: dict[str, Any]) -> tuple[Any, float, float, float]:
         fed = FederatedArguments(
             **{**common, **setups[setup]}, recipe=recipe, output_dir=str(out / "federated" / name)
         )  # fmt: skip
@@ -236,26 +278,28 @@ def _federated_table(spec: tuple[str, str], s: dict, out: Path, seed: int, val) 
         _, model = run_federated(fed, datasets[setup], head=head, recipe_options=options)
         model.head.eval()
         asym = AsymVLM(model.head, logit_scale=float(model.loss_fn.logit_scale.detach()))
-        score = _specific_r1(asym.head, val)
-        return asym, (score if math.isfinite(score) else float("-inf")), time.time() - t
+        score, log_p = _specific_r1(asym.head, val), _specific_log_p(asym.head, val)
+        finite = [x if math.isfinite(x) else float("-inf") for x in (score, log_p)]
+        return asym, finite[0], finite[1], time.time() - t
 
     grid = QUICK_FED_GRID if s["quick"] else FED_GRID
     for name, setup in (("centralized", "centralized"), ("fedavg-iid", "fedavg-iid")):
-        asym, score, sec = run(name, setup, "fedavg", {})
+        asym, score, log_p, sec = run(name, setup, "fedavg", {})
         models[name] = asym
-        rows.append(dict(name=name, recipe="fedavg", setup=setup, chosen={}, grid=[dict(options={}, val=score)]))
-        _say(f"      {name:<12} val R@1 {score:.3f} ({sec:.0f} s)")
+        point = dict(options={}, val=score, val_log_p=log_p)
+        rows.append(dict(name=name, recipe="fedavg", setup=setup, chosen={}, grid=[point], val_flat=False))
+        _say(f"      {name:<12} val R@1 {score:.3f} log p {log_p:.3f} ({sec:.0f} s)")
     for recipe, options_grid in grid.items():
-        tried, best = [], None
+        tried, runs = [], []
         for i, options in enumerate(options_grid):
-            asym, score, sec = run(f"{recipe}-{i}", "non-iid", recipe, options)
-            tried.append(dict(options=options, val=score))
-            _say(f"      {recipe:<12} {_grid_label(options):<28} val R@1 {score:.3f} ({sec:.0f} s)")
-            if best is None or score > best[0]:
-                best = (score, options, asym)
-        assert best is not None
-        models[recipe] = best[2]
-        rows.append(dict(name=recipe, recipe=recipe, setup="non-iid", chosen=best[1], grid=tried))
+            asym, score, log_p, sec = run(f"{recipe}-{i}", "non-iid", recipe, options)
+            tried.append(dict(options=options, val=score, val_log_p=log_p))
+            runs.append(asym)
+            _say(f"      {recipe:<12} {_grid_label(options):<28} val R@1 {score:.3f} log p {log_p:.3f} ({sec:.0f} s)")
+        best = _choose(recipe, tried)
+        models[recipe] = runs[best]
+        rows.append(dict(name=recipe, recipe=recipe, setup="non-iid", chosen=options_grid[best], grid=tried,
+                         val_flat=is_flat([t["val"] for t in tried])))  # fmt: skip
     return rows, models
 
 
@@ -391,7 +435,7 @@ def _main(argv: list[str]) -> int:
     t = time.time()
     from asymvlm.batching import IndexBatcher
     from asymvlm.cache import EmbeddingCache
-    from asymvlm.merging.api import merge
+    from asymvlm.merging.api import FlatCriterionError, merge
     from asymvlm.merging.talos import calibrate_mask, save_masks
 
     familiar = ",".join(MERGE_BASE_STYLES[s["world"]])
@@ -441,12 +485,18 @@ def _main(argv: list[str]) -> int:
         ("dare_ties", "dense", "dare_ties", {"p": 0.9, "seed": args.seed}),
         ("talos", "talos", "talos", {}),
     ):
-        rep = merge(base, experts[family], out / "merged" / name, method, lam_grid=grid, val=val, **opts)
-        r1, ex = test_r1(out / "merged" / name), expert_r1[family]
+        target = out / "merged" / name
+        try:  # lambda by validation R@1 (the heads' mean is learned: R@1 moves with lambda)
+            rep = merge(base, experts[family], target, method, lam_grid=grid, val=val, select_by="r1", **opts)
+        except FlatCriterionError:  # R@1 the same for every lambda: the likelihood decides
+            _say(f"      warning: {name}: validation R@1 is the same for every lambda; lambda chosen by likelihood")
+            rep = merge(base, experts[family], target, method, lam_grid=grid, val=val, select_by="likelihood", **opts)
+        r1, ex = test_r1(target), expert_r1[family]
         norm = {d: r1[d] / ex[d] if ex[d] > 0 else float("nan") for d in doms}
         merged[name] = {
             "lam": rep["lam"], "R@1": r1, "expert_R@1": ex, "base_R@1": base_r1, "normalized_R@1": norm,
             "mean_normalized_R@1": sum(norm.values()) / len(norm), "lambda_curve": rep["lambda_search"]["curve"],
+            "lambda_selected_by": rep["lambda_search"]["criterion"],
         }  # fmt: skip
     lap("experts_and_merges", t)
 

@@ -404,6 +404,15 @@ def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None
             text_adapter=unwrapped.peft_model,
             lineage=_lineage(cfg),
         )
+        if t.fit_confidence and m.mode == "head" and data.train_texts is not None:
+            # the familiarity density of the training texts, and P(right) calibrated on the held-out
+            # split; a LoRA model's texts go through its adapted tower, which the frozen-embedding
+            # density does not describe, so it saves none
+            from asymvlm.eval.confidence import fit_model_confidence
+
+            final.confidence = fit_model_confidence(
+                final, data.train_texts.float().cpu(), data.eval_data, seed=t.seed
+            )
         final.save_pretrained(model_dir, card=_card_info(cfg, data, log_path))
     if log_with:
         accelerator.end_training()
