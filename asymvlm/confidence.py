@@ -17,14 +17,15 @@ succeed: that also depends on the gallery around the query and on what the encod
   (:class:`Familiarity`, a mixture of von Mises-Fisher components with one shared concentration).
 
 They combine into ``p_correct``, the probability that the top-1 answer is right, by a
-:class:`Calibrator` fitted on a validation split (logistic regression on the parts, Platt 1999;
-optionally followed by isotonic regression, Zadrozny & Elkan 2002). What "right" means is recorded
-with the calibrator (``label``): the image satisfies the query where the data say so (ShapeWorld's
-consistency, identical captions), else the caption's own image. The retrieval part depends on the
-gallery, so a calibrator records the gallery size it was fitted on; ``asymvlm-serve`` refits one per
-gallery from the gallery's own captions. A query far outside what the calibrator saw gets no
-confident answer: beyond the ``1 - familiarity_alpha`` quantile of the calibration texts'
-unfamiliarity, ``p_correct`` is scaled down by the query's conformal p-value
+:class:`Calibrator` fitted on a validation split (logistic regression on the parts, Platt 1999, one
+model per stratum of the ambiguity; optionally followed by isotonic regression, Zadrozny & Elkan
+2002). What "right" means is recorded with the calibrator (``label``): the image satisfies the query
+where the data say so (ShapeWorld's consistency, identical captions), else the caption's own image.
+The retrieval parts depend on the gallery, so a calibrator records the gallery size it was fitted
+on; ``asymvlm-serve`` refits one per gallery from the gallery's own captions. A query stranger than
+what the calibrator saw for texts of its kind gets no confident answer: below a p-value of
+``familiarity_alpha`` (its unfamiliarity among the calibrated answers of its stratum, with an
+exponential tail beyond them), ``p_correct`` is scaled by ``p / familiarity_alpha``
 (:meth:`ConfidenceModel.assess`).
 
 Without a calibrator the parts are reported alone and ``p_correct`` is None ("uncalibrated").
@@ -63,6 +64,7 @@ from asymvlm.io import atomic_save_safetensors, atomic_write_json, load_safetens
 
 __all__ = [
     "Familiarity",
+    "tail_p_value",
     "Calibrator",
     "ConfidenceModel",
     "AnswerConfidence",
@@ -76,6 +78,7 @@ __all__ = [
 ]
 
 CLIP_Z = 8.0  # standardised calibrator inputs are clipped to [-CLIP_Z, CLIP_Z]
+GATE_POINTS = 512  # quantiles of the fitted answers' unfamiliarity kept per stratum
 CONFIDENCE_NAME = "confidence.json"
 FAMILIARITY_NAME = "familiarity.safetensors"
 CONFIDENCE_TYPE = "asymvlm.confidence"
@@ -221,23 +224,8 @@ class Familiarity:
         return _percentile(self.reference, u)
 
     def p_value(self, u: Tensor, tail: float = 0.1) -> Tensor:
-        """(N,) the chance that a reference text is at least this unfamiliar: the conformal p-value
-        ``(1 + #{reference >= u}) / (n + 1)`` (Vovk et al. 2005) inside the reference's bulk, and
-        beyond its ``1 - tail`` quantile an exponential tail fitted to the excesses over that quantile
-        (peaks over threshold, Pickands 1975), so that a query stranger than every reference text
-        still gets a graded, ever smaller p-value."""
-        ref = self.reference
-        u = u.double().contiguous()
-        above = ref.numel() - torch.searchsorted(ref, u, right=False)
-        p = (1.0 + above.double()) / (ref.numel() + 1.0)
-        n_tail = int(math.floor(tail * ref.numel()))
-        if n_tail >= 2:
-            threshold = ref[ref.numel() - n_tail - 1]
-            scale = float((ref[ref.numel() - n_tail :] - threshold).mean())
-            if scale > 0:
-                p_tail = (n_tail + 1.0) / (ref.numel() + 1.0) * torch.exp(-(u - threshold) / scale)
-                p = torch.where(u > threshold, p_tail, p)
-        return p
+        """(N,) the chance that a reference text is at least this unfamiliar (:func:`tail_p_value`)."""
+        return tail_p_value(self.reference, u, tail)
 
     def tensors(self) -> dict[str, Tensor]:
         return {"means": self.means.float(), "log_weights": self.log_weights.float(), "reference": self.reference}
@@ -268,6 +256,32 @@ class Familiarity:
         if ref.numel() > 1 and bool((ref[1:] < ref[:-1]).any()):
             raise ArtefactError(f"{where}: the familiarity reference is not sorted")
         return cls(means, lw, float(kappa), ref, int(meta.get("count", 0)))
+
+
+def tail_p_value(sorted_ref: Tensor, u: Tensor, tail: float = 0.1) -> Tensor:
+    """(N,) the chance that a reference value is at least ``u``: the conformal p-value
+    ``(1 + #{reference >= u}) / (n + 1)`` (Vovk et al. 2005) inside the reference's bulk, and beyond
+    its ``1 - tail`` quantile an exponential tail fitted to the excesses over that quantile (peaks
+    over threshold, Pickands 1975), so that a value beyond every reference value still gets a graded,
+    ever smaller p-value.
+
+    Example:
+        >>> ref = torch.arange(100, dtype=torch.float64)
+        >>> [round(float(p), 4) for p in tail_p_value(ref, torch.tensor([50.0, 99.0, 200.0]))]
+        [0.505, 0.0177, 0.0]
+    """
+    ref = sorted_ref.double()
+    u = u.double().contiguous()
+    above = ref.numel() - torch.searchsorted(ref, u, right=False)
+    p = (1.0 + above.double()) / (ref.numel() + 1.0)
+    n_tail = int(math.floor(tail * ref.numel()))
+    if n_tail >= 2:
+        threshold = ref[ref.numel() - n_tail - 1]
+        scale = float((ref[ref.numel() - n_tail :] - threshold).mean())
+        if scale > 0:
+            p_tail = (n_tail + 1.0) / (ref.numel() + 1.0) * torch.exp(-(u - threshold) / scale)
+            p = torch.where(u > threshold, p_tail, p)
+    return p
 
 
 def _percentile(sorted_ref: Tensor, u: Tensor) -> Tensor:
@@ -393,6 +407,9 @@ class Calibrator:
             isotonic one (linear interpolation between knots).
         info: what it was fitted on: ``label`` (what "right" meant), ``gallery_size``, ``count``,
             ``base_rate`` (the fraction right), ``direction`` (``text_to_image`` or ``zero_shot``), ``method``.
+        gate: with an ``unfamiliarity`` part, per stratum the sorted unfamiliarity of the answers it
+            was fitted on (at most :data:`GATE_POINTS` quantiles): how unfamiliar a text of that kind
+            may be and still be covered by the fit (:meth:`gate_p_value`).
     """
 
     features: tuple[str, ...]
@@ -401,6 +418,7 @@ class Calibrator:
     edges: list[float] = field(default_factory=list)
     isotonic: tuple[list[float], list[float]] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    gate: list[list[float]] | None = None
 
     @classmethod
     def fit(
@@ -450,7 +468,16 @@ class Calibrator:
         group = np.searchsorted(np.asarray(edges), x[:, names.index(by)], side="right") if by else np.zeros(y.size, int)
         strata = [_Logistic.fit(x[group == g], y[group == g], l2) for g in range(len(edges) + 1)]
         meta = {"count": int(y.size), "base_rate": float(y.mean()), **dict(info or {}), "method": method}
-        cal = cls(names, strata, by, [float(e) for e in edges], None, meta)
+        gate = None
+        if "unfamiliarity" in names:
+            u = x[:, names.index("unfamiliarity")]
+            gate = []
+            for g in range(len(edges) + 1):
+                vals = np.sort(u[group == g])
+                if vals.size > GATE_POINTS:
+                    vals = np.quantile(vals, np.linspace(0, 1, GATE_POINTS))
+                gate.append(vals.tolist())
+        cal = cls(names, strata, by, [float(e) for e in edges], None, meta, gate)
         if method == "logistic+isotonic":
             from scipy.optimize import isotonic_regression
 
@@ -459,11 +486,17 @@ class Calibrator:
             cal.isotonic = (p[order].tolist(), isotonic_regression(y[order]).x.tolist())
         return cal
 
+    def _groups(self, x: Tensor) -> Tensor:
+        """(n,) each row's stratum."""
+        if self.by is None:
+            return torch.zeros(x.shape[0], dtype=torch.int64)
+        key = x[:, self.features.index(self.by)].contiguous()
+        return torch.searchsorted(torch.tensor(self.edges, dtype=torch.float64), key, right=True)
+
     def _logistic(self, x: Tensor) -> Tensor:
         if self.by is None:
             return torch.sigmoid(self.strata[0].logit(x))
-        key = x[:, self.features.index(self.by)].contiguous()
-        group = torch.searchsorted(torch.tensor(self.edges, dtype=torch.float64), key, right=True)
+        group = self._groups(x)
         z = torch.empty(x.shape[0], dtype=torch.float64)
         for g, model in enumerate(self.strata):
             rows = group == g
@@ -471,12 +504,32 @@ class Calibrator:
                 z[rows] = model.logit(x[rows])
         return torch.sigmoid(z)
 
-    def predict(self, features: Mapping[str, Tensor]) -> Tensor:
-        """(n,) float64 probability of being right."""
+    def _matrix(self, features: Mapping[str, Tensor]) -> Tensor:
         missing = [k for k in self.features if k not in features]
         if missing:
             raise InputError(f"the calibrator needs the part(s) {missing}; got {sorted(features)}")
-        x = torch.stack([_float64(features[k], f"feature {k!r}").reshape(-1) for k in self.features], 1)
+        return torch.stack([_float64(features[k], f"feature {k!r}").reshape(-1) for k in self.features], 1)
+
+    def gate_p_value(self, features: Mapping[str, Tensor]) -> Tensor | None:
+        """(n,) how covered each answer's unfamiliarity is by the fit: its tail p-value
+        (:func:`tail_p_value`) among the unfamiliarity of the fitted answers of its own stratum, so a
+        specific text is compared with specific texts and a vague one with vague ones. None without
+        an ``unfamiliarity`` part."""
+        if self.gate is None:
+            return None
+        x = self._matrix(features)
+        group = self._groups(x)
+        u = x[:, self.features.index("unfamiliarity")]
+        p = torch.ones(x.shape[0], dtype=torch.float64)
+        for g, ref in enumerate(self.gate):
+            rows = group == g
+            if bool(rows.any()) and ref:
+                p[rows] = tail_p_value(torch.tensor(ref, dtype=torch.float64), u[rows])
+        return p
+
+    def predict(self, features: Mapping[str, Tensor]) -> Tensor:
+        """(n,) float64 probability of being right."""
+        x = self._matrix(features)
         p = self._logistic(x)
         if self.isotonic is not None:
             px, py = self.isotonic
@@ -497,13 +550,14 @@ class Calibrator:
             "edges": self.edges,
             "isotonic": None if self.isotonic is None else [list(self.isotonic[0]), list(self.isotonic[1])],
             "info": self.info,
+            "gate": self.gate,
         }
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "calibrator") -> Calibrator:
         if not isinstance(d, Mapping):
             raise ArtefactError(f"{where}: a calibrator must be a JSON object")
-        unknown = sorted(set(d) - {"features", "strata", "by", "edges", "isotonic", "info"})
+        unknown = sorted(set(d) - {"features", "strata", "by", "edges", "isotonic", "info", "gate"})
         if unknown:
             raise ArtefactError(f"{where}: unknown calibrator key(s) {unknown}")
         try:
@@ -534,7 +588,22 @@ class Calibrator:
         info = d.get("info") or {}
         if not isinstance(info, Mapping):
             raise ArtefactError(f"{where}: 'info' must be an object")
-        return cls(feats, strata, by, edges, iso, dict(info))
+        gate = d.get("gate")
+        if gate is not None:
+            try:
+                gate = [[float(v) for v in ref] for ref in gate]
+            except (TypeError, ValueError) as err:
+                raise ArtefactError(f"{where}: malformed gate ({err!r})") from err
+            if (
+                len(gate) != len(strata)
+                or "unfamiliarity" not in feats
+                or not all(math.isfinite(v) for ref in gate for v in ref)
+                or any(b < a for ref in gate for a, b in zip(ref, ref[1:]))
+            ):
+                raise ArtefactError(
+                    f"{where}: the gate needs one sorted, finite list per stratum and an unfamiliarity part"
+                )
+        return cls(feats, strata, by, edges, iso, dict(info), gate)
 
 
 def _strata_edges(key: np.ndarray, y: np.ndarray, k: int, min_class: int) -> list[float]:
@@ -640,14 +709,16 @@ class ConfidenceModel:
         familiarity: the density of the training texts' frozen embeddings, or None.
         calibrator: text -> image ``P(right | parts)``, or None (parts reported uncalibrated).
         ambiguity_reference: sorted ``1/kappa`` of the calibration captions (the percentile scale).
-        familiarity_alpha: below this conformal p-value of unfamiliarity (the query is stranger than
-            all but this fraction of reference texts), ``p_correct`` is scaled by ``p / alpha``.
+        familiarity_alpha: below this p-value of the query's unfamiliarity (among the calibrated
+            answers of its stratum: :meth:`Calibrator.gate_p_value`; else among held-out training
+            texts), ``p_correct`` is scaled by ``p / alpha``: a query stranger than what the
+            calibrator saw for texts of its kind is not confidently right.
     """
 
     familiarity: Familiarity | None = None
     calibrator: Calibrator | None = None
     ambiguity_reference: Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.float64))
-    familiarity_alpha: float = 0.01
+    familiarity_alpha: float = 0.05
 
     def __post_init__(self) -> None:
         if not 0 <= self.familiarity_alpha < 1:
@@ -699,8 +770,13 @@ class ConfidenceModel:
         feats = answer_features(kappa, conf.entropy, conf.top_probability, gallery_size, u)
         p = cal.predict(feats)
         if u is not None and self.familiarity_alpha > 0:
-            # beyond what calibration saw, its evidence does not apply: scale by the conformal p-value
-            p = p * (self.familiarity.p_value(u) / self.familiarity_alpha).clamp_max(1.0)
+            # beyond what calibration saw, its evidence does not apply: scale by the p-value of the
+            # query's unfamiliarity among the calibrated answers of its kind (the training texts'
+            # when the calibrator was fitted without unfamiliarity)
+            pv = cal.gate_p_value(feats)
+            if pv is None:
+                pv = self.familiarity.p_value(u)
+            p = p * (pv / self.familiarity_alpha).clamp_max(1.0)
         conf.p_correct = p
         fitted_n = cal.info.get("gallery_size")
         conf.calibration = {
@@ -758,7 +834,7 @@ class ConfidenceModel:
         ref = t.get("ambiguity_reference", torch.empty(0)).double()
         if ref.dim() != 1 or not bool(torch.isfinite(ref).all()):
             raise ArtefactError(f"{where}: ambiguity_reference must be a finite vector")
-        alpha = doc.get("familiarity_alpha", 0.01)
+        alpha = doc.get("familiarity_alpha", 0.05)
         if not isinstance(alpha, (int, float)) or not 0 <= alpha < 1:
             raise ArtefactError(f"{directory / CONFIDENCE_NAME}: familiarity_alpha must be in [0, 1)")
         return cls(fam, cal, torch.sort(ref).values, float(alpha))
@@ -786,7 +862,7 @@ def fit_confidence(
     familiarity: Familiarity | None = None,
     label: str = "own image",
     method: str = "logistic",
-    familiarity_alpha: float = 0.01,
+    familiarity_alpha: float = 0.05,
     seed: int = 0,
 ) -> ConfidenceModel:
     """Fit a model's :class:`ConfidenceModel` on a validation split.
@@ -843,21 +919,25 @@ def fit_gallery_calibrator(
     max_captions: int = 2000,
     seed: int = 0,
     method: str = "logistic",
+    label: str = "caption identity (the best image carries the caption)",
 ) -> Calibrator:
     """A text -> image calibrator for one served gallery, fitted on the gallery's own captions: a
-    caption's answer is right when the best image carries that caption (caption identity).
+    caption's answer is right when the best image is one of the caption's positives — by default the
+    images that carry it (caption identity); where the collection knows which images a caption is
+    true of (ShapeWorld), those.
 
     Args:
         model: the :class:`~asymvlm.model.AsymVLM` (its ``confidence.familiarity``, when present, adds
             unfamiliarity to the parts).
         index: the gallery's :class:`~asymvlm.retrieval.ImageIndex`.
         caption_embeddings: (M, d) the distinct captions' frozen text embeddings.
-        owner_offsets, owner_rows: which images carry each caption, in compressed rows: caption
-            ``c``'s images are ``owner_rows[owner_offsets[c]:owner_offsets[c + 1]]``.
+        owner_offsets, owner_rows: each caption's positive images, in compressed rows: caption
+            ``c``'s are ``owner_rows[owner_offsets[c]:owner_offsets[c + 1]]``.
         max_captions: a seeded uniform sample of at most this many captions is searched (the
             fit's cost is one search of that many queries).
         seed: the sample.
         method: the calibrator's (:meth:`Calibrator.fit`).
+        label: what the positives mean (recorded in the calibrator's ``info``).
 
     The gallery's captions describe images that are in the gallery; a query that fits none of them
     is not represented, and a gallery the head was trained on makes the fit optimistic.
@@ -884,7 +964,7 @@ def fit_gallery_calibrator(
         correct,
         method=method,
         info={
-            "label": "caption identity (the best image carries the caption)",
+            "label": label,
             "gallery_size": len(index),
             "direction": "text_to_image",
             "source": "gallery captions",

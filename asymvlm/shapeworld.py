@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +72,7 @@ __all__ = [
     "ambiguity",
     "ambiguities",
     "consistency_matrix",
+    "caption_truth",
     "vocabulary",
     "spec_from_names",
     "level_ambiguity",
@@ -592,6 +593,35 @@ def generate(n: int, seed: int = 0, config: ShapeWorldConfig | None = None, **ov
 # ----------------------------------------------------------------------------------------------
 # ground truth
 # ----------------------------------------------------------------------------------------------
+def caption_truth(world: WorldArrays) -> Callable[[Sequence[str]], list[np.ndarray]]:
+    """``truth(captions) -> [rows]``: for captions of this world (texts any of its images carries),
+    the rows of the images each caption is true of (:func:`consistency_matrix`), e.g. the ground
+    truth a served ShapeWorld gallery calibrates ``p_correct`` on.
+
+    Example:
+        >>> w = generate_arrays(20, seed=0)
+        >>> truth = caption_truth(w)
+        >>> rows = truth([w.captions[3][-1], w.captions[3][0]])
+        >>> 3 in rows[0] and 3 in rows[1] and len(rows[1]) >= len(rows[0])
+        True
+    """
+    spec_of: dict[str, np.ndarray] = {}
+    for caps, specs in zip(world.captions, world.specs):
+        for c, spec in zip(caps, specs):
+            spec_of.setdefault(c, spec)
+
+    def truth(captions: Sequence[str]) -> list[np.ndarray]:
+        missing = [c for c in captions if c not in spec_of]
+        if missing:
+            raise ValueError(f"{len(missing)} caption(s) are not this world's, e.g. {missing[0]!r}")
+        if not captions:
+            return []
+        cm = consistency_matrix(np.stack([spec_of[c] for c in captions]), world.objects)
+        return [np.flatnonzero(row) for row in cm]
+
+    return truth
+
+
 def consistency_matrix(specs: np.ndarray, objects: np.ndarray) -> np.ndarray:
     """(T, I) bool: image i is consistent with caption t (some object of i satisfies every
     attribute the caption states).

@@ -107,6 +107,33 @@ def _union(a: Any, b: Any) -> Any:
     )
 
 
+def _subset(split: Any, n: int, seed: int = 0) -> Any:
+    """``n`` images of a split drawn without replacement (seeded), with their captions."""
+    import dataclasses
+    import hashlib
+
+    import numpy as np
+
+    if not 1 <= n <= len(split.emoji):
+        raise ValueError(f"--train_emoji must be in [1, {len(split.emoji)}], got {n}")
+    rows = np.sort(np.random.default_rng(seed).choice(len(split.emoji), size=n, replace=False))
+    new_row = np.full(len(split.emoji), -1)
+    new_row[rows] = np.arange(n)
+    keep = new_row[split.image_index] >= 0
+    return dataclasses.replace(
+        split,
+        emoji=[split.emoji[i] for i in rows],
+        images=split.images[rows],
+        captions=[c for c, k in zip(split.captions, keep) if k],
+        image_index=new_row[split.image_index[keep]],
+        levels=split.levels[keep],
+        ambiguity=split.ambiguity[keep],
+        split_ambiguity=split.split_ambiguity[keep],  # counted in the full split: a diagnostic only
+        descriptors=[split.descriptors[i] for i in rows],
+        fingerprint=hashlib.sha256(f"{split.fingerprint}:subset{n}:{seed}".encode()).hexdigest()[:32],
+    )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from asymvlm import AsymVLM, emoji, emojiclip
     from asymvlm.encoders import load_encoder
@@ -129,16 +156,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         s: emoji.write_emoji_cache(encoder, splits[s], out / "caches" / s, progress=not args.no_progress)
         for s in splits
     }
+    if args.train_emoji:  # a smaller collection: a seeded subset of the training emoji
+        splits["train"] = _subset(splits["train"], args.train_emoji, seed=0)
+        caches["train"] = emoji.write_emoji_cache(
+            encoder, splits["train"], out / "caches" / f"train-{args.train_emoji}", progress=not args.no_progress
+        )
     if args.head_split == "trainval":
         union = _union(splits["train"], splits["val"])
         emoji.write_emoji_cache(encoder, union, out / "caches" / "trainval", progress=not args.no_progress)
     data = _eval_data(splits["test"], caches["test"])
     top = int(data.levels.max())
+    head_cache = caches[args.head_split].path if args.head_split in caches else out / "caches" / args.head_split
     models, seconds = {}, {}
     for name in args.configs:
         cfg = TrainConfig.from_dict(
             {
-                "cache_dir": str(out / "caches" / args.head_split),
+                "cache_dir": str(head_cache),
                 "output_dir": str(out / "runs" / name),
                 "max_steps": args.steps,
                 "batch_size": args.batch_size,
@@ -319,6 +352,12 @@ def main(argv: list[str] | None = None) -> int:
         default="train",
         help="The split the heads train on: train (the image tower's own emoji), val (emoji the tower never "
         "saw) or trainval (both).",
+    )
+    p.add_argument(
+        "--train_emoji",
+        type=int,
+        default=0,
+        help="Train the heads on a seeded subset of this many training emoji (0: all 1,337): a smaller collection.",
     )
     p.add_argument("--bins", type=int, default=10)
     p.add_argument(

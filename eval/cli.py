@@ -389,6 +389,10 @@ def _confidence(
                 label=label,
             )
         rep = confidence_report(model, data, confidence=conf, ood_texts=ood, keep_outcomes=True)
+        if calib is not None and calib.zero_shot and data.zero_shot:
+            from asymvlm.eval.confidence import zero_shot_confidence
+
+            rep["zero_shot"] = zero_shot_confidence(model, data, calib)
         if conf is not None and calib is not None:
             rep["calibration"] = {
                 **rep["calibration"],

@@ -64,6 +64,7 @@ __all__ = [
     "confidence_report",
     "confidence_table",
     "check_uncertainty",
+    "zero_shot_confidence",
 ]
 
 
@@ -229,6 +230,36 @@ def _ood(model: Any, confidence: Any, data: Any, conf: Any, ood_texts: Tensor) -
     return out
 
 
+@torch.no_grad()
+def zero_shot_confidence(model: Any, data: Any, calibration: Any, *, ece_bins: int = 15) -> dict[str, Any]:
+    """Per zero-shot task of ``data`` (and of ``calibration``, a split with the same tasks): P(the
+    predicted class is right) calibrated on ``calibration``'s images
+    (:func:`asymvlm.zeroshot.fit_zero_shot_calibrator`) and judged on ``data``'s: accuracy, error AUROC
+    and AURC of ``1 - p_correct`` next to ``1 - max posterior``, and the ECE of ``p_correct``."""
+    from asymvlm.zeroshot import fit_zero_shot_calibrator, zero_shot_classify
+
+    out: dict[str, Any] = {}
+    for task, (prompts, names, labels) in (data.zero_shot or {}).items():
+        if task not in (calibration.zero_shot or {}):
+            continue
+        c_prompts, c_names, c_labels = calibration.zero_shot[task]
+        cal = fit_zero_shot_calibrator(model, calibration.image_embeddings.float(), c_labels, c_prompts.float(),
+                                       class_names=c_names)  # fmt: skip
+        res = zero_shot_classify(
+            model, data.image_embeddings.float(), prompts.float(), class_names=names, calibrator=cal
+        )
+        right = res.best == labels
+        p = res.p_correct.double().clamp(0, 1)
+        out[task] = {
+            "accuracy": float(right.double().mean()),
+            "p_correct": selective_report(1 - p, right),
+            "max_probability": selective_report(1 - res.probabilities.max(-1).values.double(), right),
+            "ece": expected_calibration_error(p, right, n_bins=ece_bins),
+            "mean_p_correct": float(p.mean()),
+        }
+    return out
+
+
 def check_uncertainty(uncertainty: Tensor, correct: Tensor, data: Any) -> list[str]:
     """One-line warnings when ``1/kappa`` is inverted or flat against what the data can show:
     retrieval success within the most specific level (where a miss is a real miss) and the caption's
@@ -325,6 +356,12 @@ def confidence_table(report: dict[str, Any], level: str | None = None) -> str:
         lines.append(
             f"OOD AUROC ({o['count_in']} captions against {o['count_out']} unfamiliar texts): "
             + ", ".join(f"{k} {_fmt(v)}" for k, v in o["auroc"].items())
+        )
+    for task, z in (report.get("zero_shot") or {}).items():
+        lines.append(
+            f"zero-shot {task}: accuracy {z['accuracy']:.3f}; error AUROC of p_correct "
+            f"{_fmt(z['p_correct']['error_auroc'])} (max posterior {_fmt(z['max_probability']['error_auroc'])}), "
+            f"ECE {_fmt(z['ece'])}"
         )
     lines += [f"warning: {w}" for w in report.get("warnings", [])]
     lines.append(LEGEND.rstrip())

@@ -310,28 +310,28 @@ def uncertainty_direction(
 ) -> list[str]:
     """Never silently wrong: one-line warnings when uncertainty points the wrong way or nowhere.
 
-    With ``correct`` (retrieval success per caption) the error AUROC of the uncertainty is checked:
-    below ``0.5 - flat`` is *inverted*, within ``flat`` of 0.5 is *flat*. With ``ambiguity`` (true
-    ambiguity, a caption level where higher = vaguer, or a caption frequency) the Spearman rho is
-    checked: below ``-flat`` is inverted, within ``flat`` of 0 is flat. Only what the sample can
-    show is said: *inverted* also needs the statistic two standard errors below no relation (the
-    AUROC's null standard error ``sqrt((n1 + n0 + 1) / (12 n1 n0))``, Hanley & McNeil 1982; rho's
-    ``1 / sqrt(n - 1)``), and *flat* needs two standard errors within ``flat`` (a constant uncertainty
-is flat at any size). A check is skipped
-    (no warning) with fewer than ``min_count`` items, one class in ``correct`` or a constant
-    ``ambiguity``.
+        With ``correct`` (retrieval success per caption) the error AUROC of the uncertainty is checked:
+        below ``0.5 - flat`` is *inverted*, within ``flat`` of 0.5 is *flat*. With ``ambiguity`` (true
+        ambiguity, a caption level where higher = vaguer, or a caption frequency) the Spearman rho is
+        checked: below ``-flat`` is inverted, within ``flat`` of 0 is flat. Only what the sample can
+        show is said: *inverted* also needs the statistic two standard errors below no relation (the
+        AUROC's null standard error ``sqrt((n1 + n0 + 1) / (12 n1 n0))``, Hanley & McNeil 1982; rho's
+        ``1 / sqrt(n - 1)``), and *flat* needs two standard errors within ``flat`` (a constant uncertainty
+    is flat at any size). A check is skipped
+        (no warning) with fewer than ``min_count`` items, one class in ``correct`` or a constant
+        ``ambiguity``.
 
-    Returns:
-        The warnings, each one line starting with ``"uncertainty"``; empty when all is fine, e.g.
-        ``uncertainty is inverted against retrieval success: error AUROC 0.00 over 40 captions (0.5 =
-        chance, above 0.5 = uncertain captions fail more, which is the good direction)``.
+        Returns:
+            The warnings, each one line starting with ``"uncertainty"``; empty when all is fine, e.g.
+            ``uncertainty is inverted against retrieval success: error AUROC 0.00 over 40 captions (0.5 =
+            chance, above 0.5 = uncertain captions fail more, which is the good direction)``.
 
-    Example:
-        >>> unc = [0.1 * i for i in range(40)]
-        >>> [w.split(":")[0] for w in uncertainty_direction(unc, correct=[i >= 20 for i in range(40)])]
-        ['uncertainty is inverted against retrieval success']
-        >>> uncertainty_direction(unc, correct=[i < 20 for i in range(40)], ambiguity=list(range(40)))
-        []
+        Example:
+            >>> unc = [0.1 * i for i in range(40)]
+            >>> [w.split(":")[0] for w in uncertainty_direction(unc, correct=[i >= 20 for i in range(40)])]
+            ['uncertainty is inverted against retrieval success']
+            >>> uncertainty_direction(unc, correct=[i < 20 for i in range(40)], ambiguity=list(range(40)))
+            []
     """
     if not 0 <= flat < 0.5:
         raise ValueError(f"flat must be in [0, 0.5), got {flat}")

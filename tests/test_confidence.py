@@ -21,6 +21,7 @@ from asymvlm.confidence import (
     answer_features,
     fit_confidence,
     retrieval_labels,
+    tail_p_value,
 )
 from asymvlm.distributions import PowerSpherical, VonMisesFisher
 from asymvlm.errors import ArtefactError, ConfigError, InputError
@@ -350,7 +351,7 @@ def test_fit_confidence_labels_and_features(toy):
     mask = torch.zeros(300, 300, dtype=torch.bool)
     mask[torch.arange(300), torch.arange(300)] = True
     assert torch.equal(retrieval_labels(res.indices[:, 0], mask), correct)
-    # the answers' p_correct is the calibrator on the parts (texts familiar: no p-value scaling here)
+    # the answers' p_correct: the calibrator on the parts, scaled by the gate's p-value over alpha
     model.confidence = conf
     try:
         out = ImageIndex(images).search(texts, k=2, model=model)
@@ -358,8 +359,23 @@ def test_fit_confidence_labels_and_features(toy):
         model.confidence = None
     c = out.confidence
     feats = answer_features(1 / out.uncertainty.double(), out.entropy, out.posterior[:, 0], 300, c.unfamiliarity)
-    p = conf.calibrator.predict(feats) * (conf.familiarity.p_value(c.unfamiliarity) / 0.01).clamp_max(1)
+    cal = conf.calibrator
+    gate = cal.gate_p_value(feats)
+    p = cal.predict(feats) * (gate / conf.familiarity_alpha).clamp_max(1)
     assert torch.allclose(c.p_correct, p)
+    # the gate: each answer's unfamiliarity among the fitted answers of its stratum
+    assert len(cal.gate) == len(cal.strata)
+    group = (
+        torch.searchsorted(torch.tensor(cal.edges, dtype=torch.float64), feats[cal.by].contiguous(), right=True)
+        if cal.by
+        else torch.zeros(300, dtype=torch.int64)
+    )
+    fitted = answer_features(1 / res.uncertainty.double(), res.entropy, res.posterior[:, 0], 300, c.unfamiliarity)
+    for g in range(len(cal.strata)):
+        rows = group == g
+        ref = torch.sort(fitted["unfamiliarity"][rows]).values  # the same texts were the calibration split
+        assert torch.allclose(torch.tensor(cal.gate[g], dtype=torch.float64), ref)
+        assert torch.allclose(gate[rows], tail_p_value(ref, feats["unfamiliarity"][rows]))
     assert torch.allclose(c.effective_candidates, torch.exp(out.entropy.double()))
     # the model's uncertainty predicts its misses on these texts
     from asymvlm.eval.uncertainty import error_auroc

@@ -882,10 +882,15 @@ def test_the_demo_server_builds_what_it_needs(tmp_path, quick_toy_cache, monkeyp
                         startup_timeout=600) as server:  # fmt: skip
         info = httpx.get(server.url + "/v1/info").json()
         assert info["gallery"]["size"] == 1000 and info["gallery"]["source"] == "shapeworld:3"
-        assert info["abstain"]["criterion"] == "uncertainty" and info["abstain"]["quantile"] == 80
+        # the demo withholds answers more likely wrong than right, calibrated on the gallery's captions
+        assert info["abstain"] == {"criterion": "p_correct", "threshold": 0.5}
+        assert info["calibration"]["source"] == "gallery captions" and info["calibration"]["gallery_size"] == 1000
         ans = httpx.post(server.url + "/v1/search/text", json={"queries": ["an object", info["examples"][-1]], "k": 5})
         vague, specific = ans.json()["results"]
-        assert vague["uncertainty"] > specific["uncertainty"] and vague["abstained"]
+        assert vague["uncertainty"] > specific["uncertainty"] and vague["reasons"][0].startswith("vague query")
+        for a in (vague, specific):  # withheld exactly when P(right) < 0.5 ("right": the best image carries it)
+            assert a["abstained"] == (a["confidence"]["p_correct"] < 0.5)
+            assert a["verdict"] == ("uncertain" if a["abstained"] else "likely right")
         assert httpx.get(server.url + vague["hits"][0]["thumbnail"]).headers["content-type"] == "image/png"
     built = _snapshot(demo)
     with LoopbackServer(["--demo", "--demo_dir", str(demo), "--no_access_log"], tmp_path / "w2", env=env) as server:

@@ -1,6 +1,7 @@
 """The web page of asymvlm-serve in a real headless browser (Debian's chromium + chromedriver,
 driven by selenium): it loads offline, a text query shows result images, the uncertainty bar and its
-word render, an abstention shows, an image upload lists captions, and with an API key the page works
+word render, the verdict badge ("likely right 88%" / "uncertain 3%") and its "why" parts render, an
+abstention shows with its reason, an image upload lists captions, and with an API key the page works
 through the browser's own credentials. The screenshot is checked structurally (elements present,
 visible, not blank), never pixel by pixel.
 
@@ -66,6 +67,35 @@ def server(tmp_path_factory, serve_assets):
         yield s
 
 
+@pytest.fixture(scope="module")
+def confident_server(tmp_path_factory, serve_assets):
+    """The served model carrying its own confidence (a density of other ShapeWorld captions, and a
+    calibrator that says 0.9 whatever the parts), served with it (--calibration_captions 0) and the
+    default abstention (auto: p_correct:0.5): a familiar text is "likely right", a strange one is
+    withheld because it is unfamiliar (its P(right) scaled down by the density's conformal p-value)."""
+    import torch
+
+    from asymvlm import shapeworld as sw
+    from asymvlm.confidence import Calibrator, ConfidenceModel, Familiarity
+    from asymvlm.model import AsymVLM
+    from asymvlm.serve.loopback import LoopbackServer
+
+    root = tmp_path_factory.mktemp("confident")
+    model = AsymVLM.from_pretrained(serve_assets["model_dir"])
+    other = sw.generate(200, seed=11, version=2)
+    with torch.no_grad():
+        train = model.text_embeddings(list(dict.fromkeys(c for row in other for c in row["captions"])))
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(200, generator=gen, dtype=torch.float64)
+    calibrator = Calibrator.fit({"ambiguity": noise}, torch.arange(200) % 10 != 0, info={"label": "hand-made"})
+    model.confidence = ConfidenceModel(familiarity=Familiarity.fit(train, seed=0), calibrator=calibrator)
+    model_dir = model.save_pretrained(root / "model")
+    args = ["--model", str(model_dir), "--index", str(serve_assets["gallery_dir"]), "--calibration_captions", "0",
+            "--no_access_log"]  # fmt: skip
+    with LoopbackServer(args, root / "server") as s:
+        yield s
+
+
 def vaguest_and_most_specific(url: str, gallery_captions: list[str]) -> tuple[str, str]:
     import httpx
 
@@ -110,11 +140,12 @@ def test_the_page_searches_shows_uncertainty_and_abstains(browser, server, serve
     assert browser.find_element(By.ID, "specificity").text.lower() in ("specific", "moderate", "vague")
     assert not browser.find_element(By.ID, "abstained-banner").is_displayed()
     specific_width = bar.size["width"]
+    check_verdict(browser, server.url, specific)  # the gallery is calibrated on its own captions
 
     search(browser, vague)
     banner = browser.find_element(By.ID, "abstained-banner")
     wait(browser, lambda d: banner.is_displayed())
-    assert banner.text.startswith("Abstained") and "threshold" in banner.text
+    assert banner.text.startswith("Withheld: its uncertainty") and "threshold" in banner.text
     assert "abstained" in browser.find_element(By.ID, "results").get_attribute("class")
     assert browser.find_element(By.ID, "specificity").text.lower() == "vague"
     assert bar.size["width"] > specific_width  # the vaguer query fills more of the bar
@@ -126,7 +157,74 @@ def test_the_page_searches_shows_uncertainty_and_abstains(browser, server, serve
     assert not severe, severe  # no failed requests, no CSP violations, no script errors
 
 
-def check_screenshot(browser, path):
+def answer_of(url: str, query: str) -> dict:
+    import httpx
+
+    return httpx.post(url + "/v1/search/text", json={"query": query, "k": 12}, timeout=30).json()["results"][0]
+
+
+def check_verdict(browser, url: str, query: str) -> dict:
+    """The badge says the API's verdict and P(right) in percent, in the verdict's colour."""
+    want = answer_of(url, query)
+    badge = browser.find_element(By.ID, "verdict")
+    assert badge.is_displayed() and want["verdict"] in ("likely right", "uncertain")
+    assert badge.text == f"{want['verdict']} {round(100 * want['confidence']['p_correct'])}%"
+    colour = badge.value_of_css_property("background-color")
+    assert colour == {"likely right": "rgba(229, 243, 234, 1)", "uncertain": "rgba(251, 240, 217, 1)"}[want["verdict"]]
+    return want
+
+
+def open_why(browser) -> dict[str, str]:
+    """Open the "why" details; the text of each part by name."""
+    why = browser.find_element(By.ID, "why")
+    if not why.get_attribute("open"):
+        why.find_element(By.TAG_NAME, "summary").click()
+    wait(browser, lambda d: d.find_element(By.ID, "why-parts").is_displayed())
+    items = browser.find_elements(By.CSS_SELECTOR, "#why-parts li")
+    return {li.get_attribute("data-part"): li.text for li in items}
+
+
+def test_the_page_says_how_likely_an_answer_is_right_and_why(browser, confident_server, tmp_path):
+    url = confident_server.url
+    browser.get(url + "/")
+    wait(browser, lambda d: "images" in d.find_element(By.ID, "model-info").text)
+    info = browser.find_element(By.ID, "model-info").text
+    assert "P(right) from the model's calibrator" in info and "withholds answers when P(right) < 0.5" in info
+
+    search(browser, "a red circle")  # familiar: the calibrator's 0.9
+    want = check_verdict(browser, url, "a red circle")
+    assert want["verdict"] == "likely right" and not browser.find_element(By.ID, "abstained-banner").is_displayed()
+    parts = open_why(browser)
+    c = want["confidence"]
+    assert set(parts) == {"ambiguity", "retrieval", "unfamiliarity", "p_correct"}
+    assert f"more uncertain than {round(c['ambiguity_percentile'])}% of this gallery's captions" in parts["ambiguity"]
+    assert f"about {round(c['effective_candidates'])} images compete for it" in parts["retrieval"]
+    assert f"stranger than {round(c['unfamiliarity_percentile'])}% of the training texts" in parts["unfamiliarity"]
+    reasons = [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#why-reasons li")]
+    assert reasons == want["reasons"]
+
+    strange = "photo photo photo photo"  # stranger than every text the density was fitted on
+    search(browser, strange)
+    want = check_verdict(browser, url, strange)
+    assert want["verdict"] == "uncertain" and want["abstained"]
+    banner = browser.find_element(By.ID, "abstained-banner")
+    wait(browser, lambda d: banner.is_displayed())
+    p = want["confidence"]["p_correct"]
+    assert banner.text.startswith(f"Withheld: P(right) {p:.2f} is below 0.5 — "), banner.text
+    assert "unfamiliar text: stranger than all of the training texts" in banner.text
+    assert "abstained" in browser.find_element(By.ID, "results").get_attribute("class")
+    parts = open_why(browser)
+    assert "stranger than all of the training texts" in parts["unfamiliarity"]
+    assert [li.text for li in browser.find_elements(By.CSS_SELECTOR, "#why-reasons li")] == want["reasons"]
+
+    shot = tmp_path / "why.png"
+    browser.save_screenshot(str(shot))
+    check_screenshot(browser, shot, ("#verdict", "#why", "#abstained-banner", "#results img"))
+    severe = [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not severe, severe
+
+
+def check_screenshot(browser, path, selectors=("#uncertainty-bar", "#abstained-banner", "#results img", "#query")):
     """Structural: the screenshot has the window's size, and the regions of the bar, the banner and
     the first result image are not blank."""
     import numpy as np
@@ -134,7 +232,7 @@ def check_screenshot(browser, path):
 
     img = np.asarray(Image.open(path).convert("RGB")).astype(float)
     scale = img.shape[1] / browser.execute_script("return window.innerWidth")
-    for selector in ("#uncertainty-bar", "#abstained-banner", "#results img", "#query"):
+    for selector in selectors:
         el = browser.find_element(By.CSS_SELECTOR, selector)
         r = browser.execute_script(
             "const b = arguments[0].getBoundingClientRect(); return [b.x, b.y, b.width, b.height]", el

@@ -56,7 +56,9 @@ scalars = st.one_of(
     st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=False, allow_infinity=False),
     st.text(max_size=40),
-    st.sampled_from(["a red circle", "", " ", "\ud800", "x" * 1200, "../../etc/passwd", "uncertainty", "likelihood"]),
+    st.sampled_from(
+        ["a red circle", "", " ", "\ud800", "x" * 1200, "../../etc/passwd", "uncertainty", "likelihood", "p_correct"]
+    ),
 )
 json_values = st.recursive(
     scalars,
@@ -71,8 +73,18 @@ vectors = st.one_of(
     st.lists(st.floats(min_value=-1, max_value=1), min_size=0, max_size=40),
     st.just([1.0] + [0.0] * (DIM - 1)),
 )
+abstain_rules = st.fixed_dictionaries(  # text queries' abstention, p_correct included
+    {"criterion": st.sampled_from(["uncertainty", "likelihood", "p_correct", None, "entropy"])},
+    optional={"threshold": st.one_of(scalars, st.floats(min_value=-0.5, max_value=1.5))},
+)
 plausible = st.one_of(  # bodies close to valid ones, so the deep paths are reached
-    st.fixed_dictionaries({"query": scalars}, optional={"k": scalars, "abstain": json_values}),
+    st.fixed_dictionaries(
+        {"query": scalars}, optional={"k": scalars, "abstain": st.one_of(json_values, abstain_rules)}
+    ),
+    st.fixed_dictionaries(
+        {"query": st.sampled_from(["a red circle", "an object"]), "abstain": abstain_rules},
+        optional={"k": st.integers(min_value=-2, max_value=90)},
+    ),
     st.fixed_dictionaries({"queries": st.lists(scalars, max_size=40)}, optional={"k": scalars}),
     st.fixed_dictionaries({"embedding": vectors}, optional={"k": scalars}),
     st.fixed_dictionaries({"embeddings": st.lists(vectors, max_size=4)}, optional={"k": scalars}),

@@ -410,9 +410,7 @@ def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None
             # density does not describe, so it saves none
             from asymvlm.eval.confidence import fit_model_confidence
 
-            final.confidence = fit_model_confidence(
-                final, data.train_texts.float().cpu(), data.eval_data, seed=t.seed
-            )
+            final.confidence = fit_model_confidence(final, data.train_texts.float().cpu(), data.eval_data, seed=t.seed)
         final.save_pretrained(model_dir, card=_card_info(cfg, data, log_path))
     if log_with:
         accelerator.end_training()

@@ -4,7 +4,8 @@
 ``asymvlm-index build`` (:mod:`asymvlm.serve`). ``asymvlm-serve --demo`` needs no arguments: it
 serves the demo's vMF head (``make demo`` writes it; when it is missing it is trained here, as the
 demo trains it) over a gallery of 1,000 held-out ShapeWorld scenes with their captions, and
-abstains on queries vaguer than 80% of those captions (``--abstain`` overrides). This entry point
+withholds answers whose calibrated probability of being right (fitted on those captions) is below
+0.5 (``--abstain`` overrides). This entry point
 lives in the training package because ``--demo`` may train; the service itself is core.
 """
 
@@ -15,19 +16,20 @@ from pathlib import Path
 
 __all__ = ["main", "prepare_demo", "DEMO_ABSTAIN", "DEMO_GALLERY_IMAGES"]
 
-DEMO_ABSTAIN = "uncertainty:q80"  # the demo's default: vaguer than 80% of the gallery's captions
+DEMO_ABSTAIN = "p_correct:0.5"  # the demo's default: withhold answers more likely wrong than right
 DEMO_GALLERY_IMAGES = 1000
 DEMO_GALLERY_SEED = 12345  # the demo's held-out evaluation split
 
 
 def prepare_demo(demo_dir: str | Path = "demo-out", *, quick: bool = False, progress: bool = True) -> tuple[Path, Path]:
     """``(model folder, gallery folder)`` of the demo: the demo's central vMF head (trained if
-    missing) and a gallery of held-out ShapeWorld scenes (built if missing or made with another
-    encoder)."""
+    missing) and a gallery of held-out ShapeWorld scenes (built if missing, made with another
+    encoder, or made before galleries recorded which images each caption is true of: the demo's
+    abstention is calibrated on that ground truth)."""
     from asymvlm import shapeworld as sw
     from asymvlm.errors import ArtefactError
     from asymvlm.model import AsymVLM
-    from asymvlm.serve.gallery import Gallery, build_gallery
+    from asymvlm.serve.gallery import TRUTH_LABEL, Gallery, build_gallery
     from asymvlm.toyclip import TOY_CLIP_SPECS
     from asymvlm.training.demo import central_model
 
@@ -35,16 +37,20 @@ def prepare_demo(demo_dir: str | Path = "demo-out", *, quick: bool = False, prog
     gallery_dir = Path(demo_dir) / "serve-gallery"
     model = AsymVLM.from_pretrained(model_dir)
     try:
-        Gallery.open(gallery_dir).check_encoder(model)
-        return model_dir, gallery_dir
+        gallery = Gallery.open(gallery_dir)
+        gallery.check_encoder(model)
+        if gallery.caption_truth is not None:  # older demo galleries lack the truth p_correct is calibrated on
+            return model_dir, gallery_dir
     except ArtefactError:  # missing, partial or made with another encoder: (re)built
         pass
     world = next((v for v, spec in TOY_CLIP_SPECS.items() if model.encoder.spec == spec), sw.WORLD_VERSION)
-    data = sw.generate(
-        DEMO_GALLERY_IMAGES, seed=DEMO_GALLERY_SEED, version=world, visual_styles=sw.VISUAL_STYLES,
-        caption_styles=("plain",),
+    config = dict(version=world, visual_styles=sw.VISUAL_STYLES, caption_styles=("plain",))
+    data = sw.generate(DEMO_GALLERY_IMAGES, seed=DEMO_GALLERY_SEED, **config)
+    truth = sw.caption_truth(sw.generate_arrays(DEMO_GALLERY_IMAGES, seed=DEMO_GALLERY_SEED, **config))
+    build_gallery(
+        model, data, gallery_dir, source=f"shapeworld:{world}", thumbnail_format="png", truth=truth,
+        truth_label=TRUTH_LABEL, progress=progress,
     )  # fmt: skip
-    build_gallery(model, data, gallery_dir, source=f"shapeworld:{world}", thumbnail_format="png", progress=progress)
     return model_dir, gallery_dir
 
 

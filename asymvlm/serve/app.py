@@ -6,8 +6,8 @@ Endpoints (JSON; the schema at ``/openapi.json``, rendered offline at ``/docs``)
 GET      ``/``                            the web page (static HTML + JS, no build step, no CDN)
 GET      ``/healthz``, ``/readyz``        liveness; readiness (200 once the model is warm, else 503)
 GET      ``/metrics``                     Prometheus text: requests, latency histogram, batch sizes
-GET      ``/v1/info``                     model, gallery, limits, default abstention
-POST     ``/v1/search/text``              text -> images, with uncertainty and abstention
+GET      ``/v1/info``                     model, gallery, limits, default abstention, calibration
+POST     ``/v1/search/text``              text -> images, with uncertainty, P(right) and abstention
 POST     ``/v1/search/image``             image embedding -> captions
 POST     ``/v1/search/image/upload``      image file (multipart ``file``) -> captions
 POST     ``/v1/classify``                 image embedding -> zero-shot class, with abstention
@@ -141,7 +141,7 @@ class AbstainRule(BaseModel):
     """When a text query abstains (overrides the server's default; ``criterion: null`` never abstains)."""
 
     model_config = _STRICT
-    criterion: Literal["uncertainty", "likelihood"] | None = Field(
+    criterion: Literal["uncertainty", "likelihood", "p_correct"] | None = Field(
         description="; ".join(f"{k}: {v}" for k, v in SEARCH_CRITERIA.items())
     )
     threshold: Number | None = Field(default=None, description="The criterion's threshold.")
@@ -163,6 +163,11 @@ class Hit(BaseModel):
     row: int = Field(description="Its row in the gallery (or caption index).")
     score: float | None = Field(description="log q(x): the log-likelihood of the image under the text's distribution.")
     cosine: float | None = Field(description="Cosine between the text's mean direction and the image embedding.")
+    probability: float | None = Field(
+        default=None,
+        description="The hit's probability under the retrieval distribution p(i | t) ∝ q_t(x_i) over the whole "
+        "gallery (text -> image), or p(t | x) over the caption index (image -> text).",
+    )
     thumbnail: str | None = Field(default=None, description="URL of the image's thumbnail (text -> image).")
     uncertainty: float | None = Field(default=None, description="1/kappa of the retrieved caption (image -> text).")
     uncertainty_percentile: float | None = Field(default=None, description="Its percentile among the captions.")
@@ -176,12 +181,48 @@ class Abstained(BaseModel):
     statistic: float | None = Field(description="The value compared with the threshold.")
 
 
+class Confidence(BaseModel):
+    """The parts of an answer's uncertainty and the probability that its best image is right
+    (asymvlm.confidence.AnswerConfidence.to_dict)."""
+
+    p_correct: float | None = Field(
+        description="Calibrated probability that the best image is right (null: the service is uncalibrated)."
+    )
+    calibrated: bool = Field(description="Whether p_correct was computed (see /v1/info's calibration).")
+    ambiguity: float | None = Field(description="Ambiguity of the text: 1/kappa.")
+    ambiguity_percentile: float | None = Field(description="Its percentile among the gallery's captions.")
+    retrieval_entropy: float | None = Field(
+        description="Entropy (nats) of the retrieval distribution p(i | t) over the whole gallery."
+    )
+    effective_candidates: float | None = Field(
+        description="exp(retrieval_entropy): the effective number of images competing for the query."
+    )
+    top_probability: float | None = Field(description="The best image's probability under that distribution.")
+    unfamiliarity: float | None = Field(
+        description="How far the text lies from the model's training texts (null: the model has no density)."
+    )
+    unfamiliarity_percentile: float | None = Field(
+        description="Its percentile among held-out training texts (null: the model has no density)."
+    )
+
+
 class TextAnswer(BaseModel):
     query: str | None = None
     concentration: float | None = Field(description="kappa of the text's distribution.")
     uncertainty: float | None = Field(description="1/kappa.")
     uncertainty_percentile: float | None = Field(description="Percentile of 1/kappa among the gallery's captions.")
     specificity: str | None = Field(description="specific (below the 1/3 quantile), moderate, or vague (above 2/3).")
+    confidence: Confidence | None = Field(
+        default=None, description="How likely the answer is right, and the parts of its uncertainty."
+    )
+    verdict: Literal["likely right", "uncertain"] | None = Field(
+        default=None, description="likely right (p_correct >= 0.5), uncertain (below), null when uncalibrated."
+    )
+    reasons: list[str] | None = Field(
+        default=None,
+        description="One-line reasons from the parts: a vague query (above the 2/3 quantile of the captions), "
+        "two or more images competing, an unfamiliar text (beyond the 95th percentile of training texts).",
+    )
     abstained: bool = Field(description="Whether the service abstains for this query (hits are still listed).")
     abstention: Abstained
     hits: list[Hit]
@@ -230,6 +271,7 @@ class ClassifiedImage(BaseModel):
     abstained: bool
     log_likelihood: float | None
     uncertainty: float | None
+    p_correct: float | None = Field(default=None, description="Calibrated P(right); null without a calibrator.")
     probabilities: dict[str, float]
 
 
@@ -688,6 +730,11 @@ def create_app(service: Any, config: ServeConfig | None = None) -> FastAPI:
             return Abstention()
         if rule.threshold is None:
             raise ApiError(422, "abstain.threshold", "abstain.threshold: required with a criterion")
+        if rule.criterion == "p_correct" and not service.calibrated:
+            raise ApiError(
+                422, "abstain.criterion", "abstain.criterion: p_correct needs a calibrated service, and this one "
+                f"is not ({service.calibration.get('reason')})",
+            )  # fmt: skip
         try:  # the criterion's declared threshold range (uncertainty: >= 0)
             return Abstention(rule.criterion, rule.threshold)
         except ConfigError as err:
@@ -740,7 +787,10 @@ def create_app(service: Any, config: ServeConfig | None = None) -> FastAPI:
         body, ctype = metrics.render()
         return Response(body, media_type=ctype)
 
-    @app.get("/v1/info", summary="The model, the gallery, the limits and the default abstention")
+    @app.get(
+        "/v1/info",
+        summary="The model, the gallery, the limits, the default abstention and how P(right) is calibrated",
+    )
     async def info() -> dict[str, Any]:
         limits = {k: v for k, v in asdict(config).items() if k not in ("api_key", "cors_origins")}
         return {**service.info(), "limits": limits, "auth": config.api_key is not None}
@@ -748,7 +798,7 @@ def create_app(service: Any, config: ServeConfig | None = None) -> FastAPI:
     @app.post(
         "/v1/search/text",
         response_model_exclude_unset=True,
-        summary="Text -> images, with each query's uncertainty and abstention",
+        summary="Text -> images, with each query's uncertainty, how likely the answer is right, and abstention",
     )
     async def search_text(body: TextSearchRequest) -> TextSearchResponse:
         texts = check_texts(*body.given())

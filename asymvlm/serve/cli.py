@@ -43,6 +43,7 @@ SERVE_EPILOG = """examples:
   asymvlm-serve --model runs/vmf/model --index galleries/coco
   asymvlm-serve --model runs/vmf/model --index galleries/coco --api_key_file key.txt --host 0.0.0.0 --port 8080
   asymvlm-serve --model runs/vmf/model --index galleries/coco --abstain uncertainty:q90 --max_batch 128
+  asymvlm-serve --model runs/vmf/model --index galleries/coco --abstain p_correct:0.7   # withhold below P(right) 0.7
   asymvlm-serve --model runs/vmf/model --index galleries/coco --workers 2
 
 then:
@@ -50,8 +51,13 @@ then:
   curl -s localhost:8000/v1/search/image/upload -F file=@photo.jpg -F k=5
   open http://localhost:8000/  (the web page)     http://localhost:8000/docs  (the API)
 
---abstain: none | uncertainty:<1/kappa> | uncertainty:q<percentile of the gallery captions' uncertainties> |
-likelihood:<log q(x) of the best image>
+--abstain: auto (default: p_correct:0.5 when the service is calibrated, else none) | none |
+p_correct:<calibrated P(the best image is right)> | uncertainty:<1/kappa> |
+uncertainty:q<percentile of the gallery captions' uncertainties> | likelihood:<log q(x) of the best image>
+
+P(right) is calibrated at start-up on the gallery's own captions (a gallery built by asymvlm-index
+build records which images carry each caption; --calibration_captions caps how many are searched),
+else taken from the model's own calibrator; without either, answers report their parts uncalibrated.
 """
 
 
@@ -99,19 +105,32 @@ def _index_main(argv: list[str]) -> int:
 
     if args.command == "info":
         g = Gallery.open(args.path)
-        print(json.dumps({**g.meta, "images": len(g), "captions": len(g.captions)}, indent=2))
+        owners, truth = g.caption_owners is not None, g.caption_truth is not None
+        print(
+            json.dumps(
+                {
+                    **g.meta,
+                    "images": len(g),
+                    "captions": len(g.captions),
+                    "caption_owners": owners,
+                    "caption_truth": truth,
+                },
+                indent=2,
+            )
+        )
         return 0
     if args.batch_size < 1:
         raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
     from asymvlm.model import AsymVLM
-    from asymvlm.serve.gallery import build_gallery, load_image_collection
+    from asymvlm.serve.gallery import build_gallery, collection_truth, load_image_collection
 
     model = AsymVLM.from_pretrained(args.model, load_encoder=True, device=args.device)
     data = load_image_collection(args.images, num_images=args.num_images, seed=args.seed)
+    truth, truth_label = collection_truth(args.images, num_images=args.num_images, seed=args.seed)
     g = build_gallery(
         model, data, args.out, source=args.images, dtype=args.dtype, thumbnail_size=args.thumbnail_size,
         thumbnail_format=args.thumbnail_format, captions=not args.no_captions, batch_size=args.batch_size,
-        backend=args.backend,
+        backend=args.backend, truth=truth, truth_label=truth_label,
         progress=not args.no_progress,
     )  # fmt: skip
     print(f"asymvlm-index: {len(g)} images, {len(g.captions)} captions -> {g.path}")
@@ -148,7 +167,12 @@ def build_serve_parser() -> argparse.ArgumentParser:
         "--ssl_certfile", default=None, help="TLS: the server's certificate chain (PEM); with --ssl_keyfile."
     )
     p.add_argument("--ssl_keyfile", default=None, help="TLS: the server's private key (PEM).")
-    p.add_argument("--abstain", default="none", help="Default abstention of text queries (see below).")
+    p.add_argument("--abstain", default="auto", help="Default abstention of text queries (see below).")
+    p.add_argument(
+        "--calibration_captions", type=int, default=2000,
+        help="Calibrate P(right) at start-up on at most this many of the gallery's captions (0: do not fit; "
+        "the model's own calibrator, if any, is used).",
+    )  # fmt: skip
     p.add_argument("--backend", choices=["auto", "exact", "faiss"], default="auto",
                    help="Top-k engine over the gallery (auto: the one the gallery was built for).")  # fmt: skip
     p.add_argument("--device", default="cpu", help="Where the model runs (cpu, cuda, auto).")
@@ -195,7 +219,9 @@ def load_service(args: argparse.Namespace) -> Any:
         raise ConfigError("give --model and --index (or --demo)")
     model = AsymVLM.from_pretrained(args.model, device=None if args.device == "cpu" else args.device)
     gallery = Gallery.open(args.index, backend=None if args.backend == "auto" else args.backend)
-    return RetrievalService(model, gallery, abstain=args.abstain)
+    return RetrievalService(
+        model, gallery, abstain=args.abstain, calibration_captions=getattr(args, "calibration_captions", 2000)
+    )
 
 
 def app_from_environment() -> Any:

@@ -12,7 +12,13 @@ Layout of a gallery folder::
     thumbnails.safetensors   "offsets": (N + 1,) int64, "data": (B,) uint8 — image i's encoded
                              thumbnail is data[offsets[i]:offsets[i + 1]]
     captions.json            the collection's distinct captions (optional; image -> text search)
-    captions.safetensors     "embeddings": (M, d) their frozen text embeddings
+    captions.safetensors     "embeddings": (M, d) their frozen text embeddings; "owner_offsets"
+                             (M + 1,) int64 and "owner_rows" (E,) int64 — caption c is carried
+                             by images owner_rows[owner_offsets[c]:owner_offsets[c + 1]] (sorted;
+                             galleries built before owners were recorded lack both and serve
+                             uncalibrated); optionally "truth_offsets" / "truth_rows" — the
+                             images each caption is true of where the collection knows it
+                             (ShapeWorld), named by gallery.json's "truth"
 
 The gallery holds only what the frozen encoder computes (and what the collection says); the
 text head's distributions over the captions are computed when a model opens it, so one gallery
@@ -20,6 +26,11 @@ serves every head trained on the same encoder (the encoder fingerprint is checke
 
 Thumbnails live in one memory-mapped blob addressed by row: serving a thumbnail never turns
 anything from a request into a file path.
+
+Which images carry each caption (its "owners", compressed rows as the thumbnails' offsets) lets
+``asymvlm-serve`` fit a calibrator on the gallery's own captions
+(:func:`asymvlm.confidence.fit_gallery_calibrator`): an answer to a caption is right when its best
+image carries that caption.
 
 Example:
     >>> import tempfile
@@ -34,6 +45,8 @@ Example:
     >>> g = build_gallery(model, data, tempfile.mkdtemp() + "/gallery", progress=False)
     >>> len(g), g.ids, g.captions, g.thumbnail(g.row_of("blue"))[:4]
     (2, ['red', 'blue'], ['a red square', 'a blue square'], b'\\xff\\xd8\\xff\\xe0')
+    >>> [row.tolist() for row in g.caption_owners]  # (offsets, rows): "a blue square" is image 1's
+    [[0, 1, 2], [0, 1]]
 """
 
 from __future__ import annotations
@@ -64,6 +77,7 @@ __all__ = [
     "build_gallery",
     "write_gallery",
     "load_image_collection",
+    "collection_truth",
     "THUMBNAIL_FORMATS",
     "GALLERY_TYPE",
 ]
@@ -75,6 +89,7 @@ BACKENDS = ("exact", "faiss")
 THUMBNAIL_FORMATS = {"jpeg": ("JPEG", "image/jpeg"), "png": ("PNG", "image/png"), "webp": ("WEBP", "image/webp")}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _DTYPES = {"float16": torch.float16, "float32": torch.float32}
+TRUTH_LABEL = "consistent (the image satisfies the caption)"  # ShapeWorld's ground truth
 
 
 # ----------------------------------------------------------------------------------------------
@@ -119,6 +134,22 @@ def load_image_collection(spec: str, *, num_images: int | None = None, seed: int
     if num_images is not None and num_images < len(data):
         data = data.select(range(num_images))
     return data
+
+
+def collection_truth(spec: str, *, num_images: int | None = None, seed: int = 0) -> tuple[Any, str | None]:
+    """``(truth, label)`` for :func:`build_gallery` where a ``--images`` spec knows which images each
+    caption is true of (ShapeWorld: :func:`asymvlm.shapeworld.caption_truth` of the same generated
+    world as :func:`load_image_collection`'s), else ``(None, None)``."""
+    from asymvlm import shapeworld as sw
+
+    try:
+        version = sw.dataset_version(spec)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    if version is None:
+        return None, None
+    world = sw.generate_arrays(num_images or 1000, seed=seed, version=version, visual_styles=sw.VISUAL_STYLES)
+    return sw.caption_truth(world), TRUTH_LABEL
 
 
 def _columns(dataset: Any) -> list[str]:
@@ -173,14 +204,24 @@ def write_gallery(
     thumbnail_size: int | None = None,
     captions: Sequence[str] | None = None,
     caption_embeddings: Tensor | None = None,
+    caption_owners: Sequence[Sequence[int]] | None = None,
+    caption_truth: Sequence[Sequence[int]] | None = None,
+    truth_label: str | None = None,
     encoder: dict[str, Any] | None = None,
     source: str = "",
     backend: str = "exact",
 ) -> Gallery:
     """Write a gallery from tensors already in memory (tests, benchmarks, custom pipelines).
 
-    ``ids`` None means the rows' numbers are the ids. Written atomically; returns the opened gallery.
+    ``ids`` None means the rows' numbers are the ids. ``caption_owners``: for each caption, the rows
+    of the images that carry it (None: not recorded, and the gallery serves uncalibrated unless the
+    model carries a calibrator). ``caption_truth`` / ``truth_label``: for each caption, the rows of the
+    images it is true of where the collection knows (ShapeWorld's consistency), and what that means;
+    the service then calibrates on it instead of on who carries the caption. Written atomically;
+    returns the opened gallery.
     """
+    if (caption_truth is None) != (truth_label is None):
+        raise ConfigError("caption_truth and truth_label go together")
     out = Path(out)
     n, d = embeddings.shape
     _check_backend(backend)
@@ -196,10 +237,10 @@ def write_gallery(
                 raise ValueError("every thumbnail must be non-empty bytes (an encoded image)")
             _write_thumbnails(tmp, list(thumbnails))
             thumb_meta = {"format": thumbnail_format, "max_side": thumbnail_size}
-        n_caps = _write_captions(tmp, captions, caption_embeddings)
+        n_caps = _write_captions(tmp, captions, caption_embeddings, caption_owners, n, caption_truth)
         if backend == "faiss":
             _write_faiss(tmp)
-        _write_meta(tmp, encoder, n, d, source, thumb_meta, n_caps, backend)
+        _write_meta(tmp, encoder, n, d, source, thumb_meta, n_caps, backend, truth_label if n_caps else None)
     return Gallery.open(out)
 
 
@@ -264,14 +305,41 @@ def _write_thumbnails(tmp: Path, blobs: Any, blob_file: Path | None = None) -> N
                     w.write("data", torch.frombuffer(bytearray(chunk), dtype=torch.uint8))
 
 
-def _write_captions(tmp: Path, captions: Sequence[str] | None, embeddings: Tensor | None) -> int:
+def _owner_tensors(owners: Sequence[Sequence[int]], m: int, n: int, prefix: str = "owner") -> dict[str, Tensor]:
+    """``<prefix>_offsets`` (M + 1,) and ``<prefix>_rows`` (E,), int64: each caption's distinct image
+    rows, sorted, in compressed rows (``owner``: who carries it; ``truth``: what it is true of)."""
+    if len(owners) != m:
+        raise ValueError(f"caption {prefix} rows for {len(owners)} captions, the gallery has {m} captions")
+    rows = [sorted({int(r) for r in o}) for o in owners]
+    bad = next(((c, r) for c, o in enumerate(rows) for r in o if not 0 <= r < n), None)
+    if bad is not None:
+        raise ValueError(f"caption {bad[0]}'s {prefix} row {bad[1]} is outside the gallery's {n} images")
+    offsets = torch.zeros(m + 1, dtype=torch.int64)
+    offsets[1:] = torch.tensor([len(o) for o in rows], dtype=torch.int64).cumsum(0)
+    flat = torch.tensor([r for o in rows for r in o], dtype=torch.int64)
+    return {f"{prefix}_offsets": offsets, f"{prefix}_rows": flat}
+
+
+def _write_captions(
+    tmp: Path,
+    captions: Sequence[str] | None,
+    embeddings: Tensor | None,
+    owners: Sequence[Sequence[int]] | None = None,
+    n_images: int = 0,
+    truth: Sequence[Sequence[int]] | None = None,
+) -> int:
     if captions is None or embeddings is None or len(captions) == 0:
         return 0
     if embeddings.shape[0] != len(captions):
         raise ValueError(f"{embeddings.shape[0]} caption embeddings for {len(captions)} captions")
     from asymvlm.io import atomic_save_safetensors
 
-    atomic_save_safetensors({"embeddings": embeddings.float()}, tmp / "captions.safetensors")
+    tensors = {"embeddings": embeddings.float()}
+    if owners is not None:
+        tensors.update(_owner_tensors(owners, len(captions), n_images))
+    if truth is not None:
+        tensors.update(_owner_tensors(truth, len(captions), n_images, "truth"))
+    atomic_save_safetensors(tensors, tmp / "captions.safetensors")
     atomic_write_json(list(captions), tmp / "captions.json")
     return len(captions)
 
@@ -285,9 +353,11 @@ def _write_meta(
     thumbnails: dict | None,
     n_captions: int,
     backend: str = "exact",
+    truth: str | None = None,
 ) -> None:
     atomic_write_json(
         {
+            **({"truth": truth} if truth else {}),
             "type": GALLERY_TYPE,
             "format_version": GALLERY_VERSION,
             "encoder": encoder,
@@ -316,6 +386,8 @@ def build_gallery(
     captions: bool = True,
     batch_size: int = 64,
     backend: str = "exact",
+    truth: Any = None,
+    truth_label: str | None = None,
     progress: bool = True,
 ) -> Gallery:
     """Embed an image collection into a gallery folder (atomically: ``out`` is complete or untouched).
@@ -330,7 +402,12 @@ def build_gallery(
         dtype: storage of the image embeddings, ``float16`` or ``float32``.
         thumbnail_size: longest side of the thumbnails in pixels (never enlarged).
         thumbnail_format: ``jpeg``, ``png`` or ``webp``.
-        captions: index the collection's distinct captions for image -> text search.
+        captions: index the collection's distinct captions for image -> text search, with the
+            images that carry each (for the service's calibration).
+        truth: ``truth(distinct captions) -> [image rows]``, the images each caption is true of
+            (e.g. :func:`asymvlm.shapeworld.caption_truth`); recorded with ``truth_label``, and the
+            service calibrates ``p_correct`` on it instead of on who carries the caption.
+        truth_label: what ``truth`` means, e.g. ``consistent (the image satisfies the caption)``.
         batch_size: images per encoder forward.
         backend: the gallery's default top-k engine, ``exact`` (chunked matmul over the memory-mapped
             embeddings) or ``faiss`` (also writes an exact FAISS index, read memory-mapped).
@@ -357,7 +434,7 @@ def build_gallery(
     d = encoder.dim
     out = Path(out)
     sizes: list[int] = []
-    distinct: dict[str, None] = {}
+    distinct: dict[str, list[int]] = {}  # caption -> the rows of the images that carry it (ascending)
     with atomic_directory(out) as tmp:
         blob_file = tmp / "thumbnails.bin.part"
 
@@ -367,14 +444,17 @@ def build_gallery(
                 wanted = ["image", "captions"] if has_captions else ["image"]
                 for batch in iter_batches(dataset, wanted, batch_size):
                     images = [load_rgb(im) for im in batch["image"]]
+                    first = len(sizes)  # the batch's first row
                     for im in images:
                         b = _thumbnail(im, thumbnail_size, thumbnail_format)
                         blob.write(b)
                         sizes.append(len(b))
                     if has_captions:
-                        for caps in batch["captions"]:
+                        for row, caps in enumerate(batch["captions"], start=first):
                             for c in [caps] if isinstance(caps, str) else caps:
-                                distinct.setdefault(c, None)
+                                owners = distinct.setdefault(c, [])
+                                if not owners or owners[-1] != row:  # a caption repeated on one image
+                                    owners.append(row)
                     yield encoder.encode_image(images, batch_size=batch_size)
                     bar.update(len(images))
             bar.close()
@@ -392,17 +472,56 @@ def build_gallery(
                     for s in tqdm(range(0, len(texts), step), desc="embed captions", disable=not progress)
                 ]
             )
-        n_caps = _write_captions(tmp, texts, cap_emb)
+        true_of = truth(texts) if truth is not None and texts else None
+        n_caps = _write_captions(tmp, texts, cap_emb, [distinct[t] for t in texts], n, true_of)
         if backend == "faiss":
             _write_faiss(tmp)
         thumbs = {"format": thumbnail_format, "max_side": thumbnail_size}
-        _write_meta(tmp, _encoder_info(model), n, d, source, thumbs, n_caps, backend)
+        label = truth_label if true_of is not None else None
+        _write_meta(tmp, _encoder_info(model), n, d, source, thumbs, n_caps, backend, label)
     return Gallery.open(out)
 
 
 # ----------------------------------------------------------------------------------------------
 # reading
 # ----------------------------------------------------------------------------------------------
+def _read_owners(
+    t: dict[str, Tensor], m: int, n: int, where: Path, prefix: str = "owner"
+) -> tuple[Tensor, Tensor] | None:
+    """The checked ``(<prefix>_offsets, <prefix>_rows)`` of ``captions.safetensors``, or None when the
+    gallery was built without them (both absent)."""
+    present = [k for k in (f"{prefix}_offsets", f"{prefix}_rows") if k in t]
+    if not present:
+        return None
+    if len(present) == 1:
+        raise ArtefactError(
+            f"{where}: caption {prefix}s need both '{prefix}_offsets' and '{prefix}_rows', found only {present[0]!r}"
+        )
+    offsets, rows = t[f"{prefix}_offsets"], t[f"{prefix}_rows"]
+    if offsets.dtype != torch.int64 or rows.dtype != torch.int64:
+        raise ArtefactError(f"{where}: caption {prefix}s must be int64, got {offsets.dtype} and {rows.dtype}")
+    if offsets.shape != (m + 1,) or rows.dim() != 1:
+        raise ArtefactError(
+            f"{where}: {prefix}_offsets {tuple(offsets.shape)} and {prefix}_rows {tuple(rows.shape)} do not fit "
+            f"{m} captions (need ({m + 1},) and (E,))"
+        )
+    if int(offsets[0]) != 0 or int(offsets[-1]) != rows.numel():
+        raise ArtefactError(
+            f"{where}: {prefix}_offsets must start at 0 and end at the {rows.numel()} {prefix} rows, "
+            f"got {int(offsets[0])} ... {int(offsets[-1])}"
+        )
+    if bool((offsets[1:] < offsets[:-1]).any()):
+        c = int((offsets[1:] < offsets[:-1]).nonzero()[0, 0])
+        raise ArtefactError(
+            f"{where}: {prefix}_offsets decrease at caption {c} ({int(offsets[c])} -> {int(offsets[c + 1])})"
+        )
+    out = (rows < 0) | (rows >= n)
+    if bool(out.any()):
+        e = int(out.nonzero()[0, 0])
+        raise ArtefactError(f"{where}: {prefix} row {int(rows[e])} (entry {e}) is outside the gallery's {n} images")
+    return offsets, rows
+
+
 @dataclass
 class Gallery:
     """An opened gallery folder (memory-mapped, read-only: nothing here writes to it).
@@ -413,6 +532,10 @@ class Gallery:
         index: the :class:`~asymvlm.retrieval.ImageIndex` over the image embeddings.
         captions: the distinct captions (empty without a caption index).
         caption_embeddings: (M, d) their frozen text embeddings, or None.
+        caption_owners: ``(offsets (M + 1,), rows (E,))`` int64: caption ``c`` is carried by the
+            images ``rows[offsets[c]:offsets[c + 1]]``; None in galleries built without them.
+        caption_truth: the same layout for the images each caption is *true of*, where the
+            collection knows (ShapeWorld's consistency; ``meta["truth"]`` says what it means), or None.
     """
 
     path: Path
@@ -423,6 +546,8 @@ class Gallery:
     _thumb_offsets: Tensor | None
     _thumb_data: Tensor | None
     _row_of: dict[str, int] | None
+    caption_owners: tuple[Tensor, Tensor] | None = None
+    caption_truth: tuple[Tensor, Tensor] | None = None
 
     @classmethod
     def open(cls, path: str | Path, *, backend: str | None = None, chunk_size: int = 65536) -> Gallery:
@@ -441,7 +566,7 @@ class Gallery:
             GALLERY_TYPE,
             GALLERY_VERSION,
             required=("size", "dim"),
-            known=("encoder", "source", "thumbnails", "captions", "created", "backend"),
+            known=("encoder", "source", "thumbnails", "captions", "created", "backend", "truth"),
         )
         backend = backend or meta.get("backend") or "exact"
         _check_backend(backend)
@@ -477,12 +602,15 @@ class Gallery:
             if bool((offsets[1:] < offsets[:-1]).any()):
                 raise ArtefactError(f"{path / 'thumbnails.safetensors'}: offsets are not increasing")
         captions: list[str] = []
-        cap_emb = None
+        cap_emb = owners = truth = None
         if meta.get("captions"):
             captions = read_json(path / "captions.json")
             if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
                 raise ArtefactError(f"{path / 'captions.json'} must be a list of strings")
-            cap_emb = load_safetensors(path / "captions.safetensors", ["embeddings"], mmap=False)["embeddings"]
+            t = load_safetensors(path / "captions.safetensors", mmap=False)
+            if "embeddings" not in t:
+                raise ArtefactError(f"{path / 'captions.safetensors'} has no tensor 'embeddings'")
+            cap_emb = t["embeddings"]
             if tuple(cap_emb.shape) != (len(captions), meta["dim"]):
                 raise ArtefactError(
                     f"{path / 'captions.safetensors'}: embeddings {tuple(cap_emb.shape)} for {len(captions)} captions"
@@ -490,10 +618,16 @@ class Gallery:
             from asymvlm.cache import validate_embeddings
 
             validate_embeddings(cap_emb, path / "captions.safetensors", "caption embeddings")
+            owners = _read_owners(t, len(captions), len(index), path / "captions.safetensors")
+            truth = _read_owners(t, len(captions), len(index), path / "captions.safetensors", "truth")
+            if (truth is None) != (not meta.get("truth")):
+                raise ArtefactError(
+                    f"{path}: gallery.json's 'truth' and the truth rows of captions.safetensors go together"
+                )
         row_of = None if index.ids is None else {str(i): r for r, i in enumerate(index.ids)}
         if row_of is not None and len(row_of) != len(index):
             raise ArtefactError(f"{path / 'images' / 'index.json'}: the ids are not unique")
-        return cls(path, meta, index, captions, cap_emb, offsets, data, row_of)
+        return cls(path, meta, index, captions, cap_emb, offsets, data, row_of, owners, truth)
 
     def __len__(self) -> int:
         return len(self.index)

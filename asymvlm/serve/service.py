@@ -16,10 +16,24 @@ dimension), so the service places each query among the gallery's own captions: t
 its uncertainty among theirs, and a word — ``specific`` (below the 1/3 quantile), ``moderate``, or
 ``vague`` (above the 2/3 quantile). Without a caption index there is no reference and no word.
 
+How likely an answer is right (:mod:`asymvlm.confidence`). Each text answer carries its
+``confidence``: the parts of its uncertainty — ambiguity ``1/kappa`` (and its percentile among the
+gallery's captions), the retrieval distribution ``p(i | t) ∝ q_t(x_i)`` over the whole gallery (its
+entropy, the effective number of competing images ``exp(entropy)``, the best image's probability)
+and, when the model carries a familiarity density, the text's unfamiliarity — and ``p_correct``,
+the probability that the best image is right. ``p_correct`` comes from a calibrator fitted when the
+service starts on the gallery's own captions (:func:`~asymvlm.confidence.fit_gallery_calibrator`:
+right = the best image carries the caption; the gallery must record which images carry each
+caption, as ``asymvlm-index build`` does), else from the model's own calibrator, else it is None
+(uncalibrated). A ``verdict`` (``likely right`` at ``p_correct >= 0.5``, else ``uncertain``) and
+one-line ``reasons`` (:data:`REASONS`) put it in words.
+
 Abstention of a text query (:class:`Abstention`): ``uncertainty`` abstains when ``1/kappa`` is
 above the threshold (the query is too vague to retrieve a particular image), ``likelihood`` when the
-best image's ``log q(x)`` is below it (nothing in the gallery fits). A threshold written ``q90``
-is the 90th percentile of the caption index's uncertainties, resolved when the service starts.
+best image's ``log q(x)`` is below it (nothing in the gallery fits), ``p_correct`` when the
+calibrated probability that the best image is right is below it. A threshold written ``q90``
+is the 90th percentile of the caption index's uncertainties, resolved when the service starts;
+``auto`` is ``p_correct:0.5`` on a calibrated service and ``none`` otherwise.
 
 Example:
     >>> import tempfile, torch
@@ -31,15 +45,17 @@ Example:
     >>> gallery = write_gallery(tempfile.mkdtemp() + "/g", images, captions=["a", "b"], caption_embeddings=images[:2])
     >>> service = RetrievalService(AsymVLM(TextHead(dim=8, hidden_dims=(16,), residual=True)), gallery)
     >>> [answer] = service.search_text([TextQuery(images[3:4], k=2)])
-    >>> answer[0]["hits"][0]["id"], answer[0]["abstained"]
-    ('3', False)
+    >>> answer[0]["hits"][0]["id"], answer[0]["abstained"], answer[0]["verdict"]  # no caption owners
+    ('3', False, None)
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,15 +71,81 @@ __all__ = [
     "ImageQuery",
     "ClassifyQuery",
     "SEARCH_CRITERIA",
+    "REASONS",
     "parse_abstention",
     "specificity_word",
+    "verdict_of",
+    "reasons_of",
 ]
+
+log = logging.getLogger("asymvlm.serve")
 
 SEARCH_CRITERIA = {
     "uncertainty": "abstain when the query's uncertainty 1/kappa is above the threshold (too vague)",
     "likelihood": "abstain when the best image's log-likelihood log q(x) is below the threshold (nothing fits)",
+    "p_correct": "abstain when the calibrated probability that the best image is right is below the threshold",
 }
+AUTO_ABSTAIN = ("p_correct", 0.5)  # "auto" on a calibrated service (none on an uncalibrated one)
 WORDS = ((1 / 3, "specific"), (2 / 3, "moderate"), (1.0, "vague"))
+VERDICTS = (0.5, "likely right", "uncertain")  # p_correct >= 0.5: the first word, else the second
+NO_CALIBRATOR_HINT = (
+    "rebuild the gallery with asymvlm-index build (it records which images carry each caption) or serve a "
+    "model saved with a calibrator (asymvlm.confidence.fit_confidence)"
+)
+
+
+def _share(p: float) -> str:
+    """A percentile as a share of a reference: ``92%``, ``99.7%`` (one decimal above 99), ``all``."""
+    if p >= 100:
+        return "all"
+    return f"{min(p, 99.9):.1f}%" if p >= 99 else f"{p:.0f}%"
+
+
+# One line of why per part of an answer's uncertainty (:class:`~asymvlm.confidence.AnswerConfidence`
+# as a dict): (name, when it applies, the line). Vague is the page's word (above the 2/3 quantile of
+# the gallery's captions); two or more effective images compete; unfamiliar is beyond the 95th
+# percentile of held-out training texts (the tail the calibrator's conformal scaling starts near).
+REASONS: tuple[tuple[str, Callable[[dict], bool], Callable[[dict], str]], ...] = (
+    (
+        "ambiguity",
+        lambda c: c.get("ambiguity_percentile") is not None and c["ambiguity_percentile"] > 200 / 3,
+        lambda c: f"vague query: more uncertain than {_share(c['ambiguity_percentile'])} of the gallery's captions",
+    ),
+    (
+        "retrieval",
+        lambda c: c.get("effective_candidates") is not None and round(c["effective_candidates"]) >= 2,
+        lambda c: f"about {round(c['effective_candidates'])} images compete for it",
+    ),
+    (
+        "unfamiliarity",
+        lambda c: c.get("unfamiliarity_percentile") is not None and c["unfamiliarity_percentile"] >= 95,
+        lambda c: f"unfamiliar text: stranger than {_share(c['unfamiliarity_percentile'])} of the training texts",
+    ),
+)
+
+
+def reasons_of(confidence: dict[str, Any]) -> list[str]:
+    """The one-line reasons (:data:`REASONS`) that apply to an answer's confidence parts.
+
+    Example:
+        >>> parts = {"ambiguity_percentile": 92.0, "effective_candidates": 37.2, "unfamiliarity_percentile": 99.74}
+        >>> for line in reasons_of(parts):
+        ...     print(line)
+        vague query: more uncertain than 92% of the gallery's captions
+        about 37 images compete for it
+        unfamiliar text: stranger than 99.7% of the training texts
+        >>> reasons_of({"ambiguity_percentile": 10.0, "effective_candidates": 1.2, "unfamiliarity_percentile": None})
+        []
+    """
+    return [line(confidence) for _, applies, line in REASONS if applies(confidence)]
+
+
+def verdict_of(p_correct: float | None) -> str | None:
+    """``likely right`` at ``p_correct >= 0.5``, ``uncertain`` below, None when uncalibrated."""
+    if p_correct is None:
+        return None
+    bound, right, unsure = VERDICTS
+    return right if p_correct >= bound else unsure
 
 
 def specificity_word(percentile: float | None) -> str | None:
@@ -78,11 +160,12 @@ def specificity_word(percentile: float | None) -> str | None:
 
 @dataclass(frozen=True)
 class Abstention:
-    """When a text query abstains: ``criterion`` (``uncertainty``, ``likelihood``, None = never) and
-    its ``threshold``; ``quantile`` records a threshold given as a quantile of the captions.
+    """When a text query abstains: ``criterion`` (``uncertainty``, ``likelihood``, ``p_correct``, None =
+    never) and its ``threshold``; ``quantile`` records a threshold given as a quantile of the captions.
 
     The rule is the zero-shot classifier's (:data:`asymvlm.zeroshot.ABSTAIN_REGISTRY`: its statistic,
-    direction and threshold range), applied to the best image's log-likelihood and the query's 1/kappa.
+    direction and threshold range), applied to the best image's log-likelihood, the query's 1/kappa
+    and the calibrated probability that the best image is right (abstain when ``p_correct < t``).
     """
 
     criterion: str | None = None
@@ -103,14 +186,20 @@ class Abstention:
         if self.criterion is not None:  # the registry checks the threshold's range (uncertainty: >= 0)
             object.__setattr__(self, "_rule", ABSTAIN_REGISTRY.build(self.criterion, threshold=self.threshold))
 
-    def decide(self, best_log_likelihood: Tensor, uncertainty: Tensor) -> tuple[Tensor, Tensor | None]:
-        """``(abstained (Q,) bool, the statistic compared (Q,) or None)`` for Q queries."""
+    def decide(
+        self, best_log_likelihood: Tensor, uncertainty: Tensor, p_correct: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """``(abstained (Q,) bool, the statistic compared (Q,) or None)`` for Q queries.
+
+        ``p_correct`` (Q,): the calibrated probability that each best image is right (the
+        ``p_correct`` criterion needs it: a :class:`~asymvlm.errors.ConfigError` without).
+        """
         if self.criterion is None:
             return torch.zeros_like(uncertainty, dtype=torch.bool), None
         from asymvlm.zeroshot import ABSTAIN_CRITERIA
 
-        statistic = ABSTAIN_CRITERIA[self.criterion][0](best_log_likelihood, uncertainty, None)
-        return self._rule(best_log_likelihood, uncertainty, None), statistic
+        statistic = ABSTAIN_CRITERIA[self.criterion][0](best_log_likelihood, uncertainty, None, p_correct)
+        return self._rule(best_log_likelihood, uncertainty, None, p_correct), statistic
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"criterion": self.criterion, "threshold": self.threshold}
@@ -119,8 +208,12 @@ class Abstention:
         return out
 
 
-def parse_abstention(spec: str | None, reference: Tensor | None = None) -> Abstention:
-    """``none``, ``uncertainty:<x>``, ``uncertainty:q<percent>`` or ``likelihood:<x>``.
+def parse_abstention(spec: str | None, reference: Tensor | None = None, *, calibrated: bool = False) -> Abstention:
+    """``none``, ``auto``, ``uncertainty:<x>``, ``uncertainty:q<percent>``, ``likelihood:<x>`` or
+    ``p_correct:<x>``.
+
+    ``reference``: the sorted uncertainties a quantile threshold is read from; ``calibrated``: whether
+    the service has a calibrator (``auto`` is ``p_correct:0.5`` then, ``none`` otherwise).
 
     Example:
         >>> parse_abstention("uncertainty:0.05")
@@ -129,14 +222,21 @@ def parse_abstention(spec: str | None, reference: Tensor | None = None) -> Abste
         True
         >>> parse_abstention("uncertainty:q50", torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)).threshold
         0.2
+        >>> parse_abstention("p_correct:0.5")
+        Abstention(criterion='p_correct', threshold=0.5, quantile=None)
+        >>> parse_abstention("auto", calibrated=True).criterion, parse_abstention("auto").criterion
+        ('p_correct', None)
     """
     if spec is None or spec.strip().lower() in ("", "none"):
         return Abstention()
+    if spec.strip().lower() == "auto":
+        return Abstention(*AUTO_ABSTAIN) if calibrated else Abstention()
     criterion, sep, value = spec.partition(":")
     criterion = criterion.strip()
     if not sep or criterion not in SEARCH_CRITERIA:
         raise ConfigError(
-            f"cannot parse abstention {spec!r}: write none, uncertainty:<x>, uncertainty:q<percent> or likelihood:<x>"
+            f"cannot parse abstention {spec!r}: write none, auto, uncertainty:<x>, uncertainty:q<percent>, "
+            "likelihood:<x> or p_correct:<x>"
         )
     value = value.strip()
     if value.startswith("q"):
@@ -219,6 +319,14 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def _degenerate(calibrator: Any) -> str | None:
+    """Why (part of) a calibrator predicts a base rate (too few right or wrong answers), or None."""
+    whys = [m.degenerate for m in getattr(calibrator, "strata", ()) if getattr(m, "degenerate", None)]
+    if calibrator.info.get("degenerate"):
+        whys.append(calibrator.info["degenerate"])
+    return "; ".join(whys) or None
+
+
 class RetrievalService:
     """A model and a gallery, answering batches of requests (see the module docstring).
 
@@ -227,12 +335,29 @@ class RetrievalService:
             (embeddings work without one).
         gallery: an opened :class:`~asymvlm.serve.gallery.Gallery` built with the model's encoder.
         abstain: the default abstention of text queries (an :class:`Abstention` or a string for
-            :func:`parse_abstention`, e.g. ``"uncertainty:q90"``).
+            :func:`parse_abstention`, e.g. ``"uncertainty:q90"``, ``"p_correct:0.5"``, ``"auto"``).
+        calibration_captions: fit ``p_correct``'s calibrator on a seeded sample of at most this many
+            of the gallery's captions (when the gallery records which images carry them); 0 does not
+            fit (the model's own calibrator, if any, is used).
+
+    Raises:
+        ConfigError: abstention on ``p_correct`` without a calibrator.
     """
 
-    def __init__(self, model: Any, gallery: Any, *, abstain: Abstention | str | None = None):
+    def __init__(
+        self,
+        model: Any,
+        gallery: Any,
+        *,
+        abstain: Abstention | str | None = None,
+        calibration_captions: int = 2000,
+    ):
+        from asymvlm.confidence import ConfidenceModel
         from asymvlm.retrieval import TextIndex
 
+        n_cal = calibration_captions
+        if not isinstance(n_cal, int) or isinstance(n_cal, bool) or n_cal < 0:
+            raise ConfigError(f"calibration_captions must be an integer >= 0, got {calibration_captions!r}")
         gallery.check_encoder(model)
         self.model = model.eval()
         self.gallery = gallery
@@ -243,8 +368,91 @@ class RetrievalService:
                 self.caption_index = TextIndex.from_texts(model, gallery.caption_embeddings, ids=gallery.captions)
             ref = torch.sort((1.0 / self.caption_index.concentration.double()).clamp_max(1e300)).values
         self.reference = _Reference(ref)
-        self.default_abstain = abstain if isinstance(abstain, Abstention) else parse_abstention(abstain, ref)
         self.device = next(model.head.parameters()).device
+        own = getattr(model, "confidence", None)
+        # the parts of each answer: the model's familiarity density (if any), ambiguity placed among
+        # the gallery's captions (the same scale as uncertainty_percentile)
+        self.confidence = ConfidenceModel(
+            familiarity=None if own is None else own.familiarity,
+            ambiguity_reference=torch.empty(0, dtype=torch.float64) if ref is None else ref,
+            **({} if own is None else {"familiarity_alpha": own.familiarity_alpha}),
+        )
+        if not isinstance(abstain, Abstention):
+            parse_abstention(abstain, ref, calibrated=True)  # a malformed spec fails before any fitting
+        self.calibrator, self.calibration, said = self._calibrate(calibration_captions)
+        self.default_abstain = (
+            abstain if isinstance(abstain, Abstention) else parse_abstention(abstain, ref, calibrated=self.calibrated)
+        )
+        if self.default_abstain.criterion == "p_correct" and not self.calibrated:
+            raise ConfigError(
+                f"abstaining on p_correct needs a calibrator, and this service has none "
+                f"({self.calibration['reason']}): {NO_CALIBRATOR_HINT}"
+            )
+        log.info("%s", said)  # once the service stands: an error above stays one line
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether answers carry ``p_correct`` (a calibrator for this gallery, or the model's)."""
+        return self.calibrator is not None
+
+    def _calibrate(self, max_captions: int) -> tuple[Any, dict[str, Any], str]:
+        """The calibrator of ``p_correct``, what it is (:meth:`info`'s ``calibration``) and a log line."""
+        from asymvlm.confidence import fit_gallery_calibrator
+
+        g = self.gallery
+        own = getattr(self.model, "confidence", None)
+        own_cal = None if own is None else own.calibrator
+        # the positives of each caption: the images it is true of where the collection knows
+        # (ShapeWorld), else the images that carry it
+        positives = g.caption_truth if g.caption_truth is not None else g.caption_owners
+        label = {"label": g.meta["truth"]} if g.caption_truth is not None else {}
+        can_fit = positives is not None and g.caption_embeddings is not None and len(g.captions) > 0
+        cal, source, seconds = None, None, None
+        if can_fit and max_captions > 0:
+            start = time.perf_counter()
+            with torch.no_grad():
+                cal = fit_gallery_calibrator(
+                    self.model, g.index, g.caption_embeddings, *positives, max_captions=max_captions, seed=0, **label
+                )
+            seconds = time.perf_counter() - start
+            source = "gallery captions"
+        elif own_cal is not None:
+            cal, source = own_cal, "model"
+        if cal is None:
+            if not len(g.captions):
+                why = "the gallery has no captions to calibrate on"
+            elif g.caption_owners is None:
+                why = "the gallery does not record which images carry its captions"
+            else:
+                why = "calibration on the gallery's captions is off (calibration_captions=0)"
+            reason = f"{why}, and the model carries no calibrator"
+            return None, {"source": None, "reason": reason}, f"confidence: uncalibrated ({reason})"
+        info = {
+            "source": source,
+            "label": cal.info.get("label"),
+            "gallery_size": cal.info.get("gallery_size"),
+            "count": cal.info.get("count"),
+            "base_rate": cal.info.get("base_rate"),
+            "weights": cal.weights(),
+            "seconds": seconds,
+        }
+        degenerate = _degenerate(cal)
+        if degenerate:
+            info["degenerate"] = degenerate
+        if source == "model" and info["gallery_size"] not in (None, len(g)):
+            info["note"] = (
+                f"fitted on a gallery of {info['gallery_size']} images, serving {len(g)}: the retrieval parts "
+                "shift with the gallery's size"
+            )
+        if seconds is not None:
+            said = (
+                f"confidence: calibrator fitted on {info['count']} of the gallery's {len(g.captions)} captions in "
+                f"{seconds:.2f} s ({100 * (info['base_rate'] or 0.0):.0f}% right"
+                + (f"; {info['degenerate']})" if "degenerate" in info else ")")
+            )
+        else:
+            said = f"confidence: the model's own calibrator ({info.get('note') or 'label: ' + str(info['label'])})"
+        return cal, info, said
 
     # -- what the service is ------------------------------------------------------------------
     @functools.cached_property
@@ -268,6 +476,7 @@ class RetrievalService:
                 "source": self.gallery.meta.get("source", ""),
             },
             "abstain": self.default_abstain.to_dict(),
+            "calibration": self.calibration,
             "examples": self.examples(),
             "uncertainty_scale": None
             if ref is None
@@ -301,36 +510,47 @@ class RetrievalService:
         strings = [r for r in requests if not isinstance(r.texts, Tensor)]
         if strings and any(isinstance(r.texts, Tensor) for r in requests):
             return [self.search_text([r])[0] for r in requests]  # one kind per forward
+        for r in requests:
+            if r.abstain is not None and r.abstain.criterion == "p_correct" and not self.calibrated:
+                raise ConfigError(
+                    f"abstaining on p_correct needs a calibrator, and this service has none: {NO_CALIBRATOR_HINT}"
+                )
         if strings:
             unique = list(dict.fromkeys(t for r in requests for t in r.texts))  # identical texts once
-            q = self.model.encode_text(unique)
+            emb = self.model.text_embeddings(unique)  # (U, d) frozen: the head's input and unfamiliarity's
             pos = {t: i for i, t in enumerate(unique)}
             rows = [pos[t] for r in requests for t in r.texts]
             labels = [t for r in requests for t in r.texts]
         else:
-            emb = torch.cat([r.texts for r in requests])
-            q = self.model.encode_text(emb.to(self.device))
+            emb = torch.cat([r.texts for r in requests]).to(self.device)
             rows = list(range(emb.shape[0]))
             labels = [None] * len(rows)
+        q = self.model.encode_text(emb)
         k = max(r.k for r in requests)
-        res = self.gallery.index.search(q, k=k)
+        res = self.gallery.index.search(q, k=k)  # top-k and the retrieval distribution, one pass
         found = res.to_dict()["queries"]
         kappa = q.concentration.detach().double().cpu()
         unc = 1.0 / kappa
         best_ll = res.scores[:, 0].double().cpu()  # (Q,) the best image's log q(x)
         pct = self.reference.percentile(unc)
+        conf = self.confidence.assess(
+            kappa, res.entropy, res.posterior[:, 0], len(self.gallery), emb,
+            calibrator=self.calibrator, calibration_source=self.calibration["source"] or "model",
+        )  # fmt: skip
+        p_correct = conf.p_correct  # (Q,) float64, or None uncalibrated
         out: list[list[dict[str, Any]]] = []
         at = 0
         for r in requests:
             rule = r.abstain if r.abstain is not None else self.default_abstain
             mine = torch.tensor(rows[at : at + r.size])
-            abstained, stats = rule.decide(best_ll[mine], unc[mine])
+            abstained, stats = rule.decide(best_ll[mine], unc[mine], None if p_correct is None else p_correct[mine])
             answers = []
             for j in range(r.size):
                 i = rows[at]
                 hits = [{**h, "id": str(h["id"])} for h in found[i]["hits"][: r.k]]
                 u = float(unc[i])
                 stat = None if stats is None else float(stats[j])
+                parts = conf.to_dict(i)
                 answers.append(
                     {
                         **({"query": labels[at]} if labels[at] is not None else {}),
@@ -338,6 +558,9 @@ class RetrievalService:
                         "uncertainty": _finite(u),
                         "uncertainty_percentile": pct[i],
                         "specificity": specificity_word(pct[i]),
+                        "confidence": parts,
+                        "verdict": verdict_of(parts["p_correct"]),
+                        "reasons": reasons_of(parts),
                         "abstained": bool(abstained[j]),
                         "abstention": {**rule.to_dict(), "statistic": None if stat is None else _finite(stat)},
                         "hits": hits,
