@@ -737,7 +737,7 @@ class ConfidenceModel:
         gallery_size: int,
         text_embeddings: Tensor | None = None,
         calibrator: Calibrator | None = None,
-        calibration_source: str = "model",
+        calibration_source: str | None = None,
     ) -> AnswerConfidence:
         """The parts and ``p_correct`` of Q text -> image answers.
 
@@ -746,7 +746,8 @@ class ConfidenceModel:
             gallery_size: N, the searched collection's size.
             text_embeddings: (Q, d) frozen text embeddings (for unfamiliarity; None: not reported).
             calibrator: use this one (e.g. fitted on the served gallery) instead of the model's.
-            calibration_source: recorded in ``calibration["source"]``.
+            calibration_source: recorded in ``calibration["source"]`` (default: what the calibrator's
+                ``info["source"]`` says, else ``model``).
         """
         kappa = kappa.detach().double().cpu()
         u = self.unfamiliarity(text_embeddings)
@@ -780,7 +781,7 @@ class ConfidenceModel:
         conf.p_correct = p
         fitted_n = cal.info.get("gallery_size")
         conf.calibration = {
-            "source": calibration_source,
+            "source": calibration_source or cal.info.get("source") or "model",
             "label": cal.info.get("label"),
             "gallery_size": fitted_n,
             "matches_gallery": fitted_n == gallery_size,
@@ -864,6 +865,7 @@ def fit_confidence(
     method: str = "logistic",
     familiarity_alpha: float = 0.05,
     seed: int = 0,
+    source: str | None = None,
 ) -> ConfidenceModel:
     """Fit a model's :class:`ConfidenceModel` on a validation split.
 
@@ -879,6 +881,7 @@ def fit_confidence(
         method: the calibrator's (:meth:`Calibrator.fit`).
         familiarity_alpha: see :class:`ConfidenceModel`.
         seed: the density's fit.
+        source: what the split is, recorded (default ``a validation split of <Q> captions``).
     """
     from asymvlm.retrieval import ImageIndex
 
@@ -886,26 +889,45 @@ def fit_confidence(
         familiarity = Familiarity.fit(train_texts, seed=seed)
     conf = ConfidenceModel(familiarity, None, familiarity_alpha=familiarity_alpha)
     index = ImageIndex(image_embeddings.float(), validate=True)
-    res = index.search(model.encode_text(text_embeddings.float()), k=1)
-    conf.ambiguity_reference = torch.sort(res.uncertainty.double()).values
-    correct = retrieval_labels(res.indices[:, 0], positives)
-    feats = answer_features(
-        1.0 / res.uncertainty.double(),
-        res.entropy,
-        res.posterior[:, 0],
-        len(index),
-        conf.unfamiliarity(text_embeddings.float()),
+    emb = text_embeddings.float()
+    conf.calibrator, res = _calibrate_on_captions(
+        model,
+        index,
+        emb,
+        lambda top: retrieval_labels(top, positives),
+        conf.unfamiliarity(emb),
+        method,
+        {"label": label, "source": source or f"a validation split of {emb.shape[0]} captions"},
     )
-    conf.calibrator = Calibrator.fit(
+    conf.ambiguity_reference = torch.sort(res.uncertainty.double()).values
+    return conf
+
+
+def _calibrate_on_captions(
+    model: Any,
+    index: Any,
+    text_embeddings: Tensor,
+    right: Any,
+    unfamiliarity: Tensor | None,
+    method: str,
+    info: dict[str, Any],
+) -> tuple[Calibrator, Any]:
+    """Search each caption's best image, judge it (``right(top (Q,)) -> (Q,) bool``) and fit a
+    :class:`Calibrator` on the parts; returns it and the search. Warns about a stratum too short of
+    right or wrong answers to fit (it predicts its base rate)."""
+    res = index.search(model.encode_text(text_embeddings), k=1)
+    correct = right(res.indices[:, 0])
+    feats = answer_features(1.0 / res.uncertainty.double(), res.entropy, res.posterior[:, 0], len(index), unfamiliarity)
+    cal = Calibrator.fit(
         feats,
         correct,
         method=method,
-        info={"label": label, "gallery_size": len(index), "direction": "text_to_image"},
+        info={**info, "gallery_size": len(index), "direction": "text_to_image"},
     )
-    for m in conf.calibrator.strata:
+    for m in cal.strata:
         if m.degenerate:
-            warnings.warn(f"confidence calibration: a stratum of {m.count} answers has {m.degenerate}", stacklevel=2)
-    return conf
+            warnings.warn(f"confidence calibration: a stratum of {m.count} answers has {m.degenerate}", stacklevel=3)
+    return cal, res
 
 
 @torch.no_grad()
@@ -948,28 +970,15 @@ def fit_gallery_calibrator(
     gen = torch.Generator().manual_seed(seed)
     pick = torch.randperm(m, generator=gen)[:max_captions] if m > max_captions else torch.arange(m)
     emb = caption_embeddings[pick].float()
-    res = index.search(model.encode_text(emb), k=1)
-    top = res.indices[:, 0].tolist()
-    correct = torch.tensor(
-        [
-            t in set(owner_rows[int(owner_offsets[c]) : int(owner_offsets[c + 1])].tolist())
-            for t, c in zip(top, pick.tolist())
-        ]
-    )
+
+    def right(top: Tensor) -> Tensor:
+        rows = [set(owner_rows[int(owner_offsets[c]) : int(owner_offsets[c + 1])].tolist()) for c in pick.tolist()]
+        return torch.tensor([t in r for t, r in zip(top.tolist(), rows)], dtype=torch.bool)
+
     confidence = getattr(model, "confidence", None)
     u = confidence.unfamiliarity(emb) if confidence is not None else None
-    feats = answer_features(1.0 / res.uncertainty.double(), res.entropy, res.posterior[:, 0], len(index), u)
-    return Calibrator.fit(
-        feats,
-        correct,
-        method=method,
-        info={
-            "label": label,
-            "gallery_size": len(index),
-            "direction": "text_to_image",
-            "source": "gallery captions",
-        },
-    )
+    info = {"label": label, "source": "gallery captions"}
+    return _calibrate_on_captions(model, index, emb, right, u, method, info)[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -142,6 +142,15 @@ def _missing(what: str, package: str, pip: bool = False) -> MissingExtraError:
     return MissingExtraError(f"{what} not found: install it with `{install}` (or run `{SETUP_HINT}`)")
 
 
+def _asset(env: str, candidates: Sequence[str], what: str, package: str) -> Path:
+    """The first file of ``candidates`` (``$env`` overrides the search), or a MissingExtraError
+    naming the Debian package."""
+    path = _first_file(env, candidates)
+    if path is None:
+        raise _missing(what, package)
+    return path
+
+
 def _first_file(env: str, candidates: Sequence[str]) -> Path | None:
     if os.environ.get(env):
         path = Path(os.environ[env])
@@ -155,10 +164,8 @@ def font_path() -> Path:
     Raises:
         MissingExtraError: not installed; names ``apt-get install -y fonts-noto-color-emoji``.
     """
-    path = _first_file("ASYMVLM_EMOJI_FONT", _FONT_CANDIDATES)
-    if path is None:
-        raise _missing("the Noto colour emoji font (NotoColorEmoji.ttf)", "fonts-noto-color-emoji")
-    return path
+    return _asset("ASYMVLM_EMOJI_FONT", _FONT_CANDIDATES, "the Noto colour emoji font (NotoColorEmoji.ttf)",
+                  "fonts-noto-color-emoji")  # fmt: skip
 
 
 def emoji_test_path() -> Path:
@@ -167,10 +174,7 @@ def emoji_test_path() -> Path:
     Raises:
         MissingExtraError: not installed; names ``apt-get install -y unicode-data``.
     """
-    path = _first_file("ASYMVLM_EMOJI_TEST", _EMOJI_TEST_CANDIDATES)
-    if path is None:
-        raise _missing("Unicode emoji-test.txt", "unicode-data")
-    return path
+    return _asset("ASYMVLM_EMOJI_TEST", _EMOJI_TEST_CANDIDATES, "Unicode emoji-test.txt", "unicode-data")
 
 
 def unicode_data_path() -> Path:
@@ -179,10 +183,7 @@ def unicode_data_path() -> Path:
     Raises:
         MissingExtraError: not installed; names ``apt-get install -y unicode-data``.
     """
-    path = _first_file("ASYMVLM_UNICODE_DATA", _UNICODE_DATA_CANDIDATES)
-    if path is None:
-        raise _missing("Unicode UnicodeData.txt", "unicode-data")
-    return path
+    return _asset("ASYMVLM_UNICODE_DATA", _UNICODE_DATA_CANDIDATES, "Unicode UnicodeData.txt", "unicode-data")
 
 
 def character_names(n: int = 2000, seed: int = 0, path: str | Path | None = None) -> list[str]:

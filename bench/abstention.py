@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     model_dir, gallery_dir = prepare_demo(args.demo_dir, quick=args.quick, progress=not args.no_progress)
     model = AsymVLM.from_pretrained(model_dir)
     gallery = Gallery.open(gallery_dir)
-    world = next(v for v, spec in TOY_CLIP_SPECS.items() if model.encoder.spec == spec)
+    world = next((v for v, spec in TOY_CLIP_SPECS.items() if model.encoder.spec == spec), sw.WORLD_VERSION)
     scenes = sw.generate_arrays(
         DEMO_GALLERY_IMAGES, seed=DEMO_GALLERY_SEED, version=world, visual_styles=sw.VISUAL_STYLES,
         caption_styles=("plain",),

@@ -190,8 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report = evaluate(data, models)
     # does each model know when its answer is right: p_correct calibrated on the val split (emoji no
     # trained part saw), judged on the test split, unfamiliarity against names of non-emoji characters
-    from asymvlm.confidence import fit_confidence
-    from asymvlm.eval.confidence import confidence_report, positives_for
+    from asymvlm.eval.confidence import calibrate_on, confidence_report
 
     val_data = _eval_data(splits["val"], caches["val"])
     ood_names = emoji.character_names(args.ood_texts, seed=0)
@@ -199,16 +198,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ood = encoder.encode_text(ood_names).float()
     confidence = {}
     for name, model in models.items():
-        positives, label = positives_for(val_data)
-        own = model.confidence
-        conf = fit_confidence(
-            model,
-            val_data.image_embeddings,
-            val_data.text_embeddings,
-            positives,
-            familiarity=own.familiarity if own is not None else None,
-            label=label,
-        )
+        conf = calibrate_on(model, val_data, source="the val split")
         confidence[name] = confidence_report(model, data, confidence=conf, ood_texts=ood)
 
     exact = positives_from_index(data.text_image_index, data.image_embeddings.shape[0])

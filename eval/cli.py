@@ -363,7 +363,7 @@ def _confidence(
 ) -> dict[str, tuple[dict[str, Any], list[Path]]]:
     """Per model: its confidence report (:func:`asymvlm.eval.confidence.confidence_report`) and plots."""
     from asymvlm.confidence import ConfidenceModel
-    from asymvlm.eval.confidence import confidence_report, positives_for
+    from asymvlm.eval.confidence import calibrate_on, confidence_report
     from asymvlm.eval.plots import plot_reliability, plot_risk_coverage
 
     calib = _calibration_data(args, data, encoder, version)
@@ -377,27 +377,12 @@ def _confidence(
         if args.calibration == "none":
             conf = ConfidenceModel(own.familiarity if own is not None else None)
         elif calib is not None:
-            from asymvlm.confidence import fit_confidence
-
-            positives, label = positives_for(calib)
-            conf = fit_confidence(
-                model,
-                calib.image_embeddings,
-                calib.text_embeddings,
-                positives,
-                familiarity=own.familiarity if own is not None else None,
-                label=label,
-            )
+            conf = calibrate_on(model, calib, source=f"a calibration split of {len(calib.text_embeddings)} captions")
         rep = confidence_report(model, data, confidence=conf, ood_texts=ood, keep_outcomes=True)
         if calib is not None and calib.zero_shot and data.zero_shot:
             from asymvlm.eval.confidence import zero_shot_confidence
 
             rep["zero_shot"] = zero_shot_confidence(model, data, calib)
-        if conf is not None and calib is not None:
-            rep["calibration"] = {
-                **rep["calibration"],
-                "source": f"a calibration split of {len(calib.text_embeddings)} captions",
-            }
         outcomes = rep.pop("outcomes")
         paths = []
         levels = outcomes["levels"]

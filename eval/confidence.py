@@ -65,6 +65,7 @@ __all__ = [
     "confidence_table",
     "check_uncertainty",
     "zero_shot_confidence",
+    "calibrate_on",
 ]
 
 
@@ -108,7 +109,11 @@ def answer_outcomes(
     q = model.encode_text(text)
     res = ImageIndex(images, validate=False).search(q, k=1)
     conf_model = confidence if confidence is not None else (getattr(model, "confidence", None) or ConfidenceModel())
-    conf = conf_model.assess(1.0 / res.uncertainty.double(), res.entropy, res.posterior[:, 0], len(images), text)
+    own_cal = conf_model.calibrator if confidence is None else None
+    source = None if own_cal is None else f"the model's own calibrator ({own_cal.info.get('source', 'its split')})"
+    conf = conf_model.assess(
+        1.0 / res.uncertainty.double(), res.entropy, res.posterior[:, 0], len(images), text, calibration_source=source
+    )
     top = res.indices[:, 0]
     correct = positives[torch.arange(len(top)), top]
     ranks = torch.empty(len(top), dtype=torch.int64)
@@ -291,6 +296,25 @@ def check_uncertainty(uncertainty: Tensor, correct: Tensor, data: Any) -> list[s
     return warn
 
 
+def calibrate_on(model: Any, data: Any, *, source: str | None = None) -> Any:
+    """A :class:`~asymvlm.confidence.ConfidenceModel` of ``model`` with its own familiarity density
+    (if it has one) and a calibrator fitted on ``data`` (:func:`positives_for` says what is right):
+    e.g. a calibration split of the test gallery's size."""
+    from asymvlm.confidence import fit_confidence
+
+    positives, label = positives_for(data)
+    own = getattr(model, "confidence", None)
+    return fit_confidence(
+        model,
+        data.image_embeddings.float(),
+        data.text_embeddings.float(),
+        positives,
+        familiarity=None if own is None else own.familiarity,
+        label=label,
+        source=source,
+    )
+
+
 def fit_model_confidence(model: Any, train_texts: Tensor | None, eval_data: Any = None, *, seed: int = 0) -> Any:
     """The :class:`~asymvlm.confidence.ConfidenceModel` a training run saves with its model: the
     familiarity density of the training texts, and with ``eval_data`` (a held-out split) the
@@ -311,6 +335,7 @@ def fit_model_confidence(model: Any, train_texts: Tensor | None, eval_data: Any 
         familiarity=familiarity,
         label=label,
         seed=seed,
+        source=f"a held-out split of {eval_data.text_embeddings.shape[0]} captions",
     )
     with torch.no_grad():
         out = answer_outcomes(model, eval_data, confidence=conf, positives=positives)

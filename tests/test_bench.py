@@ -136,3 +136,25 @@ def test_serve_bench_end_to_end(tmp_path, quick_toy_cache):
                 assert f"{gallery}, {level} clients: {what}" in cases
     assert all(r["ours"] > 0 and r["baseline"] > 0 and r["extra"].get("errors", 0) == 0 for r in rows)
     assert cases[-1].startswith("server private memory (RssAnon) after the load: 2,000 vs 1,000 images")
+
+
+@pytest.mark.slow
+def test_abstention_bench_end_to_end(tmp_path, quick_toy_cache):
+    """bench/abstention.py on the --quick demo: every rule side by side, the withheld and kept answers
+    add up, p_correct's rule keeps the likelier answers, foreign sentences are never right."""
+    out = tmp_path / "abstention.json"
+    env = {**os.environ, "ASYMVLM_CACHE": str(quick_toy_cache)}
+    cmd = [sys.executable, str(BENCH / "abstention.py"), "--quick", "--demo_dir", str(tmp_path / "demo"),
+           "--scenes", "10", "--output", str(out), "--no_progress"]  # fmt: skip
+    subprocess.run(cmd, check=True, env=env, cwd=tmp_path, timeout=900)
+    r = json.loads(out.read_text())
+    assert r["queries"] == 10 * 6 * 4 + 8
+    none = r["rules"]["none"]
+    assert none["kept"] == 1.0 and none["right_withheld"] is None
+    assert r["rules"]["none"]["groups"]["foreign"]["right"] == 0.0
+    for rule, m in r["rules"].items():
+        if m["right_kept"] is not None and m["right_withheld"] is not None:  # kept + withheld = all
+            total = m["kept"] * m["right_kept"] + (1 - m["kept"]) * m["right_withheld"]
+            assert total == pytest.approx(none["right_all"], abs=1e-9), rule
+    assert r["calibration"]["label"].startswith("consistent")
+    assert sum(b["count"] for b in r["reliability"]) == r["queries"]

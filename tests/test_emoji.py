@@ -71,6 +71,28 @@ def test_parsing_matches_what_the_file_says():
     )
 
 
+def test_character_names_are_real_text_that_is_not_emoji(tmp_path, monkeypatch):
+    names = em.character_names(500, seed=0)
+    assert len(names) == len(set(names)) == 500 and names == sorted(names)
+    assert names == em.character_names(500, seed=0) and names != em.character_names(500, seed=1)
+    emoji_names = {em.normalise_phrase(e.name) for e in em.parse_emoji_test()}
+    assert not set(names) & emoji_names
+    assert all(n == n.lower() and not n.startswith("<") and "cjk" not in n for n in names)
+    # an independent reading of a tiny UnicodeData.txt: emoji code points and <...> names are left out
+    first_emoji = em.parse_emoji_test()[0].codepoints.split()[0]
+    (tmp_path / "UnicodeData.txt").write_text(
+        f"0041;LATIN CAPITAL LETTER A;Lu;;;\n0000;<control>;Cc;;;\n{first_emoji};SOME EMOJI;So;;;\n"
+        "2500;BOX DRAWINGS LIGHT HORIZONTAL;So;;;\n4E00;CJK UNIFIED IDEOGRAPH-4E00;Lo;;;\n"
+    )
+    monkeypatch.setenv("ASYMVLM_UNICODE_DATA", str(tmp_path / "UnicodeData.txt"))
+    assert em.character_names(2) == ["box drawings light horizontal", "latin capital letter a"]
+    with pytest.raises(ValueError, match="asked for 3 character names, UnicodeData.txt has 2"):
+        em.character_names(3)
+    monkeypatch.setenv("ASYMVLM_UNICODE_DATA", str(tmp_path / "nowhere.txt"))
+    with pytest.raises(MissingExtraError, match="apt-get install -y unicode-data"):
+        em.character_names(2)
+
+
 def test_cldr_annotations():
     notes = em.parse_cldr_annotations()
     keywords, tts = notes["\U0001f600"]

@@ -207,7 +207,8 @@ def test_eval_cli_confidence_on_a_cache(tmp_path, model, capsys):
     # the model's own calibrator, and none
     assert main(["--model", str(tmp_path / "m"), "--cache", str(tmp_path / "test"), "--calibration", "model",
                  "--output_dir", str(out)]) == 0  # fmt: skip
-    assert json.loads((out / "metrics.json").read_text())["confidence"]["m"]["calibration"]["source"] == "model"
+    source = json.loads((out / "metrics.json").read_text())["confidence"]["m"]["calibration"]["source"]
+    assert source == "the model's own calibrator (a validation split of 240 captions)"
     assert main(["--model", str(tmp_path / "m"), "--cache", str(tmp_path / "test"), "--calibration", "none",
                  "--output_dir", str(out)]) == 0  # fmt: skip
     assert json.loads((out / "metrics.json").read_text())["confidence"]["m"]["calibration"]["source"] is None

@@ -506,6 +506,20 @@ def _main(argv: list[str]) -> int:
     models.update({f"merged-{k}": AsymVLM.from_pretrained(out / "merged" / k, load_encoder=False) for k in merged})
     models.update({f"fed-{k}": m for k, m in fed_models.items()})
     metrics = evaluate(eval_data, models)
+    # does each central head know when its answer is right: p_correct calibrated on a fresh split of
+    # the test gallery's size, judged on the test split; captions in the styles the toy CLIP never saw
+    # are the unfamiliar texts
+    from asymvlm.eval.confidence import calibrate_on, confidence_report
+
+    calib_data = shapeworld_eval_data(encoder, n=s["eval_images"], seed=778, **world)
+    unseen = tuple(st for st in sw.CAPTION_STYLES if st not in world["caption_styles"])
+    ood = shapeworld_eval_data(encoder, n=max(50, s["eval_images"] // 3), seed=12346,
+                               **{**world, "caption_styles": unseen}).text_embeddings  # fmt: skip
+    confidence = {}
+    for f in central:
+        m = models[f]
+        conf = calibrate_on(m, calib_data, source=f"a fresh split of {s['eval_images']} scenes")
+        confidence[f] = confidence_report(m, eval_data, confidence=conf, ood_texts=ood, keep_outcomes=True)
     lap("evaluation", t)
 
     _say("[6/6] report")
@@ -547,6 +561,8 @@ def _main(argv: list[str]) -> int:
         },
         "merges": merged,
         "uncertainty_by_level": {f: metrics[f]["uncertainty_by_level"] for f in ("vmf", "ps")},
+        # p_correct and the parts of each central head's uncertainty (asymvlm.eval.confidence)
+        "confidence": {f: {k: v for k, v in r.items() if k != "outcomes"} for f, r in confidence.items()},
         "settings": {**s, "quick": args.quick, "seed": args.seed, "encoder": spec[0]},
         "timings": timings,
         "seconds": round(time.time() - start, 1),
@@ -563,6 +579,22 @@ def _main(argv: list[str]) -> int:
         {k: metrics[k] for k in main_models}, out, level_ambiguity=sw.level_ambiguity(s["world"]), ambiguity_label=label
     )
     plots.append(plot_federated(report["federated_table"], out / "federated.png", top))
+    from asymvlm.eval.plots import plot_reliability, plot_risk_coverage
+
+    o = confidence["vmf"]["outcomes"]
+    rows = o["levels"] == top
+    plots.append(
+        plot_risk_coverage(
+            {k: (v[rows], o["correct"][rows]) for k, v in o["scores"].items()},
+            out / "risk_coverage_specific.png",
+            title=f"central vMF: level-{top} captions (most specific)",
+        )
+    )
+    plots.append(
+        plot_reliability(
+            o["p_correct"].clamp(0, 1), o["correct"], out / "reliability.png", title="central vMF: p_correct"
+        )
+    )
     _say("")
     _say(specific_table(metrics, main_models, eval_data))
     _say("")
@@ -572,6 +604,11 @@ def _main(argv: list[str]) -> int:
         f"{f}: " + ", ".join(f"{u:.4f}" for u in report["uncertainty_by_level"][f]) for f in ("vmf", "ps")
     )
     _say(f"mean uncertainty by caption level (vague -> exact): {by_level}")
+    from asymvlm.eval.confidence import confidence_table
+
+    _say("")
+    _say("central vMF: does it know when its answer is right?")
+    _say(confidence_table(confidence["vmf"]))
     _say(
         "merged (mean normalised R@1 over the caption styles): "
         + ", ".join(f"{k} {v['mean_normalized_R@1']:.3f} (lam {v['lam']})" for k, v in merged.items())
