@@ -155,22 +155,27 @@ class OnlineSoftmax:
         self.s = torch.zeros(rows, dtype=torch.float64, device=device)
         self.t = torch.zeros(rows, dtype=torch.float64, device=device)
 
-    def update(self, logits: Tensor) -> None:
-        """Add a chunk of columns, ``logits`` (rows, C) (float32 or float64)."""
+    def update(self, logits: Tensor, *, scratch: bool = False) -> None:
+        """Add a chunk of columns, ``logits`` (rows, C) (float32 or float64). With ``scratch`` the
+        chunk may be overwritten (no copy: the search's own score buffer)."""
         if logits.shape[1] == 0:
             return
-        m_new = torch.maximum(self.m, logits.max(dim=1).values.double())  # (Q,)
+        m_new = torch.maximum(self.m, logits.amax(dim=1).double())  # (Q,)
         live = torch.isfinite(m_new)  # a row whose logits are all -inf so far adds nothing
         shift = torch.where(live, self.m - m_new, 0.0)  # <= 0, -inf on a row's first finite chunk
         scale = torch.exp(shift)
         # old terms: (l - m_old) = (l - m_new) - shift, so t_old becomes scale * (t + shift * s)
         self.t = torch.where(self.s > 0, scale * (self.t + shift * self.s), 0.0)
         self.s = scale * self.s
-        z = logits - torch.where(live, m_new, 0.0).to(logits.dtype).unsqueeze(1)  # (Q, C) <= 0
+        z = logits if scratch else logits.clone()
+        z.sub_(torch.where(live, m_new, 0.0).to(z.dtype).unsqueeze(1))  # (Q, C) <= 0
         z.clamp_(min=-1e4)  # exp(-1e4) == 0 and -1e4 * 0 == 0: -inf logits drop out without NaN
         w = torch.exp(z)
-        self.s = self.s + w.sum(dim=1, dtype=torch.float64)
-        self.t = self.t + z.mul_(w).sum(dim=1, dtype=torch.float64)
+        # a chunk's sums in its own dtype (terms in [0, 1]: float32 keeps ~1e-6 relative over 4,096
+        # of them), accumulated across chunks in float64; a float64 reduction of a float32 chunk
+        # would cost ten times the chunk's exp
+        self.s = self.s + w.sum(dim=1).double()
+        self.t = self.t + z.mul_(w).sum(dim=1).double()
         self.m = m_new
 
     @property
@@ -205,8 +210,9 @@ def topk_chunked(
     tensor of at least Q * chunk_size elements), ``score_fn(start, end, out)`` is called with a
     contiguous ``(Q, end-start)`` view of it to write into, which avoids allocating (and
     page-faulting) a fresh score matrix per chunk. With ``logits`` (a map from a score chunk to the
-    retrieval distribution's logits, e.g. ``kappa * cos``), the same pass also accumulates that
-    distribution's normaliser and entropy (:class:`OnlineSoftmax`), returned third.
+    retrieval distribution's logits, e.g. ``kappa * cos``; called after the chunk's top-k, so it may
+    overwrite the chunk and return it), the same pass also accumulates that distribution's
+    normaliser and entropy (:class:`OnlineSoftmax`), returned third.
     """
     best_v = best_i = None
     acc = None
@@ -217,12 +223,12 @@ def topk_chunked(
         else:
             q = buffer.numel() // chunk_size
             sc = score_fn(s, e, buffer[: q * (e - s)].view(q, e - s))
-        if logits is not None:
-            if acc is None:
-                acc = OnlineSoftmax(sc.shape[0], sc.device)
-            acc.update(logits(sc))
         v, i = sc.topk(min(k, e - s), dim=1)
         i = i + s
+        if logits is not None:  # after the top-k: the logits may be computed in the score buffer
+            if acc is None:
+                acc = OnlineSoftmax(sc.shape[0], sc.device)
+            acc.update(logits(sc), scratch=True)
         if best_v is None:
             best_v, best_i = v, i
         else:
@@ -268,6 +274,20 @@ def _blocked_topk(
         if logits is not None:
             stats.append(out[2])
     return torch.cat(values), torch.cat(indices), (OnlineSoftmax.cat(stats) if stats else None)
+
+
+def _logits_in_place(family: type[SphericalDistribution], cos: Tensor, kappa: Tensor) -> Tensor:
+    """``log q(x)`` without the normaliser, written over the cosine chunk ``cos`` (Q, C): ``kappa cos``
+    for vMF, ``kappa log(1 + cos)`` for Power Spherical (the in-place forms of their
+    ``_log_prob_from_cosine``; another family goes through that, out of place)."""
+    from asymvlm.distributions import PowerSpherical, VonMisesFisher
+
+    if issubclass(family, VonMisesFisher):
+        return cos.mul_(kappa)
+    if issubclass(family, PowerSpherical):  # kappa = 0 is uniform: 0 * log 0 := 0, as the density's
+        out = cos.clamp_(min=-1.0).log1p_().mul_(kappa)
+        return out.masked_fill_((kappa == 0).expand_as(out), 0.0)
+    return family._log_prob_from_cosine(cos, kappa, torch.zeros((), dtype=cos.dtype, device=cos.device))
 
 
 def _check_k(k: int, n: int) -> None:
@@ -438,10 +458,9 @@ class ImageIndex:
         family = type(q)
         logits = None
         if posterior:  # log q_t(x) without its normaliser: kappa cos (vMF), kappa log(1 + cos) (PS)
-            zero = torch.zeros((), dtype=torch.float32, device=loc.device)
 
             def logits(rows: slice, cos: Tensor) -> Tensor:
-                return family._log_prob_from_cosine(cos, kappa[rows].unsqueeze(1), zero)
+                return _logits_in_place(family, cos, kappa[rows].unsqueeze(1))
 
         stats = None
         if self.backend == "faiss":

@@ -368,6 +368,19 @@ def confidence_table(report: dict[str, Any], level: str | None = None) -> str:
     ]
     for name, m in row["scores"].items():
         lines.append(f"{name:<18}" + "".join(f"{_fmt(m.get(c)):>13}" for c in cols))
+    numeric = sorted((k for k in levels if k != "all"), key=int)
+    if len(numeric) > 1:  # every level in one line each: R@1, and error AUROC / ECE of p_correct and 1/kappa
+        for name in ("1 - p_correct", "1/kappa"):
+            if name not in levels["all"]["scores"]:
+                continue
+            cells = []
+            for k in [*numeric, "all"]:
+                m = levels[k]["scores"][name]
+                ece = f" / {_fmt(m['ece'])}" if "ece" in m else ""
+                cells.append(f"{'L' + k if k != 'all' else 'all'} {_fmt(m['error_auroc'])}{ece}")
+            what = "error AUROC / ECE" if name == "1 - p_correct" else "error AUROC"
+            lines.append(f"per level, {name} ({what}): " + ", ".join(cells))
+        lines.append("per level, R@1: " + ", ".join(f"L{k} {levels[k]['accuracy']:.3f}" for k in numeric))
     cal = report.get("calibration") or {}
     if cal.get("source") is None:
         lines.append(f"p_correct: uncalibrated ({cal.get('reason', 'no calibrator')}); the parts are shown alone")

@@ -93,6 +93,9 @@ def test_confidence_report_equals_direct_computation(model):
     assert rep["levels"]["all"]["scores"]["1 - p_correct"]["error_auroc"] > 0.8
     table = confidence_table(rep)
     assert "caption level 1" in table and "rank_oracle" in table and "ECE" in table
+    s1 = rep["levels"]["1"]["scores"]["1 - p_correct"]
+    assert f"L1 {s1['error_auroc']:.3f} / {s1['ece']:.3f}" in table  # every level on one line
+    assert f"per level, R@1: L0 {rep['levels']['0']['accuracy']:.3f}" in table
     assert "negative is good" in table  # the legend with the sign conventions
     json.dumps({k: v for k, v in rep.items() if k != "outcomes"})
 
