@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -318,6 +318,15 @@ def _logistic_fit(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, 
     return res.x[:f], float(res.x[f])
 
 
+def _json_object(d: Any, keys: Sequence[str], where: str, what: str) -> None:
+    """``d`` is a JSON object whose keys are among ``keys`` (else one ArtefactError naming them)."""
+    if not isinstance(d, Mapping):
+        raise ArtefactError(f"{where}: {what} must be a JSON object")
+    unknown = sorted(set(d) - set(keys))
+    if unknown:
+        raise ArtefactError(f"{where}: unknown calibrator key(s) {unknown}")
+
+
 @dataclass
 class _Logistic:
     """One logistic model on standardised features (a stratum of a :class:`Calibrator`)."""
@@ -359,16 +368,14 @@ class _Logistic:
         # CLIP_Z standard deviations instead of extrapolating the log-odds linearly without bound
         return ((x - m) / s).clamp(-CLIP_Z, CLIP_Z) @ w + self.intercept
 
+    KEYS = ("mean", "scale", "coef", "intercept", "count", "base_rate", "degenerate")
+
     def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("mean", "scale", "coef", "intercept", "count", "base_rate", "degenerate")}
+        return {k: getattr(self, k) for k in self.KEYS}
 
     @classmethod
     def from_dict(cls, d: Any, f: int, where: str) -> _Logistic:
-        if not isinstance(d, Mapping):
-            raise ArtefactError(f"{where}: a calibrator stratum must be a JSON object")
-        unknown = sorted(set(d) - {"mean", "scale", "coef", "intercept", "count", "base_rate", "degenerate"})
-        if unknown:
-            raise ArtefactError(f"{where}: unknown calibrator key(s) {unknown}")
+        _json_object(d, cls.KEYS, where, "a calibrator stratum")
         try:
             nums = [list(map(float, d[k])) for k in ("mean", "scale", "coef")]
             intercept = float(d["intercept"])
@@ -555,11 +562,7 @@ class Calibrator:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "calibrator") -> Calibrator:
-        if not isinstance(d, Mapping):
-            raise ArtefactError(f"{where}: a calibrator must be a JSON object")
-        unknown = sorted(set(d) - {"features", "strata", "by", "edges", "isotonic", "info", "gate"})
-        if unknown:
-            raise ArtefactError(f"{where}: unknown calibrator key(s) {unknown}")
+        _json_object(d, ("features", "strata", "by", "edges", "isotonic", "info", "gate"), where, "a calibrator")
         try:
             feats = tuple(str(f) for f in d["features"])
             edges = [float(e) for e in d.get("edges") or []]
