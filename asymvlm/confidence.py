@@ -65,6 +65,7 @@ from asymvlm.io import atomic_save_safetensors, atomic_write_json, load_safetens
 __all__ = [
     "Familiarity",
     "tail_p_value",
+    "percentile_of",
     "Calibrator",
     "ConfidenceModel",
     "AnswerConfidence",
@@ -200,7 +201,7 @@ class Familiarity:
         counts = torch.bincount(assign, minlength=k).double()
         keep = counts > 0
         means, counts = means[keep], counts[keep]
-        r = float((fit * means[(fit @ means.T).argmax(1)]).sum(1).double().mean())
+        r = float((fit @ means.T).amax(1).double().mean())  # each text's cosine to its nearest mean
         fam = cls(
             means, torch.log(counts / counts.sum()).float(), _banerjee_kappa(r, x.shape[1]), torch.empty(0), len(x)
         )
@@ -221,7 +222,7 @@ class Familiarity:
 
     def percentile(self, u: Tensor) -> Tensor:
         """(N,) mid-rank percentile of unfamiliarity ``u`` among the reference texts (0-100)."""
-        return _percentile(self.reference, u)
+        return percentile_of(self.reference, u)
 
     def p_value(self, u: Tensor, tail: float = 0.1) -> Tensor:
         """(N,) the chance that a reference text is at least this unfamiliar (:func:`tail_p_value`)."""
@@ -284,11 +285,19 @@ def tail_p_value(sorted_ref: Tensor, u: Tensor, tail: float = 0.1) -> Tensor:
     return p
 
 
-def _percentile(sorted_ref: Tensor, u: Tensor) -> Tensor:
-    """Mid-rank percentile (ties count half) of each ``u`` among ``sorted_ref``; NaN without a reference."""
+def percentile_of(sorted_ref: Tensor, u: Tensor) -> Tensor:
+    """(N,) float64 mid-rank percentile (0-100; ties count half, so a value equal to every reference
+    sits at 50) of each ``u`` among ``sorted_ref``; NaN without a reference.
+
+    Example:
+        >>> ref = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
+        >>> percentile_of(ref, torch.tensor([0.2, 1.0], dtype=torch.float64)).tolist()
+        [50.0, 100.0]
+    """
     u = u.double().contiguous()
     if sorted_ref.numel() == 0:
         return torch.full_like(u, math.nan)
+    sorted_ref = sorted_ref.double()
     below = torch.searchsorted(sorted_ref, u, right=False)
     at_or_below = torch.searchsorted(sorted_ref, u, right=True)
     return 100.0 * (below + at_or_below).double() / (2 * sorted_ref.numel())
@@ -753,13 +762,14 @@ class ConfidenceModel:
                 ``info["source"]`` says, else ``model``).
         """
         kappa = kappa.detach().double().cpu()
+        entropy = entropy.detach().double().cpu()
         u = self.unfamiliarity(text_embeddings)
         amb = 1.0 / kappa
         conf = AnswerConfidence(
             ambiguity=amb,
-            ambiguity_percentile=_percentile(self.ambiguity_reference, amb),
-            entropy=entropy.detach().double().cpu(),
-            effective_candidates=torch.exp(entropy.detach().double().cpu()),
+            ambiguity_percentile=percentile_of(self.ambiguity_reference, amb),
+            entropy=entropy,
+            effective_candidates=torch.exp(entropy),
             top_probability=top_probability.detach().double().cpu(),
             unfamiliarity=u,
             unfamiliarity_percentile=None if u is None else self.familiarity.percentile(u),

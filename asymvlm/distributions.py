@@ -310,6 +310,12 @@ class SphericalDistribution(Distribution):
     def _log_prob_from_cosine(cos: Tensor, kappa: Tensor, log_norm: Tensor) -> Tensor:
         raise NotImplementedError
 
+    @classmethod
+    def _unnormalized_log_prob_(cls, cos: Tensor, kappa: Tensor) -> Tensor:
+        """``log q(x) - log C(kappa)`` from the cosine, written over ``cos`` where the family can
+        (the search's score buffer: no copy per chunk); this default is out of place."""
+        return cls._log_prob_from_cosine(cos, kappa, torch.zeros((), dtype=cos.dtype, device=cos.device))
+
     @property
     def log_normalizer(self) -> Tensor:
         raise NotImplementedError
@@ -345,6 +351,10 @@ class VonMisesFisher(SphericalDistribution):
     @staticmethod
     def _log_prob_from_cosine(cos: Tensor, kappa: Tensor, log_norm: Tensor) -> Tensor:
         return kappa * cos + log_norm
+
+    @classmethod
+    def _unnormalized_log_prob_(cls, cos: Tensor, kappa: Tensor) -> Tensor:
+        return cos.mul_(kappa)
 
     def _mean_cosine(self) -> Tensor:
         return bessel_ratio(self.dim, self.concentration)
@@ -446,6 +456,11 @@ class PowerSpherical(SphericalDistribution):
         # put cos a hair below -1, where log1p would be NaN
         term = kappa * torch.log1p(cos.clamp_min(-1.0))
         return torch.where(kappa == 0, torch.zeros_like(term), term) + log_norm
+
+    @classmethod
+    def _unnormalized_log_prob_(cls, cos: Tensor, kappa: Tensor) -> Tensor:
+        out = cos.clamp_(min=-1.0).log1p_().mul_(kappa)  # as _log_prob_from_cosine, in place
+        return out.masked_fill_((kappa == 0).expand_as(out), 0.0)
 
     def _beta_params(self) -> tuple[Tensor, float]:
         b = 0.5 * (self.dim - 1)

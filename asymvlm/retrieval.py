@@ -276,20 +276,6 @@ def _blocked_topk(
     return torch.cat(values), torch.cat(indices), (OnlineSoftmax.cat(stats) if stats else None)
 
 
-def _logits_in_place(family: type[SphericalDistribution], cos: Tensor, kappa: Tensor) -> Tensor:
-    """``log q(x)`` without the normaliser, written over the cosine chunk ``cos`` (Q, C): ``kappa cos``
-    for vMF, ``kappa log(1 + cos)`` for Power Spherical (the in-place forms of their
-    ``_log_prob_from_cosine``; another family goes through that, out of place)."""
-    from asymvlm.distributions import PowerSpherical, VonMisesFisher
-
-    if issubclass(family, VonMisesFisher):
-        return cos.mul_(kappa)
-    if issubclass(family, PowerSpherical):  # kappa = 0 is uniform: 0 * log 0 := 0, as the density's
-        out = cos.clamp_(min=-1.0).log1p_().mul_(kappa)
-        return out.masked_fill_((kappa == 0).expand_as(out), 0.0)
-    return family._log_prob_from_cosine(cos, kappa, torch.zeros((), dtype=cos.dtype, device=cos.device))
-
-
 def _check_k(k: int, n: int) -> None:
     if not isinstance(k, int) or isinstance(k, bool) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
@@ -460,15 +446,15 @@ class ImageIndex:
         if posterior:  # log q_t(x) without its normaliser: kappa cos (vMF), kappa log(1 + cos) (PS)
 
             def logits(rows: slice, cos: Tensor) -> Tensor:
-                return _logits_in_place(family, cos, kappa[rows].unsqueeze(1))
+                return family._unnormalized_log_prob_(cos, kappa[rows].unsqueeze(1))
 
         stats = None
         if self.backend == "faiss":
             idx = self._faiss_search(loc, k)
-            if posterior:
-                stats = _blocked_topk(loc, self._cosine_chunk, len(self), 1, self.chunk_size, self.query_block, logits)[
-                    2
-                ]
+            if posterior:  # FAISS returns no distribution: a pass of its own (a top-1 is its cheapest top-k)
+                _, _, stats = _blocked_topk(
+                    loc, self._cosine_chunk, len(self), 1, self.chunk_size, self.query_block, logits
+                )
         else:
             _, idx, stats = _blocked_topk(
                 loc, self._cosine_chunk, len(self), k, self.chunk_size, self.query_block, logits
@@ -687,8 +673,8 @@ class TextIndex:
         stats = None
         if self.backend == "faiss":
             scores, idx = self._faiss_search(x, k)
-            if posterior:
-                stats = _blocked_topk(x, self._scores, len(self), 1, self.chunk_size, self.query_block, logits)[2]
+            if posterior:  # as ImageIndex.search: a pass of its own
+                _, _, stats = _blocked_topk(x, self._scores, len(self), 1, self.chunk_size, self.query_block, logits)
         else:
             scores, idx, stats = _blocked_topk(x, self._scores, len(self), k, self.chunk_size, self.query_block, logits)
         cos = (x.unsqueeze(1) * self.loc[idx]).sum(-1)  # (Q, k)

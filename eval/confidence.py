@@ -97,24 +97,14 @@ def answer_outcomes(
     rank of the first right image under the model's ranking, "label": str}``.
     ``confidence`` (a :class:`~asymvlm.confidence.ConfidenceModel`) replaces the model's own.
     """
-    from asymvlm.confidence import ConfidenceModel
-    from asymvlm.retrieval import ImageIndex
-
     if positives is None:
         positives, label = positives_for(data)
     else:
         label = "given"
     images = data.image_embeddings.float()
     text = data.text_embeddings.float()
-    q = model.encode_text(text)
-    res = ImageIndex(images, validate=False).search(q, k=1)
-    conf_model = confidence if confidence is not None else (getattr(model, "confidence", None) or ConfidenceModel())
-    own_cal = conf_model.calibrator if confidence is None else None
-    source = None if own_cal is None else f"the model's own calibrator ({own_cal.info.get('source', 'its split')})"
-    conf = conf_model.assess(
-        1.0 / res.uncertainty.double(), res.entropy, res.posterior[:, 0], len(images), text, calibration_source=source
-    )
-    top = res.indices[:, 0]
+    top, conf = _assess(model, confidence, images, text)
+    top = top[:, 0]
     correct = positives[torch.arange(len(top)), top]
     ranks = torch.empty(len(top), dtype=torch.int64)
     for s in range(0, len(top), 1024):  # the model's own scores: log q_t(x), chunked over captions
@@ -123,9 +113,24 @@ def answer_outcomes(
     return {"confidence": conf, "correct": correct, "top": top, "rank": ranks, "label": label}
 
 
-def _scores(out: dict[str, Any]) -> dict[str, Tensor]:
-    """The candidate scores, larger = less likely right."""
-    c = out["confidence"]
+def _assess(model: Any, confidence: Any, images: Tensor, texts: Tensor) -> tuple[Tensor, Any]:
+    """Each text's best image ((Q, 1) rows) and the AnswerConfidence of that answer, by ``confidence``
+    (a ConfidenceModel) or else the model's own (the calibration then says so)."""
+    from asymvlm.confidence import ConfidenceModel
+    from asymvlm.retrieval import ImageIndex
+
+    res = ImageIndex(images, validate=False).search(model.encode_text(texts), k=1)
+    cm = confidence if confidence is not None else (getattr(model, "confidence", None) or ConfidenceModel())
+    own_cal = cm.calibrator if confidence is None else None
+    source = None if own_cal is None else f"the model's own calibrator ({own_cal.info.get('source', 'its split')})"
+    conf = cm.assess(
+        1.0 / res.uncertainty.double(), res.entropy, res.posterior[:, 0], len(images), texts, calibration_source=source
+    )
+    return res.indices, conf
+
+
+def _part_scores(c: Any) -> dict[str, Tensor]:
+    """An AnswerConfidence's parts as scores, larger = less likely right (the known ones only)."""
     s = {
         "1/kappa": c.ambiguity,
         "retrieval_entropy": c.entropy,
@@ -135,8 +140,12 @@ def _scores(out: dict[str, Any]) -> dict[str, Tensor]:
         s["unfamiliarity"] = c.unfamiliarity.double()
     if c.p_correct is not None:
         s["1 - p_correct"] = 1.0 - c.p_correct
-    s["rank_oracle"] = torch.log1p(out["rank"].double())
     return s
+
+
+def _scores(out: dict[str, Any]) -> dict[str, Tensor]:
+    """The candidate scores, larger = less likely right: the parts and the rank oracle."""
+    return {**_part_scores(out["confidence"]), "rank_oracle": torch.log1p(out["rank"].double())}
 
 
 def _judge(score: Tensor, correct: Tensor, n_bins: int, coverages: Sequence[float]) -> dict[str, float]:
@@ -211,23 +220,9 @@ def confidence_report(
 @torch.no_grad()
 def _ood(model: Any, confidence: Any, data: Any, conf: Any, ood_texts: Tensor) -> dict[str, Any]:
     """OOD AUROC of each text-side score: the data's captions (in) against ``ood_texts`` (out)."""
-    from asymvlm.confidence import ConfidenceModel
-    from asymvlm.retrieval import ImageIndex
-
-    cm = confidence if confidence is not None else (getattr(model, "confidence", None) or ConfidenceModel())
-    res = ImageIndex(data.image_embeddings.float(), validate=False).search(model.encode_text(ood_texts.float()), k=1)
-    c_out = cm.assess(
-        1.0 / res.uncertainty.double(), res.entropy, res.posterior[:, 0], data.image_embeddings.shape[0], ood_texts
-    )
-    pairs = {
-        "1/kappa": (conf.ambiguity, c_out.ambiguity),
-        "retrieval_entropy": (conf.entropy, c_out.entropy),
-        "top_surprise": (-torch.log(conf.top_probability), -torch.log(c_out.top_probability)),
-    }
-    if conf.unfamiliarity is not None:
-        pairs["unfamiliarity"] = (conf.unfamiliarity, c_out.unfamiliarity)
-    if conf.p_correct is not None:
-        pairs["1 - p_correct"] = (1 - conf.p_correct, 1 - c_out.p_correct)
+    _, c_out = _assess(model, confidence, data.image_embeddings.float(), ood_texts.float())
+    scores_in, scores_out = _part_scores(conf), _part_scores(c_out)
+    pairs = {k: (scores_in[k], scores_out[k]) for k in scores_in}
     out: dict[str, Any] = {"count_in": len(conf), "count_out": int(ood_texts.shape[0])}
     out["auroc"] = {k: ood_auroc(a.double(), b.double()) for k, (a, b) in pairs.items()}
     if c_out.p_correct is not None:
@@ -337,9 +332,15 @@ def fit_model_confidence(model: Any, train_texts: Tensor | None, eval_data: Any 
         seed=seed,
         source=f"a held-out split of {eval_data.text_embeddings.shape[0]} captions",
     )
-    with torch.no_grad():
-        out = answer_outcomes(model, eval_data, confidence=conf, positives=positives)
-    found = check_uncertainty(out["confidence"].ambiguity, out["correct"], eval_data)
+    with torch.no_grad():  # the checks need each caption's 1/kappa and whether its best image is right
+        from asymvlm.confidence import retrieval_labels
+        from asymvlm.retrieval import ImageIndex
+
+        res = ImageIndex(eval_data.image_embeddings.float(), validate=False).search(
+            model.encode_text(eval_data.text_embeddings.float()), k=1, posterior=False
+        )
+    correct = retrieval_labels(res.indices[:, 0], positives)
+    found = check_uncertainty(res.uncertainty.double(), correct, eval_data)
     for w in found:
         logger.warning("warning: %s", w)
     conf.calibrator.info["warnings"] = found  # saved with the model

@@ -467,22 +467,7 @@ def likelihood_metric(
         >>> sorted(out), out["score"] == out["mean_log_p"]
         (['R@1', 'log_p', 'mean_R@1', 'mean_log_p', 'score'], True)
     """
-    import copy
-
-    data = _load_val(val_caches)
-    head = copy.deepcopy(head_template)
-
-    def metric(params: dict[str, Tensor]) -> dict[str, Any]:
-        head.load_state_dict(params)
-        log_p, r1 = [], []
-        for d in data:
-            lp, hits = _retrieval_scores(head, d["text"], d["images"], d["positives"], d["index"], chunk_size)
-            log_p.append(float(lp.mean()))
-            r1.append(float(hits.double().mean()))
-        mean = sum(log_p) / len(log_p)
-        return {"score": mean, "log_p": log_p, "mean_log_p": mean, "R@1": r1, "mean_R@1": sum(r1) / len(r1)}
-
-    return metric
+    return _per_cache_metric(head_template, val_caches, chunk_size, "log_p", lambda head, d, lp, hits: float(lp.mean()))
 
 
 def uncertainty_metric(
@@ -497,25 +482,39 @@ def uncertainty_metric(
     Returns ``score``, ``error_AUROC`` (per cache), ``mean_error_AUROC`` (= score), ``R@1`` and
     ``mean_R@1``.
     """
-    import copy
-
     from asymvlm.eval.uncertainty import error_auroc
+
+    def auroc(head: Any, d: dict[str, Any], lp: Tensor, hits: Tensor) -> float:
+        with torch.no_grad():
+            u = head.uncertainty(d["text"].float())  # (T,) 1 / kappa
+        return error_auroc(u, hits.double())  # NaN when a cache has no hit or no miss
+
+    return _per_cache_metric(head_template, val_caches, chunk_size, "error_AUROC", auroc)
+
+
+def _per_cache_metric(
+    head_template: Any,
+    val_caches: Sequence[str | Path],
+    chunk_size: int,
+    name: str,
+    statistic: Callable[[Any, dict[str, Any], Tensor, Tensor], float],
+) -> Callable[[dict[str, Tensor]], dict[str, Any]]:
+    """A metric callback: ``statistic(head, cache, log p(correct) (T,), exact hits (T,))`` per
+    validation cache, their mean as ``score`` (and ``mean_<name>``), with each cache's exact ``R@1``."""
+    import copy
 
     data = _load_val(val_caches)
     head = copy.deepcopy(head_template)
 
     def metric(params: dict[str, Tensor]) -> dict[str, Any]:
         head.load_state_dict(params)
-        auroc, r1 = [], []
+        values, r1 = [], []
         for d in data:
-            _, hits = _retrieval_scores(head, d["text"], d["images"], d["positives"], d["index"], chunk_size)
-            with torch.no_grad():
-                u = head.uncertainty(d["text"].float())  # (T,) 1 / kappa
-            auroc.append(error_auroc(u, hits.double()))
+            lp, hits = _retrieval_scores(head, d["text"], d["images"], d["positives"], d["index"], chunk_size)
+            values.append(statistic(head, d, lp, hits))
             r1.append(float(hits.double().mean()))
-        mean = sum(auroc) / len(auroc)  # NaN when any cache has none
-        return {"score": mean, "error_AUROC": auroc, "mean_error_AUROC": mean, "R@1": r1,
-                "mean_R@1": sum(r1) / len(r1)}  # fmt: skip
+        mean = sum(values) / len(values)  # NaN when any cache's statistic is
+        return {"score": mean, name: values, f"mean_{name}": mean, "R@1": r1, "mean_R@1": sum(r1) / len(r1)}
 
     return metric
 

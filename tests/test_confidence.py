@@ -457,3 +457,19 @@ def test_confidence_saved_and_loaded_with_the_model(tmp_path, toy):
 def test_confidence_model_checks_alpha():
     with pytest.raises(ConfigError, match="familiarity_alpha"):
         ConfidenceModel(familiarity_alpha=1.5)
+
+
+@pytest.mark.parametrize("family", [VonMisesFisher, PowerSpherical])
+def test_in_place_logits_equal_the_family_log_density(family):
+    """The search writes log q(x) - log C over its score buffer: the same numbers as the density's own
+    _log_prob_from_cosine, at the antipode and for kappa 0 too."""
+    g = torch.Generator().manual_seed(3)
+    cos = torch.rand(5, 40, generator=g) * 2 - 1
+    cos[:, 0] = -1.0
+    cos[:, 1] = 1.0
+    kappa = torch.tensor([0.0, 0.5, 5.0, 50.0, 5e3]).unsqueeze(1)
+    ref = family._log_prob_from_cosine(cos, kappa, torch.zeros(()))
+    buf = cos.clone()
+    out = family._unnormalized_log_prob_(buf, kappa)
+    assert out.data_ptr() == buf.data_ptr()  # in place: no copy per chunk
+    assert torch.equal(out, ref)

@@ -306,13 +306,12 @@ class _Reference:
     sorted_uncertainty: Tensor | None = field(default=None)
 
     def percentile(self, u: Tensor) -> list[float | None]:
+        """Mid-rank percentiles (:func:`asymvlm.confidence.percentile_of`), None without a reference."""
+        from asymvlm.confidence import percentile_of
+
         if self.sorted_uncertainty is None or self.sorted_uncertainty.numel() == 0:
             return [None] * u.numel()
-        ref = self.sorted_uncertainty
-        below = torch.searchsorted(ref, u.to(ref.dtype).contiguous(), right=False)
-        at_or_below = torch.searchsorted(ref, u.to(ref.dtype).contiguous(), right=True)
-        # mid-rank percentile: ties count half (a query equal to every caption sits at 50)
-        return [100.0 * float(b + a) / (2 * ref.numel()) for b, a in zip(below.tolist(), at_or_below.tolist())]
+        return percentile_of(self.sorted_uncertainty, u.reshape(-1)).tolist()
 
 
 def _finite(x: float) -> float | None:
