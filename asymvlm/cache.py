@@ -66,6 +66,8 @@ __all__ = [
     "validate_index",
     "iter_batches",
     "load_rgb",
+    "default_max_pixels",
+    "check_cache_encoder",
 ]
 
 CACHE_TYPE = "asymvlm.embedding_cache"
@@ -80,14 +82,23 @@ def _num_rows(dataset: Any) -> int:
     return len(dataset)
 
 
-def iter_batches(dataset: Any, columns: Sequence[str], batch_size: int) -> Iterator[dict[str, list]]:
-    """Batches of ``columns`` as dicts of lists, for a ``datasets.Dataset`` or a sequence of dicts."""
+def iter_batches(
+    dataset: Any, columns: Sequence[str], batch_size: int, *, decode: bool = True
+) -> Iterator[dict[str, list]]:
+    """Batches of ``columns`` as dicts of lists, for a ``datasets.Dataset`` or a sequence of dicts.
+
+    ``decode=False``: a ``datasets.Image`` column comes undecoded (``{"path", "bytes"}`` per row), for
+    :func:`load_rgb` to decode with its pixel limit and an error naming the file."""
     n = _num_rows(dataset)
     try:
         import datasets
 
         if isinstance(dataset, datasets.Dataset):
             sub = dataset.select_columns(list(columns))
+            if not decode:
+                for c in columns:
+                    if isinstance(sub.features.get(c), datasets.Image):
+                        sub = sub.cast_column(c, datasets.Image(decode=False))
             for s in range(0, n, batch_size):
                 yield sub[s : s + batch_size]
             return
@@ -133,16 +144,67 @@ def dataset_fingerprint(dataset: Any, image_column: str = "image", caption_colum
     return f"sha256:{h.hexdigest()}"
 
 
-def load_rgb(im: Any) -> Any:
-    """An RGB PIL image from a PIL image (any mode) or an image file path; anything else as it is."""
-    if isinstance(im, (str, os.PathLike)):
-        from PIL import Image
+def default_max_pixels() -> int:
+    """The largest image (width x height) :func:`load_rgb` decodes: Pillow's own decompression-bomb
+    limit, ``PIL.Image.MAX_IMAGE_PIXELS`` (89.5 MP; Pillow only warns below twice that), or 2**30
+    where a program has set it to None."""
+    from PIL import Image
 
-        with Image.open(im) as f:
-            return f.convert("RGB")
+    return int(Image.MAX_IMAGE_PIXELS or 1 << 30)
+
+
+def load_rgb(im: Any, *, max_pixels: int | None = None, name: str | None = None) -> Any:
+    """An RGB PIL image from a PIL image (any mode), an image file path, or an undecoded
+    ``{"path", "bytes"}`` row of a ``datasets.Image`` column; anything else as it is.
+
+    A file is checked before it is decoded: more than ``max_pixels`` pixels (default
+    :func:`default_max_pixels`), a truncated or unreadable file is one :class:`ArtefactError` naming
+    the file (``name``, else its path), never a traceback from Pillow.
+    """
+    if isinstance(im, dict) and ("path" in im or "bytes" in im):
+        import io as _io
+
+        where = name or im.get("path") or "an image without a file name"
+        if im.get("bytes") is not None:
+            return _decode(lambda: _io.BytesIO(im["bytes"]), where, max_pixels)
+        if im.get("path"):
+            return _decode(lambda: im["path"], where, max_pixels)
+        raise ArtefactError(f"{where}: the image row holds neither bytes nor a path")
+    if isinstance(im, (str, os.PathLike)):
+        return _decode(lambda: im, name or str(im), max_pixels)
     if hasattr(im, "convert"):
         return im.convert("RGB")
     return im
+
+
+def _decode(source: Any, where: str, max_pixels: int | None) -> Any:
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    limit = default_max_pixels() if max_pixels is None else int(max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+            with Image.open(source()) as f:
+                w, h = f.size
+                if w * h > limit:
+                    raise ArtefactError(
+                        f"{where}: {w} x {h} = {w * h / 1e6:.1f} MP, more than the limit of {limit / 1e6:.1f} MP; "
+                        "nothing decoded (resize it, or raise max_pixels)"
+                    )
+                f.load()
+                return f.convert("RGB")
+    except ArtefactError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise ArtefactError(f"{where}: too many pixels to decode safely ({err})") from None
+    except FileNotFoundError:
+        raise ArtefactError(f"{where}: image file not found") from None
+    except UnidentifiedImageError:
+        raise ArtefactError(f"{where}: not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as err:  # truncated / corrupt data
+        raise ArtefactError(f"{where}: corrupt or truncated image ({type(err).__name__}: {err})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -213,7 +275,9 @@ class EmbeddingCache:
             CACHE_VERSION,
             required=("encoder", "dataset_fingerprint", "dtype", "num_images", "num_texts"),
             known=("created_by",),
+            allow_nan=False,
         )
+        _check_manifest(manifest, path / "manifest.json")
         _check_fingerprints(manifest, path, encoder_fingerprint, dataset_fingerprint)
         images = load_safetensors(path / "images.safetensors", ["embeddings"], mmap=mmap)["embeddings"]
         texts = load_safetensors(path / "texts.safetensors", ["embeddings", "image_index"], mmap=mmap)
@@ -289,8 +353,74 @@ def validate_index(index: Tensor, num_images: int, where: Path | str) -> None:
         raise ArtefactError(f"{where}: caption row {row} points at image {int(index[row])}, outside [0, {num_images})")
 
 
+def check_cache_encoder(
+    cache: EmbeddingCache, fingerprint: str | None, *, what: str = "the encoder", allow_missing: bool = False
+) -> None:
+    """The cache was made by the encoder of ``fingerprint`` (a model's recorded encoder, a loaded
+    encoder's): a :class:`CacheMismatchError` when the two differ, and when either side records no
+    fingerprint (missing provenance is never a match) unless ``allow_missing`` — then a warning says
+    that nothing was checked. ``what`` names the other side in the messages.
+
+    Example:
+        >>> import torch, tempfile
+        >>> x = torch.nn.functional.normalize(torch.randn(2, 4), dim=-1)
+        >>> c = write_cache(tempfile.mkdtemp() + "/c", x, x, torch.arange(2), encoder={"fingerprint": "ab" * 32})
+        >>> check_cache_encoder(c, "ab" * 32)  # the same encoder: nothing to say
+    """
+    import warnings
+
+    have = (cache.manifest.get("encoder") or {}).get("fingerprint")
+    if have and fingerprint:
+        if have != fingerprint:
+            raise CacheMismatchError(
+                f"the cache at {cache.path} was made by another encoder (fingerprint {have[:16]}...) than {what} "
+                f"(fingerprint {fingerprint[:16]}...)"
+            )
+        return
+    side = f"the cache at {cache.path}" if not have else what
+    if not allow_missing:
+        raise CacheMismatchError(
+            f"{side} records no encoder fingerprint, so the cache cannot be checked against {what}: rebuild the cache "
+            "with embed_dataset (or write_cache(encoder={..., 'fingerprint': ...})), or allow it explicitly"
+        )
+    warnings.warn(
+        f"{side} records no encoder fingerprint: the cache is used without checking its encoder", stacklevel=2
+    )
+
+
+def _check_manifest(manifest: dict, where: Path) -> None:
+    """Types and ranges of every manifest field; an :class:`ArtefactError` naming the file and field."""
+
+    def count(key: str) -> None:
+        v = manifest[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ArtefactError(f"{where}: {key} must be an integer >= 0, got {v!r}")
+
+    enc = manifest["encoder"]
+    if not isinstance(enc, dict):
+        raise ArtefactError(f"{where}: encoder must be an object (spec, pretrained, fingerprint, dim), got {enc!r}")
+    dim = enc.get("dim")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ArtefactError(f"{where}: encoder.dim must be an integer >= 1, got {dim!r}")
+    for key in ("spec", "pretrained", "fingerprint"):
+        if enc.get(key) is not None and not isinstance(enc[key], str):
+            raise ArtefactError(f"{where}: encoder.{key} must be a string or null, got {enc[key]!r}")
+    if not isinstance(manifest["dataset_fingerprint"], str):
+        raise ArtefactError(f"{where}: dataset_fingerprint must be a string, got {manifest['dataset_fingerprint']!r}")
+    if manifest["dtype"] not in _DTYPES:
+        raise ArtefactError(f"{where}: dtype must be one of {sorted(_DTYPES)}, got {manifest['dtype']!r}")
+    count("num_images")
+    count("num_texts")
+
+
 def _check_fingerprints(manifest: dict, path: Path, encoder_fp: str | None, dataset_fp: str | None) -> None:
     have_enc, have_data = manifest["encoder"].get("fingerprint"), manifest["dataset_fingerprint"]
+    if encoder_fp is not None and not have_enc:  # missing provenance is never a match
+        raise CacheMismatchError(
+            f"the cache at {path} records no encoder fingerprint (encoder.fingerprint is {have_enc!r} in "
+            f"manifest.json), so it cannot be checked against the encoder given (fingerprint {encoder_fp[:16]}...); "
+            "rebuild it with embed_dataset, or load it without encoder_fingerprint= to use it as it is"
+        )
     if encoder_fp is not None and encoder_fp != have_enc:
         raise CacheMismatchError(
             f"the cache at {path} was built by another encoder ({manifest['encoder'].get('spec')!r}, fingerprint "
@@ -485,7 +615,7 @@ def embed_dataset(
     with atomic_directory(path) as tmp:
         with SafetensorsStreamWriter(tmp / "images.safetensors", {"embeddings": (store, (n_images, d))}) as w:
             bar = tqdm(total=n_images, desc="embed images", disable=not progress)
-            for batch in iter_batches(dataset, [image_column], batch_size):
+            for batch in iter_batches(dataset, [image_column], batch_size, decode=False):
                 w.write(
                     "embeddings",
                     encoder.encode_image([load_rgb(im) for im in batch[image_column]], batch_size=batch_size),

@@ -22,6 +22,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 from asymvlm.errors import ConfigError
@@ -33,6 +34,8 @@ __all__ = [
     "check_choice",
     "check_fields",
     "claim_output_dir",
+    "clear_run_outputs",
+    "model_entries",
     "check_resume_config",
     "argument_parser",
     "config_fields",
@@ -218,9 +221,16 @@ class HeadArguments:
     max_concentration: float = field(default=1e5, metadata={"help": "Upper bound on the concentration."})
 
     def __post_init__(self) -> None:
+        from asymvlm.heads import MAX_WIDTH
+
         check_fields(self)
-        if not self.hidden_dims or any(h < 1 for h in self.hidden_dims):
-            raise ConfigError(f"hidden_dims must be a non-empty list of positive widths, got {self.hidden_dims}")
+        if not self.hidden_dims or any(not 1 <= h <= MAX_WIDTH for h in self.hidden_dims):
+            raise ConfigError(
+                f"hidden_dims must be a non-empty list of widths in [1, {MAX_WIDTH}], got {self.hidden_dims}"
+            )
+        for name in ("init_concentration", "min_concentration", "max_concentration"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
         if not 0 < self.min_concentration < self.max_concentration:
             raise ConfigError(
                 f"need 0 < min_concentration < max_concentration, got {self.min_concentration}, "
@@ -246,24 +256,124 @@ class HeadArguments:
         )
 
 
-def claim_output_dir(out: Path, outputs: tuple[str, ...], *, overwrite: bool) -> None:
-    """A new run's output folder: new or empty, or (``overwrite``) cleared of ``outputs`` — only what
-    a run writes there; a user's own files stay. Anything else is a :class:`ConfigError`."""
-    import shutil
-
+def claim_output_dir(
+    out: Path,
+    outputs: tuple[str, ...],
+    *,
+    overwrite: bool,
+    ours: Callable[[Path], bool] | None = None,
+) -> None:
+    """A new run's output folder: new or empty; or (``overwrite``) cleared by :func:`clear_run_outputs`
+    of what an earlier run wrote there, and nothing else. A non-empty folder without ``overwrite`` is a
+    :class:`ConfigError`."""
     out = Path(out)
     if overwrite:
-        for name in outputs:
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
+        clear_run_outputs(out, outputs, ours=ours)
     elif out.is_dir() and any(out.iterdir()):
         raise ConfigError(
             f"output_dir {out} is not empty (a previous run?): pass --resume to continue that run, --overwrite to "
             "replace it, or choose a new output_dir"
         )
+
+
+def model_entries(model_dir: Path) -> tuple[set[str], bool]:
+    """The entries of a saved model folder asymvlm wrote, and whether a record says so: its
+    ``.asymvlm-files.json`` (:func:`asymvlm.io.atomic_directory`), or, for a folder saved without one,
+    the names :meth:`asymvlm.model.AsymVLM.save_pretrained` writes (its README only when it is an
+    asymvlm card). Anything else there is the user's."""
+    from asymvlm.confidence import CONFIDENCE_NAME
+    from asymvlm.hub import CARD_NAME, is_asymvlm_card
+    from asymvlm.io import owned_entries
+    from asymvlm.model import ADAPTER_DIR, BASE_DELTA_NAME, CONFIG_NAME, WEIGHTS_NAME
+
+    owned = owned_entries(model_dir)
+    if owned is not None:
+        return owned, True
+    legacy = {CONFIG_NAME, WEIGHTS_NAME, ADAPTER_DIR, BASE_DELTA_NAME, CONFIDENCE_NAME}
+    card = model_dir / CARD_NAME
+    if card.is_file() and is_asymvlm_card(card):
+        legacy.add(CARD_NAME)
+    return legacy, False
+
+
+def _remove(path: Path) -> None:
+    import shutil
+
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def clear_run_outputs(out: Path, outputs: tuple[str, ...], *, ours: Callable[[Path], bool] | None = None) -> None:
+    """``--overwrite``: remove what an earlier run wrote into ``out`` and nothing else.
+
+    Of each name in ``outputs``: a file goes (a run's log); a ``model`` folder loses the entries
+    :func:`model_entries` says asymvlm wrote; any other folder loses the entries ``ours(path)``
+    accepts (a run's checkpoint folders, a tracker's event files) and, inside sub-folders that carry
+    an asymvlm record, the recorded entries; everything else stays (a user's notes, also inside
+    ``model/`` and ``checkpoints/``) and a warning names it. A ``model/`` folder without a record that
+    holds anything but a model's files is a :class:`ConfigError` and nothing is removed: asymvlm
+    cannot tell what is the user's. Empty folders left behind go.
+    """
+    import logging
+
+    from asymvlm.io import MANIFEST_NAME, owned_entries
+
+    out = Path(out)
+    ours = ours or (lambda p: False)
+    plan: list[Path] = []
+    kept: list[str] = []
+    folders: list[Path] = []
+
+    def walk(folder: Path) -> None:
+        record = owned_entries(folder)
+        for p in sorted(folder.iterdir()):
+            if ours(p) or (record is not None and p.name in record and p.name != MANIFEST_NAME):
+                plan.append(p)
+            elif p.is_dir() and not p.is_symlink():
+                folders.append(p)
+                walk(p)
+            elif p.name == MANIFEST_NAME and record is not None:
+                plan.append(p)  # re-checked below: it stays while a user's file does
+            else:
+                kept.append(str(p.relative_to(out)))
+
+    for name in outputs:
+        target = out / name
+        if name == "model" and (target.is_dir() and not target.is_symlink()):
+            owned, recorded = model_entries(target)
+            present = sorted(p.name for p in target.iterdir())
+            theirs = [n for n in present if n not in owned]
+            if not recorded and theirs:
+                raise ConfigError(
+                    f"--overwrite: {target} holds {theirs[:4]}, which asymvlm did not write, and no record "
+                    f"({MANIFEST_NAME}) of what it wrote there: nothing was removed; move those files out of it, "
+                    "or choose a new output_dir"
+                )
+            plan += [target / n for n in present if n in owned and n != MANIFEST_NAME]
+            kept += [f"{name}/{n}" for n in theirs]
+            folders.append(target)
+        elif name == "model" and (target.exists() or target.is_symlink()):
+            raise ConfigError(f"--overwrite: {target} is not a folder asymvlm wrote: nothing was removed")
+        elif target.is_dir() and not target.is_symlink():
+            folders.append(target)
+            walk(target)
+        elif target.exists() or target.is_symlink():
+            plan.append(target)
+    keep_records = {Path(out / k).parent for k in kept}
+    for p in plan:
+        if p.name == MANIFEST_NAME and p.parent in keep_records:
+            continue  # the record stays while the user's files do: a new save replaces the folder around them
+        _remove(p)
+    for folder in sorted(folders, key=lambda d: -len(d.parts)):  # empty folders go (sub-folders first)
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    if kept:
+        logging.getLogger(__name__).warning(
+            "--overwrite kept %d file(s) in %s that asymvlm did not write: %s%s",
+            len(kept), out, ", ".join(kept[:6]), " ..." if len(kept) > 6 else "",
+        )  # fmt: skip
 
 
 def check_resume_config(saved: dict[str, Any], now: dict[str, Any], may_change: tuple[str, ...], where: Path) -> None:
@@ -306,6 +416,10 @@ def load_yaml(
         doc = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path} is not valid YAML: {err}") from err
+    except RecursionError:
+        raise ConfigError(f"{path} is not valid YAML: nested too deeply") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text: {err}") from None
     if not isinstance(doc, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys")
     unknown = sorted(set(doc) - set(known if known is not None else config_fields(types)))

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Literal
 
 from asymvlm.errors import ConfigError, DatasetLayoutError
@@ -63,9 +63,26 @@ def _require(path: Path, what: str, layout: str) -> Path:
 def _read_json(path: Path, what: str, layout: str) -> Any:
     _require(path, what, layout)
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DatasetLayoutError(f"{what} {path} is not valid JSON ({err})\nexpected layout:\n{layout}") from err
+        return json.loads(path.read_bytes())
+    except RecursionError:
+        raise DatasetLayoutError(f"{what} {path} is not valid JSON (nested too deeply)") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise DatasetLayoutError(f"{what} {path} is not valid JSON ({err})\nexpected layout:\n{layout}") from None
+
+
+def _relative_name(value: Any, where: str, key: str = "file_name") -> str:
+    """A file name from a dataset's own files: a non-empty relative path that stays inside its root
+    (no absolute path, no ``..``, no drive); a :class:`DatasetLayoutError` naming ``where`` and ``key``
+    otherwise. A collection names its images relative to itself: an image outside it is never read."""
+    if not isinstance(value, str) or not value.strip():
+        raise DatasetLayoutError(f"{where}: '{key}' must be a non-empty relative path, got {value!r}")
+    pure = PurePosixPath(value.replace("\\", "/"))
+    if pure.is_absolute() or PureWindowsPath(value).drive or ".." in pure.parts or "\x00" in value:
+        raise DatasetLayoutError(
+            f"{where}: '{key}' {value!r} points outside the collection (absolute or with '..'): file names are "
+            "relative to the collection's folder"
+        )
+    return value
 
 
 def _to_dataset(rows: list[dict[str, Any]], layout: str, check_files: bool):
@@ -107,16 +124,30 @@ def _load_karpathy(
     root = _require(Path(image_root), f"{what} image root", layout)
     if not isinstance(doc, dict) or "images" not in doc:
         raise DatasetLayoutError(f"{karpathy_json} has no 'images' list\nexpected layout:\n{layout}")
+    if not isinstance(doc["images"], list):
+        raise DatasetLayoutError(f"{karpathy_json}: 'images' must be a list\nexpected layout:\n{layout}")
     rows = []
-    for im in doc["images"]:
+    for n, im in enumerate(doc["images"]):
+        where = f"{karpathy_json}: images[{n}]"
+        if not isinstance(im, dict):
+            raise DatasetLayoutError(f"{where} must be an object\nexpected layout:\n{layout}")
         if im.get("split") != split:
             continue
-        rel = Path(im.get("filepath", "")) / im["filename"]
+        try:
+            filepath = im.get("filepath", "")
+            rel = Path(_relative_name(filepath, where, "filepath") if filepath else "")
+            rel = rel / _relative_name(im["filename"], where, "filename")
+            captions = [s["raw"].strip() for s in im["sentences"]]
+        except (KeyError, TypeError, AttributeError) as err:
+            raise DatasetLayoutError(
+                f"{where} needs 'filename' and 'sentences': [{{'raw': ...}}] ({type(err).__name__}: {err})"
+                f"\nexpected layout:\n{layout}"
+            ) from None
         rows.append(
             {
                 "image": str(root / rel),
                 "image_id": str(im.get("cocoid", im.get("imgid", im["filename"]))),
-                "captions": [s["raw"].strip() for s in im["sentences"]],
+                "captions": captions,
                 "file_name": str(rel),
             }
         )
@@ -145,18 +176,22 @@ def load_coco_2017(annotations_json: str | Path, image_dir: str | Path, *, check
             f"{annotations_json} needs 'images' and 'annotations'\nexpected layout:\n{_COCO2017_LAYOUT}"
         )
     captions: dict[Any, list[str]] = defaultdict(list)
-    for a in doc["annotations"]:
-        captions[a["image_id"]].append(a["caption"].strip())
-    rows = [
-        {
-            "image": str(root / im["file_name"]),
-            "image_id": str(im["id"]),
-            "captions": captions[im["id"]],
-            "file_name": im["file_name"],
-        }
-        for im in doc["images"]
-        if captions.get(im["id"])
-    ]
+    rows = []
+    try:
+        for a in doc["annotations"]:
+            captions[a["image_id"]].append(a["caption"].strip())
+        for n, im in enumerate(doc["images"]):
+            if captions.get(im["id"]):
+                name = _relative_name(im["file_name"], f"{annotations_json}: images[{n}]")
+                rows.append(
+                    {"image": str(root / name), "image_id": str(im["id"]), "captions": captions[im["id"]],
+                     "file_name": name}
+                )  # fmt: skip
+    except (KeyError, TypeError, AttributeError) as err:
+        raise DatasetLayoutError(
+            f"{annotations_json}: an image or annotation misses a field or has the wrong type ({type(err).__name__}: "
+            f"{err})\nexpected layout:\n{_COCO2017_LAYOUT}"
+        ) from None
     return _to_dataset(rows, _COCO2017_LAYOUT, check_files)
 
 
@@ -188,22 +223,32 @@ def load_image_folder(root: str | Path, *, check_files: bool = True):
             continue
         try:
             item = json.loads(line)
-        except json.JSONDecodeError as err:
+        except RecursionError:
+            raise DatasetLayoutError(f"{meta}:{n} is not valid JSON (nested too deeply)") from None
+        except ValueError as err:
             raise DatasetLayoutError(
                 f"{meta}:{n} is not valid JSON ({err})\nexpected layout:\n{_FOLDER_LAYOUT}"
-            ) from err
+            ) from None
+        if not isinstance(item, dict):
+            raise DatasetLayoutError(f"{meta}:{n} must be a JSON object\nexpected layout:\n{_FOLDER_LAYOUT}")
         caps = item.get("captions", item.get("text", item.get("caption")))
         if "file_name" not in item or caps is None:
             raise DatasetLayoutError(
                 f"{meta}:{n} needs 'file_name' and 'text'/'caption'/'captions'\nexpected layout:\n{_FOLDER_LAYOUT}"
             )
-        caps = [caps] if isinstance(caps, str) else [str(c) for c in caps]
+        name = _relative_name(item["file_name"], f"{meta}:{n}")
+        if isinstance(caps, str):
+            caps = [caps]
+        elif isinstance(caps, list) and all(isinstance(c, (str, int, float)) for c in caps):
+            caps = [str(c) for c in caps]
+        else:
+            raise DatasetLayoutError(f"{meta}:{n}: captions must be a string or a list of strings")
         rows.append(
             {
-                "image": str(root / item["file_name"]),
-                "image_id": str(item.get("id", item["file_name"])),
+                "image": str(root / name),
+                "image_id": str(item.get("id", name)),
                 "captions": caps,
-                "file_name": item["file_name"],
+                "file_name": name,
             }
         )
     return _to_dataset(rows, _FOLDER_LAYOUT, check_files)

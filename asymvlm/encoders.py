@@ -43,7 +43,6 @@ Example (a tiny open_clip architecture shipped with asymvlm, random weights):
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 from collections.abc import Callable, Sequence
@@ -324,7 +323,14 @@ class OpenCLIPEncoder(FrozenEncoder):
                     f"{path} not found: an open_clip directory holds open_clip_config.json "
                     f"({{'model_cfg': ..., 'preprocess_cfg': ...}}) and the weights (open_clip_model.safetensors)"
                 )
-            return json.loads(path.read_text()).get("model_cfg")
+            from asymvlm.io import read_json
+
+            doc = read_json(path)  # an ArtefactError naming the file when corrupt or nested too deeply
+            if not isinstance(doc, dict) or not isinstance(doc.get("model_cfg", {}), dict):
+                from asymvlm.errors import ArtefactError
+
+                raise ArtefactError(f"{path}: expected an object whose 'model_cfg' is an object")
+            return doc.get("model_cfg")
         if name.startswith("hf-hub:"):
             return None
         cfg = open_clip.get_model_config(name)

@@ -41,6 +41,8 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -49,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from asymvlm.distributions import PowerSpherical, SphericalDistribution, VonMisesFisher
+from asymvlm.errors import ConfigError
 from asymvlm.registry import Param, Registry
 
 __all__ = [
@@ -60,6 +63,9 @@ __all__ = [
     "ACTIVATIONS",
     "DIRECTIONS",
     "HeadConfig",
+    "MAX_WIDTH",
+    "MAX_HEAD_PARAMETERS",
+    "check_head_fields",
     "TextHead",
     "check_embeddings",
 ]
@@ -181,6 +187,60 @@ def check_embeddings(x: Tensor, dim: int, name: str, *, unit: bool = False, row_
             )
 
 
+MAX_WIDTH = 1 << 16  # the widest embedding or hidden layer a head config may ask for (the paper's: 1024)
+MAX_HEAD_PARAMETERS = 1 << 28  # 1 GiB of float32: far above any head (the paper's at d=1024: 4.2M), far below a hang
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(float(value))
+
+
+def check_head_fields(config: Any) -> None:
+    """Check every field of a :class:`HeadConfig` (types and ranges) before anything is allocated;
+    a :class:`~asymvlm.errors.ConfigError` naming the field otherwise. Normalises ``hidden_dims`` to
+    a tuple of ints and the bounds to floats (on the frozen instance)."""
+    c = config
+    for name in ("family", "activation", "direction"):
+        if not isinstance(getattr(c, name), str):
+            raise ConfigError(f"{name} must be a string, got {getattr(c, name)!r}")
+    FAMILY_REGISTRY.entry(c.family)  # ConfigError "unknown family ...; choose one of [...]"
+    if c.direction not in DIRECTIONS:
+        raise ConfigError(f"unknown direction {c.direction!r}; choose one of {list(DIRECTIONS)}")
+    if c.activation not in ACTIVATIONS:
+        raise ConfigError(f"unknown activation {c.activation!r}; choose one of {sorted(ACTIVATIONS)}")
+    if not _is_int(c.dim) or not 2 <= c.dim <= MAX_WIDTH:
+        raise ConfigError(f"dim must be an integer in [2, {MAX_WIDTH}], got {c.dim!r}")
+    hidden = c.hidden_dims
+    if not isinstance(hidden, (list, tuple)) or not all(_is_int(h) and 1 <= h <= MAX_WIDTH for h in hidden):
+        raise ConfigError(f"hidden_dims must be a list of integer widths in [1, {MAX_WIDTH}], got {hidden!r}")
+    object.__setattr__(c, "hidden_dims", tuple(int(h) for h in hidden))
+    widths = (int(c.dim), *c.hidden_dims, int(c.dim))
+    count = sum((a + 1) * b for a, b in zip(widths[:-1], widths[1:]))
+    if count > MAX_HEAD_PARAMETERS:
+        raise ConfigError(
+            f"hidden_dims {list(c.hidden_dims)} with dim {c.dim} make a head of {count:,} parameters, more than "
+            f"{MAX_HEAD_PARAMETERS:,}"
+        )
+    object.__setattr__(c, "dim", int(c.dim))
+    if not isinstance(c.residual, bool):
+        raise ConfigError(f"residual must be true or false, got {c.residual!r}")
+    for name in ("init_concentration", "min_concentration", "max_concentration"):
+        value = getattr(c, name)
+        if not _is_number(value):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        object.__setattr__(c, name, float(value))
+    if not 0 < c.min_concentration < c.max_concentration:
+        raise ConfigError(
+            f"need 0 < min_concentration < max_concentration, got {c.min_concentration}, {c.max_concentration}"
+        )
+    if c.residual and c.init_concentration <= 0:
+        raise ConfigError(f"init_concentration must be > 0, got {c.init_concentration}")
+
+
 @dataclass(frozen=True)
 class HeadConfig:
     """Architecture of a :class:`TextHead` (what ``save_pretrained`` stores)."""
@@ -209,23 +269,7 @@ class HeadConfig:
     max_concentration: float = field(default=1e5, metadata={"help": "Upper bound on concentration."})
 
     def __post_init__(self) -> None:
-        FAMILY_REGISTRY.entry(self.family)  # ConfigError "unknown family ...; choose one of [...]"
-        if self.direction not in DIRECTIONS:
-            raise ValueError(f"unknown direction {self.direction!r}; choose one of {list(DIRECTIONS)}")
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
-        if not isinstance(self.dim, int) or self.dim < 2:
-            raise ValueError(f"dim must be an integer >= 2, got {self.dim!r}")
-        object.__setattr__(self, "hidden_dims", tuple(int(h) for h in self.hidden_dims))
-        if any(h < 1 for h in self.hidden_dims):
-            raise ValueError(f"hidden_dims must be positive, got {self.hidden_dims}")
-        if not 0 < self.min_concentration < self.max_concentration:
-            raise ValueError(
-                "need 0 < min_concentration < max_concentration, got "
-                f"{self.min_concentration}, {self.max_concentration}"
-            )
-        if self.residual and self.init_concentration <= 0:
-            raise ValueError(f"init_concentration must be > 0, got {self.init_concentration}")
+        check_head_fields(self)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -273,7 +317,7 @@ class TextHead(nn.Module):
             config = HeadConfig(
                 dim=dim,
                 family=family,
-                hidden_dims=tuple(hidden_dims),
+                hidden_dims=tuple(hidden_dims) if isinstance(hidden_dims, (list, tuple, range)) else hidden_dims,
                 activation=activation,
                 direction=direction,
                 residual=residual,

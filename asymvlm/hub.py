@@ -57,6 +57,8 @@ __all__ = [
     "resolve_artefact",
     "looks_like_hub_id",
     "split_revision",
+    "check_revision",
+    "public_text",
     "model_card",
     "card_from_folder",
     "write_model_card",
@@ -96,6 +98,35 @@ def looks_like_hub_id(name: str) -> bool:
     return bool(_HUB_ID.match(name)) and ".." not in name and not name.endswith((".", "-"))
 
 
+_REVISION = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._/+-]{0,254}")
+
+
+def check_revision(revision: Any) -> str:
+    """``revision`` when it is a plain Hub revision (a branch, tag, ``refs/pr/N`` or commit hash);
+    anything shaped like a path (``..``, a leading ``/``, a backslash, an empty part, whitespace or
+    control characters) is an :class:`~asymvlm.errors.ArtefactError`, before any lookup: the Hub
+    cache keeps refs as files (``refs/<revision>``), so such a name would reach a local folder.
+
+    Example:
+        >>> check_revision("refs/pr/1")
+        'refs/pr/1'
+    """
+    text = revision if isinstance(revision, str) else None
+    if (
+        text is None
+        or not _REVISION.fullmatch(text)
+        or ".." in text
+        or "//" in text
+        or text.endswith(("/", ".", ".lock"))
+        or any(part.startswith(".") for part in text.split("/"))
+    ):
+        raise ArtefactError(
+            f"revision {revision!r} is not a Hub revision (a branch, tag, refs/pr/N or commit hash; no '..', "
+            "no leading '/' or '.', no backslash or whitespace)"
+        )
+    return text
+
+
 def split_revision(name: str) -> tuple[str, str | None]:
     """``"user/repo@v1"`` -> ``("user/repo", "v1")``; anything else -> ``(name, None)``.
 
@@ -126,10 +157,16 @@ def resolve_artefact(
             raise ArtefactError(f"revision={revision!r} is for Hub ids; {path} is a local folder")
         return path
     name, at = split_revision(str(name_or_path))
+    if at is None and "@" in str(name_or_path):
+        repo, _, rev = str(name_or_path).partition("@")
+        if looks_like_hub_id(repo):  # user/repo@<not a revision>: say so, never fall back to a path
+            check_revision(rev)
     if at is not None:
         if revision is not None and revision != at:
             raise ArtefactError(f"{name_or_path!r} names revision {at!r} and revision={revision!r} another")
         revision = at
+    if revision is not None:
+        check_revision(revision)  # before anything touches the Hub cache
     if not looks_like_hub_id(name):
         raise ArtefactError(f"no {what} at {path}")
     from huggingface_hub import constants, snapshot_download
@@ -261,6 +298,35 @@ def public_name(value: Any) -> Any:
     return "/".join(p for p in parts[-2:] if p not in ("/", "\\")) if len(parts) > 1 else text
 
 
+# an absolute path inside a string: a "/" that starts a path (not "//", not inside a word, a URL or
+# a relative path), or a Windows drive or home folder; it runs to the next whitespace, quote, ":" or ","
+_ABSOLUTE = re.compile(r"(?<![\w./~-])(?:/(?!/)|~/|[A-Za-z]:[\\/])[^\s'\",:;|()\[\]{}<>`]*")
+
+
+def public_text(value: Any) -> Any:
+    """``value`` with every absolute path in it named by its last two parts (:func:`public_name`):
+    strings (also inside specs such as ``open_clip:local-dir:/srv/models/clip`` -> ``open_clip:local-dir:
+    models/clip``, ``imagefolder:/data/photos``), mapping keys and values, list items; anything else
+    as it is. What a card, a report or a response shows names no server path.
+
+    Example:
+        >>> public_text({"spec": "open_clip:local-dir:/srv/team/models/clip", "url": "https://x.org/a/b"})
+        {'spec': 'open_clip:local-dir:models/clip', 'url': 'https://x.org/a/b'}
+    """
+    if isinstance(value, str):
+        return _ABSOLUTE.sub(lambda m: _tail(m.group(0)), value.replace("file:///", "/"))
+    if isinstance(value, Mapping):
+        return {public_text(k): public_text(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [public_text(v) for v in value]
+    return value
+
+
+def _tail(path: str) -> str:
+    parts = [p for p in re.split(r"[\\/]+", path) if p and p != "~" and not re.fullmatch(r"[A-Za-z]:", p)]
+    return "/".join(parts[-2:]) if parts else path
+
+
 def describe_data(data_args: Any = None, cache: Any = None, **counts: Any) -> dict[str, Any]:
     """The training data as a card records it: the dataset name or the cache's folder name (never a
     local path), the cache's dataset fingerprint and its numbers of images and texts, plus ``counts``
@@ -386,6 +452,12 @@ def model_card(
     record: dict[str, Any] = {"kind": kind}
     if lineage and lineage.get("init_from"):
         lineage = {**lineage, "init_from": public_name(lineage["init_from"])}
+    base = base_model if base_model is not None else hub_base_model(encoder)
+    # a card is shared: every absolute path it would name (a local encoder's folder, a checkpoint
+    # file, data and output folders in the recipe) is named by its last two parts
+    encoder, lineage, data, recipe, metrics, evaluation = (
+        public_text(x) for x in (encoder, lineage, data, recipe, metrics, evaluation)
+    )
     sections = {"encoder": encoder, "head": head, "logit_scale": logit_scale, "lineage": lineage, "data": data,
                 "recipe": recipe, "metrics": metrics, "evaluation": evaluation}  # fmt: skip
     record.update({key: _plain(value) for key, value in sections.items() if value is not None and value != {}})
@@ -393,7 +465,6 @@ def model_card(
     family_tag, family_name = _FAMILIES.get(str(family), (str(family), str(family))) if family else (None, None)
     all_tags = ["asymvlm", "vision-language", "uncertainty", *([family_tag] if family_tag else []), *spec.tags]
     all_tags += [t for t in tags if t not in all_tags]
-    base = base_model if base_model is not None else hub_base_model(encoder)
     repo = repo_id or PLACEHOLDER_REPO
     eval_results = None
     if evaluation and _numbers(evaluation.get("metrics") or {}):
@@ -550,8 +621,8 @@ def artefact_kind(folder: str | os.PathLike) -> str:
         raise ArtefactError(f"no folder at {folder}: nothing to push")
     for name, tag, kind in _ARTEFACT_FILES:
         try:
-            doc = json.loads((folder / name).read_text())
-        except (OSError, ValueError):
+            doc = json.loads((folder / name).read_bytes())
+        except (OSError, ValueError, RecursionError):
             continue
         if isinstance(doc, dict) and doc.get("type") == tag:
             return kind
@@ -562,6 +633,21 @@ def artefact_kind(folder: str | os.PathLike) -> str:
         f"{folder} is not an asymvlm artefact (none of asymvlm_config.json, merge.json, task_vector.json){hint}: "
         "nothing pushed"
     )
+
+
+def _public_json(path: Path) -> bytes | None:
+    """The JSON file as it is uploaded when it names an absolute path (a local encoder's folder in
+    ``asymvlm_config.json``, a merge's inputs, a peft adapter's base): every such path by its last two
+    parts (:func:`public_text`); None when the file names none (it is uploaded as it is) or is not
+    JSON. The folder itself is not changed."""
+    try:
+        doc = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return None
+    public = public_text(doc)
+    if json.dumps(public, sort_keys=True) == json.dumps(doc, sort_keys=True):
+        return None
+    return (json.dumps(public, indent=2, sort_keys=True) + "\n").encode()
 
 
 def push_to_hub(
@@ -579,8 +665,10 @@ def push_to_hub(
     Creates the repo if needed (``HfApi.create_repo(exist_ok=True)``; ``private`` applies to a new
     repo), the branch ``revision`` if given, and uploads the folder's files in one commit
     (``HfApi.create_commit``; hidden files such as asymvlm's bookkeeping stay behind). An asymvlm
-    card is uploaded rendered again with ``repo_id`` in its loading example; the folder itself is
-    not changed. Needs the network and a token with write access (``hf auth login`` or ``token=``).
+    card is uploaded rendered again with ``repo_id`` in its loading example, and a JSON file that
+    names an absolute path (a local encoder's folder, a merge's inputs) with each such path by its
+    last two parts; the folder itself is not changed. Needs the network and a token with write
+    access (``hf auth login`` or ``token=``).
 
     Returns:
         The ``CommitInfo`` of the upload (its ``pr_url`` with ``create_pr=True``).
@@ -601,7 +689,9 @@ def push_to_hub(
         if not path.is_file() or any(part.startswith(".") for part in rel.parts):
             continue  # .asymvlm-files.json and any temporary file
         name = rel.as_posix()
-        content = str(card).encode("utf-8") if name == CARD_NAME and card is not None else str(path)
+        content: str | bytes = str(card).encode("utf-8") if name == CARD_NAME and card is not None else str(path)
+        if name.endswith(".json"):
+            content = _public_json(path) or content
         operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)

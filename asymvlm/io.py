@@ -34,13 +34,18 @@ from torch import Tensor
 from asymvlm.errors import ArtefactError
 
 __all__ = [
+    "inside_folder",
     "ArtefactError",
     "atomic_directory",
     "owned_entries",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_save_safetensors",
+    "require_finite",
+    "non_finite_key",
+    "read_safetensors_header",
     "load_safetensors",
+    "parse_json",
     "read_json",
     "read_jsonl",
     "read_tagged_json",
@@ -146,8 +151,11 @@ def _owned_entries(path: Path) -> set[str] | None:
         return None
     try:
         doc = json.loads(record.read_text())
-        return set(doc["entries"]) | {MANIFEST_NAME}
-    except (ValueError, KeyError, TypeError):
+        entries = doc["entries"]
+        if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+            return None
+        return set(entries) | {MANIFEST_NAME}
+    except (ValueError, KeyError, TypeError, RecursionError, OSError):
         return None
 
 
@@ -155,6 +163,100 @@ def owned_entries(path: str | Path) -> set[str] | None:
     """The entries asymvlm wrote into the folder ``path`` (its ``.asymvlm-files.json`` record, which
     :func:`atomic_directory` writes), or None when it has no record."""
     return _owned_entries(Path(path))
+
+
+def _lock_dir(folder: Path) -> int | None:
+    """An open descriptor of ``folder`` holding an exclusive ``flock`` (released when the process
+    ends, even by ``kill -9``), so a later run can tell a live run's temporary folder from a dead
+    one's; None where ``flock`` is unavailable or the folder is already locked."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return None
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _move_back(names: list[str], src: Path, dst: Path) -> list[str]:
+    """Move ``names`` from ``src`` back to ``dst`` (newest first); the names that could not be moved."""
+    stuck = []
+    for name in reversed(names):
+        try:
+            os.replace(src / name, dst / name)
+        except OSError:
+            stuck.append(name)
+    return sorted(stuck)
+
+
+def _recover_leftovers(path: Path) -> None:
+    """Put back the user's entries that a killed :func:`atomic_directory` run left in its hidden
+    ``.NAME.tmp-*`` / ``.NAME.old-*`` folder next to ``path`` (the run had moved them there and died
+    before the exchange). A folder still locked by a live run is left alone; one without a record
+    was killed before any move and holds nothing of the user's (it is left as it is); one whose
+    entries are all asymvlm's is removed. What cannot be put back is named in a warning."""
+    parent = path.parent
+    try:
+        candidates = sorted(
+            p
+            for p in parent.iterdir()
+            if p.name.startswith((f".{path.name}.tmp-", f".{path.name}.old-")) and p.is_dir() and not p.is_symlink()
+        )
+    except OSError:
+        return
+    for left in candidates:
+        fd = _lock_dir(left)
+        if fd is None:
+            continue  # a live run's folder (or no flock here): not ours to touch
+        try:
+            owned = _owned_entries(left)
+            if owned is None:
+                continue
+            users = sorted({p.name for p in left.iterdir()} - owned)
+            if users and not path.exists() and left.name.startswith(f".{path.name}.tmp-"):
+                # killed between the two renames of the fallback: the folder is complete (its record
+                # is written after the contents), so finishing the rename restores everything
+                os.replace(left, path)
+                warnings.warn(
+                    f"recovered {path} from {left.name}, left by an interrupted write (with your entries {users[:6]})",
+                    stacklevel=4,
+                )
+                continue
+            if users:
+                path.mkdir(exist_ok=True)
+                movable = [n for n in users if not (path / n).exists() and not (path / n).is_symlink()]
+                stuck = _move_back(movable, left, path) + [n for n in users if n not in movable]
+                moved = [n for n in users if n not in stuck]
+                if moved:
+                    warnings.warn(
+                        f"recovered {moved[:6]} into {path} from {left.name}, left by an interrupted write",
+                        stacklevel=4,
+                    )
+                if stuck:
+                    warnings.warn(
+                        f"{left} holds entries of yours that an interrupted write moved out of {path} and that could "
+                        f"not be put back ({stuck[:6]}): move them back by hand",
+                        stacklevel=4,
+                    )
+                    continue
+            shutil.rmtree(left, ignore_errors=True)  # only asymvlm's entries are left in it
+        finally:
+            _unlock(fd)
 
 
 @contextlib.contextmanager
@@ -170,6 +272,13 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     renames). An existing non-empty folder without a record was not built by asymvlm: it is an
     :class:`ArtefactError`, and nothing is touched.
 
+    A user's entry is never lost: when one cannot be moved (an immutable file, a read-only
+    subfolder), the entries already moved are put back and the error names it, with ``path`` as it
+    was; a temporary folder that still holds a user's entry is never removed (the error names it).
+    A run killed between the moves and the swap leaves them in its hidden ``.NAME.tmp-*`` folder:
+    the next run on ``path`` puts them back (with a warning naming the folder). A run's temporary
+    folder is ``flock``'ed while it runs, so a concurrent run never takes a live run's entries.
+
     Example:
         >>> import tempfile
         >>> target = Path(tempfile.mkdtemp()) / "out"
@@ -180,6 +289,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _recover_leftovers(path)
     keep: list[str] = []
     if path.exists():
         if not path.is_dir():
@@ -194,6 +304,8 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         keep = sorted(present - (owned or set()))
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()  # mode 0o777 & ~umask, like any mkdir (tempfile.mkdtemp would make it 0700)
+    lock = _lock_dir(tmp)
+    moved: list[str] = []  # the user's entries now in tmp (never rmtree'd while this is not empty)
     try:
         yield tmp
         entries = sorted(p.name for p in tmp.iterdir())
@@ -205,21 +317,125 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
             )
         atomic_write_bytes(json.dumps({"entries": entries}).encode(), tmp / MANIFEST_NAME)
         if path.exists():
+            _check_movable(path, keep)
             for name in keep:  # carried over: the user's entries survive the replacement
-                os.replace(path / name, tmp / name)
+                try:
+                    os.replace(path / name, tmp / name)
+                except OSError as err:
+                    _restore(moved, tmp, path)
+                    raise ArtefactError(
+                        f"{path}: your entry {name!r} cannot be moved into the new folder ({err.strerror or err}); "
+                        "nothing was changed"
+                    ) from err
+                moved.append(name)
             if _exchange(tmp, path):  # now tmp holds the old folder (only asymvlm's entries)
+                moved = []
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
-                old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(path, old)
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
+                _replace_by_renames(path, tmp, moved)
+                moved = []
         else:
             os.replace(tmp, path)
         _fsync_dir(path.parent)
+    except BaseException as err:
+        if moved and not isinstance(err, _KeptFolder):  # a failure after the moves: put the user's entries back
+            _restore(moved, tmp, path)
+        raise
     finally:
-        if tmp.exists():
+        _unlock(lock)
+        if tmp.exists() and not moved:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_movable(path: Path, names: list[str]) -> None:
+    """Before any move: a folder can only be renamed to another parent with write permission on it
+    (its ``..`` entry changes), and ``path`` itself must be writable."""
+    if os.name != "posix" or (hasattr(os, "geteuid") and os.geteuid() == 0):
+        return  # root passes these checks; an immutable entry shows when it is moved (and is put back)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ArtefactError(f"{path} is not writable: its entries cannot be carried over; nothing was changed")
+    for name in names:
+        entry = path / name
+        if entry.is_dir() and not entry.is_symlink() and not os.access(entry, os.W_OK):
+            raise ArtefactError(
+                f"{path}: your folder {name!r} is read-only, so it cannot be moved into the new folder; nothing was "
+                "changed (make it writable, or move it elsewhere)"
+            )
+
+
+class _KeptFolder(ArtefactError):
+    """Some of the user's entries could not be put back: their temporary folder is kept."""
+
+
+def _restore(moved: list[str], tmp: Path, path: Path) -> None:
+    """Move the user's entries ``moved`` from ``tmp`` back into ``path``; when one cannot be put
+    back, ``tmp`` is kept (never removed) and an :class:`ArtefactError` names it."""
+    stuck = _move_back(list(moved), tmp, path)
+    moved.clear()
+    if stuck:
+        moved.extend(stuck)  # keeps tmp from being removed
+        raise _KeptFolder(
+            f"{path}: your entries {stuck[:6]} could not be put back and are in {tmp} (kept; the next write to "
+            f"{path.name} puts them back, or move them by hand)"
+        )
+
+
+def _replace_by_renames(path: Path, tmp: Path, moved: list[str]) -> None:
+    """Where ``renameat2(RENAME_EXCHANGE)`` is unavailable: ``path`` -> ``.NAME.old-*``, ``tmp`` ->
+    ``path``; a failure of either rename restores the old folder (the caller puts back ``moved``)."""
+    old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def inside_folder(directory: str | Path, name: str, *, source: str | Path | None = None, field: str | None = None) -> Path:
+    """``directory / name`` when ``name`` is a relative path that stays inside ``directory``: no
+    absolute path, no ``..``, and no symbolic link (the entry itself, or anything under it when it is a
+    folder) that resolves outside the folder; otherwise an :class:`ArtefactError` naming ``source``
+    (the file that named ``name``; default: the entry itself) and ``field``. A Hugging Face Hub
+    snapshot's files are links into its repo's ``blobs/`` folder: that folder counts as inside.
+
+    Every artefact reader opens its files through this, so a tampered artefact cannot make a load read
+    another model's, gallery's or cache's files, or anything else on the machine.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> inside_folder(d, "head.safetensors") == d / "head.safetensors"
+        True
+        >>> inside_folder(d, "../x", field="text_adapter")
+        Traceback (most recent call last):
+        ...
+        asymvlm.errors.ArtefactError: ...: text_adapter '../x' points outside ... (absolute or with '..')
+    """
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    directory = Path(directory)
+    what = f"{source}: {field}" if field else f"{source or directory / str(name)}:"
+    if not isinstance(name, str) or not name:
+        raise ArtefactError(f"{what} must be a relative file name, got {name!r}")
+    pure = PurePosixPath(name.replace("\\", "/"))
+    if pure.is_absolute() or PureWindowsPath(name).drive or ".." in pure.parts or "\x00" in name:
+        raise ArtefactError(f"{what} {name!r} points outside {directory} (absolute or with '..')")
+    root = directory.resolve()
+    roots = [root]
+    if root.parent.name == "snapshots":
+        roots.append(root.parent.parent / "blobs")
+    target = directory / name
+    checked = [target, *(sorted(target.rglob("*")) if target.is_dir() and not target.is_symlink() else [])]
+    for p in checked:
+        resolved = p.resolve()
+        if not any(resolved == r or resolved.is_relative_to(r) for r in roots):
+            raise ArtefactError(
+                f"{what} {name!r} resolves outside {directory} ({p.relative_to(directory)} is a link to {resolved}): "
+                "refused"
+            )
+    return target
 
 
 def atomic_write_json(obj: Any, path: str | Path) -> Path:
@@ -227,14 +443,64 @@ def atomic_write_json(obj: Any, path: str | Path) -> Path:
     return atomic_write_bytes((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode(), path)
 
 
+def non_finite_key(tensors: Mapping[str, Tensor]) -> str | None:
+    """The first key (in the given order) of a floating tensor holding NaN or inf, or None."""
+    for k, v in tensors.items():
+        if isinstance(v, Tensor) and (v.is_floating_point() or v.is_complex()) and v.numel():
+            if not bool(torch.isfinite(v).all()):
+                return k
+    return None
+
+
+def require_finite(tensors: Mapping[str, Tensor], path: str | Path) -> None:
+    """An :class:`ArtefactError` naming the tensor and ``path`` when a floating tensor of ``tensors``
+    holds NaN or inf (the invariant: nothing non-finite is saved)."""
+    key = non_finite_key(tensors)
+    if key is not None:
+        raise ArtefactError(f"tensor {key!r} holds NaN or inf: not saved to {path}; nothing was written")
+
+
 def atomic_save_safetensors(
-    tensors: dict[str, Tensor], path: str | Path, metadata: dict[str, str] | None = None
+    tensors: dict[str, Tensor],
+    path: str | Path,
+    metadata: dict[str, str] | None = None,
+    *,
+    check_finite: bool = True,
 ) -> Path:
-    """Atomically write a safetensors file (tensors are made contiguous and moved to CPU)."""
+    """Atomically write a safetensors file (tensors are made contiguous and moved to CPU).
+
+    Nothing non-finite is saved: a floating tensor holding NaN or inf is an :class:`ArtefactError`
+    naming the key and ``path``, and nothing is written. ``check_finite=False`` is the opt-out for a
+    file that legitimately stores such values (no caller in the package needs it).
+    """
     from safetensors.torch import save
 
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    if check_finite:
+        require_finite(cpu, path)
     return atomic_write_bytes(save(cpu, metadata=metadata), path)
+
+
+def read_safetensors_header(path: str | Path) -> tuple[dict[str, tuple[str, list[int]]], dict[str, str]]:
+    """``({key: (dtype, shape)}, metadata)`` of a safetensors file from its header alone (no tensor
+    is read or allocated); an :class:`ArtefactError` naming the file when it is missing or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtefactError(f"missing file: {path}")
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if n <= 0 or 8 + n > size:
+            raise ArtefactError(f"corrupt or truncated safetensors file {path}: bad header length {n}")
+        header = parse_json(f.read(n), f"the safetensors header of {path}", allow_nan=False)
+    if not isinstance(header, dict):
+        raise ArtefactError(f"corrupt safetensors file {path}: the header is not an object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise ArtefactError(f"corrupt safetensors file {path}: __metadata__ must map names to strings")
+    for k, info in header.items():
+        _check_header_entry(path, k, info)
+    return {k: (info["dtype"], list(info["shape"])) for k, info in header.items()}, meta
 
 
 def load_safetensors(
@@ -313,13 +579,17 @@ def mmap_safetensors(
         n = int.from_bytes(f.read(8), "little")
         if n <= 0 or 8 + n > size:
             raise ArtefactError(f"corrupt or truncated safetensors file {path}: bad header length {n}")
-        header = json.loads(f.read(n))
+        header = parse_json(f.read(n), f"the safetensors header of {path}", allow_nan=False)
         data_start = 8 + n
+        if not isinstance(header, dict):
+            raise ArtefactError(f"corrupt safetensors file {path}: the header is not an object")
         if keys is None:
             keys = [k for k in header if k != "__metadata__"]
         missing = [k for k in keys if k not in header]
         if missing:
             raise ArtefactError(f"{path} has no tensor(s) {missing}")
+        for k in keys:
+            _check_header_entry(path, k, header[k])
         ranges = {
             k: (data_start + header[k]["data_offsets"][0], data_start + header[k]["data_offsets"][1]) for k in keys
         }
@@ -345,6 +615,29 @@ def mmap_safetensors(
             )
             out[k] = t.reshape(info["shape"])
     return mm, out, ranges
+
+
+def _check_header_entry(path: Path, key: str, info: Any) -> None:
+    """One tensor's safetensors header entry: ``{"dtype": known, "shape": [ints >= 0], "data_offsets":
+    [start, end]}`` with ``end - start`` the shape's byte size; an :class:`ArtefactError` otherwise."""
+    ok = (
+        isinstance(info, dict)
+        and info.get("dtype") in _DTYPES
+        and isinstance(info.get("shape"), list)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in info["shape"])
+        and isinstance(info.get("data_offsets"), list)
+        and len(info["data_offsets"]) == 2
+        and all(isinstance(o, int) and not isinstance(o, bool) and o >= 0 for o in info["data_offsets"])
+    )
+    if not ok:
+        raise ArtefactError(f"corrupt safetensors file {path}: bad header entry for {key!r}")
+    start, end = info["data_offsets"]
+    size = math.prod(info["shape"]) * torch.empty((), dtype=_DTYPES[info["dtype"]]).element_size()
+    if end - start != size:
+        raise ArtefactError(
+            f"corrupt safetensors file {path}: {key!r} spans {end - start} bytes, its shape "
+            f"{info['shape']} needs {size}"
+        )
 
 
 def json_safe(obj: Any) -> Any:
@@ -374,15 +667,35 @@ def tensor_fingerprint(params: Mapping[str, Tensor], keys: Sequence[str] | None 
     return h.hexdigest()
 
 
-def read_json(path: str | Path) -> Any:
-    """Read JSON with an :class:`ArtefactError` naming the file when missing or corrupt."""
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a finite number")
+
+
+def parse_json(text: str | bytes, where: Any, *, allow_nan: bool = True) -> Any:
+    """``json.loads(text)`` with every failure as one :class:`ArtefactError` naming ``where``: invalid
+    JSON, invalid UTF-8, nesting too deep for the parser (a ``RecursionError`` otherwise), and with
+    ``allow_nan=False`` the non-standard constants ``NaN``, ``Infinity`` and ``-Infinity``."""
+    try:
+        if allow_nan:
+            return json.loads(text)
+        return json.loads(text, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ArtefactError(f"corrupt JSON in {where}: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
+        raise ArtefactError(f"corrupt JSON in {where}: {err}") from None
+
+
+def read_json(path: str | Path, *, allow_nan: bool = True) -> Any:
+    """Read JSON with an :class:`ArtefactError` naming the file when missing or corrupt (invalid,
+    nested too deeply, or with ``allow_nan=False`` holding ``NaN`` / ``Infinity``)."""
     path = Path(path)
     if not path.is_file():
         raise ArtefactError(f"missing file: {path}")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ArtefactError(f"corrupt JSON in {path}: {err}") from err
+        raw = path.read_bytes()
+    except OSError as err:
+        raise ArtefactError(f"cannot read {path}: {err.strerror or err}") from None
+    return parse_json(raw, path, allow_nan=allow_nan)
 
 
 def read_jsonl(path: str | Path) -> list[Any]:
@@ -391,25 +704,34 @@ def read_jsonl(path: str | Path) -> list[Any]:
     path = Path(path)
     if not path.is_file():
         return []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ArtefactError(f"cannot read {path}: {err}") from None
     records = []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ArtefactError(f"corrupt JSON in {path}, line {n}: {err}") from err
+            records.append(parse_json(line, f"{path}, line {n}"))
     return records
 
 
 def read_tagged_json(
-    path: str | Path, type_tag: str, max_version: int, required: Iterable[str], known: Iterable[str]
+    path: str | Path,
+    type_tag: str,
+    max_version: int,
+    required: Iterable[str],
+    known: Iterable[str],
+    *,
+    allow_nan: bool = True,
 ) -> dict[str, Any]:
     """Read an artefact JSON: check its ``type`` and ``format_version``, require keys, drop unknown ones.
 
     Unknown keys (written by a newer asymvlm) are dropped with a warning that names them;
-    missing required keys and a wrong type tag are :class:`ArtefactError`.
+    missing required keys and a wrong type tag are :class:`ArtefactError`. ``allow_nan=False``:
+    ``NaN`` / ``Infinity`` anywhere in the file is an :class:`ArtefactError` (for artefacts whose
+    writer never stores them).
     """
-    doc = read_json(path)
+    doc = read_json(path, allow_nan=allow_nan)
     if not isinstance(doc, dict):
         raise ArtefactError(f"{path}: expected a JSON object")
     if doc.get("type") != type_tag:
@@ -417,6 +739,8 @@ def read_tagged_json(
     version = doc.get("format_version")
     if not isinstance(version, int):
         raise ArtefactError(f"{path}: missing or invalid format_version")
+    if isinstance(version, bool) or version < 1:
+        raise ArtefactError(f"{path}: invalid format_version {version!r}")
     if version > max_version:
         warnings.warn(
             f"{path} has format_version {version}, newer than this asymvlm reads ({max_version}); "

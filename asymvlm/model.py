@@ -8,7 +8,8 @@ Saved layout (``save_pretrained(dir)``)::
 
     asymvlm_config.json   type "asymvlm", format_version, head (HeadConfig), encoder (spec,
                           pretrained, fingerprint, dim) or null, logit_scale
-    head.safetensors      the head's weights
+    head.safetensors      the head's weights (its metadata records the head config they were saved
+                          with: a config edited against them is an error on load)
     README.md             the model card (:func:`asymvlm.hub.model_card`; never read on load, and
                           never written over when it is the user's own)
 
@@ -32,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -41,9 +43,18 @@ import torch
 from torch import Tensor, nn
 
 from asymvlm.distributions import SphericalDistribution
-from asymvlm.errors import EncoderMismatchError
+from asymvlm.errors import ConfigError, EncoderMismatchError
 from asymvlm.heads import HeadConfig, TextHead, check_embeddings
-from asymvlm.io import ArtefactError, atomic_save_safetensors, atomic_write_json, load_safetensors, read_tagged_json
+from asymvlm.io import (
+    ArtefactError,
+    atomic_save_safetensors,
+    atomic_write_json,
+    load_safetensors,
+    non_finite_key,
+    read_safetensors_header,
+    read_tagged_json,
+    require_finite,
+)
 from asymvlm.losses import log_likelihood
 
 __all__ = ["AsymVLM", "EncoderMismatchError", "CONFIG_NAME", "WEIGHTS_NAME", "ADAPTER_DIR", "apply_text_adapter"]
@@ -115,6 +126,11 @@ class AsymVLM(nn.Module):
             raise ValueError(
                 f"encoder dimension {encoder.dim} ({encoder.spec}) does not match the head's dimension {head.dim}"
             )
+        if isinstance(logit_scale, bool) or not isinstance(logit_scale, numbers.Real) or not math.isfinite(logit_scale):
+            raise ConfigError(f"logit_scale must be a finite number, got {logit_scale!r}")
+        for name, value in (("encoder_source", encoder_source), ("lineage", lineage)):
+            if value is not None and not isinstance(value, Mapping):
+                raise ConfigError(f"{name} must be a mapping or None, got {type(value).__name__}")
         self.head = head
         self.encoder = encoder
         self.logit_scale = float(logit_scale)
@@ -229,9 +245,12 @@ class AsymVLM(nn.Module):
                 write is kept (with a warning), never overwritten.
         """
         directory = Path(directory)
+        self._check_finite(directory)  # nothing non-finite is saved: checked before anything is written
         directory.mkdir(parents=True, exist_ok=True)
         atomic_save_safetensors(
-            self.head.state_dict(), directory / WEIGHTS_NAME, metadata={"format": "pt", "type": MODEL_TYPE}
+            self.head.state_dict(),
+            directory / WEIGHTS_NAME,
+            metadata={"format": "pt", "type": MODEL_TYPE, "head_config": _config_json(self.head.config)},
         )
         config = {
             "type": MODEL_TYPE,
@@ -267,6 +286,21 @@ class AsymVLM(nn.Module):
 
             write_model_card(directory, self.model_card(**(dict(card) if isinstance(card, Mapping) else {})))
         return directory
+
+    def _check_finite(self, directory: Path) -> None:
+        """An :class:`ArtefactError` naming the tensor and the file it would go to when anything this
+        model saves is NaN or infinite (the head's weights, the log temperature, the text tower's
+        folded updates or LoRA adapter)."""
+        if not math.isfinite(self.logit_scale):
+            raise ArtefactError(
+                f"logit_scale is {self.logit_scale}: not saved to {directory / CONFIG_NAME}; nothing was written"
+            )
+        require_finite(self.head.state_dict(), directory / WEIGHTS_NAME)
+        if self.text_base_delta:
+            require_finite(self.text_base_delta, directory / BASE_DELTA_NAME)
+        if self.text_adapter is not None:
+            lora = {k: p for k, p in self.text_adapter.named_parameters() if "lora_" in k}
+            require_finite(lora, directory / ADAPTER_DIR)
 
     def push_to_hub(
         self,
@@ -339,28 +373,25 @@ class AsymVLM(nn.Module):
         directory = resolve_artefact(directory, revision=revision, cache_dir=encoder_kwargs.get("cache_dir"))
         if not directory.is_dir():
             raise ArtefactError(f"no saved AsymVLM at {directory}")
+        cfg_path = directory / CONFIG_NAME
         cfg = read_tagged_json(
-            directory / CONFIG_NAME,
+            cfg_path,
             MODEL_TYPE,
             MODEL_VERSION,
             required=("head",),
             known=("encoder", "logit_scale", "text_adapter", "text_base_delta", "lineage", "confidence"),
+            allow_nan=False,
         )
-        head_cfg = cfg["head"]
-        if not isinstance(head_cfg, dict):
-            raise ArtefactError(f"{directory / CONFIG_NAME}: 'head' must be an object")
-        fields = set(HeadConfig.__dataclass_fields__)
-        unknown = sorted(set(head_cfg) - fields)
-        if unknown:
-            warnings.warn(f"{directory / CONFIG_NAME}: ignoring unknown head key(s) {unknown}", stacklevel=2)
-        if "dim" not in head_cfg:
-            raise ArtefactError(f"{directory / CONFIG_NAME}: head config misses required key 'dim'")
-        head_cfg = {k: v for k, v in head_cfg.items() if k in fields}
-        head_cfg.setdefault("direction", "learned")  # saved before the option existed: the paper's head
-        if "hidden_dims" in head_cfg:
-            head_cfg["hidden_dims"] = tuple(head_cfg["hidden_dims"])
-        head = TextHead(config=HeadConfig(**head_cfg))
+        head_config = _head_config(cfg["head"], cfg_path)
+        _check_model_config(cfg, cfg_path, head_config)
+        # the weights' header before any allocation: keys, shapes, dtypes and the head config they were
+        # saved with must be this config's
+        _check_weights_header(directory / WEIGHTS_NAME, head_config)
+        head = TextHead(config=head_config)
         state = load_safetensors(directory / WEIGHTS_NAME, mmap=False)
+        bad = non_finite_key(state)
+        if bad is not None:
+            raise ArtefactError(f"{directory / WEIGHTS_NAME}: tensor {bad!r} holds NaN or inf")
         try:
             head.load_state_dict(state)
         except RuntimeError as err:
@@ -384,12 +415,17 @@ class AsymVLM(nn.Module):
                     f"({source['fingerprint'][:16]}...); pass check_fingerprint=False to use it anyway"
                 )
         base_delta = None
-        if cfg.get("text_base_delta"):
-            base_delta = load_safetensors(directory / cfg["text_base_delta"], mmap=False)
+        delta_path = _inside(directory, cfg_path, "text_base_delta", cfg.get("text_base_delta"))
+        adapter_path = _inside(directory, cfg_path, "text_adapter", cfg.get("text_adapter"))
+        if delta_path is not None:
+            base_delta = load_safetensors(delta_path, mmap=False)
+            bad = non_finite_key(base_delta)
+            if bad is not None:
+                raise ArtefactError(f"{delta_path}: tensor {bad!r} holds NaN or inf")
             if encoder is not None:
                 _add_to_weights(encoder, base_delta)
-        if cfg.get("text_adapter") and encoder is not None:
-            apply_text_adapter(encoder, directory / cfg["text_adapter"])
+        if adapter_path is not None and encoder is not None:
+            apply_text_adapter(encoder, adapter_path)
         if (cfg.get("text_adapter") or cfg.get("text_base_delta")) and encoder is None:
             warnings.warn(
                 f"{directory} adapts the text tower (LoRA / folded updates), which needs the encoder; text "
@@ -402,12 +438,10 @@ class AsymVLM(nn.Module):
             logit_scale=float(cfg.get("logit_scale", 0.0)),
             encoder_source=source,
             text_base_delta=base_delta,
-            lineage=cfg.get("lineage") if isinstance(cfg.get("lineage"), dict) else None,
+            lineage=cfg.get("lineage"),
         )
-        if cfg.get("text_adapter"):
-            model._adapter_files = directory / cfg["text_adapter"]
-        if not math.isfinite(model.logit_scale):
-            raise ArtefactError(f"{directory / CONFIG_NAME}: logit_scale is not finite")
+        if adapter_path is not None:
+            model._adapter_files = adapter_path
         if cfg.get("confidence"):
             from asymvlm.confidence import CONFIDENCE_NAME, ConfidenceModel
 
@@ -424,3 +458,114 @@ class AsymVLM(nn.Module):
     def extra_repr(self) -> str:
         enc = self.encoder.spec if self.encoder is not None else (self.encoder_source or {}).get("spec")
         return f"family={self.family!r}, dim={self.dim}, encoder={enc!r}"
+
+
+# ----------------------------------------------------------------------------------------------
+# checking a saved model's config before anything is built from it
+# ----------------------------------------------------------------------------------------------
+def _config_json(config: HeadConfig) -> str:
+    import json
+
+    return json.dumps(config.to_dict(), sort_keys=True)
+
+
+def _head_config(head_cfg: Any, cfg_path: Path) -> HeadConfig:
+    """The :class:`HeadConfig` of a saved config's ``head`` object, every field checked (types and
+    ranges, before anything is allocated); an :class:`ArtefactError` naming the file and field."""
+    if not isinstance(head_cfg, dict):
+        raise ArtefactError(f"{cfg_path}: 'head' must be an object, got {type(head_cfg).__name__}")
+    fields = set(HeadConfig.__dataclass_fields__)
+    unknown = sorted(str(k) for k in set(head_cfg) - fields)
+    if unknown:
+        warnings.warn(f"{cfg_path}: ignoring unknown head key(s) {unknown}", stacklevel=3)
+    if "dim" not in head_cfg:
+        raise ArtefactError(f"{cfg_path}: head config misses required key 'dim'")
+    head_cfg = {k: v for k, v in head_cfg.items() if k in fields}
+    head_cfg.setdefault("direction", "learned")  # saved before the option existed: the paper's head
+    if isinstance(head_cfg.get("hidden_dims"), list):
+        head_cfg["hidden_dims"] = tuple(head_cfg["hidden_dims"])  # checked with every other field below
+    try:
+        return HeadConfig(**head_cfg)
+    except (ConfigError, ValueError, TypeError) as err:
+        raise ArtefactError(f"{cfg_path}: head: {err}") from None
+
+
+def _optional_str(value: Any) -> bool:
+    return value is None or isinstance(value, str)
+
+
+def _check_model_config(cfg: dict[str, Any], cfg_path: Path, head: HeadConfig) -> None:
+    """The fields of ``asymvlm_config.json`` beside ``head``: types and ranges, one
+    :class:`ArtefactError` naming the file and the field."""
+    scale = cfg.get("logit_scale", 0.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ArtefactError(f"{cfg_path}: logit_scale must be a finite number, got {scale!r}")
+    source = cfg.get("encoder")
+    if source is not None:
+        if not isinstance(source, dict):
+            raise ArtefactError(f"{cfg_path}: encoder must be an object or null, got {type(source).__name__}")
+        for key in ("spec", "pretrained", "fingerprint"):
+            if not _optional_str(source.get(key)):
+                raise ArtefactError(f"{cfg_path}: encoder.{key} must be a string or null, got {source.get(key)!r}")
+        dim = source.get("dim")
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim != head.dim):
+            raise ArtefactError(f"{cfg_path}: encoder.dim is {dim!r}, the head's dim {head.dim}")
+    lineage = cfg.get("lineage")
+    if lineage is not None:
+        if not isinstance(lineage, dict):
+            raise ArtefactError(f"{cfg_path}: lineage must be an object, got {lineage!r}")
+        for key in ("init_from", "init_from_fingerprint"):
+            if not _optional_str(lineage.get(key)):
+                raise ArtefactError(f"{cfg_path}: lineage.{key} must be a string or null, got {lineage.get(key)!r}")
+        if not isinstance(lineage.get("from_scratch", False), bool):
+            raise ArtefactError(f"{cfg_path}: lineage.from_scratch must be true or false")
+    confidence = cfg.get("confidence")
+    if not _optional_str(confidence):
+        raise ArtefactError(f"{cfg_path}: confidence must be a file name, got {confidence!r}")
+
+
+def _check_weights_header(path: Path, config: HeadConfig) -> None:
+    """``head.safetensors`` fits ``config`` before anything is allocated: the keys and shapes of a
+    head of that config, floating dtypes, and (where recorded at save time) the same head config."""
+    import json
+
+    tensors, meta = read_safetensors_header(path)
+    with torch.device("meta"):  # shapes without memory
+        expected = {k: list(v.shape) for k, v in TextHead(config=config).state_dict().items()}
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ArtefactError(
+            f"{path} does not fit the head config: missing tensors {missing[:4]}, unexpected tensors {extra[:4]}"
+        )
+    for key, (dtype, shape) in tensors.items():
+        if dtype not in ("F32", "F16", "BF16", "F64"):
+            raise ArtefactError(f"{path}: tensor {key!r} is {dtype}, a head's weights are floating point")
+        if shape != expected[key]:
+            raise ArtefactError(
+                f"{path} does not fit the head config: tensor {key!r} has shape {shape}, the config needs "
+                f"{expected[key]}"
+            )
+    saved = meta.get("head_config")
+    if saved is not None:
+        try:
+            saved_cfg = json.loads(saved)
+        except (ValueError, RecursionError):
+            raise ArtefactError(f"{path}: corrupt head_config in its metadata") from None
+        now = config.to_dict()
+        differ = sorted(k for k in now if not isinstance(saved_cfg, dict) or saved_cfg.get(k) != now[k])
+        if differ:
+            shown = ", ".join(f"{k} ({saved_cfg.get(k)!r} in the weights, {now[k]!r} in the config)"
+                              for k in differ[:4]) if isinstance(saved_cfg, dict) else str(differ)  # fmt: skip
+            raise ArtefactError(
+                f"{path.parent / CONFIG_NAME}: head config differs from the one {path.name} was saved with: {shown}"
+            )
+
+
+def _inside(directory: Path, cfg_path: Path, key: str, value: Any) -> Path | None:
+    """The path a config field names inside the model folder (:func:`asymvlm.io.inside_folder`), or
+    None when the field is empty."""
+    if value is None or value == "":
+        return None
+    from asymvlm.io import inside_folder
+
+    return inside_folder(directory, value, source=cfg_path, field=key)

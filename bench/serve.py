@@ -24,6 +24,13 @@ millisecond — on 2 cores the client would otherwise take the CPU the server is
 Run:  python bench/serve.py [--requests 2000] [--seconds 15] [--sizes 1000,100000,1000000] [--json PATH]
       (alone; builds the demo's model and gallery on first use, writes the synthetic galleries to a
       temporary folder; about 6 minutes)
+
+Upload bombs (``--upload_bomb N``, alone, under a minute; issue 26): a tiny model and gallery (the
+packaged tiny open_clip, random weights), then N concurrent uploads of a 1.8 kB G4 TIFF that decodes
+to 39.7 Mpx (7300 x 5440, 1 bit per pixel), in ``--bursts`` bursts, against a server with the
+defaults (``max_image_pixels`` 16 Mpx, refused from its header) and one with the previous limit
+(``--max_image_pixels 40000000``; its decodes bounded by ``max_pixels_in_flight``); reports each
+server's peak resident memory (VmHWM) and the answers' status codes.
 """
 
 from __future__ import annotations
@@ -206,6 +213,99 @@ def run_gallery(name: str, model: Path, gallery: Path, bodies: list[bytes], args
         }
 
 
+# ----------------------------------------------------------------------------------------------
+# upload bombs: tiny files that decode to huge images
+# ----------------------------------------------------------------------------------------------
+def g4_tiff(width: int = 7300, height: int = 5440) -> bytes:
+    """A bilevel TIFF (CCITT group 4) of one colour: a few kB that decode to ``width x height`` pixels."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("1", (width, height), 1).save(buf, format="TIFF", compression="group4")
+    return buf.getvalue()
+
+
+def tiny_served_model(work: Path) -> tuple[Path, Path]:
+    """``(model folder, gallery folder)``: the packaged tiny open_clip (seeded random weights, saved as a
+    local folder) under a random head, and a gallery of 8 random images."""
+    import numpy as np
+    import open_clip
+    from PIL import Image
+
+    from asymvlm.encoders import PACKAGE_MODEL_CONFIGS, load_encoder, register_open_clip_configs, save_open_clip_dir
+    from asymvlm.heads import TextHead
+    from asymvlm.model import AsymVLM
+    from asymvlm.serve.gallery import build_gallery
+
+    register_open_clip_configs()
+    torch.manual_seed(0)
+    cfg = json.loads((PACKAGE_MODEL_CONFIGS / "asymvlm-tiny-vit.json").read_text())
+    save_open_clip_dir(open_clip.create_model("asymvlm-tiny-vit"), cfg, work / "encoder")
+    encoder = load_encoder(f"open_clip:local-dir:{work / 'encoder'}", device="cpu")
+    model = AsymVLM(TextHead(dim=encoder.dim, hidden_dims=(16,)), encoder)
+    model_dir = model.save_pretrained(work / "model")
+    rng = np.random.default_rng(0)
+    data = [
+        {"image": Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)), "captions": [f"image {i}"]}
+        for i in range(8)
+    ]
+    gallery = build_gallery(model, data, work / "gallery", progress=False)
+    return model_dir, gallery.path
+
+
+def upload_bomb(args, results: Results) -> None:
+    """``--upload_bomb N``: N concurrent tiny-but-huge uploads per burst; peak RSS of the server."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    from asymvlm.serve.loopback import LoopbackServer
+
+    bomb = g4_tiff()
+    work = Path(tempfile.mkdtemp(prefix="asymvlm-serve-bomb-"))
+    try:
+        model, gallery = tiny_served_model(work)
+        common = ["--model", str(model), "--index", str(gallery), "--no_access_log"]
+        servers = {"defaults": [], "previous pixel limit (40 Mpx)": ["--max_image_pixels", "40000000"]}
+        for name, extra in servers.items():
+            with LoopbackServer(common + extra, work / name.split()[0]) as server:
+                idle = memory(server.proc.pid)
+                codes: dict[int, int] = {}
+
+                def post(_: int) -> int:
+                    files = {"file": ("bomb.tif", bomb, "image/tiff")}
+                    url = server.url + "/v1/search/image/upload"
+                    return httpx.post(url, files=files, data={"k": "1"}, timeout=120).status_code
+
+                t = time.perf_counter()
+                with ThreadPoolExecutor(args.upload_bomb) as pool:
+                    for _ in range(args.bursts):
+                        for code in pool.map(post, range(args.upload_bomb)):
+                            codes[code] = codes.get(code, 0) + 1
+                seconds = time.perf_counter() - t
+                status = Path(f"/proc/{server.proc.pid}/status").read_text()
+                peak = next(int(x.split()[1]) / 1024 for x in status.splitlines() if x.startswith("VmHWM:"))
+                after = memory(server.proc.pid)
+            results.add(
+                f"upload bomb, {name}: peak RSS over {args.bursts} bursts of {args.upload_bomb}", peak,
+                idle.get("VmRSS", 0), "MiB", higher_is_better=False, better="smaller", worse="larger",
+                codes=json.dumps(codes), after=round(after.get("VmRSS", 0)), seconds=round(seconds, 1),
+            )  # fmt: skip
+            print(
+                f"{name:>30}: idle {idle.get('VmRSS', 0):.0f} MiB, peak {peak:.0f} MiB, after "
+                f"{after.get('VmRSS', 0):.0f} MiB; answers {codes} in {seconds:.1f} s",
+                flush=True,
+            )
+        results.note(
+            f"Upload bombs: a {len(bomb):,}-byte G4 TIFF decoding to 7300 x 5440 = 39.7 Mpx, {args.upload_bomb} "
+            f"concurrent uploads x {args.bursts} bursts; 'baseline' is the server's RSS before the bursts."
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=2000, help="Most requests per run (each server, each level).")
@@ -215,7 +315,17 @@ def main(argv=None) -> int:
     p.add_argument("--demo_dir", default=str(REPO / "demo-out"), help="The demo's outputs (built if missing).")
     p.add_argument("--quick", action="store_true", help="The demo's smoke model when it has to be trained (tests).")
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--upload_bomb", type=int, default=0,
+        help="Only the upload-bomb section: this many concurrent tiny-but-huge uploads per burst.",
+    )  # fmt: skip
+    p.add_argument("--bursts", type=int, default=3, help="Bursts of --upload_bomb uploads.")
     args = p.parse_args(argv)
+    if args.upload_bomb:
+        results = Results("serve-upload-bomb", "asymvlm-serve under tiny uploads that decode to huge images")
+        upload_bomb(args, results)
+        results.write(args.json)
+        return 0
     args.levels = [int(x) for x in args.levels.split(",")]
     sizes = [int(x) for x in args.sizes.split(",")]
     from asymvlm.serve.gallery import Gallery

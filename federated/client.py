@@ -7,11 +7,11 @@ temperature, plus a peft LoRA adapter on the text tower when LoRA is federated) 
 parameters, optionally measures the loss and the full gradient norm at the global model (q-FFL,
 AdaFedAdam), runs ``local_steps`` of SGD on index-drawn batches of the client's data with the
 recipe's client-side terms (FedProx's proximal gradient ``mu (theta - theta_global)``, GHBM's
-momentum ``beta / (eta_l J) m_t``) and returns ``delta = theta_local - theta_global`` with the
-client's diagnostics. With ``options.masks`` (TaLoS sparse fine-tuning) only the masked entries
-move (:class:`asymvlm.masks.SparseMasks`, the mechanism ``asymvlm-train --mask_file`` uses), so
-the delta is exactly zero elsewhere and a client need only send the masked values
-(:func:`upload_bytes`).
+momentum: a displacement ``-beta / J m_t`` per step, outside the local optimizer's momentum) and
+returns ``delta = theta_local - theta_global`` with the client's diagnostics. With
+``options.masks`` (TaLoS sparse fine-tuning) only the masked entries move
+(:class:`asymvlm.masks.SparseMasks`, the mechanism ``asymvlm-train --mask_file`` uses), so the delta
+is exactly zero elsewhere and a client need only send the masked values (:func:`upload_bytes`).
 
 Example:
     >>> import torch
@@ -161,8 +161,15 @@ def client_update(
     anchor = {k: global_params[k] for k in names}
     ghbm = None
     if ghbm_momentum is not None and options.ghbm_beta > 0:
-        # GHBM: every local step adds beta / (eta_l J) * m_t to the gradient (Zaccone et al. 2024)
-        c = options.ghbm_beta / (options.local_lr * options.local_steps)
+        # GHBM (Zaccone et al. 2024, Algorithm 1): every local step adds beta / (eta_l J) m_t to the
+        # gradient, so the J steps move the client by exactly -beta m_t (the heavy-ball term). Applied
+        # here as that displacement, eta_l * beta / (eta_l J) m_t = beta / J m_t per step, outside the
+        # optimizer: through SGD's momentum buffer (the clients' --local_momentum mu) it would be
+        # multiplied by (1/J) sum_j (1 - mu^j) / (1 - mu) (3.6 at mu 0.9, J 8), a heavy-ball
+        # coefficient of 3.2 for beta 0.9: unstable at server lr 1 and on the edge at 0.3
+        # (issue 26: the demo's GHBM at chance on another machine). Without local momentum the
+        # two are the same algorithm (tests/test_ghbm.py).
+        c = options.ghbm_beta / options.local_steps
         ghbm = {k: c * ghbm_momentum[k] for k in names}
     masks = SparseMasks(dict(options.masks), model) if options.masks else None
     loss = None
@@ -177,11 +184,13 @@ def client_update(
                     p.grad = torch.zeros_like(p)
                 if options.proximal_mu > 0:  # FedProx: grad of mu/2 ||theta - theta_global||^2
                     p.grad.add_(p.detach() - anchor[k], alpha=options.proximal_mu)
-                if ghbm is not None:
-                    p.grad.add_(ghbm[k])
         if masks is not None:  # entries outside the mask keep their value exactly, whatever SGD does there
             masks.before_step()
         opt.step()
+        if ghbm is not None:
+            with torch.no_grad():
+                for k, p in zip(names, params):
+                    p.sub_(ghbm[k].to(p.dtype))
         if masks is not None:
             masks.after_step()
     loss_after, _ = client_loss(model, batcher, lb)

@@ -41,6 +41,8 @@ RUN_OPTIONS = ("local_lr",)  # recipe options the run supplies itself (AdaFedAda
 # what may change between a run and its --resume (everything else must match the checkpoint's config)
 RESUMABLE_CHANGES = ("rounds", "resume", "overwrite", "progress", "keep_rounds", "eval_every", "output_dir")
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "model")  # what a run writes into output_dir
+# a client SGD step larger than this on a unit-sphere head only diverges (the defaults are 0.05-0.5)
+MAX_LOCAL_LR = 100.0
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,12 @@ class FederatedArguments:
     num_clients: int = field(default=8, metadata={"help": "Simulated clients."})
     clients_per_round: int = field(default=0, metadata={"help": "Clients sampled per round (0: use client_fraction)."})
     client_fraction: float = field(default=1.0, metadata={"help": "Fraction of clients sampled per round."})
-    min_clients: int = field(default=1, metadata={"help": "Fewest valid updates to make a server step."})
+    min_clients: int = field(
+        default=1,
+        metadata={
+            "help": "Fewest valid updates to make a server step (must stay 1 under DP: every round is released)."
+        },
+    )
     dropout_prob: float = field(default=0.0, metadata={"help": "Probability that a sampled client drops out."})
     straggler_deadline: float = field(
         default=0.0,
@@ -78,9 +85,9 @@ class FederatedArguments:
     partition_alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration (dirichlet, quantity)."})
     min_client_size: int = field(default=4, metadata={"help": "Fewest images per client."})
     local_steps: int = field(default=10, metadata={"help": "Local SGD steps per round."})
-    local_lr: float = field(default=0.05, metadata={"help": "Client learning rate eta_l."})
+    local_lr: float = field(default=0.05, metadata={"help": f"Client learning rate eta_l (in (0, {MAX_LOCAL_LR:g}])."})
     local_batch_size: int = field(default=256, metadata={"help": "Client batch (captions)."})
-    local_momentum: float = field(default=0.0, metadata={"help": "Client SGD momentum."})
+    local_momentum: float = field(default=0.0, metadata={"help": "Client SGD momentum, in [0, 1)."})
     trainable: Literal["head", "lora", "both"] = field(
         default="head", metadata={"help": "What the clients train and send: the head, a text-tower LoRA, or both."}
     )
@@ -113,7 +120,9 @@ class FederatedArguments:
             "the run."
         },
     )
-    eval_every: int = field(default=5, metadata={"help": "Evaluate every N rounds and after the last."})
+    eval_every: int = field(
+        default=5, metadata={"help": "Evaluate every N rounds and after the last (0: after the last only)."}
+    )
     fairness_batches: int = field(default=2, metadata={"help": "Batches per client for the fairness report."})
     attack: Literal[tuple(ATTACKS)] = field(  # type: ignore[valid-type]
         default="none",
@@ -185,8 +194,40 @@ class FederatedArguments:
             raise ConfigError("resume and overwrite exclude each other: continue the run, or replace it")
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
-        if self.local_lr <= 0 or not math.isfinite(self.local_lr):
-            raise ConfigError(f"local_lr must be > 0, got {self.local_lr}")
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        """Every number in its range (a value outside is a ConfigError naming the option)."""
+        for name in ("eval_every",):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0: evaluate after the last round only), got {self.eval_every}")
+        for name in ("fairness_batches", "lora_r"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not (0 < self.local_lr <= MAX_LOCAL_LR):  # NaN fails too
+            raise ConfigError(f"local_lr must be in (0, {MAX_LOCAL_LR:g}], got {self.local_lr}")
+        if not 0 <= self.local_momentum < 1:
+            raise ConfigError(f"local_momentum must be in [0, 1), got {self.local_momentum}")
+        if not math.isfinite(self.attack_scale):
+            raise ConfigError(f"attack_scale must be a finite number (negative flips), got {self.attack_scale}")
+        for name in ("partition_alpha", "lora_alpha"):
+            value = getattr(self, name)
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{name} must be > 0 and finite, got {value}")
+        if not (self.straggler_deadline >= 0 and math.isfinite(self.straggler_deadline)):
+            raise ConfigError(
+                f"straggler_deadline must be >= 0 and finite (0: no deadline), got {self.straggler_deadline}"
+            )
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
+        if self.dp_insecure_seed is not None and self.dp_insecure_seed < 0:
+            raise ConfigError(f"dp_insecure_seed must be >= 0, got {self.dp_insecure_seed}")
+        if self.dp_noise_multiplier > 0 and self.min_clients != 1:
+            raise ConfigError(
+                f"min_clients={self.min_clients} cannot skip rounds under differential privacy: every round is "
+                "released (the noise alone when too few clients are sampled), since a skip would depend on who takes "
+                "part; leave min_clients at 1"
+            )
 
     @property
     def sample_rate(self) -> float:

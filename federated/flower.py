@@ -48,7 +48,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from asymvlm.errors import ConfigError
+from asymvlm.errors import ClientUpdateError, ConfigError
 
 __all__ = [
     "server_app",
@@ -59,7 +59,9 @@ __all__ = [
     "ROUNDS_ALIAS",
 ]
 
-log = logging.getLogger(__name__)
+# a child of Flower's logger: its console handler prints it, and the ServerApp process mirrors that
+# output to the SuperLink, so ``flwr run --stream`` / ``flwr log`` show the run's progress
+log = logging.getLogger("flwr").getChild("asymvlm")
 
 ROUNDS_ALIAS = "num_server_rounds"  # Flower's templates name the round count so
 PROG = "asymvlm (Flower run config)"
@@ -76,6 +78,14 @@ SECAGG_DEFAULTS = {
     "secagg_quantization_range": 2**22,
 }
 SERVER_KEYS = ("round_timeout", *SECAGG_DEFAULTS)
+# what a run config may ask the ServerApp and the nodes to allocate (checked before anything is built)
+MAX_CLIENTS = 100_000  # partitions of a Flower federation
+MAX_WIDTH = 2**16  # a head's hidden width, and an embedding width a node may report
+MAX_LORA_R = 4096
+MAX_HEAD_PARAMETERS = 2**28  # one GiB of float32: a head beyond that is a mistake, not a configuration
+MAX_EXAMPLES = 2**53  # a reported client size (exact as a float)
+ENCODER_KEYS = ("spec", "pretrained", "fingerprint", "dim")  # a cache's record of its encoder, sent in the handshake
+NODE_WAIT = 120.0  # seconds the ServerApp waits for num-clients SuperNodes to join, and at least for the handshake
 
 
 def _groups() -> tuple[type, ...]:
@@ -130,7 +140,68 @@ def parse_run_config(run_config: Mapping[str, Any]) -> tuple[Any, Any, Any, dict
     data_args, head, fed, rargs = dataclasses_from_values(types, values, PROG)
     if fed.attack != "none":
         raise ConfigError("attacks are simulated by asymvlm-federate only; a Flower run has real clients")
+    _check_sizes(head, fed)
+    server_options(run_config)
     return data_args, head, fed, recipe_options(rargs)
+
+
+def _check_sizes(head: Any, fed: Any) -> None:
+    """What the run config makes the ServerApp and every node allocate, checked before anything is
+    built (types are checked by the config dataclasses)."""
+    for i, h in enumerate(head.hidden_dims):
+        if h > MAX_WIDTH:
+            raise ConfigError(f"run config: hidden_dims[{i}] = {h} exceeds {MAX_WIDTH}")
+    between = sum((a + 1) * b for a, b in zip(head.hidden_dims, head.hidden_dims[1:]))
+    if between > MAX_HEAD_PARAMETERS:
+        raise ConfigError(
+            f"run config: hidden_dims {list(head.hidden_dims)} make a head of more than {MAX_HEAD_PARAMETERS:,} "
+            "parameters"
+        )
+    if fed.num_clients > MAX_CLIENTS:
+        raise ConfigError(f"run config: num_clients = {fed.num_clients} exceeds {MAX_CLIENTS:,}")
+    if fed.lora_r > MAX_LORA_R:
+        raise ConfigError(f"run config: lora_r = {fed.lora_r} exceeds {MAX_LORA_R}")
+
+
+def check_head_size(head: Any, dim: int) -> int:
+    """The head's parameter count on ``dim``-wide embeddings (a :class:`ConfigError` above
+    :data:`MAX_HEAD_PARAMETERS`), before the head is built: the width comes from the nodes."""
+    widths = [int(dim), *head.hidden_dims, int(dim) + 1]  # the last layer: direction and concentration
+    n = sum((a + 1) * b for a, b in zip(widths, widths[1:]))
+    if n > MAX_HEAD_PARAMETERS:
+        raise ConfigError(
+            f"hidden_dims {list(head.hidden_dims)} on {dim}-d embeddings make a head of {n:,} parameters, more "
+            f"than {MAX_HEAD_PARAMETERS:,}"
+        )
+    return n
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def server_options(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The ServerApp's own run-config values (:data:`SERVER_KEYS`), checked: ``round_timeout`` (seconds,
+    default 3600) and Flower's SecAgg+ parameters; a bad one is a :class:`ConfigError` naming the key."""
+    flat = _flat(run_config)
+    opts: dict[str, Any] = {"round_timeout": 3600.0, **SECAGG_DEFAULTS}
+    opts.update({k: flat[k] for k in SERVER_KEYS if k in flat})
+
+    def bad(key: str, want: str) -> ConfigError:
+        return ConfigError(f"run config: {key.replace('_', '-')} must be {want}, got {opts[key]!r}")
+
+    for key in ("round_timeout", "secagg_num_shares", "secagg_reconstruction_threshold", "secagg_clipping_range"):
+        v = opts[key]
+        if not (_is_number(v) and math.isfinite(v) and v > 0):
+            raise bad(key, "a finite number > 0")
+        opts[key] = float(v) if key in ("round_timeout", "secagg_clipping_range") else v
+    if not isinstance(opts["secure_aggregation"], bool):
+        raise bad("secure_aggregation", "true or false")
+    q = opts["secagg_quantization_range"]
+    if not (_is_number(q) and math.isfinite(q) and q == int(q) and 1 <= q <= 2**31):
+        raise bad("secagg_quantization_range", "an integer in [1, 2**31]")
+    opts["secagg_quantization_range"] = int(q)
+    return opts
 
 
 # -- the node side ------------------------------------------------------------------------------
@@ -186,6 +257,7 @@ def _node(context: Context) -> _Node:
         data = get_federated_data(data_args, fed)
         batcher, n = data.batchers[c], data.num_examples[c]
     client_data = FederatedData([batcher], [n], data.dim, data.encoder_source, data.encoder)
+    check_head_size(head, data.dim)
     run = Federation.build(fed, client_data, head, ropts)
     node = _Node(run, batcher, n, c)
     _NODES[key] = node
@@ -227,7 +299,11 @@ def _client_query(msg: Message, context: Context) -> Message:
         "num-examples": node.num_examples,
         "dim": node.run.data.dim,
     }
-    config = ConfigRecord({"encoder-fingerprint": str((node.run.data.encoder_source or {}).get("fingerprint", ""))})
+    # the cache's record of the encoder that made it: what the saved model will name as its encoder
+    source = {k: v for k, v in (node.run.data.encoder_source or {}).items() if k in ENCODER_KEYS}
+    config = ConfigRecord(
+        {"encoder-fingerprint": str(source.get("fingerprint") or ""), "encoder": json.dumps(source, sort_keys=True)}
+    )
     if "arrays" in msg.content.array_records:
         node.run.model.set_params(_from_arrays(msg.content["arrays"]))
         node.batcher.reseed(int_seed(fed.seed, "initial_loss", node.partition))
@@ -309,6 +385,164 @@ def _client_evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
+# -- replies: every field of every reply is untrusted ------------------------------------------
+MAX_REASON = 300  # characters of a recorded reason (a node's own text is part of some)
+
+
+def _short(text: Any, limit: int = MAX_REASON) -> str:
+    text = str(text).replace("\n", " ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _show(value: Any) -> str:
+    return _short(repr(value), 40)
+
+
+def _metrics(reply: Message) -> dict[str, Any]:
+    record = reply.content.metric_records.get("metrics")
+    if record is None:
+        raise ClientUpdateError("no 'metrics' record (a MetricRecord) in the reply")
+    return dict(record)
+
+
+def _integer(m: Mapping[str, Any], key: str, low: int, high: int) -> int:
+    v = m.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+        raise ClientUpdateError(f"{key} must be an integer in [{low}, {high}], got {_show(v)}")
+    return int(v)
+
+
+def _loss(m: Mapping[str, Any], key: str, *, positive: bool = False) -> float | None:
+    """A reported loss or norm (None when absent): a finite number >= 0 (> 0 with ``positive``)."""
+    if key not in m:
+        return None
+    v = m[key]
+    try:
+        ok = _is_number(v) and math.isfinite(float(v)) and (v > 0 if positive else v >= 0)
+    except OverflowError:  # an int beyond float's range
+        ok = False
+    if not ok:
+        raise ClientUpdateError(f"{key} must be a finite number {'>' if positive else '>='} 0, got {_show(v)}")
+    return float(v)
+
+
+def _own_partition(m: Mapping[str, Any], client: int) -> None:
+    pid = m.get("partition-id")
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid != client:
+        raise ClientUpdateError(f"partition-id {_show(pid)} is not this node's ({client})")
+
+
+@dataclass(frozen=True)
+class _Hello:
+    """A node's checked handshake."""
+
+    partition: int
+    num_examples: int
+    dim: int
+    encoder: dict[str, Any]  # the node's cache's record of its encoder (spec, pretrained, fingerprint, dim)
+
+    def data_key(self) -> tuple:
+        """What nodes must agree on: the width and the encoder (by fingerprint, else by name)."""
+        fp = self.encoder.get("fingerprint")
+        return (self.dim, fp) if fp else (self.dim, None, self.encoder.get("spec"), self.encoder.get("pretrained"))
+
+    def describe(self) -> str:
+        fp = self.encoder.get("fingerprint")
+        return _short(
+            f"{self.dim}-d embeddings, encoder {self.encoder.get('spec')!r} "
+            f"{'fingerprint ' + str(fp)[:16] + '...' if fp else 'of unknown fingerprint'}",
+            160,
+        )
+
+
+def _handshake_reply(reply: Message, num_clients: int) -> _Hello:
+    """A node's handshake (partition, size, width, encoder), checked field by field."""
+    m = _metrics(reply)
+    pid = _integer(m, "partition-id", 0, num_clients - 1)
+    n = _integer(m, "num-examples", 1, MAX_EXAMPLES)
+    dim = _integer(m, "dim", 1, MAX_WIDTH)
+    info = reply.content.config_records.get("info")
+    if info is None:
+        raise ClientUpdateError("no 'info' record (a ConfigRecord) in the handshake")
+    fp, text = info.get("encoder-fingerprint"), info.get("encoder")
+    source = None
+    if isinstance(text, str) and len(text) <= 4096:
+        try:
+            source = json.loads(text)
+        except (ValueError, RecursionError):
+            source = None
+    plain = str | int | float | bool | None
+    if (
+        not isinstance(source, dict)
+        or len(source) > 32
+        or not all(isinstance(k, str) and isinstance(v, plain) for k, v in source.items())
+    ):
+        raise ClientUpdateError(f"info's encoder must be a JSON object of plain values, got {_show(text)}")
+    if not isinstance(fp, str) or fp != str(source.get("fingerprint") or ""):
+        raise ClientUpdateError(f"info's encoder-fingerprint {_show(fp)} differs from its encoder record")
+    if source.get("dim") is not None and source["dim"] != dim:
+        raise ClientUpdateError(f"its encoder record says dim {_show(source['dim'])}, its metrics {dim}")
+    return _Hello(pid, n, dim, source)
+
+
+def _train_reply(reply: Message, client: int, num_examples: int, needs: Iterable[str]) -> Any:
+    """A client's training reply as a :class:`~asymvlm.federated.client.ClientResult`, checked field
+    by field. Its ``num-examples`` must be the handshake's: the weight is the handshake's count, and
+    a client whose size changes mid-run is rejected (a liar could otherwise take the round's weight)."""
+    from asymvlm.federated.client import ClientResult
+
+    m = _metrics(reply)
+    _own_partition(m, client)
+    n = m.get("num-examples")
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise ClientUpdateError(f"num-examples must be an integer, got {_show(n)}")
+    if n != num_examples:
+        raise ClientUpdateError(f"num-examples {n} is not the {num_examples} of its handshake")
+    values = {key: _loss(m, key) for key in ("loss-before", "loss-after", "grad-norm")}
+    for need, key in (("loss_before", "loss-before"), ("loss_initial", "loss-before"), ("grad_norm", "grad-norm")):
+        if need in needs and values[key] is None:
+            raise ClientUpdateError(f"no {key} in the reply (the recipe needs it)")
+    record = reply.content.array_records.get("arrays")
+    if record is None:
+        raise ClientUpdateError("no 'arrays' record (an ArrayRecord) in the reply")
+    try:
+        delta = _from_arrays(record)
+    except Exception as err:  # a malformed record: rejected like a bad delta
+        raise ClientUpdateError(f"unreadable arrays: {type(err).__name__}: {err}") from None
+    return ClientResult(client, delta, num_examples, values["loss-before"], values["loss-after"], values["grad-norm"])
+
+
+def _loss_reply(reply: Message, client: int, key: str, *, positive: bool = False) -> float:
+    """A client's reported loss (the initial loss, the fairness report's), checked."""
+    m = _metrics(reply)
+    _own_partition(m, client)
+    value = _loss(m, key, positive=positive)
+    if value is None:
+        raise ClientUpdateError(f"no {key} in the reply")
+    return value
+
+
+def first_non_finite(tree: Any, name: str = "") -> str | None:
+    """The name of the first tensor or number in ``tree`` (dicts, lists, tuples) that holds NaN or
+    inf, or None: what the ServerApp checks before it steps, checkpoints or saves a model."""
+    if isinstance(tree, torch.Tensor):
+        ok = not tree.is_floating_point() or bool(torch.isfinite(tree).all())
+        return None if ok else name or "value"
+    if isinstance(tree, float):
+        return None if math.isfinite(tree) else name or "value"
+    if isinstance(tree, Mapping):
+        items: Iterable = ((f"{name}.{k}" if name else str(k), v) for k, v in tree.items())
+    elif isinstance(tree, list | tuple):
+        items = ((f"{name}[{i}]", v) for i, v in enumerate(tree))
+    else:
+        return None
+    for key, value in items:
+        bad = first_non_finite(value, key)
+        if bad is not None:
+            return bad
+    return None
+
+
 # -- the server side ----------------------------------------------------------------------------
 
 
@@ -327,7 +561,7 @@ def _send(grid: Grid, kind: str, contents: Mapping[int, RecordDict], rnd: int, t
         if node is None:
             continue
         if reply.has_error():
-            errors[node] = f"error reply (Flower code {reply.error.code}): {reply.error.reason}"
+            errors[node] = _short(f"error reply (Flower code {reply.error.code}): {reply.error.reason}")
         else:
             ok[node] = reply
     for node in contents:
@@ -336,10 +570,9 @@ def _send(grid: Grid, kind: str, contents: Mapping[int, RecordDict], rnd: int, t
     return ok, errors
 
 
-def _plain_round(grid: Grid, run: Any, state: Any, active: list[int], where: dict[int, int], rnd: int,
-                 timeout: float) -> tuple[list, list[dict]]:  # fmt: skip
+def _plain_round(grid: Grid, run: Any, state: Any, active: list[int], where: dict[int, int], sizes: dict[int, int],
+                 rnd: int, timeout: float) -> tuple[list, list[dict]]:  # fmt: skip
     """One training round's messages: every active client's own update (or the reason it has none)."""
-    from asymvlm.federated.client import ClientResult
     from asymvlm.federated.recipes import ghbm_server_momentum
 
     cfg = ConfigRecord({DELTA_KEY: True, "asymvlm.round": rnd, "server-round": rnd + 1})
@@ -353,17 +586,11 @@ def _plain_round(grid: Grid, run: Any, state: Any, active: list[int], where: dic
     node_to_pid = {where[c]: c for c in active}
     results, rejected = [], [{"client": node_to_pid[n], "reason": why} for n, why in sorted(errors.items())]
     for node in sorted(ok, key=lambda n: node_to_pid[n]):
-        m = dict(ok[node].content["metrics"])
         c = node_to_pid[node]
         try:
-            delta = _from_arrays(ok[node].content["arrays"])
-        except Exception as err:  # a malformed record: rejected like a bad delta
-            rejected.append({"client": c, "reason": f"unreadable arrays: {err}"})
-            continue
-        results.append(
-            ClientResult(c, delta, int(m.get("num-examples", 0)), m.get("loss-before"), m.get("loss-after"),
-                         m.get("grad-norm"))
-        )  # fmt: skip
+            results.append(_train_reply(ok[node], c, sizes[c], run.recipe.needs))
+        except ClientUpdateError as err:
+            rejected.append({"client": c, "reason": _short(err)})
     return results, rejected
 
 
@@ -414,8 +641,7 @@ def secagg_error_bound(
 
 def _secagg_workflow(run_config: Mapping[str, Any], recipe: Any, fed: Any, sizes: dict[int, int], timeout: float):
     """Flower's SecAggPlusWorkflow from the run config, or None when ``secure-aggregation`` is off."""
-    flat = _flat(run_config)
-    opts = {k: flat.get(k, v) for k, v in SECAGG_DEFAULTS.items()}
+    opts = server_options(run_config)
     if not opts["secure_aggregation"]:
         return None
     check_secure_aggregation(recipe, fed)
@@ -510,48 +736,168 @@ def _secure_round(grid: Grid, workflow: Any, run: Any, state: Any, active: list[
     return [ClientResult("secure-aggregate", aggregate, max(1, sum(kept)))], rejected, info
 
 
+def _wait_for_nodes(grid: Grid, want: int, wait: float) -> None:
+    """Wait up to ``wait`` seconds for ``want`` nodes to have joined (a run submitted right after its
+    SuperNodes started must not miss one that is still connecting); then go on with those present."""
+    if getattr(grid, "fixed_nodes", False):  # LocalGrid: every node is there from the start
+        return
+    end = time.monotonic() + wait
+    have = len(list(grid.get_node_ids()))
+    if have < want:
+        log.info("waiting up to %.0f s for %d SuperNodes to join (%d so far)", wait, want, have)
+    while have < want and time.monotonic() < end:
+        time.sleep(1.0)
+        have = len(list(grid.get_node_ids()))
+
+
+def _handshake(grid: Grid, fed: Any, timeout: float) -> tuple[dict[int, int], dict[int, _Hello], list[dict]]:
+    """Which node holds which partition, and what their data look like: (partition -> node, node ->
+    its checked handshake, the nodes left out with the reason). A node whose handshake is malformed,
+    that claims a partition another node claims too (which one holds it cannot be told), or whose
+    data (width, encoder) differ from the majority's is left out of the run; nodes that disagree with
+    no majority, or no usable node, is a :class:`FederationError`."""
+    _wait_for_nodes(grid, fed.num_clients, min(timeout, NODE_WAIT))
+    # a node's first message starts its first ClientApp process (imports, its data): at least NODE_WAIT
+    ok, errors = _send(grid, QUERY, {n: RecordDict() for n in grid.get_node_ids()}, 0, max(timeout, NODE_WAIT))
+    excluded = [{"node": n, "reason": _short(f"handshake: {why}")} for n, why in sorted(errors.items())]
+    hello: dict[int, _Hello] = {}
+    for node in sorted(ok):
+        try:
+            hello[node] = _handshake_reply(ok[node], fed.num_clients)
+        except ClientUpdateError as err:
+            excluded.append({"node": node, "reason": _short(f"handshake: {err}")})
+    claims: dict[int, list[int]] = {}
+    for node, h in hello.items():
+        claims.setdefault(h.partition, []).append(node)
+    for pid, holders in sorted(claims.items()):
+        if len(holders) > 1:
+            why = f"nodes {holders[0]} and {holders[1]} both hold partition-id {pid}"
+            for node in holders:
+                del hello[node]
+                excluded.append({"node": node, "partition": pid, "reason": why})
+    groups: dict[tuple, list[int]] = {}
+    for node, h in hello.items():
+        groups.setdefault(h.data_key(), []).append(node)
+    if len(groups) > 1:
+        best = max(groups, key=lambda k: len(groups[k]))
+        if 2 * len(groups[best]) <= len(hello):
+            raise FederationError(
+                "nodes disagree on the data and no majority agrees: "
+                + "; ".join(f"nodes {v}: {hello[v[0]].describe()}" for v in groups.values())
+            )
+        for key, holders in groups.items():
+            for node in holders if key != best else []:
+                excluded.append({"node": node, "partition": hello[node].partition,
+                                 "reason": f"its data ({hello[node].describe()}) differ from the majority's "
+                                           f"({hello[groups[best][0]].describe()})"})  # fmt: skip
+                del hello[node]
+    for x in excluded:
+        log.error("node %s left out of the run: %s", x["node"], x["reason"])
+    if not hello:
+        why = "; ".join(f"node {x['node']}: {x['reason']}" for x in excluded)
+        raise FederationError(f"no node answered the handshake with a usable reply ({why or 'no nodes'})")
+    return {h.partition: node for node, h in hello.items()}, hello, excluded
+
+
+def _initial_losses(grid: Grid, state: Any, where: dict[int, int], timeout: float, excluded: list[dict]) -> None:
+    """Every client's loss at the initial model (AdaFedAdam's F_k(theta_0)) into ``state``; a client
+    whose reply is missing or malformed is left out of the run (``where``, ``excluded``)."""
+    theta0 = _to_arrays(state.params)
+    ok, errors = _send(grid, QUERY, {where[p]: RecordDict({"arrays": theta0}) for p in sorted(where)}, 0, timeout)
+    for c in sorted(where):
+        node = where[c]
+        try:
+            if node not in ok:
+                raise ClientUpdateError(errors.get(node, "no reply"))
+            state.initial_losses[str(c)] = _loss_reply(ok[node], c, "loss", positive=True)
+        except ClientUpdateError as err:
+            excluded.append({"node": node, "partition": c, "reason": _short(f"initial loss: {err}")})
+            log.error("node %s (partition %d) left out of the run: initial loss: %s", node, c, _short(err))
+            del where[c]
+
+
+def _fairness_report(grid: Grid, state: Any, where: dict[int, int], rnd: int, timeout: float, record: dict) -> None:
+    """Every reachable client's loss at the new global model into the round's record; a missing or
+    malformed reply is left out of the report and named in ``eval_rejected``."""
+    from asymvlm.federated.rounds import fairness
+
+    arrays = _to_arrays(state.params)
+    ok, errors = _send(grid, EVALUATE, {where[p]: RecordDict({"arrays": arrays}) for p in sorted(where)}, rnd + 1,
+                       timeout)  # fmt: skip
+    losses, rejected = {}, []
+    for c in sorted(where):
+        try:
+            if where[c] not in ok:
+                raise ClientUpdateError(errors.get(where[c], "no reply"))
+            losses[c] = _loss_reply(ok[where[c]], c, "eval_loss")
+        except ClientUpdateError as err:
+            rejected.append({"client": c, "reason": _short(err)})
+    if losses:
+        record["client_loss"] = {str(k): losses[k] for k in sorted(losses)}
+        record["fairness"] = fairness([losses[k] for k in sorted(losses)])
+    if rejected:
+        record["eval_rejected"] = rejected
+
+
+def _step(run: Any, state: Any, accepted: list, rnd: int, record: dict) -> Any:
+    """The server step on the round's accepted updates (:meth:`Federation.apply_updates`, which
+    skips a step that would give a value that is not finite), not taken either when the recipe
+    fails on them (a value no per-update check foresaw): the round is recorded as skipped with the
+    reason, the state stays as it was, and the run goes on."""
+    from asymvlm.federated.client import set_base
+
+    params, opt_state, base = state.params, state.opt_state, dict(state.base)
+    try:
+        return run.apply_updates(state, accepted, rnd, record)
+    except (ArithmeticError, ValueError) as err:
+        state.params, state.opt_state, state.base = params, opt_state, base
+        if base:  # the step may have folded its update into the live model's base weights
+            set_base(run.model, base)
+        for key in ("aggregator_info", "lora_info", "client_loss_after", "loss_after"):
+            record.pop(key, None)
+        record["skipped"] = f"the recipe failed on this round's updates ({type(err).__name__}: {_short(err, 200)})"
+        record["server_step"] = False
+        state.skipped_rounds = sorted({*state.skipped_rounds, rnd + 1})
+        state.round = rnd + 1
+        return state
+
+
 def run_flower_server(grid: Grid, run_config: Mapping[str, Any], *, timeout: float = 3600.0) -> Any:
     """The ServerApp's body: asymvlm's rounds over the grid's nodes; returns the final
-    :class:`~asymvlm.federated.checkpoint.ServerState` (the model is saved in ``output_dir/model``)."""
+    :class:`~asymvlm.federated.checkpoint.ServerState` (the model is saved in ``output_dir/model``).
+
+    Every field of every reply is untrusted: a node whose handshake (or AdaFedAdam's initial loss) is
+    malformed is left out of the run, a malformed training reply rejects that client for the round,
+    a malformed loss report leaves that client out of the fairness report; each is recorded with the
+    reason in ``metrics.jsonl`` (``excluded`` in the first round this ServerApp runs, ``rejected``,
+    ``eval_rejected``) and logged, and the run goes on. A round whose server step would give a value
+    that is not finite is skipped; a run in which no round stepped the model saves no model."""
+    from asymvlm.encoders import load_encoder
     from asymvlm.federated.checkpoint import federated_card, save_federated_model
     from asymvlm.federated.data import FederatedData
-    from asymvlm.federated.rounds import Federation, fairness, federation_recipe, sample_clients
+    from asymvlm.federated.rounds import Federation, federation_recipe, sample_clients
+    from asymvlm.io import read_jsonl
 
     data_args, head, fed, ropts = parse_run_config(run_config)
     recipe = federation_recipe(fed, ropts)  # an unknown option fails before any message
-    nodes = list(grid.get_node_ids())
-    # handshake: which node holds which partition, and what the data look like
-    ok, errors = _send(grid, QUERY, {n: RecordDict() for n in nodes}, 0, timeout)
-    if errors:
-        log.warning("handshake: no answer from %s", errors)
-    where: dict[int, int] = {}
-    sizes: dict[int, int] = {}
-    dims, fingerprints = set(), set()
-    for node, reply in ok.items():
-        m = dict(reply.content["metrics"])
-        pid = int(m["partition-id"])
-        if pid in where:
-            raise FederationError(f"nodes {where[pid]} and {node} both hold partition-id {pid}")
-        if pid >= fed.num_clients:
-            raise FederationError(f"node {node} holds partition-id {pid} >= num_clients {fed.num_clients}")
-        where[pid], sizes[pid] = node, int(m["num-examples"])
-        dims.add(int(m["dim"]))
-        fingerprints.add(str(reply.content["info"]["encoder-fingerprint"]))
-    if not where:
-        raise FederationError("no node answered the handshake")
-    if len(dims) != 1 or len(fingerprints) != 1:
-        raise FederationError(
-            f"nodes disagree on the data: embedding widths {sorted(dims)}, encoders {sorted(fingerprints)}"
-        )
-    log.info("partitions on nodes: %s", {p: where[p] for p in sorted(where)})
-    from asymvlm.encoders import load_encoder
-
+    where, hello, excluded = _handshake(grid, fed, timeout)
+    sizes = {p: hello[n].num_examples for p, n in where.items()}
+    first = hello[min(hello)]
+    dim, source = first.dim, dict(first.encoder)  # what every node's cache records: the model's encoder
+    log.info("partitions on nodes: %s; data: %s", {p: where[p] for p in sorted(where)}, first.describe())
+    if not source.get("fingerprint"):
+        log.warning("the nodes' caches record no encoder fingerprint: the saved model cannot check its encoder")
+    check_head_size(head, dim)
     encoder = None
     if fed.trainable != "head":
         encoder = load_encoder(data_args.encoder, data_args.pretrained or None)
-    source = {"fingerprint": fingerprints.pop(), "spec": data_args.encoder, "pretrained": data_args.pretrained or None}
+        if source.get("fingerprint") and encoder.fingerprint != source["fingerprint"]:
+            raise FederationError(
+                f"the run config's encoder {encoder.spec!r} (fingerprint {encoder.fingerprint[:16]}...) is not the "
+                f"one the nodes' caches were built with ({first.describe()})"
+            )
     server_data = FederatedData(
-        [None] * fed.num_clients, [sizes.get(c, 0) for c in range(fed.num_clients)], dims.pop(), source, encoder
+        [None] * fed.num_clients, [sizes.get(c, 0) for c in range(fed.num_clients)], dim, source, encoder
     )
     run = Federation.build(fed, server_data, head, ropts)
     out = Path(fed.output_dir)
@@ -560,50 +906,57 @@ def run_flower_server(grid: Grid, run_config: Mapping[str, Any], *, timeout: flo
     out.mkdir(parents=True, exist_ok=True)
     dp = recipe.dp is not None
     secagg = _secagg_workflow(run_config, recipe, fed, sizes, timeout)
-    if "loss_initial" in recipe.needs and not state.initial_losses:
-        theta0 = _to_arrays(state.params)
-        ok, errors = _send(grid, QUERY, {where[p]: RecordDict({"arrays": theta0}) for p in sorted(where)}, 0, timeout)
-        if errors:
-            raise FederationError(
-                f"initial losses: no answer from nodes {sorted(errors)} ({recipe.name} needs every client's)"
-            )
-        for reply in ok.values():
-            m = dict(reply.content["metrics"])
-            state.initial_losses[str(int(m["partition-id"]))] = float(m["loss"])
+    if "loss_initial" in recipe.needs:
+        if not state.initial_losses:
+            _initial_losses(grid, state, where, timeout, excluded)
+        for c in [c for c in sorted(where) if str(c) not in state.initial_losses]:  # resumed: lost its loss
+            excluded.append({"node": where.pop(c), "partition": c, "reason": "no initial loss recorded"})
+        if not where:
+            raise FederationError(f"initial losses: no usable answer ({recipe.name} needs each client's)")
     for rnd in range(state.round, fed.rounds):
         t0 = time.time()
         active, who = sample_clients(fed, rnd, poisson=dp)
         unreachable = [c for c in active if c not in where]
         active = [c for c in active if c in where]
         record: dict[str, Any] = {"round": rnd + 1, **who, "unreachable": unreachable}
+        if excluded:  # once per ServerApp start: the nodes left out, with the reason
+            record["excluded"], excluded = excluded, []
         if secagg is None:
-            results, rejected = _plain_round(grid, run, state, active, where, rnd, timeout)
+            results, rejected = _plain_round(grid, run, state, active, where, sizes, rnd, timeout)
         else:
             results, rejected, record["secure_aggregation"] = _secure_round(
                 grid, secagg, run, state, active, where, [sizes[c] for c in active], rnd
             )
         accepted, bad = run.validate(state, results)
-        record["rejected"] = rejected + bad
+        record["rejected"] = rejected + [{**r, "reason": _short(r["reason"])} for r in bad]
         for r in record["rejected"]:
             log.error("round %d: update of client %s rejected: %s", rnd + 1, r["client"], r["reason"])
-        state = run.apply_updates(state, accepted, rnd, record)  # SecAgg+'s sum carries no client loss
+        state = _step(run, state, accepted, rnd, record)  # SecAgg+'s sum carries no client loss
         if "skipped" in record:
             log.error("round %d skipped: %s", rnd + 1, record["skipped"])
         if not dp and ((fed.eval_every > 0 and (rnd + 1) % fed.eval_every == 0) or rnd + 1 == fed.rounds):
-            arrays = _to_arrays(state.params)
-            ok, errors = _send(grid, EVALUATE, {where[p]: RecordDict({"arrays": arrays}) for p in sorted(where)},
-                               rnd + 1, timeout)  # fmt: skip
-            losses = {int(dict(r.content["metrics"])["partition-id"]): float(dict(r.content["metrics"])["eval_loss"])
-                      for r in ok.values()}  # fmt: skip
-            if losses:
-                record["client_loss"] = {str(k): losses[k] for k in sorted(losses)}
-                record["fairness"] = fairness([losses[k] for k in sorted(losses)])
+            _fairness_report(grid, state, where, rnd, timeout, record)
         record["seconds"] = round(time.time() - t0, 3)
         run.save_round(state, record, config)
-        log.info("round %d/%d: %d updates, %d rejected", rnd + 1, fed.rounds, len(accepted), len(record["rejected"]))
+        loss = record.get("fairness", record.get("loss_after", {})).get("mean")
+        log.info(
+            "round %d/%d: %d updates, %d rejected%s%s (%.1f s)", rnd + 1, fed.rounds, len(accepted),
+            len(record["rejected"]), "" if loss is None else f", mean client loss {loss:.4f}",
+            ", skipped" if "skipped" in record else "", record["seconds"],
+        )  # fmt: skip
+    rounds = [r for r in read_jsonl(out / "metrics.jsonl") if isinstance(r, dict) and "round" in r]
+    if not any("skipped" not in r for r in rounds):
+        raise FederationError(
+            f"no round stepped the model (all {len(rounds)} skipped; see {out / 'metrics.jsonl'}): nothing saved as "
+            f"{out / 'model'}"
+        )
+    bad = first_non_finite(state.params)
+    if bad is not None:  # a resumed checkpoint that was not finite: never saved as a model
+        raise FederationError(f"the model is not finite ({bad}); nothing saved as {out / 'model'}")
     run.model.set_params(state.params)
     card = federated_card(fed, state, ropts, data_args=data_args, data=server_data)
     save_federated_model(run.model, state, server_data, out / "model", init_from=fed.init_from or None, card=card)
+    log.info("model saved to %s (%d rounds)", out / "model", state.round)
     return state
 
 
@@ -612,8 +965,11 @@ server_app = ServerApp()
 
 @server_app.main()
 def _server_main(grid: Grid, context: Context) -> None:
-    timeout = context.run_config.get("round-timeout", "")
-    run_flower_server(grid, context.run_config, timeout=3600.0 if timeout == "" else float(timeout))
+    try:
+        run_flower_server(grid, context.run_config, timeout=server_options(context.run_config)["round_timeout"])
+    except ConfigError as err:  # one line first in the run's log (``flwr log``); Flower marks the run failed
+        log.error("%s: %s", type(err).__name__, err)
+        raise
 
 
 # -- an in-process grid (tests, debugging a ServerApp without a SuperLink) ------------------------
@@ -626,6 +982,8 @@ class LocalGrid(Grid):
     Nodes in ``drop`` never answer; nodes in ``lost`` answer their first message only (the handshake:
     they die after it).
     A ClientApp's exception becomes an error reply, as a SuperNode sends it."""
+
+    fixed_nodes = True  # every node is there from the start: the ServerApp does not wait for more
 
     def __init__(
         self,

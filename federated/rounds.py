@@ -16,7 +16,18 @@ Differential privacy (``dp_noise_multiplier > 0``): clients are Poisson-sampled 
 configured rate, every client's release is clipped jointly and the aggregate noised inside the
 server step (:mod:`asymvlm.federated.core.dp`); invalid updates count as zero updates (so the
 release stays a function of the clipped sum); per-client losses are not logged (they are
-functions of private data outside the mechanism); epsilon is logged every round.
+functions of private data outside the mechanism); epsilon is logged every round. **Every round
+is released and accounted**: a round whose Poisson sample is empty (or whose sampled clients all
+dropped out) releases the noise alone, never a skip, because whether a round is skipped would
+depend on who is in the data and shows in the released sequence (so ``min_clients`` must stay 1
+under DP); the accountant steps once per round.
+
+Rounds without a step: outside DP a round with fewer than ``min_clients`` valid updates, and in
+any mode a round whose server step gives a value that is not finite (the state stays as it was:
+nothing non-finite is checkpointed), makes no server step. Its record says why (``skipped``,
+``server_step: false``), it is logged as a warning, and the state lists it
+(``ServerState.skipped_rounds``): the command's end summary counts them, and a run in which no
+round stepped saves no model (:func:`asymvlm.federated.checkpoint.save_federated_model`).
 
 Example:
     >>> int_seed(0, "client", 3, 1) == int_seed(0, "client", 3, 1) != int_seed(0, "client", 3, 2)
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -40,7 +52,15 @@ from tqdm.auto import tqdm
 
 from asymvlm.config import ConfigError, HeadArguments, check_resume_config, claim_output_dir
 from asymvlm.federated.attacks import DATA_ATTACKS, UPDATE_ATTACKS, ShuffledCaptions, attack_updates
-from asymvlm.federated.checkpoint import ServerState, load_server_state, prune_rounds, round_dirs, save_server_state
+from asymvlm.federated.checkpoint import (
+    ServerState,
+    check_finite_state,
+    check_server_state,
+    load_server_state,
+    prune_rounds,
+    round_dirs,
+    save_server_state,
+)
 from asymvlm.federated.client import (
     ClientOptions,
     ClientResult,
@@ -78,6 +98,8 @@ __all__ = [
     "fairness",
     "STREAMS",
 ]
+
+log_ = logging.getLogger(__name__)
 
 # every random stream of a run: (seed, stream id, round, client) -> numpy's SeedSequence
 STREAMS = {
@@ -248,7 +270,14 @@ class Federation:
         rounds = round_dirs(ckpt)
         if self.fed.resume and rounds:
             state = load_server_state(rounds[-1])
-            _check_resumable(rounds[-1], config)
+            _check_resumable(rounds[-1], state.config or {}, config)
+            params = self.model.get_params()
+            base = get_base(self.model, self.lora.layers) if self.lora is not None and self.lora.exact else {}
+            owned = server_owned(self._full(params, base), self.lora)
+            check_server_state(
+                state, rounds[-1], params=params, base=base, opt_init=self.recipe.server.init(owned), owned=owned,
+                rounds=self.fed.rounds,
+            )  # fmt: skip
             if state.base:
                 set_base(self.model, state.base)
             return state
@@ -340,12 +369,15 @@ class Federation:
         base = {layer: new[LoraLayers.base_key(layer)] for layer in state.base}
         if base:
             set_base(self.model, base)
-        out = ServerState(rnd, params, opt_state, state.initial_losses, base, state.epsilon, state.dp_releases)
+        out = ServerState(
+            rnd, params, opt_state, state.initial_losses, base, state.epsilon, state.dp_releases,
+            list(state.skipped_rounds),
+        )  # fmt: skip
         if self.recipe.dp is not None:
             out.dp_releases += 1
             out.epsilon = self.recipe.dp.epsilon(out.dp_releases)
             record["dp_epsilon"] = out.epsilon
-            record["dp"] = info["dp"]
+            record["dp"] = {**info["dp"], "participants": sum(1 for r in results if r.client is not None)}
         if "lora" in info:
             record["lora_info"] = info["lora"]
         record["aggregator_info"] = {
@@ -357,14 +389,30 @@ class Federation:
 
     def apply_updates(self, state: ServerState, accepted: list[ClientResult], rnd: int, record: dict) -> ServerState:
         """Round ``rnd``'s valid updates into the state and its record: the server step (or why the
-        round is skipped), the round count, and the clients' losses after training (none under DP,
-        and none when no update carries one, as for SecAgg+'s sum)."""
+        round made none), the round count, and the clients' losses after training (none under DP,
+        and none when no update carries one, as for SecAgg+'s sum).
+
+        Under DP every round is released (the noise alone when no update came: module docstring)
+        and accounted. A server step that gives a value that is not finite is not taken (the state
+        stays as it was; under DP the release still counts)."""
         fed = self.fed
         record["upload_bytes"] = {"per_client": self.comm["sent_bytes"], "dense": self.comm["dense_bytes"]}
-        if len(accepted) < fed.min_clients or not accepted:
+        if self.recipe.dp is not None:
+            sent = accepted
+            if accepted:
+                record["dp_release"] = f"noised sum of {len(accepted)} clipped updates"
+            else:  # a zero update adds nothing to the clipped sum: the release is the noise alone
+                zero = {k: torch.zeros_like(v) for k, v in state.params.items()}
+                sent = [ClientResult(None, zero, 0)]
+                record["dp_release"] = "noise only: no update this round (nobody sampled, or all dropped out)"
+            state = self._step(state, sent, rnd, record)
+        elif len(accepted) < fed.min_clients or not accepted:
             record["skipped"] = f"{len(accepted)} valid updates < min_clients={fed.min_clients}"
         else:
-            state = self.server_step(state, accepted, rnd, record)
+            state = self._step(state, accepted, rnd, record)
+        record["server_step"] = "skipped" not in record
+        if "skipped" in record and rnd + 1 not in state.skipped_rounds:
+            state.skipped_rounds = [*state.skipped_rounds, rnd + 1]
         state.round = rnd + 1
         if self.recipe.dp is not None:
             record["dp_note"] = "per-client losses are not logged under DP; epsilon covers the released model"
@@ -373,10 +421,28 @@ class Federation:
             record["loss_after"] = fairness([r.loss_after for r in accepted if r.loss_after is not None])
         return state
 
+    def _step(self, state: ServerState, results: list[ClientResult], rnd: int, record: dict) -> ServerState:
+        """:meth:`server_step`, not taken when it gives a value that is not finite (the record says
+        which key; the state is returned as it was, with the DP release counted)."""
+        new = self.server_step(state, results, rnd, record)
+        bad = _first_non_finite({"params": new.params, "base": new.base, "opt_state": new.opt_state})
+        if bad is None:
+            return new
+        if state.base:  # the step folded into the live model's base weights: undo
+            set_base(self.model, state.base)
+        for key in ("aggregator_info", "lora_info"):
+            record.pop(key, None)
+        record["skipped"] = f"the server step gave a value that is not finite ({bad}); the model is not stepped"
+        state = dataclasses.replace(state, skipped_rounds=list(state.skipped_rounds))
+        state.epsilon, state.dp_releases = new.epsilon, new.dp_releases  # a DP release happened all the same
+        return state
+
     def save_round(self, state: ServerState, record: dict, config: dict[str, Any]) -> None:
         """The round's checkpoint (atomic; rounds beyond ``keep_rounds`` pruned), then its line in
-        ``metrics.jsonl``."""
+        ``metrics.jsonl``. A global model that is not finite is never saved (the round and the key
+        are named)."""
         out = Path(self.fed.output_dir)
+        check_finite_state(state, f"the round is not checkpointed (the last checkpoint is {_latest(out)})")
         save_server_state(state, out / "checkpoints", config)
         prune_rounds(out / "checkpoints", self.fed.keep_rounds)
         with open(out / "metrics.jsonl", "a") as f:
@@ -446,6 +512,8 @@ def run_federated(
                 run.model.set_params(state.params)
                 record.update(evaluate(run.model))
         record["seconds"] = round(time.time() - t0, 3)
+        if "skipped" in record:
+            log_.warning("round %d made no server step: %s", rnd + 1, record["skipped"])
         run.save_round(state, record, config)  # checkpoint and log
         if log:
             log(record)
@@ -456,10 +524,31 @@ def run_federated(
     return state, run.model
 
 
-def _check_resumable(checkpoint: Path, config: dict[str, Any]) -> None:
+def _check_resumable(checkpoint: Path, saved: dict[str, Any], config: dict[str, Any]) -> None:
     """A resumed run must be the same run: every config key outside RESUMABLE_CHANGES must match."""
-    saved = json.loads((checkpoint / "server.json").read_text()).get("config") or {}
-    check_resume_config(saved, config, RESUMABLE_CHANGES, checkpoint.parent.parent)
+    check_resume_config(saved, config, RESUMABLE_CHANGES, checkpoint / "server.json")
+
+
+def _latest(out: Path) -> str:
+    rounds = round_dirs(out / "checkpoints")
+    return rounds[-1].name if rounds else "none"
+
+
+def _first_non_finite(tree: Any, name: str = "") -> str | None:
+    """The path of the first floating tensor in a nested state that holds NaN or inf, or None."""
+    if isinstance(tree, torch.Tensor):
+        return name if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else None
+    if isinstance(tree, Mapping):
+        items = tree.items()
+    elif isinstance(tree, (list, tuple)):
+        items = enumerate(tree)
+    else:
+        return None
+    for k, v in items:
+        bad = _first_non_finite(v, f"{name}/{k}" if name else str(k))
+        if bad is not None:
+            return bad
+    return None
 
 
 def _init_from(model: TrainableModel, path: str) -> None:

@@ -87,6 +87,8 @@ __all__ = [
     "ON_FLAT",
     "FLAT_TOL",
     "INPUT_KINDS",
+    "UNRELATED_RATIO",
+    "relative_distance",
 ]
 
 INPUT_KINDS = ("asymvlm", "checkpoint", "task_vector", "lora")
@@ -273,14 +275,14 @@ def lambda_search(
         asymvlm.merging.api.FlatCriterionError: the selection criterion is flat over lambda in [0.5, 1.0]: ...
     """
     from asymvlm.federated.core import server_update
-    from asymvlm.merging.methods import make_method, validate_task_vectors
+    from asymvlm.merging.methods import check_task_vectors, make_method
 
     if not grid:
         raise ValueError("empty lambda grid")
     if on_flat not in ON_FLAT:
         raise ConfigError(f"on_flat={on_flat!r} is not one of {list(ON_FLAT)}")
     _check_flat_tol(flat_tol)
-    validate_task_vectors(task_vectors, base)
+    check_task_vectors(task_vectors, base)
     options.pop("lam", None)
     agg = make_method(method, **options).aggregator(task_vectors, weights)  # once for the whole grid
     result = LambdaSearch(criterion=criterion)
@@ -545,7 +547,62 @@ def selection_metric(
     return SELECTION_CRITERIA.entry(select_by).factory(head_template, val_caches, references=references)
 
 
-def _asymvlm_vectors(base: Path, inputs: Sequence[Path]):
+# An expert that records no lineage and differs from the base by at least this fraction of the base's
+# weights (``||expert - base|| / ||base||``) is no fine-tune of it: two independent random inits of a
+# head differ by ~1.4 (sqrt 2), a fine-tune moves the weights far less than their own size.
+UNRELATED_RATIO = 1.0
+ALLOW_UNRELATED_HINT = "pass --allow_unrelated (allow_unrelated=True) to merge it anyway"
+
+
+def relative_distance(expert: Mapping[str, Tensor], base: Mapping[str, Tensor]) -> float:
+    """``||expert - base|| / ||base||`` over the base's tensors (float64; inf for an all-zero base).
+
+    Example:
+        >>> relative_distance({"w": torch.tensor([3.0, 4.0])}, {"w": torch.tensor([0.0, 4.0])})
+        0.75
+    """
+    num = sum(float((expert[k].double() - base[k].double()).pow(2).sum()) for k in base)
+    den = sum(float(base[k].double().pow(2).sum()) for k in base)
+    return math.sqrt(num / den) if den > 0 else math.inf
+
+
+def _expert_base_problem(
+    p: Path, m: Any, base: Path, base_model: Any, base_weights: str
+) -> tuple[str | None, str | None]:
+    """``(refusal, warning)`` about whether the expert ``m`` (at ``p``) was fine-tuned from the base:
+    its recorded lineage first (trained from scratch, or from other weights: a refusal), and for an
+    expert that records none, how far it is from the base (:data:`UNRELATED_RATIO`)."""
+    lineage = m.lineage or {}
+    started = lineage.get("init_from_fingerprint")
+    scratch = lineage.get("init") == "scratch" or ("init_from" in lineage and lineage["init_from"] is None)
+    if scratch and not started:
+        return (
+            f"{p} was trained from scratch (its lineage records no init_from), not fine-tuned from the base {base}: "
+            "its difference to the base is not a task vector",
+            None,
+        )
+    if started is not None:
+        if started != base_weights:
+            return (
+                f"{p} was fine-tuned from {lineage.get('init_from')!r}, whose head weights are not those of the "
+                f"base {base}: its difference to the base is not its task vector",
+                None,
+            )
+        return None, None
+    ratio = relative_distance(m.head.state_dict(), base_model.head.state_dict())
+    if ratio >= UNRELATED_RATIO:  # (NaN weights pass here and are named by the finiteness check)
+        return (
+            f"{p} does not record what it was fine-tuned from, and it differs from the base {base} by {ratio:.2f} "
+            f"times the base's weights (a fine-tune moves them far less): it was not fine-tuned from the base",
+            None,
+        )
+    return None, (
+        f"{p} does not record what it was fine-tuned from: its base could not be checked (it differs from the "
+        f"base by {ratio:.1%} of the base's weights)"
+    )
+
+
+def _asymvlm_vectors(base: Path, inputs: Sequence[Path], allow_unrelated: bool = False):
     from asymvlm.io import tensor_fingerprint
     from asymvlm.merging.task_vectors import DiffParams, LazyTaskVector
     from asymvlm.model import WEIGHTS_NAME, AsymVLM
@@ -565,21 +622,50 @@ def _asymvlm_vectors(base: Path, inputs: Sequence[Path]):
                 f"{p} carries a text-tower adapter: merge its text_adapter/ directories as LoRA inputs and the "
                 "heads separately"
             )
-        started = (m.lineage or {}).get("init_from_fingerprint")
-        if started is not None and started != base_weights:
-            raise MergeInputError(
-                f"{p} was fine-tuned from {m.lineage.get('init_from')!r}, whose head weights are not those of the "
-                f"base {base}: its difference to the base is not its task vector"
-            )
-        if started is None:
-            warnings.append(f"{p} does not record what it was fine-tuned from: its base could not be checked")
+        refusal, warning = _expert_base_problem(p, m, base, base_model, base_weights)
+        if refusal is not None and not allow_unrelated:
+            raise MergeInputError(f"{refusal}; {ALLOW_UNRELATED_HINT}")
+        if refusal is not None:
+            warnings.append(f"{refusal}; merged anyway (allow_unrelated)")
+        if warning is not None:
+            warnings.append(warning)
         experts.append(m)
     for w in warnings:
-        logger.warning(w)
+        logger.warning("warning: %s", w)
     b = LazyTaskVector(base / WEIGHTS_NAME)
     vectors = [DiffParams(b, LazyTaskVector(Path(p) / WEIGHTS_NAME)) for p in inputs]
     fingerprints = {"base": base_weights, "experts": [tensor_fingerprint(m.head.state_dict()) for m in experts]}
     return base_model, experts, b, vectors, warnings, fingerprints
+
+
+def _task_vector_bases(base: Path, vectors: Sequence[Any], allow_unrelated: bool) -> list[str]:
+    """Task vectors record the fingerprint of the base they were computed against: it must be that
+    of ``base`` (a refusal, or with ``allow_unrelated`` a warning); one that records none is a warning."""
+    from asymvlm.io import tensor_fingerprint
+    from asymvlm.merging.task_vectors import LazyTaskVector
+
+    recorded = [v.meta.get("base_fingerprint") for v in vectors]
+    if all(fp is None for fp in recorded):
+        notes = [
+            f"{v.path} does not record the fingerprint of its base: its base could not be checked" for v in vectors
+        ]
+    else:
+        actual = tensor_fingerprint(LazyTaskVector(base))
+        notes = []
+        for v, fp in zip(vectors, recorded):
+            if fp is None:
+                notes.append(f"{v.path} does not record the fingerprint of its base: its base could not be checked")
+            elif fp != actual:
+                refusal = (
+                    f"{v.path} was computed against another base than {base} (its base_fingerprint "
+                    f"{fp[:12]}..., the base's {actual[:12]}...): it is not a task vector of this base"
+                )
+                if not allow_unrelated:
+                    raise MergeInputError(f"{refusal}; {ALLOW_UNRELATED_HINT}")
+                notes.append(f"{refusal}; merged anyway (allow_unrelated)")
+    for w in notes:
+        logger.warning("warning: %s", w)
+    return notes
 
 
 def merge(
@@ -598,6 +684,7 @@ def merge(
     on_flat: str | None = None,
     progress: bool = False,
     log: Callable[[dict[str, Any]], None] | None = None,
+    allow_unrelated: bool = False,
     **options: Any,
 ) -> dict[str, Any]:
     """Merge ``inputs`` into ``base`` with ``method`` (see the module docstring for the input kinds)
@@ -612,6 +699,14 @@ def merge(
     lambda the same (R@1 of heads with a frozen mean direction) raises a
     :class:`FlatCriterionError` and writes nothing; ``"warn"`` keeps the first lambda, with the
     warning in the report. The report's ``lambda_search`` holds the curve, the criterion and ``flat``.
+
+    Every expert must have been fine-tuned from ``base``: an AsymVLM whose lineage records that it
+    was trained from scratch or from other weights, one that records nothing and differs from the
+    base by as much as the base's weights (:data:`UNRELATED_RATIO`), or a task vector computed
+    against another base is a :class:`MergeInputError`; ``allow_unrelated=True`` merges it anyway
+    with a warning (logged and in the report's ``warnings``). Inputs are read as untrusted: keys,
+    shapes, dtypes and finiteness are checked (naming the file and the key), and so is the merge
+    before it is written.
     """
     from asymvlm.merging.methods import METHODS
 
@@ -653,6 +748,8 @@ def merge(
         "options": options,
         "weights": list(weights) if weights is not None else None,
     }
+    if allow_unrelated:
+        report["allow_unrelated"] = True
     if (lam_grid or val) and kind != "asymvlm":
         raise MergeInputError("--lam-grid/--val evaluate AsymVLM heads: use them with saved AsymVLM inputs")
     if lam_grid and not val:
@@ -681,15 +778,16 @@ def merge(
     from asymvlm.merging.cards import merge_card
 
     if kind == "asymvlm":
-        from asymvlm.merging.methods import merge_params
+        from asymvlm.merging.methods import check_task_vectors, merge_params
         from asymvlm.model import AsymVLM
 
         if input_kind(base) != "asymvlm":
             raise MergeInputError(f"the base of AsymVLM inputs must be a saved AsymVLM, got {base}")
-        base_model, experts, b, vectors, warnings, fingerprints = _asymvlm_vectors(base, inputs)
+        base_model, experts, b, vectors, warnings, fingerprints = _asymvlm_vectors(base, inputs, allow_unrelated)
         if warnings:
             report["warnings"] = warnings
         base_params = {k: b[k].clone() for k in b}
+        check_task_vectors(vectors, base_params)  # before any lambda is scored
         if lam_grid:
             criterion = select_by or "r1"
             refs = None
@@ -747,6 +845,9 @@ def merge(
         vectors = [DiffParams(b, LazyTaskVector(_checkpoint_file(p))) for p in inputs]
     else:
         vectors = [LazyTaskVector(p) for p in inputs]
+        notes = _task_vector_bases(base, vectors, allow_unrelated)
+        if notes:
+            report["warnings"] = notes
     report.update(lam=lam, keys=len(vectors[0]), parameters=sum(math.prod(vectors[0].shape(k)) for k in vectors[0]))
     experts = {"base_fingerprints": [v.meta.get("base_fingerprint") for v in vectors]} if kind == "task_vector" else {}
     card = model_card("checkpoint", **merge_card(report, experts))

@@ -87,6 +87,14 @@ SPEC: dict[str, dict[str, Any]] = {
         "p(correct image | text): moves with kappa, also when the mean direction is frozen and R@1 cannot), "
         "error_auroc (AUROC of 1/kappa for R@1 misses) (default: r1)."
     },
+    "allow_unrelated": {
+        "action": "store_const",
+        "const": True,
+        "help": "Merge an expert even when it was not fine-tuned from --base (its lineage says trained from scratch "
+        "or from other weights, it records none and is as far from the base as the base's own weights, or a task "
+        "vector was computed against another base); by default that is an error. Each such expert is named in a "
+        "warning and in merge.json.",
+    },
     "on_flat": {
         "help": "When the criterion scores every lambda the same (R@1 of heads with a frozen mean direction): "
         "error, or warn and keep the first lambda (default: error).",
@@ -228,6 +236,7 @@ def _main(argv: list[str]) -> int:
                 on_flat=cfg.get("on_flat"),
                 progress=cfg["_progress"],
                 log=log,
+                allow_unrelated=bool(cfg.get("allow_unrelated")),
                 **options,
             )
     finally:

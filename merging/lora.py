@@ -23,7 +23,6 @@ base when it is a Hub model).
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from asymvlm.merging.task_vectors import MemoryParams, MergeInputError
+from asymvlm.merging.task_vectors import MemoryParams, MergeInputError, read_adapter_config
 
 __all__ = ["LoraAdapter", "read_lora_adapter", "merge_lora_adapters", "LORA_OUTPUTS", "LINEAR_METHODS"]
 
@@ -69,28 +68,25 @@ def read_lora_adapter(adapter_dir: str | Path) -> LoraAdapter:
     from asymvlm.merging.task_vectors import LazyTaskVector
 
     adapter_dir = Path(adapter_dir)
+    cfg, scaling = read_adapter_config(adapter_dir)
     cfg_path = adapter_dir / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise MergeInputError(f"{adapter_dir} is not a peft adapter (no adapter_config.json)")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as err:
-        raise MergeInputError(f"corrupt JSON in {cfg_path}: {err}") from err
-    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-    if not r or alpha is None:
-        raise MergeInputError(f"{cfg_path} lacks r / lora_alpha")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise MergeInputError(f"{cfg_path}: per-layer rank_pattern/alpha_pattern are not supported")
-    scaling = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
     state = LazyTaskVector(adapter_dir / "adapter_model.safetensors")
     try:
         parts = split_peft_state({k: state[k].clone() for k in state})
     except ValueError as err:
         raise MergeInputError(f"{adapter_dir}: {err}") from err
     layers = {layer: (ab["A"], ab["B"]) for layer, ab in parts.items()}
+    weights = adapter_dir / "adapter_model.safetensors"
     for layer, (a, b) in layers.items():
         if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
             raise MergeInputError(f"{adapter_dir}: {layer!r} has A {tuple(a.shape)} and B {tuple(b.shape)}")
+        if not (a.is_floating_point() and b.dtype == a.dtype):
+            raise MergeInputError(
+                f"{weights}: {layer!r} has A of dtype {a.dtype} and B of dtype {b.dtype} (LoRA factors are floating "
+                "point, of one dtype)"
+            )
         if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
             raise MergeInputError(f"{adapter_dir}: {layer!r} contains NaN or inf")
     return LoraAdapter(adapter_dir, cfg, layers, float(scaling))
@@ -150,6 +146,9 @@ def _write_adapter(
             )
             for k, (a, b) in layers.items()
         }
+    for k, (a, b) in layers.items():  # the merge output is checked before anything is written
+        if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+            raise MergeInputError(f"the merged adapter's {k!r} is not finite (overflow): scale the inputs or lam down")
     cfg = dict(template)
     cfg.update(r=rank, lora_alpha=rank, use_rslora=False, rank_pattern={}, alpha_pattern={})
     with atomic_directory(out) as tmp:

@@ -67,6 +67,7 @@ __all__ = [
     "METHODS",
     "make_method",
     "validate_task_vectors",
+    "check_task_vectors",
     "merge_params",
     "merge_files",
     "kth_smallest_magnitude",
@@ -385,6 +386,35 @@ def validate_task_vectors(deltas: Sequence[Mapping[str, Tensor]], base: Mapping[
             raise MergeInputError(f"the base lacks key(s) {missing[:5]} of the task vectors")
 
 
+def check_task_vectors(task_vectors: Sequence[Mapping[str, Tensor]], base: Mapping[str, Tensor]) -> None:
+    """In-memory merge inputs read from files: :func:`validate_task_vectors`, then every tensor of
+    the base and of each task vector finite and of the base's dtype (an int or float64 tensor in a
+    float32 model is no weight update of it). A :class:`MergeInputError` names the input (its file
+    where it has one) and the key.
+
+    Example:
+        >>> check_task_vectors([{"w": torch.tensor([1, 2])}], {"w": torch.zeros(2)})
+        Traceback (most recent call last):
+        ...
+        asymvlm.errors.MergeInputError: task vector 0: 'w' has dtype torch.int64, the base's is torch.float32
+    """
+    from asymvlm.merging.task_vectors import MergeInputError
+
+    validate_task_vectors(task_vectors, base)
+    for k in keys_of(task_vectors):
+        b = base[k]
+        if b.is_floating_point() and not bool(torch.isfinite(b).all()):
+            raise MergeInputError(f"the base's {k!r} contains NaN or inf")
+    for i, d in enumerate(task_vectors):
+        where = f"task vector {i}" + (f" ({d.path})" if getattr(d, "path", None) else "")
+        for k in d:
+            t = d[k]
+            if t.dtype != base[k].dtype:
+                raise MergeInputError(f"{where}: {k!r} has dtype {t.dtype}, the base's is {base[k].dtype}")
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise MergeInputError(f"{where}: {k!r} contains NaN or inf")
+
+
 def merge_params(
     base: Mapping[str, Tensor],
     task_vectors: Sequence[Mapping[str, Tensor]],
@@ -398,12 +428,7 @@ def merge_params(
     touches are copied unchanged). Non-finite task-vector entries are an error naming the key."""
     from asymvlm.merging.task_vectors import MergeInputError
 
-    validate_task_vectors(task_vectors, base)
-    for i, d in enumerate(task_vectors):
-        for k in d:
-            t = d[k]
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise MergeInputError(f"task vector {i}: {k!r} contains NaN or inf")
+    check_task_vectors(task_vectors, base)
     recipe = make_method(method, lam=lam, **options)
     if weights is not None and not all(math.isfinite(float(w)) for w in weights):
         raise MergeInputError(f"weights must be finite numbers, got {list(weights)}")
@@ -439,13 +464,19 @@ def merge_files(
     for v in vectors:
         for k in v:
             if v.shape(k) != base.shape(k):
-                raise MergeInputError(f"{k!r}: shape {v.shape(k)} in {v.path}, {base.shape(k)} in the base")
+                raise MergeInputError(f"{k!r}: shape {v.shape(k)} in {v.path}, {base.shape(k)} in the base {base.path}")
+            if v.stored_dtype(k) != base.stored_dtype(k):
+                raise MergeInputError(
+                    f"{k!r}: dtype {v.stored_dtype(k)} in {v.path}, {base.stored_dtype(k)} in the base {base.path}"
+                )
     recipe = make_method(method, lam=lam, **options)
     if weights is not None and not all(math.isfinite(float(w)) for w in weights):
         raise MergeInputError(f"weights must be finite numbers, got {list(weights)}")
     agg = recipe.aggregator(vectors, weights)
     bad = next((k for k, v in agg.delta.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
     if bad is not None:  # NaN/inf in an input propagate into the merge: name the input
+        if not bool(torch.isfinite(base[bad]).all()):  # a checkpoint's difference to a NaN base is NaN
+            raise MergeInputError(f"the base {base.path}: {bad!r} contains NaN or inf")
         for i, v in enumerate(vectors):
             if not bool(torch.isfinite(v[bad]).all()):
                 raise MergeInputError(f"task vector {i} ({v.path}): {bad!r} contains NaN or inf")
@@ -461,7 +492,11 @@ def merge_files(
     try:
         with SafetensorsStreamWriter(tmp, specs) as w:
             for k in tqdm(base, desc="writing", disable=not progress, unit="tensor"):
-                w.write(k, merged[k].reshape(base.shape(k)))
+                t = merged[k].reshape(base.shape(k))
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):  # checked before it is written
+                    where = f"the base {base.path}" if not bool(torch.isfinite(base[k]).all()) else "the merge"
+                    raise MergeInputError(f"{where}: {k!r} is not finite (NaN or overflow); nothing was written")
+                w.write(k, t)
         import os
 
         os.replace(tmp, out_path)

@@ -29,7 +29,7 @@ Example:
 
 from __future__ import annotations
 
-import json
+import math
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -52,6 +52,7 @@ __all__ = [
     "task_vector_from_lora",
     "save_task_vector",
     "check_same_base",
+    "read_adapter_config",
 ]
 
 TV_TYPE = "asymvlm.task_vector"
@@ -85,7 +86,12 @@ class DiffParams(Mapping):
         for k in self._keys:
             if base.shape(k) != finetuned.shape(k):
                 raise MergeInputError(
-                    f"{k!r}: shape {finetuned.shape(k)} in {finetuned.path}, {base.shape(k)} in the base"
+                    f"{k!r}: shape {finetuned.shape(k)} in {finetuned.path}, {base.shape(k)} in the base {base.path}"
+                )
+            if base.stored_dtype(k) != finetuned.stored_dtype(k):
+                raise MergeInputError(
+                    f"{k!r}: dtype {finetuned.stored_dtype(k)} in {finetuned.path}, {base.stored_dtype(k)} in the "
+                    f"base {base.path}"
                 )
         self.path = finetuned.path
         self.meta = {"source": "checkpoint", "base": str(base.path)}
@@ -97,6 +103,9 @@ class DiffParams(Mapping):
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.base.shape(key)
+
+    def stored_dtype(self, key: str) -> torch.dtype:
+        return self.base.stored_dtype(key)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._keys)
@@ -117,17 +126,35 @@ class MemoryParams(dict):
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self[key].shape)
 
+    def stored_dtype(self, key: str) -> torch.dtype:
+        return self[key].dtype
+
 
 def _read_meta(path: Path) -> dict[str, Any]:
+    """The JSON sidecar of a task vector (``{}`` when there is none): an object of this type whose
+    ``base_fingerprint`` is a string or null; anything else is a :class:`MergeInputError` naming it."""
+    from asymvlm.errors import ArtefactError
+    from asymvlm.io import read_json
+
     side = path.with_name(path.stem + ".json")
     if path.name == "task_vector.safetensors":
         side = path.parent / "task_vector.json"
-    if side.is_file():
-        try:
-            return json.loads(side.read_text())
-        except json.JSONDecodeError as err:
-            raise MergeInputError(f"corrupt JSON in {side}: {err}") from err
-    return {}
+    if not side.is_file():
+        return {}
+    try:
+        doc = read_json(side)
+    except ArtefactError as err:
+        raise MergeInputError(str(err)) from err
+    except RecursionError:
+        raise MergeInputError(f"corrupt JSON in {side}: nested too deeply") from None
+    if not isinstance(doc, dict):
+        raise MergeInputError(f"{side}: expected a JSON object, got a {type(doc).__name__}")
+    if doc.get("type", TV_TYPE) != TV_TYPE:
+        raise MergeInputError(f"{side}: type is {doc.get('type')!r}, expected {TV_TYPE!r}")
+    fp = doc.get("base_fingerprint")
+    if fp is not None and not isinstance(fp, str):
+        raise MergeInputError(f"{side}: base_fingerprint must be a string or null, got {fp!r}")
+    return doc
 
 
 def save_task_vector(tau: Mapping[str, Tensor], directory: str | Path, meta: dict[str, Any]) -> Path:
@@ -219,6 +246,38 @@ def task_vector_from_models(base_model: str | Path, finetuned_model: str | Path,
     return save_task_vector(tau, out, meta)
 
 
+def read_adapter_config(adapter_dir: str | Path) -> tuple[dict[str, Any], float]:
+    """``(adapter_config.json, scaling)`` of a peft adapter folder, read as untrusted: an object
+    whose ``r`` is a positive integer and ``lora_alpha`` a finite number (``scaling = lora_alpha /
+    r``, or ``/ sqrt(r)`` with ``use_rslora``); anything else is a :class:`MergeInputError` naming
+    the file and the field."""
+    from asymvlm.errors import ArtefactError
+    from asymvlm.io import read_json
+
+    cfg_path = Path(adapter_dir) / "adapter_config.json"
+    if not cfg_path.is_file():
+        raise MergeInputError(f"{adapter_dir} is not a peft adapter (no adapter_config.json)")
+    try:
+        cfg = read_json(cfg_path)
+    except ArtefactError as err:
+        raise MergeInputError(str(err)) from err
+    except RecursionError:
+        raise MergeInputError(f"corrupt JSON in {cfg_path}: nested too deeply") from None
+    if not isinstance(cfg, dict):
+        raise MergeInputError(f"{cfg_path}: expected a JSON object, got a {type(cfg).__name__}")
+    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
+    if r is None or alpha is None:
+        raise MergeInputError(f"{cfg_path} lacks r / lora_alpha")
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise MergeInputError(f"{cfg_path}: r must be a positive integer, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise MergeInputError(f"{cfg_path}: lora_alpha must be a finite number, got {alpha!r}")
+    rslora = cfg.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise MergeInputError(f"{cfg_path}: use_rslora must be true or false, got {rslora!r}")
+    return cfg, float(alpha / (math.sqrt(r) if rslora else r))
+
+
 def task_vector_from_lora(adapter_dir: str | Path, out: str | Path, *, base_fingerprint: str | None = None) -> Path:
     """The exact dense update of a peft LoRA adapter: ``scaling * B @ A`` per adapted layer
     (``scaling = lora_alpha / r``, or ``lora_alpha / sqrt(r)`` with rsLoRA), keyed by the adapted
@@ -226,18 +285,20 @@ def task_vector_from_lora(adapter_dir: str | Path, out: str | Path, *, base_fing
     from asymvlm.lora import split_peft_state
 
     adapter_dir = Path(adapter_dir)
-    cfg_path = adapter_dir / "adapter_config.json"
-    if not cfg_path.is_file():
-        raise MergeInputError(f"{adapter_dir} is not a peft adapter (no adapter_config.json)")
-    cfg = json.loads(cfg_path.read_text())
-    r, alpha = cfg.get("r"), cfg.get("lora_alpha")
-    if not r or alpha is None:
-        raise MergeInputError(f"{cfg_path} lacks r / lora_alpha")
-    scaling = alpha / (r**0.5 if cfg.get("use_rslora") else r)
+    cfg, scaling = read_adapter_config(adapter_dir)
     state = LazyTaskVector(adapter_dir / "adapter_model.safetensors")
-    layers = split_peft_state({k: state[k] for k in state})
+    try:
+        layers = split_peft_state({k: state[k] for k in state})
+    except ValueError as err:
+        raise MergeInputError(f"{adapter_dir}: {err}") from err
     tau = {}
     for layer, ab in layers.items():
+        a, b = ab["A"], ab["B"]
+        if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0] or not a.is_floating_point() or b.dtype != a.dtype:
+            raise MergeInputError(
+                f"{state.path}: {layer!r} has A {tuple(a.shape)} {a.dtype} and B {tuple(b.shape)} {b.dtype} (LoRA "
+                "factors are floating-point matrices of one dtype, B's columns = A's rows)"
+            )
         name = layer.removeprefix("base_model.model.") + ".weight"
         tau[name] = scaling * (ab["B"].double() @ ab["A"].double()).to(ab["A"].dtype)
     targets = cfg.get("target_modules")

@@ -31,6 +31,14 @@ def test_quick_demo_writes_the_report(tmp_path, monkeypatch, capsys, quick_toy_c
         assert len(levels) == 6 and all(u > 0 for u in levels)  # world v3: six caption levels
     assert report["seconds"] > 0 and report["world_version"] == 3
     assert report["settings"]["clients"] == 4
+    # provenance (issue 26): what the figures depend on besides the code
+    prov = report["provenance"]
+    assert prov["packages"]["torch"] and prov["packages"]["numpy"] and prov["packages"]["asymvlm"]
+    assert isinstance(prov["encoder"]["fingerprint"], str) and len(prov["encoder"]["fingerprint"]) >= 12
+    assert prov["encoder"]["toy_clip"]["recipe"]["steps"] == report["settings"]["toy_steps"]
+    assert prov["seeds"]["run"] == 0 and prov["seeds"]["test"] == 12345
+    assert prov["machine"]["torch_threads"] >= 1 and prov["machine"]["python"] and prov["date"]
+    assert str(quick_toy_cache) not in json.dumps(prov)  # no local path
     # the federated table: every row carries its grid with validation scores and the chosen options
     rows = {r["name"]: r for r in report["federated_table"]}
     assert set(rows) == {"centralized", "fedavg-iid", "fedavg", "fedadam"}

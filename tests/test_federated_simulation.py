@@ -307,6 +307,23 @@ def test_federate_cli(cache, tmp_path, capsys):
     assert "unknown config key(s) ['clients']" in capsys.readouterr().err
 
 
+def test_federate_overwrite_keeps_the_users_files_inside_model(cache, tmp_path):
+    """Issue 26: `asymvlm-federate --overwrite` removed a user's files inside model/; the model folder
+    now records what asymvlm wrote (.asymvlm-files.json) and only that goes."""
+    from asymvlm.io import owned_entries
+    from asymvlm.training.federate import main
+
+    out = tmp_path / "o"
+    args = ["--cache_dir", str(cache), "--rounds", "1", "--num_clients", "4", "--local_steps", "1",
+            "--local_batch_size", "16", "--hidden_dims", "16", "--progress", "false", "--output_dir", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert "head.safetensors" in (owned_entries(out / "model") or set())
+    (out / "model" / "my-eval.txt").write_text("mine")
+    assert main([*args, "--overwrite", "true"]) == 0
+    assert (out / "model" / "my-eval.txt").read_text() == "mine"
+    assert (out / "model" / "head.safetensors").is_file()
+
+
 def test_a_used_output_dir_is_refused_overwritten_only_in_our_files_and_resumed_only_by_the_same_run(cache, tmp_path):
     from asymvlm.config import ConfigError
 
@@ -321,9 +338,12 @@ def test_a_used_output_dir_is_refused_overwritten_only_in_our_files_and_resumed_
         run(cache, out, rounds=3, local_lr=0.3, resume=True)
     resumed, _ = run(cache, out, rounds=3, resume=True)  # more rounds of the same run: fine
     assert resumed.round == 3
+    (out / "checkpoints" / "round-000002" / "why.txt").write_text("and this")  # a user's file in a round (issue 26)
     fresh, _ = run(cache, out, rounds=1, recipe="fedadam", overwrite=True)
     assert fresh.round == 1 and (out / "notes.txt").read_text() == "mine"  # the user's file survives
-    assert [p.name for p in (out / "checkpoints").iterdir()] == ["round-000001"]  # the old run's rounds are gone
+    assert (out / "checkpoints" / "round-000002" / "why.txt").read_text() == "and this"
+    assert sorted(p.name for p in (out / "checkpoints" / "round-000002").iterdir()) == [".asymvlm-files.json", "why.txt"]
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["round-000001", "round-000002"]
     assert len(records(out)) == 1
     with pytest.raises(ConfigError, match="exclude each other"):
         fed_args(out, resume=True, overwrite=True)

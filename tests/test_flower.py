@@ -233,12 +233,15 @@ def test_a_lost_node_and_a_bad_update_are_survived_and_named(cache, tmp_path):
         assert "NaN" in reasons[1] or "nan" in reasons[1].lower()  # partition 1 lives on node 2
         assert "no reply" in reasons[3]
         assert "skipped" not in r
-    # too few valid updates for the recipe's minimum: the round is skipped with the reason
+    # too few valid updates for the recipe's minimum: the round is skipped with the reason, and a run
+    # in which no round stepped the model saves none (the initial model is no result)
     rc = run_config(cache, tmp_path / "few", recipe="fedavg", min_clients=4, rounds=1)
     g = grid(rc, apps={2: bad})
-    state = F.run_flower_server(g, rc)
+    with pytest.raises(F.FederationError, match="no round stepped the model"):
+        F.run_flower_server(g, rc)
     rec = json.loads((tmp_path / "few" / "metrics.jsonl").read_text().splitlines()[0])
     assert "3 valid updates < min_clients=4" in rec["skipped"]
+    assert not (tmp_path / "few" / "model").exists()
 
 
 def test_handshake_errors_are_one_clear_line(cache, tmp_path):
@@ -370,3 +373,29 @@ def test_data_holders_with_their_own_caches(tmp_path, synthetic_cache):
     assert [r["aggregator_info"]["weights"] for r in rec] == [[1 / 3, 2 / 3]] * 2
     assert all(set(r["client_loss"]) == {"0", "1"} for r in rec)
     assert state.round == 2 and all(torch.isfinite(v).all() for v in state.params.values())
+    saved = json.loads((tmp_path / "o" / "model" / "asymvlm_config.json").read_text())["encoder"]
+    assert saved["fingerprint"] is None and saved["dim"] == 16  # what the caches record: no encoder, not "None"
+
+
+def test_the_saved_model_records_the_encoder_of_the_nodes_caches(tmp_path, tiny_open_clip_dir):
+    """Data holders whose caches were built by an encoder the run config does not name: the saved
+    model records that encoder (spec and fingerprint, as the caches do) and reloads with it."""
+    from asymvlm import shapeworld as sw
+    from asymvlm.cache import embed_dataset
+    from asymvlm.encoders import load_encoder
+    from asymvlm.model import AsymVLM
+
+    enc = load_encoder(str(tiny_open_clip_dir))
+    caches = [
+        embed_dataset(enc, sw.generate(30, seed=k), tmp_path / f"holder{k}", dtype="float32", progress=False).path
+        for k in range(2)
+    ]
+    rc = run_config("", tmp_path / "o", recipe="fedavg", num_clients=2, rounds=1, eval_every=0)
+    rc.pop("cache_dir")
+    g = F.LocalGrid(F.client_app, rc, [{"partition-id": k, "cache-dir": str(p)} for k, p in enumerate(caches)])
+    F.run_flower_server(g, rc)
+    manifest = json.loads((caches[0] / "manifest.json").read_text())["encoder"]
+    saved = json.loads((tmp_path / "o" / "model" / "asymvlm_config.json").read_text())["encoder"]
+    assert saved["fingerprint"] == manifest["fingerprint"] == enc.fingerprint and saved["dim"] == enc.dim
+    model = AsymVLM.from_pretrained(tmp_path / "o" / "model")  # the fingerprint checked on load
+    assert model.encoder is not None and model.encoder.fingerprint == enc.fingerprint

@@ -142,3 +142,85 @@ def test_a_killed_serverapp_resumes_bit_identically(tmp_path, synthetic_cache):
     )
     for k in ours.params:
         assert torch.equal(deployed.params[k], ours.params[k]), k
+
+
+# -- the README's Flower recipe, run as written ---------------------------------------------------
+REPO = Path(__file__).resolve().parents[1]
+RECIPE_START, RECIPE_END = "<!-- flower-recipe:start -->", "<!-- flower-recipe:end -->"
+
+
+def recipe_commands(text: str) -> str | None:
+    """The bash block between the README's recipe markers (None without them)."""
+    import re
+
+    if RECIPE_START not in text or RECIPE_END not in text:
+        return None
+    part = text.split(RECIPE_START, 1)[1].split(RECIPE_END, 1)[0]
+    block = re.search(r"```bash\n(.*?)```", part, re.S)
+    return block.group(1) if block else None
+
+
+def run_recipe(script: str, root: Path, timeout: float = 900.0) -> tuple[int, str]:
+    """Run ``script`` with bash in ``root`` (a folder standing for the repository root: its ``.venv``
+    and ``examples`` link to this checkout's) with this venv off PATH, as a shell a user opens;
+    returns the script's exit status and everything it printed. The background processes it starts
+    (SuperLink, SuperNodes) stay children of the bash process, so they are killed by its PID, with
+    every process they started."""
+    import os
+    import subprocess
+    import sys
+
+    from asymvlm.procs import kill_tree, wait_for
+
+    for name in (".venv", "examples"):
+        (root / name).symlink_to(REPO / name)
+    (root / "recipe.sh").write_text(script + '\necho "$?" > recipe.exit\nwait\n')  # wait: keep the jobs children
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != venv_bin)
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "FLWR_HOME", "PYTHONPATH")}
+    env.update(PATH=path, FLWR_DISABLE_UPDATE_CHECK="1", PYTHONUNBUFFERED="1")
+    log = open(root / "recipe.log", "w")
+    proc = subprocess.Popen(["bash", "recipe.sh"], cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    log.close()
+    try:
+        wait_for(lambda: (root / "recipe.exit").exists() or proc.poll() is not None, timeout, "the recipe")
+    finally:
+        kill_tree(proc)
+    status = int((root / "recipe.exit").read_text()) if (root / "recipe.exit").exists() else -1
+    return status, (root / "recipe.log").read_text(errors="replace")
+
+
+def test_the_readmes_flower_recipe_runs_as_written(tmp_path):
+    """The commands between ``<!-- flower-recipe:start -->`` and ``<!-- flower-recipe:end -->`` in
+    README.md, run as written on this machine (a SuperLink, two SuperNodes with their own caches,
+    ``flwr run --stream``): the run ends, its rounds are printed, and the saved model records the
+    encoder the caches were built with and reloads with it (fingerprint checked)."""
+    import socket
+
+    from asymvlm.model import AsymVLM
+
+    script = recipe_commands((REPO / "README.md").read_text())
+    if script is None:
+        pytest.skip(f"README.md has no Flower recipe between {RECIPE_START} and {RECIPE_END}")
+    import re
+
+    for port in sorted({int(p) for p in re.findall(r"--port\s+(\d+)", script)}):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                pytest.skip(f"port {port}, which the README's recipe uses, is taken on this machine")
+    root = tmp_path / "repo"
+    root.mkdir()
+    status, printed = run_recipe(script, root)
+    assert status == 0, printed[-4000:]
+    out = root / "trial" / "run"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r["round"] for r in records]
+    assert rounds == list(range(1, len(rounds) + 1)) and rounds and all(r["rejected"] == [] for r in records)
+    # the ServerApp's progress reaches the terminal through flwr run --stream (the ServerApp
+    # process's own output does not: flower-superexec keeps it)
+    assert f"round {rounds[-1]}/{rounds[-1]}: 2 updates, 0 rejected" in printed, printed[-4000:]
+    manifest = json.loads((root / "trial" / "holder0" / "manifest.json").read_text())["encoder"]
+    saved = json.loads((out / "model" / "asymvlm_config.json").read_text())["encoder"]
+    assert saved["fingerprint"] == manifest["fingerprint"] and saved["spec"] == manifest["spec"]
+    model = AsymVLM.from_pretrained(out / "model")  # loads the caches' encoder, checks its fingerprint
+    assert model.encoder is not None and model.encoder.fingerprint == manifest["fingerprint"]

@@ -1,8 +1,9 @@
 """The dependency direction, checked on every import of every module (function-local ones too).
 
 core (``asymvlm``) <- ``asymvlm.eval`` ; core <- ``asymvlm.federated`` ; ``asymvlm.merging`` ->
-``asymvlm.federated.core`` + core + ``asymvlm.eval`` ; ``asymvlm.training`` -> everything. No module
-imports another module's ``_private`` names, and the module graph has no cycle.
+``asymvlm.federated.core`` + core + ``asymvlm.eval`` ; ``asymvlm.training`` -> everything;
+``asymvlm.testing`` (harnesses for tests and benchmarks) -> anything, and nothing imports it. No
+module imports another module's ``_private`` names, and the module graph has no cycle.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ ALLOWED = {
     "federated.core": {"core", "federated.core"},
     "merging": {"core", "federated.core", "eval", "merging"},
     "training": {"core", "federated.core", "federated", "eval", "merging", "training"},
+    "testing": {"core", "federated.core", "federated", "eval", "merging", "training", "testing"},
 }
 
 
@@ -36,6 +38,8 @@ def module_name(path: Path) -> str:
 
 
 def layer(module: str) -> str:
+    if module == "asymvlm.testing" or module.startswith("asymvlm.testing."):
+        return "testing"
     if module.startswith("asymvlm.federated.core"):
         return "federated.core"
     for sub in SUBPACKAGES:

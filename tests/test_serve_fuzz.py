@@ -50,6 +50,20 @@ KEYS = [
 ]
 DIM = 32
 
+
+def _png() -> bytes:
+    """A valid 2 x 2 RGB PNG, so deep form fields reach their parser."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (2, 2), "red").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+PNG = _png()
+
 scalars = st.one_of(
     st.none(),
     st.booleans(),
@@ -107,7 +121,7 @@ def requests(draw):
             st.text(max_size=20).map(lambda s: "/v1/thumbnails/" + quote(s.encode("utf-8", "replace"), safe="/")),
         )
     )
-    kind = draw(st.sampled_from(["json", "plausible", "raw", "multipart", "none"]))
+    kind = draw(st.sampled_from(["json", "plausible", "raw", "multipart", "deep", "none"]))
     headers = {}
     content = None
     files = data = None
@@ -124,6 +138,16 @@ def requests(draw):
                 ["application/json", "multipart/form-data", "image/png", "multipart/form-data; boundary=zz", ""]
             )
         )
+    elif kind == "deep":  # JSON nested past Python's recursion limit, as a body or in a form field
+        depth = draw(st.sampled_from([1100, 5000, 100_000]))
+        open_, close = draw(st.sampled_from([("[", "]"), ('{"a":', "}")]))
+        nested = open_ * depth + "1" + close * depth
+        if draw(st.booleans()):
+            content = nested.encode()
+            headers["content-type"] = "application/json"
+        else:
+            files = {"file": ("x.png", PNG, "image/png")}
+            data = {draw(st.sampled_from(["classes", "k", "threshold", "criterion"])): nested}
     elif kind == "multipart":
         payload = draw(st.one_of(st.binary(max_size=200), st.just(b"\x89PNG\r\n\x1a\n" + b"\x00" * 30)))
         files = {draw(st.sampled_from(["file", "image", "f"])): ("x.png", payload, "image/png")}
@@ -165,13 +189,28 @@ def test_no_malformed_request_gets_a_5xx(fuzz_client, request):
         assert set(err) == {"status", "field", "message"} and err["message"], err
 
 
+@pytest.mark.parametrize("depth", [1100, 100_000])
+def test_json_nested_too_deeply_is_one_4xx_naming_the_field(fuzz_client, depth):
+    """Defect 5 of issue 26: ``classes`` nested 100,000 deep was an HTTP 500 (RecursionError)."""
+    nested = "[" * depth + "]" * depth
+    r = fuzz_client.post("/v1/classify/upload", files={"file": ("x.png", PNG, "image/png")}, data={"classes": nested})
+    assert r.status_code == 422 and r.json()["error"]["field"] == "classes", r.text
+    assert "nested too deeply" in r.json()["error"]["message"]
+    for path in ("/v1/search/text", "/v1/search/image", "/v1/classify", "/v1/distribution"):
+        for body in (nested, '{"query": ' + nested + "}", '{"embedding": ' + nested + "}"):
+            r = fuzz_client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+            assert r.status_code in (400, 422), (path, r.status_code, r.text[:200])
+            err = r.json()["error"]
+            assert err["field"] == "body" and "nested too deeply" in err["message"], err
+
+
 @pytest.fixture(scope="module")
 def real_server(tmp_path_factory, serve_assets):
     import httpx
 
     from asymvlm.serve.loopback import LoopbackServer
 
-    args = [*serve_assets["args"], "--no_access_log"]
+    args = [*serve_assets["args"], "--no_access_log", "--head_timeout_s", "2"]
     with LoopbackServer(args, tmp_path_factory.mktemp("fuzz-server")) as server:
         with httpx.Client(base_url=server.url, timeout=30) as client:
             yield server, client
@@ -197,3 +236,34 @@ def test_the_real_server_is_up_and_right_after_fuzzing(real_server):
     assert client.get("/healthz").json() == {"status": "ok"} and server.proc.poll() is None
     ok = client.post("/v1/search/text", json={"query": "a red circle", "k": 3})
     assert ok.status_code == 200 and len(ok.json()["results"][0]["hits"]) == 3
+
+
+def test_a_client_trickling_its_request_head_is_disconnected(real_server):
+    """Issue 26: slow clients were never timed out (uvicorn resets its keep-alive timer on every byte).
+    With --head_timeout_s 2, a head sent a byte every 0.25 s is cut off."""
+    import socket
+    import time
+
+    server, client = real_server
+    head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+    start = time.monotonic()
+    closed = False
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        for byte in head:
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:  # reset by the server
+                closed = True
+                break
+            s.settimeout(0.25)
+            try:
+                if s.recv(1024) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+            except OSError:
+                closed = True
+                break
+    assert closed and time.monotonic() - start < 10
+    assert client.get("/healthz").json() == {"status": "ok"}

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "central_model", "build_parser"]
+__all__ = ["main", "central_model", "build_parser", "provenance", "EVAL_SEEDS"]
 
 # Merging, per world: the caption styles of the base head's training split, and the domains (one
 # expert each). v3's toy CLIP is pretrained on plain captions only (PRETRAINING_STYLES), so a
@@ -83,6 +83,120 @@ def _encoder(toy_steps: int | None, world: int = 3):
     directory = ensure_toy_clip(ToyCLIPRecipe(steps=toy_steps, world_version=world))
     spec = f"open_clip:local-dir:{directory}"
     return load_encoder(spec, device="cpu"), (spec, "")
+
+
+# the fixed seeds of the held-out splits (the same for every --seed: a figure's spread over --seed is
+# the spread of the training data and runs on one test set)
+EVAL_SEEDS = {"test": 12345, "validation": 777, "calibration": 778, "unfamiliar_texts": 12346}
+# the distributions whose versions the report records (importlib.metadata names)
+PROVENANCE_PACKAGES = ("asymvlm", "torch", "numpy", "scipy", "open_clip_torch", "transformers", "safetensors", "flwr")
+# CPU features that select torch's kernels (and so change float results): /proc/cpuinfo flags
+CPU_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
+THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def _cpu_info() -> dict[str, Any]:
+    """The CPU model and the :data:`CPU_FLAGS` it has (Linux's /proc/cpuinfo; None elsewhere)."""
+    model, flags = None, None
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return {"cpu_model": None, "cpu_flags": None}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and model is None:
+            model = value.strip()
+        elif key == "flags" and flags is None:
+            present = set(value.split())
+            flags = [f for f in CPU_FLAGS if f in present]
+        if model is not None and flags is not None:
+            break
+    return {"cpu_model": model, "cpu_flags": flags}
+
+
+def _source_commit() -> str | None:
+    """The git commit of the source tree the package runs from (an editable install), else None;
+    read from ``.git`` without running git."""
+    root = Path(__file__).resolve().parents[1] / ".git"
+    try:
+        head = (root / "HEAD").read_text().strip()
+        if not head.startswith("ref: "):
+            return head or None
+        ref = head[5:]
+        if (root / ref).is_file():
+            return (root / ref).read_text().strip() or None
+        for line in (root / "packed-refs").read_text().splitlines():
+            if line.endswith(" " + ref):
+                return line.split()[0]
+    except OSError:
+        return None
+    return None
+
+
+def provenance(encoder: Any, seed: int, toy_clip_dir: Path | None = None) -> dict[str, Any]:
+    """What a figure of the demo depends on besides the code: package versions, the encoder's weights
+    fingerprint (the toy CLIP is built on each machine and float training is not bit-reproducible
+    across CPUs, so two machines can hold different toy CLIPs under the same name), the seeds,
+    the machine (CPU model and the kernel-selecting flags, torch's threads and CPU capability) and
+    the date. No paths and no host name (``report.json`` may be shared).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> p = provenance(SimpleNamespace(fingerprint="abc"), seed=0)
+        >>> p["encoder"]["fingerprint"], p["seeds"]["run"], "torch" in p["packages"]
+        ('abc', 0, True)
+    """
+    import datetime
+    import importlib.metadata as md
+    import json
+    import os
+    import platform
+
+    import torch
+
+    packages: dict[str, str | None] = {}
+    for name in PROVENANCE_PACKAGES:
+        try:
+            packages[name] = md.version(name)
+        except md.PackageNotFoundError:
+            packages[name] = None  # not installed
+    toy: dict[str, Any] | None = None
+    if toy_clip_dir is not None:
+        toy = {"directory": Path(toy_clip_dir).name}  # the recipe's cache key, never the path
+        try:
+            built = json.loads((Path(toy_clip_dir) / "recipe.json").read_text())
+        except (OSError, ValueError):
+            built = None
+        if isinstance(built, dict):  # how and with what this machine's toy CLIP was built
+            toy.update({k: built.get(k) for k in ("recipe", "build_seconds", "torch")})
+    cpu_capability = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", lambda: None)()
+    return {
+        "packages": packages,
+        "source_commit": _source_commit(),
+        "encoder": {"fingerprint": getattr(encoder, "fingerprint", None), "toy_clip": toy},
+        "seeds": {"run": seed, "data": seed, "merge_domains": seed + 1, **EVAL_SEEDS},
+        "machine": {
+            "platform": platform.platform(),
+            "machine": platform.machine(),
+            "python": platform.python_version(),
+            **_cpu_info(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(),
+            "torch_cpu_capability": cpu_capability,
+            "mkldnn": bool(torch.backends.mkldnn.is_available()),
+            "thread_env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
+        },
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _toy_clip_dir(toy_steps: int | None, world: int) -> Path:
+    from asymvlm.toyclip import ToyCLIPRecipe, toy_clip_dir
+
+    steps = {} if toy_steps is None else {"steps": toy_steps}
+    return toy_clip_dir(ToyCLIPRecipe(world_version=world, **steps))
 
 
 def _train_head(cache: Path, out: Path, s: dict, family: str, seed: int, **extra) -> Path:
@@ -564,6 +678,7 @@ def _main(argv: list[str]) -> int:
         # p_correct and the parts of each central head's uncertainty (asymvlm.eval.confidence)
         "confidence": {f: {k: v for k, v in r.items() if k != "outcomes"} for f, r in confidence.items()},
         "settings": {**s, "quick": args.quick, "seed": args.seed, "encoder": spec[0]},
+        "provenance": provenance(encoder, args.seed, _toy_clip_dir(s["toy_steps"], s["world"])),
         "timings": timings,
         "seconds": round(time.time() - start, 1),
     }

@@ -20,7 +20,7 @@ from typing import Any
 
 from asymvlm.training.evaluation import evaluator
 
-__all__ = ["main", "build_parser", "federate", "evaluator"]
+__all__ = ["main", "build_parser", "federate", "evaluator", "run_summary"]
 
 EPILOG = """examples:
   asymvlm-federate --recipe fedadam --rounds 30 --num_clients 8 --partition dirichlet --partition_column shape \\
@@ -31,6 +31,8 @@ EPILOG = """examples:
   asymvlm-federate --list_recipes
 
 The final model is saved to <output_dir>/model (asymvlm-eval --model runs/fedavg/model).
+A round that makes no server step (every update rejected, too few, or a non-finite step) is logged and
+counted in the end line; a run in which no round stepped saves no model and exits with status 2.
 """
 
 
@@ -107,8 +109,30 @@ def _main(argv: list[str]) -> int:
     data_args, head, fed, rargs = parse_dataclass_args(_groups(), argv, PROG)
     state, _, path = federate(data_args, head, fed, recipe_options(rargs))
     if is_main_process():
-        print(f"{PROG}: {state.round} rounds; saved {path}")
+        print(f"{PROG}: {run_summary(fed, state)}; saved {path}")
     return 0
+
+
+def run_summary(fed: Any, state: Any) -> str:
+    """The end line's facts: rounds, the rounds that made no server step, and the DP epsilon spent
+    (with INSECURE beside it for a seeded-noise run).
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> run_summary(NS(dp_delta=1e-5, dp_insecure_seed=None), NS(round=3, skipped_rounds=[2], epsilon=None))
+        '3 rounds; 1 of 3 rounds made no server step (round 2)'
+    """
+    from asymvlm.federated.checkpoint import INSECURE_NOTE
+
+    parts = [f"{state.round} rounds"]
+    skipped = list(state.skipped_rounds)
+    if skipped:
+        which = f"round {skipped[0]}" if len(skipped) == 1 else f"rounds {', '.join(map(str, skipped))}"
+        parts.append(f"{len(skipped)} of {state.round} rounds made no server step ({which})")
+    if state.epsilon is not None:
+        dp = f"DP epsilon {state.epsilon:.4g} at delta {fed.dp_delta:g}"
+        parts.append(dp + (f" ({INSECURE_NOTE})" if fed.dp_insecure_seed is not None else ""))
+    return "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,13 +43,12 @@ import torch
 from tqdm.auto import tqdm
 
 from asymvlm.config import check_resume_config, claim_output_dir
-from asymvlm.errors import CheckpointWriteError, TrainingDiverged
+from asymvlm.errors import ArtefactError, CheckpointWriteError, ConfigError, TrainingDiverged
 from asymvlm.heads import TextHead
-from asymvlm.io import read_json
 from asymvlm.losses import AsymVLMLoss, parameter_groups
 from asymvlm.trainable import TrainableModel
 from asymvlm.training import data as data_mod
-from asymvlm.training.checkpoint import load_training_state, save_training_state
+from asymvlm.training.checkpoint import STATE_NAME, load_training_state, read_trainer_state, save_training_state
 from asymvlm.training.config import TrainConfig
 from asymvlm.training.evaluation import evaluator
 
@@ -58,7 +57,7 @@ __all__ = ["train", "latest_checkpoint", "TrainingDiverged", "CheckpointWriteErr
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d{8})$")
-STATE_NAME = "trainer_state.json"
+CHECKPOINT_TMP_RE = re.compile(r"^\.checkpoint-(\d{8})\.tmp$")
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
@@ -99,10 +98,12 @@ def _build_head(cfg: TrainConfig, dim: int) -> tuple[TextHead, float | None]:
     return head, None
 
 
-def _lineage(cfg: TrainConfig) -> dict[str, Any] | None:
-    """What the trained head starts from (recorded in the saved model; merges check it)."""
+def _lineage(cfg: TrainConfig) -> dict[str, Any]:
+    """What the trained head starts from (recorded in the saved model; merges check it): the model
+    and the fingerprint of its head weights, or ``{"init_from": None, "init": "scratch"}`` for a
+    head initialised at random (no merge takes it as a fine-tune of a base)."""
     if not cfg.model.init_from:
-        return None
+        return {"init_from": None, "init": "scratch"}
     from asymvlm.io import tensor_fingerprint
     from asymvlm.model import AsymVLM
 
@@ -218,17 +219,25 @@ RESUMABLE_CHANGES = (
 )  # fmt: skip
 
 
-def _prepare_output_dir(cfg: TrainConfig, resume_from: Path | None) -> None:
-    """A new run needs a new or empty output_dir (``overwrite`` clears only what a run writes); a
-    resumed run must have the checkpoint's config, except the keys of RESUMABLE_CHANGES."""
+def _prepare_output_dir(cfg: TrainConfig, resume_state: dict[str, Any] | None) -> None:
+    """A new run needs a new or empty output_dir (``overwrite`` clears only what a run wrote, see
+    :func:`asymvlm.config.clear_run_outputs`); a resumed run must have the checkpoint's config, except the keys of
+    RESUMABLE_CHANGES."""
     t = cfg.train
     out = Path(t.output_dir)
-    if resume_from is not None:
-        saved = read_json(resume_from / STATE_NAME).get("config") or {}
+    if resume_state is not None:
         now = json.loads(json.dumps(cfg.to_dict(), default=str))
-        check_resume_config(saved, now, RESUMABLE_CHANGES, out)
+        check_resume_config(resume_state["config"], now, RESUMABLE_CHANGES, out)
     elif not t.resume:  # (--resume without a checkpoint starts from scratch where it is)
-        claim_output_dir(out, RUN_OUTPUTS, overwrite=t.overwrite)
+        claim_output_dir(out, RUN_OUTPUTS, overwrite=t.overwrite, ours=_ours)
+
+
+def _ours(path: Path) -> bool:
+    """What a training run writes besides the model: checkpoint folders (and one a kill left half
+    written) and accelerate's TensorBoard event files."""
+    return bool(CHECKPOINT_RE.match(path.name) or CHECKPOINT_TMP_RE.match(path.name)) or (
+        path.is_file() and path.name.startswith("events.out.tfevents.")
+    )
 
 
 def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None = None) -> Path:
@@ -258,8 +267,16 @@ def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None
     )
     set_seed(t.seed)
     resume_from = latest_checkpoint(out) if t.resume else None
+    resume_state = None
+    if resume_from is not None:  # checked before anything is used (a tampered file names itself)
+        resume_state = read_trainer_state(resume_from, int(CHECKPOINT_RE.match(resume_from.name).group(1)))
     if accelerator.is_main_process:
-        _prepare_output_dir(cfg, resume_from)
+        _prepare_output_dir(cfg, resume_state)
+    if resume_state is not None and resume_state["step"] > t.max_steps:
+        raise ArtefactError(
+            f"{resume_from / STATE_NAME}: step {resume_state['step']} is beyond max_steps {t.max_steps}; the "
+            "checkpoint was altered"
+        )
     accelerator.wait_for_everyone()
     if t.resume and resume_from is None and accelerator.is_main_process:
         logger.info("no checkpoint in %s; starting from scratch", out / "checkpoints")
@@ -313,10 +330,15 @@ def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None
 
     start_step = 0
     if resume_from is not None:
+        start_step = resume_state["step"]
         load_training_state(
-            resume_from, accelerator.unwrap_model(model), optimizer, scheduler, rank=accelerator.process_index
+            resume_from,
+            accelerator.unwrap_model(model),
+            optimizer,
+            scheduler,
+            rank=accelerator.process_index,
+            step=start_step,
         )
-        start_step = int(read_json(resume_from / STATE_NAME)["step"])
         if accelerator.is_main_process:
             logger.info("resumed from %s (step %d)", resume_from, start_step)
     if log_with:
@@ -411,7 +433,15 @@ def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None
             from asymvlm.eval.confidence import fit_model_confidence
 
             final.confidence = fit_model_confidence(final, data.train_texts.float().cpu(), data.eval_data, seed=t.seed)
-        final.save_pretrained(model_dir, card=_card_info(cfg, data, log_path))
+        from asymvlm.hub import write_model_card
+        from asymvlm.io import atomic_directory
+
+        card = final.model_card(**_card_info(cfg, data, log_path))
+        # atomic, with a record of what asymvlm wrote: a user's files in model/ are carried over and
+        # --overwrite removes only asymvlm's
+        with atomic_directory(model_dir) as tmp:
+            final.save_pretrained(tmp, card=False)
+            write_model_card(tmp, card, replacing=model_dir)
     if log_with:
         accelerator.end_training()
     accelerator.wait_for_everyone()

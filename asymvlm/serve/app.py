@@ -4,7 +4,7 @@ Endpoints (JSON; the schema at ``/openapi.json``, rendered offline at ``/docs``)
 
 =======  ===============================  ======================================================
 GET      ``/``                            the web page (static HTML + JS, no build step, no CDN)
-GET      ``/healthz``, ``/readyz``        liveness; readiness (200 once the model is warm, else 503)
+GET      ``/healthz``, ``/readyz``        liveness; readiness (200 once the model is warm, else 503; see below)
 GET      ``/metrics``                     Prometheus text: requests, latency histogram, batch sizes
 GET      ``/v1/info``                     model, gallery, limits, default abstention, calibration
 POST     ``/v1/search/text``              text -> images, with uncertainty, P(right) and abstention
@@ -25,6 +25,21 @@ it); every field is validated with a 4xx that names it (``{"error": {"status", "
 Bearer <key>``, ``X-API-Key``, or HTTP Basic with the key as password — what the page's browser
 prompt sends), compared in constant time; CORS is closed unless origins are configured; thumbnails
 are looked up by id in memory, so no request reaches the filesystem.
+
+Uploads: the header's width x height is checked before anything is decoded (413 beyond
+``max_image_pixels``); a JPEG decodes at a reduced scale (``draft``) when it is larger than the
+encoder needs; all uploads decoding at once share a budget of ``max_pixels_in_flight`` pixels
+(:class:`PixelBudget`: a request waits for its share), so a burst of tiny files that decode to huge
+images cannot take the server's memory. A body not received within ``read_timeout_s`` is a 408.
+JSON nested too deeply (a form field or a body) is a 4xx naming the field. Nothing non-finite is
+served: a NaN in the model's outputs is a 500 with one logged line
+(:class:`~asymvlm.serve.service.NonFiniteResult`), and every answer is checked once more, as a
+whole, before it leaves (:func:`check_finite_answer`). No answer names a server path
+(:func:`~asymvlm.serve.service.public_spec`).
+
+Readiness: under ``asymvlm-serve`` (uvicorn), the port opens only once the model is loaded and
+warmed up, so ``/readyz`` answers 200 whenever it answers; a refused connection is "not ready".
+It answers 503 while the app is shutting down, or served without its lifespan (in-process tests).
 """
 
 import asyncio
@@ -35,12 +50,14 @@ import io
 import json
 import logging
 import math
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from typing import Annotated, Any, ClassVar, Literal
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 import torch
 from fastapi import FastAPI, Request
@@ -51,17 +68,30 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from asymvlm.errors import ConfigError, InputError
 from asymvlm.serve.batching import DynamicBatcher, Overloaded
-from asymvlm.serve.service import SEARCH_CRITERIA, Abstention, ClassifyQuery, ImageQuery, TextQuery
+from asymvlm.serve.service import (
+    SEARCH_CRITERIA,
+    Abstention,
+    ClassifyQuery,
+    ImageQuery,
+    NonFiniteResult,
+    TextQuery,
+)
 
-__all__ = ["ServeConfig", "create_app", "ApiError"]
+__all__ = ["ServeConfig", "create_app", "ApiError", "PixelBudget", "check_finite_answer", "UPLOAD_SIDE"]
 
 log = logging.getLogger("asymvlm.serve")
 
+THUMBNAILS = "/v1/thumbnails/"  # + the percent-encoded image id
 UPLOAD_PATHS = ("/v1/search/image/upload", "/v1/classify/upload")
 OPEN_PATHS = ("/healthz", "/readyz")  # never need the API key
 PAGE_PATHS = ("/", "/static/app.js", "/static/style.css")
 STATIC = {"app.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 ZERO_SHOT_CRITERIA = ("likelihood", "uncertainty", "probability", "entropy")
+# Uploads larger than this on their shorter side are decoded (JPEG's draft) or reduced (an integer
+# box filter) towards it before the encoder sees them: encoders resize to 224-512 pixels a side.
+UPLOAD_SIDE = 512
+NESTED = "JSON nested too deeply (send a flat JSON value)"
+ASCII_INT = re.compile(r"[0-9]{1,9}")  # a form integer: ASCII digits only (int() also takes "3_0", "٣")
 
 
 @dataclass(frozen=True)
@@ -76,7 +106,17 @@ class ServeConfig:
     max_upload_bytes: int = field(
         default=8 << 20, metadata={"help": "Largest image upload (multipart body), in bytes."}
     )
-    max_image_pixels: int = field(default=40_000_000, metadata={"help": "Largest decoded upload, width x height."})
+    max_image_pixels: int = field(
+        default=16_000_000,
+        metadata={"help": "Largest upload as decoded (width x height; a large JPEG decodes at a reduced scale)."},
+    )
+    max_pixels_in_flight: int = field(
+        default=64_000_000,
+        metadata={"help": "Most pixels decoded at once over all uploads (a request waits for its share)."},
+    )
+    read_timeout_s: float = field(
+        default=30.0, metadata={"help": "Seconds a client may take to send its request body (then 408)."}
+    )
     max_batch: int = field(default=64, metadata={"help": "Most queries per model call (1: one request per forward)."})
     max_wait_ms: float = field(
         default=2.0, metadata={"help": "How long a request may wait for others to batch with (only under concurrency)."}
@@ -87,12 +127,20 @@ class ServeConfig:
 
     def __post_init__(self) -> None:
         for name in ("max_k", "max_queries", "max_query_chars", "max_classes", "max_body_bytes", "max_upload_bytes",
-                     "max_image_pixels", "max_batch", "max_queue"):  # fmt: skip
+                     "max_image_pixels", "max_pixels_in_flight", "max_batch", "max_queue"):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if not (isinstance(self.max_wait_ms, (int, float)) and 0 <= self.max_wait_ms <= 1000):
             raise ConfigError(f"max_wait_ms must be in [0, 1000], got {self.max_wait_ms!r}")
+        if self.max_pixels_in_flight < self.max_image_pixels:
+            raise ConfigError(
+                f"max_pixels_in_flight ({self.max_pixels_in_flight}) must be >= max_image_pixels "
+                f"({self.max_image_pixels}): one upload must fit"
+            )
+        t = self.read_timeout_s
+        if not (isinstance(t, (int, float)) and not isinstance(t, bool) and 0 < t <= 3600):
+            raise ConfigError(f"read_timeout_s must be in (0, 3600] seconds, got {t!r}")
         if self.api_key is not None and len(self.api_key) < 16:
             raise ConfigError("the API key must have at least 16 characters (a shorter one is guessable)")
 
@@ -109,6 +157,75 @@ def _error(status: int, field: str | None, message: str, headers: dict[str, str]
     return JSONResponse(
         {"error": {"status": status, "field": field, "message": message}}, status_code=status, headers=headers
     )
+
+
+class PixelBudget:
+    """At most ``capacity`` pixels decoded at once, shared by every upload handler of an app.
+
+    ``async with budget.hold(n):`` waits until ``n`` pixels fit beside those held (first come, first
+    served among those that fit), holds them for the block, then gives them back. ``in_use`` is
+    what is held now, ``peak`` the most ever held.
+
+    Example:
+        >>> async def two():
+        ...     budget = PixelBudget(10)
+        ...     async with budget.hold(6):
+        ...         inside = budget.in_use
+        ...     return inside, budget.in_use, budget.peak
+        >>> asyncio.run(two())
+        (6, 0, 6)
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = int(capacity)
+        self.in_use = 0
+        self.peak = 0
+        self._cond: asyncio.Condition | None = None
+        self._loop: Any = None
+
+    def _condition(self) -> asyncio.Condition:
+        loop = asyncio.get_running_loop()
+        if self._cond is None or self._loop is not loop:  # an app may run in several loops (tests)
+            self._cond, self._loop = asyncio.Condition(), loop
+        return self._cond
+
+    @asynccontextmanager
+    async def hold(self, pixels: int):
+        if pixels > self.capacity:
+            raise ValueError(f"{pixels} pixels are over the budget of {self.capacity}")
+        cond = self._condition()
+        async with cond:
+            await cond.wait_for(lambda: self.in_use + pixels <= self.capacity)
+            self.in_use += pixels
+            self.peak = max(self.peak, self.in_use)
+        try:
+            yield
+        finally:
+            async with cond:
+                self.in_use -= pixels
+                cond.notify_all()
+
+
+def check_finite_answer(answer: Any, where: str = "answer") -> None:
+    """Raise :class:`~asymvlm.serve.service.NonFiniteResult` naming the first non-finite number in an
+    answer (nested dicts and lists): the last check before anything is served.
+
+    Example:
+        >>> check_finite_answer({"hits": [{"score": 1.0}]})
+        >>> check_finite_answer({"hits": [{"score": float("nan")}]})
+        Traceback (most recent call last):
+        ...
+        asymvlm.serve.service.NonFiniteResult: a non-finite number at answer.hits.0.score: not served
+    """
+    if isinstance(answer, float):
+        if not math.isfinite(answer):
+            raise NonFiniteResult(f"a non-finite number at {where}: not served")
+    elif isinstance(answer, dict):
+        for k, v in answer.items():
+            check_finite_answer(v, f"{where}.{k}")
+    elif isinstance(answer, (list, tuple)):
+        for i, v in enumerate(answer):
+            check_finite_answer(v, f"{where}.{i}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,8 +501,13 @@ class _Guard:
             if scope.get("method") in ("POST", "PUT", "PATCH"):
                 body = bytearray()
                 more = True
+                deadline = time.monotonic() + self.config.read_timeout_s
                 while more:
-                    message = await receive()
+                    try:  # a slow client (a body trickled in) holds a connection until the deadline only
+                        message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                    except asyncio.TimeoutError:
+                        await _too_slow(self.config.read_timeout_s)(scope, receive, send_wrapped)
+                        return
                     if message["type"] == "http.disconnect":
                         return
                     body += message.get("body", b"")
@@ -411,6 +533,11 @@ class _Guard:
             self.metrics.observe_request(
                 name, scope.get("method", ""), status_seen["code"], time.perf_counter() - start
             )
+
+
+def _too_slow(seconds: float) -> JSONResponse:
+    message = f"the request body was not received within {seconds:g} s (read_timeout_s)"
+    return _error(408, "body", message, {"Connection": "close"})
 
 
 def _too_large(limit: int) -> JSONResponse:
@@ -538,6 +665,7 @@ def create_app(service: Any, config: ServeConfig | None = None) -> FastAPI:
     metrics = _Metrics(batchers, tuple(work), len(gallery))
     static = {name: _static(name) for name in STATIC}
     page = _static("index.html")
+    budget = PixelBudget(config.max_pixels_in_flight)  # shared by every upload handler
 
     async def lifespan(app: FastAPI):
         # one model thread per app: a forward at a time, the event loop free meanwhile
@@ -560,9 +688,12 @@ def create_app(service: Any, config: ServeConfig | None = None) -> FastAPI:
             executor.shutdown(wait=False, cancel_futures=True)
 
     async def submit(kind: str, item: Any) -> Any:
+        """The one way from a request to the service's answer (which is checked finite here)."""
         if kind not in batchers:
             raise ApiError(503, None, "the service is starting or stopping", {"Retry-After": "1"})
-        return await batchers[kind].submit(item)
+        answer = await batchers[kind].submit(item)
+        check_finite_answer(answer, kind)
+        return answer
 
     app = FastAPI(
         title="asymvlm-serve",
@@ -575,6 +706,7 @@ def create_app(service: Any, config: ServeConfig | None = None) -> FastAPI:
     app.state.ready = False
     app.state.service = service
     app.state.config = config
+    app.state.pixel_budget = budget
 
     # -- errors: one shape, naming the field -----------------------------------------------------
     @app.exception_handler(RequestValidationError)
@@ -604,7 +736,14 @@ def create_app(service: Any, config: ServeConfig | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):  # FastAPI's body parsing
+            return _error(400, "body", f"body: {NESTED}")
         return _error(exc.status_code, None, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(NonFiniteResult)
+    async def _non_finite(request: Request, exc: NonFiniteResult) -> JSONResponse:
+        log.error("%s %s: %s", request.method, request.url.path, exc)
+        return _error(500, None, f"{exc} (the model is broken; see the server log)")
 
     @app.exception_handler(Overloaded)
     async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
@@ -688,16 +827,17 @@ def create_app(service: Any, config: ServeConfig | None = None) -> FastAPI:
             raise ApiError(422, "file", "file: empty upload")
         from starlette.concurrency import run_in_threadpool
 
-        return await run_in_threadpool(_decode_image, data, config.max_image_pixels), fields
+        image, pixels = await run_in_threadpool(_open_image, data, config.max_image_pixels)  # the header only
+        async with budget.hold(pixels):  # decoded pixels in flight, over all uploads
+            return await run_in_threadpool(_decode_image, image), fields
 
     def form_int(fields: dict[str, str], name: str, default: int) -> int:
         raw = fields.get(name)
         if raw is None:
             return default
-        try:
-            return int(raw.strip(), 10)
-        except ValueError as err:
-            raise ApiError(422, name, f"{name}: not an integer: {raw[:40]!r}") from err
+        if not ASCII_INT.fullmatch(raw.strip(" \t")):
+            raise ApiError(422, name, f"{name}: not an integer (ASCII digits, at most 9): {raw[:40]!r}")
+        return int(raw.strip(" \t"))
 
     def form_float(fields: dict[str, str], name: str) -> float | None:
         raw = fields.get(name)
@@ -715,7 +855,7 @@ def create_app(service: Any, config: ServeConfig | None = None) -> FastAPI:
         if gallery.has_thumbnails:
             for a in answers:
                 for h in a["hits"]:
-                    h["thumbnail"] = "/v1/thumbnails/" + quote(h["id"], safe="")
+                    h["thumbnail"] = THUMBNAILS + quote(h["id"], safe="")
         return answers
 
     def caption_index_size() -> int:
@@ -853,6 +993,8 @@ def create_app(service: Any, config: ServeConfig | None = None) -> FastAPI:
         _no_unknown(fields, {"classes", "criterion", "threshold"})
         try:
             classes = json.loads(fields.get("classes", ""))
+        except RecursionError as err:
+            raise ApiError(422, "classes", f"classes: {NESTED}") from err
         except ValueError as err:
             raise ApiError(422, "classes", "classes: a JSON list of strings is required") from err
         if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
@@ -875,9 +1017,12 @@ def create_app(service: Any, config: ServeConfig | None = None) -> FastAPI:
         responses={200: {"content": {"image/jpeg": {}, "image/png": {}, "image/webp": {}}}},
         response_class=Response,
     )
-    async def thumbnail(image_id: str) -> Response:
+    async def thumbnail(image_id: str, request: Request) -> Response:
         if not gallery.has_thumbnails:
             raise ApiError(404, "image_id", "this gallery has no thumbnails")
+        raw = request.scope.get("raw_path")
+        if raw and THUMBNAILS.encode() in raw:  # the id as sent, percent-decoded once (as it was encoded)
+            image_id = unquote(raw.split(THUMBNAILS.encode(), 1)[1].decode("latin-1"), errors="replace")
         row = gallery.row_of(image_id)  # an in-memory lookup: nothing here becomes a path
         if row is None:
             raise ApiError(404, "image_id", f"no image with id {image_id[:80]!r}")
@@ -937,8 +1082,10 @@ def _upload_schema(fields: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _decode_image(data: bytes, max_pixels: int) -> Any:
-    """A decoded RGB image, or a 413/415 naming the field ``file``."""
+def _open_image(data: bytes, max_pixels: int) -> tuple[Any, int]:
+    """``(the opened image, the pixels it will decode to)`` from its header alone — nothing is decoded
+    yet; a 413/415 naming the field ``file``. A JPEG larger than the encoder needs is set to decode
+    at a reduced scale (``draft``: 1/2, 1/4 or 1/8, its shorter side kept >= :data:`UPLOAD_SIDE`)."""
     import warnings
 
     from PIL import Image, UnidentifiedImageError
@@ -948,15 +1095,42 @@ def _decode_image(data: bytes, max_pixels: int) -> Any:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             w, h = im.size
-            if w * h > max_pixels:
-                raise ApiError(413, "file", f"file: {w} x {h} pixels, over the limit of {max_pixels}")
-            im.load()
-            return im.convert("RGB")
-    except ApiError:
-        raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+            if im.format == "JPEG" and min(w, h) > UPLOAD_SIDE:
+                scale = UPLOAD_SIDE / min(w, h)
+                im.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+            dw, dh = im.size  # what will be decoded
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise ApiError(413, "file", f"file: too many pixels for this server ({err})") from err
+    except UnidentifiedImageError as err:
         raise ApiError(415, "file", f"file: not an image this server can read ({type(err).__name__})") from err
-    except (OSError, ValueError, SyntaxError, EOFError) as err:  # truncated or corrupt image data
+    except (OSError, ValueError, SyntaxError, EOFError) as err:  # a corrupt header
+        raise ApiError(415, "file", f"file: corrupt or truncated image ({type(err).__name__})") from err
+    if dw * dh > max_pixels:
+        raise ApiError(
+            413, "file", f"file: {w} x {h} pixels decode to {dw * dh}, over the limit of {max_pixels} pixels "
+            "(max_image_pixels); send a smaller image",
+        )  # fmt: skip
+    return im, max(1, dw * dh)
+
+
+def _decode_image(im: Any) -> Any:
+    """Decode an image opened by :func:`_open_image`: RGB, reduced by an integer factor (a box filter)
+    when its shorter side is over twice :data:`UPLOAD_SIDE`; a 415 naming ``file`` if corrupt."""
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            im.load()
+            factor = min(im.size) // UPLOAD_SIDE
+            if factor >= 2:
+                if im.mode not in ("L", "LA", "RGB", "RGBA", "I", "F"):
+                    im = im.convert("L" if im.mode == "1" else "RGBA" if "A" in im.mode or im.mode == "P" else "RGB")
+                im = im.reduce(factor)
+            return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombWarning) as err:
         raise ApiError(415, "file", f"file: corrupt or truncated image ({type(err).__name__})") from err
 
 

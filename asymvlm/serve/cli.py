@@ -19,7 +19,16 @@ from typing import Any
 
 from asymvlm.errors import ConfigError
 
-__all__ = ["index_main", "build_serve_parser", "serve", "load_service", "app_from_environment", "ENV_ARGS"]
+__all__ = [
+    "index_main",
+    "build_serve_parser",
+    "serve",
+    "load_service",
+    "app_from_environment",
+    "slow_client_protocol",
+    "uvicorn_options",
+    "ENV_ARGS",
+]
 
 log = logging.getLogger("asymvlm.serve")
 ENV_ARGS = "ASYMVLM_SERVE_ARGS"  # the parsed arguments, for uvicorn's worker processes (--workers > 1)
@@ -54,6 +63,17 @@ then:
 --abstain: auto (default: p_correct:0.5 when the service is calibrated, else none) | none |
 p_correct:<calibrated P(the best image is right)> | uncertainty:<1/kappa> |
 uncertainty:q<percentile of the gallery captions' uncertainties> | likelihood:<log q(x) of the best image>
+
+Slow clients: a request head must arrive within --head_timeout_s (10 s) of the connection opening
+or of the previous response (then the connection is closed), a body within --read_timeout_s (30 s,
+then 408); idle keep-alive connections close after --timeout_keep_alive (5 s); at most
+--limit_concurrency (1024) connections and requests at once (then 503). Headers over 16 KiB: 400.
+
+A gallery must record the fingerprint of the model's encoder (asymvlm-index build does);
+--allow_unverified_gallery serves one that records none, with a warning in the log.
+
+/readyz: the port opens only once the model is loaded and warm, so /readyz answers 200 whenever it
+answers (a refused connection means "not ready"); 503 only while shutting down.
 
 P(right) is calibrated at start-up on the gallery's own captions (a gallery built by asymvlm-index
 build records which images carry each caption; --calibration_captions caps how many are searched),
@@ -176,6 +196,18 @@ def build_serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["auto", "exact", "faiss"], default="auto",
                    help="Top-k engine over the gallery (auto: the one the gallery was built for).")  # fmt: skip
     p.add_argument("--device", default="cpu", help="Where the model runs (cpu, cuda, auto).")
+    p.add_argument(
+        "--allow_unverified_gallery", action="store_true",
+        help="Serve a gallery that records no encoder fingerprint (logged as unverified) instead of refusing it.",
+    )  # fmt: skip
+    p.add_argument("--timeout_keep_alive", type=int, default=5, help="Close idle keep-alive connections after it (s).")
+    p.add_argument(
+        "--head_timeout_s", type=float, default=10.0,
+        help="Close a connection whose request head has not arrived within it (s; slow clients).",
+    )  # fmt: skip
+    p.add_argument(
+        "--limit_concurrency", type=int, default=1024, help="Most connections and requests at once (then 503)."
+    )
     p.add_argument("--log_file", default=None, help="Also append the access log to this file.")
     p.add_argument("--no_access_log", action="store_true", help="No per-request log lines.")
     for f in dataclasses.fields(ServeConfig):
@@ -187,11 +219,16 @@ def build_serve_parser() -> argparse.ArgumentParser:
 
 def _read_api_key(path: str) -> str:
     p = Path(path)
-    key = p.read_text().strip()
+    try:  # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the key
+        key = p.read_bytes().decode("utf-8-sig").strip()
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"the API key file {p} is not UTF-8 text ({err.reason} at byte {err.start})") from err
     if not key:
         raise ConfigError(f"the API key file {p} is empty")
-    if "\n" in key or any(ord(c) < 33 for c in key):
-        raise ConfigError(f"the API key in {p} must be one line without spaces or control characters")
+    if any(not 33 <= ord(c) <= 126 for c in key):  # what an HTTP header carries as it is
+        raise ConfigError(
+            f"the API key in {p} must be one line of printable ASCII characters (no spaces or control characters)"
+        )
     if len(key) < 16:
         raise ConfigError(f"the API key in {p} must have at least 16 characters (a shorter one is guessable)")
     mode = p.stat().st_mode
@@ -220,8 +257,9 @@ def load_service(args: argparse.Namespace) -> Any:
     model = AsymVLM.from_pretrained(args.model, device=None if args.device == "cpu" else args.device)
     gallery = Gallery.open(args.index, backend=None if args.backend == "auto" else args.backend)
     return RetrievalService(
-        model, gallery, abstain=args.abstain, calibration_captions=getattr(args, "calibration_captions", 2000)
-    )
+        model, gallery, abstain=args.abstain, calibration_captions=getattr(args, "calibration_captions", 2000),
+        allow_unverified_gallery=getattr(args, "allow_unverified_gallery", False),
+    )  # fmt: skip
 
 
 def app_from_environment() -> Any:
@@ -230,6 +268,30 @@ def app_from_environment() -> Any:
 
     args = argparse.Namespace(**json.loads(os.environ[ENV_ARGS]))
     return create_app(load_service(args), serve_config(args))
+
+
+def slow_client_protocol(head_timeout_s: float) -> type:
+    """uvicorn's h11 protocol with a deadline for the request head (:mod:`asymvlm.serve.protocol`)."""
+    from asymvlm.serve.protocol import slow_client_protocol as make
+
+    return make(head_timeout_s)
+
+
+def uvicorn_options(args: argparse.Namespace, *, workers: int = 1) -> dict[str, Any]:
+    """What ``asymvlm-serve`` passes to ``uvicorn.run`` against slow or too many clients (worker
+    processes import the protocol by name; it reads ``--head_timeout_s`` from :data:`ENV_ARGS`)."""
+    for name in ("timeout_keep_alive", "head_timeout_s", "limit_concurrency"):
+        value = getattr(args, name)
+        if not value > 0:
+            raise ConfigError(f"--{name} must be > 0, got {value}")
+    return dict(
+        timeout_keep_alive=args.timeout_keep_alive,
+        limit_concurrency=args.limit_concurrency,
+        h11_max_incomplete_event_size=16 * 1024,  # the longest request head (h11's default, said here)
+        http=slow_client_protocol(args.head_timeout_s)
+        if workers == 1
+        else "asymvlm.serve.protocol:SlowClientH11Protocol",
+    )
 
 
 def _log_config(args: argparse.Namespace) -> dict[str, Any]:
@@ -265,6 +327,7 @@ def serve(args: argparse.Namespace) -> int:
     common = dict(
         host=args.host, port=args.port, log_config=_log_config(args), access_log=not args.no_access_log,
         server_header=False, proxy_headers=False, ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+        **uvicorn_options(args, workers=args.workers),
     )  # fmt: skip
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         if config.api_key is None:

@@ -52,6 +52,8 @@ Example:
 from __future__ import annotations
 
 import io
+import logging
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -80,7 +82,11 @@ __all__ = [
     "collection_truth",
     "THUMBNAIL_FORMATS",
     "GALLERY_TYPE",
+    "id_problem",
+    "check_ids",
 ]
+
+log = logging.getLogger("asymvlm.serve")
 
 GALLERY_TYPE = "asymvlm.gallery"
 GALLERY_VERSION = 1
@@ -159,6 +165,35 @@ def _columns(dataset: Any) -> list[str]:
     return list(dataset[0]) if len(dataset) else []
 
 
+def id_problem(image_id: str) -> str | None:
+    """Why an image id cannot be served at a URL (``/v1/thumbnails/<id>``, percent-encoded), or None.
+
+    Refused: the empty id, ``.`` and ``..`` (URL clients remove such path segments, encoded or
+    not), control characters (a newline ends the route's match), line and paragraph separators, and
+    lone surrogates (not UTF-8). Every other string is served at the URL the search returns.
+
+    Example:
+        >>> id_problem("sub/img 1.png") is None, id_problem("a\\nb"), id_problem("..")
+        (True, "holds the control character '\\\\n'", 'is a dot segment')
+    """
+    if not isinstance(image_id, str) or image_id == "":
+        return "is empty"
+    if image_id in (".", ".."):
+        return "is a dot segment"
+    for c in image_id:
+        if unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp"):
+            return f"holds the control character {c!r}"
+    return None
+
+
+def check_ids(ids: Sequence[str], where: str) -> None:
+    """Raise :class:`ConfigError` naming the first image id that cannot be served at a URL."""
+    for row, i in enumerate(ids):
+        why = id_problem(i)
+        if why is not None:
+            raise ConfigError(f"{where}: image id {i!r} (row {row}) {why}; rename it (ids become thumbnail URLs)")
+
+
 def _ids_of(dataset: Any) -> list[str]:
     from asymvlm.cache import iter_batches
 
@@ -167,6 +202,7 @@ def _ids_of(dataset: Any) -> list[str]:
     if key is None:
         return [str(i) for i in range(len(dataset))]
     ids = [str(v) for b in iter_batches(dataset, [key], 4096) for v in b[key]]
+    check_ids(ids, f"the collection's {key!r} column")
     seen: dict[str, int] = {}
     for row, i in enumerate(ids):
         if i in seen:
@@ -227,6 +263,8 @@ def write_gallery(
     _check_backend(backend)
     if ids is not None and (len(ids) != n or len(set(map(str, ids))) != n):
         raise ConfigError(f"need {n} distinct ids, got {len(ids)} ({len(set(map(str, ids)))} distinct)")
+    if ids is not None:
+        check_ids([str(i) for i in ids], "ids")
     with atomic_directory(out) as tmp:
         _write_images(tmp, embeddings.dtype, n, d, [embeddings], ids, (encoder or {}).get("fingerprint"))
         thumb_meta = None
@@ -522,6 +560,21 @@ def _read_owners(
     return offsets, rows
 
 
+def _check_no_links(path: Path) -> None:
+    """A gallery's files are its own: none of its entries (``images/`` and what it holds included) may
+    be a symbolic link — one could make a gallery serve another gallery's embeddings."""
+    entries = [*path.iterdir()]
+    images = path / "images"
+    if images.is_dir() and not images.is_symlink():
+        entries += list(images.iterdir())
+    for p in sorted(entries):
+        if p.is_symlink():
+            raise ArtefactError(
+                f"{p} is a symbolic link (to {p.readlink()}); a gallery's files must be its own: copy them "
+                "or rebuild with asymvlm-index build"
+            )
+
+
 @dataclass
 class Gallery:
     """An opened gallery folder (memory-mapped, read-only: nothing here writes to it).
@@ -561,6 +614,7 @@ class Gallery:
         path = Path(path)
         if not (path / "gallery.json").is_file():
             raise ArtefactError(f"no asymvlm gallery at {path} (no gallery.json); build one with asymvlm-index build")
+        _check_no_links(path)
         meta = read_tagged_json(
             path / "gallery.json",
             GALLERY_TYPE,
@@ -624,6 +678,11 @@ class Gallery:
                 raise ArtefactError(
                     f"{path}: gallery.json's 'truth' and the truth rows of captions.safetensors go together"
                 )
+        if index.ids is not None:
+            try:
+                check_ids([str(i) for i in index.ids], str(path / "images" / "index.json"))
+            except ConfigError as err:
+                raise ArtefactError(f"{err}; rebuild the gallery with asymvlm-index build") from err
         row_of = None if index.ids is None else {str(i): r for r, i in enumerate(index.ids)}
         if row_of is not None and len(row_of) != len(index):
             raise ArtefactError(f"{path / 'images' / 'index.json'}: the ids are not unique")
@@ -668,19 +727,55 @@ class Gallery:
         a, b = int(self._thumb_offsets[row]), int(self._thumb_offsets[row + 1])
         return self._thumb_data[a:b].numpy().tobytes()
 
-    def check_encoder(self, model: Any) -> None:
-        """Raise :class:`EncoderMismatchError` unless ``model``'s encoder made this gallery."""
-        want = (self.meta.get("encoder") or {}).get("fingerprint")
+    def check_encoder(self, model: Any, *, allow_unverified: bool = False) -> None:
+        """Raise unless ``model``'s encoder made this gallery.
+
+        Every fingerprint the gallery records (``gallery.json``'s ``encoder.fingerprint`` and
+        ``images/index.json``'s ``encoder_fingerprint``) must equal the model's
+        (:class:`EncoderMismatchError` otherwise). A gallery that records none while the model knows
+        its encoder is of unknown provenance: an :class:`ArtefactError`, unless ``allow_unverified``
+        (``asymvlm-serve --allow_unverified_gallery``), which serves it with a logged warning. A model
+        that records no encoder (a head on bare embeddings) is served only a gallery that records none
+        either (else the same choice). The dimensions must agree in any case.
+        """
         have = None
         if model.encoder is not None:
             have = model.encoder.fingerprint
         elif model.encoder_source:
             have = model.encoder_source.get("fingerprint")
-        if want and have and want != have:
-            spec = (self.meta.get("encoder") or {}).get("spec")
-            raise EncoderMismatchError(
-                f"the gallery at {self.path} was built with another encoder ({spec}, fingerprint {want[:12]}) than "
-                f"the model's ({have[:12]}); rebuild it with asymvlm-index build --model ..."
+        have = have if isinstance(have, str) and have else None
+        encoder = self.meta.get("encoder")
+        spec = encoder.get("spec") if isinstance(encoder, dict) else None
+        recorded = {  # (file, field) -> the fingerprint it records
+            ("gallery.json", "encoder.fingerprint"): encoder.get("fingerprint") if isinstance(encoder, dict) else None,
+            ("images/index.json", "encoder_fingerprint"): getattr(self.index, "encoder_fingerprint", None),
+        }
+        for (file, _), want in recorded.items():
+            if isinstance(want, str) and want and have and want != have:
+                raise EncoderMismatchError(
+                    f"{self.path / file}: the gallery was built with another encoder ({spec}, "
+                    f"fingerprint {want[:12]}) than the model's ({have[:12]}); rebuild it with asymvlm-index build "
+                    "--model ..."
+                )
+        missing = [where for where, want in recorded.items() if not (isinstance(want, str) and want)]
+        unverified = None
+        if have and missing:
+            file, name = missing[0]
+            unverified = (
+                f"{self.path / file}: records no encoder fingerprint (field {name!r}), so "
+                "nothing shows that the model's encoder made this gallery"
             )
+        elif not have and len(missing) < len(recorded):
+            unverified = (
+                f"{self.path}: the gallery records an encoder, the model none (a head on bare embeddings), so "
+                "nothing shows that they match"
+            )
+        if unverified is not None:
+            if not allow_unverified:
+                raise ArtefactError(
+                    f"{unverified}; rebuild it with asymvlm-index build --model ..., or serve it anyway with "
+                    "--allow_unverified_gallery (allow_unverified_gallery=True)"
+                )
+            log.warning("serving an unverified gallery: %s (--allow_unverified_gallery)", unverified)
         if self.dim != model.dim:
             raise EncoderMismatchError(f"the gallery's embeddings have dimension {self.dim}, the model {model.dim}")

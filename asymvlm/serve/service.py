@@ -76,6 +76,9 @@ __all__ = [
     "specificity_word",
     "verdict_of",
     "reasons_of",
+    "public_spec",
+    "check_served",
+    "NonFiniteResult",
 ]
 
 log = logging.getLogger("asymvlm.serve")
@@ -318,6 +321,37 @@ def _finite(x: float) -> float | None:
     return x if math.isfinite(x) else None
 
 
+def public_spec(spec: Any) -> Any:
+    """A spec as the service shows it: every part (between colons) that is a local path reduced to its
+    last two parts (:func:`asymvlm.hub.public_name`), so no answer names a server path.
+
+    Example:
+        >>> public_spec("open_clip:local-dir:/srv/models/clip/tiny"), public_spec("imagefolder:/data/photos")
+        ('open_clip:local-dir:clip/tiny', 'imagefolder:data/photos')
+        >>> public_spec("open_clip:hf-hub:timm/ViT-B-16-SigLIP"), public_spec(None)
+        ('open_clip:hf-hub:timm/ViT-B-16-SigLIP', None)
+    """
+    if not isinstance(spec, str):
+        return spec
+    from asymvlm.hub import public_name
+
+    return ":".join(public_name(part) if ("/" in part or "\\" in part) else part for part in spec.split(":"))
+
+
+class NonFiniteResult(RuntimeError):
+    """The model produced a non-finite number (NaN) for an answer: it is not served (HTTP 500)."""
+
+
+def check_served(what: str, **tensors: Tensor | None) -> None:
+    """Raise :class:`NonFiniteResult` naming the first of ``tensors`` that holds a NaN (the model's
+    raw outputs, checked before they are serialised: the shared serialisations turn non-finite
+    numbers into None, which would serve a broken model's answer as a normal one). ``-inf`` scores
+    (an image outside a distribution's support) stay legitimate: they are served as null."""
+    for name, t in tensors.items():
+        if t is not None and bool(torch.isnan(t).any()):
+            raise NonFiniteResult(f"the model produced a non-finite value (NaN) in {what}'s {name}: not served")
+
+
 def _degenerate(calibrator: Any) -> str | None:
     """Why (part of) a calibrator predicts a base rate (too few right or wrong answers), or None."""
     whys = [m.degenerate for m in getattr(calibrator, "strata", ()) if getattr(m, "degenerate", None)]
@@ -338,9 +372,12 @@ class RetrievalService:
         calibration_captions: fit ``p_correct``'s calibrator on a seeded sample of at most this many
             of the gallery's captions (when the gallery records which images carry them); 0 does not
             fit (the model's own calibrator, if any, is used).
+        allow_unverified_gallery: serve a gallery that records no encoder fingerprint (with a logged
+            warning) instead of refusing it (:meth:`~asymvlm.serve.gallery.Gallery.check_encoder`).
 
     Raises:
         ConfigError: abstention on ``p_correct`` without a calibrator.
+        ArtefactError: a gallery of another encoder, or of unknown provenance.
     """
 
     def __init__(
@@ -350,6 +387,7 @@ class RetrievalService:
         *,
         abstain: Abstention | str | None = None,
         calibration_captions: int = 2000,
+        allow_unverified_gallery: bool = False,
     ):
         from asymvlm.confidence import ConfidenceModel
         from asymvlm.retrieval import TextIndex
@@ -357,7 +395,7 @@ class RetrievalService:
         n_cal = calibration_captions
         if not isinstance(n_cal, int) or isinstance(n_cal, bool) or n_cal < 0:
             raise ConfigError(f"calibration_captions must be an integer >= 0, got {calibration_captions!r}")
-        gallery.check_encoder(model)
+        gallery.check_encoder(model, allow_unverified=allow_unverified_gallery)
         self.model = model.eval()
         self.gallery = gallery
         self.caption_index = None
@@ -462,8 +500,8 @@ class RetrievalService:
             "family": self.model.family,
             "dim": self.model.dim,
             "encoder": {
-                "spec": src.get("spec"),
-                "pretrained": src.get("pretrained"),
+                "spec": public_spec(src.get("spec")),
+                "pretrained": public_spec(src.get("pretrained")),
                 "fingerprint": src.get("fingerprint"),
             },
             "accepts_text": self.model.encoder is not None,
@@ -472,7 +510,7 @@ class RetrievalService:
                 "size": len(self.gallery),
                 "captions": len(self.gallery.captions),
                 "thumbnails": self.gallery.has_thumbnails,
-                "source": self.gallery.meta.get("source", ""),
+                "source": public_spec(self.gallery.meta.get("source", "")),
             },
             "abstain": self.default_abstain.to_dict(),
             "calibration": self.calibration,
@@ -537,6 +575,10 @@ class RetrievalService:
             calibrator=self.calibrator, calibration_source=self.calibration["source"] or "model",
         )  # fmt: skip
         p_correct = conf.p_correct  # (Q,) float64, or None uncalibrated
+        check_served(
+            "text search", score=res.scores, cosine=res.cosine, probability=res.posterior, entropy=res.entropy,
+            concentration=kappa, mean_direction=q.loc.detach(), p_correct=p_correct,
+        )  # fmt: skip
         out: list[list[dict[str, Any]]] = []
         at = 0
         for r in requests:
@@ -592,6 +634,7 @@ class RetrievalService:
             raise InputError("this gallery has no caption index (build it from a collection with captions)")
         x = self._image_embeddings(requests)
         res = self.caption_index.search(x, k=max(r.k for r in requests))
+        check_served("image search", score=res.scores, cosine=res.cosine, probability=res.posterior)
         found = res.to_dict()["queries"]
         unc = torch.tensor([[h["uncertainty"] or math.inf for h in q["hits"]] for q in found], dtype=torch.float64)
         pct = [self.reference.percentile(row) for row in unc]
@@ -628,9 +671,12 @@ class RetrievalService:
             groups.setdefault((r.classes, r.criterion, r.threshold), []).append(i)
         for (classes, criterion, threshold), members in groups.items():
             rows = torch.cat([torch.arange(*spans[i]) for i in members])
-            res = zero_shot_classify(
-                self.model, x[rows], list(classes), criterion=criterion, threshold=threshold
-            ).to_dict()
+            result = zero_shot_classify(self.model, x[rows], list(classes), criterion=criterion, threshold=threshold)
+            check_served(
+                "classification", log_likelihood=result.log_likelihood, uncertainty=result.uncertainty,
+                probabilities=result.probabilities, p_correct=result.p_correct,
+            )  # fmt: skip
+            res = result.to_dict()
             at = 0
             for i in members:
                 n = spans[i][1] - spans[i][0]
@@ -647,6 +693,7 @@ class RetrievalService:
             return []
         unique = list(dict.fromkeys(t for r in requests for t in r))
         q = self.model.encode_text(unique)
+        check_served("distribution", mean_direction=q.loc.detach(), concentration=q.concentration.detach())
         d = q.to_dict()
         pct = self.reference.percentile(1.0 / q.concentration.detach().double().cpu())
         pos = {t: i for i, t in enumerate(unique)}

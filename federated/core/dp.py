@@ -10,7 +10,10 @@ adjacency:
 3. the server adds Gaussian noise ``N(0, sigma^2 S^2)`` to every coordinate of the **sum** of the
    clipped releases (the sum's sensitivity is ``S``), and divides by the *fixed* expected number of
    participants ``q N`` (not the realised count, which would itself reveal a participant);
-4. everything after that (server optimizer, LoRA folding, the released model) is post-processing.
+4. everything after that (server optimizer, LoRA folding, the released model) is post-processing;
+5. **every round is released and accounted**, also one whose Poisson sample is empty (the release
+   is then the noise alone): skipping it would make the released sequence depend on who is in the
+   data, outside what the accountant covers (the rounds in :mod:`asymvlm.federated.rounds`).
 
 Each participant counts with weight 1: example counts are the clients' private data and
 unbounded, so weighting by them would make the sensitivity unbounded (McMahan et al. weight by
