@@ -51,6 +51,7 @@ from asymvlm.io import (
     atomic_directory,
     atomic_save_safetensors,
     atomic_write_json,
+    inside_folder,
     load_safetensors,
     read_json,
     read_tagged_json,
@@ -73,6 +74,7 @@ __all__ = [
 CACHE_TYPE = "asymvlm.embedding_cache"
 CACHE_VERSION = 1
 _DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
+ENCODER_KEYS = ("spec", "pretrained", "fingerprint", "dim")  # manifest.json's encoder, every key written
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,35 +271,50 @@ class EmbeddingCache:
         path = Path(path)
         if not path.is_dir():
             raise ArtefactError(f"no embedding cache at {path} (expected a directory with manifest.json)")
+        manifest_file = inside_folder(path, "manifest.json")
         manifest = read_tagged_json(
-            path / "manifest.json",
+            manifest_file,
             CACHE_TYPE,
             CACHE_VERSION,
-            required=("encoder", "dataset_fingerprint", "dtype", "num_images", "num_texts"),
-            known=("created_by",),
+            required=("encoder", "dataset_fingerprint", "dtype", "num_images", "num_texts", "created_by"),
+            known=(),
             allow_nan=False,
         )
-        _check_manifest(manifest, path / "manifest.json")
+        _check_manifest(manifest, manifest_file)
         _check_fingerprints(manifest, path, encoder_fingerprint, dataset_fingerprint)
-        images = load_safetensors(path / "images.safetensors", ["embeddings"], mmap=mmap)["embeddings"]
-        texts = load_safetensors(path / "texts.safetensors", ["embeddings", "image_index"], mmap=mmap)
+        images_file = inside_folder(path, "images.safetensors")
+        texts_file = inside_folder(path, "texts.safetensors")
+        images = load_safetensors(images_file, ["embeddings"], mmap=mmap)["embeddings"]
+        texts = load_safetensors(texts_file, ["embeddings", "image_index"], mmap=mmap)
         d = int(manifest["encoder"]["dim"])
-        if tuple(images.shape) != (manifest["num_images"], d) or tuple(texts["embeddings"].shape) != (
-            manifest["num_texts"],
-            d,
+        store = _DTYPES[manifest["dtype"]]
+        n_img, n_txt = manifest["num_images"], manifest["num_texts"]
+        for file, name, t, want in (
+            (images_file, "embeddings", images, (store, (n_img, d))),
+            (texts_file, "embeddings", texts["embeddings"], (store, (n_txt, d))),
+            (texts_file, "image_index", texts["image_index"], (torch.int64, (n_txt,))),
         ):
-            raise ArtefactError(
-                f"{path}: tensor shapes {tuple(images.shape)}, {tuple(texts['embeddings'].shape)} disagree with the "
-                f"manifest ({manifest['num_images']} images, {manifest['num_texts']} texts, d={d})"
-            )
-        captions = read_json(path / "captions.json") if (path / "captions.json").is_file() else None
-        if captions is not None and (not isinstance(captions, list) or len(captions) != manifest["num_texts"]):
-            raise ArtefactError(f"{path / 'captions.json'}: expected a list of {manifest['num_texts']} captions")
+            if (t.dtype, tuple(t.shape)) != want:
+                raise ArtefactError(
+                    f"{file}: {name!r} is {t.dtype} {tuple(t.shape)}, manifest.json implies {want[0]} {want[1]} "
+                    f"({n_img} images, {n_txt} texts, d={d}, dtype {manifest['dtype']})"
+                )
+        captions = None
+        if (path / "captions.json").exists() or (path / "captions.json").is_symlink():
+            captions_file = inside_folder(path, "captions.json")
+            captions = read_json(captions_file)
+            if not isinstance(captions, list) or len(captions) != n_txt:
+                raise ArtefactError(f"{captions_file}: expected a list of {n_txt} captions (num_texts)")
+            bad = next((i for i, c in enumerate(captions) if not isinstance(c, str)), None)
+            if bad is not None:
+                raise ArtefactError(f"{captions_file}: caption [{bad}] must be a string, got {captions[bad]!r}"[:300])
         if validate:
-            validate_embeddings(images, path / "images.safetensors", "image embeddings")
-            validate_embeddings(texts["embeddings"], path / "texts.safetensors", "text embeddings")
-            validate_index(texts["image_index"], int(manifest["num_images"]), path / "texts.safetensors")
-        meta = _read_caption_meta(path / CAPTION_META, int(manifest["num_texts"]))
+            validate_embeddings(images, images_file, "image embeddings")
+            validate_embeddings(texts["embeddings"], texts_file, "text embeddings")
+            validate_index(texts["image_index"], n_img, texts_file)
+        meta = {}
+        if (path / CAPTION_META).exists() or (path / CAPTION_META).is_symlink():
+            meta = _read_caption_meta(inside_folder(path, CAPTION_META), n_txt)
         cache = cls(path, manifest, images, texts["embeddings"], texts["image_index"], captions, caption_meta=meta)
         cache.validated = validate
         return cache
@@ -305,6 +322,13 @@ class EmbeddingCache:
 
 CAPTION_META = "caption_meta.json"
 _META_DTYPES = {"level": torch.int64, "ambiguity": torch.float64}
+
+
+MAX_LEVEL = 2**31 - 1  # a caption's level (its specificity): a small integer; anything past int32 is corrupt
+
+
+def _is_level(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_LEVEL
 
 
 def _read_caption_meta(path: Path, num_texts: int) -> dict[str, Tensor]:
@@ -317,6 +341,14 @@ def _read_caption_meta(path: Path, num_texts: int) -> dict[str, Tensor]:
     for key, values in doc.items():
         if not isinstance(values, list) or len(values) != num_texts:
             raise ArtefactError(f"{path}: '{key}' must be a list of {num_texts} numbers (one per caption)")
+        if key == "level":
+            bad = next((i for i, v in enumerate(values) if not _is_level(v)), None)
+            if bad is not None:
+                raise ArtefactError(
+                    f"{path}: level[{bad}] must be an integer in [0, {MAX_LEVEL}], got {values[bad]!r}"[:300]
+                )
+        elif any(isinstance(v, bool) for v in values):
+            raise ArtefactError(f"{path}: 'ambiguity' holds a non-number (a boolean)")
         try:
             t = torch.tensor(values, dtype=_META_DTYPES[key])
         except (TypeError, ValueError, RuntimeError) as err:
@@ -396,9 +428,16 @@ def _check_manifest(manifest: dict, where: Path) -> None:
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ArtefactError(f"{where}: {key} must be an integer >= 0, got {v!r}")
 
+    if manifest["format_version"] > CACHE_VERSION:
+        raise ArtefactError(
+            f"{where}: format_version {manifest['format_version']} is newer than this asymvlm reads ({CACHE_VERSION})"
+        )
     enc = manifest["encoder"]
-    if not isinstance(enc, dict):
-        raise ArtefactError(f"{where}: encoder must be an object (spec, pretrained, fingerprint, dim), got {enc!r}")
+    if not isinstance(enc, dict) or set(enc) != set(ENCODER_KEYS):
+        keys = sorted(enc) if isinstance(enc, dict) else enc
+        raise ArtefactError(
+            f"{where}: encoder must be an object with exactly the keys {list(ENCODER_KEYS)}, got {keys!r}"[:300]
+        )
     dim = enc.get("dim")
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ArtefactError(f"{where}: encoder.dim must be an integer >= 1, got {dim!r}")
@@ -407,7 +446,9 @@ def _check_manifest(manifest: dict, where: Path) -> None:
             raise ArtefactError(f"{where}: encoder.{key} must be a string or null, got {enc[key]!r}")
     if not isinstance(manifest["dataset_fingerprint"], str):
         raise ArtefactError(f"{where}: dataset_fingerprint must be a string, got {manifest['dataset_fingerprint']!r}")
-    if manifest["dtype"] not in _DTYPES:
+    if not isinstance(manifest["created_by"], str):
+        raise ArtefactError(f"{where}: created_by must be a string, got {manifest['created_by']!r}"[:300])
+    if not isinstance(manifest["dtype"], str) or manifest["dtype"] not in _DTYPES:
         raise ArtefactError(f"{where}: dtype must be one of {sorted(_DTYPES)}, got {manifest['dtype']!r}")
     count("num_images")
     count("num_texts")
@@ -511,6 +552,9 @@ def write_cache(
     if captions is not None and len(captions) != text_embeddings.shape[0]:
         raise ValueError(f"{len(captions)} captions for {text_embeddings.shape[0]} text embeddings")
     store = _DTYPES[dtype]
+    unknown = sorted(set(encoder or {}) - set(ENCODER_KEYS))
+    if unknown:
+        raise ValueError(f"unknown encoder key(s) {unknown}; a cache records {list(ENCODER_KEYS)}")
     info = {"spec": None, "pretrained": None, "fingerprint": None, **(encoder or {}), "dim": d}
     if caption_meta is not None:
         unknown = sorted(set(caption_meta) - set(_META_DTYPES))

@@ -20,12 +20,12 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, Literal
 
-from asymvlm.errors import ConfigError
+from asymvlm.errors import ArtefactError, ConfigError
 
 __all__ = [
     "ConfigError",
@@ -376,16 +376,91 @@ def clear_run_outputs(out: Path, outputs: tuple[str, ...], *, ours: Callable[[Pa
         )  # fmt: skip
 
 
-def check_resume_config(saved: dict[str, Any], now: dict[str, Any], may_change: tuple[str, ...], where: Path) -> None:
-    """A resumed run is the same run: every key outside ``may_change`` must equal the saved one;
-    otherwise a :class:`ConfigError` naming the keys that differ (old -> new)."""
+def _json_kind(value: Any) -> str:
+    """The JSON type of ``value`` as a config file holds it (int and float are one kind: a number)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    return "object" if isinstance(value, dict) else type(value).__name__
+
+
+def _kind_mismatch(saved: Any, now: Any) -> str | None:
+    """Why ``saved`` cannot be a value of the config key whose value in this run is ``now`` (another
+    JSON type; null is a value a key may change to or from), or None."""
+    a, b = _json_kind(saved), _json_kind(now)
+    if "null" in (a, b):
+        return None
+    if a != b:
+        return f"is a {a}, this run's is a {b}"
+    if a == "list" and now:
+        want = {_json_kind(x) for x in now}
+        bad = [_json_kind(x) for x in saved if _json_kind(x) not in want]
+        if bad:
+            return f"holds a {bad[0]}, this run's holds {', '.join(sorted(want))} values"
+    return None
+
+
+def check_resume_config(
+    saved: dict[str, Any],
+    now: dict[str, Any],
+    may_change: tuple[str, ...],
+    where: Path,
+    *,
+    source: str | Path | None = None,
+) -> None:
+    """A resumed run is the same run: every key outside ``may_change`` must equal the saved one.
+
+    ``source`` is the file the saved config was read from (default: ``where``); every message names
+    it. A saved config that is not an object, lacks a key, has a key this version does not know, or
+    holds a value of another JSON type is an :class:`ArtefactError` (the file was altered or written
+    by another version); a key whose value differs is a :class:`ConfigError` naming the keys
+    (old -> new) and asking for the same config.
+
+    Example:
+        >>> check_resume_config({"lr": 0.1, "seed": 0}, {"lr": 0.1, "seed": 0}, (), Path("run"))
+        >>> check_resume_config({"lr": 0.1}, {"lr": 0.1, "seed": 0}, (), Path("run"), source="run/state.json")
+        Traceback (most recent call last):
+        ...
+        asymvlm.errors.ArtefactError: run/state.json: config lacks the key 'seed'...
+        >>> check_resume_config({"lr": 0.1}, {"lr": 0.2}, (), Path("run"), source="run/state.json")
+        Traceback (most recent call last):
+        ...
+        asymvlm.errors.ConfigError: cannot resume run: run/state.json records another config; differing keys: lr...
+    """
+    source = source if source is not None else where
+    altered = "the file was altered, or written by another asymvlm version: resume with that version, or start again"
+    if not isinstance(saved, dict):
+        raise ArtefactError(f"{source}: config is a {_json_kind(saved)}, not an object; {altered}")
+    missing = sorted(k for k in now if k not in saved and k not in may_change)
+    if missing:
+        raise ArtefactError(f"{source}: config lacks the key {missing[0]!r}"
+                            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; {altered}")  # fmt: skip
+    unknown = sorted((str(k) for k in saved if k not in now and k not in may_change), key=str)
+    if unknown:
+        raise ArtefactError(f"{source}: config.{unknown[0][:60]!r} is not a config key of this run; {altered}")
+    for k in sorted(now):
+        why = None if k in may_change or k not in saved else _kind_mismatch(saved[k], now[k])
+        if why:
+            raise ArtefactError(f"{source}: config.{k} {why}; {altered}")
     differ = sorted(k for k in set(saved) | set(now) if k not in may_change and saved.get(k) != now.get(k))
     if differ:
-        shown = ", ".join(f"{k} ({saved.get(k)!r} -> {now.get(k)!r})" for k in differ[:6])
+        shown = ", ".join(f"{k} ({_short(saved.get(k))} -> {_short(now.get(k))})" for k in differ[:6])
         raise ConfigError(
-            f"cannot resume {where}: its run had another config; differing keys: {shown}. Use the same config "
+            f"cannot resume {where}: {source} records another config; differing keys: {shown}. Use the same config "
             f"(only {', '.join(may_change)} may change), or a new output_dir"
         )
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def config_fields(types: tuple[type, ...]) -> dict[str, type]:

@@ -393,7 +393,9 @@ def _replace_by_renames(path: Path, tmp: Path, moved: list[str]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def inside_folder(directory: str | Path, name: str, *, source: str | Path | None = None, field: str | None = None) -> Path:
+def inside_folder(
+    directory: str | Path, name: str, *, source: str | Path | None = None, field: str | None = None
+) -> Path:
     """``directory / name`` when ``name`` is a relative path that stays inside ``directory``: no
     absolute path, no ``..``, and no symbolic link (the entry itself, or anything under it when it is a
     folder) that resolves outside the folder; otherwise an :class:`ArtefactError` naming ``source``

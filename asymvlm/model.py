@@ -49,8 +49,10 @@ from asymvlm.io import (
     ArtefactError,
     atomic_save_safetensors,
     atomic_write_json,
+    inside_folder,
     load_safetensors,
     non_finite_key,
+    parse_json,
     read_safetensors_header,
     read_tagged_json,
     require_finite,
@@ -65,6 +67,11 @@ ADAPTER_DIR = "text_adapter"  # a peft LoRA adapter of the text tower, in peft's
 BASE_DELTA_NAME = "text_base_delta.safetensors"  # dense updates added to the frozen text tower
 MODEL_TYPE = "asymvlm"
 MODEL_VERSION = 1
+ENCODER_KEYS = ("spec", "pretrained", "fingerprint", "dim")  # what ``encoder`` records (all written, all required)
+LINEAGE_KEYS = ("init_from", "init_from_fingerprint", "init")
+# |logit_scale| above this: exp() of it overflows float32 (a temperature no training produces)
+MAX_ABS_LOGIT_SCALE = 88.0
+_ST_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
 @torch.no_grad()
@@ -126,16 +133,30 @@ class AsymVLM(nn.Module):
             raise ValueError(
                 f"encoder dimension {encoder.dim} ({encoder.spec}) does not match the head's dimension {head.dim}"
             )
-        if isinstance(logit_scale, bool) or not isinstance(logit_scale, numbers.Real) or not math.isfinite(logit_scale):
-            raise ConfigError(f"logit_scale must be a finite number, got {logit_scale!r}")
+        problem = _logit_scale_problem(logit_scale)
+        if problem:
+            raise ConfigError(f"logit_scale {problem}")
         for name, value in (("encoder_source", encoder_source), ("lineage", lineage)):
             if value is not None and not isinstance(value, Mapping):
                 raise ConfigError(f"{name} must be a mapping or None, got {type(value).__name__}")
+        if lineage:
+            problem = _lineage_problem(lineage)
+            if problem:
+                raise ConfigError(f"lineage{problem}")
         self.head = head
         self.encoder = encoder
         self.logit_scale = float(logit_scale)
         if encoder is not None and encoder_source is None:
             encoder_source = {**encoder.source, "fingerprint": encoder.fingerprint, "dim": encoder.dim}
+        if encoder_source is not None:
+            # saved with every key (those not given as null, dim the head's): a load requires all of them
+            unknown = sorted(str(k) for k in set(encoder_source) - set(ENCODER_KEYS))
+            if unknown:
+                raise ConfigError(f"encoder_source has unknown key(s) {unknown}; it records {list(ENCODER_KEYS)}")
+            encoder_source = {**dict.fromkeys(ENCODER_KEYS), "dim": head.dim, **encoder_source}
+            problem = _encoder_problem(encoder_source, head.dim, allow_null_fingerprint=True)
+            if problem:
+                raise ConfigError(f"encoder_source{problem}")
         self.encoder_source = encoder_source
         # a peft model wrapping the encoder's text tower (saved in peft's format by save_pretrained)
         self.text_adapter = text_adapter
@@ -247,10 +268,17 @@ class AsymVLM(nn.Module):
         directory = Path(directory)
         self._check_finite(directory)  # nothing non-finite is saved: checked before anything is written
         directory.mkdir(parents=True, exist_ok=True)
+        state = self.head.state_dict()
         atomic_save_safetensors(
-            self.head.state_dict(),
+            state,
             directory / WEIGHTS_NAME,
-            metadata={"format": "pt", "type": MODEL_TYPE, "head_config": _config_json(self.head.config)},
+            metadata={
+                "format": "pt",
+                "type": MODEL_TYPE,
+                "head_config": _config_json(self.head.config),
+                "tensors": _tensors_json(state),
+                "provenance": _provenance_json(self.encoder_source, self.lineage),
+            },
         )
         config = {
             "type": MODEL_TYPE,
@@ -273,8 +301,16 @@ class AsymVLM(nn.Module):
                     shutil.copytree(self._adapter_files, tmp, dirs_exist_ok=True)
             config["text_adapter"] = ADAPTER_DIR
         if self.text_base_delta:
-            atomic_save_safetensors(self.text_base_delta, directory / BASE_DELTA_NAME)
+            atomic_save_safetensors(
+                self.text_base_delta,
+                directory / BASE_DELTA_NAME,
+                metadata={"format": "pt", "type": f"{MODEL_TYPE}.text_base_delta",
+                          "tensors": _tensors_json(self.text_base_delta)},
+            )  # fmt: skip
             config["text_base_delta"] = BASE_DELTA_NAME
+        elif (directory / BASE_DELTA_NAME).is_file() and not (directory / BASE_DELTA_NAME).is_symlink():
+            # a previous save's updates: not this model's (a load would refuse a folder holding them unnamed)
+            (directory / BASE_DELTA_NAME).unlink()
         if self.confidence is not None:
             from asymvlm.confidence import CONFIDENCE_NAME
 
@@ -373,32 +409,33 @@ class AsymVLM(nn.Module):
         directory = resolve_artefact(directory, revision=revision, cache_dir=encoder_kwargs.get("cache_dir"))
         if not directory.is_dir():
             raise ArtefactError(f"no saved AsymVLM at {directory}")
-        cfg_path = directory / CONFIG_NAME
+        cfg_path = inside_folder(directory, CONFIG_NAME)  # a link to another model's config is refused
         cfg = read_tagged_json(
             cfg_path,
             MODEL_TYPE,
             MODEL_VERSION,
-            required=("head",),
-            known=("encoder", "logit_scale", "text_adapter", "text_base_delta", "lineage", "confidence"),
+            required=("head", "encoder", "logit_scale"),
+            known=("text_adapter", "text_base_delta", "lineage", "confidence"),
             allow_nan=False,
         )
         head_config = _head_config(cfg["head"], cfg_path)
-        _check_model_config(cfg, cfg_path, head_config)
+        _check_model_config(cfg, cfg_path, head_config, check_fingerprint=check_fingerprint)
         # the weights' header before any allocation: keys, shapes, dtypes and the head config they were
         # saved with must be this config's
-        _check_weights_header(directory / WEIGHTS_NAME, head_config)
+        weights = inside_folder(directory, WEIGHTS_NAME)
+        _check_weights_header(weights, head_config, cfg, check_fingerprint=check_fingerprint)
         head = TextHead(config=head_config)
-        state = load_safetensors(directory / WEIGHTS_NAME, mmap=False)
+        state = load_safetensors(weights, mmap=False)
         bad = non_finite_key(state)
         if bad is not None:
-            raise ArtefactError(f"{directory / WEIGHTS_NAME}: tensor {bad!r} holds NaN or inf")
+            raise ArtefactError(f"{weights}: tensor {bad!r} holds NaN or inf")
         try:
             head.load_state_dict(state)
         except RuntimeError as err:
-            raise ArtefactError(f"{directory / WEIGHTS_NAME} does not fit the head config: {err}") from err
+            raise ArtefactError(f"{weights} does not fit the head config in {CONFIG_NAME}: {err}") from err
         if device is not None:
             head = head.to(device)
-        source = cfg.get("encoder")
+        source = cfg["encoder"]
         encoder = None
         has_spec = bool(source and source.get("spec"))
         want = load_encoder is True or (load_encoder == "auto" and has_spec)
@@ -415,15 +452,19 @@ class AsymVLM(nn.Module):
                     f"({source['fingerprint'][:16]}...); pass check_fingerprint=False to use it anyway"
                 )
         base_delta = None
-        delta_path = _inside(directory, cfg_path, "text_base_delta", cfg.get("text_base_delta"))
-        adapter_path = _inside(directory, cfg_path, "text_adapter", cfg.get("text_adapter"))
+        delta_path = _inside(directory, cfg_path, "text_base_delta", cfg, BASE_DELTA_NAME)
+        adapter_path = _inside(directory, cfg_path, "text_adapter", cfg, None)
         if delta_path is not None:
+            _check_delta_header(delta_path)
             base_delta = load_safetensors(delta_path, mmap=False)
             bad = non_finite_key(base_delta)
             if bad is not None:
                 raise ArtefactError(f"{delta_path}: tensor {bad!r} holds NaN or inf")
             if encoder is not None:
-                _add_to_weights(encoder, base_delta)
+                try:
+                    _add_to_weights(encoder, base_delta)
+                except ArtefactError as err:
+                    raise ArtefactError(f"{delta_path}: {err}") from None
         if adapter_path is not None and encoder is not None:
             apply_text_adapter(encoder, adapter_path)
         if (cfg.get("text_adapter") or cfg.get("text_base_delta")) and encoder is None:
@@ -432,14 +473,17 @@ class AsymVLM(nn.Module):
                 f"embeddings passed to this encoder-less model must come from the adapted tower",
                 stacklevel=2,
             )
-        model = cls(
-            head,
-            encoder,
-            logit_scale=float(cfg.get("logit_scale", 0.0)),
-            encoder_source=source,
-            text_base_delta=base_delta,
-            lineage=cfg.get("lineage"),
-        )
+        try:
+            model = cls(
+                head,
+                encoder,
+                logit_scale=float(cfg["logit_scale"]),
+                encoder_source=source,
+                text_base_delta=base_delta,
+                lineage=cfg.get("lineage"),
+            )
+        except ConfigError as err:  # checked above; a rule of the constructor's that the load missed
+            raise ArtefactError(f"{cfg_path}: {err}") from None
         if adapter_path is not None:
             model._adapter_files = adapter_path
         if cfg.get("confidence"):
@@ -478,8 +522,9 @@ def _head_config(head_cfg: Any, cfg_path: Path) -> HeadConfig:
     unknown = sorted(str(k) for k in set(head_cfg) - fields)
     if unknown:
         warnings.warn(f"{cfg_path}: ignoring unknown head key(s) {unknown}", stacklevel=3)
-    if "dim" not in head_cfg:
-        raise ArtefactError(f"{cfg_path}: head config misses required key 'dim'")
+    for key in ("dim", "hidden_dims"):  # no default could fit the saved weights
+        if key not in head_cfg:
+            raise ArtefactError(f"{cfg_path}: head config misses required key {key!r}")
     head_cfg = {k: v for k, v in head_cfg.items() if k in fields}
     head_cfg.setdefault("direction", "learned")  # saved before the option existed: the paper's head
     if isinstance(head_cfg.get("hidden_dims"), list):
@@ -494,56 +539,181 @@ def _optional_str(value: Any) -> bool:
     return value is None or isinstance(value, str)
 
 
-def _check_model_config(cfg: dict[str, Any], cfg_path: Path, head: HeadConfig) -> None:
+def _tensors_json(tensors: Mapping[str, Tensor]) -> str:
+    """``{key: [dtype, shape]}`` of the tensors a file holds (recorded in its metadata at save time
+    and compared on load: another dtype, shape or set of tensors is a tampered or foreign file)."""
+    import json
+
+    return json.dumps(
+        {k: [_ST_DTYPE.get(v.dtype, str(v.dtype)), list(v.shape)] for k, v in tensors.items()}, sort_keys=True
+    )
+
+
+def _check_recorded_tensors(path: Path, tensors: dict[str, tuple[str, list[int]]], meta: dict[str, str]) -> None:
+    """The tensors of a file equal what its metadata recorded at save time (where it records them:
+    files saved before this was recorded are not compared); an :class:`ArtefactError` naming the key."""
+    recorded = meta.get("tensors")
+    if recorded is None:
+        return
+    want = parse_json(recorded, f"the 'tensors' metadata of {path}", allow_nan=False)
+    if not isinstance(want, dict):
+        raise ArtefactError(f"{path}: corrupt 'tensors' metadata (not an object)")
+    have = {k: [dt, list(shape)] for k, (dt, shape) in tensors.items()}
+    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+    if missing or extra:
+        raise ArtefactError(
+            f"{path}: holds other tensors than it was saved with: missing {missing[:4]}, unexpected {extra[:4]}"
+        )
+    for k in sorted(have):
+        if have[k] != want[k]:
+            raise ArtefactError(
+                f"{path}: tensor {k!r} is {have[k][0]} {have[k][1]}, it was saved as {want[k][0]} {want[k][1]}"
+            )
+
+
+def _logit_scale_problem(scale: Any) -> str | None:
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        return f"must be a finite number, got {scale!r}"
+    if abs(scale) > MAX_ABS_LOGIT_SCALE:
+        return f"is {scale!r}: a log temperature beyond +-{MAX_ABS_LOGIT_SCALE} (exp() overflows)"
+    return None
+
+
+def _encoder_problem(source: Any, dim: int, *, allow_null_fingerprint: bool) -> str | None:
+    """What is wrong with an ``encoder`` record (``": ..."`` / ``".key ..."``, to follow its name),
+    or None. Every key of :data:`ENCODER_KEYS` is present and no other; ``dim`` is the head's; spec
+    and pretrained are strings or null; the fingerprint is a string, null only for features of
+    unknown origin (spec null too) or when the caller waives the check."""
+    if not isinstance(source, Mapping):
+        return f" must be an object or null, got {type(source).__name__}"
+    missing = [k for k in ENCODER_KEYS if k not in source]
+    unknown = sorted(str(k) for k in set(source) - set(ENCODER_KEYS))
+    if missing or unknown:
+        return f": missing key(s) {missing}, unknown key(s) {unknown}; it records {list(ENCODER_KEYS)}"
+    for key in ("spec", "pretrained", "fingerprint"):
+        value = source[key]
+        if not _optional_str(value) or value == "":
+            return f".{key} must be a non-empty string or null, got {value!r}"
+    d = source["dim"]
+    if isinstance(d, bool) or not isinstance(d, int) or d != dim:
+        return f".dim is {d!r}, the head's dim {dim}"
+    if source["fingerprint"] is None and source["spec"] is not None and not allow_null_fingerprint:
+        return (
+            f".fingerprint is null: the embeddings of {source['spec']!r} it was trained on cannot be checked; "
+            "pass check_fingerprint=False to load it anyway"
+        )
+    return None
+
+
+def _lineage_problem(lineage: Any) -> str | None:
+    """What is wrong with a ``lineage`` record (to follow its name), or None. Its two forms are those
+    training writes: ``{"init_from": path, "init_from_fingerprint": sha256}`` (a fine-tune) and
+    ``{"init_from": null, "init": "scratch"}`` (a head trained from scratch)."""
+    if not isinstance(lineage, Mapping):
+        return f" must be an object, got {type(lineage).__name__}"
+    unknown = sorted(str(k) for k in set(lineage) - set(LINEAGE_KEYS))
+    if unknown:
+        return f": unknown key(s) {unknown}; it records {list(LINEAGE_KEYS)}"
+    if "init_from" not in lineage:
+        return ": missing key 'init_from'"
+    start = lineage["init_from"]
+    if start is None:
+        if lineage.get("init") != "scratch" or "init_from_fingerprint" in lineage:
+            return ': init_from null (trained from scratch) needs "init": "scratch" and no init_from_fingerprint'
+        return None
+    if not isinstance(start, str) or not start:
+        return f".init_from must be a non-empty string or null, got {start!r}"
+    fp = lineage.get("init_from_fingerprint")
+    if not isinstance(fp, str) or not fp:
+        return f".init_from_fingerprint must be the fingerprint of {start!r}'s head weights, got {fp!r}"
+    if "init" in lineage:
+        return f".init is {lineage['init']!r}: a head fine-tuned from init_from records none"
+    return None
+
+
+def _check_model_config(cfg: dict[str, Any], cfg_path: Path, head: HeadConfig, *, check_fingerprint: bool) -> None:
     """The fields of ``asymvlm_config.json`` beside ``head``: types and ranges, one
     :class:`ArtefactError` naming the file and the field."""
-    scale = cfg.get("logit_scale", 0.0)
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise ArtefactError(f"{cfg_path}: logit_scale must be a finite number, got {scale!r}")
-    source = cfg.get("encoder")
-    if source is not None:
-        if not isinstance(source, dict):
-            raise ArtefactError(f"{cfg_path}: encoder must be an object or null, got {type(source).__name__}")
-        for key in ("spec", "pretrained", "fingerprint"):
-            if not _optional_str(source.get(key)):
-                raise ArtefactError(f"{cfg_path}: encoder.{key} must be a string or null, got {source.get(key)!r}")
-        dim = source.get("dim")
-        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or dim != head.dim):
-            raise ArtefactError(f"{cfg_path}: encoder.dim is {dim!r}, the head's dim {head.dim}")
-    lineage = cfg.get("lineage")
-    if lineage is not None:
-        if not isinstance(lineage, dict):
-            raise ArtefactError(f"{cfg_path}: lineage must be an object, got {lineage!r}")
-        for key in ("init_from", "init_from_fingerprint"):
-            if not _optional_str(lineage.get(key)):
-                raise ArtefactError(f"{cfg_path}: lineage.{key} must be a string or null, got {lineage.get(key)!r}")
-        if not isinstance(lineage.get("from_scratch", False), bool):
-            raise ArtefactError(f"{cfg_path}: lineage.from_scratch must be true or false")
-    confidence = cfg.get("confidence")
-    if not _optional_str(confidence):
-        raise ArtefactError(f"{cfg_path}: confidence must be a file name, got {confidence!r}")
+    problem = _logit_scale_problem(cfg["logit_scale"])
+    if problem:
+        raise ArtefactError(f"{cfg_path}: logit_scale {problem}")
+    source = cfg["encoder"]
+    if source is not None:  # null: an embeddings-only model of unknown origin
+        problem = _encoder_problem(source, head.dim, allow_null_fingerprint=not check_fingerprint)
+        if problem:
+            raise ArtefactError(f"{cfg_path}: encoder{problem}")
+    if "lineage" in cfg:  # absent: a model of unknown origin (merges then check its distance to the base)
+        problem = _lineage_problem(cfg["lineage"])
+        if problem:
+            raise ArtefactError(f"{cfg_path}: lineage{problem}")
+    if "confidence" in cfg and (not isinstance(cfg["confidence"], str) or not cfg["confidence"]):
+        raise ArtefactError(f"{cfg_path}: confidence must be a file name, got {cfg['confidence']!r}")
 
 
-def _check_weights_header(path: Path, config: HeadConfig) -> None:
+def _provenance_json(encoder_source: Mapping[str, Any] | None, lineage: Mapping[str, Any] | None) -> str:
+    """What ``head.safetensors`` records of the config's provenance: the encoder's fingerprint and
+    what the head was fine-tuned from (its weights' fingerprint, or "scratch"). Paths and specs are
+    left out: a moved local encoder and a Hub upload (which names paths by their last parts) change them."""
+    import json
+
+    fp = (encoder_source or {}).get("fingerprint") if encoder_source is not None else None
+    if not lineage:
+        start = None
+    elif lineage.get("init_from") is None:
+        start = "scratch"
+    else:
+        start = lineage.get("init_from_fingerprint")
+    spec = encoder_source is not None and encoder_source.get("spec") is not None
+    return json.dumps(
+        {"encoder": encoder_source is not None, "encoder_fingerprint": fp, "spec": spec, "lineage": start}
+    )
+
+
+def _check_provenance(path: Path, cfg: dict[str, Any], meta: dict[str, str], check_fingerprint: bool) -> None:
+    """The config's encoder and lineage are those the weights were saved with (where recorded)."""
+    recorded = meta.get("provenance")
+    if recorded is None:
+        return
+    want = parse_json(recorded, f"the 'provenance' metadata of {path}", allow_nan=False)
+    have = parse_json(_provenance_json(cfg["encoder"], cfg.get("lineage")), path)
+    if not isinstance(want, dict):
+        raise ArtefactError(f"{path}: corrupt 'provenance' metadata (not an object)")
+    keys = ["encoder", "spec", "encoder_fingerprint", "lineage"]
+    if not check_fingerprint:  # the caller waives the encoder check (a spec nulled is still refused)
+        keys = ["spec", "lineage"]
+    differ = [k for k in keys if want.get(k) != have.get(k)]
+    if differ:
+        field = {"spec": "encoder.spec", "encoder_fingerprint": "encoder.fingerprint"}.get(differ[0], differ[0])
+        raise ArtefactError(
+            f"{path.parent / CONFIG_NAME}: {field} differs from the one {path.name} was saved with "
+            f"({str(have.get(differ[0]))[:16]!r} in the config, {str(want.get(differ[0]))[:16]!r} in "
+            "the weights)"
+        )
+
+
+def _check_weights_header(path: Path, config: HeadConfig, cfg: dict[str, Any], *, check_fingerprint: bool) -> None:
     """``head.safetensors`` fits ``config`` before anything is allocated: the keys and shapes of a
-    head of that config, floating dtypes, and (where recorded at save time) the same head config."""
+    head of that config, floating dtypes, and (where recorded at save time) the same head config,
+    dtypes and provenance (encoder fingerprint, lineage)."""
     import json
 
     tensors, meta = read_safetensors_header(path)
+    _check_provenance(path, cfg, meta, check_fingerprint)
     with torch.device("meta"):  # shapes without memory
         expected = {k: list(v.shape) for k, v in TextHead(config=config).state_dict().items()}
     missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
     if missing or extra:
         raise ArtefactError(
-            f"{path} does not fit the head config: missing tensors {missing[:4]}, unexpected tensors {extra[:4]}"
+            f"{path} does not fit the head config in {CONFIG_NAME}: missing tensors {missing[:4]}, unexpected "
+            f"tensors {extra[:4]}"
         )
     for key, (dtype, shape) in tensors.items():
         if dtype not in ("F32", "F16", "BF16", "F64"):
             raise ArtefactError(f"{path}: tensor {key!r} is {dtype}, a head's weights are floating point")
         if shape != expected[key]:
             raise ArtefactError(
-                f"{path} does not fit the head config: tensor {key!r} has shape {shape}, the config needs "
-                f"{expected[key]}"
+                f"{path} does not fit the head config in {CONFIG_NAME}: tensor {key!r} has shape {shape}, the "
+                f"config needs {expected[key]}"
             )
     saved = meta.get("head_config")
     if saved is not None:
@@ -559,13 +729,29 @@ def _check_weights_header(path: Path, config: HeadConfig) -> None:
             raise ArtefactError(
                 f"{path.parent / CONFIG_NAME}: head config differs from the one {path.name} was saved with: {shown}"
             )
+    _check_recorded_tensors(path, tensors, meta)
 
 
-def _inside(directory: Path, cfg_path: Path, key: str, value: Any) -> Path | None:
-    """The path a config field names inside the model folder (:func:`asymvlm.io.inside_folder`), or
-    None when the field is empty."""
-    if value is None or value == "":
+def _check_delta_header(path: Path) -> None:
+    """``text_base_delta.safetensors``: floating tensors, and those it was saved with (its metadata)."""
+    tensors, meta = read_safetensors_header(path)
+    for key, (dtype, _) in tensors.items():
+        if dtype not in ("F32", "F16", "BF16", "F64"):
+            raise ArtefactError(f"{path}: tensor {key!r} is {dtype}, the text tower's updates are floating point")
+    _check_recorded_tensors(path, tensors, meta)
+
+
+def _inside(directory: Path, cfg_path: Path, key: str, cfg: dict[str, Any], default: str | None) -> Path | None:
+    """The path the config field ``key`` names inside the model folder (:func:`asymvlm.io.inside_folder`),
+    or None when the config has no such field. Written only with a file name, so null or "" is an
+    error; so is a folder holding ``default`` (what save_pretrained writes) that the config does not name."""
+    if key not in cfg:
+        if default is not None and ((directory / default).exists() or (directory / default).is_symlink()):
+            raise ArtefactError(
+                f"{cfg_path}: missing key {key!r}, but the folder holds {default}: the model would load without it"
+            )
         return None
-    from asymvlm.io import inside_folder
-
+    value = cfg[key]
+    if not isinstance(value, str) or not value:
+        raise ArtefactError(f"{cfg_path}: {key} must be a file name inside the model folder, got {value!r}")
     return inside_folder(directory, value, source=cfg_path, field=key)

@@ -40,7 +40,14 @@ from torch import Tensor
 
 from asymvlm.distributions import SphericalDistribution
 from asymvlm.heads import FAMILY_REGISTRY, check_embeddings, family_class, family_of
-from asymvlm.io import ArtefactError, atomic_save_safetensors, atomic_write_json, load_safetensors, read_tagged_json
+from asymvlm.io import (
+    ArtefactError,
+    atomic_save_safetensors,
+    atomic_write_json,
+    inside_folder,
+    load_safetensors,
+    read_tagged_json,
+)
 
 __all__ = [
     "SearchResult",
@@ -311,6 +318,34 @@ def _check_ids(ids: Sequence[Any] | None, n: int) -> list[Any] | None:
     return ids
 
 
+_INDEX_DTYPES = ("float16", "float32", "bfloat16", "float64")
+
+
+def _check_index_meta(meta: dict[str, Any], where: Path) -> None:
+    """Types and ranges of an image index's ``index.json``; an :class:`ArtefactError` naming the file
+    and the field otherwise."""
+    if meta["format_version"] > INDEX_VERSION:
+        raise ArtefactError(f"{where}: format_version {meta['format_version']} is newer than this asymvlm reads")
+    for key in ("size", "dim"):
+        v = meta[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ArtefactError(f"{where}: {key} must be an integer >= 1, got {v!r}"[:300])
+    fp = meta["encoder_fingerprint"]
+    if fp is not None and not isinstance(fp, str):
+        raise ArtefactError(f"{where}: encoder_fingerprint must be a string or null, got {fp!r}"[:300])
+    if "dtype" in meta and meta["dtype"] not in _INDEX_DTYPES:
+        raise ArtefactError(f"{where}: dtype must be one of {list(_INDEX_DTYPES)}, got {meta['dtype']!r}"[:300])
+    ids = meta["ids"]
+    if ids is None:
+        return
+    if not isinstance(ids, list) or len(ids) != meta["size"]:
+        got = f"{type(ids).__name__} of {len(ids)}" if isinstance(ids, (list, str, dict)) else repr(ids)
+        raise ArtefactError(f"{where}: ids must be null or a list of {meta['size']} ids (size), got {got}"[:300])
+    for row, i in enumerate(ids):
+        if not (isinstance(i, str) or (isinstance(i, int) and not isinstance(i, bool))):
+            raise ArtefactError(f"{where}: ids[{row}] must be a string or an integer, got {i!r}"[:300])
+
+
 # ----------------------------------------------------------------------------------------------
 # text -> image
 # ----------------------------------------------------------------------------------------------
@@ -506,6 +541,7 @@ class ImageIndex:
                 "size": len(self),
                 "ids": self.ids,
                 "encoder_fingerprint": self.encoder_fingerprint,
+                "dtype": str(self.embeddings.dtype).removeprefix("torch."),
             },
             directory / "index.json",
         )
@@ -513,25 +549,36 @@ class ImageIndex:
 
     @classmethod
     def load(cls, directory: str | Path, *, mmap: bool = True, **kwargs) -> ImageIndex:
-        """Load a saved index (memory-mapped by default)."""
+        """Load a saved index (memory-mapped by default).
+
+        Every field of ``index.json`` is checked (``dim``, ``size``, ``ids``: null or one string or
+        integer per row, ``encoder_fingerprint``: a string or null, ``dtype`` where recorded: the
+        tensor's), and the tensor's shape and dtype against it; an :class:`ArtefactError` names the
+        file and the field.
+        """
         directory = Path(directory)
+        meta_file = inside_folder(directory, "index.json")
         meta = read_tagged_json(
-            directory / "index.json",
+            meta_file,
             "asymvlm.image_index",
             INDEX_VERSION,
-            required=("dim", "size"),
-            known=("ids", "encoder_fingerprint"),
+            required=("dim", "size", "ids", "encoder_fingerprint"),
+            known=("dtype",),
         )
-        emb = load_safetensors(directory / "index.safetensors", ["embeddings"], mmap=mmap)["embeddings"]
+        _check_index_meta(meta, meta_file)
+        emb_file = inside_folder(directory, "index.safetensors")
+        emb = load_safetensors(emb_file, ["embeddings"], mmap=mmap)["embeddings"]
         if tuple(emb.shape) != (meta["size"], meta["dim"]):
             raise ArtefactError(
-                f"{directory}: embeddings {tuple(emb.shape)} but index.json says ({meta['size']}, {meta['dim']})"
+                f"{emb_file}: embeddings {tuple(emb.shape)} but index.json says ({meta['size']}, {meta['dim']})"
             )
+        if "dtype" in meta and str(emb.dtype).removeprefix("torch.") != meta["dtype"]:
+            raise ArtefactError(f"{emb_file}: embeddings are {emb.dtype}, index.json's dtype says {meta['dtype']}")
         if kwargs.pop("validate", True):  # once, vectorised: a NaN or zero row would win every query
             from asymvlm.cache import validate_embeddings
 
-            validate_embeddings(emb, directory / "index.safetensors", "image embeddings")
-        return cls(emb, meta.get("ids"), encoder_fingerprint=meta.get("encoder_fingerprint"), validate=False, **kwargs)
+            validate_embeddings(emb, emb_file, "image embeddings")
+        return cls(emb, meta["ids"], encoder_fingerprint=meta["encoder_fingerprint"], validate=False, **kwargs)
 
     @classmethod
     def from_cache(cls, cache: Any, **kwargs) -> ImageIndex:

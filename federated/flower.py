@@ -412,17 +412,26 @@ def _integer(m: Mapping[str, Any], key: str, low: int, high: int) -> int:
     return int(v)
 
 
+# A training statistic a client reports (its loss, its gradient's norm) above this is not one of a
+# head on unit embeddings but a diverged or lying client: rejected. q-FFL and AdaFedAdam weight
+# clients by these reports, so within the bound a client still chooses its own weight (documented).
+MAX_REPORTED = 1e6
+
+
 def _loss(m: Mapping[str, Any], key: str, *, positive: bool = False) -> float | None:
-    """A reported loss or norm (None when absent): a finite number >= 0 (> 0 with ``positive``)."""
+    """A reported loss or norm (None when absent): a finite number >= 0 (> 0 with ``positive``) and at
+    most :data:`MAX_REPORTED`."""
     if key not in m:
         return None
     v = m[key]
     try:
-        ok = _is_number(v) and math.isfinite(float(v)) and (v > 0 if positive else v >= 0)
+        ok = _is_number(v) and math.isfinite(float(v)) and (v > 0 if positive else v >= 0) and v <= MAX_REPORTED
     except OverflowError:  # an int beyond float's range
         ok = False
     if not ok:
-        raise ClientUpdateError(f"{key} must be a finite number {'>' if positive else '>='} 0, got {_show(v)}")
+        raise ClientUpdateError(
+            f"{key} must be a finite number {'>' if positive else '>='} 0 and <= {MAX_REPORTED:g}, got {_show(v)}"
+        )
     return float(v)
 
 

@@ -526,7 +526,7 @@ def run_federated(
 
 def _check_resumable(checkpoint: Path, saved: dict[str, Any], config: dict[str, Any]) -> None:
     """A resumed run must be the same run: every config key outside RESUMABLE_CHANGES must match."""
-    check_resume_config(saved, config, RESUMABLE_CHANGES, checkpoint / "server.json")
+    check_resume_config(saved, config, RESUMABLE_CHANGES, checkpoint, source=checkpoint / "server.json")
 
 
 def _latest(out: Path) -> str:

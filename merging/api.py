@@ -49,7 +49,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import warnings
@@ -112,8 +111,10 @@ def local_input(name: str | Path) -> Path:
 
 def _checkpoint_file(p: Path) -> Path:
     """A checkpoint given as a folder (a merged checkpoint's output, a Hub snapshot) is its
-    ``model.safetensors``."""
-    return p / CHECKPOINT_NAME if p.is_dir() else p
+    ``model.safetensors`` (inside it: a link to another folder's is refused)."""
+    from asymvlm.merging.task_vectors import folder_file
+
+    return folder_file(p, CHECKPOINT_NAME) if p.is_dir() else p
 
 
 def input_kind(path: str | Path) -> str:
@@ -604,7 +605,7 @@ def _expert_base_problem(
 
 def _asymvlm_vectors(base: Path, inputs: Sequence[Path], allow_unrelated: bool = False):
     from asymvlm.io import tensor_fingerprint
-    from asymvlm.merging.task_vectors import DiffParams, LazyTaskVector
+    from asymvlm.merging.task_vectors import DiffParams, LazyTaskVector, folder_file
     from asymvlm.model import WEIGHTS_NAME, AsymVLM
 
     base_model = AsymVLM.from_pretrained(base, load_encoder=False)
@@ -632,8 +633,8 @@ def _asymvlm_vectors(base: Path, inputs: Sequence[Path], allow_unrelated: bool =
         experts.append(m)
     for w in warnings:
         logger.warning("warning: %s", w)
-    b = LazyTaskVector(base / WEIGHTS_NAME)
-    vectors = [DiffParams(b, LazyTaskVector(Path(p) / WEIGHTS_NAME)) for p in inputs]
+    b = LazyTaskVector(folder_file(base, WEIGHTS_NAME))
+    vectors = [DiffParams(b, LazyTaskVector(folder_file(p, WEIGHTS_NAME))) for p in inputs]
     fingerprints = {"base": base_weights, "experts": [tensor_fingerprint(m.head.state_dict()) for m in experts]}
     return base_model, experts, b, vectors, warnings, fingerprints
 
@@ -861,5 +862,13 @@ def merge(
 
 
 def read_report(out: str | Path) -> dict[str, Any]:
-    """The ``merge.json`` of a merge output."""
-    return json.loads((Path(out) / "merge.json").read_text())
+    """The ``merge.json`` of a merge output (a JSON object); a missing, corrupt or linked-in file is
+    one :class:`~asymvlm.errors.ArtefactError` naming it."""
+    from asymvlm.errors import ArtefactError
+    from asymvlm.io import inside_folder, read_json
+
+    path = inside_folder(Path(out), "merge.json")
+    doc = read_json(path)
+    if not isinstance(doc, dict):
+        raise ArtefactError(f"{path}: expected a JSON object, got {type(doc).__name__}")
+    return doc

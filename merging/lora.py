@@ -65,14 +65,14 @@ def _weight_name(layer: str) -> str:
 def read_lora_adapter(adapter_dir: str | Path) -> LoraAdapter:
     """Read a peft adapter directory (clear errors for missing/corrupt files, per-layer patterns)."""
     from asymvlm.lora import split_peft_state
-    from asymvlm.merging.task_vectors import LazyTaskVector
+    from asymvlm.merging.task_vectors import LazyTaskVector, folder_file
 
     adapter_dir = Path(adapter_dir)
     cfg, scaling = read_adapter_config(adapter_dir)
     cfg_path = adapter_dir / "adapter_config.json"
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise MergeInputError(f"{cfg_path}: per-layer rank_pattern/alpha_pattern are not supported")
-    state = LazyTaskVector(adapter_dir / "adapter_model.safetensors")
+    state = LazyTaskVector(folder_file(adapter_dir, "adapter_model.safetensors"))
     try:
         parts = split_peft_state({k: state[k].clone() for k in state})
     except ValueError as err:

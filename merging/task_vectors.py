@@ -53,6 +53,7 @@ __all__ = [
     "save_task_vector",
     "check_same_base",
     "read_adapter_config",
+    "folder_file",
 ]
 
 TV_TYPE = "asymvlm.task_vector"
@@ -68,9 +69,22 @@ class LazyTaskVector(LazyParams):
     def __init__(self, path: str | Path, keys: Sequence[str] | None = None, dtype: torch.dtype | None = None):
         path = Path(path)
         if path.is_dir():
-            path = path / "task_vector.safetensors"
+            path = folder_file(path, "task_vector.safetensors")
         super().__init__(path, keys, dtype)
         self.meta = _read_meta(path)
+
+
+def folder_file(folder: str | Path, name: str) -> Path:
+    """``folder / name`` for a file an artefact folder holds (a task vector's, a merge output's, a
+    saved model's, a peft adapter's): :func:`asymvlm.io.inside_folder`, so a link to another
+    artefact's file, or anywhere outside the folder, is a :class:`MergeInputError` naming it."""
+    from asymvlm.errors import ArtefactError
+    from asymvlm.io import inside_folder
+
+    try:
+        return inside_folder(folder, name)
+    except ArtefactError as err:
+        raise MergeInputError(str(err)) from None
 
 
 class DiffParams(Mapping):
@@ -138,7 +152,7 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
     side = path.with_name(path.stem + ".json")
     if path.name == "task_vector.safetensors":
-        side = path.parent / "task_vector.json"
+        side = folder_file(path.parent, "task_vector.json")
     if not side.is_file():
         return {}
     try:
@@ -234,7 +248,9 @@ def task_vector_from_models(base_model: str | Path, finetuned_model: str | Path,
     src_b, src_f = bm.encoder_source or {}, fm.encoder_source or {}
     if src_b.get("fingerprint") != src_f.get("fingerprint"):
         raise MergeInputError("the two models were trained on different encoders")
-    tau, base_fp = _checkpoint_delta(Path(base_model) / WEIGHTS_NAME, Path(finetuned_model) / WEIGHTS_NAME, None)
+    tau, base_fp = _checkpoint_delta(
+        folder_file(base_model, WEIGHTS_NAME), folder_file(finetuned_model, WEIGHTS_NAME), None
+    )
     meta = {
         "source": "asymvlm",
         "base": names[0],
@@ -286,7 +302,7 @@ def task_vector_from_lora(adapter_dir: str | Path, out: str | Path, *, base_fing
 
     adapter_dir = Path(adapter_dir)
     cfg, scaling = read_adapter_config(adapter_dir)
-    state = LazyTaskVector(adapter_dir / "adapter_model.safetensors")
+    state = LazyTaskVector(folder_file(adapter_dir, "adapter_model.safetensors"))
     try:
         layers = split_peft_state({k: state[k] for k in state})
     except ValueError as err:

@@ -258,10 +258,10 @@ def test_huge_finite_updates_never_save_a_non_finite_state(cache, tmp_path):
 
 
 def test_a_recipe_failing_on_valid_values_skips_the_round(cache, tmp_path):
-    """A finite loss of 1e300 passes the checks but overflows q-FFL's F^q (q = 2): the round makes no
-    step, its record says why, and the run ends with one clear line, not a traceback."""
-    app = hostile_app("train", metric("loss-before", 1e300))
-    rc = run_config(cache, tmp_path / "out", recipe="qffl", qffl_q=2.0)
+    """A loss of 1e6 (F.MAX_REPORTED) passes the checks but overflows q-FFL's F^q (q = 60): the round
+    makes no step, its record says why, and the run ends with one clear line, not a traceback."""
+    app = hostile_app("train", metric("loss-before", F.MAX_REPORTED))
+    rc = run_config(cache, tmp_path / "out", recipe="qffl", qffl_q=60.0)
     g = F.LocalGrid(F.client_app, rc, [{"partition-id": 0}, {"partition-id": 1}], apps={HOSTILE: app})
     with pytest.raises(F.FederationError, match="no round stepped the model"):
         F.run_flower_server(g, rc)

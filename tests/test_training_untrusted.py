@@ -560,3 +560,164 @@ def test_a_lora_merge_that_overflows_is_not_written(tmp_path):
     with pytest.raises(MergeInputError, match=r"fc1.*not finite"):
         merge(None, ads, tmp_path / "m", "task_arithmetic", lam=1e5)
     assert not (tmp_path / "m").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# wave 2 of issue 26 (the artefact fuzzer's training_checkpoint kind)
+# ------------------------------------------------------------------------------------------
+def _config(key, value):
+    return lambda doc: doc["config"].__setitem__(key, value)
+
+
+# trainer_state.json's config: a tampered config (a key missing or unknown, a value of another JSON type)
+# is an ArtefactError naming the file and key; another value is the ConfigError asking for the same
+# config, naming the file too (it named only the output folder)
+RESUME_CONFIG = [
+    (lambda d: d["config"].pop("seed"), ArtefactError, "'seed'"),
+    (lambda d: d["config"].pop("hidden_dims"), ArtefactError, "'hidden_dims'"),
+    (_config("fuzz_extra", 1), ArtefactError, "fuzz_extra"),
+    (_config("hidden_dims", "8"), ArtefactError, "config.hidden_dims"),
+    (_config("hidden_dims", [True]), ArtefactError, "config.hidden_dims"),
+    (_config("batch_size", [16]), ArtefactError, "config.batch_size"),
+    (_config("seed", None), ConfigError, "seed"),
+    (_config("lr", 0.5), ConfigError, "lr (0.5 -> 0.01)"),
+    (_config("hidden_dims", [1e30]), ConfigError, "hidden_dims"),
+    (_config("cache_dir", "../elsewhere"), ConfigError, "cache_dir"),
+]
+
+
+@pytest.mark.parametrize("edit,kind,words", RESUME_CONFIG, ids=[f"config-{i}" for i in range(len(RESUME_CONFIG))])
+def test_a_resume_config_error_names_the_trainer_state_file(cache_dir, finished, tmp_path, edit, kind, words):
+    out, ckpt = interrupted(finished, tmp_path)
+    edit_json(ckpt / "trainer_state.json", edit)
+    with pytest.raises(kind) as err:
+        resume(cache_dir, out)
+    msg = str(err.value)
+    assert type(err.value) is kind, msg
+    assert str(ckpt / "trainer_state.json") in msg and words in msg and "\n" not in msg, msg
+    assert not (out / "model").exists()
+
+
+def test_check_resume_config_names_its_source():
+    from asymvlm.config import check_resume_config
+
+    with pytest.raises(ConfigError, match=r"cannot resume run: run/round-1/server\.json records another config; "
+                                          r"differing keys: recipe \('fedavg' -> 'fedadam'\)"):  # fmt: skip
+        check_resume_config({"recipe": "fedavg"}, {"recipe": "fedadam"}, (), Path("run"),
+                            source=Path("run/round-1/server.json"))  # fmt: skip
+    with pytest.raises(ArtefactError, match=r"^run/server\.json: config is a list, not an object"):
+        check_resume_config([1], {"recipe": "fedadam"}, (), Path("run"), source="run/server.json")
+    # keys that may change may be absent; null is a value (another one), not another type
+    check_resume_config({"recipe": "x"}, {"recipe": "x", "resume": True}, ("resume",), Path("run"))
+    with pytest.raises(ConfigError, match="server.json"):
+        check_resume_config({"dp_seed": None}, {"dp_seed": 3}, (), Path("run"), source="server.json")
+
+
+def _skeleton(*path, value=None, pop=False):
+    """Set (or remove) skeleton.__dict__.<path...> of optimizer.json."""
+
+    def fn(doc):
+        node = doc["skeleton"]["__dict__"]
+        for key in path[:-1]:
+            node = node[key]
+        if pop:
+            node.pop(path[-1])
+        else:
+            node[path[-1]] = value
+
+    return fn
+
+
+_GROUP0 = ("param_groups", "__list__", 0)
+OPTIMIZER_SKELETON = [
+    # type holes: an AttributeError inside unflatten_state before
+    (_skeleton(*_GROUP0, "__dict__", value=None), "param_groups"),
+    (_skeleton(*_GROUP0, "__dict__", value="x"), "param_groups"),
+    (_skeleton(*_GROUP0, "__dict__", value=[1]), "param_groups"),
+    (_skeleton("state", "__dict__", value=None), "state"),
+    (_skeleton("state", "__dict__", value=7), "state"),
+    (_skeleton("state", "__dict__", "0", "__dict__", value=None), "state.0"),
+    (_skeleton("state", "__dict__", "0", "__dict__", value=True), "state.0"),
+    # missing per-parameter state: resumed with Adam's moments restarted (silently) before
+    (_skeleton("state", "__dict__", "0", pop=True), "state/0"),
+    (_skeleton("state", "__dict__", "3", pop=True), "state/3"),
+    (_skeleton("state", "__dict__", value={}), "state/0"),
+    (_skeleton("state", "__dict__", pop=True), "state"),
+    (_skeleton("state", "__dict__", "0", "__dict__", pop=True), "state"),
+    # a missing moment: a KeyError inside torch's adam before
+    (_skeleton("state", "__dict__", "0", "__dict__", "exp_avg", pop=True), "state/0/exp_avg"),
+    (_skeleton("state", "__dict__", "0", "__dict__", "exp_avg_sq", pop=True), "state/0/exp_avg_sq"),
+    (_skeleton("state", "__dict__", "0", "__dict__", "step", pop=True), "state/0/step"),
+    (
+        _skeleton("state", "__dict__", "0", "__dict__", "max_exp_avg_sq", value={"__tensor__": "state/0/exp_avg_sq"}),
+        "max_exp_avg_sq",
+    ),  # fmt: skip
+    # not a tensor where the skeleton must name one: optimizer.json is to blame (it named optimizer.safetensors)
+    (_skeleton("state", "__dict__", "0", "__dict__", "exp_avg", value=None), "state/0/exp_avg"),
+    (_skeleton("state", "__dict__", "0", "__dict__", "exp_avg", value="x"), "state/0/exp_avg"),
+    (_skeleton("state", "__dict__", "0", "__dict__", "exp_avg", value={}), "exp_avg"),
+    (_skeleton("state", "__dict__", "0", "__dict__", "exp_avg", value={"__tensor__": 3}), "exp_avg"),
+]
+
+
+@pytest.mark.parametrize(
+    "edit,field", OPTIMIZER_SKELETON, ids=[f"skeleton-{i}" for i in range(len(OPTIMIZER_SKELETON))]
+)
+def test_a_tampered_optimizer_skeleton_is_one_error_naming_optimizer_json(cache_dir, finished, tmp_path, edit, field):
+    out, ckpt = interrupted(finished, tmp_path)
+    edit_json(ckpt / "optimizer.json", edit)
+    with pytest.raises(ArtefactError) as err:
+        resume(cache_dir, out)
+    msg = str(err.value)
+    assert str(ckpt / "optimizer.json") in msg and field in msg and "\n" not in msg, msg
+    assert not (out / "model").exists()
+    assert latest_checkpoint(out).name == "checkpoint-00000004"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "optimizer.safetensors",
+        "trainable.safetensors",
+        "trainer_state.json",
+        "scheduler.json",
+        "rng-0.safetensors",
+        "checkpoint-00000004",
+    ],  # fmt: skip
+)
+def test_a_checkpoint_file_linked_outside_its_folder_is_refused(cache_dir, finished, tmp_path, name):
+    """Even a link to an identical copy: a checkpoint reads only its own files (a link to another run's
+    checkpoint resumed with that run's weights or state before)."""
+    out, ckpt = interrupted(finished, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(ckpt, elsewhere)
+    entry = ckpt.parent / name if name.startswith("checkpoint-") else ckpt / name
+    target = elsewhere if name.startswith("checkpoint-") else elsewhere / name
+    (shutil.rmtree if entry.is_dir() else Path.unlink)(entry)
+    entry.symlink_to(target)
+    with pytest.raises(ArtefactError) as err:
+        resume(cache_dir, out)
+    msg = str(err.value)
+    assert name in msg and "outside" in msg and "\n" not in msg, msg
+    assert not (out / "model").exists()
+
+
+def test_a_checkpoints_folder_linked_elsewhere_still_resumes(cache_dir, finished, tmp_path):
+    """The user may keep checkpoints/ on another disk: only links out of a checkpoint folder are refused."""
+    out, _ = interrupted(finished, tmp_path)
+    moved = tmp_path / "disk2" / "checkpoints"
+    moved.parent.mkdir()
+    shutil.move(out / "checkpoints", moved)
+    (out / "checkpoints").symlink_to(moved)
+    model = resume(cache_dir, out)
+    got, want = load_file(Path(model) / "head.safetensors"), finished["adamw"][1]
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_a_stray_link_no_reader_opens_does_not_block_a_resume(cache_dir, finished, tmp_path):
+    """Only the files a resume opens are checked (one by one): a link beside them is not read."""
+    out, ckpt = interrupted(finished, tmp_path)
+    (ckpt / "notes-link").symlink_to("/etc/hostname")
+    model = resume(cache_dir, out)
+    got, want = load_file(Path(model) / "head.safetensors"), finished["adamw"][1]
+    assert all(torch.equal(got[k], want[k]) for k in want)

@@ -477,7 +477,11 @@ def test_a_model_card_names_no_absolute_path(tmp_path):
         "fingerprint": "ab" * 32,
         "dim": 8,
     }
-    m = AsymVLM(TextHead(dim=8, hidden_dims=(16,)), encoder_source=source, lineage={"init_from": f"{secret}/base"})
+    m = AsymVLM(
+        TextHead(dim=8, hidden_dims=(16,)),
+        encoder_source=source,
+        lineage={"init_from": f"{secret}/base", "init_from_fingerprint": "cd" * 32},
+    )
     info = {
         "data": {"dataset": f"imagefolder:{secret}/photos", "cache": "c"},
         "recipe": {"output_dir": f"{secret}/runs/a", "val": [f"{secret}/val1"], "url": "https://arxiv.org/abs/1"},
@@ -706,3 +710,197 @@ def test_a_push_uploads_no_absolute_path(tmp_path, monkeypatch):
         assert b"/srv" not in uploaded[name], name
     assert "/srv/secret-team" in (folder / "asymvlm_config.json").read_text()  # the folder is not changed
     assert json.loads(uploaded["asymvlm_config.json"])["encoder"]["spec"] == "open_clip:local-dir:models/clip"
+
+
+# ----------------------------------------------------------------------------------------------
+# wave 2 (w2-model): the model folder's provenance, tensors and files, checked against what was saved
+# ----------------------------------------------------------------------------------------------
+FP = "ab" * 32
+
+
+def _full_model(tmp_path, name="m", seed=0) -> Path:
+    torch.manual_seed(seed)
+    source = {"spec": "open_clip:x", "pretrained": None, "fingerprint": FP, "dim": 8}
+    lineage = {"init_from": "base", "init_from_fingerprint": "cd" * 32}
+    m = AsymVLM(
+        TextHead(dim=8, hidden_dims=(8,)),
+        logit_scale=1.5,
+        encoder_source=source,
+        lineage=lineage,
+        text_base_delta={"transformer.proj.weight": torch.randn(4, 4)},
+    )
+    return m.save_pretrained(tmp_path / name, card=False)
+
+
+def _drop(section, key):
+    def fn(cfg):
+        del (cfg[section] if section else cfg)[key]
+
+    return fn
+
+
+@pytest.mark.parametrize(
+    "edit,field",
+    [
+        (_drop(None, "encoder"), "encoder"),
+        (_set(None, "encoder", None), "encoder"),
+        (_set("encoder", "extra", 1), "encoder"),
+        (_drop("encoder", "dim"), "encoder"),
+        (_set("encoder", "dim", None), "encoder.dim"),
+        (_drop("encoder", "fingerprint"), "encoder"),
+        (_set("encoder", "fingerprint", None), "encoder.fingerprint"),
+        (_drop("encoder", "pretrained"), "encoder"),
+        (_set("encoder", "spec", None), "encoder.spec"),
+        (_drop("head", "hidden_dims"), "hidden_dims"),
+        (_set(None, "lineage", None), "lineage"),
+        (_drop(None, "lineage"), "lineage"),
+        (_set("lineage", "extra", 1), "lineage"),
+        (_drop("lineage", "init_from"), "init_from"),
+        (_set("lineage", "init_from", None), "init_from"),
+        (_drop("lineage", "init_from_fingerprint"), "init_from_fingerprint"),
+        (_drop(None, "logit_scale"), "logit_scale"),
+        (_set(None, "logit_scale", 2**62), "logit_scale"),
+        (_set(None, "logit_scale", 1e30), "logit_scale"),
+        (_drop(None, "text_base_delta"), "text_base_delta"),
+        (_set(None, "text_base_delta", None), "text_base_delta"),
+    ],
+)
+def test_model_provenance_fields_are_required_and_checked(tmp_path, edit, field):
+    folder = _full_model(tmp_path)
+    _edit(folder, edit)
+    with pytest.raises(ArtefactError) as err:
+        AsymVLM.from_pretrained(folder, load_encoder=False)
+    message = str(err.value)
+    assert "asymvlm_config.json" in message and field in message and "\n" not in message, message
+
+
+def test_the_documented_model_forms_still_load(tmp_path):
+    # embeddings of unknown origin (encoder null), of an anonymous cache (spec/fingerprint null),
+    # fingerprint-only features, a head trained from scratch, and no lineage at all
+    h = TextHead(dim=8, hidden_dims=(8,))
+    forms = [
+        {},
+        {"encoder_source": {"spec": None, "fingerprint": None, "dim": 8}},
+        {"encoder_source": {"fingerprint": FP}},
+        {"lineage": {"init_from": None, "init": "scratch"}},
+    ]
+    for i, kw in enumerate(forms):
+        m = AsymVLM(h, logit_scale=-2.0, **kw)
+        back = AsymVLM.from_pretrained(m.save_pretrained(tmp_path / str(i), card=False), load_encoder=False)
+        assert back.encoder_source == m.encoder_source and back.lineage == m.lineage and back.logit_scale == -2.0
+    assert m.encoder_source is None
+    # a null fingerprint of a named encoder loads only when the caller waives the check
+    m = AsymVLM(h, encoder_source={"spec": "open_clip:x", "fingerprint": None})
+    folder = m.save_pretrained(tmp_path / "nofp", card=False)
+    with pytest.raises(ArtefactError, match=r"asymvlm_config.json: encoder.fingerprint is null"):
+        AsymVLM.from_pretrained(folder, load_encoder=False)
+    assert AsymVLM.from_pretrained(folder, load_encoder=False, check_fingerprint=False).encoder_source["spec"]
+
+
+def test_model_constructor_refuses_what_a_load_would_refuse():
+    h = TextHead(dim=8, hidden_dims=(8,))
+    for kw, field in [
+        ({"logit_scale": 1e30}, "logit_scale"),
+        ({"lineage": {"init_from": "x"}}, "init_from_fingerprint"),
+        ({"lineage": {"init_from": "x", "init_from_fingerprint": "a", "more": 1}}, "more"),
+        ({"encoder_source": {"spec": "x", "fingerprint": FP, "path": "/srv"}}, "path"),
+        ({"encoder_source": {"spec": "x", "fingerprint": FP, "dim": 4}}, "dim"),
+    ]:
+        with pytest.raises(ConfigError, match=field):
+            AsymVLM(h, **kw)
+
+
+def _rewrite(path: Path, fn) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    fn(tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize(
+    "name,edit,what",
+    [
+        ("head.safetensors", lambda t: t.update({k: v.half() for k, v in t.items()}), "saved as F32"),
+        ("text_base_delta.safetensors", lambda t: t.update(extra=torch.zeros(2)), "unexpected ['extra']"),
+        ("text_base_delta.safetensors", lambda t: t.pop("transformer.proj.weight"), "missing"),
+        ("text_base_delta.safetensors", lambda t: t.update({"transformer.proj.weight": torch.zeros(5, 4)}), "[5, 4]"),
+        (
+            "text_base_delta.safetensors",
+            lambda t: t.update({"transformer.proj.weight": torch.zeros(4, 4).half()}),
+            "F16",
+        ),
+        (
+            "text_base_delta.safetensors",
+            lambda t: t.update({"transformer.proj.weight": torch.zeros(4, 4).long()}),
+            "I64",
+        ),
+    ],
+)
+def test_model_tensors_must_be_those_saved(tmp_path, name, edit, what):
+    folder = _full_model(tmp_path)
+    _rewrite(folder / name, edit)
+    with pytest.raises(ArtefactError) as err:
+        AsymVLM.from_pretrained(folder, load_encoder=False)
+    assert name in str(err.value) and what in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("name", ["asymvlm_config.json", "head.safetensors", "text_base_delta.safetensors"])
+def test_model_files_linked_to_another_model_are_refused(tmp_path, name):
+    folder, other = _full_model(tmp_path), _full_model(tmp_path, "other", seed=1)
+    (folder / name).unlink()
+    (folder / name).symlink_to(other / name)
+    with pytest.raises(ArtefactError, match=re.escape(name)):
+        AsymVLM.from_pretrained(folder, load_encoder=False)
+
+
+def test_resaving_without_text_base_delta_removes_the_stale_file(tmp_path):
+    folder = _full_model(tmp_path)
+    AsymVLM(TextHead(dim=8, hidden_dims=(8,))).save_pretrained(folder, card=False)
+    assert not (folder / "text_base_delta.safetensors").exists()
+    assert AsymVLM.from_pretrained(folder).text_base_delta is None
+
+
+def _tiny_merge_inputs(tmp_path):
+    from asymvlm.merging.task_vectors import task_vector_from_checkpoints
+
+    def ckpt(name, seed):
+        g = torch.Generator().manual_seed(seed)
+        save_file({"w": torch.randn(4, 4, generator=g)}, str(tmp_path / name))
+        return tmp_path / name
+
+    base = ckpt("base.safetensors", 0)
+    for n, seed in (("a", 1), ("b", 2)):
+        task_vector_from_checkpoints(base, ckpt(f"ft_{n}.safetensors", seed), tmp_path / f"tv_{n}")
+    return base
+
+
+def test_merge_files_linked_outside_their_folder_are_refused(tmp_path):
+    from asymvlm.errors import AsymVLMError
+    from asymvlm.merging.api import merge
+
+    base = _tiny_merge_inputs(tmp_path)
+    tv = tmp_path / "tv_a" / "task_vector.safetensors"
+    tv.unlink()
+    tv.symlink_to(tmp_path / "tv_b" / "task_vector.safetensors")
+    with pytest.raises(AsymVLMError, match="task_vector.safetensors"):
+        merge(base, [tmp_path / "tv_a", tmp_path / "tv_b"], tmp_path / "out", "task_arithmetic")
+    merge(base, [tmp_path / "tv_b"], tmp_path / "m1", "task_arithmetic")
+    merge(base, [tmp_path / "tv_b"], tmp_path / "m2", "task_arithmetic", lam=0.5)
+    (tmp_path / "m1" / "model.safetensors").unlink()
+    (tmp_path / "m1" / "model.safetensors").symlink_to(tmp_path / "m2" / "model.safetensors")
+    with pytest.raises(AsymVLMError, match="model.safetensors"):
+        merge(base, [tmp_path / "m1"], tmp_path / "out", "task_arithmetic")
+
+
+@pytest.mark.parametrize("content", [b"[" * 100000, b'{"a": ', b"\xad\xff", None, b"[1]"])
+def test_read_report_is_one_error_naming_merge_json(tmp_path, content):
+    from asymvlm.merging.api import read_report
+
+    (tmp_path / "out").mkdir()
+    if content is not None:
+        (tmp_path / "out" / "merge.json").write_bytes(content)
+    with pytest.raises(ArtefactError, match="merge.json"):
+        read_report(tmp_path / "out")

@@ -34,7 +34,7 @@ from torch import nn
 
 from asymvlm.errors import ArtefactError
 from asymvlm.federated.core import flatten_state, unflatten_state
-from asymvlm.io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_json
+from asymvlm.io import atomic_save_safetensors, atomic_write_json, inside_folder, load_safetensors, read_json
 
 __all__ = [
     "save_training_state",
@@ -98,6 +98,18 @@ def _tampered(path: Path, field: str, why: str) -> ArtefactError:
     )
 
 
+def _own_folder(directory: Path) -> None:
+    """The checkpoint folder is a folder of its run's ``checkpoints/``, not a link to another run's
+    (``checkpoints/`` itself may be a link, e.g. to another disk). Its files are checked one by one,
+    as they are opened (:func:`asymvlm.io.inside_folder`): a stray entry nobody reads does not matter."""
+    resolved = directory.resolve()
+    if resolved.parent != directory.parent.resolve():
+        raise ArtefactError(
+            f"{directory}: {directory.name!r} resolves outside {directory.parent} (a link to {resolved}): refused; "
+            "a checkpoint folder must be its run's own"
+        )
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -120,7 +132,9 @@ def read_trainer_state(directory: Path, step: int) -> dict[str, Any]:
         ...
         asymvlm.errors.ArtefactError: ...trainer_state.json: step is -5, expected 4 (its folder's step)...
     """
-    path = Path(directory) / STATE_NAME
+    directory = Path(directory)
+    _own_folder(directory)  # not a link to another run's checkpoint
+    path = inside_folder(directory, STATE_NAME)
     doc = read_json(path)
     if not isinstance(doc, dict):
         raise _tampered(path, "the document", f"is a {type(doc).__name__}, not an object")
@@ -163,8 +177,6 @@ def _load_trainable(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: _check_tensor(path, k, state[k], v) for k, v in expected.items()}
 
 
-# the per-parameter state an optimizer keeps (a key outside it is not the optimizer's)
-_STATE_KEYS = {"AdamW": ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"), "SGD": ("momentum_buffer",)}
 _NONNEG = ("exp_avg_sq", "max_exp_avg_sq")
 
 
@@ -180,20 +192,63 @@ def _same_lr(a: float, b: float) -> bool:
     return math.isclose(a, b, rel_tol=1e-12, abs_tol=0.0)
 
 
+def _check_skeleton(path: Path, node: Any, where: str, tensors: Any, depth: int = 0) -> None:
+    """A :func:`~asymvlm.federated.core.flatten_state` skeleton: plain JSON values, and objects that
+    are exactly a tensor reference (a name ``tensors`` holds), a ``__dict__`` object or a ``__list__``
+    list (with a boolean ``tuple``)."""
+    if depth > 32:
+        raise _tampered(path, where, "is nested too deeply for an optimizer state")
+    if isinstance(node, list):
+        raise _tampered(path, where, "is a bare list (a skeleton wraps lists in __list__)")
+    if not isinstance(node, dict):
+        return
+    keys = set(node)
+    if keys == {"__tensor__"}:
+        name = node["__tensor__"]
+        if not isinstance(name, str) or name not in tensors:
+            raise _tampered(path, f"{where}.__tensor__", f"names {name!r}, not a tensor of optimizer.safetensors")
+    elif keys == {"__dict__"}:
+        if not isinstance(node["__dict__"], dict):
+            raise _tampered(path, f"{where}.__dict__", f"is a {type(node['__dict__']).__name__}, not an object")
+        for k, v in node["__dict__"].items():
+            _check_skeleton(path, v, f"{where}.{k}", tensors, depth + 1)
+    elif keys in ({"__list__"}, {"__list__", "tuple"}):
+        if not isinstance(node["__list__"], list) or not isinstance(node.get("tuple", False), bool):
+            raise _tampered(path, f"{where}.__list__", "is not a list (with a boolean tuple flag)")
+        for i, v in enumerate(node["__list__"]):
+            _check_skeleton(path, v, f"{where}[{i}]", tensors, depth + 1)
+    else:
+        raise _tampered(path, where, f"has keys {sorted(keys)[:4]}, not one of __tensor__, __dict__, __list__")
+
+
+def _required_state(optimizer: Any, group: dict[str, Any]) -> tuple[str, ...] | None:
+    """The per-parameter state keys ``optimizer`` keeps for a parameter of ``group`` once it has
+    stepped (AdamW: step and both moments, the maximum too with amsgrad; SGD: the momentum buffer
+    when momentum is on); None for another optimizer."""
+    name = type(getattr(optimizer, "optimizer", optimizer)).__name__
+    if name == "AdamW":
+        return ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group.get("amsgrad") else ())
+    if name == "SGD":
+        return ("momentum_buffer",) if group.get("momentum") else ()
+    return None
+
+
 def _load_optimizer(directory: Path, optimizer: Any, scheduler: Any, step: int) -> dict[str, Any]:
     """The optimizer state of ``optimizer.json`` + ``optimizer.safetensors``, checked against the
     live optimizer: the same groups, parameters and hyperparameters (the learning rate the
     scheduler's at ``step``), per-parameter state of the parameter's shape and dtype, finite."""
-    path_json, path_st = directory / "optimizer.json", directory / "optimizer.safetensors"
+    path_json = inside_folder(directory, "optimizer.json")
+    path_st = inside_folder(directory, "optimizer.safetensors")
     skeleton = _json(path_json, "asymvlm.optimizer_state").get("skeleton")
     if not isinstance(skeleton, dict) or not isinstance(skeleton.get("__dict__"), dict):
         raise _tampered(path_json, "skeleton", "is not an optimizer state (an object of state and param_groups)")
     tensors = load_safetensors(path_st, mmap=False)
+    _check_skeleton(path_json, skeleton, "skeleton", tensors)
     try:
         opt = unflatten_state(tensors, skeleton)
     except KeyError as err:
         raise _tampered(path_json, "skeleton", f"names tensor {err} that {path_st.name} lacks") from err
-    except (TypeError, ValueError, RecursionError) as err:
+    except (TypeError, ValueError, AttributeError, RecursionError) as err:
         raise _tampered(path_json, "skeleton", f"is malformed ({type(err).__name__})") from err
     live = optimizer.state_dict()
     if not isinstance(opt, dict) or set(opt) != {"state", "param_groups"}:
@@ -205,6 +260,7 @@ def _load_optimizer(directory: Path, optimizer: Any, scheduler: Any, step: int) 
         raise _tampered(path_json, "param_groups", f"has {n} group(s), the optimizer {len(live['param_groups'])}")
     lrs = _expected_lrs(scheduler, step)
     params: dict[int, torch.Tensor] = {}
+    required: dict[int, tuple[str, ...] | None] = {}
     for i, (saved, now) in enumerate(zip(groups, live["param_groups"])):
         where = f"param_groups[{i}]"
         if not isinstance(saved, dict) or set(saved) != set(now):
@@ -222,10 +278,10 @@ def _load_optimizer(directory: Path, optimizer: Any, scheduler: Any, step: int) 
                 raise _tampered(path_json, f"{where}.{key}", f"is {saved[key]!r}, this run's is {value!r}")
         for index, p in zip(now["params"], optimizer.param_groups[i]["params"]):
             params[index] = p
+            required[index] = _required_state(optimizer, now)
     state = opt["state"]
     if not isinstance(state, dict):
         raise _tampered(path_json, "state", f"is a {type(state).__name__}, not an object")
-    allowed = _STATE_KEYS.get(type(getattr(optimizer, "optimizer", optimizer)).__name__)
     out: dict[int, dict[str, Any]] = {}
     for name, entry in state.items():
         index = int(name) if isinstance(name, str) and name.isdigit() else None
@@ -234,11 +290,17 @@ def _load_optimizer(directory: Path, optimizer: Any, scheduler: Any, step: int) 
         if not isinstance(entry, dict):
             raise _tampered(path_json, f"state[{name!r}]", f"is a {type(entry).__name__}, not an object")
         p = params[index].detach()
+        need = required[index]
+        lacking = [k for k in need or () if k not in entry]
+        if lacking:
+            raise _tampered(
+                path_json, f"state/{name}/{lacking[0]}", "is missing (the optimizer keeps it for each parameter)"
+            )
         checked: dict[str, Any] = {}
         for key, value in entry.items():
             field = f"state/{name}/{key}"
-            if allowed is not None and key not in allowed:
-                raise _tampered(path_json, field, f"is not part of the optimizer's state ({', '.join(allowed)})")
+            if need is not None and key not in need:
+                raise _tampered(path_json, field, f"is not part of the optimizer's state ({', '.join(need) or 'none'})")
             if key == "step":
                 scalar = isinstance(value, torch.Tensor) and value.ndim == 0 and value.is_floating_point()
                 number = float(value) if scalar or _is_int(value) else None
@@ -247,10 +309,18 @@ def _load_optimizer(directory: Path, optimizer: Any, scheduler: Any, step: int) 
                     raise _tampered(path_st, field, f"is {shown!r}, expected a whole count in 0..{step}")
             elif key == "momentum_buffer" and value is None:
                 pass
+            elif not isinstance(value, torch.Tensor):  # the skeleton names no tensor here
+                raise _tampered(path_json, field, f"is a {type(value).__name__}, not a tensor")
             else:
                 value = _check_tensor(path_st, field, value, p, nonneg=key in _NONNEG)
             checked[key] = value
         out[index] = checked
+    # every parameter has stepped by step >= 1 (each receives a gradient); with a gradient scaler (fp16)
+    # the first steps may have been skipped, so a parameter without state is then its own
+    scaled = getattr(optimizer, "scaler", None) is not None
+    absent = [i for i, need in required.items() if need and i not in out]
+    if absent and step >= 1 and not scaled:
+        raise _tampered(path_json, f"state/{absent[0]}", f"is missing: after {step} step(s) every parameter has state")
     return {"state": out, "param_groups": groups}
 
 
@@ -284,10 +354,10 @@ def _load_scheduler(path: Path, scheduler: Any, lrs: list[float], step: int) -> 
 
 
 def _load_rng(directory: Path, rank: int) -> None:
-    rng_file = directory / f"rng-{rank}.safetensors"
+    rng_file = inside_folder(directory, f"rng-{rank}.safetensors")
     if not rng_file.is_file():  # another process count: the global streams restart from the seed
         return
-    meta_file = directory / f"rng-{rank}.json"
+    meta_file = inside_folder(directory, f"rng-{rank}.json")
     rng = load_safetensors(rng_file, mmap=False)
     meta = _json(meta_file, "asymvlm.rng_state")
     torch_state = rng.get("torch")
@@ -331,11 +401,12 @@ def load_training_state(
     directory = Path(directory)
     current = directory
     try:
-        current = directory / "trainable.safetensors"
+        _own_folder(directory)
+        current = inside_folder(directory, "trainable.safetensors")
         params = _load_trainable(current, model)
         current = directory / "optimizer.json"
         opt = _load_optimizer(directory, optimizer, scheduler, step)
-        current = directory / "scheduler.json"
+        current = inside_folder(directory, "scheduler.json")
         sched = _load_scheduler(current, scheduler, [g["lr"] for g in opt["param_groups"]], step)
         # all checked: now change the live objects
         current = directory / "trainable.safetensors"

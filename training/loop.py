@@ -43,7 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from asymvlm.config import check_resume_config, claim_output_dir
-from asymvlm.errors import ArtefactError, CheckpointWriteError, ConfigError, TrainingDiverged
+from asymvlm.errors import ArtefactError, CheckpointWriteError, TrainingDiverged
 from asymvlm.heads import TextHead
 from asymvlm.losses import AsymVLMLoss, parameter_groups
 from asymvlm.trainable import TrainableModel
@@ -219,7 +219,7 @@ RESUMABLE_CHANGES = (
 )  # fmt: skip
 
 
-def _prepare_output_dir(cfg: TrainConfig, resume_state: dict[str, Any] | None) -> None:
+def _prepare_output_dir(cfg: TrainConfig, resume_state: dict[str, Any] | None, source: Path | None = None) -> None:
     """A new run needs a new or empty output_dir (``overwrite`` clears only what a run wrote, see
     :func:`asymvlm.config.clear_run_outputs`); a resumed run must have the checkpoint's config, except the keys of
     RESUMABLE_CHANGES."""
@@ -227,7 +227,7 @@ def _prepare_output_dir(cfg: TrainConfig, resume_state: dict[str, Any] | None) -
     out = Path(t.output_dir)
     if resume_state is not None:
         now = json.loads(json.dumps(cfg.to_dict(), default=str))
-        check_resume_config(resume_state["config"], now, RESUMABLE_CHANGES, out)
+        check_resume_config(resume_state["config"], now, RESUMABLE_CHANGES, out, source=source)
     elif not t.resume:  # (--resume without a checkpoint starts from scratch where it is)
         claim_output_dir(out, RUN_OUTPUTS, overwrite=t.overwrite, ours=_ours)
 
@@ -271,7 +271,7 @@ def train(cfg: TrainConfig, *, data_fn: Callable[[TrainConfig, Any], Any] | None
     if resume_from is not None:  # checked before anything is used (a tampered file names itself)
         resume_state = read_trainer_state(resume_from, int(CHECKPOINT_RE.match(resume_from.name).group(1)))
     if accelerator.is_main_process:
-        _prepare_output_dir(cfg, resume_state)
+        _prepare_output_dir(cfg, resume_state, None if resume_from is None else resume_from / STATE_NAME)
     if resume_state is not None and resume_state["step"] > t.max_steps:
         raise ArtefactError(
             f"{resume_from / STATE_NAME}: step {resume_state['step']} is beyond max_steps {t.max_steps}; the "

@@ -69,6 +69,7 @@ from asymvlm.io import (
     SafetensorsStreamWriter,
     atomic_directory,
     atomic_write_json,
+    inside_folder,
     load_safetensors,
     read_json,
     read_tagged_json,
@@ -91,6 +92,7 @@ log = logging.getLogger("asymvlm.serve")
 GALLERY_TYPE = "asymvlm.gallery"
 GALLERY_VERSION = 1
 BACKENDS = ("exact", "faiss")
+ENCODER_KEYS = ("spec", "pretrained", "fingerprint", "dim")
 # format -> (PIL format name, media type)
 THUMBNAIL_FORMATS = {"jpeg": ("JPEG", "image/jpeg"), "png": ("PNG", "image/png"), "webp": ("WEBP", "image/webp")}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -264,7 +266,13 @@ def write_gallery(
     if ids is not None and (len(ids) != n or len(set(map(str, ids))) != n):
         raise ConfigError(f"need {n} distinct ids, got {len(ids)} ({len(set(map(str, ids)))} distinct)")
     if ids is not None:
-        check_ids([str(i) for i in ids], "ids")
+        ids = [str(i) for i in ids]
+        check_ids(ids, "ids")
+    if encoder is not None:
+        unknown = sorted(set(encoder) - set(ENCODER_KEYS))
+        if unknown:
+            raise ConfigError(f"unknown encoder key(s) {unknown}; a gallery records {list(ENCODER_KEYS)}")
+        encoder = {"spec": None, "pretrained": None, "fingerprint": None, **encoder, "dim": d}
     with atomic_directory(out) as tmp:
         _write_images(tmp, embeddings.dtype, n, d, [embeddings], ids, (encoder or {}).get("fingerprint"))
         thumb_meta = None
@@ -297,6 +305,7 @@ def _write_images(
             "size": n,
             "ids": None if ids is None else list(ids),
             "encoder_fingerprint": fingerprint,
+            "dtype": str(dtype).removeprefix("torch."),
         },
         tmp / "images" / "index.json",
     )
@@ -575,6 +584,58 @@ def _check_no_links(path: Path) -> None:
             )
 
 
+def _check_meta(meta: dict[str, Any], where: Path) -> None:
+    """Types and ranges of every gallery.json field (as :func:`write_gallery` writes them); an
+    :class:`ArtefactError` naming the file and the field otherwise."""
+
+    def bad(field: str, want: str, got: Any) -> ArtefactError:
+        return ArtefactError(f"{where}: {field} must be {want}, got {got!r}"[:400])
+
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    if meta["format_version"] > GALLERY_VERSION:
+        raise ArtefactError(
+            f"{where}: format_version {meta['format_version']} is newer than this asymvlm reads ({GALLERY_VERSION}); "
+            "upgrade asymvlm"
+        )
+    for key in ("size", "dim"):
+        if not count(meta[key]) or meta[key] < 1:
+            raise bad(key, "an integer >= 1", meta[key])
+    if not count(meta["captions"]):
+        raise bad("captions", "an integer >= 0 (how many captions captions.json holds)", meta["captions"])
+    for key in ("source", "created"):
+        if not isinstance(meta[key], str):
+            raise bad(key, "a string", meta[key])
+    if not isinstance(meta["backend"], str) or meta["backend"] not in BACKENDS:
+        raise bad("backend", f"one of {list(BACKENDS)}", meta["backend"])
+    if "truth" in meta and not (isinstance(meta["truth"], str) and meta["truth"]):
+        raise bad("truth", "a non-empty string", meta["truth"])
+    enc = meta["encoder"]
+    if enc is not None:
+        # a missing fingerprint is a missing provenance like null: check_encoder refuses it unless the
+        # caller allows an unverified gallery explicitly
+        need = set(ENCODER_KEYS) - {"fingerprint"}
+        if not isinstance(enc, dict) or not need <= set(enc) <= set(ENCODER_KEYS):
+            keys = sorted(enc) if isinstance(enc, dict) else enc
+            raise bad("encoder", f"null or an object with the keys {list(ENCODER_KEYS)}", keys)
+        for key in ("spec", "pretrained", "fingerprint"):
+            if enc.get(key) is not None and not isinstance(enc[key], str):
+                raise bad(f"encoder.{key}", "a string or null", enc[key])
+        if enc["dim"] != meta["dim"] or isinstance(enc["dim"], bool):
+            raise bad("encoder.dim", f"the gallery's dim ({meta['dim']})", enc["dim"])
+    thumbs = meta["thumbnails"]
+    if thumbs is not None:
+        if not isinstance(thumbs, dict) or set(thumbs) != {"format", "max_side"}:
+            keys = sorted(thumbs) if isinstance(thumbs, dict) else thumbs
+            raise bad("thumbnails", "null or an object with exactly the keys ['format', 'max_side']", keys)
+        if not isinstance(thumbs["format"], str) or thumbs["format"] not in THUMBNAIL_FORMATS:
+            raise bad("thumbnails.format", f"one of {sorted(THUMBNAIL_FORMATS)}", thumbs["format"])
+        side = thumbs["max_side"]
+        if side is not None and not (count(side) and 1 <= side <= 1 << 16):
+            raise bad("thumbnails.max_side", "null or an integer in [1, 65536] (pixels)", side)
+
+
 @dataclass
 class Gallery:
     """An opened gallery folder (memory-mapped, read-only: nothing here writes to it).
@@ -615,69 +676,93 @@ class Gallery:
         if not (path / "gallery.json").is_file():
             raise ArtefactError(f"no asymvlm gallery at {path} (no gallery.json); build one with asymvlm-index build")
         _check_no_links(path)
+        meta_file = inside_folder(path, "gallery.json")
         meta = read_tagged_json(
-            path / "gallery.json",
+            meta_file,
             GALLERY_TYPE,
             GALLERY_VERSION,
-            required=("size", "dim"),
-            known=("encoder", "source", "thumbnails", "captions", "created", "backend", "truth"),
+            required=("encoder", "size", "dim", "source", "thumbnails", "captions", "backend", "created"),
+            known=("truth",),
         )
-        backend = backend or meta.get("backend") or "exact"
+        _check_meta(meta, meta_file)
+        for field, present, files in (
+            ("thumbnails", meta["thumbnails"] is not None, ("thumbnails.safetensors",)),
+            ("captions", meta["captions"] > 0, ("captions.json", "captions.safetensors")),
+        ):
+            stray = [f for f in files if not present and (path / f).exists()]
+            if stray:
+                raise ArtefactError(f"{meta_file}: {field} says there are none, but the gallery holds {stray[0]}")
+        backend = backend or meta["backend"]
         _check_backend(backend)
+        images = inside_folder(path, "images")
         faiss_index = None
-        if backend == "faiss" and (path / "images" / "faiss.index").is_file():
+        if backend == "faiss" and (images / "faiss.index").is_file():
             faiss = _faiss()
             try:  # memory-mapped and read-only: the index's vectors stay in the page cache
                 faiss_index = faiss.read_index(
-                    str(path / "images" / "faiss.index"), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
+                    str(images / "faiss.index"), faiss.IO_FLAG_MMAP_IFC | faiss.IO_FLAG_READ_ONLY
                 )
             except RuntimeError as err:
-                raise ArtefactError(f"{path / 'images' / 'faiss.index'} is not a readable FAISS index: {err}") from err
+                raise ArtefactError(f"{images / 'faiss.index'} is not a readable FAISS index: {err}") from err
         try:
-            index = ImageIndex.load(
-                path / "images", mmap=True, backend=backend, chunk_size=chunk_size, faiss_index=faiss_index
-            )
+            index = ImageIndex.load(images, mmap=True, backend=backend, chunk_size=chunk_size, faiss_index=faiss_index)
         except ValueError as err:
-            raise ArtefactError(f"{path}: {err}") from err
+            raise ArtefactError(f"{images}: {err}") from err
         if (len(index), index.dim) != (meta["size"], meta["dim"]):
             raise ArtefactError(
-                f"{path}: the image index holds ({len(index)}, {index.dim}), gallery.json says "
-                f"({meta['size']}, {meta['dim']})"
+                f"{meta_file}: size and dim say ({meta['size']}, {meta['dim']}), the image index "
+                f"(images/index.json, images/index.safetensors) holds ({len(index)}, {index.dim})"
             )
+        if index.ids is not None and not all(isinstance(i, str) for i in index.ids):
+            bad = next(r for r, i in enumerate(index.ids) if not isinstance(i, str))
+            raise ArtefactError(f"{images / 'index.json'}: ids[{bad}] must be a string, got {index.ids[bad]!r}")
         offsets = data = None
-        if meta.get("thumbnails"):
-            fmt = meta["thumbnails"].get("format")
-            if fmt not in THUMBNAIL_FORMATS:
-                raise ArtefactError(f"{path / 'gallery.json'}: unknown thumbnail format {fmt!r}")
-            t = load_safetensors(path / "thumbnails.safetensors", ["offsets", "data"], mmap=True)
+        if meta["thumbnails"] is not None:
+            thumbs = inside_folder(path, "thumbnails.safetensors")
+            t = load_safetensors(thumbs, ["offsets", "data"], mmap=True)
             offsets, data = t["offsets"], t["data"]
+            if offsets.dtype != torch.int64 or data.dtype != torch.uint8 or data.dim() != 1:
+                raise ArtefactError(
+                    f"{thumbs}: offsets must be int64 and data 1-d uint8, got {offsets.dtype} and "
+                    f"{data.dtype} {tuple(data.shape)}"
+                )
             if offsets.shape != (len(index) + 1,) or int(offsets[0]) != 0 or int(offsets[-1]) != data.numel():
-                raise ArtefactError(f"{path / 'thumbnails.safetensors'}: offsets do not fit {len(index)} images")
+                raise ArtefactError(f"{thumbs}: offsets do not fit {len(index)} images")
             if bool((offsets[1:] < offsets[:-1]).any()):
-                raise ArtefactError(f"{path / 'thumbnails.safetensors'}: offsets are not increasing")
+                raise ArtefactError(f"{thumbs}: offsets are not increasing")
         captions: list[str] = []
         cap_emb = owners = truth = None
-        if meta.get("captions"):
-            captions = read_json(path / "captions.json")
+        if meta["captions"]:
+            cap_json = inside_folder(path, "captions.json")
+            cap_file = inside_folder(path, "captions.safetensors")
+            captions = read_json(cap_json)
             if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
-                raise ArtefactError(f"{path / 'captions.json'} must be a list of strings")
-            t = load_safetensors(path / "captions.safetensors", mmap=False)
-            if "embeddings" not in t:
-                raise ArtefactError(f"{path / 'captions.safetensors'} has no tensor 'embeddings'")
-            cap_emb = t["embeddings"]
-            if tuple(cap_emb.shape) != (len(captions), meta["dim"]):
+                raise ArtefactError(f"{cap_json} must be a list of strings")
+            if len(captions) != meta["captions"]:
                 raise ArtefactError(
-                    f"{path / 'captions.safetensors'}: embeddings {tuple(cap_emb.shape)} for {len(captions)} captions"
+                    f"{cap_json} holds {len(captions)} captions, gallery.json's captions says {meta['captions']}"
+                )
+            t = load_safetensors(cap_file, mmap=False)
+            unknown = sorted(set(t) - {"embeddings", "owner_offsets", "owner_rows", "truth_offsets", "truth_rows"})
+            if unknown:
+                raise ArtefactError(f"{cap_file}: unknown tensor(s) {unknown}")
+            if "embeddings" not in t:
+                raise ArtefactError(f"{cap_file} has no tensor 'embeddings'")
+            cap_emb = t["embeddings"]
+            if tuple(cap_emb.shape) != (len(captions), meta["dim"]) or cap_emb.dtype != torch.float32:
+                raise ArtefactError(
+                    f"{cap_file}: embeddings {cap_emb.dtype} {tuple(cap_emb.shape)}, need float32 "
+                    f"({len(captions)}, {meta['dim']}) for the {len(captions)} captions of captions.json"
                 )
             from asymvlm.cache import validate_embeddings
 
-            validate_embeddings(cap_emb, path / "captions.safetensors", "caption embeddings")
-            owners = _read_owners(t, len(captions), len(index), path / "captions.safetensors")
-            truth = _read_owners(t, len(captions), len(index), path / "captions.safetensors", "truth")
-            if (truth is None) != (not meta.get("truth")):
-                raise ArtefactError(
-                    f"{path}: gallery.json's 'truth' and the truth rows of captions.safetensors go together"
-                )
+            validate_embeddings(cap_emb, cap_file, "caption embeddings")
+            owners = _read_owners(t, len(captions), len(index), cap_file)
+            truth = _read_owners(t, len(captions), len(index), cap_file, "truth")
+            if (truth is None) != ("truth" not in meta):
+                raise ArtefactError(f"{meta_file}: its 'truth' and the truth rows of captions.safetensors go together")
+        elif "truth" in meta:
+            raise ArtefactError(f"{meta_file}: 'truth' without captions")
         if index.ids is not None:
             try:
                 check_ids([str(i) for i in index.ids], str(path / "images" / "index.json"))

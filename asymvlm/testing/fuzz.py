@@ -99,6 +99,11 @@ EXEMPT = {
     "cache:caption_meta.json:ambiguity:missing": "caption_meta.json may hold either key",
     "cache:caption_meta.json:ambiguity[0]:1e30": "any positive finite ambiguity is valid",
     "cache:caption_meta.json:ambiguity[0]:huge_int": "any positive finite ambiguity is valid",
+    **{
+        f"model:asymvlm_config.json:lineage.init_from:{op}": "display only (card, merge messages), never opened; "
+        "merges check init_from_fingerprint, which is verified against the saved weights"
+        for op in ("abs_path", "dotdot_path", "symlink_path")
+    },
 }
 
 
