@@ -99,6 +99,13 @@ EXEMPT = {
     "cache:caption_meta.json:ambiguity:missing": "caption_meta.json may hold either key",
     "cache:caption_meta.json:ambiguity[0]:1e30": "any positive finite ambiguity is valid",
     "cache:caption_meta.json:ambiguity[0]:huge_int": "any positive finite ambiguity is valid",
+    # null where the writer itself writes null (a valid artefact of another kind)
+    "gallery:images/index.json:ids:null": "an index built without ids numbers its rows (the writer's null)",
+    "gallery:gallery.json:thumbnails.max_side:null": "display only (the writer's null when thumbnails keep their size)",
+    "gallery:gallery.json:encoder.spec:null": "display only: the fingerprint is what is checked",
+    "cache:manifest.json:encoder.spec:null": "display only: the fingerprint is what is checked",
+    "cache:manifest.json:encoder.fingerprint:null": "a cache of features made elsewhere (write_cache without an "
+    "encoder) records none; every use against an encoder refuses it unless explicitly allowed",
     **{
         f"model:asymvlm_config.json:lineage.init_from:{op}": "display only (card, merge messages), never opened; "
         "merges check init_from_fingerprint, which is verified against the saved weights"
