@@ -49,6 +49,8 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from asymvlm.errors import ClientUpdateError, ConfigError
+from asymvlm.federated.core.tree import first_non_finite
+from asymvlm.heads import MAX_HEAD_PARAMETERS, MAX_WIDTH
 
 __all__ = [
     "server_app",
@@ -80,9 +82,7 @@ SECAGG_DEFAULTS = {
 SERVER_KEYS = ("round_timeout", *SECAGG_DEFAULTS)
 # what a run config may ask the ServerApp and the nodes to allocate (checked before anything is built)
 MAX_CLIENTS = 100_000  # partitions of a Flower federation
-MAX_WIDTH = 2**16  # a head's hidden width, and an embedding width a node may report
 MAX_LORA_R = 4096
-MAX_HEAD_PARAMETERS = 2**28  # one GiB of float32: a head beyond that is a mistake, not a configuration
 MAX_EXAMPLES = 2**53  # a reported client size (exact as a float)
 ENCODER_KEYS = ("spec", "pretrained", "fingerprint", "dim")  # a cache's record of its encoder, sent in the handshake
 NODE_WAIT = 120.0  # seconds the ServerApp waits for num-clients SuperNodes to join, and at least for the handshake
@@ -529,27 +529,6 @@ def _loss_reply(reply: Message, client: int, key: str, *, positive: bool = False
     if value is None:
         raise ClientUpdateError(f"no {key} in the reply")
     return value
-
-
-def first_non_finite(tree: Any, name: str = "") -> str | None:
-    """The name of the first tensor or number in ``tree`` (dicts, lists, tuples) that holds NaN or
-    inf, or None: what the ServerApp checks before it steps, checkpoints or saves a model."""
-    if isinstance(tree, torch.Tensor):
-        ok = not tree.is_floating_point() or bool(torch.isfinite(tree).all())
-        return None if ok else name or "value"
-    if isinstance(tree, float):
-        return None if math.isfinite(tree) else name or "value"
-    if isinstance(tree, Mapping):
-        items: Iterable = ((f"{name}.{k}" if name else str(k), v) for k, v in tree.items())
-    elif isinstance(tree, list | tuple):
-        items = ((f"{name}[{i}]", v) for i, v in enumerate(tree))
-    else:
-        return None
-    for key, value in items:
-        bad = first_non_finite(value, key)
-        if bad is not None:
-            return bad
-    return None
 
 
 # -- the server side ----------------------------------------------------------------------------

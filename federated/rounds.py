@@ -83,6 +83,7 @@ from asymvlm.federated.core import (
     server_owned,
     server_update,
 )
+from asymvlm.federated.core.tree import first_non_finite
 from asymvlm.federated.data import FederatedData
 from asymvlm.federated.recipes import RECIPES, ghbm_server_momentum, make_recipe
 from asymvlm.trainable import TrainableModel
@@ -425,7 +426,7 @@ class Federation:
         """:meth:`server_step`, not taken when it gives a value that is not finite (the record says
         which key; the state is returned as it was, with the DP release counted)."""
         new = self.server_step(state, results, rnd, record)
-        bad = _first_non_finite({"params": new.params, "base": new.base, "opt_state": new.opt_state})
+        bad = first_non_finite({"params": new.params, "base": new.base, "opt_state": new.opt_state}, sep="/")
         if bad is None:
             return new
         if state.base:  # the step folded into the live model's base weights: undo
@@ -532,23 +533,6 @@ def _check_resumable(checkpoint: Path, saved: dict[str, Any], config: dict[str, 
 def _latest(out: Path) -> str:
     rounds = round_dirs(out / "checkpoints")
     return rounds[-1].name if rounds else "none"
-
-
-def _first_non_finite(tree: Any, name: str = "") -> str | None:
-    """The path of the first floating tensor in a nested state that holds NaN or inf, or None."""
-    if isinstance(tree, torch.Tensor):
-        return name if tree.is_floating_point() and not bool(torch.isfinite(tree).all()) else None
-    if isinstance(tree, Mapping):
-        items = tree.items()
-    elif isinstance(tree, (list, tuple)):
-        items = enumerate(tree)
-    else:
-        return None
-    for k, v in items:
-        bad = _first_non_finite(v, f"{name}/{k}" if name else str(k))
-        if bad is not None:
-            return bad
-    return None
 
 
 def _init_from(model: TrainableModel, path: str) -> None:

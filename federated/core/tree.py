@@ -35,6 +35,7 @@ __all__ = [
     "ScaledView",
     "check_delta",
     "validate_deltas",
+    "first_non_finite",
 ]
 
 Params = dict[str, Tensor]
@@ -136,3 +137,30 @@ def validate_deltas(
         except ClientUpdateError as err:
             rejected.append((c, str(err)))
     return ok, rejected
+
+
+def first_non_finite(tree: Any, name: str = "", sep: str = ".") -> str | None:
+    """The path of the first floating tensor or float in a nested state (dicts, lists, tuples) that
+    holds NaN or inf, or None: what a server checks before it steps, checkpoints or saves a model.
+    Keys join with ``sep``; list items are ``[i]``.
+
+    Example:
+        >>> first_non_finite({"params": {"w": torch.ones(2)}, "opt": [torch.tensor([float("nan")])]})
+        'opt[0]'
+    """
+    if isinstance(tree, Tensor):
+        ok = not tree.is_floating_point() or bool(torch.isfinite(tree).all())
+        return None if ok else name or "value"
+    if isinstance(tree, float):
+        return None if math.isfinite(tree) else name or "value"
+    if isinstance(tree, Mapping):
+        items: Any = ((f"{name}{sep}{k}" if name else str(k), v) for k, v in tree.items())
+    elif isinstance(tree, list | tuple):
+        items = ((f"{name}[{i}]", v) for i, v in enumerate(tree))
+    else:
+        return None
+    for key, value in items:
+        bad = first_non_finite(value, key, sep)
+        if bad is not None:
+            return bad
+    return None
