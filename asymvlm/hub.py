@@ -664,7 +664,9 @@ def push_to_hub(
 
     Creates the repo if needed (``HfApi.create_repo(exist_ok=True)``; ``private`` applies to a new
     repo), the branch ``revision`` if given, and uploads the folder's files in one commit
-    (``HfApi.create_commit``; hidden files such as asymvlm's bookkeeping stay behind). An asymvlm
+    (``HfApi.create_commit``; hidden files such as asymvlm's bookkeeping stay behind, and so does every
+    file asymvlm did not record writing there — a user's notes kept in the folder — with a warning;
+    a symbolic link out of the folder is an :class:`ArtefactError`, nothing pushed). An asymvlm
     card is uploaded rendered again with ``repo_id`` in its loading example, and a JSON file that
     names an absolute path (a local encoder's folder, a merge's inputs) with each such path by its
     last two parts; the folder itself is not changed. Needs the network and a token with write
@@ -682,17 +684,32 @@ def push_to_hub(
     kind = artefact_kind(folder)
     if not looks_like_hub_id(repo_id):
         raise ArtefactError(f"{repo_id!r} is not a Hub model id (user/repo): nothing pushed")
+    from asymvlm.io import inside_folder, owned_entries
+
     card = card_from_folder(folder, repo_id=repo_id)
-    operations = []
+    owned = owned_entries(folder)  # what asymvlm recorded writing there; None: an older folder, all of it
+    operations, kept = [], []
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder)
-        if not path.is_file() or any(part.startswith(".") for part in rel.parts):
+        if any(part.startswith(".") for part in rel.parts):
             continue  # .asymvlm-files.json and any temporary file
+        if owned is not None and rel.parts[0] not in owned:
+            if len(rel.parts) == 1:
+                kept.append(rel.parts[0])  # a user's own file kept in the folder: it stays private
+            continue
+        inside_folder(folder, rel.as_posix())  # a link out of the folder would upload another file: refused
+        if not path.is_file():
+            continue
         name = rel.as_posix()
         content: str | bytes = str(card).encode("utf-8") if name == CARD_NAME and card is not None else str(path)
         if name.endswith(".json"):
             content = _public_json(path) or content
         operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=content))
+    if kept:
+        warnings.warn(
+            f"{folder}: not uploaded, as asymvlm did not write them there: {kept[:6]}{' ...' if len(kept) > 6 else ''}",
+            stacklevel=2,
+        )
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
     if revision is not None:

@@ -426,6 +426,31 @@ def test_model_push_to_hub_uploads_a_saved_model_with_its_card(hub_calls):
     assert 'AsymVLM.from_pretrained("alice/heads", load_encoder=False)' in card.text
 
 
+def test_push_to_hub_uploads_only_what_asymvlm_wrote_and_no_link_out(tmp_path, hub_calls):
+    """Issue 26: a user's own files kept in a model folder stay private, and a link out of the
+    folder (it would upload another file of the machine) is refused before anything is sent."""
+    from asymvlm.io import atomic_directory
+
+    torch.manual_seed(0)
+    model = AsymVLM(TextHead(dim=8, hidden_dims=(4,)), logit_scale=1.5)
+    folder = tmp_path / "model"
+    with atomic_directory(folder) as tmp:
+        model.save_pretrained(tmp)
+    (folder / "my-private-eval.txt").write_text("not for the Hub")
+    match = r"not uploaded, as asymvlm did not write them there: \['my-private-eval.txt'\]"
+    with pytest.warns(UserWarning, match=match):
+        push_to_hub(folder, "alice/heads")
+    assert hub_calls[-1][2]["files"] == ["README.md", "asymvlm_config.json", "head.safetensors"]
+    n = len(hub_calls)
+    secret = tmp_path / "secret.json"
+    secret.write_text("{}")
+    (folder / "head.safetensors").unlink()
+    (folder / "head.safetensors").symlink_to(secret)
+    with pytest.raises(ArtefactError, match="head.safetensors.*resolves outside"):
+        push_to_hub(folder, "alice/heads")
+    assert len(hub_calls) == n  # nothing was sent
+
+
 def test_push_to_hub_takes_any_saved_artefact_folder_and_refuses_the_rest(tmp_path, hub_calls):
     base, experts = expert_heads(tmp_path)
     merge(base, experts, tmp_path / "merged", "task_arithmetic", lam=0.5)
