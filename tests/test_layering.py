@@ -1,6 +1,7 @@
 """The dependency direction, checked on every import of every module (function-local ones too).
 
-core (``asymvlm``) <- ``asymvlm.eval`` ; core <- ``asymvlm.federated`` ; ``asymvlm.merging`` ->
+core (``asymvlm``) <- ``asymvlm.eval`` ; core <- ``asymvlm.federated`` ; core <- ``asymvlm.serve`` (the
+HTTP layer: only training's composition root and the harnesses import it) ; ``asymvlm.merging`` ->
 ``asymvlm.federated.core`` + core + ``asymvlm.eval`` ; ``asymvlm.training`` -> everything;
 ``asymvlm.testing`` (harnesses for tests and benchmarks) -> anything, and nothing imports it. No
 module imports another module's ``_private`` names, and the module graph has no cycle.
@@ -21,12 +22,13 @@ SUBPACKAGES = ("asymvlm.federated", "asymvlm.merging", "asymvlm.training", "asym
 # layer of a module -> the layers it may import
 ALLOWED = {
     "core": {"core"},
+    "serve": {"core", "serve"},
     "eval": {"core", "eval"},
     "federated": {"core", "federated.core", "federated"},
     "federated.core": {"core", "federated.core"},
     "merging": {"core", "federated.core", "eval", "merging"},
-    "training": {"core", "federated.core", "federated", "eval", "merging", "training"},
-    "testing": {"core", "federated.core", "federated", "eval", "merging", "training", "testing"},
+    "training": {"core", "serve", "federated.core", "federated", "eval", "merging", "training"},
+    "testing": {"core", "serve", "federated.core", "federated", "eval", "merging", "training", "testing"},
 }
 
 
@@ -40,6 +42,8 @@ def module_name(path: Path) -> str:
 def layer(module: str) -> str:
     if module == "asymvlm.testing" or module.startswith("asymvlm.testing."):
         return "testing"
+    if module == "asymvlm.serve" or module.startswith("asymvlm.serve."):
+        return "serve"
     if module.startswith("asymvlm.federated.core"):
         return "federated.core"
     for sub in SUBPACKAGES:
@@ -112,6 +116,15 @@ def test_the_walk_sees_every_kind_of_import():
         found = imports_of("asymvlm._layering_probe", fake)
         assert ("asymvlm.training.loop", 2, ["train"]) in found
         assert layer(resolve("asymvlm.training.loop")) not in ALLOWED["core"]
+    finally:
+        fake.unlink()
+    # a core module importing the HTTP layer is against the direction (issue 27: serve was "core")
+    fake.write_text("def f():\n    from asymvlm.serve.app import create_app\n    return create_app\n")
+    try:
+        found = imports_of("asymvlm._layering_probe", fake)
+        assert ("asymvlm.serve.app", 2, ["create_app"]) in found
+        assert layer(resolve("asymvlm.serve.app")) == "serve"
+        assert "serve" not in ALLOWED[layer("asymvlm._layering_probe")]
     finally:
         fake.unlink()
 
