@@ -46,6 +46,8 @@ __all__ = [
     "read_safetensors_header",
     "load_safetensors",
     "parse_json",
+    "is_json_int",
+    "is_json_number",
     "read_json",
     "read_jsonl",
     "read_tagged_json",
@@ -483,20 +485,26 @@ def atomic_save_safetensors(
     return atomic_write_bytes(save(cpu, metadata=metadata), path)
 
 
+def _read_header(f: Any, path: Path, size: int) -> tuple[dict[str, Any], int]:
+    """The JSON header of the safetensors file open as ``f`` (``size`` bytes) and where its data
+    start: 8-byte little-endian length, then the header object; an :class:`ArtefactError` otherwise."""
+    n = int.from_bytes(f.read(8), "little")
+    if n <= 0 or 8 + n > size:
+        raise ArtefactError(f"corrupt or truncated safetensors file {path}: bad header length {n}")
+    header = parse_json(f.read(n), f"the safetensors header of {path}", allow_nan=False)
+    if not isinstance(header, dict):
+        raise ArtefactError(f"corrupt safetensors file {path}: the header is not an object")
+    return header, 8 + n
+
+
 def read_safetensors_header(path: str | Path) -> tuple[dict[str, tuple[str, list[int]]], dict[str, str]]:
     """``({key: (dtype, shape)}, metadata)`` of a safetensors file from its header alone (no tensor
     is read or allocated); an :class:`ArtefactError` naming the file when it is missing or corrupt."""
     path = Path(path)
     if not path.is_file():
         raise ArtefactError(f"missing file: {path}")
-    size = path.stat().st_size
     with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n <= 0 or 8 + n > size:
-            raise ArtefactError(f"corrupt or truncated safetensors file {path}: bad header length {n}")
-        header = parse_json(f.read(n), f"the safetensors header of {path}", allow_nan=False)
-    if not isinstance(header, dict):
-        raise ArtefactError(f"corrupt safetensors file {path}: the header is not an object")
+        header, _ = _read_header(f, path, path.stat().st_size)
     meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise ArtefactError(f"corrupt safetensors file {path}: __metadata__ must map names to strings")
@@ -578,13 +586,7 @@ def mmap_safetensors(
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if n <= 0 or 8 + n > size:
-            raise ArtefactError(f"corrupt or truncated safetensors file {path}: bad header length {n}")
-        header = parse_json(f.read(n), f"the safetensors header of {path}", allow_nan=False)
-        data_start = 8 + n
-        if not isinstance(header, dict):
-            raise ArtefactError(f"corrupt safetensors file {path}: the header is not an object")
+        header, data_start = _read_header(f, path, size)
         if keys is None:
             keys = [k for k in header if k != "__metadata__"]
         missing = [k for k in keys if k not in header]
@@ -667,6 +669,17 @@ def tensor_fingerprint(params: Mapping[str, Tensor], keys: Sequence[str] | None 
         h.update(f"|{k}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return h.hexdigest()
+
+
+def is_json_int(value: Any) -> bool:
+    """An integer as a JSON document holds one (``True`` is not 1): the type check every artefact
+    reader applies to its counts, steps and sizes."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_json_number(value: Any, *, finite: bool = False) -> bool:
+    """An int or float as a JSON document holds one (not a bool); ``finite``: and not NaN or inf."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and (not finite or math.isfinite(value))
 
 
 def _reject_constant(name: str) -> Any:

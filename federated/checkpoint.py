@@ -36,6 +36,7 @@ import torch
 
 from asymvlm.errors import ArtefactError, ConfigError, TrainingDiverged
 from asymvlm.federated.core import Params, flatten_state, unflatten_state
+from asymvlm.io import is_json_number, non_finite_key
 
 __all__ = [
     "ServerState",
@@ -145,11 +146,11 @@ def load_server_state(path: Path) -> ServerState:
         raise ArtefactError(f"{where}: field 'round' is {rnd}, but the checkpoint folder is {path.name}")
     dp_releases = _count(meta.get("dp_releases", 0), where, "dp_releases", rnd)
     epsilon = meta.get("epsilon")
-    if epsilon is not None and not (_is_number(epsilon) and math.isfinite(epsilon) and epsilon >= 0):
+    if epsilon is not None and not (is_json_number(epsilon, finite=True) and epsilon >= 0):
         raise ArtefactError(f"{where}: field 'epsilon' must be null or a finite number >= 0, got {epsilon!r}")
     losses = meta.get("initial_losses") or {}
     if not isinstance(losses, dict) or not all(
-        isinstance(k, str) and _is_number(v) and math.isfinite(v) for k, v in losses.items()
+        isinstance(k, str) and is_json_number(v, finite=True) for k, v in losses.items()
     ):
         raise ArtefactError(f"{where}: field 'initial_losses' must map client ids to finite numbers")
     skipped = meta.get("skipped_rounds") or []
@@ -225,18 +226,12 @@ def check_finite_state(state: ServerState, where: str) -> None:
     global model (exchanged parameters or frozen base weights) holds NaN or inf: such a model is
     never saved."""
     for kind, tensors in (("parameter", state.params), ("base weight", state.base)):
-        for k, v in tensors.items():
-            if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-                raise TrainingDiverged(
-                    f"round {state.round}: the global model's {kind} {k!r} holds NaN or inf; {where}"
-                )
+        k = non_finite_key(tensors)
+        if k is not None:
+            raise TrainingDiverged(f"round {state.round}: the global model's {kind} {k!r} holds NaN or inf; {where}")
 
 
 # -- the checks ---------------------------------------------------------------------------------
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _count(v: Any, where: Path, name: str, most: int | None = None) -> int:
     if not isinstance(v, int) or isinstance(v, bool) or v < 0 or (most is not None and v > most):
         bound = f"an integer in [0, {most}]" if most is not None else "an integer >= 0"
@@ -331,7 +326,7 @@ def _check_opt(loaded: Any, ref: Any, at: str, path: Path, rnd: int, owned: Mapp
             if not (isinstance(count, int) and not isinstance(count, bool) and 0 <= count <= rnd):
                 raise ArtefactError(f"{where}: opt_state {at}/count must be an integer in [0, {rnd}], got {count!r}")
         for name in ("c1", "c2"):  # AdaFedAdam's products of betas
-            if name in ref and not (_is_number(loaded[name]) and 0 < loaded[name] <= 1):
+            if name in ref and not (is_json_number(loaded[name]) and 0 < loaded[name] <= 1):
                 raise ArtefactError(f"{where}: opt_state {at}/{name} must be in (0, 1], got {loaded[name]!r}")
         return
     if isinstance(ref, (list, tuple)):
@@ -353,7 +348,7 @@ def _check_opt(loaded: Any, ref: Any, at: str, path: Path, rnd: int, owned: Mapp
     if ref is None or isinstance(ref, (bool, str)):
         if type(loaded) is not type(ref):
             raise ArtefactError(f"{where}: opt_state {shown} must be {type(ref).__name__}, got {loaded!r}")
-    elif _is_number(ref) and not (_is_number(loaded) and math.isfinite(loaded)):
+    elif is_json_number(ref) and not is_json_number(loaded, finite=True):
         raise ArtefactError(f"{where}: opt_state {shown} must be a finite number, got {loaded!r}")
 
 

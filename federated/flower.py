@@ -51,6 +51,7 @@ from flwr.serverapp import Grid, ServerApp
 from asymvlm.errors import ClientUpdateError, ConfigError
 from asymvlm.federated.core.tree import first_non_finite
 from asymvlm.heads import MAX_HEAD_PARAMETERS, MAX_WIDTH
+from asymvlm.io import is_json_number
 
 __all__ = [
     "server_app",
@@ -176,10 +177,6 @@ def check_head_size(head: Any, dim: int) -> int:
     return n
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
 def server_options(run_config: Mapping[str, Any]) -> dict[str, Any]:
     """The ServerApp's own run-config values (:data:`SERVER_KEYS`), checked: ``round_timeout`` (seconds,
     default 3600) and Flower's SecAgg+ parameters; a bad one is a :class:`ConfigError` naming the key."""
@@ -192,13 +189,13 @@ def server_options(run_config: Mapping[str, Any]) -> dict[str, Any]:
 
     for key in ("round_timeout", "secagg_num_shares", "secagg_reconstruction_threshold", "secagg_clipping_range"):
         v = opts[key]
-        if not (_is_number(v) and math.isfinite(v) and v > 0):
+        if not (is_json_number(v) and math.isfinite(v) and v > 0):
             raise bad(key, "a finite number > 0")
         opts[key] = float(v) if key in ("round_timeout", "secagg_clipping_range") else v
     if not isinstance(opts["secure_aggregation"], bool):
         raise bad("secure_aggregation", "true or false")
     q = opts["secagg_quantization_range"]
-    if not (_is_number(q) and math.isfinite(q) and q == int(q) and 1 <= q <= 2**31):
+    if not (is_json_number(q) and math.isfinite(q) and q == int(q) and 1 <= q <= 2**31):
         raise bad("secagg_quantization_range", "an integer in [1, 2**31]")
     opts["secagg_quantization_range"] = int(q)
     return opts
@@ -425,7 +422,7 @@ def _loss(m: Mapping[str, Any], key: str, *, positive: bool = False) -> float | 
         return None
     v = m[key]
     try:
-        ok = _is_number(v) and math.isfinite(float(v)) and (v > 0 if positive else v >= 0) and v <= MAX_REPORTED
+        ok = is_json_number(v) and math.isfinite(float(v)) and (v > 0 if positive else v >= 0) and v <= MAX_REPORTED
     except OverflowError:  # an int beyond float's range
         ok = False
     if not ok:

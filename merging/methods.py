@@ -426,6 +426,7 @@ def merge_params(
 ) -> Params:
     """``base + lam * aggregate(task_vectors)`` in memory (keys of the base that no task vector
     touches are copied unchanged). Non-finite task-vector entries are an error naming the key."""
+    from asymvlm.io import non_finite_key
     from asymvlm.merging.task_vectors import MergeInputError
 
     check_task_vectors(task_vectors, base)
@@ -433,7 +434,7 @@ def merge_params(
     if weights is not None and not all(math.isfinite(float(w)) for w in weights):
         raise MergeInputError(f"weights must be finite numbers, got {list(weights)}")
     merged, _, _ = server_update(recipe, task_vectors, weights, recipe.server.init(base), base)
-    bad = next((k for k, v in merged.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    bad = non_finite_key(merged)
     if bad is not None:
         raise MergeInputError(f"the merge of {bad!r} is not finite (overflow): scale the inputs or lam down")
     return dict(merged)
@@ -454,7 +455,7 @@ def merge_files(
     atomically (nothing is written if any input is invalid). ``vector_paths`` are task-vector files
     or directories, or mappings with ``LazyTaskVector``' interface (:class:`~asymvlm.merging.task_vectors.DiffParams`
     for checkpoints never turned into task-vector files, :class:`~asymvlm.merging.task_vectors.MemoryParams`)."""
-    from asymvlm.io import SafetensorsStreamWriter
+    from asymvlm.io import SafetensorsStreamWriter, non_finite_key
     from asymvlm.merging.task_vectors import LazyTaskVector, MergeInputError, check_same_base
 
     base = LazyTaskVector(base_path)
@@ -473,7 +474,7 @@ def merge_files(
     if weights is not None and not all(math.isfinite(float(w)) for w in weights):
         raise MergeInputError(f"weights must be finite numbers, got {list(weights)}")
     agg = recipe.aggregator(vectors, weights)
-    bad = next((k for k, v in agg.delta.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    bad = non_finite_key(agg.delta)
     if bad is not None:  # NaN/inf in an input propagate into the merge: name the input
         if not bool(torch.isfinite(base[bad]).all()):  # a checkpoint's difference to a NaN base is NaN
             raise MergeInputError(f"the base {base.path}: {bad!r} contains NaN or inf")

@@ -173,11 +173,11 @@ def _read_meta(path: Path) -> dict[str, Any]:
 
 def save_task_vector(tau: Mapping[str, Tensor], directory: str | Path, meta: dict[str, Any]) -> Path:
     """Write ``task_vector.safetensors`` + ``task_vector.json`` atomically into ``directory``."""
-    from asymvlm.io import atomic_directory, atomic_save_safetensors, atomic_write_json
+    from asymvlm.io import atomic_directory, atomic_save_safetensors, atomic_write_json, non_finite_key
 
-    for k, v in tau.items():
-        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
-            raise MergeInputError(f"task vector entry {k!r} contains NaN or inf")
+    bad = non_finite_key(tau)
+    if bad is not None:
+        raise MergeInputError(f"task vector entry {bad!r} contains NaN or inf")
     from asymvlm.hub import model_card, public_name, write_model_card
 
     directory = Path(directory)

@@ -206,16 +206,18 @@ def quick_toy_cache(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def synthetic_cache():
-    """``make(path, n_images, seed=0, dim=16)``: an embedding cache of ``n_images`` random unit image
-    embeddings, each with two captions at noise 0.3 around it (federated tests on small data)."""
+    """``make(path, n_images, seed=0, dim=16, captions=False)``: an embedding cache of ``n_images``
+    random unit image embeddings, each with two captions at noise 0.3 around it (training and
+    federated tests on small data); ``captions``: with the strings ``caption <i>``."""
     from asymvlm.cache import write_cache
 
-    def make(path, n_images: int, seed: int = 0, dim: int = 16):
+    def make(path, n_images: int, seed: int = 0, dim: int = 16, captions: bool = False):
         g = torch.Generator().manual_seed(seed)
         img = torch.nn.functional.normalize(torch.randn(n_images, dim, generator=g), dim=-1)
         idx = torch.arange(n_images).repeat_interleave(2)
         txt = torch.nn.functional.normalize(img[idx] + 0.3 * torch.randn(2 * n_images, dim, generator=g), dim=-1)
-        write_cache(path, img, txt, idx)
+        strings = [f"caption {i}" for i in range(2 * n_images)] if captions else None
+        write_cache(path, img, txt, idx, captions=strings)
         return path
 
     return make

@@ -8,7 +8,6 @@ import re
 import shlex
 
 import pytest
-import torch
 
 from asymvlm import cli
 
@@ -48,16 +47,8 @@ def one_error_line(capsys, prog) -> str:
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    from asymvlm.cache import write_cache
-
-    g = torch.Generator().manual_seed(0)
-    img = torch.nn.functional.normalize(torch.randn(32, 8, generator=g), dim=-1)
-    idx = torch.arange(32).repeat_interleave(2)
-    txt = torch.nn.functional.normalize(img[idx] + 0.3 * torch.randn(64, 8, generator=g), dim=-1)
-    path = tmp_path_factory.mktemp("clicache") / "c"
-    write_cache(path, img, txt, idx, captions=[f"caption {i}" for i in range(64)])
-    return path
+def cache_dir(tmp_path_factory, synthetic_cache):
+    return synthetic_cache(tmp_path_factory.mktemp("clicache") / "c", 32, dim=8, captions=True)
 
 
 # ------------------------------------------------------------------------------------------------

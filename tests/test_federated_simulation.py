@@ -7,7 +7,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from asymvlm.cache import write_cache
 from asymvlm.config import DataArguments, HeadArguments
 from asymvlm.federated.checkpoint import load_server_state, save_federated_model
 from asymvlm.federated.client import ClientOptions, build_client_model, client_update
@@ -18,17 +17,8 @@ from asymvlm.federated.rounds import run_federated, sample_clients
 from asymvlm.io import ArtefactError
 
 
-def synthetic_cache(path, n_images):
-    g = torch.Generator().manual_seed(0)
-    img = torch.nn.functional.normalize(torch.randn(n_images, 16, generator=g), dim=-1)
-    idx = torch.arange(n_images).repeat_interleave(2)
-    txt = torch.nn.functional.normalize(img[idx] + 0.3 * torch.randn(2 * n_images, 16, generator=g), dim=-1)
-    write_cache(path, img, txt, idx)
-    return path
-
-
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
+def cache(tmp_path_factory, synthetic_cache):
     return synthetic_cache(tmp_path_factory.mktemp("fedcache") / "c", 120)
 
 
@@ -148,7 +138,7 @@ def test_sampling_dropouts_stragglers_and_min_clients(cache, tmp_path):
         fed_args(tmp_path, keep_rounds=0)
 
 
-def test_robust_rules_resist_byzantine_clients_where_the_mean_does_not(tmp_path):
+def test_robust_rules_resist_byzantine_clients_where_the_mean_does_not(tmp_path, synthetic_cache):
     # 10 clients with 100 images each; 2 of them (20%) send -10x their update (sign flip + scale).
     # drift = |theta_attacked - theta_honest| / |theta_honest - theta_0|, same rule without attackers
     cache = synthetic_cache(tmp_path / "cache", 1000)

@@ -19,7 +19,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from asymvlm.cache import write_cache
 from asymvlm.config import DataArguments, HeadArguments
 from asymvlm.errors import ArtefactError, ConfigError, TrainingDiverged
 from asymvlm.federated.config import FederatedArguments
@@ -29,18 +28,9 @@ from asymvlm.federated.rounds import run_federated, sample_clients
 HEAD = HeadArguments(hidden_dims=[8])
 
 
-def synthetic_cache(path, n_images=60):
-    g = torch.Generator().manual_seed(0)
-    img = torch.nn.functional.normalize(torch.randn(n_images, 16, generator=g), dim=-1)
-    idx = torch.arange(n_images).repeat_interleave(2)
-    txt = torch.nn.functional.normalize(img[idx] + 0.3 * torch.randn(2 * n_images, 16, generator=g), dim=-1)
-    write_cache(path, img, txt, idx)
-    return path
-
-
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return synthetic_cache(tmp_path_factory.mktemp("untrusted") / "c")
+def cache(tmp_path_factory, synthetic_cache):
+    return synthetic_cache(tmp_path_factory.mktemp("untrusted") / "c", 60)
 
 
 def fed_args(out, **kw):

@@ -10,7 +10,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from asymvlm.cache import write_cache
 from asymvlm.config import ConfigError, load_yaml
 from asymvlm.model import AsymVLM
 from asymvlm.training import data as data_mod
@@ -19,14 +18,8 @@ from asymvlm.training.loop import CheckpointWriteError, TrainingDiverged, latest
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    g = torch.Generator().manual_seed(0)
-    img = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=-1)
-    idx = torch.arange(64).repeat_interleave(2)
-    txt = torch.nn.functional.normalize(img[idx] + 0.3 * torch.randn(128, 16, generator=g), dim=-1)
-    path = tmp_path_factory.mktemp("cache") / "c"
-    write_cache(path, img, txt, idx, captions=[f"caption {i}" for i in range(128)])
-    return path
+def cache_dir(tmp_path_factory, synthetic_cache):
+    return synthetic_cache(tmp_path_factory.mktemp("cache") / "c", 64, dim=16, captions=True)
 
 
 def config(cache_dir, out, **kw):

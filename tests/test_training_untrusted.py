@@ -17,7 +17,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from asymvlm.cache import write_cache
 from asymvlm.errors import ArtefactError, ConfigError, MergeInputError
 from asymvlm.training.config import TrainConfig
 from asymvlm.training.loop import latest_checkpoint, train
@@ -27,14 +26,8 @@ from asymvlm.training.loop import latest_checkpoint, train
 # training checkpoints
 # ------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    g = torch.Generator().manual_seed(0)
-    img = torch.nn.functional.normalize(torch.randn(32, 8, generator=g), dim=-1)
-    idx = torch.arange(32).repeat_interleave(2)
-    txt = torch.nn.functional.normalize(img[idx] + 0.3 * torch.randn(64, 8, generator=g), dim=-1)
-    path = tmp_path_factory.mktemp("cache") / "c"
-    write_cache(path, img, txt, idx, captions=[f"caption {i}" for i in range(64)])
-    return path
+def cache_dir(tmp_path_factory, synthetic_cache):
+    return synthetic_cache(tmp_path_factory.mktemp("cache") / "c", 32, dim=8, captions=True)
 
 
 def config(cache_dir, out, **kw):

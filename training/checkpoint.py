@@ -34,7 +34,15 @@ from torch import nn
 
 from asymvlm.errors import ArtefactError
 from asymvlm.federated.core import flatten_state, unflatten_state
-from asymvlm.io import atomic_save_safetensors, atomic_write_json, inside_folder, load_safetensors, read_json
+from asymvlm.io import (
+    atomic_save_safetensors,
+    atomic_write_json,
+    inside_folder,
+    is_json_int,
+    is_json_number,
+    load_safetensors,
+    read_json,
+)
 
 __all__ = [
     "save_training_state",
@@ -110,14 +118,6 @@ def _own_folder(directory: Path) -> None:
         )
 
 
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def read_trainer_state(directory: Path, step: int) -> dict[str, Any]:
     """``trainer_state.json`` of the checkpoint folder of ``step`` (its name's): an object whose
     ``step`` is that integer, at least 1 and at most its config's ``max_steps``, and whose
@@ -142,10 +142,10 @@ def read_trainer_state(directory: Path, step: int) -> dict[str, Any]:
     if not isinstance(config, dict):
         raise _tampered(path, "config", f"is a {type(config).__name__}, not an object")
     value = doc.get("step")
-    if not _is_int(value) or value != step or value < 1:
+    if not is_json_int(value) or value != step or value < 1:
         raise _tampered(path, "step", f"is {value!r}, expected {step} (its folder's step)")
     limit = config.get("max_steps")
-    if not _is_int(limit) or value > limit:
+    if not is_json_int(limit) or value > limit:
         raise _tampered(path, "step", f"is {value!r}, beyond the run's max_steps {limit!r}")
     return doc
 
@@ -268,7 +268,7 @@ def _load_optimizer(directory: Path, optimizer: Any, scheduler: Any, step: int) 
             raise _tampered(path_json, where, f"has keys {keys}, the optimizer's are {sorted(now)}")
         for key, value in now.items():
             if key == "lr":
-                ok = _is_number(saved[key]) and saved[key] >= 0
+                ok = is_json_number(saved[key], finite=True) and saved[key] >= 0
                 if ok and lrs is not None:
                     ok = _same_lr(float(saved[key]), lrs[i])
                 if not ok:
@@ -303,7 +303,7 @@ def _load_optimizer(directory: Path, optimizer: Any, scheduler: Any, step: int) 
                 raise _tampered(path_json, field, f"is not part of the optimizer's state ({', '.join(need) or 'none'})")
             if key == "step":
                 scalar = isinstance(value, torch.Tensor) and value.ndim == 0 and value.is_floating_point()
-                number = float(value) if scalar or _is_int(value) else None
+                number = float(value) if scalar or is_json_int(value) else None
                 if number is None or not (math.isfinite(number) and number == int(number) and 0 <= number <= step):
                     shown = number if number is not None else value
                     raise _tampered(path_st, field, f"is {shown!r}, expected a whole count in 0..{step}")
@@ -345,7 +345,7 @@ def _load_scheduler(path: Path, scheduler: Any, lrs: list[float], step: int) -> 
             want = expected[key]
             same = value == want and type(value) is type(want)
             if key == "_last_lr" and isinstance(value, list) and len(value) == len(want):
-                same = all(_is_number(a) and _same_lr(float(a), float(b)) for a, b in zip(value, want))
+                same = all(is_json_number(a, finite=True) and _same_lr(float(a), float(b)) for a, b in zip(value, want))
             if not same:
                 raise _tampered(path, key, f"is {value!r}, expected {want!r}")
         elif type(value) is not type(now) or (isinstance(value, float) and not math.isfinite(value)):
@@ -367,11 +367,12 @@ def _load_rng(directory: Path, rank: int) -> None:
     if keys is None or tuple(keys.shape) != (624,) or bool(((keys < 0) | (keys >= 2**32)).any()):
         raise _tampered(rng_file, "numpy_keys", "is not a NumPy MT19937 key (624 values in [0, 2**32))")
     np_meta, py_meta = meta.get("numpy"), meta.get("python")
-    if not (isinstance(np_meta, list) and len(np_meta) == 4 and _is_int(np_meta[1]) and 0 <= np_meta[1] <= 624
-            and _is_int(np_meta[2]) and _is_number(np_meta[3])):  # fmt: skip
+    if not (isinstance(np_meta, list) and len(np_meta) == 4 and is_json_int(np_meta[1]) and 0 <= np_meta[1] <= 624
+            and is_json_int(np_meta[2]) and is_json_number(np_meta[3], finite=True)):  # fmt: skip
         raise _tampered(meta_file, "numpy", f"is {np_meta!r}, not a NumPy random state")
     if not (isinstance(py_meta, list) and len(py_meta) == 3 and isinstance(py_meta[1], list)
-            and all(_is_int(x) for x in py_meta[1]) and (py_meta[2] is None or _is_number(py_meta[2]))):  # fmt: skip
+            and all(is_json_int(x) for x in py_meta[1])
+            and (py_meta[2] is None or is_json_number(py_meta[2], finite=True))):  # fmt: skip
         raise _tampered(meta_file, "python", "is not a Python random state")
     cuda = [
         rng[k]

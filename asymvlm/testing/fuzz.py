@@ -428,20 +428,26 @@ def _outside_target(art: Path, variant: Path, file_dir: Path, value: Any) -> Pat
     return Path("/etc/passwd")
 
 
+def _apply_file_op(op: str, path: Path) -> bool:
+    """The whole-file mutations shared by every file kind (truncated, garbage, missing_file);
+    False when ``op`` is none of them."""
+    if op == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    elif op == "garbage":
+        path.write_bytes(_garbage(path.stat().st_size))
+    elif op == "missing_file":
+        path.unlink()
+    else:
+        return False
+    return True
+
+
 def apply_json(m: Mutation, art: Path, variant: Path) -> None:
     """Apply a JSON mutation to the file in the artefact copy ``art``."""
     path = art / m.file
-    raw = path.read_bytes()
-    if m.op == "truncated":
-        path.write_bytes(raw[: len(raw) // 2])
+    if _apply_file_op(m.op, path):
         return
-    if m.op == "garbage":
-        path.write_bytes(_garbage(len(raw)))
-        return
-    if m.op == "missing_file":
-        path.unlink()
-        return
-    doc = json.loads(raw)
+    doc = json.loads(path.read_bytes())
     marker = "__fuzz_deep_nesting__"
     if m.op == "deep_nesting":
         if isinstance(doc, dict) and doc:
@@ -592,15 +598,7 @@ def apply_safetensors(m: Mutation, art: Path, variant: Path) -> None:
     from safetensors.torch import save_file
 
     path = art / m.file
-    raw = path.read_bytes()
-    if m.op == "truncated":
-        path.write_bytes(raw[: len(raw) // 2])
-        return
-    if m.op == "garbage":
-        path.write_bytes(_garbage(len(raw)))
-        return
-    if m.op == "missing_file":
-        path.unlink()
+    if _apply_file_op(m.op, path):
         return
     tensors, meta = _read_tensors(path)
     if m.op == "extra_tensor":
