@@ -434,9 +434,10 @@ class Federation:
         for key in ("aggregator_info", "lora_info"):
             record.pop(key, None)
         record["skipped"] = f"the server step gave a value that is not finite ({bad}); the model is not stepped"
-        state = dataclasses.replace(state, skipped_rounds=list(state.skipped_rounds))
-        state.epsilon, state.dp_releases = new.epsilon, new.dp_releases  # a DP release happened all the same
-        return state
+        # a DP release happened all the same
+        return dataclasses.replace(
+            state, skipped_rounds=list(state.skipped_rounds), epsilon=new.epsilon, dp_releases=new.dp_releases
+        )
 
     def save_round(self, state: ServerState, record: dict, config: dict[str, Any]) -> None:
         """The round's checkpoint (atomic; rounds beyond ``keep_rounds`` pruned), then its line in
