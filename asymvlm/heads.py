@@ -7,7 +7,7 @@ uncertainty. The default MLP is the paper's, d -> 1024 -> 1024 -> 1024 -> d with
 
 The family (``"vmf"`` or ``"ps"``) is an entry of :data:`FAMILY_REGISTRY`, which declares each
 family's options and reference (``FAMILY_REGISTRY.describe()``); :func:`make_distribution` builds
-one. ``FAMILIES`` (name -> (class, reference)) is kept for existing code.
+one. :func:`family_class` gives a family's distribution class.
 
 Options beyond the paper:
 
@@ -56,7 +56,6 @@ from asymvlm.registry import Param, Registry
 
 __all__ = [
     "FAMILY_REGISTRY",
-    "FAMILIES",
     "family_class",
     "family_of",
     "make_distribution",
@@ -108,13 +107,6 @@ FAMILY_REGISTRY.register(
     reference="De Cao & Aziz 2020 https://arxiv.org/abs/2006.04437",
     cls=PowerSpherical,
 )(_family_factory(PowerSpherical))
-
-# Backward-compatible view (``FAMILIES[name][0]`` is the class): name -> (class, reference).
-# A snapshot taken here: register new families in FAMILY_REGISTRY before importing code that reads it.
-FAMILIES: dict[str, tuple[type[SphericalDistribution], str]] = {
-    name: (entry.extra["cls"], entry.reference) for name, entry in FAMILY_REGISTRY.items()
-}
-
 
 def family_class(family: str) -> type[SphericalDistribution]:
     """The distribution class of a family (a :class:`~asymvlm.errors.ConfigError` naming the valid ones).

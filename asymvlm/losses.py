@@ -37,7 +37,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +50,6 @@ from asymvlm.special import vmf_log_normalizer, vmf_log_normalizer_approx
 
 __all__ = [
     "VMF_NORMALIZER_REGISTRY",
-    "VMF_NORMALIZERS",
     "POSITIVE_MODES",
     "log_likelihood",
     "positives_from_ids",
@@ -77,11 +76,6 @@ VMF_NORMALIZER_REGISTRY.register(
     reference="Scott, Gallagher & Mozer 2021 https://arxiv.org/abs/2103.15718",
     fn=vmf_log_normalizer_approx,
 )(lambda: vmf_log_normalizer_approx)
-
-# Backward-compatible view: name -> (log C_d(kappa) function, reference).
-VMF_NORMALIZERS: dict[str, tuple[Callable[[int, Tensor], Tensor], str]] = {
-    name: (entry.extra["fn"], entry.reference) for name, entry in VMF_NORMALIZER_REGISTRY.items()
-}
 
 POSITIVE_MODES = ("exclude", "sum", "diagonal")
 

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from asymvlm.heads import FAMILIES, TextHead
+from asymvlm.heads import TextHead, family_class
 from asymvlm.losses import AsymVLMLoss, positives_from_ids
 
 __all__ = ["TrainableModel", "Trainable", "all_gather_with_grad"]
@@ -139,7 +139,7 @@ class TrainableModel(nn.Module):
         q = self.head(self.embed_text(text))
         loc, kappa = all_gather_with_grad(q.loc), all_gather_with_grad(q.concentration)
         images, ids = all_gather_with_grad(images.to(loc.dtype)), all_gather_with_grad(ids)
-        q_all = FAMILIES[self.head.family][0](loc, kappa, validate_args=False)
+        q_all = family_class(self.head.family)(loc, kappa, validate_args=False)
         with torch.no_grad():  # what the log shows of the batch's concentrations (no host sync here)
             k = kappa.detach().float()
             self.last_concentration = torch.stack([k.min(), k.median(), k.max()])

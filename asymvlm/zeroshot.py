@@ -34,7 +34,7 @@ from torch import Tensor
 
 from asymvlm.registry import Param, Registry, in_range, non_negative
 
-__all__ = ["ZeroShotResult", "zero_shot_classify", "fit_zero_shot_calibrator", "ABSTAIN_REGISTRY", "ABSTAIN_CRITERIA"]
+__all__ = ["ZeroShotResult", "zero_shot_classify", "fit_zero_shot_calibrator", "ABSTAIN_REGISTRY"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,12 +201,6 @@ _register_criterion(
     "Calibrated P(right) below which to abstain.",
     in_range(0.0, 1.0),
 )
-
-# Backward-compatible view: criterion -> (statistic(ll, unc, p, p_correct=None), "below" | "above", help).
-ABSTAIN_CRITERIA: dict[str, tuple[Callable[..., Tensor], str, str]] = {
-    name: (entry.extra["statistic"], entry.extra["direction"], entry.help) for name, entry in ABSTAIN_REGISTRY.items()
-}
-
 
 @torch.no_grad()
 def zero_shot_classify(

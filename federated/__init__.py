@@ -62,8 +62,7 @@ _EXPORTS = {
     "ClientOptions": "asymvlm.federated.client",
     "build_client_model": "asymvlm.federated.client",
     "client_update": "asymvlm.federated.client",
-    "PARTITIONERS": "asymvlm.federated.partition",
-    "partition_dataset": "asymvlm.federated.partition",
+    "PARTITIONER_REGISTRY": "asymvlm.federated.partition",
     "client_statistics": "asymvlm.federated.fed3r",
     "solve": "asymvlm.federated.fed3r",
 }

@@ -24,7 +24,7 @@ from typing import Any, Literal, Optional
 from asymvlm.config import ConfigError, check_fields
 from asymvlm.federated.attacks import ATTACKS
 from asymvlm.federated.core import LORA_MODES
-from asymvlm.federated.partition import PARTITIONERS
+from asymvlm.federated.partition import PARTITIONER_REGISTRY
 from asymvlm.federated.recipes import RECIPES
 
 __all__ = [
@@ -72,7 +72,7 @@ class FederatedArguments:
             "miss the round (0 = no deadline)."
         },
     )
-    partition: Literal[tuple(PARTITIONERS)] = field(  # type: ignore[valid-type]
+    partition: Literal[tuple(PARTITIONER_REGISTRY)] = field(  # type: ignore[valid-type]
         default="iid", metadata={"help": "How the images are split among the clients."}
     )
     partition_column: str = field(

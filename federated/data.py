@@ -65,7 +65,7 @@ def get_federated_data(data_args: Any, fed: Any) -> FederatedData:
     from asymvlm.batching import IndexBatcher, caption_groups
     from asymvlm.data import cache_for_config
     from asymvlm.encoders import load_encoder
-    from asymvlm.federated.partition import partition_dataset, partition_summary
+    from asymvlm.federated.partition import PARTITIONER_REGISTRY, partition, partition_summary
 
     encoder = None
     if fed.trainable != "head" or not data_args.cache_dir:
@@ -88,14 +88,11 @@ def get_federated_data(data_args: Any, fed: Any) -> FederatedData:
                 )
             return columns[name]
 
-    parts = partition_dataset(
-        _Rows(),
-        fed.num_clients,
-        fed.partition,
-        column=fed.partition_column,
-        alpha=fed.partition_alpha,
-        seed=fed.seed,
-        min_size=fed.min_client_size,
+    # the config's partition_* flags go to the partitioner that declares them (alpha means nothing to iid)
+    given = {"column": fed.partition_column, "alpha": fed.partition_alpha, "min_size": fed.min_client_size}
+    declared = PARTITIONER_REGISTRY.entry(fed.partition).param_names
+    parts = partition(
+        _Rows(), fed.num_clients, fed.partition, seed=fed.seed, **{k: v for k, v in given.items() if k in declared}
     )
     owner = cache.text_image_index
     images = cache.image_embeddings.float()

@@ -8,8 +8,7 @@ column of any ``datasets.Dataset``.
 The partitioners are the entries of :data:`PARTITIONER_REGISTRY`, each declaring its options
 (``alpha``, ``column``, ``min_size``, ``max_tries``; ``PARTITIONER_REGISTRY.describe()``); the seed
 and the number of clients are call arguments. :func:`partition` checks the options strictly (an
-option the partitioner does not use is a :class:`~asymvlm.errors.ConfigError`);
-:func:`partition_dataset` keeps the historical keywords and passes on those the method uses.
+option the partitioner does not use is a :class:`~asymvlm.errors.ConfigError`).
 
 Example:
     >>> parts = dirichlet_label_skew(["a", "b"] * 50, num_clients=4, alpha=0.3, seed=0)
@@ -37,9 +36,7 @@ __all__ = [
     "quantity_skew",
     "domain_skew",
     "PARTITIONER_REGISTRY",
-    "PARTITIONERS",
     "partition",
-    "partition_dataset",
     "partition_summary",
 ]
 
@@ -196,12 +193,6 @@ def _domain(column: str | None, min_size: int) -> Split:
     return lambda dataset, num_clients, seed=0: domain_skew(dataset[column], num_clients, seed, min_size)
 
 
-# Backward-compatible view: method -> the partitioner function (iid, dirichlet_label_skew, ...).
-PARTITIONERS: dict[str, Callable[..., list[np.ndarray]]] = {
-    name: entry.extra["fn"] for name, entry in PARTITIONER_REGISTRY.items()
-}
-
-
 def partition(
     dataset: Any, num_clients: int, method: str = "iid", *, seed: int = 0, **options: Any
 ) -> list[np.ndarray]:
@@ -228,34 +219,6 @@ def partition(
         asymvlm.errors.ConfigError: unknown option 'alpha' for partition 'iid'; valid options: min_size
     """
     return PARTITIONER_REGISTRY.build(method, **options)(dataset, num_clients, seed)
-
-
-def partition_dataset(
-    dataset: Any,
-    num_clients: int,
-    method: str = "iid",
-    *,
-    column: str | None = None,
-    alpha: float = 0.5,
-    seed: int = 0,
-    min_size: int = 1,
-) -> list[np.ndarray]:
-    """Partition the rows of a ``datasets.Dataset`` (or anything with ``len`` and ``[column]``).
-
-    The historical interface of :func:`partition`: ``column``, ``alpha`` and ``min_size`` are
-    passed on to the methods that declare them and ignored by the others (``alpha`` for ``iid``),
-    so one config can serve every method; the values passed on are checked (``alpha > 0``,
-    ``min_size >= 1``). Use :func:`partition` to reject options a method does not use.
-
-    Args:
-        method: ``iid``, ``dirichlet`` (label skew on ``column``), ``quantity`` or ``domain``
-            (one domain per client, from ``column``).
-    """
-    entry = PARTITIONER_REGISTRY.entry(method)
-    given = {"column": column, "alpha": alpha, "min_size": min_size}
-    return partition(
-        dataset, num_clients, method, seed=seed, **{k: v for k, v in given.items() if k in entry.param_names}
-    )
 
 
 def partition_summary(parts: Sequence[np.ndarray], labels: Sequence[Any] | None = None, top: int = 4) -> str:

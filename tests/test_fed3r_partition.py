@@ -9,7 +9,7 @@ from asymvlm.federated.partition import (
     dirichlet_label_skew,
     domain_skew,
     iid,
-    partition_dataset,
+    partition,
     partition_summary,
     quantity_skew,
 )
@@ -83,17 +83,17 @@ def test_partitioners_cover_disjointly_with_min_size_and_seed():
     assert max(sizes) > 2 * min(sizes)
 
 
-def test_partition_dataset_and_summary():
+def test_partition_and_summary():
     from asymvlm import shapeworld as sw
 
     ds = sw.generate(120, seed=0, caption_styles=sw.CAPTION_STYLES)
-    parts = partition_dataset(ds, 4, "domain", column="caption_style", seed=0)
+    parts = partition(ds, 4, "domain", column="caption_style", seed=0)
     assert covers(parts, 120)
     assert all(len(set(np.asarray(ds["caption_style"])[p])) == 1 for p in parts)
     text = partition_summary(parts, ds["caption_style"])
     assert text.count("client") == 4 and "rows" in text
     with pytest.raises(ValueError, match="needs a column"):
-        partition_dataset(ds, 4, "dirichlet")
+        partition(ds, 4, "dirichlet")
     with pytest.raises(ValueError, match="cannot give 200 clients"):
         iid(120, 200)
     with pytest.raises(ValueError, match="4 domains need at least"):

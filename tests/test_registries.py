@@ -22,20 +22,18 @@ from asymvlm.distributions import PowerSpherical, VonMisesFisher
 from asymvlm.errors import ConfigError, DatasetLayoutError
 from asymvlm.federated.partition import (
     PARTITIONER_REGISTRY,
-    PARTITIONERS,
     dirichlet_label_skew,
     domain_skew,
     iid,
     partition,
-    partition_dataset,
     quantity_skew,
 )
-from asymvlm.heads import FAMILIES, FAMILY_REGISTRY, HeadConfig, TextHead, family_class, family_of, make_distribution
-from asymvlm.losses import VMF_NORMALIZER_REGISTRY, VMF_NORMALIZERS, AsymVLMLoss, log_likelihood
+from asymvlm.heads import FAMILY_REGISTRY, HeadConfig, TextHead, family_class, family_of, make_distribution
+from asymvlm.losses import VMF_NORMALIZER_REGISTRY, AsymVLMLoss, log_likelihood
 from asymvlm.model import AsymVLM
 from asymvlm.retrieval import TextIndex
 from asymvlm.special import vmf_log_normalizer, vmf_log_normalizer_approx
-from asymvlm.zeroshot import ABSTAIN_CRITERIA, ABSTAIN_REGISTRY, zero_shot_classify
+from asymvlm.zeroshot import ABSTAIN_REGISTRY, zero_shot_classify
 
 REGISTRIES = {
     "family": (FAMILY_REGISTRY, {"vmf", "ps"}),
@@ -101,8 +99,7 @@ def test_families_build_the_same_distributions_as_the_classes():
     loc, kappa = unit(5, 12, dtype=torch.float64), torch.tensor([0.5, 3.0, 40.0, 300.0, 1e4], dtype=torch.float64)
     x = unit(7, 12, dtype=torch.float64, seed=1)
     for name, cls in (("vmf", VonMisesFisher), ("ps", PowerSpherical)):
-        assert family_class(name) is cls and FAMILIES[name][0] is cls
-        assert FAMILIES[name][1] == FAMILY_REGISTRY[name].reference
+        assert family_class(name) is cls and FAMILY_REGISTRY[name].extra["cls"] is cls
         q = make_distribution(name, loc, kappa)
         ref = cls(loc, kappa)
         assert type(q) is cls and family_of(q) == name
@@ -112,7 +109,7 @@ def test_families_build_the_same_distributions_as_the_classes():
         built = FAMILY_REGISTRY.build(name, validate_args=False)(loc, kappa)
         assert torch.equal(built.log_prob(x[:5]), ref.log_prob(x[:5]))
     assert family_of(torch.distributions.Normal(0.0, 1.0)) is None
-    assert "2006.04437" in FAMILIES["ps"][1] and "banerjee05a" in FAMILIES["vmf"][1]
+    assert "2006.04437" in FAMILY_REGISTRY["ps"].reference and "banerjee05a" in FAMILY_REGISTRY["vmf"].reference
 
 
 def test_family_options_are_checked_and_used():
@@ -137,7 +134,7 @@ def test_head_distribution_equals_the_direct_class(family):
     text = unit(6, 16)
     q = head(text)
     loc, kappa = head.loc_concentration(text)
-    ref = FAMILIES[family][0](loc, kappa, validate_args=False)
+    ref = family_class(family)(loc, kappa, validate_args=False)
     assert type(q) is type(ref)
     assert torch.equal(q.loc, ref.loc) and torch.equal(q.concentration, ref.concentration)
     assert torch.equal(q.pairwise_log_prob(unit(3, 16, seed=2)), ref.pairwise_log_prob(unit(3, 16, seed=2)))
@@ -147,8 +144,12 @@ def test_head_distribution_equals_the_direct_class(family):
 # 2. vMF normalisers
 # ----------------------------------------------------------------------------------------------
 def test_vmf_normalizers_equal_the_direct_functions():
-    assert VMF_NORMALIZER_REGISTRY.build("exact") is vmf_log_normalizer is VMF_NORMALIZERS["exact"][0]
-    assert VMF_NORMALIZER_REGISTRY.build("approx") is vmf_log_normalizer_approx is VMF_NORMALIZERS["approx"][0]
+    assert VMF_NORMALIZER_REGISTRY.build("exact") is vmf_log_normalizer is VMF_NORMALIZER_REGISTRY["exact"].extra["fn"]
+    assert (
+        VMF_NORMALIZER_REGISTRY.build("approx")
+        is vmf_log_normalizer_approx
+        is VMF_NORMALIZER_REGISTRY["approx"].extra["fn"]
+    )
     assert "2103.15718" in VMF_NORMALIZER_REGISTRY["approx"].reference
     d = 64
     q = VonMisesFisher(unit(5, d, dtype=torch.float64), torch.tensor([0.1, 2.0, 30.0, 200.0, 900.0]).double())
@@ -209,9 +210,9 @@ def test_abstention_equals_the_direct_rule(zero_shot_setup):
         "entropy": (-(p * torch.log(p.clamp_min(1e-30))).sum(-1), "above"),
         "p_correct": (base.p_correct, "below"),
     }
-    assert set(ABSTAIN_CRITERIA) == set(stats)
+    assert set(ABSTAIN_REGISTRY) == set(stats)
     for name, (stat, direction) in stats.items():
-        assert ABSTAIN_REGISTRY[name].extra["direction"] == direction == ABSTAIN_CRITERIA[name][1]
+        assert ABSTAIN_REGISTRY[name].extra["direction"] == direction
         thr = float(stat.median())
         expected = stat < thr if direction == "below" else stat > thr
         assert 0 < int(expected.sum()) < len(stat), name  # the threshold splits the images
@@ -221,7 +222,9 @@ def test_abstention_equals_the_direct_rule(zero_shot_setup):
         assert out.labels == ["unknown" if a else str(b) for a, b in zip(expected.tolist(), base.best.tolist())]
         rule = ABSTAIN_REGISTRY.build(name, threshold=thr)
         assert torch.equal(rule(base.log_likelihood, base.uncertainty, p, base.p_correct), expected)
-        assert torch.equal(ABSTAIN_CRITERIA[name][0](base.log_likelihood, base.uncertainty, p, base.p_correct), stat)
+        assert torch.equal(
+            ABSTAIN_REGISTRY[name].extra["statistic"](base.log_likelihood, base.uncertainty, p, base.p_correct), stat
+        )
         assert not ABSTAIN_REGISTRY.build(name)(base.log_likelihood, base.uncertainty, p).any()
     # without a calibrator the p_correct criterion is one clear error
     with pytest.raises(ConfigError, match="p_correct criterion needs a calibrated probability"):
@@ -409,16 +412,10 @@ def test_partitioners_through_the_registry_equal_the_direct_calls():
         for name, opts in options.items():
             assert same(partition(ds, 7, name, seed=seed, **opts), direct[name]), (name, seed)
             assert same(PARTITIONER_REGISTRY.build(name, **opts)(ds, 7, seed), direct[name]), (name, seed)
-    # the historical keywords: same splits, options a method does not use are ignored
-    assert same(partition_dataset(ds, 7, "iid", alpha=-5.0, column="nope", seed=3), iid(200, 7, 3))
-    assert same(partition_dataset(ds, 7, "dirichlet", column="label", alpha=0.1, seed=3, min_size=5),
-                dirichlet_label_skew(LABELS, 7, 0.1, 3, 5))  # fmt: skip
-    assert same(partition_dataset(ds, 7, "quantity", column="label", alpha=0.3, seed=1), quantity_skew(200, 7, 0.3, 1))
-    assert same(partition_dataset(ds, 7, "domain", column="domain", seed=1), domain_skew(DOMAINS, 7, 1))
-    # defaults: partition() with no options is partition_dataset() with its defaults
-    assert same(partition(ds, 7, "quantity", seed=2), partition_dataset(ds, 7, "quantity", seed=2))
+    # defaults: partition() with no options is the partitioner with its own defaults
+    assert same(partition(ds, 7, "quantity", seed=2), quantity_skew(200, 7, 0.5, 2))
     assert not same(partition(ds, 7, "iid", seed=0), partition(ds, 7, "iid", seed=1))  # the seed is used
-    assert {k: v.__name__ for k, v in PARTITIONERS.items()} == {
+    assert {k: e.extra["fn"].__name__ for k, e in PARTITIONER_REGISTRY.items()} == {
         "iid": "iid",
         "dirichlet": "dirichlet_label_skew",
         "quantity": "quantity_skew",
@@ -455,18 +452,11 @@ def test_partitioner_options_are_strict_and_checked():
     ]:
         with pytest.raises(ConfigError, match=message):
             partition(ds, 4, method, **options)
-    # the historical path checks the values it passes on, with the same messages
-    with pytest.raises(ConfigError, match="partition 'dirichlet': alpha must be > 0 and finite, got -0.5"):
-        partition_dataset(ds, 4, "dirichlet", column="label", alpha=-0.5)
-    with pytest.raises(ConfigError, match="partition 'quantity': min_size must be >= 1, got 0"):
-        partition_dataset(ds, 4, "quantity", min_size=0)
     for method in ("dirichlet", "domain"):
         with pytest.raises(ConfigError, match=f"partition '{method}' needs a column"):
             partition(ds, 4, method)
-        with pytest.raises(ConfigError, match=f"partition '{method}' needs a column"):
-            partition_dataset(ds, 4, method)
     with pytest.raises(ConfigError, match=r"unknown partition 'random'; choose one of \['dirichlet', 'domain'"):
-        partition_dataset(ds, 4, "random")
+        partition(ds, 4, "random")
     with pytest.raises(ConfigError, match="num_clients must be >= 1, got 0"):
         partition(ds, 0, "iid")
     for entry in PARTITIONER_REGISTRY.values():  # call arguments are not options

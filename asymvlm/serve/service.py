@@ -199,9 +199,11 @@ class Abstention:
         """
         if self.criterion is None:
             return torch.zeros_like(uncertainty, dtype=torch.bool), None
-        from asymvlm.zeroshot import ABSTAIN_CRITERIA
+        from asymvlm.zeroshot import ABSTAIN_REGISTRY
 
-        statistic = ABSTAIN_CRITERIA[self.criterion][0](best_log_likelihood, uncertainty, None, p_correct)
+        statistic = ABSTAIN_REGISTRY[self.criterion].extra["statistic"](
+            best_log_likelihood, uncertainty, None, p_correct
+        )
         return self._rule(best_log_likelihood, uncertainty, None, p_correct), statistic
 
     def to_dict(self) -> dict[str, Any]:
