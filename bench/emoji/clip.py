@@ -7,7 +7,7 @@ exactly MiniLM's mean-pooled sentence embedding, normalised (what sentence-trans
 with its ``1_Pooling`` mean pooling and ``Normalize`` modules).
 
 The image tower is a ViT (32 x 32 RGB, 8 x 8 patches, width 128, 4 layers) trained on the
-TRAIN-split emoji of :mod:`asymvlm.emoji` only, with the text tower locked and its caption
+TRAIN-split emoji of :mod:`emoji.data` only, with the text tower locked and its caption
 embeddings computed once: LiT, "locked-image/text tuning" with the locked side swapped
 (Zhai et al. 2022, https://arxiv.org/abs/2111.07991). Symmetric InfoNCE where every image of the
 batch a caption is TRUE of (the emoji truth relation: its group, subgroup, a CLDR keyword or its
@@ -18,10 +18,10 @@ recipe, the model config, the MiniLM weights and the training split, as an ordin
 local directory (with MiniLM's config and tokenizer beside the weights). Importing this module
 registers the pretrained tag::
 
-    import asymvlm.emojiclip  # registers the tag
+    from emoji import clip  # registers the tag (bench/ on sys.path)
     load_encoder("open_clip:asymvlm-emoji-clip", pretrained="noto")
 
-CLI: ``python -m asymvlm.emojiclip build [--force]`` and ``python -m asymvlm.emojiclip eval``
+CLI: ``PYTHONPATH=bench python -m emoji.clip build [--force]`` and ``PYTHONPATH=bench python -m emoji.clip eval``
 (text-to-image top-1 per caption level on the test split).
 
 Recipe (:class:`EmojiCLIPRecipe`): AdamW on the image tower and the logit scale, linear warm-up
@@ -49,10 +49,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from asymvlm import emoji as em
 from asymvlm.encoders import register_pretrained
 from asymvlm.losses import symmetric_infonce
 from asymvlm.toyclip import MEAN, STD, cache_root, decay_groups, normalized_pixels
+
+from . import data as em
 
 __all__ = [
     "EMOJI_CLIP_NAME",
@@ -368,10 +369,11 @@ def evaluate_retrieval_by_level(encoder: Any, split: str = "test") -> dict[int, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m asymvlm.emojiclip",
+        prog="PYTHONPATH=bench python -m emoji.clip",
         description="Build or evaluate the emoji CLIP (locked MiniLM text tower, LiT-trained ViT).",
-        epilog="examples:\n  python -m asymvlm.emojiclip build\n  python -m asymvlm.emojiclip build --force\n"
-        "  python -m asymvlm.emojiclip eval --split test",
+        epilog="examples:\n  PYTHONPATH=bench python -m emoji.clip build\n"
+        "  PYTHONPATH=bench python -m emoji.clip build --force\n"
+        "  PYTHONPATH=bench python -m emoji.clip eval --split test",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="cmd", required=True)
