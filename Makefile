@@ -1,5 +1,6 @@
 # The two commands of the README: `make test` and `make demo`. Both create .venv with the
-# system python if it is missing and install the package with its dev extras into it.
+# system python if it is missing; `make demo` installs the package alone (what the demo needs),
+# `make test` the package with its dev extras (test tools and every optional backend).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -9,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install test test-fast demo serve-demo lint bench bench-serve browser-setup real-setup real-bench real-bench-small clean
+.PHONY: install test test-fast demo serve-demo lint docs bench bench-serve browser-setup real-setup real-bench real-bench-small clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,14 +27,19 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 
-demo: $(STAMP)
+DEMO_STAMP := $(VENV)/.demo-stamp
+$(DEMO_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e .
+	touch $(DEMO_STAMP)
+
+demo: $(DEMO_STAMP)
 	$(BIN)/asymvlm-demo --output_dir demo-out
 
 # the demo's model and a ShapeWorld gallery in the browser: http://127.0.0.1:8000/
 serve-demo: $(STAMP)
-	$(BIN)/asymvlm-serve --demo --demo_dir demo-out
+	$(BIN)/asymvlm-demo --output_dir demo-out --serve
 
-# Debian's chromium and chromedriver, for the page's browser tests (tests/test_serve_browser.py)
+# Debian's chromium and chromedriver, for the page's browser tests (tests/serve/test_serve_browser.py)
 browser-setup:
 	@if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then \
 		echo "chromium and chromedriver are installed"; \
@@ -43,6 +49,16 @@ browser-setup:
 
 lint: $(STAMP)
 	$(BIN)/ruff check asymvlm federated merging training eval tests bench examples
+
+# the documentation site (mkdocs.yml, docs/): installs the docs extra, builds strictly into build/site
+# (a broken link or anchor, a page missing from the nav, a docstring griffe cannot read: an error)
+DOCS_STAMP := $(VENV)/.docs-stamp
+$(DOCS_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

@@ -19,7 +19,6 @@ import sys as _sys
 if "torch" not in _sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(_os.environ):
     _os.environ["GOMP_SPINCOUNT"] = "1000"
 
-from asymvlm import toyclip as _toyclip  # noqa: F401  (registers the toy CLIP's pretrained tag)
 from asymvlm.cache import EmbeddingCache, embed_dataset, write_cache
 from asymvlm.distributions import HypersphericalUniform, PowerSpherical, VonMisesFisher, sphere
 from asymvlm.encoders import FrozenEncoder, load_encoder

@@ -34,6 +34,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from asymvlm.errors import ConfigError, InputError
+
 __all__ = ["IndexBatcher", "caption_groups"]
 
 
@@ -83,11 +85,11 @@ class IndexBatcher:
         first = next(iter(text.values())) if isinstance(text, dict) else text
         rows = first.shape[0]
         if rows != text_image_index.shape[0]:
-            raise ValueError(f"{rows} text rows but {text_image_index.shape[0]} caption->image entries")
+            raise InputError(f"{rows} text rows but {text_image_index.shape[0]} caption->image entries")
         if rows == 0:
-            raise ValueError("no training captions")
+            raise InputError("no training captions")
         if not 1 <= batch_size <= rows:
-            raise ValueError(f"batch_size must be in [1, {rows}] (the number of captions), got {batch_size}")
+            raise ConfigError(f"batch_size must be in [1, {rows}] (the number of captions), got {batch_size}")
         self.device = torch.device(device)
         self.text = {k: v.to(self.device) for k, v in text.items()} if isinstance(text, dict) else text.to(self.device)
         self.images = images.to(self.device)
@@ -96,11 +98,11 @@ class IndexBatcher:
         self.seed = seed
         self._perms: dict[int, Tensor] = {}
         if caption_scope not in ("batch", "data"):
-            raise ValueError(f"caption_scope must be 'batch' or 'data', got {caption_scope!r}")
+            raise ConfigError(f"caption_scope must be 'batch' or 'data', got {caption_scope!r}")
         self.caption_scope = caption_scope
         if isinstance(text_groups, str):
             if text_groups != "identical":
-                raise ValueError(f"text_groups must be a tensor, 'identical' or None, got {text_groups!r}")
+                raise ConfigError(f"text_groups must be a tensor, 'identical' or None, got {text_groups!r}")
             key = text["input_ids"] if isinstance(text, dict) and "input_ids" in text else first
             text_groups = torch.unique(key.reshape(rows, -1), dim=0, return_inverse=True)[1]
         self.groups: Tensor | None = None
@@ -108,7 +110,7 @@ class IndexBatcher:
         if text_groups is not None:
             groups = torch.as_tensor(text_groups, dtype=torch.int64).to(self.device)
             if groups.shape != (rows,):
-                raise ValueError(f"text_groups must have shape ({rows},), got {tuple(groups.shape)}")
+                raise InputError(f"text_groups must have shape ({rows},), got {tuple(groups.shape)}")
             self.groups = torch.unique(groups, return_inverse=True)[1]  # 0..G-1
             # every (caption text, image) pair the data states, as one sorted int64 key
             self._pair_keys = torch.unique(self.groups * self.images.shape[0] + self.owner)
@@ -159,7 +161,7 @@ class IndexBatcher:
         """This process's slice of global micro-batch ``micro_index``, with the ``positives`` of the
         *global* batch (every process computes the loss over the whole gathered batch)."""
         if self.batch_size % world:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by {world} processes")
+            raise ConfigError(f"batch_size {self.batch_size} is not divisible by {world} processes")
         per = self.batch_size // world
         everyone = self.global_rows(micro_index)
         rows = everyone[rank * per : (rank + 1) * per]

@@ -17,7 +17,8 @@ run leaves no half-valid cache. Loading memory-maps the safetensors files: a 1M 
 cache (1 GB) costs no private memory until rows are touched.
 
 A cache is reused only when both the encoder fingerprint (spec + weights hash) and the dataset
-fingerprint match; anything else is a :class:`CacheMismatchError`, never a silent reuse.
+fingerprint match; anything else is a :class:`CacheMismatchError`, never a silent reuse. Reading a
+dataset's rows (batches, images within a pixel limit, the fingerprint) is :mod:`asymvlm.dataset_io`'s.
 
 Example:
     >>> import tempfile
@@ -33,9 +34,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
-import os
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +42,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from asymvlm.errors import CacheMismatchError
+from asymvlm.dataset_io import caption_list, dataset_fingerprint, default_max_pixels, iter_batches, load_rgb, num_rows
+from asymvlm.errors import CacheMismatchError, ConfigError, InputError
 from asymvlm.io import (
     ArtefactError,
     SafetensorsStreamWriter,
@@ -75,138 +74,6 @@ CACHE_TYPE = "asymvlm.embedding_cache"
 CACHE_VERSION = 1
 _DTYPES = {"float16": torch.float16, "float32": torch.float32, "bfloat16": torch.bfloat16}
 ENCODER_KEYS = ("spec", "pretrained", "fingerprint", "dim")  # manifest.json's encoder, every key written
-
-
-# ----------------------------------------------------------------------------------------------
-# datasets
-# ----------------------------------------------------------------------------------------------
-def _num_rows(dataset: Any) -> int:
-    return len(dataset)
-
-
-def iter_batches(
-    dataset: Any, columns: Sequence[str], batch_size: int, *, decode: bool = True
-) -> Iterator[dict[str, list]]:
-    """Batches of ``columns`` as dicts of lists, for a ``datasets.Dataset`` or a sequence of dicts.
-
-    ``decode=False``: a ``datasets.Image`` column comes undecoded (``{"path", "bytes"}`` per row), for
-    :func:`load_rgb` to decode with its pixel limit and an error naming the file."""
-    n = _num_rows(dataset)
-    try:
-        import datasets
-
-        if isinstance(dataset, datasets.Dataset):
-            sub = dataset.select_columns(list(columns))
-            if not decode:
-                for c in columns:
-                    if isinstance(sub.features.get(c), datasets.Image):
-                        sub = sub.cast_column(c, datasets.Image(decode=False))
-            for s in range(0, n, batch_size):
-                yield sub[s : s + batch_size]
-            return
-    except ImportError:  # pragma: no cover - datasets is a dependency
-        pass
-    for s in range(0, n, batch_size):
-        rows = [dataset[i] for i in range(s, min(n, s + batch_size))]
-        yield {c: [r[c] for r in rows] for c in columns}
-
-
-def _as_caption_list(value: Any, row: int) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
-        if len(value) == 0:
-            raise ValueError(f"row {row} has no captions")
-        return list(value)
-    raise TypeError(f"row {row}: captions must be a string or a list of strings, got {type(value).__name__}")
-
-
-def dataset_fingerprint(dataset: Any, image_column: str = "image", caption_column: str = "captions") -> str:
-    """A stable fingerprint: ``datasets.Dataset._fingerprint`` when available, else a sha256 of
-    the captions and the image pixels (PIL ``mode``, ``size``, ``tobytes``) or file contents."""
-    fp = getattr(dataset, "_fingerprint", None)
-    if isinstance(fp, str) and fp:
-        return f"datasets:{fp}"
-    h = hashlib.sha256()
-    row = 0
-    for batch in iter_batches(dataset, [image_column, caption_column], 256):
-        for im, caps in zip(batch[image_column], batch[caption_column]):
-            caps = _as_caption_list(caps, row)
-            row += 1
-            h.update(b"\x00img")
-            if isinstance(im, (str, os.PathLike)):
-                h.update(Path(im).read_bytes())
-            elif hasattr(im, "tobytes"):
-                h.update(f"{getattr(im, 'mode', '')}|{getattr(im, 'size', '')}".encode())
-                h.update(im.tobytes())
-            else:
-                h.update(repr(im).encode())
-            for c in caps:
-                h.update(b"\x00cap" + c.encode())
-    return f"sha256:{h.hexdigest()}"
-
-
-def default_max_pixels() -> int:
-    """The largest image (width x height) :func:`load_rgb` decodes: Pillow's own decompression-bomb
-    limit, ``PIL.Image.MAX_IMAGE_PIXELS`` (89.5 MP; Pillow only warns below twice that), or 2**30
-    where a program has set it to None."""
-    from PIL import Image
-
-    return int(Image.MAX_IMAGE_PIXELS or 1 << 30)
-
-
-def load_rgb(im: Any, *, max_pixels: int | None = None, name: str | None = None) -> Any:
-    """An RGB PIL image from a PIL image (any mode), an image file path, or an undecoded
-    ``{"path", "bytes"}`` row of a ``datasets.Image`` column; anything else as it is.
-
-    A file is checked before it is decoded: more than ``max_pixels`` pixels (default
-    :func:`default_max_pixels`), a truncated or unreadable file is one :class:`ArtefactError` naming
-    the file (``name``, else its path), never a traceback from Pillow.
-    """
-    if isinstance(im, dict) and ("path" in im or "bytes" in im):
-        import io as _io
-
-        where = name or im.get("path") or "an image without a file name"
-        if im.get("bytes") is not None:
-            return _decode(lambda: _io.BytesIO(im["bytes"]), where, max_pixels)
-        if im.get("path"):
-            return _decode(lambda: im["path"], where, max_pixels)
-        raise ArtefactError(f"{where}: the image row holds neither bytes nor a path")
-    if isinstance(im, (str, os.PathLike)):
-        return _decode(lambda: im, name or str(im), max_pixels)
-    if hasattr(im, "convert"):
-        return im.convert("RGB")
-    return im
-
-
-def _decode(source: Any, where: str, max_pixels: int | None) -> Any:
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
-    limit = default_max_pixels() if max_pixels is None else int(max_pixels)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
-            with Image.open(source()) as f:
-                w, h = f.size
-                if w * h > limit:
-                    raise ArtefactError(
-                        f"{where}: {w} x {h} = {w * h / 1e6:.1f} MP, more than the limit of {limit / 1e6:.1f} MP; "
-                        "nothing decoded (resize it, or raise max_pixels)"
-                    )
-                f.load()
-                return f.convert("RGB")
-    except ArtefactError:
-        raise
-    except Image.DecompressionBombError as err:
-        raise ArtefactError(f"{where}: too many pixels to decode safely ({err})") from None
-    except FileNotFoundError:
-        raise ArtefactError(f"{where}: image file not found") from None
-    except UnidentifiedImageError:
-        raise ArtefactError(f"{where}: not an image Pillow can read") from None
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as err:  # truncated / corrupt data
-        raise ArtefactError(f"{where}: corrupt or truncated image ({type(err).__name__}: {err})") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,31 +406,31 @@ def write_cache(
     from asymvlm.heads import check_embeddings
 
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     d = image_embeddings.shape[-1]
     check_embeddings(image_embeddings.float(), d, "image embeddings", unit=True)
     check_embeddings(text_embeddings.float(), d, "text embeddings", unit=True)
     index = torch.as_tensor(text_image_index, dtype=torch.int64)
     if index.shape != (text_embeddings.shape[0],) or (index < 0).any() or (index >= image_embeddings.shape[0]).any():
-        raise ValueError(
+        raise InputError(
             f"text_image_index must have shape ({text_embeddings.shape[0]},) with rows in "
             f"[0, {image_embeddings.shape[0]})"
         )
     if captions is not None and len(captions) != text_embeddings.shape[0]:
-        raise ValueError(f"{len(captions)} captions for {text_embeddings.shape[0]} text embeddings")
+        raise InputError(f"{len(captions)} captions for {text_embeddings.shape[0]} text embeddings")
     store = _DTYPES[dtype]
     unknown = sorted(set(encoder or {}) - set(ENCODER_KEYS))
     if unknown:
-        raise ValueError(f"unknown encoder key(s) {unknown}; a cache records {list(ENCODER_KEYS)}")
+        raise ConfigError(f"unknown encoder key(s) {unknown}; a cache records {list(ENCODER_KEYS)}")
     info = {"spec": None, "pretrained": None, "fingerprint": None, **(encoder or {}), "dim": d}
     if caption_meta is not None:
         unknown = sorted(set(caption_meta) - set(_META_DTYPES))
         if unknown:
-            raise ValueError(f"unknown caption_meta key(s) {unknown}; valid: {sorted(_META_DTYPES)}")
+            raise ConfigError(f"unknown caption_meta key(s) {unknown}; valid: {sorted(_META_DTYPES)}")
         caption_meta = {k: torch.as_tensor(v).tolist() for k, v in caption_meta.items()}
         for k, v in caption_meta.items():
             if len(v) != text_embeddings.shape[0]:
-                raise ValueError(f"caption_meta['{k}'] has {len(v)} entries for {text_embeddings.shape[0]} texts")
+                raise InputError(f"caption_meta['{k}'] has {len(v)} entries for {text_embeddings.shape[0]} texts")
     with atomic_directory(path) as tmp:
         if caption_meta:
             atomic_write_json(caption_meta, tmp / CAPTION_META)
@@ -618,11 +485,11 @@ def embed_dataset(
         CacheMismatchError: ``path`` holds a cache of another encoder or dataset (and not overwrite).
     """
     if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
     path = Path(path)
-    n_images = _num_rows(dataset)
+    n_images = num_rows(dataset)
     if n_images == 0:
-        raise ValueError("the dataset is empty")
+        raise InputError("the dataset is empty")
     data_fp = fingerprint or dataset_fingerprint(dataset, image_column, caption_column)
     enc_fp = encoder.fingerprint
     if path.exists():
@@ -648,7 +515,7 @@ def embed_dataset(
     row = 0
     for batch in iter_batches(dataset, [caption_column], 1024):
         for caps in batch[caption_column]:
-            caps = _as_caption_list(caps, row)
+            caps = caption_list(caps, row)
             captions.extend(caps)
             image_index.extend([row] * len(caps))
             row += 1

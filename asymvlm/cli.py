@@ -1,10 +1,13 @@
-"""One dialect for the five console scripts (``asymvlm-demo``, ``-train``, ``-federate``, ``-merge``, ``-eval``).
+"""One dialect for the console scripts (``asymvlm-demo``, ``-train``, ``-federate``, ``-merge``, ``-eval``,
+``-serve``, ``-index``): each ``main`` is ``run(prog, body, argv)``.
 
-* :func:`run` runs a script's body and turns every user error into ONE line on stderr,
-  ``"<prog>: error: <message>"``, and exit status 2 (never a traceback): any
-  :class:`~asymvlm.errors.AsymVLMError`, ``OSError`` from a user's path (``FileNotFoundError``,
-  ``PermissionError``, ``IsADirectoryError``, ...), a ``ValueError`` for a bad value, and parse
-  errors. ``KeyboardInterrupt`` is status 130. Anything else is a bug and keeps its traceback.
+* :func:`run` runs a script's body and turns every user error (:func:`is_user_error`) into ONE
+  line on stderr, ``"<prog>: error: <message>"``, and exit status 2 (never a traceback): any
+  :class:`~asymvlm.errors.AsymVLMError` (parse errors are :class:`~asymvlm.errors.ConfigError`)
+  and the OS refusing one of the user's paths (``FileNotFoundError``, ``PermissionError``,
+  ``IsADirectoryError``, ``NotADirectoryError``, ``FileExistsError``, or any ``OSError`` naming a
+  file, a full disk, a read-only file system). ``KeyboardInterrupt`` is status 130. Anything else
+  is a bug and keeps its traceback: a plain ``ValueError`` from deep in torch included.
 * :func:`setup_logging`: library code logs through :mod:`logging` (loggers ``asymvlm.*``); the
   scripts show those messages on stderr as ``"<prog>: <message>"`` at INFO, and under
   ``accelerate launch`` / torchrun only rank 0 does (other ranks: warnings and errors only).
@@ -34,6 +37,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -53,6 +57,7 @@ __all__ = [
     "error_line",
     "help_requested",
     "is_main_process",
+    "is_user_error",
     "make_parser",
     "parse_dataclass_args",
     "run",
@@ -60,9 +65,21 @@ __all__ = [
     "summary",
 ]
 
-# What a user can cause: our own errors, bad paths (FileNotFoundError, PermissionError,
-# IsADirectoryError, NotADirectoryError, ... are OSErrors), bad values, argparse's own errors.
-USER_ERRORS: tuple[type[BaseException], ...] = (AsymVLMError, OSError, ValueError, argparse.ArgumentError)
+# What a user can cause: the package's own errors (a bad option, input or artefact is raised as
+# an AsymVLMError where it is found) and the OS refusing one of the user's paths. A plain
+# ValueError / TypeError / RuntimeError is a bug and keeps its traceback (see is_user_error).
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    AsymVLMError,
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    FileExistsError,
+)
+# errno values that are about the user's disk, not about the program, even without a file name
+_USER_ERRNOS = frozenset(
+    code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EROFS, errno.ENAMETOOLONG) if code
+)
 
 _HANDLER_NAME = "asymvlm.cli"
 
@@ -115,11 +132,32 @@ def error_line(prog: str, err: BaseException) -> str:
     return f"{prog}: error: {message}"
 
 
+def is_user_error(err: BaseException) -> bool:
+    """Whether ``err`` is the user's to fix (one line, status 2) rather than a bug (a traceback).
+
+    The user's: every :class:`~asymvlm.errors.AsymVLMError`; the path errors of
+    :data:`USER_ERRORS`; any other ``OSError`` that names a file (``File name too long: 'x'``,
+    ``Read-only file system: 'out'``) or is about the disk (full, over quota, read-only).
+    Not the user's: everything else, among them a plain ``ValueError`` (the package raises its
+    own errors for bad values) and an ``OSError`` about no file (a refused connection, a broken pipe).
+
+    Example:
+        >>> from asymvlm.errors import ConfigError
+        >>> is_user_error(ConfigError("lr must be > 0")), is_user_error(ValueError("internal"))
+        (True, False)
+        >>> is_user_error(OSError(36, "File name too long", "x" * 300)), is_user_error(ConnectionResetError())
+        (True, False)
+    """
+    if isinstance(err, USER_ERRORS):
+        return True
+    return isinstance(err, OSError) and (err.filename is not None or err.errno in _USER_ERRNOS)
+
+
 def run(prog: str, body: Callable[[list[str]], int | None], argv: Sequence[str] | None = None) -> int:
     """Run ``body(argv)`` as the console script ``prog`` and return its exit status.
 
     Sets up logging (:func:`setup_logging`; undone on return), then: the body's return value
-    (``None`` is 0); a user error (:data:`USER_ERRORS`) is one line ``"<prog>: error: <message>"``
+    (``None`` is 0); a user error (:func:`is_user_error`) is one line ``"<prog>: error: <message>"``
     on stderr and status 2; ``KeyboardInterrupt`` is status 130; ``SystemExit`` (argparse's
     ``--help``) returns its code. Other exceptions are bugs and propagate with their traceback.
     """
@@ -145,7 +183,9 @@ def _run(prog: str, body: Callable[[list[str]], int | None], argv: list[str]) ->
             return int(exit_.code or 0)
         print(error_line(prog, ConfigError(str(exit_.code))), file=sys.stderr)
         return 2
-    except USER_ERRORS as err:
+    except Exception as err:
+        if not is_user_error(err):
+            raise  # a bug: its traceback is the report
         print(error_line(prog, err), file=sys.stderr)
         return 2
     return 0 if code is None else int(code)

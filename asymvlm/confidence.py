@@ -29,6 +29,9 @@ exponential tail beyond them), ``p_correct`` is scaled by ``p / familiarity_alph
 (:meth:`ConfidenceModel.assess`).
 
 Without a calibrator the parts are reported alone and ``p_correct`` is None ("uncalibrated").
+The density is :mod:`asymvlm.familiarity`'s and the calibrator :mod:`asymvlm.calibration`'s; this
+module exports both, and holds the parts of an answer, the confidence model saved with a model and
+its fitting.
 
 Example:
     >>> import torch
@@ -50,16 +53,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from asymvlm.calibration import Calibrator
 from asymvlm.errors import ArtefactError, ConfigError, InputError
+from asymvlm.familiarity import Familiarity, finite_float64, percentile_of, tail_p_value
 from asymvlm.io import atomic_save_safetensors, atomic_write_json, load_safetensors, read_tagged_json
 
 __all__ = [
@@ -78,565 +82,10 @@ __all__ = [
     "FAMILIARITY_NAME",
 ]
 
-CLIP_Z = 8.0  # standardised calibrator inputs are clipped to [-CLIP_Z, CLIP_Z]
-GATE_POINTS = 512  # quantiles of the fitted answers' unfamiliarity kept per stratum
 CONFIDENCE_NAME = "confidence.json"
 FAMILIARITY_NAME = "familiarity.safetensors"
 CONFIDENCE_TYPE = "asymvlm.confidence"
 CONFIDENCE_VERSION = 1
-
-
-def _float64(x: Any, name: str) -> Tensor:
-    t = torch.as_tensor(x).detach().to("cpu", torch.float64)
-    if not bool(torch.isfinite(t).all()):
-        raise InputError(f"{name} contains NaN or inf")
-    return t
-
-
-# ----------------------------------------------------------------------------------------------
-# unfamiliarity: a vMF mixture density of the training texts
-# ----------------------------------------------------------------------------------------------
-def _kmeans_pp(x: Tensor, k: int, gen: torch.Generator) -> Tensor:
-    """k-means++ seeding on the sphere (distance 1 - cos; Arthur & Vassilvitskii 2007)."""
-    n = x.shape[0]
-    first = int(torch.randint(n, (1,), generator=gen))
-    centers = [x[first]]
-    d2 = (1 - x @ x[first]).clamp_min(0)
-    for _ in range(1, k):
-        total = float(d2.sum())
-        if total <= 0:  # fewer distinct points than k: the rest repeat
-            centers.append(x[int(torch.randint(n, (1,), generator=gen))])
-            continue
-        j = int(torch.multinomial(d2 / total, 1, generator=gen))
-        centers.append(x[j])
-        d2 = torch.minimum(d2, (1 - x @ x[j]).clamp_min(0))
-    return torch.stack(centers)
-
-
-def _banerjee_kappa(r: float, d: int) -> float:
-    """The vMF concentration of mean resultant length ``r`` in ``d`` dimensions (Banerjee et al.
-    2005, eq. 4.4: ``kappa ~ r (d - r^2) / (1 - r^2)``), bounded to [1e-3, 1e5]."""
-    r = min(max(r, 1e-6), 1 - 1e-9)
-    return float(min(max(r * (d - r * r) / (1 - r * r), 1e-3), 1e5))
-
-
-@dataclass
-class Familiarity:
-    """How typical a unit embedding is of a reference set (the texts a head was trained on).
-
-    A mixture of ``K`` von Mises-Fisher components with one shared concentration ``kappa``, fitted by
-    spherical k-means (Dhillon & Modha 2001) with the shared ``kappa`` from the pooled mean resultant
-    length (Banerjee et al. 2005). The unfamiliarity of ``x`` is a soft cosine distance to the
-    mixture, ``1 - (1/kappa) log sum_k pi_k exp(kappa mu_k^T x)``: about ``1 - max_k mu_k^T x`` (0 on
-    a component's mean, 2 at its antipode), larger = less familiar. The shared normaliser cancels, so
-    this is the mixture's negative log-density up to an affine map. It stores only the ``K``
-    component means (each the mean of many texts), never the texts or their embeddings.
-
-    Attributes:
-        means: (K, d) unit component means.
-        log_weights: (K,) log mixing weights.
-        kappa: the shared concentration.
-        reference: sorted unfamiliarity of held-out reference texts (the percentile scale).
-        count: how many embeddings the density was fitted on.
-    """
-
-    means: Tensor
-    log_weights: Tensor
-    kappa: float
-    reference: Tensor
-    count: int
-
-    @property
-    def dim(self) -> int:
-        return self.means.shape[1]
-
-    @classmethod
-    def fit(
-        cls,
-        embeddings: Tensor,
-        *,
-        components: int | None = None,
-        iterations: int = 25,
-        max_points: int = 100_000,
-        holdout: float = 0.2,
-        seed: int = 0,
-    ) -> Familiarity:
-        """Fit to (N, d) unit embeddings (rows may repeat: repeats weigh as often as they occur).
-
-        Args:
-            embeddings: the reference set (e.g. a head's training texts, frozen embeddings).
-            components: K (default ``clamp(N_fit // 16, 1, 1024)``: about 16 embeddings per mean).
-            iterations: spherical k-means iterations.
-            max_points: a uniform subsample of at most this many rows is used.
-            holdout: fraction of rows held out of the fit; their unfamiliarity is the reference
-                scale (percentiles), so that in-distribution text sits at its true percentile.
-            seed: the subsample, the split and the k-means++ seeding.
-        """
-        x = _float64(embeddings, "embeddings").float()
-        if x.dim() != 2 or x.shape[0] < 2:
-            raise InputError(f"fitting a familiarity density needs (N >= 2, d) embeddings, got {tuple(x.shape)}")
-        norms = x.norm(dim=1)
-        if bool(((norms - 1).abs() > 1e-3).any()):
-            raise InputError("familiarity embeddings must be unit vectors")
-        gen = torch.Generator().manual_seed(seed)
-        if x.shape[0] > max_points:
-            x = x[torch.randperm(x.shape[0], generator=gen)[:max_points]]
-        perm = torch.randperm(x.shape[0], generator=gen)
-        n_hold = int(round(holdout * x.shape[0])) if x.shape[0] >= 10 else 0
-        held, fit = x[perm[:n_hold]], x[perm[n_hold:]]
-        k = components if components is not None else min(1024, max(1, fit.shape[0] // 16))
-        if not 1 <= k <= fit.shape[0]:
-            raise ConfigError(f"components must be in [1, {fit.shape[0]}], got {k}")
-        means = _kmeans_pp(fit, k, gen)
-        for _ in range(iterations):
-            assign = (fit @ means.T).argmax(1)
-            sums = torch.zeros_like(means).index_add_(0, assign, fit)
-            empty = sums.norm(dim=1) == 0
-            new = torch.nn.functional.normalize(sums, dim=1)
-            new[empty] = means[empty]
-            if torch.equal(new, means):
-                break
-            means = new
-        assign = (fit @ means.T).argmax(1)
-        counts = torch.bincount(assign, minlength=k).double()
-        keep = counts > 0
-        means, counts = means[keep], counts[keep]
-        r = float((fit @ means.T).amax(1).double().mean())  # each text's cosine to its nearest mean
-        fam = cls(
-            means, torch.log(counts / counts.sum()).float(), _banerjee_kappa(r, x.shape[1]), torch.empty(0), len(x)
-        )
-        ref = held if held.shape[0] else fit
-        fam.reference = torch.sort(fam.score(ref).double()).values
-        return fam
-
-    def score(self, x: Tensor, chunk: int = 8192) -> Tensor:
-        """(N,) unfamiliarity of unit embeddings ``x`` (N, d) (float32)."""
-        if x.dim() != 2 or x.shape[1] != self.dim:
-            raise InputError(f"need (N, {self.dim}) embeddings, got {tuple(x.shape)}")
-        out = []
-        for s in range(0, x.shape[0], chunk):
-            cos = x[s : s + chunk].float() @ self.means.T  # (n, K)
-            lse = torch.logsumexp(self.kappa * cos.double() + self.log_weights.double(), dim=1)
-            out.append((1 - lse / self.kappa).float())
-        return torch.cat(out) if out else torch.empty(0)
-
-    def percentile(self, u: Tensor) -> Tensor:
-        """(N,) mid-rank percentile of unfamiliarity ``u`` among the reference texts (0-100)."""
-        return percentile_of(self.reference, u)
-
-    def p_value(self, u: Tensor, tail: float = 0.1) -> Tensor:
-        """(N,) the chance that a reference text is at least this unfamiliar (:func:`tail_p_value`)."""
-        return tail_p_value(self.reference, u, tail)
-
-    def tensors(self) -> dict[str, Tensor]:
-        return {"means": self.means.float(), "log_weights": self.log_weights.float(), "reference": self.reference}
-
-    def meta(self) -> dict[str, Any]:
-        return {"kappa": self.kappa, "count": self.count, "components": int(self.means.shape[0]), "dim": self.dim}
-
-    @classmethod
-    def from_saved(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, Any], where: str) -> Familiarity:
-        missing = {"means", "log_weights", "reference"} - set(tensors)
-        if missing:
-            raise ArtefactError(f"{where}: missing tensor(s) {sorted(missing)}")
-        means, lw, ref = tensors["means"].float(), tensors["log_weights"].float(), tensors["reference"].double()
-        kappa = meta.get("kappa")
-        if (
-            means.dim() != 2
-            or lw.shape != means.shape[:1]
-            or ref.dim() != 1
-            or not isinstance(kappa, (int, float))
-            or not 0 < kappa < math.inf
-        ):
-            raise ArtefactError(f"{where}: inconsistent familiarity density (means, weights, kappa)")
-        for name, t in (("means", means), ("log_weights", lw), ("reference", ref)):
-            if not bool(torch.isfinite(t).all()):
-                raise ArtefactError(f"{where}: {name} contains NaN or inf")
-        if bool(((means.norm(dim=1) - 1).abs() > 1e-3).any()):
-            raise ArtefactError(f"{where}: familiarity means are not unit vectors")
-        if ref.numel() > 1 and bool((ref[1:] < ref[:-1]).any()):
-            raise ArtefactError(f"{where}: the familiarity reference is not sorted")
-        return cls(means, lw, float(kappa), ref, int(meta.get("count", 0)))
-
-
-def tail_p_value(sorted_ref: Tensor, u: Tensor, tail: float = 0.1) -> Tensor:
-    """(N,) the chance that a reference value is at least ``u``: the conformal p-value
-    ``(1 + #{reference >= u}) / (n + 1)`` (Vovk et al. 2005) inside the reference's bulk, and beyond
-    its ``1 - tail`` quantile an exponential tail fitted to the excesses over that quantile (peaks
-    over threshold, Pickands 1975), so that a value beyond every reference value still gets a graded,
-    ever smaller p-value.
-
-    Example:
-        >>> ref = torch.arange(100, dtype=torch.float64)
-        >>> [round(float(p), 4) for p in tail_p_value(ref, torch.tensor([50.0, 99.0, 200.0]))]
-        [0.505, 0.0177, 0.0]
-    """
-    ref = sorted_ref.double()
-    u = u.double().contiguous()
-    above = ref.numel() - torch.searchsorted(ref, u, right=False)
-    p = (1.0 + above.double()) / (ref.numel() + 1.0)
-    n_tail = int(math.floor(tail * ref.numel()))
-    if n_tail >= 2:
-        threshold = ref[ref.numel() - n_tail - 1]
-        scale = float((ref[ref.numel() - n_tail :] - threshold).mean())
-        if scale > 0:
-            p_tail = (n_tail + 1.0) / (ref.numel() + 1.0) * torch.exp(-(u - threshold) / scale)
-            p = torch.where(u > threshold, p_tail, p)
-    return p
-
-
-def percentile_of(sorted_ref: Tensor, u: Tensor) -> Tensor:
-    """(N,) float64 mid-rank percentile (0-100; ties count half, so a value equal to every reference
-    sits at 50) of each ``u`` among ``sorted_ref``; NaN without a reference.
-
-    Example:
-        >>> ref = torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)
-        >>> percentile_of(ref, torch.tensor([0.2, 1.0], dtype=torch.float64)).tolist()
-        [50.0, 100.0]
-    """
-    u = u.double().contiguous()
-    if sorted_ref.numel() == 0:
-        return torch.full_like(u, math.nan)
-    sorted_ref = sorted_ref.double()
-    below = torch.searchsorted(sorted_ref, u, right=False)
-    at_or_below = torch.searchsorted(sorted_ref, u, right=True)
-    return 100.0 * (below + at_or_below).double() / (2 * sorted_ref.numel())
-
-
-# ----------------------------------------------------------------------------------------------
-# the calibrator: parts -> P(right)
-# ----------------------------------------------------------------------------------------------
-def _logistic_fit(x: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, float]:
-    """L2-regularised logistic regression by L-BFGS (hand-written: scikit-learn is not a dependency
-    and this is twelve lines of scipy). ``x`` standardised (n, f), ``y`` in {0, 1}."""
-    from scipy.optimize import minimize
-    from scipy.special import expit, log_expit
-
-    n, f = x.shape
-
-    def loss(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        w, b = theta[:f], theta[f]
-        z = x @ w + b
-        nll = -(y * log_expit(z) + (1 - y) * log_expit(-z)).sum() + 0.5 * l2 * (w @ w)
-        r = expit(z) - y
-        return float(nll) / n, np.concatenate([x.T @ r + l2 * w, [r.sum()]]) / n
-
-    base = float(np.clip(y.mean(), 1e-6, 1 - 1e-6))
-    theta0 = np.concatenate([np.zeros(f), [math.log(base / (1 - base))]])
-    res = minimize(loss, theta0, jac=True, method="L-BFGS-B", options={"maxiter": 1000, "gtol": 1e-10, "ftol": 1e-15})
-    return res.x[:f], float(res.x[f])
-
-
-def _json_object(d: Any, keys: Sequence[str], where: str, what: str) -> None:
-    """``d`` is a JSON object whose keys are among ``keys`` (else one ArtefactError naming them)."""
-    if not isinstance(d, Mapping):
-        raise ArtefactError(f"{where}: {what} must be a JSON object")
-    unknown = sorted(set(d) - set(keys))
-    if unknown:
-        raise ArtefactError(f"{where}: unknown calibrator key(s) {unknown}")
-
-
-@dataclass
-class _Logistic:
-    """One logistic model on standardised features (a stratum of a :class:`Calibrator`)."""
-
-    mean: list[float]
-    scale: list[float]
-    coef: list[float]
-    intercept: float
-    count: int = 0
-    base_rate: float = math.nan
-    degenerate: str | None = None
-
-    @classmethod
-    def fit(cls, x: np.ndarray, y: np.ndarray, l2: float) -> _Logistic:
-        mean = x.mean(0)
-        scale = x.std(0)
-        # a constant part (up to rounding: float32 kappas read back in float64) carries no information;
-        # standardising its rounding noise would make it a large random feature
-        scale[scale <= 1e-6 * np.maximum(1.0, np.abs(mean))] = 1.0
-        right = int(y.sum())
-        if min(right, y.size - right) < 5:
-            rate = (right + 1) / (y.size + 2)
-            why = f"only {right} right and {y.size - right} wrong answers: the smoothed base rate"
-            return cls(
-                mean.tolist(),
-                scale.tolist(),
-                [0.0] * x.shape[1],
-                math.log(rate / (1 - rate)),
-                y.size,
-                float(y.mean()),
-                why,
-            )
-        w, b = _logistic_fit((x - mean) / scale, y, l2)
-        return cls(mean.tolist(), scale.tolist(), w.tolist(), b, y.size, float(y.mean()))
-
-    def logit(self, x: Tensor) -> Tensor:
-        m, s, w = (torch.tensor(v, dtype=torch.float64) for v in (self.mean, self.scale, self.coef))
-        # a part far outside what calibration saw (another gallery, a constant-looking part) is held at
-        # CLIP_Z standard deviations instead of extrapolating the log-odds linearly without bound
-        return ((x - m) / s).clamp(-CLIP_Z, CLIP_Z) @ w + self.intercept
-
-    KEYS = ("mean", "scale", "coef", "intercept", "count", "base_rate", "degenerate")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.KEYS}
-
-    @classmethod
-    def from_dict(cls, d: Any, f: int, where: str) -> _Logistic:
-        _json_object(d, cls.KEYS, where, "a calibrator stratum")
-        try:
-            nums = [list(map(float, d[k])) for k in ("mean", "scale", "coef")]
-            intercept = float(d["intercept"])
-            count, rate = int(d.get("count", 0)), float(d.get("base_rate", math.nan))
-        except (KeyError, TypeError, ValueError) as err:
-            raise ArtefactError(f"{where}: malformed calibrator ({err!r})") from err
-        if any(len(part) != f for part in nums) or not all(
-            math.isfinite(x) for part in nums for x in part + [intercept]
-        ):
-            raise ArtefactError(f"{where}: calibrator arrays do not match its {f} features or are not finite")
-        if any(v <= 0 for v in nums[1]):
-            raise ArtefactError(f"{where}: calibrator scales must be positive")
-        return cls(nums[0], nums[1], nums[2], intercept, count, rate, d.get("degenerate"))
-
-
-@dataclass
-class Calibrator:
-    """``P(right | parts)``: logistic regression on standardised parts (Platt 1999), one model per
-    stratum of the ``by`` part (the text's ambiguity by default), optionally followed by isotonic
-    regression of its output (Zadrozny & Elkan 2002; monotone, so the order is the logistic's).
-
-    Why strata: whether a vague caption's answer is right depends on what "right" means (a vague
-    caption's best image usually satisfies it, but is rarely its own image), and within one level of
-    specificity the gallery around the query decides. One logistic model over every level learns the
-    across-level trend and can get the within-level sign of the retrieval entropy backwards (Simpson's
-    paradox; measured on the emoji benchmark: error AUROC 0.41 among the most specific captions with
-    one model, 0.73-0.76 with strata). Equal-count strata of the ambiguity, each with enough right and
-    wrong answers, let each level learn its own weights.
-
-    Attributes:
-        features: the part names, in column order.
-        strata: one :class:`_Logistic` per stratum, in ascending order of ``by``.
-        by: the stratifying part (None: one stratum).
-        edges: the inner stratum edges on ``by`` (``len(strata) - 1``, ascending).
-        isotonic: None, or ``(x, y)`` knots of a monotone map from the logistic probability to the
-            isotonic one (linear interpolation between knots).
-        info: what it was fitted on: ``label`` (what "right" meant), ``gallery_size``, ``count``,
-            ``base_rate`` (the fraction right), ``direction`` (``text_to_image`` or ``zero_shot``), ``method``.
-        gate: with an ``unfamiliarity`` part, per stratum the sorted unfamiliarity of the answers it
-            was fitted on (at most :data:`GATE_POINTS` quantiles): how unfamiliar a text of that kind
-            may be and still be covered by the fit (:meth:`gate_p_value`).
-    """
-
-    features: tuple[str, ...]
-    strata: list[_Logistic]
-    by: str | None = None
-    edges: list[float] = field(default_factory=list)
-    isotonic: tuple[list[float], list[float]] | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-    gate: list[list[float]] | None = None
-
-    @classmethod
-    def fit(
-        cls,
-        features: Mapping[str, Tensor],
-        correct: Tensor,
-        *,
-        method: str = "logistic",
-        l2: float = 1.0,
-        by: str | None = "ambiguity",
-        max_strata: int = 4,
-        min_stratum: int = 300,
-        min_class: int = 10,
-        info: Mapping[str, Any] | None = None,
-    ) -> Calibrator:
-        """Fit on parts ``{name: (n,)}`` and outcomes ``correct`` (n,) bool.
-
-        Args:
-            method: ``logistic`` or ``logistic+isotonic``.
-            l2: the L2 penalty on the standardised coefficients (summed loss; 1 is weak for n >= 100).
-            by: the part whose equal-count strata get a model each (None, or a part not given: one).
-            max_strata, min_stratum: at most ``min(max_strata, n // min_stratum)`` strata ...
-            min_class: ... and neighbours are merged until each holds this many right and wrong answers.
-
-        A stratum with fewer than 5 right or 5 wrong outcomes predicts its smoothed base rate
-        ``(right + 1) / (n + 2)`` (``degenerate`` says so).
-        """
-        if method not in ("logistic", "logistic+isotonic"):
-            raise ConfigError(f"unknown calibration method {method!r}; choose 'logistic' or 'logistic+isotonic'")
-        names = tuple(features)
-        if not names:
-            raise InputError("a calibrator needs at least one feature")
-        y = _float64(correct, "correct").numpy().reshape(-1)
-        cols = [_float64(features[k], f"feature {k!r}").numpy().reshape(-1) for k in names]
-        if any(c.shape != y.shape for c in cols) or y.size == 0:
-            raise InputError(
-                f"every feature and 'correct' need the same non-zero length, got {[c.size for c in cols]} / {y.size}"
-            )
-        if min_stratum < 1 or max_strata < 1:
-            raise ConfigError("max_strata and min_stratum must be >= 1")
-        x = np.stack(cols, 1)
-        edges: list[float] = []
-        if by in names:
-            edges = _strata_edges(x[:, names.index(by)], y, min(max_strata, y.size // min_stratum), min_class)
-        if not edges:
-            by = None
-        group = np.searchsorted(np.asarray(edges), x[:, names.index(by)], side="right") if by else np.zeros(y.size, int)
-        strata = [_Logistic.fit(x[group == g], y[group == g], l2) for g in range(len(edges) + 1)]
-        meta = {"count": int(y.size), "base_rate": float(y.mean()), **dict(info or {}), "method": method}
-        gate = None
-        if "unfamiliarity" in names:
-            u = x[:, names.index("unfamiliarity")]
-            gate = []
-            for g in range(len(edges) + 1):
-                vals = np.sort(u[group == g])
-                if vals.size > GATE_POINTS:
-                    vals = np.quantile(vals, np.linspace(0, 1, GATE_POINTS))
-                gate.append(vals.tolist())
-        cal = cls(names, strata, by, [float(e) for e in edges], None, meta, gate)
-        if method == "logistic+isotonic":
-            from scipy.optimize import isotonic_regression
-
-            p = cal._logistic(torch.from_numpy(x)).numpy()
-            order = np.argsort(p, kind="stable")
-            cal.isotonic = (p[order].tolist(), isotonic_regression(y[order]).x.tolist())
-        return cal
-
-    def _groups(self, x: Tensor) -> Tensor:
-        """(n,) each row's stratum."""
-        if self.by is None:
-            return torch.zeros(x.shape[0], dtype=torch.int64)
-        key = x[:, self.features.index(self.by)].contiguous()
-        return torch.searchsorted(torch.tensor(self.edges, dtype=torch.float64), key, right=True)
-
-    def _logistic(self, x: Tensor) -> Tensor:
-        if self.by is None:
-            return torch.sigmoid(self.strata[0].logit(x))
-        group = self._groups(x)
-        z = torch.empty(x.shape[0], dtype=torch.float64)
-        for g, model in enumerate(self.strata):
-            rows = group == g
-            if bool(rows.any()):
-                z[rows] = model.logit(x[rows])
-        return torch.sigmoid(z)
-
-    def _matrix(self, features: Mapping[str, Tensor]) -> Tensor:
-        missing = [k for k in self.features if k not in features]
-        if missing:
-            raise InputError(f"the calibrator needs the part(s) {missing}; got {sorted(features)}")
-        return torch.stack([_float64(features[k], f"feature {k!r}").reshape(-1) for k in self.features], 1)
-
-    def gate_p_value(self, features: Mapping[str, Tensor]) -> Tensor | None:
-        """(n,) how covered each answer's unfamiliarity is by the fit: its tail p-value
-        (:func:`tail_p_value`) among the unfamiliarity of the fitted answers of its own stratum, so a
-        specific text is compared with specific texts and a vague one with vague ones. None without
-        an ``unfamiliarity`` part."""
-        if self.gate is None:
-            return None
-        x = self._matrix(features)
-        group = self._groups(x)
-        u = x[:, self.features.index("unfamiliarity")]
-        p = torch.ones(x.shape[0], dtype=torch.float64)
-        for g, ref in enumerate(self.gate):
-            rows = group == g
-            if bool(rows.any()) and ref:
-                p[rows] = tail_p_value(torch.tensor(ref, dtype=torch.float64), u[rows])
-        return p
-
-    def predict(self, features: Mapping[str, Tensor]) -> Tensor:
-        """(n,) float64 probability of being right."""
-        x = self._matrix(features)
-        p = self._logistic(x)
-        if self.isotonic is not None:
-            px, py = self.isotonic
-            p = torch.from_numpy(np.interp(p.numpy(), np.asarray(px), np.asarray(py)))
-        return p
-
-    def weights(self) -> dict[str, float]:
-        """Each part's weight on the standardised log-odds, averaged over the strata by their counts
-        (negative: that part lowers P(right)); :attr:`strata` holds each stratum's own."""
-        total = sum(m.count for m in self.strata) or 1
-        return {f: sum(m.coef[i] * m.count for m in self.strata) / total for i, f in enumerate(self.features)}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "features": list(self.features),
-            "strata": [m.to_dict() for m in self.strata],
-            "by": self.by,
-            "edges": self.edges,
-            "isotonic": None if self.isotonic is None else [list(self.isotonic[0]), list(self.isotonic[1])],
-            "info": self.info,
-            "gate": self.gate,
-        }
-
-    @classmethod
-    def from_dict(cls, d: Any, where: str = "calibrator") -> Calibrator:
-        _json_object(d, ("features", "strata", "by", "edges", "isotonic", "info", "gate"), where, "a calibrator")
-        try:
-            feats = tuple(str(f) for f in d["features"])
-            edges = [float(e) for e in d.get("edges") or []]
-            iso = d.get("isotonic")
-            if iso is not None:
-                iso = (list(map(float, iso[0])), list(map(float, iso[1])))
-            raw = list(d["strata"])
-        except (KeyError, TypeError, ValueError, IndexError) as err:
-            raise ArtefactError(f"{where}: malformed calibrator ({err!r})") from err
-        strata = [_Logistic.from_dict(m, len(feats), where) for m in raw]
-        by = d.get("by")
-        if (
-            not strata
-            or len(edges) != len(strata) - 1
-            or (by is None) != (not edges)
-            or (by is not None and by not in feats)
-        ):
-            raise ArtefactError(f"{where}: the calibrator's strata, edges and 'by' do not match")
-        if not all(math.isfinite(e) for e in edges) or any(b <= a for a, b in zip(edges, edges[1:])):
-            raise ArtefactError(f"{where}: stratum edges must be finite and increasing")
-        if iso is not None and (
-            len(iso[0]) != len(iso[1]) or not iso[0] or np.any(np.diff(iso[0]) < 0)
-            or not all(math.isfinite(v) for part in iso for v in part)
-        ):  # fmt: skip
-            raise ArtefactError(f"{where}: isotonic knots must be non-empty, paired, finite and sorted")
-        info = d.get("info") or {}
-        if not isinstance(info, Mapping):
-            raise ArtefactError(f"{where}: 'info' must be an object")
-        gate = d.get("gate")
-        if gate is not None:
-            try:
-                gate = [[float(v) for v in ref] for ref in gate]
-            except (TypeError, ValueError) as err:
-                raise ArtefactError(f"{where}: malformed gate ({err!r})") from err
-            if (
-                len(gate) != len(strata)
-                or "unfamiliarity" not in feats
-                or not all(math.isfinite(v) for ref in gate for v in ref)
-                or any(b < a for ref in gate for a, b in zip(ref, ref[1:]))
-            ):
-                raise ArtefactError(
-                    f"{where}: the gate needs one sorted, finite list per stratum and an unfamiliarity part"
-                )
-        return cls(feats, strata, by, edges, iso, dict(info), gate)
-
-
-def _strata_edges(key: np.ndarray, y: np.ndarray, k: int, min_class: int) -> list[float]:
-    """Inner edges of up to ``k`` equal-count strata of ``key``, adjacent strata merged until each has
-    ``min_class`` right and wrong answers (ties never split: edges are distinct values)."""
-    if k <= 1:
-        return []
-    edges = sorted(set(np.quantile(key, np.linspace(0, 1, k + 1)[1:-1]).tolist()))
-
-    def counts(e: list[float]) -> list[tuple[int, int]]:
-        g = np.searchsorted(np.asarray(e), key, side="right")
-        return [(int(y[g == i].sum()), int((g == i).sum() - y[g == i].sum())) for i in range(len(e) + 1)]
-
-    while edges:
-        c = counts(edges)
-        bad = [i for i, (r, w) in enumerate(c) if min(r, w) < min_class]
-        if not bad:
-            break
-        i = bad[0]  # merge the first short stratum into a neighbour: drop the edge between them
-        edges.pop(i if i < len(edges) else i - 1)
-    return edges
 
 
 # ----------------------------------------------------------------------------------------------
@@ -651,12 +100,12 @@ def answer_features(
     a gallery of any size N), and ``unfamiliarity`` when known."""
     log_n = max(math.log(gallery_size), 1e-12)
     out = {
-        "ambiguity": -torch.log(_float64(kappa, "kappa").clamp_min(1e-30)),
-        "retrieval_entropy": _float64(entropy, "entropy") / log_n,
-        "top_surprise": -torch.log(_float64(top_probability, "top probability").clamp_min(1e-300)) / log_n,
+        "ambiguity": -torch.log(finite_float64(kappa, "kappa").clamp_min(1e-30)),
+        "retrieval_entropy": finite_float64(entropy, "entropy") / log_n,
+        "top_surprise": -torch.log(finite_float64(top_probability, "top probability").clamp_min(1e-300)) / log_n,
     }
     if unfamiliarity is not None:
-        out["unfamiliarity"] = _float64(unfamiliarity, "unfamiliarity")
+        out["unfamiliarity"] = finite_float64(unfamiliarity, "unfamiliarity")
     return out
 
 
@@ -1003,14 +452,14 @@ def zero_shot_features(
     """The calibrator's features of zero-shot predictions: the predicted class prompt's
     ``log(1/kappa)``, the class posterior's entropy and ``-log`` of its top probability, both over
     ``log C`` (and the image's unfamiliarity when known)."""
-    p = _float64(probabilities, "probabilities")
+    p = finite_float64(probabilities, "probabilities")
     c = p.shape[-1]
     ent = -(p * torch.log(p.clamp_min(1e-300))).sum(-1)
     out = {
-        "ambiguity": torch.log(_float64(class_uncertainty, "class uncertainty").clamp_min(1e-30)),
+        "ambiguity": torch.log(finite_float64(class_uncertainty, "class uncertainty").clamp_min(1e-30)),
         "class_entropy": ent / max(math.log(c), 1e-12),
         "top_surprise": -torch.log(p.max(-1).values.clamp_min(1e-300)) / max(math.log(c), 1e-12),
     }
     if unfamiliarity is not None:
-        out["unfamiliarity"] = _float64(unfamiliarity, "unfamiliarity")
+        out["unfamiliarity"] = finite_float64(unfamiliarity, "unfamiliarity")
     return out

@@ -4,8 +4,13 @@ Configs are frozen dataclasses with ``metadata={"help": ...}`` on every field, p
 ``transformers.HfArgumentParser``: values come from a YAML file (``--config exp.yaml``), then
 command-line flags override them. Field names are unique across the dataclasses of one command,
 so a flat YAML file maps onto them; unknown YAML keys and flags are a :class:`ConfigError` that
-names the key. :class:`DataArguments` (where the embeddings come from) is shared by
-``asymvlm-train`` and ``asymvlm-federate``.
+names the key. ``asymvlm-train`` and ``asymvlm-federate`` share :class:`DataArguments` (where the
+embeddings come from), the head's :class:`~asymvlm.heads.HeadConfig` (parsed directly; its ``dim``
+comes from the data, :data:`FROM_DATA`), and, as the bases of each command's own arguments,
+:class:`LoraArguments` (what is trained, the LoRA adapter) and :class:`RunArguments` (output folder,
+seed, resume, overwrite, progress, init_from, mask_file, evaluation cadence, checkpoints kept).
+What a run does with its output folder and its resume (:func:`claim_output_dir`,
+:func:`check_resume_config`, ...) lives in :mod:`asymvlm.runs`; those names are re-exported here.
 
 Example:
     >>> (data,) = parse_dataclass_args((DataArguments,), ["--train_images", "100"], "demo")
@@ -16,21 +21,28 @@ Example:
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
+import functools
 import math
 import types
 import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from asymvlm.errors import ArtefactError, ConfigError
+from asymvlm.errors import ConfigError
+from asymvlm.plugins import data_world
+from asymvlm.runs import check_output_dir, check_resume_config, claim_output_dir, clear_run_outputs, model_entries
 
 __all__ = [
     "ConfigError",
     "DataArguments",
-    "HeadArguments",
+    "FROM_DATA",
+    "LoraArguments",
+    "RunArguments",
+    "check_output_dir",
+    "command_default",
     "check_choice",
     "check_fields",
     "claim_output_dir",
@@ -162,312 +174,203 @@ class DataArguments:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.train_images < 1 or self.eval_images < 0:
             raise ConfigError("train_images must be >= 1 and eval_images >= 0")
-        from asymvlm.shapeworld import CAPTION_STYLES, dataset_version
-
-        try:
-            version = dataset_version(self.dataset)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
-        from asymvlm.shapeworld import DEFAULT_DATASET_VERSION
-        from asymvlm.toyclip import TOY_CLIP_SPECS as toy
-
-        if not self.encoder:  # the toy CLIP trained on the world the data come from
-            object.__setattr__(self, "encoder", toy[version if version is not None else DEFAULT_DATASET_VERSION])
-        if version is not None and self.encoder in toy.values() and self.encoder != toy[version]:
-            raise ConfigError(
-                f"the toy CLIP {self.encoder} was trained on another ShapeWorld version than {self.dataset!r} "
-                f"(version {version}); use --encoder {toy[version]}"
-            )
-        unknown = [c for c in self.styles() if c not in CAPTION_STYLES]
+        # the data world of the dataset (a plug-in, asymvlm.plugins: ShapeWorld from asymvlm.worlds)
+        # fills in the encoder its data were made for and rejects what it cannot serve
+        world = data_world(self.dataset)
+        for name, value in (world.resolve(self) if world is not None else {}).items():
+            object.__setattr__(self, name, value)
+        unknown = [c for c in self.styles() if world is not None and c not in world.caption_styles]
         if unknown:
-            raise ConfigError(f"unknown caption_styles {unknown}; choose from {list(CAPTION_STYLES)}")
+            raise ConfigError(f"unknown caption_styles {unknown}; choose from {list(world.caption_styles)}")
 
     def styles(self) -> tuple[str, ...]:
-        """The ShapeWorld caption styles of the training split (all when ``caption_styles`` is empty)."""
-        from asymvlm.shapeworld import CAPTION_STYLES
-
+        """The caption styles of the training split: those named, or (``caption_styles`` empty)
+        every style of the dataset's data world (ShapeWorld's)."""
         picked = tuple(c.strip() for c in self.caption_styles.split(",") if c.strip())
-        return picked or tuple(CAPTION_STYLES)
+        if picked:
+            return picked
+        world = data_world(self.dataset)
+        return tuple(world.caption_styles) if world is not None else ()
+
+
+# Fields no flag or YAML key sets: a run takes them from its data (the head's embedding dimension,
+# ``dataclasses.replace(head, dim=data.dim)``). HeadConfig is parsed directly; its ``dim`` is not a flag.
+FROM_DATA = frozenset({"dim"})
+
+
+def command_default(base: type, name: str, default: Any) -> Any:
+    """A field of ``base`` redeclared with another default for one command (its help and checks
+    stay those of ``base``): ``output_dir: str = command_default(RunArguments, "output_dir", "runs/x")``."""
+    return field(default=default, metadata=base.__dataclass_fields__[name].metadata)
+
+
+# LoraArguments' default targets where they are not asymvlm.lora's: open_clip's attention is an
+# nn.MultiheadAttention (no Linear q/k/v), so the default is the Linear layers of every text block's MLP
+MLP_TARGETS = {"open_clip": r"transformer\.resblocks\.\d+\.mlp\.(c_fc|c_proj)"}
 
 
 @dataclass(frozen=True)
-class HeadArguments:
-    """The text head (shared by ``asymvlm-train`` and ``asymvlm-federate``)."""
-
-    family: Literal["vmf", "ps"] = field(
-        default="vmf", metadata={"help": "Distribution family: von Mises-Fisher (vmf) or Power Spherical (ps)."}
-    )
-    hidden_dims: list[int] = field(
-        default_factory=lambda: [1024, 1024, 1024],
-        metadata={"help": "Hidden widths of the head MLP (the paper: 1024 1024 1024)."},
-    )
-    activation: Literal["relu", "gelu", "silu", "tanh"] = field(default="relu", metadata={"help": "Head activation."})
-    direction: Literal["frozen", "learned"] = field(
-        default="frozen",
-        metadata={
-            "help": "Mean direction of each text's distribution: 'frozen' keeps the frozen text embedding (text->image "
-            "retrieval stays exactly the frozen model's; only the concentration is learned), 'learned' is the "
-            "paper's loc = eta / |eta|."
-        },
-    )
-    residual: bool = field(
-        default=False,
-        metadata={
-            "help": "Residual head: eta = init_concentration * x + MLP(x), starting exactly at CLIP's directions."
-        },
-    )
-    init_concentration: float = field(default=10.0, metadata={"help": "Concentration of an untrained residual head."})
-    min_concentration: float = field(default=1e-3, metadata={"help": "Lower bound on the concentration."})
-    max_concentration: float = field(default=1e5, metadata={"help": "Upper bound on the concentration."})
-
-    def __post_init__(self) -> None:
-        from asymvlm.heads import MAX_WIDTH
-
-        check_fields(self)
-        if not self.hidden_dims or any(not 1 <= h <= MAX_WIDTH for h in self.hidden_dims):
-            raise ConfigError(
-                f"hidden_dims must be a non-empty list of widths in [1, {MAX_WIDTH}], got {self.hidden_dims}"
-            )
-        for name in ("init_concentration", "min_concentration", "max_concentration"):
-            if not math.isfinite(getattr(self, name)):
-                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
-        if not 0 < self.min_concentration < self.max_concentration:
-            raise ConfigError(
-                f"need 0 < min_concentration < max_concentration, got {self.min_concentration}, "
-                f"{self.max_concentration}"
-            )
-        if self.residual and not self.init_concentration > 0:
-            raise ConfigError(f"init_concentration must be > 0, got {self.init_concentration}")
-
-    def head_config(self, dim: int) -> Any:
-        """The :class:`~asymvlm.heads.HeadConfig` of these arguments for embeddings of dimension ``dim``."""
-        from asymvlm.heads import HeadConfig
-
-        return HeadConfig(
-            dim=dim,
-            family=self.family,
-            hidden_dims=tuple(self.hidden_dims),
-            activation=self.activation,
-            direction=self.direction,
-            residual=self.residual,
-            init_concentration=self.init_concentration,
-            min_concentration=self.min_concentration,
-            max_concentration=self.max_concentration,
-        )
-
-
-def claim_output_dir(
-    out: Path,
-    outputs: tuple[str, ...],
-    *,
-    overwrite: bool,
-    ours: Callable[[Path], bool] | None = None,
-) -> None:
-    """A new run's output folder: new or empty; or (``overwrite``) cleared by :func:`clear_run_outputs`
-    of what an earlier run wrote there, and nothing else. A non-empty folder without ``overwrite`` is a
-    :class:`ConfigError`."""
-    out = Path(out)
-    if overwrite:
-        clear_run_outputs(out, outputs, ours=ours)
-    elif out.is_dir() and any(out.iterdir()):
-        raise ConfigError(
-            f"output_dir {out} is not empty (a previous run?): pass --resume to continue that run, --overwrite to "
-            "replace it, or choose a new output_dir"
-        )
-
-
-def model_entries(model_dir: Path) -> tuple[set[str], bool]:
-    """The entries of a saved model folder asymvlm wrote, and whether a record says so: its
-    ``.asymvlm-files.json`` (:func:`asymvlm.io.atomic_directory`), or, for a folder saved without one,
-    the names :meth:`asymvlm.model.AsymVLM.save_pretrained` writes (its README only when it is an
-    asymvlm card). Anything else there is the user's."""
-    from asymvlm.confidence import CONFIDENCE_NAME
-    from asymvlm.hub import CARD_NAME, is_asymvlm_card
-    from asymvlm.io import owned_entries
-    from asymvlm.model import ADAPTER_DIR, BASE_DELTA_NAME, CONFIG_NAME, WEIGHTS_NAME
-
-    owned = owned_entries(model_dir)
-    if owned is not None:
-        return owned, True
-    legacy = {CONFIG_NAME, WEIGHTS_NAME, ADAPTER_DIR, BASE_DELTA_NAME, CONFIDENCE_NAME}
-    card = model_dir / CARD_NAME
-    if card.is_file() and is_asymvlm_card(card):
-        legacy.add(CARD_NAME)
-    return legacy, False
-
-
-def _remove(path: Path) -> None:
-    import shutil
-
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
-
-
-def clear_run_outputs(out: Path, outputs: tuple[str, ...], *, ours: Callable[[Path], bool] | None = None) -> None:
-    """``--overwrite``: remove what an earlier run wrote into ``out`` and nothing else.
-
-    Of each name in ``outputs``: a file goes (a run's log); a ``model`` folder loses the entries
-    :func:`model_entries` says asymvlm wrote; any other folder loses the entries ``ours(path)``
-    accepts (a run's checkpoint folders, a tracker's event files) and, inside sub-folders that carry
-    an asymvlm record, the recorded entries; everything else stays (a user's notes, also inside
-    ``model/`` and ``checkpoints/``) and a warning names it. A ``model/`` folder without a record that
-    holds anything but a model's files is a :class:`ConfigError` and nothing is removed: asymvlm
-    cannot tell what is the user's. Empty folders left behind go.
-    """
-    import logging
-
-    from asymvlm.io import MANIFEST_NAME, owned_entries
-
-    out = Path(out)
-    ours = ours or (lambda p: False)
-    plan: list[Path] = []
-    kept: list[str] = []
-    folders: list[Path] = []
-
-    def walk(folder: Path) -> None:
-        record = owned_entries(folder)
-        for p in sorted(folder.iterdir()):
-            if ours(p) or (record is not None and p.name in record and p.name != MANIFEST_NAME):
-                plan.append(p)
-            elif p.is_dir() and not p.is_symlink():
-                folders.append(p)
-                walk(p)
-            elif p.name == MANIFEST_NAME and record is not None:
-                plan.append(p)  # re-checked below: it stays while a user's file does
-            else:
-                kept.append(str(p.relative_to(out)))
-
-    for name in outputs:
-        target = out / name
-        if name == "model" and (target.is_dir() and not target.is_symlink()):
-            owned, recorded = model_entries(target)
-            present = sorted(p.name for p in target.iterdir())
-            theirs = [n for n in present if n not in owned]
-            if not recorded and theirs:
-                raise ConfigError(
-                    f"--overwrite: {target} holds {theirs[:4]}, which asymvlm did not write, and no record "
-                    f"({MANIFEST_NAME}) of what it wrote there: nothing was removed; move those files out of it, "
-                    "or choose a new output_dir"
-                )
-            plan += [target / n for n in present if n in owned and n != MANIFEST_NAME]
-            kept += [f"{name}/{n}" for n in theirs]
-            folders.append(target)
-        elif name == "model" and (target.exists() or target.is_symlink()):
-            raise ConfigError(f"--overwrite: {target} is not a folder asymvlm wrote: nothing was removed")
-        elif target.is_dir() and not target.is_symlink():
-            folders.append(target)
-            walk(target)
-        elif target.exists() or target.is_symlink():
-            plan.append(target)
-    keep_records = {Path(out / k).parent for k in kept}
-    for p in plan:
-        if p.name == MANIFEST_NAME and p.parent in keep_records:
-            continue  # the record stays while the user's files do: a new save replaces the folder around them
-        _remove(p)
-    for folder in sorted(folders, key=lambda d: -len(d.parts)):  # empty folders go (sub-folders first)
-        if folder.is_dir() and not any(folder.iterdir()):
-            folder.rmdir()
-    if kept:
-        logging.getLogger(__name__).warning(
-            "--overwrite kept %d file(s) in %s that asymvlm did not write: %s%s",
-            len(kept), out, ", ".join(kept[:6]), " ..." if len(kept) > 6 else "",
-        )  # fmt: skip
-
-
-def _json_kind(value: Any) -> str:
-    """The JSON type of ``value`` as a config file holds it (int and float are one kind: a number)."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "bool"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, (list, tuple)):
-        return "list"
-    return "object" if isinstance(value, dict) else type(value).__name__
-
-
-def _kind_mismatch(saved: Any, now: Any) -> str | None:
-    """Why ``saved`` cannot be a value of the config key whose value in this run is ``now`` (another
-    JSON type; null is a value a key may change to or from), or None."""
-    a, b = _json_kind(saved), _json_kind(now)
-    if "null" in (a, b):
-        return None
-    if a != b:
-        return f"is a {a}, this run's is a {b}"
-    if a == "list" and now:
-        want = {_json_kind(x) for x in now}
-        bad = [_json_kind(x) for x in saved if _json_kind(x) not in want]
-        if bad:
-            return f"holds a {bad[0]}, this run's holds {', '.join(sorted(want))} values"
-    return None
-
-
-def check_resume_config(
-    saved: dict[str, Any],
-    now: dict[str, Any],
-    may_change: tuple[str, ...],
-    where: Path,
-    *,
-    source: str | Path | None = None,
-) -> None:
-    """A resumed run is the same run: every key outside ``may_change`` must equal the saved one.
-
-    ``source`` is the file the saved config was read from (default: ``where``); every message names
-    it. A saved config that is not an object, lacks a key, has a key this version does not know, or
-    holds a value of another JSON type is an :class:`ArtefactError` (the file was altered or written
-    by another version); a key whose value differs is a :class:`ConfigError` naming the keys
-    (old -> new) and asking for the same config.
+class LoraArguments:
+    """What is trained, and the text-tower LoRA adapter (one declaration for ``asymvlm-train`` and
+    ``asymvlm-federate``: both commands' argument classes are LoraArguments).
 
     Example:
-        >>> check_resume_config({"lr": 0.1, "seed": 0}, {"lr": 0.1, "seed": 0}, (), Path("run"))
-        >>> check_resume_config({"lr": 0.1}, {"lr": 0.1, "seed": 0}, (), Path("run"), source="run/state.json")
-        Traceback (most recent call last):
-        ...
-        asymvlm.errors.ArtefactError: run/state.json: config lacks the key 'seed'...
-        >>> check_resume_config({"lr": 0.1}, {"lr": 0.2}, (), Path("run"), source="run/state.json")
-        Traceback (most recent call last):
-        ...
-        asymvlm.errors.ConfigError: cannot resume run: run/state.json records another config; differing keys: lr...
+        >>> lora = LoraArguments(trainable="both", lora_r=4)
+        >>> lora.lora_config("open_clip")["r"], lora.target_modules("open_clip").endswith("(c_fc|c_proj)")
+        (4, True)
     """
-    source = source if source is not None else where
-    altered = "the file was altered, or written by another asymvlm version: resume with that version, or start again"
-    if not isinstance(saved, dict):
-        raise ArtefactError(f"{source}: config is a {_json_kind(saved)}, not an object; {altered}")
-    missing = sorted(k for k in now if k not in saved and k not in may_change)
-    if missing:
-        raise ArtefactError(f"{source}: config lacks the key {missing[0]!r}"
-                            f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; {altered}")  # fmt: skip
-    unknown = sorted((str(k) for k in saved if k not in now and k not in may_change), key=str)
-    if unknown:
-        raise ArtefactError(f"{source}: config.{unknown[0][:60]!r} is not a config key of this run; {altered}")
-    for k in sorted(now):
-        why = None if k in may_change or k not in saved else _kind_mismatch(saved[k], now[k])
-        if why:
-            raise ArtefactError(f"{source}: config.{k} {why}; {altered}")
-    differ = sorted(k for k in set(saved) | set(now) if k not in may_change and saved.get(k) != now.get(k))
-    if differ:
-        shown = ", ".join(f"{k} ({_short(saved.get(k))} -> {_short(now.get(k))})" for k in differ[:6])
-        raise ConfigError(
-            f"cannot resume {where}: {source} records another config; differing keys: {shown}. Use the same config "
-            f"(only {', '.join(may_change)} may change), or a new output_dir"
-        )
+
+    trainable: Literal["head", "lora", "both"] = field(
+        default="head",
+        metadata={
+            "help": "What is trained (and, federated, sent): 'head' (the text head and temperature on cached "
+            "embeddings, the fast path), 'lora' (a peft LoRA adapter on the frozen text tower; the head stays as it "
+            "starts) or 'both'. Image embeddings always come from the cache."
+        },
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout, in [0, 1)."})
+    lora_target_modules: str = field(
+        default="",
+        metadata={
+            "help": "Regex (full match) of the text-tower Linear modules to adapt; empty = every text block's MLP "
+            "(open_clip: mlp.c_fc, mlp.c_proj; transformers: q/k/v/out_proj and mlp.fc1/fc2)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        if self.lora_r < 1:
+            raise ConfigError(f"lora_r must be >= 1, got {self.lora_r}")
+        if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise ConfigError(f"lora_alpha must be > 0 and finite, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+
+    def target_modules(self, backend: str) -> str:
+        """The regex of the modules to adapt on an encoder of ``backend`` (``lora_target_modules``,
+        or the default: the Linear layers of every text block's MLP, the layers every federated
+        LoRA aggregation can handle)."""
+        from asymvlm.lora import DEFAULT_TARGETS
+
+        if self.lora_target_modules:
+            return self.lora_target_modules
+        return MLP_TARGETS.get(backend) or DEFAULT_TARGETS[backend]
+
+    def lora_config(self, backend: str) -> dict[str, Any]:
+        """The keyword arguments of :func:`asymvlm.lora.add_text_lora`."""
+        return {
+            "r": self.lora_r,
+            "alpha": self.lora_alpha,
+            "dropout": self.lora_dropout,
+            "target_modules": self.target_modules(backend),
+        }
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+@dataclass(frozen=True)
+class RunArguments:
+    """Run control, one meaning per name for ``asymvlm-train`` and ``asymvlm-federate`` (both
+    commands' argument classes are RunArguments; a command may only change a default, with
+    :func:`command_default`).
+
+    The run's iterations are optimizer steps (``asymvlm-train``) or rounds (``asymvlm-federate``);
+    ``eval_every`` counts them.
+
+    Example:
+        >>> run = RunArguments(eval_every=3)
+        >>> [n for n in range(1, 8) if run.evaluates_at(n, last=7)]
+        [3, 6, 7]
+    """
+
+    # what may change between a run and its --resume (plus each command's own: rounds, log_every...)
+    RESUMABLE: ClassVar[tuple[str, ...]] = ("output_dir", "resume", "overwrite", "progress", "eval_every", "keep_last")
+
+    output_dir: str = field(
+        default="runs/asymvlm",
+        metadata={"help": "Run folder: checkpoints/, the run's log (train_log.jsonl / metrics.jsonl) and model/."},
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seed of everything random in the run (except secure DP noise), >= 0."}
+    )
+    init_from: str = field(
+        default="",
+        metadata={
+            "help": "A saved AsymVLM (a folder or a Hub id, user/repo[@revision]) whose head and temperature (and "
+            "text adapter, asymvlm-train) start the run."
+        },
+    )
+    mask_file: str = field(
+        default="",
+        metadata={
+            "help": "safetensors of boolean masks {parameter name: mask} (from calibrate_mask, e.g. TaLoS): updates "
+            "and weight decay are zero outside the mask; federated clients send only the masked values. "
+            "Parameters without a mask train normally."
+        },
+    )
+    eval_every: int = field(
+        default=0,
+        metadata={
+            "help": "Evaluate every N iterations (optimizer steps / rounds) and after the last; 0: after the last "
+            "only; -1: never."
+        },
+    )
+    keep_last: int = field(
+        default=2, metadata={"help": "Checkpoints kept, the latest (>= 1: the last is what --resume needs)."}
+    )
+    resume: bool = field(
+        default=False, metadata={"help": "Resume from the latest checkpoint in output_dir (its config must match)."}
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Start afresh in a used output_dir: removes what a run writes there (checkpoints/, its log, "
+            "model/), nothing else."
+        },
+    )
+    progress: bool = field(
+        default=True,
+        metadata={"help": "Progress bar on the main process (off: one summary line per logged step / round)."},
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        self._check_run()
+
+    def _check_run(self) -> None:
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+        if self.eval_every < -1:
+            raise ConfigError(
+                f"eval_every must be >= -1 (0: after the last iteration only; -1: never), got {self.eval_every}"
+            )
+        if self.keep_last < 1:
+            raise ConfigError(
+                f"keep_last must be >= 1 (the latest checkpoint is what --resume needs), got {self.keep_last}"
+            )
+        if self.resume and self.overwrite:
+            raise ConfigError("resume and overwrite exclude each other: continue the run, or replace it")
+        if not self.output_dir:
+            raise ConfigError("output_dir must not be empty")
+
+    def evaluates_at(self, done: int, last: int) -> bool:
+        """Whether the run evaluates after iteration ``done`` (1-based) of ``last``."""
+        if self.eval_every < 0:
+            return False
+        return (self.eval_every > 0 and done % self.eval_every == 0) or done == last
 
 
 def config_fields(types: tuple[type, ...]) -> dict[str, type]:
-    """``{field name: dataclass}`` over ``types``; a name in two of them is an error."""
+    """``{field name: dataclass}`` over ``types`` (the config keys: :data:`FROM_DATA` fields are
+    none); a name in two of them is an error."""
     out = {}
     for klass in types:
         for f in dataclasses.fields(klass):
+            if f.name in FROM_DATA:
+                continue
             if f.name in out:  # pragma: no cover - guarded by tests
                 raise RuntimeError(f"duplicate config field {f.name}")
             out[f.name] = klass
@@ -525,6 +428,27 @@ def argument_parser(
     class Parser(HfArgumentParser):
         def error(self, message: str):  # argparse would print the usage and exit
             raise ConfigError(message)
+
+        def _add_dataclass_arguments(self, dtype: type) -> None:
+            # HfArgumentParser's, except: a FROM_DATA field is no flag (its default fills the
+            # namespace), and a variadic tuple (HeadConfig.hidden_dims) is a list flag
+            hints = typing.get_type_hints(dtype)
+            named = hasattr(dtype, "_argument_group_name")
+            group = self.add_argument_group(dtype._argument_group_name) if named else self
+            for f in dataclasses.fields(dtype):
+                if not f.init:
+                    continue
+                if f.name in FROM_DATA:
+                    self.set_defaults(**{f.name: f.default})
+                    continue
+                tp = hints[f.name]
+                if typing.get_origin(tp) is tuple and len(typing.get_args(tp)) == 2 and typing.get_args(tp)[1] is ...:
+                    tp = list[typing.get_args(tp)[0]]
+                flag = copy.copy(f)
+                flag.type = tp
+                if isinstance(f.default, tuple):  # argparse reads a list flag's default from a factory
+                    flag.default, flag.default_factory = dataclasses.MISSING, functools.partial(list, f.default)
+                self._parse_dataclass_field(group, flag)
 
     return Parser(
         types, prog=prog, description=description, epilog=epilog, formatter_class=HelpFormatter, allow_abbrev=False

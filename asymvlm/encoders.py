@@ -53,7 +53,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from asymvlm.errors import MissingExtraError
+from asymvlm.errors import ConfigError, EncoderLoadError, InputError, MissingExtraError
+from asymvlm.plugins import load_plugins
 
 __all__ = [
     "FrozenEncoder",
@@ -76,7 +77,8 @@ PACKAGE_MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
 
 # (open_clip architecture, pretrained tag) -> a function returning the local directory of those
 # weights: the same role as open_clip's own pretrained registry, for weights that are built or
-# found on this machine instead of downloaded (the toy CLIP registers itself in asymvlm.toyclip).
+# found on this machine instead of downloaded. Plug-ins register here (the toy CLIPs of
+# asymvlm.worlds); a lookup loads them first (asymvlm.plugins.load_plugins): the core never imports them.
 LOCAL_PRETRAINED: dict[tuple[str, str], Callable[[], str | Path]] = {}
 _EXCLUSIVE: set[str] = set()
 
@@ -207,7 +209,7 @@ class FrozenEncoder:
         """
         n = len(images)
         if n == 0:
-            raise ValueError("encode_image got no images")
+            raise InputError("encode_image got no images")
         out = []
         for s in tqdm(range(0, n, batch_size), desc="encode images", disable=not progress, leave=False):
             chunk = images[s : s + batch_size]
@@ -223,7 +225,7 @@ class FrozenEncoder:
             raise TypeError("encode_text expects a list of strings, got a single str")
         n = len(texts)
         if n == 0:
-            raise ValueError("encode_text got no texts")
+            raise InputError("encode_text got no texts")
         out = []
         for s in tqdm(range(0, n, batch_size), desc="encode texts", disable=not progress, leave=False):
             tokens = {k: v.to(self.device) for k, v in self.tokenize(list(texts[s : s + batch_size])).items()}
@@ -283,12 +285,13 @@ class OpenCLIPEncoder(FrozenEncoder):
         register_open_clip_configs()
         device = _resolve_device(device)
         spec_name, spec_pretrained = name, pretrained
+        load_plugins()  # the plug-ins' registered tags (asymvlm.plugins), before the lookup
         resolve = LOCAL_PRETRAINED.get((name, pretrained))
         if resolve is not None:  # a registered local tag: built or found on this machine, no download
             name, pretrained = f"local-dir:{resolve()}", None
         elif name in _EXCLUSIVE:
             tags = sorted(tag for n, tag in LOCAL_PRETRAINED if n == name)
-            raise ValueError(
+            raise ConfigError(
                 f"{name} is loaded with pretrained={tags[0]!r} (built on first use), or from its local directory"
                 if len(tags) == 1
                 else f"{name} is loaded with one of the pretrained tags {tags}, or from its local directory"
@@ -302,10 +305,12 @@ class OpenCLIPEncoder(FrozenEncoder):
             )
         except RuntimeError as err:
             if pretrained and not os.path.isfile(str(pretrained)):
-                raise RuntimeError(
+                raise EncoderLoadError(
                     f"could not load open_clip {name!r} with pretrained={pretrained!r}: {err}. Without network "
                     f"access, pass the path of a local checkpoint file as pretrained=..."
                 ) from err
+            if pretrained:  # the user's checkpoint file: unreadable, or of another architecture
+                raise EncoderLoadError(f"could not load open_clip {name!r} from {pretrained}: {err}") from err
             raise
         self._transform = preprocess
         self._tokenizer = open_clip.get_tokenizer(name)
@@ -335,7 +340,7 @@ class OpenCLIPEncoder(FrozenEncoder):
             return None
         cfg = open_clip.get_model_config(name)
         if cfg is None:
-            raise ValueError(f"unknown open_clip model {name!r}; known: {', '.join(sorted(open_clip.list_models()))}")
+            raise ConfigError(f"unknown open_clip model {name!r}; known: {', '.join(sorted(open_clip.list_models()))}")
         return cfg
 
     def preprocess(self, images: Sequence[Any]) -> Tensor:
@@ -399,19 +404,19 @@ class HFEncoder(FrozenEncoder):
         device = _resolve_device(device)
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
         if dtype is None:
-            raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
+            raise ConfigError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
         kwargs = {"cache_dir": cache_dir, "revision": revision}
         try:
             model = AutoModel.from_pretrained(name_or_path, dtype=dtype, **kwargs)
         except TypeError:  # transformers < 4.56 spells it torch_dtype
             model = AutoModel.from_pretrained(name_or_path, torch_dtype=dtype, **kwargs)
         except OSError as err:
-            raise OSError(
+            raise EncoderLoadError(
                 f"could not load transformers model {name_or_path!r}: {err}. Without network access pass a local "
                 f"directory written by save_pretrained (config.json, model.safetensors, tokenizer, preprocessor)"
             ) from err
         if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
-            raise ValueError(
+            raise ConfigError(
                 f"{name_or_path!r} loads as {type(model).__name__}, which is not a dual encoder "
                 f"(no get_text_features/get_image_features); use a CLIP or SigLIP checkpoint"
             )
@@ -464,20 +469,20 @@ class HFTextEncoder(FrozenEncoder):
         device = _resolve_device(device)
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
         if dtype is None:
-            raise ValueError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
+            raise ConfigError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
         try:
             model = AutoModel.from_pretrained(name_or_path, cache_dir=cache_dir).to(dtype)
             self._tokenizer = AutoTokenizer.from_pretrained(name_or_path, cache_dir=cache_dir)
         except OSError as err:
-            raise OSError(
+            raise EncoderLoadError(
                 f"could not load transformers text model {name_or_path!r}: {err}. Without network access pass a "
                 f"local directory (config.json, weights, tokenizer files)"
             ) from err
         self._max_length = min(int(getattr(model.config, "max_position_embeddings", 512)), 512)
         super().__init__(f"hf-text:{name_or_path}", None, model.to(device), device)
 
-    def _no_images(self) -> ValueError:
-        return ValueError(
+    def _no_images(self) -> ConfigError:
+        return ConfigError(
             f"{self.spec} is a text-only encoder: it embeds no images. Write the image embeddings you have "
             f"with asymvlm.cache.write_cache (README: 'Precomputed embeddings')"
         )
@@ -514,12 +519,12 @@ def parse_spec(spec: str) -> tuple[str, str]:
         (('open_clip', 'ViT-B-32'), ('hf', 'openai/clip-vit-base-patch32'))
     """
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f"encoder spec must be a non-empty string, got {spec!r}")
+        raise ConfigError(f"encoder spec must be a non-empty string, got {spec!r}")
     for prefix, backend in (("open_clip:", "open_clip"), ("hf-text:", "hf-text"), ("hf:", "hf")):
         if spec.startswith(prefix):
             name = spec[len(prefix) :]
             if not name:
-                raise ValueError(f"encoder spec {spec!r} names no model")
+                raise ConfigError(f"encoder spec {spec!r} names no model")
             if backend == "open_clip" and name.startswith("local-dir:"):
                 name = f"local-dir:{os.path.abspath(name[len('local-dir:') :])}"
             elif backend == "open_clip" and not name.startswith("hf-hub:") and Path(name).is_dir():
@@ -533,10 +538,10 @@ def parse_spec(spec: str) -> tuple[str, str]:
             return "open_clip", f"local-dir:{os.path.abspath(spec)}"
         if (path / "config.json").is_file():
             return "hf", os.path.abspath(spec)
-        raise ValueError(
+        raise ConfigError(
             f"directory {spec!r} holds neither open_clip_config.json (open_clip) nor config.json (transformers)"
         )
-    raise ValueError(
+    raise ConfigError(
         f"cannot parse encoder spec {spec!r}: use 'open_clip:<name>', 'open_clip:hf-hub:<repo>', "
         f"'open_clip:<dir>', 'hf:<hub id or dir>', 'hf-text:<hub id or dir>' or an existing local directory"
     )
@@ -568,10 +573,11 @@ def load_encoder(
         cache_dir: download cache for Hub ids and tags.
 
     Raises:
-        ValueError: an unparseable spec or an unknown architecture.
+        ConfigError: an unparseable spec or an unknown architecture.
+        EncoderLoadError: the weights cannot be loaded (offline without a local copy, a bad checkpoint).
         MissingExtraError: an optional dependency (timm) is missing; names the extra.
     """
     backend, name = parse_spec(spec)
     if backend in ("hf", "hf-text") and pretrained is not None:
-        raise ValueError("pretrained= is for open_clip specs; a transformers spec names its weights itself")
+        raise ConfigError("pretrained= is for open_clip specs; a transformers spec names its weights itself")
     return _BACKENDS[backend](name, pretrained, device=device, precision=precision, cache_dir=cache_dir)

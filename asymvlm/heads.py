@@ -51,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from asymvlm.distributions import PowerSpherical, SphericalDistribution, VonMisesFisher
-from asymvlm.errors import ConfigError
+from asymvlm.errors import ConfigError, InputError, InputTypeError
 from asymvlm.registry import Param, Registry
 
 __all__ = [
@@ -143,7 +143,8 @@ DIRECTIONS = ("frozen", "learned")  # where loc comes from (HeadConfig.direction
 
 
 def check_embeddings(x: Tensor, dim: int, name: str, *, unit: bool = False, row_offset: int = 0) -> None:
-    """Validate a (N, dim) embedding matrix; raise ValueError naming the bad shape or row.
+    """Validate a (N, dim) embedding matrix; raise :class:`~asymvlm.errors.InputError` naming the bad
+    shape or row (:class:`~asymvlm.errors.InputTypeError` for a non-tensor or a non-float one).
 
     Args:
         x: tensor expected to be ``(N, dim)``.
@@ -153,27 +154,27 @@ def check_embeddings(x: Tensor, dim: int, name: str, *, unit: bool = False, row_
         row_offset: added to reported row numbers (when ``x`` is a slice of a larger matrix).
     """
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 2:
-        raise ValueError(f"{name} must have shape (N, {dim}), got {tuple(x.shape)}")
+        raise InputError(f"{name} must have shape (N, {dim}), got {tuple(x.shape)}")
     if x.shape[1] != dim:
-        raise ValueError(
+        raise InputError(
             f"{name} have dimension {x.shape[1]} (shape {tuple(x.shape)}) but {dim} is expected: "
             f"the head/model was built for d={dim}"
         )
     if not x.is_floating_point():
-        raise TypeError(f"{name} must be floating point, got {x.dtype}")
+        raise InputTypeError(f"{name} must be floating point, got {x.dtype}")
     finite = torch.isfinite(x).all(-1)
     if not bool(finite.all()):
         row = int(torch.nonzero(~finite)[0, 0])
-        raise ValueError(f"{name}: row {row + row_offset} contains NaN or inf")
+        raise InputError(f"{name}: row {row + row_offset} contains NaN or inf")
     if unit:
         norms = torch.linalg.vector_norm(x.float(), dim=-1)
         tol = 1e-2 if x.dtype in (torch.float16, torch.bfloat16) else 10 * torch.finfo(x.dtype).eps ** 0.5
         bad = (norms - 1).abs() > tol
         if bool(bad.any()):
             row = int(torch.nonzero(bad)[0, 0])
-            raise ValueError(
+            raise InputError(
                 f"{name} must be unit vectors: row {row + row_offset} has norm {float(norms[row]):.6g}. "
                 f"L2-normalise them first (torch.nn.functional.normalize(x, dim=-1))."
             )
@@ -275,8 +276,8 @@ class TextHead(nn.Module):
     Args:
         dim: embedding dimension d (input and output).
         family: ``"vmf"`` or ``"ps"``.
-        hidden_dims, activation, direction, residual, init_concentration, min_concentration,
-        max_concentration: see :class:`HeadConfig` and the module docstring.
+        hidden_dims, activation, direction, residual, init_concentration, min_concentration, max_concentration:
+            see :class:`HeadConfig` and the module docstring.
         config: a ready :class:`HeadConfig` instead of the keyword arguments.
         validate: check inputs (shape, finiteness) on every call (one host sync per call).
 

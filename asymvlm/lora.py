@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from asymvlm.errors import ConfigError, InputError
+
 __all__ = [
     "DEFAULT_TARGETS",
     "add_text_lora",
@@ -52,7 +54,7 @@ def add_text_lora(
     from peft import LoraConfig, get_peft_model
 
     if getattr(encoder.model, "peft_config", None):  # peft injects in place: a second adapter would stack
-        raise ValueError(
+        raise InputError(
             f"the text tower of {encoder.spec} already carries a LoRA adapter (injected in place by an earlier "
             "run): load a fresh encoder for each model that adapts it"
         )
@@ -61,10 +63,10 @@ def add_text_lora(
     try:
         peft_model = get_peft_model(encoder.model, config)
     except ValueError as err:
-        raise ValueError(f"LoRA target_modules {target!r} matched no module of {encoder.spec}: {err}") from err
+        raise ConfigError(f"LoRA target_modules {target!r} matched no module of {encoder.spec}: {err}") from err
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     if not trainable or any(".visual." in n or "vision_model" in n for n in trainable):
-        raise ValueError(f"LoRA targets must select text-tower modules only, got {trainable[:4]}")
+        raise ConfigError(f"LoRA targets must select text-tower modules only, got {trainable[:4]}")
     return peft_model
 
 
@@ -92,7 +94,7 @@ def low_rank_factors(delta: Tensor, rank: int, scaling: float = 1.0) -> tuple[Te
     ``scaling * B @ A`` is the truncated SVD of ``delta``, the singular values split evenly
     between the factors. Returns ``(A, B, relative Frobenius error of the truncation)``."""
     if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
+        raise ConfigError(f"rank must be >= 1, got {rank}")
     u, sv, vh = torch.linalg.svd(delta.double(), full_matrices=False)
     r = min(rank, sv.numel())
     root = sv[:r].sqrt()
@@ -112,11 +114,11 @@ def split_peft_state(state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]
     for key, value in state.items():
         m = _PEFT_KEY.match(key)
         if m is None:
-            raise ValueError(f"{key!r} is not a LoRA factor (<layer>.lora_A/B[.adapter].weight)")
+            raise InputError(f"{key!r} is not a LoRA factor (<layer>.lora_A/B[.adapter].weight)")
         out.setdefault(m.group("layer"), {})[m.group("ab")] = value
     incomplete = [layer for layer, ab in out.items() if set(ab) != {"A", "B"}]
     if incomplete:
-        raise ValueError(f"LoRA layers without both A and B: {incomplete[:4]}")
+        raise InputError(f"LoRA layers without both A and B: {incomplete[:4]}")
     return out
 
 

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from asymvlm.distributions import SphericalDistribution, VonMisesFisher
+from asymvlm.errors import ConfigError, InputError
 from asymvlm.heads import check_embeddings
 from asymvlm.registry import Registry
 from asymvlm.special import vmf_log_normalizer, vmf_log_normalizer_approx
@@ -103,14 +104,14 @@ def log_likelihood(
         ``(T, I)`` tensor in the distribution's dtype.
 
     Raises:
-        ValueError: wrong shapes, dimension mismatch, NaN/inf or non-unit rows (named).
+        InputError: wrong shapes, dimension mismatch, NaN/inf or non-unit rows (named).
         ConfigError: an unknown ``vmf_normalizer`` (the message lists the valid ones).
     """
     q = text_distribution
     if not isinstance(q, SphericalDistribution):
         raise TypeError(f"text_distribution must be a VonMisesFisher or PowerSpherical, got {type(q).__name__}")
     if len(q.batch_shape) != 1:
-        raise ValueError(f"text_distribution must have batch shape (T,), got {tuple(q.batch_shape)}")
+        raise InputError(f"text_distribution must have batch shape (T,), got {tuple(q.batch_shape)}")
     if validate:
         check_embeddings(image_embeddings, q.dim, "image embeddings", unit=True)
     normalizer = VMF_NORMALIZER_REGISTRY.build(vmf_normalizer)  # ConfigError if unknown, even for PS
@@ -121,7 +122,7 @@ def log_likelihood(
     if chunk_size is None or n <= chunk_size:
         return q.pairwise_log_prob(image_embeddings, log_norm)
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
     parts = [q.pairwise_log_prob(image_embeddings[s : s + chunk_size], log_norm) for s in range(0, n, chunk_size)]
     return torch.cat(parts, dim=-1)
 
@@ -134,7 +135,7 @@ def positives_from_ids(text_ids: Tensor, image_ids: Tensor) -> Tensor:
         [[True, False], [True, False], [False, True]]
     """
     if text_ids.dim() != 1 or image_ids.dim() != 1:
-        raise ValueError(f"ids must be 1-D, got shapes {tuple(text_ids.shape)} and {tuple(image_ids.shape)}")
+        raise InputError(f"ids must be 1-D, got shapes {tuple(text_ids.shape)} and {tuple(image_ids.shape)}")
     return text_ids.unsqueeze(1) == image_ids.unsqueeze(0)
 
 
@@ -162,24 +163,24 @@ def symmetric_infonce(logits: Tensor, positives: Tensor | None = None, *, positi
         positive_mode: ``"exclude"``, ``"sum"`` or ``"diagonal"`` (module docstring).
     """
     if logits.dim() != 2:
-        raise ValueError(f"logits must be (T, I), got {tuple(logits.shape)}")
+        raise InputError(f"logits must be (T, I), got {tuple(logits.shape)}")
     if positive_mode not in POSITIVE_MODES:
-        raise ValueError(f"unknown positive_mode {positive_mode!r}; choose one of {POSITIVE_MODES}")
+        raise ConfigError(f"unknown positive_mode {positive_mode!r}; choose one of {POSITIVE_MODES}")
     t, i = logits.shape
     if positives is None or positive_mode == "diagonal":
         if positive_mode == "diagonal" and positives is not None:
-            raise ValueError("positive_mode='diagonal' ignores a positives mask; pass positives=None")
+            raise InputError("positive_mode='diagonal' ignores a positives mask; pass positives=None")
         if t != i:
-            raise ValueError(f"without a positives mask the logits must be square, got {tuple(logits.shape)}")
+            raise InputError(f"without a positives mask the logits must be square, got {tuple(logits.shape)}")
         labels = torch.arange(t, device=logits.device)
         return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels))
     if positives.shape != logits.shape or positives.dtype != torch.bool:
-        raise ValueError(
+        raise InputError(
             f"positives must be a bool tensor of shape {tuple(logits.shape)}, got "
             f"{positives.dtype} {tuple(positives.shape)}"
         )
     if not bool(positives.any()):
-        raise ValueError("positives mask has no True entry")
+        raise InputError("positives mask has no True entry")
     return 0.5 * (
         _directional_nce(logits, positives, positive_mode) + _directional_nce(logits.T, positives.T, positive_mode)
     )
@@ -230,7 +231,7 @@ class AsymVLMLoss(nn.Module):
         super().__init__()
         VMF_NORMALIZER_REGISTRY.entry(vmf_normalizer)  # ConfigError "unknown vmf_normalizer ..."
         if positive_mode not in POSITIVE_MODES:
-            raise ValueError(f"unknown positive_mode {positive_mode!r}; choose one of {POSITIVE_MODES}")
+            raise ConfigError(f"unknown positive_mode {positive_mode!r}; choose one of {POSITIVE_MODES}")
         self.vmf_normalizer = vmf_normalizer
         self.positive_mode = positive_mode
         self.max_logit_scale = max_logit_scale

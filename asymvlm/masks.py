@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from asymvlm.errors import ArtefactError, InputError
+
 __all__ = ["SparseMasks", "load_masks", "save_masks", "mask_density", "MASKS_TYPE"]
 
 MASKS_TYPE = "asymvlm.masks"
@@ -41,7 +43,7 @@ def load_masks(path: str | Path) -> dict[str, Tensor]:
     masks = load_safetensors(path, mmap=False)
     bad = [k for k, v in masks.items() if v.dtype != torch.bool]
     if bad:
-        raise ValueError(f"{path}: masks must be bool tensors; {bad} are not")
+        raise ArtefactError(f"{path}: masks must be bool tensors; {bad} are not")
     return masks
 
 
@@ -52,12 +54,12 @@ class SparseMasks:
         params = dict(module.named_parameters())
         unknown = sorted(set(masks) - set(params))
         if unknown:
-            raise ValueError(f"mask names not among the trained parameters: {unknown}; known: {sorted(params)[:8]}...")
+            raise InputError(f"mask names not among the trained parameters: {unknown}; known: {sorted(params)[:8]}...")
         self.entries: list[tuple[str, nn.Parameter, Tensor]] = []
         for name, mask in masks.items():
             p = params[name]
             if tuple(mask.shape) != tuple(p.shape):
-                raise ValueError(f"mask {name!r} has shape {tuple(mask.shape)}, the parameter {tuple(p.shape)}")
+                raise InputError(f"mask {name!r} has shape {tuple(mask.shape)}, the parameter {tuple(p.shape)}")
             self.entries.append((name, p, mask.to(p.device)))
         self._saved: list[Tensor] = []
 
@@ -94,7 +96,7 @@ def save_masks(masks: Mapping[str, Tensor], path: str | Path, meta: dict[str, An
 
     bad = [k for k, v in masks.items() if v.dtype != torch.bool]
     if bad:
-        raise ValueError(f"masks must be bool tensors; {bad[:4]} are not")
+        raise InputError(f"masks must be bool tensors; {bad[:4]} are not")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_safetensors({k: v.contiguous() for k, v in masks.items()}, path)

@@ -15,7 +15,8 @@ Saved layout (``save_pretrained(dir)``)::
 
 The encoder's weights are referenced (by spec) and not copied; ``from_pretrained`` loads the
 encoder again and checks its fingerprint. Unknown keys written by a newer asymvlm are dropped
-with a warning; missing required keys are an error. No pickle anywhere.
+with a warning; missing required keys are an error. No pickle anywhere. The layout's names and the
+checks of every field and header before a load builds anything are :mod:`asymvlm.model_format`'s.
 
 Example:
     >>> import tempfile, torch
@@ -33,7 +34,6 @@ Example:
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -43,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from asymvlm.distributions import SphericalDistribution
-from asymvlm.errors import ConfigError, EncoderMismatchError
+from asymvlm.errors import ConfigError, EncoderMismatchError, InputError
 from asymvlm.heads import HeadConfig, TextHead, check_embeddings
 from asymvlm.io import (
     ArtefactError,
@@ -52,26 +52,40 @@ from asymvlm.io import (
     inside_folder,
     load_safetensors,
     non_finite_key,
-    parse_json,
-    read_safetensors_header,
     read_tagged_json,
     require_finite,
 )
 from asymvlm.losses import log_likelihood
+from asymvlm.model_format import (
+    ADAPTER_DIR,
+    BASE_DELTA_NAME,
+    CONFIG_NAME,
+    ENCODER_KEYS,
+    MODEL_TYPE,
+    MODEL_VERSION,
+    WEIGHTS_NAME,
+    check_delta_header,
+    check_model_config,
+    check_weights_header,
+    config_file,
+    config_json,
+    encoder_problem,
+    head_config_of,
+    lineage_problem,
+    logit_scale_problem,
+    provenance_json,
+    tensors_json,
+)
 
-__all__ = ["AsymVLM", "EncoderMismatchError", "CONFIG_NAME", "WEIGHTS_NAME", "ADAPTER_DIR", "apply_text_adapter"]
-
-CONFIG_NAME = "asymvlm_config.json"
-WEIGHTS_NAME = "head.safetensors"
-ADAPTER_DIR = "text_adapter"  # a peft LoRA adapter of the text tower, in peft's format
-BASE_DELTA_NAME = "text_base_delta.safetensors"  # dense updates added to the frozen text tower
-MODEL_TYPE = "asymvlm"
-MODEL_VERSION = 1
-ENCODER_KEYS = ("spec", "pretrained", "fingerprint", "dim")  # what ``encoder`` records (all written, all required)
-LINEAGE_KEYS = ("init_from", "init_from_fingerprint", "init")
-# |logit_scale| above this: exp() of it overflows float32 (a temperature no training produces)
-MAX_ABS_LOGIT_SCALE = 88.0
-_ST_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+__all__ = [
+    "AsymVLM",
+    "EncoderMismatchError",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "ADAPTER_DIR",
+    "BASE_DELTA_NAME",
+    "apply_text_adapter",
+]
 
 
 @torch.no_grad()
@@ -130,17 +144,17 @@ class AsymVLM(nn.Module):
     ):
         super().__init__()
         if encoder is not None and encoder.dim != head.dim:
-            raise ValueError(
+            raise InputError(
                 f"encoder dimension {encoder.dim} ({encoder.spec}) does not match the head's dimension {head.dim}"
             )
-        problem = _logit_scale_problem(logit_scale)
+        problem = logit_scale_problem(logit_scale)
         if problem:
             raise ConfigError(f"logit_scale {problem}")
         for name, value in (("encoder_source", encoder_source), ("lineage", lineage)):
             if value is not None and not isinstance(value, Mapping):
                 raise ConfigError(f"{name} must be a mapping or None, got {type(value).__name__}")
         if lineage:
-            problem = _lineage_problem(lineage)
+            problem = lineage_problem(lineage)
             if problem:
                 raise ConfigError(f"lineage{problem}")
         self.head = head
@@ -154,7 +168,7 @@ class AsymVLM(nn.Module):
             if unknown:
                 raise ConfigError(f"encoder_source has unknown key(s) {unknown}; it records {list(ENCODER_KEYS)}")
             encoder_source = {**dict.fromkeys(ENCODER_KEYS), "dim": head.dim, **encoder_source}
-            problem = _encoder_problem(encoder_source, head.dim, allow_null_fingerprint=True)
+            problem = encoder_problem(encoder_source, head.dim, allow_null_fingerprint=True)
             if problem:
                 raise ConfigError(f"encoder_source{problem}")
         self.encoder_source = encoder_source
@@ -185,7 +199,7 @@ class AsymVLM(nn.Module):
 
     def _require_encoder(self, what: str) -> Any:
         if self.encoder is None:
-            raise ValueError(
+            raise InputError(
                 f"this AsymVLM has no encoder, so it cannot {what}; pass embeddings instead, or "
                 f"build it with an encoder (AsymVLM(head, encoder=load_encoder(...)))"
             )
@@ -204,7 +218,7 @@ class AsymVLM(nn.Module):
         if isinstance(texts, str):
             texts = [texts]
         if len(texts) == 0:
-            raise ValueError("no texts given")
+            raise InputError("no texts given")
         return self._require_encoder("encode strings").encode_text(list(texts), **kwargs)
 
     def encode_text(self, texts: Sequence[str] | Tensor, **kwargs) -> SphericalDistribution:
@@ -229,7 +243,7 @@ class AsymVLM(nn.Module):
         """``log q_t(x_i)``, (T, I), for texts (strings, embeddings or a distribution) and unit image embeddings."""
         q = texts if isinstance(texts, SphericalDistribution) else self.encode_text(texts)
         if q.dim != self.dim:
-            raise ValueError(f"the distribution has dimension {q.dim}, the model {self.dim}")
+            raise InputError(f"the distribution has dimension {q.dim}, the model {self.dim}")
         return log_likelihood(q, image_embeddings.to(q.loc.device), chunk_size=chunk_size)
 
     # -- persistence ----------------------------------------------------------------------------
@@ -275,9 +289,9 @@ class AsymVLM(nn.Module):
             metadata={
                 "format": "pt",
                 "type": MODEL_TYPE,
-                "head_config": _config_json(self.head.config),
-                "tensors": _tensors_json(state),
-                "provenance": _provenance_json(self.encoder_source, self.lineage),
+                "head_config": config_json(self.head.config),
+                "tensors": tensors_json(state),
+                "provenance": provenance_json(self.encoder_source, self.lineage),
             },
         )
         config = {
@@ -305,7 +319,7 @@ class AsymVLM(nn.Module):
                 self.text_base_delta,
                 directory / BASE_DELTA_NAME,
                 metadata={"format": "pt", "type": f"{MODEL_TYPE}.text_base_delta",
-                          "tensors": _tensors_json(self.text_base_delta)},
+                          "tensors": tensors_json(self.text_base_delta)},
             )  # fmt: skip
             config["text_base_delta"] = BASE_DELTA_NAME
         elif (directory / BASE_DELTA_NAME).is_file() and not (directory / BASE_DELTA_NAME).is_symlink():
@@ -418,61 +432,12 @@ class AsymVLM(nn.Module):
             known=("text_adapter", "text_base_delta", "lineage", "confidence"),
             allow_nan=False,
         )
-        head_config = _head_config(cfg["head"], cfg_path)
-        _check_model_config(cfg, cfg_path, head_config, check_fingerprint=check_fingerprint)
-        # the weights' header before any allocation: keys, shapes, dtypes and the head config they were
-        # saved with must be this config's
-        weights = inside_folder(directory, WEIGHTS_NAME)
-        _check_weights_header(weights, head_config, cfg, check_fingerprint=check_fingerprint)
-        head = TextHead(config=head_config)
-        state = load_safetensors(weights, mmap=False)
-        bad = non_finite_key(state)
-        if bad is not None:
-            raise ArtefactError(f"{weights}: tensor {bad!r} holds NaN or inf")
-        try:
-            head.load_state_dict(state)
-        except RuntimeError as err:
-            raise ArtefactError(f"{weights} does not fit the head config in {CONFIG_NAME}: {err}") from err
-        if device is not None:
-            head = head.to(device)
+        head_config = head_config_of(cfg["head"], cfg_path)
+        check_model_config(cfg, cfg_path, head_config, check_fingerprint=check_fingerprint)
+        head = _load_head(directory, head_config, cfg, check_fingerprint=check_fingerprint, device=device)
         source = cfg["encoder"]
-        encoder = None
-        has_spec = bool(source and source.get("spec"))
-        want = load_encoder is True or (load_encoder == "auto" and has_spec)
-        if load_encoder is True and not has_spec:
-            raise ValueError(f"{directory} was saved without an encoder; load it with load_encoder=False")
-        if want:
-            from asymvlm.encoders import load_encoder as _load
-
-            encoder = _load(source["spec"], source.get("pretrained"), device=device, **encoder_kwargs)
-            if check_fingerprint and source.get("fingerprint") and encoder.fingerprint != source["fingerprint"]:
-                raise EncoderMismatchError(
-                    f"the encoder {source['spec']!r} (pretrained={source.get('pretrained')!r}) loaded now has "
-                    f"other weights (fingerprint {encoder.fingerprint[:16]}...) than when the model was saved "
-                    f"({source['fingerprint'][:16]}...); pass check_fingerprint=False to use it anyway"
-                )
-        base_delta = None
-        delta_path = _inside(directory, cfg_path, "text_base_delta", cfg, BASE_DELTA_NAME)
-        adapter_path = _inside(directory, cfg_path, "text_adapter", cfg, None)
-        if delta_path is not None:
-            _check_delta_header(delta_path)
-            base_delta = load_safetensors(delta_path, mmap=False)
-            bad = non_finite_key(base_delta)
-            if bad is not None:
-                raise ArtefactError(f"{delta_path}: tensor {bad!r} holds NaN or inf")
-            if encoder is not None:
-                try:
-                    _add_to_weights(encoder, base_delta)
-                except ArtefactError as err:
-                    raise ArtefactError(f"{delta_path}: {err}") from None
-        if adapter_path is not None and encoder is not None:
-            apply_text_adapter(encoder, adapter_path)
-        if (cfg.get("text_adapter") or cfg.get("text_base_delta")) and encoder is None:
-            warnings.warn(
-                f"{directory} adapts the text tower (LoRA / folded updates), which needs the encoder; text "
-                f"embeddings passed to this encoder-less model must come from the adapted tower",
-                stacklevel=2,
-            )
+        encoder = _load_frozen_encoder(directory, source, load_encoder, check_fingerprint, device, encoder_kwargs)
+        base_delta, adapter_path = _load_text_updates(directory, cfg_path, cfg, encoder)
         try:
             model = cls(
                 head,
@@ -487,16 +452,7 @@ class AsymVLM(nn.Module):
         if adapter_path is not None:
             model._adapter_files = adapter_path
         if cfg.get("confidence"):
-            from asymvlm.confidence import CONFIDENCE_NAME, ConfidenceModel
-
-            if cfg["confidence"] != CONFIDENCE_NAME:
-                raise ArtefactError(f"{directory / CONFIG_NAME}: 'confidence' must be {CONFIDENCE_NAME!r}")
-            model.confidence = ConfidenceModel.load(directory)
-            fam = model.confidence.familiarity
-            if fam is not None and fam.dim != model.dim:
-                raise ArtefactError(
-                    f"{directory}: the familiarity density has dimension {fam.dim}, the head {model.dim}"
-                )
+            model.confidence = _load_confidence(directory, cfg, model.dim)
         return model
 
     def extra_repr(self) -> str:
@@ -505,253 +461,95 @@ class AsymVLM(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# checking a saved model's config before anything is built from it
+# the parts of a load (from_pretrained), each after the checks of asymvlm.model_format
 # ----------------------------------------------------------------------------------------------
-def _config_json(config: HeadConfig) -> str:
-    import json
-
-    return json.dumps(config.to_dict(), sort_keys=True)
-
-
-def _head_config(head_cfg: Any, cfg_path: Path) -> HeadConfig:
-    """The :class:`HeadConfig` of a saved config's ``head`` object, every field checked (types and
-    ranges, before anything is allocated); an :class:`ArtefactError` naming the file and field."""
-    if not isinstance(head_cfg, dict):
-        raise ArtefactError(f"{cfg_path}: 'head' must be an object, got {type(head_cfg).__name__}")
-    fields = set(HeadConfig.__dataclass_fields__)
-    unknown = sorted(str(k) for k in set(head_cfg) - fields)
-    if unknown:
-        warnings.warn(f"{cfg_path}: ignoring unknown head key(s) {unknown}", stacklevel=3)
-    for key in ("dim", "hidden_dims"):  # no default could fit the saved weights
-        if key not in head_cfg:
-            raise ArtefactError(f"{cfg_path}: head config misses required key {key!r}")
-    head_cfg = {k: v for k, v in head_cfg.items() if k in fields}
-    head_cfg.setdefault("direction", "learned")  # saved before the option existed: the paper's head
-    if isinstance(head_cfg.get("hidden_dims"), list):
-        head_cfg["hidden_dims"] = tuple(head_cfg["hidden_dims"])  # checked with every other field below
+def _load_head(
+    directory: Path, head_config: HeadConfig, cfg: dict[str, Any], *, check_fingerprint: bool, device: Any
+) -> TextHead:
+    """The head with its saved weights; their header is checked first, before any allocation: keys,
+    shapes, dtypes and the head config they were saved with must be this config's."""
+    weights = inside_folder(directory, WEIGHTS_NAME)
+    check_weights_header(weights, head_config, cfg, check_fingerprint=check_fingerprint)
+    head = TextHead(config=head_config)
+    state = load_safetensors(weights, mmap=False)
+    bad = non_finite_key(state)
+    if bad is not None:
+        raise ArtefactError(f"{weights}: tensor {bad!r} holds NaN or inf")
     try:
-        return HeadConfig(**head_cfg)
-    except (ConfigError, ValueError, TypeError) as err:
-        raise ArtefactError(f"{cfg_path}: head: {err}") from None
+        head.load_state_dict(state)
+    except RuntimeError as err:
+        raise ArtefactError(f"{weights} does not fit the head config in {CONFIG_NAME}: {err}") from err
+    if device is not None:
+        head = head.to(device)
+    return head
 
 
-def _optional_str(value: Any) -> bool:
-    return value is None or isinstance(value, str)
-
-
-def _tensors_json(tensors: Mapping[str, Tensor]) -> str:
-    """``{key: [dtype, shape]}`` of the tensors a file holds (recorded in its metadata at save time
-    and compared on load: another dtype, shape or set of tensors is a tampered or foreign file)."""
-    import json
-
-    return json.dumps(
-        {k: [_ST_DTYPE.get(v.dtype, str(v.dtype)), list(v.shape)] for k, v in tensors.items()}, sort_keys=True
-    )
-
-
-def _check_recorded_tensors(path: Path, tensors: dict[str, tuple[str, list[int]]], meta: dict[str, str]) -> None:
-    """The tensors of a file equal what its metadata recorded at save time (where it records them:
-    files saved before this was recorded are not compared); an :class:`ArtefactError` naming the key."""
-    recorded = meta.get("tensors")
-    if recorded is None:
-        return
-    want = parse_json(recorded, f"the 'tensors' metadata of {path}", allow_nan=False)
-    if not isinstance(want, dict):
-        raise ArtefactError(f"{path}: corrupt 'tensors' metadata (not an object)")
-    have = {k: [dt, list(shape)] for k, (dt, shape) in tensors.items()}
-    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-    if missing or extra:
-        raise ArtefactError(
-            f"{path}: holds other tensors than it was saved with: missing {missing[:4]}, unexpected {extra[:4]}"
-        )
-    for k in sorted(have):
-        if have[k] != want[k]:
-            raise ArtefactError(
-                f"{path}: tensor {k!r} is {have[k][0]} {have[k][1]}, it was saved as {want[k][0]} {want[k][1]}"
-            )
-
-
-def _logit_scale_problem(scale: Any) -> str | None:
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        return f"must be a finite number, got {scale!r}"
-    if abs(scale) > MAX_ABS_LOGIT_SCALE:
-        return f"is {scale!r}: a log temperature beyond +-{MAX_ABS_LOGIT_SCALE} (exp() overflows)"
-    return None
-
-
-def _encoder_problem(source: Any, dim: int, *, allow_null_fingerprint: bool) -> str | None:
-    """What is wrong with an ``encoder`` record (``": ..."`` / ``".key ..."``, to follow its name),
-    or None. Every key of :data:`ENCODER_KEYS` is present and no other; ``dim`` is the head's; spec
-    and pretrained are strings or null; the fingerprint is a string, null only for features of
-    unknown origin (spec null too) or when the caller waives the check."""
-    if not isinstance(source, Mapping):
-        return f" must be an object or null, got {type(source).__name__}"
-    missing = [k for k in ENCODER_KEYS if k not in source]
-    unknown = sorted(str(k) for k in set(source) - set(ENCODER_KEYS))
-    if missing or unknown:
-        return f": missing key(s) {missing}, unknown key(s) {unknown}; it records {list(ENCODER_KEYS)}"
-    for key in ("spec", "pretrained", "fingerprint"):
-        value = source[key]
-        if not _optional_str(value) or value == "":
-            return f".{key} must be a non-empty string or null, got {value!r}"
-    d = source["dim"]
-    if isinstance(d, bool) or not isinstance(d, int) or d != dim:
-        return f".dim is {d!r}, the head's dim {dim}"
-    if source["fingerprint"] is None and source["spec"] is not None and not allow_null_fingerprint:
-        return (
-            f".fingerprint is null: the embeddings of {source['spec']!r} it was trained on cannot be checked; "
-            "pass check_fingerprint=False to load it anyway"
-        )
-    return None
-
-
-def _lineage_problem(lineage: Any) -> str | None:
-    """What is wrong with a ``lineage`` record (to follow its name), or None. Its two forms are those
-    training writes: ``{"init_from": path, "init_from_fingerprint": sha256}`` (a fine-tune) and
-    ``{"init_from": null, "init": "scratch"}`` (a head trained from scratch)."""
-    if not isinstance(lineage, Mapping):
-        return f" must be an object, got {type(lineage).__name__}"
-    unknown = sorted(str(k) for k in set(lineage) - set(LINEAGE_KEYS))
-    if unknown:
-        return f": unknown key(s) {unknown}; it records {list(LINEAGE_KEYS)}"
-    if "init_from" not in lineage:
-        return ": missing key 'init_from'"
-    start = lineage["init_from"]
-    if start is None:
-        if lineage.get("init") != "scratch" or "init_from_fingerprint" in lineage:
-            return ': init_from null (trained from scratch) needs "init": "scratch" and no init_from_fingerprint'
+def _load_frozen_encoder(
+    directory: Path,
+    source: Mapping[str, Any] | None,
+    load_encoder: bool | str,
+    check_fingerprint: bool,
+    device: Any,
+    encoder_kwargs: Mapping[str, Any],
+) -> Any | None:
+    """The frozen encoder the config names (None when it names none and ``load_encoder`` is "auto",
+    or when ``load_encoder`` is False), its fingerprint checked against the saved one."""
+    has_spec = bool(source and source.get("spec"))
+    want = load_encoder is True or (load_encoder == "auto" and has_spec)
+    if load_encoder is True and not has_spec:
+        raise ConfigError(f"{directory} was saved without an encoder; load it with load_encoder=False")
+    if not want:
         return None
-    if not isinstance(start, str) or not start:
-        return f".init_from must be a non-empty string or null, got {start!r}"
-    fp = lineage.get("init_from_fingerprint")
-    if not isinstance(fp, str) or not fp:
-        return f".init_from_fingerprint must be the fingerprint of {start!r}'s head weights, got {fp!r}"
-    if "init" in lineage:
-        return f".init is {lineage['init']!r}: a head fine-tuned from init_from records none"
-    return None
+    from asymvlm.encoders import load_encoder as _load
 
-
-def _check_model_config(cfg: dict[str, Any], cfg_path: Path, head: HeadConfig, *, check_fingerprint: bool) -> None:
-    """The fields of ``asymvlm_config.json`` beside ``head``: types and ranges, one
-    :class:`ArtefactError` naming the file and the field."""
-    problem = _logit_scale_problem(cfg["logit_scale"])
-    if problem:
-        raise ArtefactError(f"{cfg_path}: logit_scale {problem}")
-    source = cfg["encoder"]
-    if source is not None:  # null: an embeddings-only model of unknown origin
-        problem = _encoder_problem(source, head.dim, allow_null_fingerprint=not check_fingerprint)
-        if problem:
-            raise ArtefactError(f"{cfg_path}: encoder{problem}")
-    if "lineage" in cfg:  # absent: a model of unknown origin (merges then check its distance to the base)
-        problem = _lineage_problem(cfg["lineage"])
-        if problem:
-            raise ArtefactError(f"{cfg_path}: lineage{problem}")
-    if "confidence" in cfg and (not isinstance(cfg["confidence"], str) or not cfg["confidence"]):
-        raise ArtefactError(f"{cfg_path}: confidence must be a file name, got {cfg['confidence']!r}")
-
-
-def _provenance_json(encoder_source: Mapping[str, Any] | None, lineage: Mapping[str, Any] | None) -> str:
-    """What ``head.safetensors`` records of the config's provenance: the encoder's fingerprint and
-    what the head was fine-tuned from (its weights' fingerprint, or "scratch"). Paths and specs are
-    left out: a moved local encoder and a Hub upload (which names paths by their last parts) change them."""
-    import json
-
-    fp = (encoder_source or {}).get("fingerprint") if encoder_source is not None else None
-    if not lineage:
-        start = None
-    elif lineage.get("init_from") is None:
-        start = "scratch"
-    else:
-        start = lineage.get("init_from_fingerprint")
-    spec = encoder_source is not None and encoder_source.get("spec") is not None
-    return json.dumps(
-        {"encoder": encoder_source is not None, "encoder_fingerprint": fp, "spec": spec, "lineage": start}
-    )
-
-
-def _check_provenance(path: Path, cfg: dict[str, Any], meta: dict[str, str], check_fingerprint: bool) -> None:
-    """The config's encoder and lineage are those the weights were saved with (where recorded)."""
-    recorded = meta.get("provenance")
-    if recorded is None:
-        return
-    want = parse_json(recorded, f"the 'provenance' metadata of {path}", allow_nan=False)
-    have = parse_json(_provenance_json(cfg["encoder"], cfg.get("lineage")), path)
-    if not isinstance(want, dict):
-        raise ArtefactError(f"{path}: corrupt 'provenance' metadata (not an object)")
-    keys = ["encoder", "spec", "encoder_fingerprint", "lineage"]
-    if not check_fingerprint:  # the caller waives the encoder check (a spec nulled is still refused)
-        keys = ["spec", "lineage"]
-    differ = [k for k in keys if want.get(k) != have.get(k)]
-    if differ:
-        field = {"spec": "encoder.spec", "encoder_fingerprint": "encoder.fingerprint"}.get(differ[0], differ[0])
-        raise ArtefactError(
-            f"{path.parent / CONFIG_NAME}: {field} differs from the one {path.name} was saved with "
-            f"({str(have.get(differ[0]))[:16]!r} in the config, {str(want.get(differ[0]))[:16]!r} in "
-            "the weights)"
+    encoder = _load(source["spec"], source.get("pretrained"), device=device, **encoder_kwargs)
+    if check_fingerprint and source.get("fingerprint") and encoder.fingerprint != source["fingerprint"]:
+        raise EncoderMismatchError(
+            f"the encoder {source['spec']!r} (pretrained={source.get('pretrained')!r}) loaded now has "
+            f"other weights (fingerprint {encoder.fingerprint[:16]}...) than when the model was saved "
+            f"({source['fingerprint'][:16]}...); pass check_fingerprint=False to use it anyway"
         )
+    return encoder
 
 
-def _check_weights_header(path: Path, config: HeadConfig, cfg: dict[str, Any], *, check_fingerprint: bool) -> None:
-    """``head.safetensors`` fits ``config`` before anything is allocated: the keys and shapes of a
-    head of that config, floating dtypes, and (where recorded at save time) the same head config,
-    dtypes and provenance (encoder fingerprint, lineage)."""
-    import json
-
-    tensors, meta = read_safetensors_header(path)
-    _check_provenance(path, cfg, meta, check_fingerprint)
-    with torch.device("meta"):  # shapes without memory
-        expected = {k: list(v.shape) for k, v in TextHead(config=config).state_dict().items()}
-    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
-    if missing or extra:
-        raise ArtefactError(
-            f"{path} does not fit the head config in {CONFIG_NAME}: missing tensors {missing[:4]}, unexpected "
-            f"tensors {extra[:4]}"
+def _load_text_updates(
+    directory: Path, cfg_path: Path, cfg: dict[str, Any], encoder: Any | None
+) -> tuple[dict[str, Tensor] | None, Path | None]:
+    """The text tower's saved updates: ``(folded dense updates, LoRA adapter folder)``, each None when
+    the config names none; both are applied to ``encoder`` when there is one (a warning otherwise)."""
+    base_delta = None
+    delta_path = config_file(directory, cfg_path, "text_base_delta", cfg, BASE_DELTA_NAME)
+    adapter_path = config_file(directory, cfg_path, "text_adapter", cfg, None)
+    if delta_path is not None:
+        check_delta_header(delta_path)
+        base_delta = load_safetensors(delta_path, mmap=False)
+        bad = non_finite_key(base_delta)
+        if bad is not None:
+            raise ArtefactError(f"{delta_path}: tensor {bad!r} holds NaN or inf")
+        if encoder is not None:
+            try:
+                _add_to_weights(encoder, base_delta)
+            except ArtefactError as err:
+                raise ArtefactError(f"{delta_path}: {err}") from None
+    if adapter_path is not None and encoder is not None:
+        apply_text_adapter(encoder, adapter_path)
+    if (cfg.get("text_adapter") or cfg.get("text_base_delta")) and encoder is None:
+        warnings.warn(
+            f"{directory} adapts the text tower (LoRA / folded updates), which needs the encoder; text "
+            f"embeddings passed to this encoder-less model must come from the adapted tower",
+            stacklevel=3,
         )
-    for key, (dtype, shape) in tensors.items():
-        if dtype not in ("F32", "F16", "BF16", "F64"):
-            raise ArtefactError(f"{path}: tensor {key!r} is {dtype}, a head's weights are floating point")
-        if shape != expected[key]:
-            raise ArtefactError(
-                f"{path} does not fit the head config in {CONFIG_NAME}: tensor {key!r} has shape {shape}, the "
-                f"config needs {expected[key]}"
-            )
-    saved = meta.get("head_config")
-    if saved is not None:
-        try:
-            saved_cfg = json.loads(saved)
-        except (ValueError, RecursionError):
-            raise ArtefactError(f"{path}: corrupt head_config in its metadata") from None
-        now = config.to_dict()
-        differ = sorted(k for k in now if not isinstance(saved_cfg, dict) or saved_cfg.get(k) != now[k])
-        if differ:
-            shown = ", ".join(f"{k} ({saved_cfg.get(k)!r} in the weights, {now[k]!r} in the config)"
-                              for k in differ[:4]) if isinstance(saved_cfg, dict) else str(differ)  # fmt: skip
-            raise ArtefactError(
-                f"{path.parent / CONFIG_NAME}: head config differs from the one {path.name} was saved with: {shown}"
-            )
-    _check_recorded_tensors(path, tensors, meta)
+    return base_delta, adapter_path
 
 
-def _check_delta_header(path: Path) -> None:
-    """``text_base_delta.safetensors``: floating tensors, and those it was saved with (its metadata)."""
-    tensors, meta = read_safetensors_header(path)
-    for key, (dtype, _) in tensors.items():
-        if dtype not in ("F32", "F16", "BF16", "F64"):
-            raise ArtefactError(f"{path}: tensor {key!r} is {dtype}, the text tower's updates are floating point")
-    _check_recorded_tensors(path, tensors, meta)
+def _load_confidence(directory: Path, cfg: dict[str, Any], dim: int) -> Any:
+    """The saved confidence model (:mod:`asymvlm.confidence`), its familiarity density of the head's dimension."""
+    from asymvlm.confidence import CONFIDENCE_NAME, ConfidenceModel
 
-
-def _inside(directory: Path, cfg_path: Path, key: str, cfg: dict[str, Any], default: str | None) -> Path | None:
-    """The path the config field ``key`` names inside the model folder (:func:`asymvlm.io.inside_folder`),
-    or None when the config has no such field. Written only with a file name, so null or "" is an
-    error; so is a folder holding ``default`` (what save_pretrained writes) that the config does not name."""
-    if key not in cfg:
-        if default is not None and ((directory / default).exists() or (directory / default).is_symlink()):
-            raise ArtefactError(
-                f"{cfg_path}: missing key {key!r}, but the folder holds {default}: the model would load without it"
-            )
-        return None
-    value = cfg[key]
-    if not isinstance(value, str) or not value:
-        raise ArtefactError(f"{cfg_path}: {key} must be a file name inside the model folder, got {value!r}")
-    return inside_folder(directory, value, source=cfg_path, field=key)
+    if cfg["confidence"] != CONFIDENCE_NAME:
+        raise ArtefactError(f"{directory / CONFIG_NAME}: 'confidence' must be {CONFIDENCE_NAME!r}")
+    confidence = ConfidenceModel.load(directory)
+    fam = confidence.familiarity
+    if fam is not None and fam.dim != dim:
+        raise ArtefactError(f"{directory}: the familiarity density has dimension {fam.dim}, the head {dim}")
+    return confidence

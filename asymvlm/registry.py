@@ -8,6 +8,16 @@ an option an entry does not use is a :class:`~asymvlm.errors.ConfigError` naming
 entry and the valid keys, never silently dropped; :meth:`Registry.describe` prints every entry
 with its parameters (``asymvlm-federate --list-recipes``, ``asymvlm-merge --list-methods``).
 
+Parameters are declared once. The :class:`Param` list is the declaration (type, default, help,
+check, reference) and :meth:`Registry.resolve` always passes the factory every declared option,
+defaults filled in; the factory's signature must agree with it, which :meth:`Registry.add` checks
+when the entry is registered (as mergekit reads a merge method's parameters from its signature):
+the same names (a factory parameter the registry would never pass, or a Param the factory does
+not take, is an error), the same default where the signature gives one, and an annotation, where
+the signature gives one, that admits the Param's type. A disagreement is a
+:class:`~asymvlm.errors.ConfigError` naming the entry and the parameter. A factory whose signature
+Python cannot read (a builtin such as ``dict``, which returns the options as given) is not checked.
+
 Example:
     >>> reg = Registry("greeting")
     >>> @reg.register("hello", params=[Param("times", int, 1, "How often.", check=at_least(1))],
@@ -24,7 +34,10 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
+import types
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,7 +45,19 @@ from typing import Any
 
 from asymvlm.errors import ConfigError
 
-__all__ = ["Param", "Entry", "Registry", "at_least", "in_range", "positive", "non_negative", "probability"]
+__all__ = [
+    "Param",
+    "Entry",
+    "Registry",
+    "check_signature",
+    "flag_settings",
+    "dataclass_flags",
+    "at_least",
+    "in_range",
+    "positive",
+    "non_negative",
+    "probability",
+]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,6 +185,191 @@ class Entry:
         return {p.name: p.default for p in self.params}
 
 
+# ----------------------------------------------------------------------------------------------
+# a factory's signature against its declared parameters
+# ----------------------------------------------------------------------------------------------
+_KEYWORD = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+
+
+def _signature(factory: Callable[..., Any]) -> inspect.Signature | None:
+    """The factory's signature with its annotations evaluated (left as written where they cannot
+    be), or None where Python cannot read one (a builtin such as ``dict``)."""
+    try:
+        return inspect.signature(factory, eval_str=True)
+    except (TypeError, ValueError):
+        return None
+    except Exception:  # an annotation naming what its module imports only for type checkers
+        try:
+            return inspect.signature(factory)
+        except (TypeError, ValueError):  # pragma: no cover - read above
+            return None
+
+
+def _admits(member: Any, value: Any) -> bool:
+    """Whether one member of an annotation admits ``value``."""
+    if member is Any or isinstance(member, (str, typing.TypeVar)):  # Any, or an annotation left unevaluated
+        return True
+    if typing.get_origin(member) is typing.Literal:
+        return value in typing.get_args(member)
+    origin = typing.get_origin(member) or member
+    if not isinstance(origin, type):
+        return True  # a construct this check does not read (Callable[...], a Protocol alias, ...)
+    if origin is float and isinstance(value, int) and not isinstance(value, bool):
+        return True  # PEP 484: an int is acceptable where a float is annotated
+    return isinstance(value, origin)
+
+
+def _admits_type(member: Any, tp: type) -> bool:
+    """Whether one member of an annotation admits every value of the class ``tp``."""
+    if member is Any or isinstance(member, (str, typing.TypeVar)):
+        return True
+    if typing.get_origin(member) is typing.Literal:
+        return False  # a Literal admits some strings, not every one
+    origin = typing.get_origin(member) or member
+    if not isinstance(origin, type):
+        return True
+    return issubclass(tp, origin) or (tp is int and origin is float)
+
+
+def _annotation_problem(annotation: Any, param: Param) -> str | None:
+    """Why the annotation does not admit the Param's values (None when it does)."""
+    if annotation is inspect.Parameter.empty:
+        return None
+    members = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    if param.choices is not None:
+        bad = [c for c in param.choices if not any(_admits(m, c) for m in members)]
+        return f"choices {bad} are not admitted by the annotation {_show(annotation)}" if bad else None
+    if isinstance(param.type, type) and not any(_admits_type(m, param.type) for m in members):
+        return f"type {param.type_name()} is not admitted by the annotation {_show(annotation)}"
+    return None
+
+
+def _is_union(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is typing.Union or isinstance(annotation, types.UnionType)
+
+
+def _show(annotation: Any) -> str:
+    if isinstance(annotation, type) and typing.get_origin(annotation) is None:
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _same_default(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # pragma: no cover - an array-like default
+        return False
+
+
+def check_signature(kind: str, entry: Entry) -> None:
+    """That ``entry.factory``'s signature agrees with ``entry.params`` (see the module docstring):
+    the same keyword names, the same defaults where the signature has them, annotations that admit
+    the declared types. Called by :meth:`Registry.add` for every entry.
+
+    Raises:
+        ConfigError: naming the entry, the parameter and both declarations.
+
+    Example:
+        >>> def f(times=2):
+        ...     return times
+        >>> check_signature("greeting", Entry("hello", f, (Param("times", int, 1, "How often"),)))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        asymvlm.errors.ConfigError: greeting 'hello': parameter 'times' has default 1 in its Param but 2 in its ...
+    """
+    sig = _signature(entry.factory)
+    if sig is None:
+        return
+    name = (getattr(entry.factory, "__qualname__", None) or type(entry.factory).__name__).rsplit("<locals>.", 1)[-1]
+    where = f"{kind} {entry.name!r}"
+    shown = f"its factory {name}{sig}" if "<lambda>" not in name else f"its factory lambda{sig}"
+    args = sig.parameters
+    takes_any = any(a.kind is inspect.Parameter.VAR_KEYWORD for a in args.values())
+    declared = {p.name: p for p in entry.params}
+    for arg in args.values():
+        if arg.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
+            continue
+        if arg.kind is inspect.Parameter.POSITIONAL_ONLY:
+            if arg.default is inspect.Parameter.empty:
+                raise ConfigError(
+                    f"{where}: parameter {arg.name!r} of {shown} is positional-only; the registry passes the "
+                    "declared options by keyword"
+                )
+            continue  # never passed
+        if arg.name not in declared:
+            raise ConfigError(
+                f"{where}: parameter {arg.name!r} of {shown} is not declared as a Param (the registry passes "
+                f"the declared options by keyword, and only those); declared: {list(declared) or 'none'}"
+            )
+    for p in entry.params:
+        arg = args.get(p.name)
+        if arg is None or arg.kind not in _KEYWORD:
+            if takes_any:
+                continue
+            raise ConfigError(f"{where}: Param {p.name!r} is not a keyword parameter of {shown}")
+        if arg.default is not inspect.Parameter.empty and not _same_default(arg.default, p.default):
+            raise ConfigError(
+                f"{where}: parameter {p.name!r} has default {p.default!r} in its Param but {arg.default!r} in {shown}"
+            )
+        problem = _annotation_problem(arg.annotation, p)
+        if problem:
+            raise ConfigError(f"{where}: parameter {p.name!r}: the Param's {problem} in {shown}")
+
+
+# ----------------------------------------------------------------------------------------------
+# declared parameters as command-line flags
+# ----------------------------------------------------------------------------------------------
+def flag_settings(tp: Any) -> dict[str, Any]:
+    """argparse settings of a flag whose value has type ``tp`` (a :class:`Param`'s type or a config
+    field's annotation): ``X | None`` is ``X``; ``list[X]`` / ``tuple[X, ...]`` one or more values;
+    a ``Literal`` its choices; ``bool`` a switch that sets True; ``int`` / ``float`` their type.
+
+    Example:
+        >>> flag_settings(list[float] | None), flag_settings(typing.Literal["a", "b"])
+        ({'nargs': '+', 'type': <class 'float'>}, {'choices': ('a', 'b')})
+    """
+    if _is_union(tp):
+        members = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(members) != 1:
+            return {}
+        tp = members[0]
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (list, tuple) and args:
+        return {"nargs": "+", **flag_settings(args[0])}
+    if origin is typing.Literal:
+        return {"choices": args}
+    if tp is bool:
+        return {"action": "store_const", "const": True}
+    return {"type": tp} if tp in (int, float) else {}
+
+
+def dataclass_flags(cls: type) -> dict[str, dict[str, Any]]:
+    """``{field name: argparse settings}`` of a config dataclass, one flag per field: the settings of
+    its annotation (:func:`flag_settings`), its default, and its ``metadata`` (``help`` and what the
+    annotation does not say: ``metavar``, ``choices``; a ``type`` or an ``action`` of its own
+    replaces the annotation's settings: a custom type parses one token into the whole value).
+
+    Example:
+        >>> @dataclasses.dataclass(frozen=True)
+        ... class Args:
+        ...     steps: int = dataclasses.field(default=10, metadata={"help": "Steps."})
+        >>> dataclass_flags(Args)
+        {'steps': {'type': <class 'int'>, 'default': 10, 'help': 'Steps.'}}
+    """
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        own = dict(f.metadata)
+        settings = {} if "type" in own or "action" in own else flag_settings(hints[f.name])
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        out[f.name] = {**settings, "default": None if default is dataclasses.MISSING else default, **own}
+    return out
+
+
 class Registry(Mapping[str, Entry]):
     """Named entries with declared parameters (a read-only mapping ``name -> Entry``).
 
@@ -190,12 +400,30 @@ class Registry(Mapping[str, Entry]):
         return deco
 
     def add(self, entry: Entry) -> Entry:
+        """Register ``entry``: a :class:`~asymvlm.errors.ConfigError` for a name registered twice, a
+        parameter declared twice, or a factory whose signature disagrees with the declared
+        parameters (:func:`check_signature`)."""
         if entry.name in self._entries:
-            raise ValueError(f"{self.kind} {entry.name!r} is already registered")
+            raise ConfigError(f"{self.kind} {entry.name!r} is already registered")
         names = [p.name for p in entry.params]
         if len(set(names)) != len(names):
-            raise ValueError(f"{self.kind} {entry.name!r} declares a parameter twice: {names}")
+            raise ConfigError(f"{self.kind} {entry.name!r} declares a parameter twice: {names}")
+        check_signature(self.kind, entry)
         self._entries[entry.name] = entry
+        return entry
+
+    def unregister(self, name: str) -> Entry:
+        """Remove the entry ``name`` and return it (a plug-in's tests register an entry for one test
+        and remove it after); an unknown name is a :class:`~asymvlm.errors.ConfigError`.
+
+        Example:
+            >>> reg = Registry("greeting")
+            >>> _ = reg.register("hello")(lambda: "hi")
+            >>> reg.unregister("hello").name, "hello" in reg
+            ('hello', False)
+        """
+        entry = self.entry(name)
+        del self._entries[name]
         return entry
 
     # -- lookup -----------------------------------------------------------------------------------
@@ -239,6 +467,32 @@ class Registry(Mapping[str, Entry]):
     def build(self, name: str, **options: Any) -> Any:
         """``factory(**resolve(name, options))``."""
         return self.entry(name).factory(**self.resolve(name, options))
+
+    def options(self) -> dict[str, tuple[Param, tuple[str, ...]]]:
+        """Every option some entry declares: its :class:`Param` (as the first entry declares it) and
+        the entries that declare it, in registration order (what a command line makes one flag of).
+
+        Raises:
+            ConfigError: an option declared with different types by two entries (one flag, one type).
+
+        Example:
+            >>> reg = Registry("greeting")
+            >>> _ = reg.register("hi", params=[Param("times", int, 1, "How often.")])(lambda times: "hi" * times)
+            >>> _ = reg.register("yo", params=[Param("times", int, 2, "How often.")])(lambda times: "yo" * times)
+            >>> {k: names for k, (p, names) in reg.options().items()}
+            {'times': ('hi', 'yo')}
+        """
+        out: dict[str, tuple[Param, tuple[str, ...]]] = {}
+        for entry in self._entries.values():
+            for p in entry.params:
+                first, names = out.get(p.name, (p, ()))
+                if first.type != p.type:
+                    raise ConfigError(
+                        f"{self.kind} option {p.name!r} is declared as {first.type_name()} by {names[0]!r} "
+                        f"but as {p.type_name()} by {entry.name!r}"
+                    )
+                out[p.name] = (first, (*names, entry.name))
+        return out
 
     def describe(self, names: Sequence[str] | None = None) -> str:
         """Every entry (or those named): name, help, reference and one line per parameter."""

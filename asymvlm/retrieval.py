@@ -14,7 +14,8 @@ tangent line gives a linear upper bound for candidate generation followed by exa
 
 Both directions stream the gallery in chunks (``chunk_size`` rows at a time) and keep a running
 top-k, so memory is bounded by ``queries x chunk_size`` scores whatever the gallery size. An
-optional FAISS backend (``pip install 'asymvlm[faiss]'``) returns the same top-k.
+optional FAISS backend (``pip install 'asymvlm[faiss]'``) returns the same top-k. The chunked top-k,
+the streaming statistics of the retrieval distribution and the results are :mod:`asymvlm.topk`'s.
 
 Example:
     >>> import torch
@@ -29,9 +30,7 @@ Example:
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ import torch
 from torch import Tensor
 
 from asymvlm.distributions import SphericalDistribution
+from asymvlm.errors import ConfigError, InputError
 from asymvlm.heads import FAMILY_REGISTRY, check_embeddings, family_class, family_of
 from asymvlm.io import (
     ArtefactError,
@@ -47,6 +47,16 @@ from asymvlm.io import (
     inside_folder,
     load_safetensors,
     read_tagged_json,
+)
+from asymvlm.topk import (
+    OnlineSoftmax,
+    SearchResult,
+    blocked_topk,
+    check_ids,
+    check_k,
+    faiss_module,
+    ids_for,
+    topk_chunked,
 )
 
 __all__ = [
@@ -59,263 +69,6 @@ __all__ = [
 ]
 
 INDEX_VERSION = 1
-
-
-@dataclass
-class SearchResult:
-    """Top-k results: row ``q`` holds the k best gallery entries for query ``q``, best first.
-
-    Attributes:
-        indices: (Q, k) int64 gallery rows.
-        scores: (Q, k) log-likelihoods ``log q_t(x)``.
-        ids: (Q, k) nested list of gallery ids (the rows themselves when the index has no ids).
-        uncertainty: (Q,) ``1/kappa`` of each text query (text -> image), or (Q, k) of each
-            retrieved text (image -> text).
-        cosine: (Q, k) cosine ``mu_t^T x`` of each pair (None where not computed).
-        posterior: (Q, k) each hit's probability under the query's retrieval distribution over the
-            whole searched collection, ``p(i | t) = q_t(x_i) / sum_j q_t(x_j)`` (text -> image), or
-            ``p(t | x) = q_t(x) / sum_u q_u(x)`` (image -> text); None when not computed.
-        entropy: (Q,) the entropy (nats) of that distribution: ``log N`` when it is uniform over N
-            entries, 0 when one entry takes all the mass; ``exp(entropy)`` is the effective number of
-            competing entries. None when not computed.
-        log_partition: (Q,) ``log sum_j q(x_j)`` over the collection (float64), or None.
-        confidence: per-query parts of the answer's uncertainty and its probability of being right
-            (:class:`asymvlm.confidence.AnswerConfidence`), or None.
-    """
-
-    indices: Tensor
-    scores: Tensor
-    ids: list[list[Any]]
-    uncertainty: Tensor
-    cosine: Tensor | None = None
-    posterior: Tensor | None = None
-    entropy: Tensor | None = None
-    log_partition: Tensor | None = None
-    confidence: Any = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain Python (JSON-ready): ``{"queries": [{"hits": [{"id", "row", "score", "cosine",
-        "probability"}, ...]}]}``, best first, with the query's ``uncertainty`` (text -> image) or each
-        hit's (image -> text), the retrieval distribution's ``entropy`` and, where computed, the
-        answer's ``confidence`` (:meth:`asymvlm.confidence.AnswerConfidence.to_dict`). Non-finite
-        numbers become None. The one serialisation of search results, shared with ``asymvlm-serve``.
-
-        Example:
-            >>> import torch
-            >>> from asymvlm.distributions import VonMisesFisher
-            >>> index = ImageIndex(torch.eye(3), ids=["a", "b", "c"])
-            >>> res = index.search(VonMisesFisher(torch.eye(3)[1:2], torch.tensor([2.0])), k=1)
-            >>> hit = res.to_dict()["queries"][0]
-            >>> hit["hits"][0]["id"], hit["hits"][0]["cosine"], hit["uncertainty"]
-            ('b', 1.0, 0.5)
-        """
-        per_query = self.uncertainty.dim() == 1
-        cols = {"score": self.scores.tolist()}
-        if self.cosine is not None:
-            cols["cosine"] = self.cosine.tolist()
-        if self.posterior is not None:
-            cols["probability"] = self.posterior.tolist()
-        if not per_query:
-            cols["uncertainty"] = self.uncertainty.tolist()
-        queries = []
-        for q, (rows, ids) in enumerate(zip(self.indices.tolist(), self.ids)):
-            hits = [
-                {"id": ids[j], "row": rows[j], **{c: _finite(v[q][j]) for c, v in cols.items()}}
-                for j in range(len(rows))
-            ]
-            entry: dict[str, Any] = {"hits": hits}
-            if per_query:
-                entry["uncertainty"] = _finite(float(self.uncertainty[q]))
-            if self.entropy is not None:
-                entry["entropy"] = _finite(float(self.entropy[q]))
-            if self.confidence is not None:
-                entry["confidence"] = self.confidence.to_dict(q)
-            queries.append(entry)
-        return {"queries": queries}
-
-
-def _finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
-class OnlineSoftmax:
-    """Running log-sum-exp and entropy of ``p_j ∝ exp(l_j)`` over column chunks, one row per query.
-
-    Per row it keeps ``m`` (the largest logit so far), ``s = sum exp(l - m)`` and
-    ``t = sum exp(l - m) (l - m)`` in float64; a larger maximum rescales both sums. Then
-    ``log Z = m + log s`` and the entropy ``H = -sum p log p = log s - t / s``. This is the online
-    softmax normaliser (Milakov & Gimelshein 2018, https://arxiv.org/abs/1805.02867) carried one
-    moment further, so the retrieval distribution's entropy costs no second pass over the gallery.
-
-    Example:
-        >>> import torch
-        >>> acc = OnlineSoftmax(1)
-        >>> logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]])
-        >>> acc.update(logits[:, :2]); acc.update(logits[:, 2:])
-        >>> p = torch.softmax(logits.double(), 1)
-        >>> bool(torch.allclose(acc.entropy, -(p * p.log()).sum(1)))
-        True
-    """
-
-    def __init__(self, rows: int, device: torch.device | str = "cpu"):
-        self.m = torch.full((rows,), -math.inf, dtype=torch.float64, device=device)
-        self.s = torch.zeros(rows, dtype=torch.float64, device=device)
-        self.t = torch.zeros(rows, dtype=torch.float64, device=device)
-
-    def update(self, logits: Tensor, *, scratch: bool = False) -> None:
-        """Add a chunk of columns, ``logits`` (rows, C) (float32 or float64). With ``scratch`` the
-        chunk may be overwritten (no copy: the search's own score buffer)."""
-        if logits.shape[1] == 0:
-            return
-        m_new = torch.maximum(self.m, logits.amax(dim=1).double())  # (Q,)
-        live = torch.isfinite(m_new)  # a row whose logits are all -inf so far adds nothing
-        shift = torch.where(live, self.m - m_new, 0.0)  # <= 0, -inf on a row's first finite chunk
-        scale = torch.exp(shift)
-        # old terms: (l - m_old) = (l - m_new) - shift, so t_old becomes scale * (t + shift * s)
-        self.t = torch.where(self.s > 0, scale * (self.t + shift * self.s), 0.0)
-        self.s = scale * self.s
-        z = logits if scratch else logits.clone()
-        z.sub_(torch.where(live, m_new, 0.0).to(z.dtype).unsqueeze(1))  # (Q, C) <= 0
-        z.clamp_(min=-1e4)  # exp(-1e4) == 0 and -1e4 * 0 == 0: -inf logits drop out without NaN
-        w = torch.exp(z)
-        # a chunk's sums in its own dtype (terms in [0, 1]: float32 keeps ~1e-6 relative over 4,096
-        # of them), accumulated across chunks in float64; a float64 reduction of a float32 chunk
-        # would cost ten times the chunk's exp
-        self.s = self.s + w.sum(dim=1).double()
-        self.t = self.t + z.mul_(w).sum(dim=1).double()
-        self.m = m_new
-
-    @property
-    def log_partition(self) -> Tensor:
-        """(Q,) ``log sum_j exp(l_j)``, float64."""
-        return self.m + torch.log(self.s)
-
-    @property
-    def entropy(self) -> Tensor:
-        """(Q,) ``-sum_j p_j log p_j`` in nats, float64 (clamped at 0 against rounding)."""
-        return (torch.log(self.s) - self.t / self.s).clamp_min(0.0)
-
-    @staticmethod
-    def cat(parts: Sequence[OnlineSoftmax]) -> OnlineSoftmax:
-        """Rows of several accumulators stacked (query blocks)."""
-        out = OnlineSoftmax(0)
-        out.m, out.s, out.t = (torch.cat([getattr(p, a) for p in parts]) for a in ("m", "s", "t"))
-        return out
-
-
-def topk_chunked(
-    score_fn: Callable[..., Tensor],
-    n: int,
-    k: int,
-    chunk_size: int,
-    buffer: Tensor | None = None,
-    logits: Callable[[Tensor], Tensor] | None = None,
-) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, OnlineSoftmax]:
-    """Exact top-k over ``n`` columns scored chunk by chunk: ``score_fn(start, end) -> (Q, end-start)``.
-
-    Keeps a running (Q, k) top-k, so memory is O(Q * (k + chunk_size)). With ``buffer`` (a flat
-    tensor of at least Q * chunk_size elements), ``score_fn(start, end, out)`` is called with a
-    contiguous ``(Q, end-start)`` view of it to write into, which avoids allocating (and
-    page-faulting) a fresh score matrix per chunk. With ``logits`` (a map from a score chunk to the
-    retrieval distribution's logits, e.g. ``kappa * cos``; called after the chunk's top-k, so it may
-    overwrite the chunk and return it), the same pass also accumulates that distribution's
-    normaliser and entropy (:class:`OnlineSoftmax`), returned third.
-    """
-    best_v = best_i = None
-    acc = None
-    for s in range(0, n, chunk_size):
-        e = min(n, s + chunk_size)
-        if buffer is None:
-            sc = score_fn(s, e)
-        else:
-            q = buffer.numel() // chunk_size
-            sc = score_fn(s, e, buffer[: q * (e - s)].view(q, e - s))
-        v, i = sc.topk(min(k, e - s), dim=1)
-        i = i + s
-        if logits is not None:  # after the top-k: the logits may be computed in the score buffer
-            if acc is None:
-                acc = OnlineSoftmax(sc.shape[0], sc.device)
-            acc.update(logits(sc), scratch=True)
-        if best_v is None:
-            best_v, best_i = v, i
-        else:
-            v = torch.cat([best_v, v], dim=1)
-            i = torch.cat([best_i, i], dim=1)
-            best_v, pos = v.topk(min(k, v.shape[1]), dim=1)
-            best_i = i.gather(1, pos)
-    if logits is None:
-        return best_v, best_i
-    return best_v, best_i, acc
-
-
-def _blocked_topk(
-    queries: Tensor,
-    score: Callable[[Tensor, int, int, Tensor], Tensor],
-    n: int,
-    k: int,
-    chunk_size: int,
-    query_block: int,
-    logits: Callable[[slice, Tensor], Tensor] | None = None,
-) -> tuple[Tensor, Tensor, OnlineSoftmax | None]:
-    """:func:`topk_chunked` over blocks of ``query_block`` queries with one reused score buffer:
-    peak memory is ``query_block * chunk_size`` floats whatever the number of queries. With
-    ``logits(rows, scores)`` (``rows`` the block's slice of the queries) the retrieval
-    distribution's statistics come back too (else None)."""
-    chunk = min(chunk_size, n)
-    block = min(query_block, queries.shape[0])
-    buf = torch.empty(block * chunk, dtype=torch.float32, device=queries.device)
-    values, indices, stats = [], [], []
-    for s in range(0, queries.shape[0], block):
-        xq = queries[s : s + block]
-        rows = slice(s, s + xq.shape[0])
-        out = topk_chunked(
-            lambda a, b, out, xq=xq: score(xq, a, b, out),
-            n,
-            k,
-            chunk,
-            buf[: xq.shape[0] * chunk],
-            None if logits is None else (lambda sc, rows=rows: logits(rows, sc)),
-        )
-        values.append(out[0])
-        indices.append(out[1])
-        if logits is not None:
-            stats.append(out[2])
-    return torch.cat(values), torch.cat(indices), (OnlineSoftmax.cat(stats) if stats else None)
-
-
-def _check_k(k: int, n: int) -> None:
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
-    if k > n:
-        raise ValueError(f"k={k} is larger than the gallery ({n} entries)")
-
-
-def _ids_for(ids: list[Any] | None, indices: Tensor) -> list[list[Any]]:
-    if ids is None:
-        return indices.tolist()
-    return [[ids[j] for j in row] for row in indices.tolist()]
-
-
-def faiss_module():
-    """The ``faiss`` module, or a :class:`MissingExtraError` saying how to install it."""
-    try:
-        import faiss
-    except ImportError as err:
-        from asymvlm.encoders import MissingExtraError
-
-        raise MissingExtraError(
-            "backend='faiss' needs FAISS: pip install 'asymvlm[faiss]' (or: pip install faiss-cpu)"
-        ) from err
-    return faiss
-
-
-def _check_ids(ids: Sequence[Any] | None, n: int) -> list[Any] | None:
-    if ids is None:
-        return None
-    ids = list(ids)
-    if len(ids) != n:
-        raise ValueError(f"got {len(ids)} ids for {n} gallery entries")
-    return ids
 
 
 _INDEX_DTYPES = ("float16", "float32", "bfloat16", "float64")
@@ -378,12 +131,12 @@ class ImageIndex:
         faiss_index: Any = None,
     ):
         if not isinstance(embeddings, Tensor) or embeddings.dim() != 2:
-            raise ValueError(
+            raise InputError(
                 f"image embeddings must be a (N, d) tensor, got "
                 f"{tuple(embeddings.shape) if isinstance(embeddings, Tensor) else type(embeddings)}"
             )
         if embeddings.shape[0] == 0:
-            raise ValueError("the image gallery is empty")
+            raise InputError("the image gallery is empty")
         if validate:
             step = max(chunk_size, 65536)
             for s in range(0, embeddings.shape[0], step):
@@ -391,17 +144,17 @@ class ImageIndex:
                     embeddings[s : s + step].float(), embeddings.shape[1], "image embeddings", unit=True, row_offset=s
                 )
         if backend not in ("exact", "faiss"):
-            raise ValueError(f"backend must be 'exact' or 'faiss', got {backend!r}")
+            raise ConfigError(f"backend must be 'exact' or 'faiss', got {backend!r}")
         if chunk_size < 1 or query_block < 1:
-            raise ValueError(f"chunk_size and query_block must be >= 1, got {chunk_size}, {query_block}")
+            raise ConfigError(f"chunk_size and query_block must be >= 1, got {chunk_size}, {query_block}")
         self.embeddings = embeddings
-        self.ids = _check_ids(ids, embeddings.shape[0])
+        self.ids = check_ids(ids, embeddings.shape[0])
         self.chunk_size = chunk_size
         self.query_block = query_block
         self.backend = backend
         self.encoder_fingerprint = encoder_fingerprint
         if faiss_index is not None and (faiss_index.ntotal, faiss_index.d) != tuple(embeddings.shape):
-            raise ValueError(
+            raise InputError(
                 f"the FAISS index holds ({faiss_index.ntotal}, {faiss_index.d}) vectors, the embeddings "
                 f"{tuple(embeddings.shape)}"
             )
@@ -421,20 +174,20 @@ class ImageIndex:
             q = queries
         else:
             if model is None:
-                raise ValueError(
+                raise InputError(
                     "text queries given as strings or embeddings need model=AsymVLM(...) (or pass a distribution)"
                 )
             if isinstance(queries, str):
                 queries = [queries]
             if not isinstance(queries, Tensor) and len(queries) == 0:
-                raise ValueError("no queries given")
+                raise InputError("no queries given")
             if (
                 not isinstance(queries, Tensor)
                 and self.encoder_fingerprint
                 and model.encoder is not None
                 and model.encoder.fingerprint != self.encoder_fingerprint
             ):
-                raise ValueError(
+                raise InputError(
                     "the index was built from another encoder's embeddings than the model's encoder "
                     f"({model.encoder.spec}); rebuild the index or search with embeddings"
                 )
@@ -442,9 +195,9 @@ class ImageIndex:
                 emb = model.text_embeddings(queries)
                 q = model.encode_text(emb)
         if len(q.batch_shape) != 1 or q.batch_shape[0] == 0:
-            raise ValueError(f"need a non-empty batch of queries, got batch shape {tuple(q.batch_shape)}")
+            raise InputError(f"need a non-empty batch of queries, got batch shape {tuple(q.batch_shape)}")
         if q.dim != self.dim:
-            raise ValueError(f"query dimension {q.dim} does not match the index dimension {self.dim}")
+            raise InputError(f"query dimension {q.dim} does not match the index dimension {self.dim}")
         return q, emb
 
     @torch.no_grad()
@@ -473,7 +226,7 @@ class ImageIndex:
                 :mod:`asymvlm.confidence`).
         """
         q, emb = self._queries(queries, model)
-        _check_k(k, len(self))
+        check_k(k, len(self))
         loc = q.loc.detach().float()
         kappa = q.concentration.detach().float()
         family = type(q)
@@ -487,11 +240,11 @@ class ImageIndex:
         if self.backend == "faiss":
             idx = self._faiss_search(loc, k)
             if posterior:  # FAISS returns no distribution: a pass of its own (a top-1 is its cheapest top-k)
-                _, _, stats = _blocked_topk(
+                _, _, stats = blocked_topk(
                     loc, self._cosine_chunk, len(self), 1, self.chunk_size, self.query_block, logits
                 )
         else:
-            _, idx, stats = _blocked_topk(
+            _, idx, stats = blocked_topk(
                 loc, self._cosine_chunk, len(self), k, self.chunk_size, self.query_block, logits
             )
         cos = (loc.unsqueeze(1) * self.embeddings[idx.cpu()].to(loc.device, torch.float32)).sum(-1)  # (Q, k)
@@ -501,7 +254,7 @@ class ImageIndex:
         scores, order = scores.sort(dim=1, descending=True)
         idx = idx.gather(1, order)
         cos = cos.gather(1, order)
-        result = SearchResult(idx, scores, _ids_for(self.ids, idx), 1.0 / kappa, cos)
+        result = SearchResult(idx, scores, ids_for(self.ids, idx), 1.0 / kappa, cos)
         if stats is not None:
             hit_logits = family._log_prob_from_cosine(cos.double(), kappa.double().unsqueeze(1), 0.0)
             result.posterior = torch.exp(hit_logits - stats.log_partition.unsqueeze(1)).float()
@@ -615,21 +368,21 @@ class TextIndex:
     ):
         FAMILY_REGISTRY.entry(family)  # ConfigError "unknown family ...; choose one of [...]"
         if backend not in ("exact", "faiss"):
-            raise ValueError(f"backend must be 'exact' or 'faiss', got {backend!r}")
+            raise ConfigError(f"backend must be 'exact' or 'faiss', got {backend!r}")
         loc = loc.detach().float()
         concentration = concentration.detach().float()
         if loc.dim() != 2 or loc.shape[0] == 0:
-            raise ValueError(f"loc must be a non-empty (M, d) tensor, got {tuple(loc.shape)}")
+            raise InputError(f"loc must be a non-empty (M, d) tensor, got {tuple(loc.shape)}")
         if concentration.shape != loc.shape[:1]:
-            raise ValueError(f"concentration must have shape ({loc.shape[0]},), got {tuple(concentration.shape)}")
+            raise InputError(f"concentration must have shape ({loc.shape[0]},), got {tuple(concentration.shape)}")
         # validates unit loc, finite non-negative concentration
         family_class(family)(loc, concentration, validate_args=True)
         self.loc = loc
         self.concentration = concentration
         self.family = family
-        self.ids = _check_ids(ids, loc.shape[0])
+        self.ids = check_ids(ids, loc.shape[0])
         if chunk_size < 1 or query_block < 1:
-            raise ValueError(f"chunk_size and query_block must be >= 1, got {chunk_size}, {query_block}")
+            raise ConfigError(f"chunk_size and query_block must be >= 1, got {chunk_size}, {query_block}")
         self.chunk_size = chunk_size
         self.query_block = query_block
         self.backend = backend
@@ -643,7 +396,7 @@ class TextIndex:
         if family is None:
             raise TypeError(f"unsupported distribution {type(q).__name__}")
         if len(q.batch_shape) != 1:
-            raise ValueError(f"need a batch of texts (M,), got batch shape {tuple(q.batch_shape)}")
+            raise InputError(f"need a batch of texts (M,), got batch shape {tuple(q.batch_shape)}")
         return cls(q.loc, q.concentration, family, ids, **kwargs)
 
     @classmethod
@@ -659,7 +412,7 @@ class TextIndex:
         """Encode texts (strings or frozen text embeddings) with an AsymVLM into an index."""
         n = len(texts)
         if n == 0:
-            raise ValueError("no texts given")
+            raise InputError("no texts given")
         locs, kappas = [], []
         for s in range(0, n, batch_size):
             q = model.encode_text(texts[s : s + batch_size])
@@ -705,27 +458,27 @@ class TextIndex:
         """
         if not isinstance(images, Tensor):
             if model is None:
-                raise ValueError("raw images need model=AsymVLM(...) with an encoder; or pass embeddings")
+                raise InputError("raw images need model=AsymVLM(...) with an encoder; or pass embeddings")
             if len(images) == 0:
-                raise ValueError("no images given")
+                raise InputError("no images given")
             images = model.encode_image(images)
         if images.dim() != 2 or images.shape[0] == 0:
-            raise ValueError(f"image queries must be a non-empty (Q, d) tensor, got {tuple(images.shape)}")
+            raise InputError(f"image queries must be a non-empty (Q, d) tensor, got {tuple(images.shape)}")
         if images.shape[1] != self.dim:
-            raise ValueError(f"image dimension {images.shape[1]} does not match the index dimension {self.dim}")
+            raise InputError(f"image dimension {images.shape[1]} does not match the index dimension {self.dim}")
         check_embeddings(images.float(), self.dim, "image queries", unit=True)
-        _check_k(k, len(self))
+        check_k(k, len(self))
         x = images.float()
         logits = (lambda rows, sc: sc) if posterior else None  # the scores are log q_t(x) themselves
         stats = None
         if self.backend == "faiss":
             scores, idx = self._faiss_search(x, k)
             if posterior:  # as ImageIndex.search: a pass of its own
-                _, _, stats = _blocked_topk(x, self._scores, len(self), 1, self.chunk_size, self.query_block, logits)
+                _, _, stats = blocked_topk(x, self._scores, len(self), 1, self.chunk_size, self.query_block, logits)
         else:
-            scores, idx, stats = _blocked_topk(x, self._scores, len(self), k, self.chunk_size, self.query_block, logits)
+            scores, idx, stats = blocked_topk(x, self._scores, len(self), k, self.chunk_size, self.query_block, logits)
         cos = (x.unsqueeze(1) * self.loc[idx]).sum(-1)  # (Q, k)
-        result = SearchResult(idx, scores, _ids_for(self.ids, idx), 1.0 / self.concentration[idx], cos)
+        result = SearchResult(idx, scores, ids_for(self.ids, idx), 1.0 / self.concentration[idx], cos)
         if stats is not None:
             result.posterior = torch.exp(scores.double() - stats.log_partition.unsqueeze(1)).float()
             result.entropy = stats.entropy.float()

@@ -41,6 +41,8 @@ from numbers import Real
 import torch
 from torch import Tensor
 
+from asymvlm.errors import InputError
+
 __all__ = [
     "log_bessel_iv",
     "bessel_ratio",
@@ -53,7 +55,7 @@ __all__ = [
 
 # Orders at or above this use the Debye expansion directly; lower orders are shifted up to it.
 # With _DEBYE_TERMS terms the truncation error at v = 50 is below 1e-18 relative (measured
-# against mpmath at 50 digits, see tests/test_special.py).
+# against mpmath at 50 digits, see tests/core/test_special.py).
 _DEBYE_MIN_ORDER = 50.0
 _DEBYE_TERMS = 10
 # Terms of the power series of F_v(x); with x^2/4 <= v+1 the k-th term is <= 1/k!.
@@ -218,12 +220,12 @@ def _as_order(order: Tensor | Real, like: Tensor) -> Tensor:
     dev = _compute_device(like)
     if isinstance(order, Tensor):
         if order.requires_grad:
-            raise ValueError("log_bessel_iv is differentiable in x only; order must not require grad")
+            raise InputError("log_bessel_iv is differentiable in x only; order must not require grad")
         o = order.detach().to(device=dev, dtype=torch.float64)
     else:
         o = torch.tensor(float(order), dtype=torch.float64, device=dev)
     if not torch.isfinite(o).all() or (o < 0).any():
-        raise ValueError(f"order must be finite and >= 0, got {order!r}")
+        raise InputError(f"order must be finite and >= 0, got {order!r}")
     return o
 
 
@@ -234,7 +236,7 @@ def _as_arg(x: Tensor | Real, name: str) -> Tensor:
         x = x.to(torch.get_default_dtype())
     if (x < 0).any():
         bad = torch.nonzero(x < 0)[0].tolist()
-        raise ValueError(f"{name} must be >= 0; found {float(x[tuple(bad)])} at index {tuple(bad)}")
+        raise InputError(f"{name} must be >= 0; found {float(x[tuple(bad)])} at index {tuple(bad)}")
     return x
 
 
@@ -246,7 +248,7 @@ def _as_dim_order(dim: int | Tensor, like: Tensor) -> Tensor:
             raise TypeError(f"dim must be an int (the ambient dimension), got {dim!r}")
         d = torch.tensor(float(dim), dtype=torch.float64, device=_compute_device(like))
     if (d < 2).any() or (d != torch.round(d)).any():
-        raise ValueError(f"dim is the ambient dimension and must be an integer >= 2, got {dim!r}")
+        raise InputError(f"dim is the ambient dimension and must be an integer >= 2, got {dim!r}")
     return d / 2 - 1
 
 
@@ -352,7 +354,7 @@ def log_bessel_iv(order: Tensor | float, x: Tensor | float) -> Tensor:
         Tensor of the broadcast shape and the dtype of ``x``.
 
     Raises:
-        ValueError: negative or non-finite order, negative x.
+        InputError: negative or non-finite order, negative x.
 
     Example:
         >>> import torch

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from asymvlm.errors import ConfigError
 from asymvlm.heads import TextHead, family_class
 from asymvlm.losses import AsymVLMLoss, positives_from_ids
 
@@ -101,9 +102,9 @@ class TrainableModel(nn.Module):
         super().__init__()
         trainable = trainable or ("both" if peft_model is not None else "head")
         if trainable not in ("head", "lora", "both"):
-            raise ValueError(f"trainable must be head, lora or both, got {trainable!r}")
+            raise ConfigError(f"trainable must be head, lora or both, got {trainable!r}")
         if trainable != "head" and peft_model is None:
-            raise ValueError(f"trainable={trainable!r} needs a LoRA adapter on the text tower (peft_model)")
+            raise ConfigError(f"trainable={trainable!r} needs a LoRA adapter on the text tower (peft_model)")
         self.head = head
         self.loss_fn = loss_fn
         self.peft_model = peft_model

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from asymvlm.errors import InputError
 from asymvlm.registry import Param, Registry, in_range, non_negative
 
 __all__ = ["ZeroShotResult", "zero_shot_classify", "fit_zero_shot_calibrator", "ABSTAIN_REGISTRY"]
@@ -247,20 +248,20 @@ def zero_shot_classify(
         default_names = [str(i) for i in range(text.shape[0])]
     else:
         if len(classes) == 0:
-            raise ValueError("no classes given")
+            raise InputError("no classes given")
         if all(isinstance(c, str) for c in classes):
             text = model.text_embeddings(list(classes))
             default_names = list(classes)
         else:
             if any(isinstance(c, str) or len(c) == 0 for c in classes):
-                raise ValueError("give either one prompt string per class or a non-empty list of prompts per class")
+                raise InputError("give either one prompt string per class or a non-empty list of prompts per class")
             text = torch.stack(
                 [torch.nn.functional.normalize(model.text_embeddings(list(c)).mean(0), dim=-1) for c in classes]
             )
             default_names = [str(c[0]) for c in classes]
     names = list(class_names) if class_names is not None else default_names
     if len(names) != text.shape[0]:
-        raise ValueError(f"{len(names)} class names for {text.shape[0]} classes")
+        raise InputError(f"{len(names)} class names for {text.shape[0]} classes")
     q = model.encode_text(text)
     if not isinstance(images, Tensor):
         images = model.encode_image(images)

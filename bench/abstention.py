@@ -1,7 +1,7 @@
 """Does the service withhold the answers it would get wrong? ``asymvlm-serve --demo``'s abstention,
 measured on queries it has never seen (issue 25).
 
-The demo's model and gallery (``asymvlm.training.serve.prepare_demo``: the central vMF head over 1,000
+The demo's model and gallery (``asymvlm.training.demo.prepare_demo``: the central vMF head over 1,000
 held-out ShapeWorld v3 scenes, ``p_correct`` calibrated on the gallery's own captions against the
 world's ground truth) answer the captions of fresh ShapeWorld scenes, every caption level, in the
 style the model trained on (plain) and in styles it never saw (photo, synonyms, reordered), plus a
@@ -43,7 +43,7 @@ RULES = ("none", "p_correct:0.5", "p_correct:0.8", "uncertainty:q80", "uncertain
 
 def queries(n: int, seed: int, world: int) -> tuple[list[str], list[str], list[Any]]:
     """(texts, group per text, spec per text or None): captions of ``n`` fresh scenes per style."""
-    from asymvlm import shapeworld as sw
+    from asymvlm.worlds import shapeworld as sw
 
     texts, groups, specs = [], [], []
     for style in sw.CAPTION_STYLES:
@@ -60,12 +60,13 @@ def queries(n: int, seed: int, world: int) -> tuple[list[str], list[str], list[A
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from asymvlm import shapeworld as sw
     from asymvlm.model import AsymVLM
     from asymvlm.serve.gallery import Gallery
     from asymvlm.serve.service import RetrievalService, TextQuery
-    from asymvlm.toyclip import TOY_CLIP_SPECS
-    from asymvlm.training.serve import DEMO_GALLERY_IMAGES, DEMO_GALLERY_SEED, prepare_demo
+    from asymvlm.training.demo import prepare_demo
+    from asymvlm.training.serve import DEMO_GALLERY_IMAGES, DEMO_GALLERY_SEED
+    from asymvlm.worlds import shapeworld as sw
+    from asymvlm.worlds.toyclip import TOY_CLIP_SPECS
 
     torch.set_num_threads(args.threads)
     start = time.time()
@@ -84,12 +85,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         with torch.no_grad():
             svc = RetrievalService(model, gallery, abstain=rule)
             answers = svc.search_text([TextQuery(texts, k=1)])[0]
-        rows = np.array([int(a["hits"][0]["row"]) for a in answers])
+        rows = np.array([a.hits[0].row for a in answers])
         right = np.zeros(len(texts), dtype=bool)
         known = [i for i, s in enumerate(specs) if s is not None]
         cm = sw.consistency_matrix(np.stack([specs[i] for i in known]), scenes.objects)
         right[known] = cm[np.arange(len(known)), rows[known]]
-        kept = ~np.array([a["abstained"] for a in answers])
+        kept = ~np.array([a.abstained for a in answers])
         per_group = {}
         for g in dict.fromkeys(groups):
             m = np.array([x == g for x in groups])
@@ -108,7 +109,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "seconds": round(time.time() - t, 1),
         }
         if rule == "p_correct:0.5":
-            p = np.array([a["confidence"]["p_correct"] for a in answers], dtype=float)
+            p = np.array([a.confidence.p_correct for a in answers], dtype=float)
             out["calibration"] = svc.info()["calibration"]
             out["mean_p_correct"] = float(p.mean())
             bins = np.clip((p * 10).astype(int), 0, 9)

@@ -57,7 +57,7 @@ if workload == "head":
 else:  # one step of the v3 toy CLIP's build: a ViT and a text transformer, contrastive loss
     import open_clip
     from asymvlm.encoders import register_open_clip_configs
-    from asymvlm.toyclip import MODEL_NAMES
+    from asymvlm.worlds.toyclip import MODEL_NAMES
     register_open_clip_configs()
     model = open_clip.create_model(MODEL_NAMES[3])
     params = list(model.parameters())

@@ -4,9 +4,9 @@ One federation (FedAdam, 2 clients, 3 rounds of 5 local steps, the paper's head 
 embeddings of 400 synthetic images) run three ways side by side, all on this machine:
 
 * ``asymvlm-federate``'s in-process rounds (the baseline);
-* the asymvlm ServerApp over :class:`~asymvlm.federated.flower.LocalGrid` (Flower's messages and
+* the asymvlm ServerApp over :class:`~asymvlm.testing.LocalGrid` (Flower's messages and
   records, every ClientApp in this process: the cost of the message layer alone);
-* Flower's deployment engine on loopback (:class:`~asymvlm.federated.flower_deploy.LoopbackDeployment`:
+* Flower's deployment engine on loopback (:class:`~asymvlm.testing.LoopbackDeployment`:
   a SuperLink, one SuperNode per client, ``flwr run``): what a real federation pays per round
   besides the network (a SuperNode starts a ClientApp process per message).
 
@@ -31,10 +31,11 @@ import torch
 from _common import Results
 
 from asymvlm.cache import write_cache
-from asymvlm.config import DataArguments, HeadArguments
+from asymvlm.config import DataArguments
 from asymvlm.federated.config import FederatedArguments
 from asymvlm.federated.data import FederatedData, get_federated_data
 from asymvlm.federated.rounds import Federation, run_federated
+from asymvlm.heads import HeadConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,7 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     from asymvlm.federated import flower as F
-    from asymvlm.federated.flower_deploy import LoopbackDeployment
+    from asymvlm.testing import LocalGrid, LoopbackDeployment
 
     work = Path(tempfile.mkdtemp(prefix="asymvlm-flower-bench-"))
     g = torch.Generator().manual_seed(0)
@@ -63,7 +64,7 @@ def main(argv=None) -> int:
     write_cache(cache, img, txt, idx)
     fed_kw = dict(num_clients=args.clients, rounds=args.rounds, local_steps=5, local_batch_size=64, local_lr=0.1,
                   recipe="fedadam", eval_every=0, progress=False)  # fmt: skip
-    head = HeadArguments()  # the paper's MLP, 1024 x 3
+    head = HeadConfig()  # the paper's MLP, 1024 x 3
     rc = {
         "cache-dir": str(cache), "num-server-rounds": args.rounds, "num-clients": args.clients, "local-steps": 5,
         "local-batch-size": 64, "local-lr": 0.1, "recipe": "fedadam", "eval-every": 0,
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     state, _ = run_federated(fed, get_federated_data(DataArguments(cache_dir=str(cache)), fed), head=head)
     local_cfg = {**rc, "output-dir": str(work / "local-grid")}
     nodes = [{"partition-id": i} for i in range(args.clients)]
-    local = F.run_flower_server(F.LocalGrid(F.client_app, local_cfg, nodes), local_cfg)
+    local = F.run_flower_server(LocalGrid(F.client_app, local_cfg, nodes), local_cfg)
     with LoopbackDeployment(work / "deploy", nodes) as dep:
         dep.run(REPO / "examples" / "flower_app", {**rc, "output-dir": str(work / "deployed")}, timeout=900)
         dep.wait_for_file(work / "deployed" / "model" / "asymvlm_config.json", 600)
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
 
     if not args.skip_lora:
         from asymvlm.encoders import load_encoder
-        from asymvlm.toyclip import TOY_CLIP_SPECS, TOY_CLIP_TAG
+        from asymvlm.worlds.toyclip import TOY_CLIP_SPECS, TOY_CLIP_TAG
 
         sizes = {}
         for trainable in ("head", "lora", "both"):  # a fresh encoder each: peft injects LoRA in place
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
             dim = int(enc.encode_text(["a red circle"]).shape[-1])
             data = FederatedData([None] * 2, [1, 1], dim, {"fingerprint": enc.fingerprint}, enc)
             f = FederatedArguments(num_clients=2, trainable=trainable, output_dir=str(work / trainable), progress=False)
-            sizes[trainable] = Federation.build(f, data, HeadArguments(), {}).comm["sent_bytes"]
+            sizes[trainable] = Federation.build(f, data, HeadConfig(), {}).comm["sent_bytes"]
         results.add("upload per client: LoRA only vs head only (toy CLIP v3 text tower)", sizes["lora"], sizes["head"],
                     "bytes", higher_is_better=False, better="smaller", worse="larger")  # fmt: skip
         results.add("upload per client: head + LoRA vs head only", sizes["both"], sizes["head"], "bytes",

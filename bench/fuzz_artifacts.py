@@ -4,7 +4,7 @@ Runs every mutation of every kind of :mod:`asymvlm.testing.fuzz` (deterministic:
 in the same order each time), prints a table of counts per kind and outcome and the failing
 mutations (kind, file, field, mutation, exception or difference), and with ``--json`` saves them.
 
-The harness file is always this checkout's (``asymvlm/testing/fuzz.py``, loaded by path); the
+The harness is always this checkout's (the package ``asymvlm/testing/fuzz/``, loaded by path); the
 package under test can come from another checkout with ``--root`` (e.g. ``git worktree add
 /tmp/before <commit>``), so the same mutations give "before" and "after" counts::
 
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parents[1]
-HARNESS = HERE / "asymvlm" / "testing" / "fuzz.py"
+HARNESS = HERE / "asymvlm" / "testing" / "fuzz"  # a package: its modules import one another relatively
 FOLDERS = {"asymvlm": "asymvlm", "asymvlm.federated": "federated", "asymvlm.merging": "merging",
            "asymvlm.training": "training", "asymvlm.eval": "eval"}  # fmt: skip
 
@@ -88,7 +88,9 @@ def use_root(root: Path) -> dict[str, str]:
 
 
 def load_harness():
-    spec = importlib.util.spec_from_file_location("asymvlm_fuzz_harness", HARNESS)
+    spec = importlib.util.spec_from_file_location(
+        "asymvlm_fuzz_harness", HARNESS / "__init__.py", submodule_search_locations=[str(HARNESS)]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

@@ -31,12 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from asymvlm.config import DataArguments
-    from asymvlm.data import cache_for_config
     from asymvlm.encoders import load_encoder
     from asymvlm.merging.api import merge
     from asymvlm.model import AsymVLM
-    from asymvlm.toyclip import ToyCLIPRecipe, cache_root, ensure_toy_clip
     from asymvlm.training import demo
+    from asymvlm.worlds.data import cache_for_config
+    from asymvlm.worlds.toyclip import ToyCLIPRecipe, cache_root, ensure_toy_clip
 
     recipe = ToyCLIPRecipe(world_version=3, caption_styles=tuple(args.clip_styles.split(",")))
     t = time.time()

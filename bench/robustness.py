@@ -32,10 +32,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import Results  # noqa: E402
 
-from asymvlm.config import ConfigError, DataArguments, HeadArguments  # noqa: E402
+from asymvlm.config import ConfigError, DataArguments  # noqa: E402
 from asymvlm.federated.config import FederatedArguments  # noqa: E402
 from asymvlm.federated.data import get_federated_data  # noqa: E402
 from asymvlm.federated.rounds import run_federated  # noqa: E402
+from asymvlm.heads import HeadConfig  # noqa: E402
 
 RULES = {
     "fedavg": ("fedavg", {}),
@@ -67,26 +68,26 @@ def main(argv=None) -> int:
     results = Results("robustness", "Aggregators under Byzantine clients: drift from the honest run, and R@1")
     work = Path(tempfile.mkdtemp(prefix="asymvlm-robust-"))
     if args.quick:
-        from asymvlm import shapeworld as sw
         from asymvlm.cache import embed_dataset
         from asymvlm.encoders import load_encoder
+        from asymvlm.worlds import shapeworld as sw
 
         enc = load_encoder("open_clip:asymvlm-tiny-vit", device="cpu")
         cache = embed_dataset(enc, sw.generate(200, seed=0), work / "cache", dtype="float32", progress=False)
         data_args = DataArguments(cache_dir=str(cache.path), encoder="open_clip:asymvlm-tiny-vit", pretrained="")
-        eval_data, train_images, head = None, 200, HeadArguments(hidden_dims=[32])
+        eval_data, train_images, head = None, 200, HeadConfig(hidden_dims=[32])
         rounds, clients, fractions, kinds = 2, 5, (0.4,), ("head",)
     else:
-        from asymvlm import shapeworld as sw
         from asymvlm.encoders import load_encoder
         from asymvlm.eval.benchmark import shapeworld_eval_data
-        from asymvlm.toyclip import TOY_CLIP_SPEC, TOY_CLIP_TAG
+        from asymvlm.worlds import shapeworld as sw
+        from asymvlm.worlds.toyclip import TOY_CLIP_SPEC, TOY_CLIP_TAG
 
         data_args = DataArguments(encoder=TOY_CLIP_SPEC, pretrained=TOY_CLIP_TAG, train_images=2000, eval_images=0)
         enc = load_encoder(TOY_CLIP_SPEC, pretrained=TOY_CLIP_TAG, device="cpu")
         eval_data = shapeworld_eval_data(enc, n=300, seed=777, caption_styles=sw.CAPTION_STYLES,
                                          visual_styles=sw.VISUAL_STYLES)  # fmt: skip
-        train_images, head = 2000, HeadArguments(hidden_dims=[256, 256])
+        train_images, head = 2000, HeadConfig(hidden_dims=[256, 256])
         rounds, clients, fractions, kinds = args.rounds, args.clients, (0.2, 0.4), ("head", "lora")
     from asymvlm.training.evaluation import evaluator
 

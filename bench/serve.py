@@ -138,7 +138,8 @@ def batch_sizes(url: str) -> float | None:
 
 def synthetic_gallery(path: Path, n: int, demo_gallery: Path) -> Path:
     """``n`` random unit float16 embeddings with the demo gallery's encoder and captions."""
-    from asymvlm.serve.gallery import Gallery, write_gallery
+    from asymvlm.serve.gallery import Gallery
+    from asymvlm.serve.indexing import write_gallery
 
     demo = Gallery.open(demo_gallery)
     g = torch.Generator().manual_seed(n)
@@ -159,7 +160,7 @@ def synthetic_gallery(path: Path, n: int, demo_gallery: Path) -> Path:
 
 def run_gallery(name: str, model: Path, gallery: Path, bodies: list[bytes], args, results: Results, work: Path) -> dict:
     """Both servers on one gallery at every level of concurrency; returns the batched server's memory."""
-    from asymvlm.serve.loopback import LoopbackServer
+    from asymvlm.testing import LoopbackServer
 
     common = ["--model", str(model), "--index", str(gallery), "--no_access_log"]
     size = json.loads((gallery / "gallery.json").read_text())["size"]
@@ -237,7 +238,7 @@ def tiny_served_model(work: Path) -> tuple[Path, Path]:
     from asymvlm.encoders import PACKAGE_MODEL_CONFIGS, load_encoder, register_open_clip_configs, save_open_clip_dir
     from asymvlm.heads import TextHead
     from asymvlm.model import AsymVLM
-    from asymvlm.serve.gallery import build_gallery
+    from asymvlm.serve.indexing import build_gallery
 
     register_open_clip_configs()
     torch.manual_seed(0)
@@ -261,7 +262,7 @@ def upload_bomb(args, results: Results) -> None:
 
     import httpx
 
-    from asymvlm.serve.loopback import LoopbackServer
+    from asymvlm.testing import LoopbackServer
 
     bomb = g4_tiff()
     work = Path(tempfile.mkdtemp(prefix="asymvlm-serve-bomb-"))
@@ -329,7 +330,7 @@ def main(argv=None) -> int:
     args.levels = [int(x) for x in args.levels.split(",")]
     sizes = [int(x) for x in args.sizes.split(",")]
     from asymvlm.serve.gallery import Gallery
-    from asymvlm.training.serve import prepare_demo
+    from asymvlm.training.demo import prepare_demo
 
     model, demo_gallery = prepare_demo(args.demo_dir, quick=args.quick, progress=False)
     captions = Gallery.open(demo_gallery).captions

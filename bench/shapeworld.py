@@ -16,7 +16,7 @@ import numpy as np
 from _common import Results
 from PIL import Image, ImageDraw
 
-from asymvlm import shapeworld as sw
+from asymvlm.worlds import shapeworld as sw
 
 
 def naive(n: int, seed: int = 0, size: int = 32) -> list[Image.Image]:

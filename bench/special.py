@@ -1,7 +1,7 @@
 """Accuracy and speed of asymvlm.special.
 
 1. Accuracy: worst errors of vmf_log_normalizer and bessel_ratio against mpmath (50 digits)
-   over d in [2, 4096] x kappa in [1e-6, 1e6] (the grid of tests/test_special.py), float64
+   over d in [2, 4096] x kappa in [1e-6, 1e6] (the grid of tests/core/test_special.py), float64
    and float32.
 2. Speed: forward + backward of the exact log-normaliser at d = 512 next to the approximate
    one (Scott et al. 2021, the reference code's) and scipy's ive-based log-normaliser (forward

@@ -1,7 +1,7 @@
 """Toy CLIP recipes on ShapeWorld v3: build time and retrieval per caption level, one recipe per run.
 
 Builds the v3 toy CLIP with the recipe's defaults overridden by ``--recipe`` (JSON of
-:class:`asymvlm.toyclip.ToyCLIPRecipe` fields) into ``--out`` (a folder per recipe fingerprint,
+:class:`asymvlm.worlds.toyclip.ToyCLIPRecipe` fields) into ``--out`` (a folder per recipe fingerprint,
 reused when present), then evaluates it on 1,000 held-out v3 images of every visual style with
 ``asymvlm.eval``, once with the caption styles it was trained on and once with the ones it never
 saw (v3's default recipe is trained on ``plain`` captions only): exact t2i R@1, i2t R@1
@@ -26,10 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench-out/toyclip-v3")
     p.add_argument("--images", type=int, default=1000)
     args = p.parse_args(argv)
-    from asymvlm import shapeworld as sw
-    from asymvlm import toyclip
     from asymvlm.encoders import load_encoder
     from asymvlm.eval.benchmark import evaluate, shapeworld_eval_data
+    from asymvlm.worlds import shapeworld as sw
+    from asymvlm.worlds import toyclip
 
     recipe = toyclip.ToyCLIPRecipe(**{**json.loads(args.recipe), "world_version": 3})
     directory = Path(args.out) / recipe.fingerprint()

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from asymvlm.serve.loopback import LoopbackServer
+    from asymvlm.testing import LoopbackServer
 
     chromium, driver_bin = shutil.which("chromium"), shutil.which("chromedriver")
     if not chromium or not driver_bin:

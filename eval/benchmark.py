@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from asymvlm.errors import InputError
 from asymvlm.eval.retrieval import positive_ranks, positives_from_index, recall_at_k, retrieval_metrics
 from asymvlm.eval.uncertainty import ambiguity_spearman, uncertainty_report
 from asymvlm.eval.zeroshot import accuracy, aurc, risk_coverage, selective_accuracy_at
@@ -76,7 +77,7 @@ def shapeworld_eval_data(encoder: Any, n: int = 1000, seed: int = 12345, **world
     """Embed a held-out ShapeWorld split (all caption levels) with ``encoder``."""
     from PIL import Image
 
-    from asymvlm import shapeworld as sw
+    from asymvlm.worlds import shapeworld as sw
 
     w = sw.generate_arrays(n, seed=seed, **world)
     images = encoder.encode_image([Image.fromarray(im) for im in w.images])
@@ -109,7 +110,7 @@ def with_text_tower(data: EvalData, encoder: Any) -> EvalData:
     tower adapted by LoRA or folded federated updates. Zero-shot tasks without prompt strings are
     dropped rather than scored with the frozen prompts."""
     if data.captions is None:
-        raise ValueError("re-embedding the text side needs the caption strings (EvalData.captions)")
+        raise InputError("re-embedding the text side needs the caption strings (EvalData.captions)")
     with torch.no_grad():
         text = encoder.encode_text(data.captions).float().cpu()
         zero_shot = {}
@@ -126,7 +127,7 @@ def _own_text(model: Any, data: EvalData) -> EvalData:
     if model is None or not getattr(model, "adapts_text_tower", False):
         return data
     if model.encoder is None or data.captions is None:
-        raise ValueError(
+        raise InputError(
             "this model adapts the text tower (LoRA / folded updates): evaluating it needs its encoder "
             "(AsymVLM.from_pretrained(dir) with load_encoder=True) and the caption strings (EvalData.captions)"
         )
@@ -295,7 +296,7 @@ def specific_table(report: dict[str, dict[str, Any]], models: Sequence[str], dat
     ``data`` must carry caption levels and the consistency matrix (ShapeWorld).
     """
     if data.levels is None or data.consistent is None:
-        raise ValueError("specific_table needs an EvalData with caption levels and ground truth (ShapeWorld)")
+        raise InputError("specific_table needs an EvalData with caption levels and ground truth (ShapeWorld)")
     levels = torch.as_tensor(data.levels)
     top = int(levels.max())
     n_img = data.image_embeddings.shape[0]

@@ -8,14 +8,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from asymvlm.cli import comma_choices
 from asymvlm.errors import ArtefactError, ConfigError, EncoderMismatchError, InputError
+from asymvlm.registry import dataclass_flags
+from asymvlm.worlds import shapeworld as sw
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser", "parse_args", "EvalArguments"]
 
 EPILOG = """examples:
   asymvlm-eval                                   # the toy CLIP baseline on held-out ShapeWorld
@@ -49,7 +53,7 @@ def _local_eval_data(encoder: Any, dataset: Any, max_images: int | None):
     )
 
 
-def _cache_eval_data(args: argparse.Namespace, models: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+def _cache_eval_data(args: EvalArguments, models: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """EvalData from a precomputed cache (the first ``--images`` images and their captions); the
     models must have been trained on the cache's encoder (fingerprints compared when recorded)."""
     from asymvlm.cache import EmbeddingCache
@@ -98,98 +102,123 @@ def _default_name(path: str) -> str:
     return p.parent.name if p.name == "model" and p.parent.name else p.name
 
 
+@dataclass(frozen=True)
+class EvalArguments:
+    """The options of ``asymvlm-eval``, one flag each (``--<field>``, also spelled with dashes):
+    the type, choices and default from the field, ``metadata`` the help and what the annotation
+    does not say (a repeatable flag, a metavar, a parser of its own)."""
+
+    model: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "A saved AsymVLM, e.g. <output_dir>/model of asymvlm-train, or a Hugging Face Hub id "
+            "(user/repo[@revision]) (repeatable); its encoder is loaded from its config.",
+            "action": "append",
+            "metavar": "DIR",
+        },
+    )
+    name: list[str] = field(
+        default_factory=list, metadata={"help": "Display names for --model, in order.", "action": "append"}
+    )
+    encoder: str | None = field(
+        default=None,
+        metadata={"help": "Encoder spec for the CLIP baseline when no --model is given (default: the toy CLIP)."},
+    )
+    pretrained: str | None = field(default=None, metadata={"help": "open_clip pretrained tag or file for --encoder."})
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "shapeworld (world v3; shapeworld:2 for the earlier world), imagefolder:<root>, "
+            "coco-karpathy:<json>:<root>[:split], coco2017:<json>:<dir>, flickr30k:<json>:<dir>[:split] "
+            "(default: shapeworld)."
+        },
+    )
+    cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluate on a precomputed embedding cache (asymvlm.cache.write_cache / embed_dataset) instead "
+            "of --dataset: no encoder is loaded unless a model adapts the text tower. Its caption_meta.json, when "
+            "present, gives per-level metrics and the ambiguity correlation.",
+            "metavar": "DIR",
+        },
+    )
+    images: int = field(
+        default=1000, metadata={"help": "Held-out images (ShapeWorld), or at most this many (other data, --cache)."}
+    )
+    seed: int = field(default=12345, metadata={"help": "ShapeWorld split seed."})
+    caption_styles: tuple[str, ...] = field(
+        default=tuple(sw.CAPTION_STYLES),
+        metadata={
+            "help": f"ShapeWorld caption styles: all, or a comma list of {{{','.join(sw.CAPTION_STYLES)}}} "
+            "(default: all).",
+            "type": comma_choices(sw.CAPTION_STYLES),
+            "metavar": "STYLES",
+        },
+    )
+    visual_styles: tuple[str, ...] = field(
+        default=tuple(sw.VISUAL_STYLES),
+        metadata={
+            "help": f"ShapeWorld visual styles: all, or a comma list of {{{','.join(sw.VISUAL_STYLES)}}} "
+            "(default: all).",
+            "type": comma_choices(sw.VISUAL_STYLES),
+            "metavar": "STYLES",
+        },
+    )
+    calibration: Literal["auto", "split", "model", "none"] = field(
+        default="auto",
+        metadata={
+            "help": "Where p_correct's calibrator comes from: auto (ShapeWorld: a fresh calibration split of "
+            "--images images, seed --calibration_seed, the test gallery's size; --cache: --calibration_cache when "
+            "given; else the model's own), split (the calibration split or cache, required), model (the "
+            "calibrator saved with the model) or none (the parts alone, uncalibrated)."
+        },
+    )
+    calibration_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "An embedding cache of a validation split to fit p_correct's calibrator on (same encoder).",
+            "metavar": "DIR",
+        },
+    )
+    calibration_seed: int = field(default=777, metadata={"help": "ShapeWorld calibration split seed."})
+    ood_texts: str | None = field(
+        default=None,
+        metadata={
+            "help": "A text file, one text per line, unlike the training texts: the OOD AUROC of each uncertainty "
+            "part (embedded by the models' encoder).",
+            "metavar": "FILE",
+        },
+    )
+    ood_styles: tuple[str, ...] | None = field(
+        default=None,
+        metadata={
+            "help": "ShapeWorld: caption styles the model never trained on (e.g. photo,synonyms), captions of 300 "
+            "fresh images in them are the unfamiliar texts of the OOD AUROC.",
+            "type": comma_choices(sw.CAPTION_STYLES),
+            "metavar": "STYLES",
+        },
+    )
+    bins: int = field(default=10, metadata={"help": "Uncertainty bins."})
+    device: str = field(
+        default="cpu", metadata={"help": "Torch device (cpu, cuda, cuda:1, ... or auto).", "type": _device}
+    )
+    output_dir: str = field(default="eval-out", metadata={"help": "Output directory for metrics.json and the plots."})
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``asymvlm-eval`` (flags spelled with underscores or dashes; no abbreviations)."""
-    from asymvlm import shapeworld as sw
-    from asymvlm.cli import comma_choices, make_parser, summary
+    """The parser of ``asymvlm-eval``: one flag per :class:`EvalArguments` field (spelled with
+    underscores or dashes; no abbreviations)."""
+    from asymvlm.cli import make_parser, summary
 
     parser = make_parser(PROG, summary(__doc__), EPILOG)
-    parser.add_argument(
-        "--model",
-        action="append",
-        default=[],
-        metavar="DIR",
-        help="A saved AsymVLM, e.g. <output_dir>/model of asymvlm-train, or a Hugging Face Hub id "
-        "(user/repo[@revision]) (repeatable); its encoder is loaded from its config.",
-    )
-    parser.add_argument("--name", action="append", default=[], help="Display names for --model, in order.")
-    parser.add_argument(
-        "--encoder",
-        default=None,
-        help="Encoder spec for the CLIP baseline when no --model is given (default: the toy CLIP).",
-    )
-    parser.add_argument("--pretrained", default=None, help="open_clip pretrained tag or file for --encoder.")
-    parser.add_argument(
-        "--dataset",
-        default=None,
-        help="shapeworld (world v3; shapeworld:2 for the earlier world), imagefolder:<root>, "
-        "coco-karpathy:<json>:<root>[:split], "
-        "coco2017:<json>:<dir>, flickr30k:<json>:<dir>[:split] (default: shapeworld).",
-    )
-    parser.add_argument(
-        "--cache",
-        default=None,
-        metavar="DIR",
-        help="Evaluate on a precomputed embedding cache (asymvlm.cache.write_cache / embed_dataset) instead of "
-        "--dataset: no encoder is loaded unless a model adapts the text tower. Its caption_meta.json, when "
-        "present, gives per-level metrics and the ambiguity correlation.",
-    )
-    parser.add_argument(
-        "--images",
-        type=int,
-        default=1000,
-        help="Held-out images (ShapeWorld), or at most this many (other data, --cache).",
-    )
-    parser.add_argument("--seed", type=int, default=12345, help="ShapeWorld split seed.")
-    parser.add_argument(
-        "--caption_styles",
-        type=comma_choices(sw.CAPTION_STYLES),
-        default="all",
-        metavar="STYLES",
-        help=f"ShapeWorld caption styles: all, or a comma list of {{{','.join(sw.CAPTION_STYLES)}}}.",
-    )
-    parser.add_argument(
-        "--visual_styles",
-        type=comma_choices(sw.VISUAL_STYLES),
-        default="all",
-        metavar="STYLES",
-        help=f"ShapeWorld visual styles: all, or a comma list of {{{','.join(sw.VISUAL_STYLES)}}}.",
-    )
-    parser.add_argument(
-        "--calibration",
-        default="auto",
-        choices=("auto", "split", "model", "none"),
-        help="Where p_correct's calibrator comes from: auto (ShapeWorld: a fresh calibration split of --images "
-        "images, seed --calibration_seed, the test gallery's size; --cache: --calibration_cache when given; else "
-        "the model's own), split (the calibration split or cache, required), model (the calibrator saved with the "
-        "model) or none (the parts alone, uncalibrated).",
-    )
-    parser.add_argument(
-        "--calibration_cache",
-        default=None,
-        metavar="DIR",
-        help="An embedding cache of a validation split to fit p_correct's calibrator on (same encoder).",
-    )
-    parser.add_argument("--calibration_seed", type=int, default=777, help="ShapeWorld calibration split seed.")
-    parser.add_argument(
-        "--ood_texts",
-        default=None,
-        metavar="FILE",
-        help="A text file, one text per line, unlike the training texts: the OOD AUROC of each uncertainty part "
-        "(embedded by the models' encoder).",
-    )
-    parser.add_argument(
-        "--ood_styles",
-        type=comma_choices(sw.CAPTION_STYLES),
-        default=None,
-        metavar="STYLES",
-        help="ShapeWorld: caption styles the model never trained on (e.g. photo,synonyms), captions of 300 fresh "
-        "images in them are the unfamiliar texts of the OOD AUROC.",
-    )
-    parser.add_argument("--bins", type=int, default=10, help="Uncertainty bins.")
-    parser.add_argument("--device", type=_device, default="cpu", help="Torch device (cpu, cuda, cuda:1, ... or auto).")
-    parser.add_argument("--output_dir", default="eval-out", help="Output directory for metrics.json and the plots.")
+    for key, settings in dataclass_flags(EvalArguments).items():
+        parser.add_argument(f"--{key}", dest=key, **settings)
     return parser
+
+
+def parse_args(argv: list[str] | None = None) -> EvalArguments:
+    """The :class:`EvalArguments` of a command line (a :class:`~asymvlm.errors.ConfigError` for a bad one)."""
+    return EvalArguments(**vars(build_parser().parse_args(argv)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -200,11 +229,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if len(args.name) > len(args.model):
         raise ConfigError(f"{len(args.name)} --name for {len(args.model)} --model")
 
-    from asymvlm import shapeworld as sw
     from asymvlm.encoders import load_encoder
     from asymvlm.eval.benchmark import evaluate, shapeworld_eval_data, summary_table
     from asymvlm.eval.plots import plot_report
@@ -215,10 +243,7 @@ def _main(argv: list[str]) -> int:
     if args.cache is not None and args.encoder is not None:
         raise ConfigError("--encoder is for --dataset; a cache records the encoder that made it")
     dataset = args.dataset or "shapeworld"
-    try:
-        version = sw.dataset_version(dataset)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
+    version = sw.dataset_version(dataset)  # a ConfigError naming the versions
     start = time.time()
     models = {}
     names = list(args.name) + [_default_name(m) for m in args.model[len(args.name) :]]
@@ -246,7 +271,7 @@ def _main(argv: list[str]) -> int:
         if src.get("fingerprint") and encoder.fingerprint != src["fingerprint"]:
             raise EncoderMismatchError(f"encoder {src['spec']} has other weights than the model was trained with")
     else:
-        from asymvlm.toyclip import TOY_CLIP_SPECS, TOY_CLIP_TAG
+        from asymvlm.worlds.toyclip import TOY_CLIP_SPECS, TOY_CLIP_TAG
 
         spec = args.encoder or TOY_CLIP_SPECS[version or 2]
         pretrained = args.pretrained if args.encoder else TOY_CLIP_TAG
@@ -264,7 +289,7 @@ def _main(argv: list[str]) -> int:
         )
         level_ambiguity = sw.level_ambiguity(version)
     elif args.cache is None:
-        from asymvlm.data import load_dataset_spec
+        from asymvlm.worlds.data import load_dataset_spec
 
         data = _local_eval_data(encoder, load_dataset_spec(dataset), args.images)
 
@@ -302,7 +327,7 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def _calibration_data(args: argparse.Namespace, data: Any, encoder: Any, version: int | None) -> Any:
+def _calibration_data(args: EvalArguments, data: Any, encoder: Any, version: int | None) -> Any:
     """The validation split p_correct's calibrator is fitted on, or None (see ``--calibration``)."""
     if args.calibration in ("model", "none"):
         return None
@@ -336,7 +361,7 @@ def _calibration_data(args: argparse.Namespace, data: Any, encoder: Any, version
     return None
 
 
-def _ood_texts(args: argparse.Namespace, encoder: Any, version: int | None) -> Any:
+def _ood_texts(args: EvalArguments, encoder: Any, version: int | None) -> Any:
     if args.ood_texts is not None and args.ood_styles is not None:
         raise ConfigError("give --ood_texts or --ood_styles, not both")
     if args.ood_texts is not None:
@@ -359,7 +384,7 @@ def _ood_texts(args: argparse.Namespace, encoder: Any, version: int | None) -> A
 
 
 def _confidence(
-    args: argparse.Namespace, models: dict[str, Any], data: Any, encoder: Any, version: int | None, out: Path
+    args: EvalArguments, models: dict[str, Any], data: Any, encoder: Any, version: int | None, out: Path
 ) -> dict[str, tuple[dict[str, Any], list[Path]]]:
     """Per model: its confidence report (:func:`asymvlm.eval.confidence.confidence_report`) and plots."""
     from asymvlm.confidence import ConfidenceModel

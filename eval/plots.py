@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from asymvlm.errors import InputError
 from asymvlm.eval.uncertainty import expected_calibration_error, reliability_curve
 from asymvlm.eval.zeroshot import aurc, risk_coverage
 
@@ -135,7 +136,7 @@ def plot_risk_coverage(curves: dict[str, tuple[Any, Any]], path: str | Path, tit
         True
     """
     if not curves:
-        raise ValueError("curves is empty: give at least one {name: (uncertainty, correct)}")
+        raise InputError("curves is empty: give at least one {name: (uncertainty, correct)}")
     plt = _plt()
     path = Path(path)
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -30,6 +30,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from asymvlm.errors import InputError
+
 __all__ = [
     "positive_ranks",
     "recall_at_k",
@@ -42,15 +44,15 @@ __all__ = [
 
 def _check(scores: Tensor, positives: Tensor) -> None:
     if scores.dim() != 2:
-        raise ValueError(f"scores must be (Q, G), got {tuple(scores.shape)}")
+        raise InputError(f"scores must be (Q, G), got {tuple(scores.shape)}")
     if positives.shape != scores.shape or positives.dtype != torch.bool:
-        raise ValueError(
+        raise InputError(
             f"positives must be a bool tensor of shape {tuple(scores.shape)}, got "
             f"{positives.dtype} {tuple(positives.shape)}"
         )
     if not bool(torch.isfinite(scores).all()):
         row = int(torch.nonzero(~torch.isfinite(scores).all(1))[0, 0])
-        raise ValueError(f"scores: row {row} contains NaN or inf")
+        raise InputError(f"scores: row {row} contains NaN or inf")
 
 
 def positive_ranks(scores: Tensor, positives: Tensor, *, chunk_size: int = 1024) -> Tensor:
@@ -61,7 +63,7 @@ def positive_ranks(scores: Tensor, positives: Tensor, *, chunk_size: int = 1024)
         sc, pos = scores[s : s + chunk_size].float(), positives[s : s + chunk_size]
         has = pos.any(1)
         if not bool(has.all()):
-            raise ValueError(f"query {s + int(torch.nonzero(~has)[0, 0])} has no positive")
+            raise InputError(f"query {s + int(torch.nonzero(~has)[0, 0])} has no positive")
         best = sc.masked_fill(~pos, float("-inf")).max(1, keepdim=True).values  # (q, 1)
         out[s : s + chunk_size] = ((sc >= best) & ~pos).sum(1).cpu()
     return out
@@ -71,7 +73,7 @@ def recall_at_k(ranks: Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, floa
     """``{"R@k": fraction of queries with rank < k}`` (counted exactly: a float64 mean of the hits,
     so 121 hits of 1000 queries is 0.121, not float32's 0.12099999934)."""
     if ranks.numel() == 0:
-        raise ValueError("no ranks")
+        raise InputError("no ranks")
     return {f"R@{k}": float((ranks < k).double().mean()) for k in ks}
 
 
@@ -85,7 +87,7 @@ def positives_from_index(text_image_index: Tensor, num_images: int) -> Tensor:
     """(T, I) bool positives of captions -> images from the caption -> image row map."""
     idx = torch.as_tensor(text_image_index, dtype=torch.int64)
     if idx.dim() != 1 or (idx < 0).any() or (idx >= num_images).any():
-        raise ValueError(f"text_image_index must be 1-D with values in [0, {num_images})")
+        raise InputError(f"text_image_index must be 1-D with values in [0, {num_images})")
     pos = torch.zeros(idx.shape[0], num_images, dtype=torch.bool)
     pos[torch.arange(idx.shape[0]), idx] = True
     return pos
@@ -117,16 +119,16 @@ def t2i_recall_at_1(scores: Tensor, text_image_index: Tensor, num_images: int | 
         0.0
     """
     if scores.dim() != 2:
-        raise ValueError(f"scores must be (T, I), got {tuple(scores.shape)}")
+        raise InputError(f"scores must be (T, I), got {tuple(scores.shape)}")
     idx = torch.as_tensor(text_image_index)
     if idx.dim() != 1 or idx.shape[0] != scores.shape[0]:
-        raise ValueError(
+        raise InputError(
             f"text_image_index must be ({scores.shape[0]},) for scores {tuple(scores.shape)}, got {tuple(idx.shape)}"
         )
     if num_images is None:
         num_images = scores.shape[1]
     elif num_images != scores.shape[1]:
-        raise ValueError(f"num_images={num_images} but scores has {scores.shape[1]} image columns")
+        raise InputError(f"num_images={num_images} but scores has {scores.shape[1]} image columns")
     return recall_at_k(positive_ranks(scores, positives_from_index(idx, num_images)), (1,))["R@1"]
 
 

@@ -35,6 +35,7 @@ import torch
 from scipy import stats
 from torch import Tensor
 
+from asymvlm.errors import ConfigError, InputError
 from asymvlm.eval.zeroshot import aurc, selective_accuracy_at
 
 __all__ = [
@@ -65,9 +66,9 @@ Sign conventions (uncertainty: larger = less confident):
 def _vec(x, name: str) -> np.ndarray:
     a = np.asarray(x.detach().cpu().double() if isinstance(x, Tensor) else x, dtype=np.float64).reshape(-1)
     if a.size == 0:
-        raise ValueError(f"{name} is empty")
+        raise InputError(f"{name} is empty")
     if not np.isfinite(a).all():
-        raise ValueError(f"{name} contains NaN or inf (first at {int(np.nonzero(~np.isfinite(a))[0][0])})")
+        raise InputError(f"{name} contains NaN or inf (first at {int(np.nonzero(~np.isfinite(a))[0][0])})")
     return a
 
 
@@ -80,9 +81,9 @@ def binned_recall(uncertainty: Tensor, hits: Tensor, n_bins: int = 10) -> dict[s
     u = _vec(uncertainty, "uncertainty")
     h = _vec(hits, "hits")
     if u.shape != h.shape:
-        raise ValueError(f"uncertainty has {u.size} entries, hits {h.size}")
+        raise InputError(f"uncertainty has {u.size} entries, hits {h.size}")
     if not 1 <= n_bins <= u.size:
-        raise ValueError(f"n_bins must be in [1, {u.size}], got {n_bins}")
+        raise ConfigError(f"n_bins must be in [1, {u.size}], got {n_bins}")
     order = np.argsort(u, kind="stable")
     splits = np.array_split(order, n_bins)
     recall = torch.tensor([h[s].mean() for s in splits])
@@ -109,7 +110,7 @@ def error_auroc(uncertainty: Tensor, hits: Tensor) -> float:
     u = _vec(uncertainty, "uncertainty")
     h = _vec(hits, "hits")
     if u.shape != h.shape:
-        raise ValueError(f"uncertainty has {u.size} entries, hits {h.size}")
+        raise InputError(f"uncertainty has {u.size} entries, hits {h.size}")
     return _auroc(u, h == 0)
 
 
@@ -128,7 +129,7 @@ def ambiguity_spearman(uncertainty: Tensor, ambiguity: Tensor) -> float:
     u = _vec(uncertainty, "uncertainty")
     a = _vec(ambiguity, "ambiguity")
     if u.shape != a.shape:
-        raise ValueError(f"uncertainty has {u.size} entries, ambiguity {a.size}")
+        raise InputError(f"uncertainty has {u.size} entries, ambiguity {a.size}")
     return float(stats.spearmanr(u, a).statistic)
 
 
@@ -151,7 +152,7 @@ def uncertainty_report(uncertainty: Tensor, hits: Tensor, n_bins: int = 10) -> d
 def _pair(x, y, x_name: str, y_name: str) -> tuple[np.ndarray, np.ndarray]:
     a, b = _vec(x, x_name), _vec(y, y_name)
     if a.shape != b.shape:
-        raise ValueError(f"{x_name} has {a.size} entries, {y_name} {b.size}")
+        raise InputError(f"{x_name} has {a.size} entries, {y_name} {b.size}")
     return a, b
 
 
@@ -159,7 +160,7 @@ def _labels(correct, name: str = "correct") -> np.ndarray:
     c = _vec(correct, name)
     bad = (c != 0) & (c != 1)
     if bad.any():
-        raise ValueError(f"{name} must be 0/1 or bool, got {c[bad][0]} at index {int(np.nonzero(bad)[0][0])}")
+        raise InputError(f"{name} must be 0/1 or bool, got {c[bad][0]} at index {int(np.nonzero(bad)[0][0])}")
     return c
 
 
@@ -205,15 +206,15 @@ def reliability_curve(probability, correct, n_bins: int = 15, strategy: str = "u
         [0.0, 0.5, 1.0]
     """
     if strategy not in _BIN_EDGES:
-        raise ValueError(f"unknown strategy {strategy!r}; valid: {', '.join(sorted(_BIN_EDGES))}")
+        raise ConfigError(f"unknown strategy {strategy!r}; valid: {', '.join(sorted(_BIN_EDGES))}")
     if not isinstance(n_bins, int | np.integer) or n_bins < 1:
-        raise ValueError(f"n_bins must be an integer >= 1, got {n_bins!r}")
+        raise ConfigError(f"n_bins must be an integer >= 1, got {n_bins!r}")
     p, c = _pair(probability, correct, "probability", "correct")
     _labels(c)
     outside = (p < 0) | (p > 1)
     if outside.any():
         i = int(np.nonzero(outside)[0][0])
-        raise ValueError(f"probability must be in [0, 1], got {p[i]} at index {i}")
+        raise InputError(f"probability must be in [0, 1], got {p[i]} at index {i}")
     edges = _BIN_EDGES[strategy](p, n_bins)  # (n_bins + 1,)
     # bin i holds edges[i] <= p < edges[i + 1]; the last bin also holds p == edges[-1]
     which = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, n_bins - 1)  # (N,)
@@ -296,7 +297,7 @@ def selective_report(uncertainty, correct, coverages: tuple[float, ...] = (0.5, 
     for cov in coverages:
         key = f"selective_accuracy@{int(round(100 * cov))}"
         if key in report:
-            raise ValueError(f"coverages {tuple(coverages)} give the key {key!r} twice")
+            raise ConfigError(f"coverages {tuple(coverages)} give the key {key!r} twice")
         report[key] = selective_accuracy_at(u, c, cov)
     return report
 
@@ -334,7 +335,7 @@ def uncertainty_direction(
             []
     """
     if not 0 <= flat < 0.5:
-        raise ValueError(f"flat must be in [0, 0.5), got {flat}")
+        raise ConfigError(f"flat must be in [0, 0.5), got {flat}")
     u = _vec(uncertainty, "uncertainty")
     warnings: list[str] = []
     if correct is not None:

@@ -22,13 +22,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from asymvlm.errors import ConfigError, InputError
+
 __all__ = ["accuracy", "risk_coverage", "aurc", "selective_accuracy_at"]
 
 
 def accuracy(predictions: Tensor, labels: Tensor) -> float:
     """Fraction of ``predictions == labels`` (abstentions, -1, count as wrong)."""
     if predictions.shape != labels.shape or predictions.numel() == 0:
-        raise ValueError(f"predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)} must match")
+        raise InputError(f"predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)} must match")
     return float((predictions == labels).double().mean())
 
 
@@ -37,9 +39,9 @@ def risk_coverage(uncertainty: Tensor, correct: Tensor) -> tuple[Tensor, Tensor]
     u = torch.as_tensor(uncertainty, dtype=torch.float64).reshape(-1)
     c = torch.as_tensor(correct).reshape(-1).to(torch.float64)
     if u.shape != c.shape or u.numel() == 0:
-        raise ValueError(f"uncertainty ({u.numel()}) and correct ({c.numel()}) must be non-empty and match")
+        raise InputError(f"uncertainty ({u.numel()}) and correct ({c.numel()}) must be non-empty and match")
     if not bool(torch.isfinite(u).all()):
-        raise ValueError("uncertainty contains NaN or inf")
+        raise InputError("uncertainty contains NaN or inf")
     order = torch.from_numpy(np.argsort(u.numpy(), kind="stable"))
     kept = torch.arange(1, u.numel() + 1, dtype=torch.float64)
     return kept / u.numel(), torch.cumsum(c[order], 0) / kept
@@ -54,7 +56,7 @@ def aurc(uncertainty: Tensor, correct: Tensor) -> float:
 def selective_accuracy_at(uncertainty: Tensor, correct: Tensor, coverage: float) -> float:
     """Accuracy on the ``coverage`` fraction of least uncertain samples (at least one sample)."""
     if not 0 < coverage <= 1:
-        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+        raise ConfigError(f"coverage must be in (0, 1], got {coverage}")
     cov, acc = risk_coverage(uncertainty, correct)
     k = max(1, int(round(coverage * cov.numel())))
     return float(acc[k - 1])

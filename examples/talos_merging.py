@@ -34,15 +34,15 @@ from pathlib import Path
 import torch
 
 from asymvlm import embed_dataset, load_encoder
-from asymvlm import shapeworld as sw
 from asymvlm.batching import IndexBatcher
 from asymvlm.cache import EmbeddingCache
 from asymvlm.merging.api import merge, recall_at_1
 from asymvlm.merging.talos import calibrate_mask, save_masks
 from asymvlm.model import AsymVLM
-from asymvlm.toyclip import TOY_CLIP_SPEC, TOY_CLIP_TAG, cache_root
 from asymvlm.training.config import TrainConfig
 from asymvlm.training.loop import train
+from asymvlm.worlds import shapeworld as sw
+from asymvlm.worlds.toyclip import TOY_CLIP_SPEC, TOY_CLIP_TAG, cache_root
 
 DOMAINS = ("photo", "synonyms", "reordered")
 

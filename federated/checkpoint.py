@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from asymvlm.cards import asymvlm_card_kind, register_card_kind
 from asymvlm.errors import ArtefactError, ConfigError, TrainingDiverged
 from asymvlm.federated.core import Params, flatten_state, unflatten_state
 from asymvlm.io import is_json_number, non_finite_key
@@ -55,6 +56,16 @@ __all__ = [
 SERVER_TYPE = "asymvlm.federated_server"
 # beside epsilon wherever a run with seeded (predictable) DP noise reports it: card, summary
 INSECURE_NOTE = "INSECURE: seeded test noise (dp_insecure_seed); anyone with the seed removes it, epsilon does not hold"
+# the card kind of a federated export (save_federated_model), registered in the core's card registry
+register_card_kind(
+    "federated",
+    asymvlm_card_kind(
+        "AsymVLM (federated)",
+        "An AsymVLM model trained by federated learning (`asymvlm-federate`: clients train on their own data, "
+        "the server combines their updates): ",
+        ("federated-learning",),
+    ),
+)
 
 
 @dataclass

@@ -6,9 +6,17 @@ temperature, plus a peft LoRA adapter on the text tower when LoRA is federated) 
 (``head.*``, ``loss_fn.logit_scale``, ``peft_model.*``). :func:`client_update` loads the global
 parameters, optionally measures the loss and the full gradient norm at the global model (q-FFL,
 AdaFedAdam), runs ``local_steps`` of SGD on index-drawn batches of the client's data with the
-recipe's client-side terms (FedProx's proximal gradient ``mu (theta - theta_global)``, GHBM's
-momentum: a displacement ``-beta / J m_t`` per step, outside the local optimizer's momentum) and
-returns ``delta = theta_local - theta_global`` with the client's diagnostics. With
+client-side terms the recipe's ``client_config`` names for the round, and returns
+``delta = theta_local - theta_global`` with the client's diagnostics.
+
+Client-side terms are registered in :data:`CLIENT_TERMS` (name, declared options, paper); a
+recipe's ``client_config(state, params)`` returns ``{term: {option: value}}`` and
+:func:`client_update` builds each named :class:`ClientTerm` and calls its hooks at every local
+step: ``proximal`` (FedProx: the gradient of ``mu/2 ||theta - theta_global||^2``) and
+``heavy_ball`` (GHBM's momentum: a displacement ``-beta / J m_t`` per step, outside the local
+optimizer's momentum). A new term is one registered factory; :func:`pack_client_config` and
+:func:`unpack_client_config` carry any configuration over a transport that sends numbers and
+named tensors separately (Flower's config and array records). With
 ``options.masks`` (TaLoS sparse fine-tuning) only the masked entries move
 (:class:`asymvlm.masks.SparseMasks`, the mechanism ``asymvlm-train --mask_file`` uses), so the delta
 is exactly zero elsewhere and a client need only send the masked values (:func:`upload_bytes`).
@@ -23,27 +31,41 @@ Example:
     >>> res = client_update(model, model.get_params(), data, ClientOptions(local_steps=2), client=0)
     >>> sorted(res.delta) == sorted(model.exchanged()) and res.loss_after > 0
     True
+    >>> opts = ClientOptions(local_steps=2)
+    >>> prox = client_update(model, model.get_params(), data, opts, client_config={"proximal": {"mu": 0.1}})
+    >>> sorted(prox.delta) == sorted(res.delta)
+    True
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from asymvlm.federated.core import Params
+from asymvlm.errors import ConfigError, InputError
+from asymvlm.federated.core import Params, Recipe
 from asymvlm.heads import HeadConfig, TextHead
 from asymvlm.losses import AsymVLMLoss
 from asymvlm.masks import SparseMasks
+from asymvlm.registry import Param, Registry, non_negative, probability
 from asymvlm.trainable import Trainable, TrainableModel
 
 __all__ = [
     "ClientOptions",
     "ClientResult",
+    "ClientTerm",
+    "ProximalTerm",
+    "HeavyBallTerm",
+    "CLIENT_TERMS",
+    "build_client_terms",
+    "round_client_config",
+    "pack_client_config",
+    "unpack_client_config",
     "build_client_model",
     "client_update",
     "client_loss",
@@ -60,8 +82,6 @@ class ClientOptions:
     local_lr: float = 0.1
     batch_size: int = 256
     momentum: float = 0.0
-    proximal_mu: float = 0.0
-    ghbm_beta: float = 0.0
     loss_batches: int = 4  # batches used for the loss / gradient norm at the global model
     masks: Mapping[str, Tensor] | None = None  # sparse fine-tuning (TaLoS): {exchanged name: bool}, True = trained
 
@@ -74,6 +94,139 @@ class ClientResult:
     loss_before: float | None = None
     loss_after: float | None = None
     grad_norm: float | None = None
+
+
+# ----------------------------------------------------------------------------------------------
+# client-side terms: what a recipe's client_config names, applied at every local step
+# ----------------------------------------------------------------------------------------------
+class ClientTerm:
+    """A client-side term of a federated recipe, built for one client update from the options the
+    recipe's ``client_config`` gives it; :func:`client_update` calls its hooks in this order."""
+
+    def start(self, anchor: Mapping[str, Tensor], names: Sequence[str], options: ClientOptions) -> None:
+        """Before the first local step: ``anchor`` is the global model the client starts from,
+        ``names`` the parameters it trains."""
+
+    def on_gradient(self, names: Sequence[str], params: Sequence[Tensor]) -> None:
+        """After the backward pass, before the optimizer step (under ``no_grad``; every
+        ``p.grad`` exists): add the term's gradient in place."""
+
+    def after_step(self, names: Sequence[str], params: Sequence[Tensor]) -> None:
+        """After the optimizer step (under ``no_grad``): move the parameters directly."""
+
+
+@dataclass
+class ProximalTerm(ClientTerm):
+    """FedProx (Li et al. 2020, https://arxiv.org/abs/1812.06127): the gradient of
+    ``mu/2 ||theta - theta_global||^2``, ``mu (theta - theta_global)``, added to every local step's."""
+
+    mu: float = 0.0
+    anchor: dict[str, Tensor] = field(default_factory=dict, init=False)
+
+    def start(self, anchor, names, options):
+        self.anchor = {k: anchor[k] for k in names}
+
+    def on_gradient(self, names, params):
+        if self.mu > 0:
+            for k, p in zip(names, params):
+                p.grad.add_(p.detach() - self.anchor[k], alpha=self.mu)
+
+
+@dataclass
+class HeavyBallTerm(ClientTerm):
+    """GHBM's momentum term (Zaccone et al. 2024, https://arxiv.org/abs/2311.18578, Algorithm 1).
+
+    Every local step adds ``beta / (eta_l J) m_t`` to the gradient, so the J steps move the client
+    by exactly ``-beta m_t`` (the heavy-ball term). Applied as that displacement,
+    ``eta_l * beta / (eta_l J) m_t = beta / J m_t`` per step, outside the optimizer: through SGD's
+    momentum buffer (the clients' --local_momentum mu) it would be multiplied by
+    ``(1/J) sum_j (1 - mu^j) / (1 - mu)`` (3.6 at mu 0.9, J 8), a heavy-ball coefficient of 3.2 for
+    beta 0.9: unstable at server lr 1 and on the edge at 0.3 (issue 26: the demo's GHBM at chance on
+    another machine). Without local momentum the two are the same algorithm (tests/federated/test_ghbm.py).
+    """
+
+    beta: float = 0.0
+    momentum: Mapping[str, Tensor] | None = None
+    step: dict[str, Tensor] | None = field(default=None, init=False)
+
+    def start(self, anchor, names, options):
+        if self.momentum is not None and self.beta > 0:
+            c = self.beta / options.local_steps
+            self.step = {k: c * self.momentum[k] for k in names}
+
+    def after_step(self, names, params):
+        if self.step is not None:
+            for k, p in zip(names, params):
+                p.sub_(self.step[k].to(p.dtype))
+
+
+CLIENT_TERMS = Registry("client term")
+CLIENT_TERMS.register(
+    "proximal",
+    help="FedProx's proximal term: every local gradient gets mu (theta - theta_global)",
+    reference="https://arxiv.org/abs/1812.06127",
+    params=(Param("mu", float, 0.0, "Proximal coefficient mu (0 = off).", check=non_negative),),
+)(ProximalTerm)
+CLIENT_TERMS.register(
+    "heavy_ball",
+    help="GHBM's momentum: the client moves by -beta m_t over its local steps, outside its optimizer",
+    reference="https://arxiv.org/abs/2311.18578",
+    params=(
+        Param("beta", float, 0.0, "Momentum coefficient beta in [0, 1) (0 = off).", check=probability),
+        Param("momentum", dict, None, "The server's momentum m_t, {exchanged name: tensor} (None = off)."),
+    ),
+)(HeavyBallTerm)
+
+
+def build_client_terms(client_config: Mapping[str, Mapping[str, Any]] | None) -> list[ClientTerm]:
+    """One :class:`ClientTerm` per entry of a recipe's client configuration, in its order (an
+    unknown term or option is a :class:`~asymvlm.errors.ConfigError` naming it)."""
+    return [CLIENT_TERMS.build(name, **dict(opts)) for name, opts in (client_config or {}).items()]
+
+
+def round_client_config(recipe: Recipe, opt_state: Any, params: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The round's client configuration, ``recipe.client_config(opt_state, params)``, checked: every
+    term it names is registered and declared in ``recipe.client_terms`` (a
+    :class:`~asymvlm.errors.ConfigError` naming it otherwise). The simulator and Flower's server
+    both send this."""
+    config = dict(recipe.client_config(opt_state, params))
+    for term in config:
+        CLIENT_TERMS.entry(term)
+        if term not in recipe.client_terms:
+            raise ConfigError(
+                f"recipe {recipe.name!r} configures the client term {term!r} but declares only "
+                f"{sorted(recipe.client_terms)} in client_terms"
+            )
+    return config
+
+
+def pack_client_config(client_config: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, Any], dict[str, Params]]:
+    """A client configuration as ``(numbers, tensors)`` for a transport that sends scalars and named
+    tensors apart (Flower's ``ConfigRecord`` and ``ArrayRecord``s), keyed ``"<term>.<option>"``;
+    an option that is ``None`` is left out (every term's default is "off")."""
+    numbers: dict[str, Any] = {}
+    tensors: dict[str, Params] = {}
+    for term, opts in client_config.items():
+        for option, value in opts.items():
+            if "." in term or "." in option:
+                raise ConfigError(f"client term {term!r} option {option!r}: names may not contain '.'")
+            if value is None:
+                continue
+            if isinstance(value, Mapping):
+                tensors[f"{term}.{option}"] = dict(value)
+            else:
+                numbers[f"{term}.{option}"] = value
+    return numbers, tensors
+
+
+def unpack_client_config(numbers: Mapping[str, Any], tensors: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Any]:
+    """Inverse of :func:`pack_client_config` (keys without a ``.`` are ignored: a transport's own)."""
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in [*numbers.items(), *tensors.items()]:
+        if "." in key:
+            term, option = key.split(".", 1)
+            out.setdefault(term, {})[option] = dict(value) if isinstance(value, Mapping) else value
+    return out
 
 
 def build_client_model(
@@ -90,14 +243,14 @@ def build_client_model(
     ``trainable`` in (lora, both), a peft LoRA adapter on ``encoder``'s text tower
     (``lora = dict(r, alpha, dropout, target_modules)``)."""
     if trainable not in ("head", "lora", "both"):
-        raise ValueError(f"trainable must be head, lora or both, got {trainable!r}")
+        raise ConfigError(f"trainable must be head, lora or both, got {trainable!r}")
     torch.manual_seed(seed)
     head = TextHead(config=head_config, validate=False)
     loss_fn = AsymVLMLoss(**(loss_kwargs or {}))
     peft_model = None
     if trainable in ("lora", "both"):
         if encoder is None:
-            raise ValueError("federating a LoRA adapter needs the encoder")
+            raise ConfigError("federating a LoRA adapter needs the encoder")
         from asymvlm.lora import add_text_lora
 
         peft_model = add_text_lora(encoder, **(lora or {}))
@@ -138,7 +291,7 @@ def client_update(
     client: Any = None,
     num_examples: int | None = None,
     seed: int = 0,
-    ghbm_momentum: Mapping[str, Tensor] | None = None,
+    client_config: Mapping[str, Mapping[str, Any]] | None = None,
     need_loss_before: bool = False,
     need_grad_norm: bool = False,
 ) -> ClientResult:
@@ -146,6 +299,8 @@ def client_update(
 
     ``batcher`` yields this client's batches by index (``batcher.batch(i)``; seeded, so the same
     round replays identically). ``seed`` seeds anything else random (LoRA dropout).
+    ``client_config`` is the round's ``recipe.client_config(state, params)``: the client-side terms
+    (:data:`CLIENT_TERMS`) applied at every step.
     """
     torch.manual_seed(seed)
     model.set_params(global_params)
@@ -158,19 +313,9 @@ def client_update(
     if need_loss_before or need_grad_norm:
         loss_before, grad_norm = client_loss(model, batcher, lb, grad=need_grad_norm)
     opt = torch.optim.SGD(params, lr=options.local_lr, momentum=options.momentum)
-    anchor = {k: global_params[k] for k in names}
-    ghbm = None
-    if ghbm_momentum is not None and options.ghbm_beta > 0:
-        # GHBM (Zaccone et al. 2024, Algorithm 1): every local step adds beta / (eta_l J) m_t to the
-        # gradient, so the J steps move the client by exactly -beta m_t (the heavy-ball term). Applied
-        # here as that displacement, eta_l * beta / (eta_l J) m_t = beta / J m_t per step, outside the
-        # optimizer: through SGD's momentum buffer (the clients' --local_momentum mu) it would be
-        # multiplied by (1/J) sum_j (1 - mu^j) / (1 - mu) (3.6 at mu 0.9, J 8), a heavy-ball
-        # coefficient of 3.2 for beta 0.9: unstable at server lr 1 and on the edge at 0.3
-        # (issue 26: the demo's GHBM at chance on another machine). Without local momentum the
-        # two are the same algorithm (tests/test_ghbm.py).
-        c = options.ghbm_beta / options.local_steps
-        ghbm = {k: c * ghbm_momentum[k] for k in names}
+    terms = build_client_terms(client_config)
+    for term in terms:
+        term.start(global_params, names, options)
     masks = SparseMasks(dict(options.masks), model) if options.masks else None
     loss = None
     for step in range(options.local_steps):
@@ -179,18 +324,18 @@ def client_update(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
-            for k, p in zip(names, params):
+            for p in params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                if options.proximal_mu > 0:  # FedProx: grad of mu/2 ||theta - theta_global||^2
-                    p.grad.add_(p.detach() - anchor[k], alpha=options.proximal_mu)
+            for term in terms:
+                term.on_gradient(names, params)
         if masks is not None:  # entries outside the mask keep their value exactly, whatever SGD does there
             masks.before_step()
         opt.step()
-        if ghbm is not None:
+        if terms:
             with torch.no_grad():
-                for k, p in zip(names, params):
-                    p.sub_(ghbm[k].to(p.dtype))
+                for term in terms:
+                    term.after_step(names, params)
         if masks is not None:
             masks.after_step()
     loss_after, _ = client_loss(model, batcher, lb)
@@ -204,15 +349,16 @@ def client_update(
 def check_masks(model: TrainableModel, masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Masks for federated clients: bool tensors named like the model's parameters (a mask file
     from :func:`asymvlm.merging.talos.calibrate_mask` or for ``asymvlm-train --mask_file``), each
-    naming a parameter the clients train; anything else is a :class:`ValueError` naming it."""
+    naming a parameter the clients train; anything else is an :class:`~asymvlm.errors.InputError`
+    naming it."""
     trained = set(model.trained_names())
     named = dict(model.named_parameters())
     for name, m in masks.items():
         if name not in trained:
             where = "is not trained by the clients" if name in named else "names no parameter"
-            raise ValueError(f"mask {name!r} {where}; the clients train: {sorted(trained)[:6]}...")
+            raise InputError(f"mask {name!r} {where}; the clients train: {sorted(trained)[:6]}...")
         if m.dtype != torch.bool:
-            raise ValueError(f"mask {name!r} must be a bool tensor, got {m.dtype}")
+            raise InputError(f"mask {name!r} must be a bool tensor, got {m.dtype}")
     SparseMasks(dict(masks), model)  # shapes
     return dict(masks)
 

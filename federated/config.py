@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from asymvlm.config import ConfigError, check_fields
+from asymvlm.config import ConfigError, LoraArguments, RunArguments, check_fields, command_default
 from asymvlm.federated.attacks import ATTACKS
 from asymvlm.federated.core import LORA_MODES
 from asymvlm.federated.partition import PARTITIONER_REGISTRY
@@ -39,17 +39,22 @@ __all__ = [
 
 RUN_OPTIONS = ("local_lr",)  # recipe options the run supplies itself (AdaFedAdam's and q-FFL's eta_l)
 # what may change between a run and its --resume (everything else must match the checkpoint's config)
-RESUMABLE_CHANGES = ("rounds", "resume", "overwrite", "progress", "keep_rounds", "eval_every", "output_dir")
+RESUMABLE_CHANGES = ("rounds", *RunArguments.RESUMABLE)
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "model")  # what a run writes into output_dir
 # a client SGD step larger than this on a unit-sphere head only diverges (the defaults are 0.05-0.5)
 MAX_LOCAL_LR = 100.0
 
 
 @dataclass(frozen=True)
-class FederatedArguments:
+class FederatedArguments(LoraArguments, RunArguments):
     """Everything about the federation (the data come from :class:`asymvlm.config.DataArguments`,
-    the head from :class:`asymvlm.config.HeadArguments`, the recipe's options from
-    :class:`RecipeArguments`)."""
+    the head from :class:`asymvlm.heads.HeadConfig`, the recipe's options from
+    :class:`RecipeArguments`). What is trained and the LoRA adapter are
+    :class:`~asymvlm.config.LoraArguments`, the run control :class:`~asymvlm.config.RunArguments`
+    (``eval_every`` counts rounds; its default here is 5), as in ``asymvlm-train``."""
+
+    output_dir: str = command_default(RunArguments, "output_dir", "runs/federated")
+    eval_every: int = command_default(RunArguments, "eval_every", 5)
 
     recipe: Literal[tuple(RECIPES)] = field(  # type: ignore[valid-type]
         default="fedavg", metadata={"help": "Algorithm (asymvlm-federate --list-recipes shows each one's options)."}
@@ -88,40 +93,11 @@ class FederatedArguments:
     local_lr: float = field(default=0.05, metadata={"help": f"Client learning rate eta_l (in (0, {MAX_LOCAL_LR:g}])."})
     local_batch_size: int = field(default=256, metadata={"help": "Client batch (captions)."})
     local_momentum: float = field(default=0.0, metadata={"help": "Client SGD momentum, in [0, 1)."})
-    trainable: Literal["head", "lora", "both"] = field(
-        default="head", metadata={"help": "What the clients train and send: the head, a text-tower LoRA, or both."}
-    )
     lora_mode: Literal[tuple(LORA_MODES)] = field(  # type: ignore[valid-type]
         default="residual",
         metadata={
             "help": "LoRA aggregation: factors (FedIT), frozen_a (FFA-LoRA), stack (FLoRA), residual (FedEx-LoRA), svd."
         },
-    )
-    lora_r: int = field(default=4, metadata={"help": "LoRA rank."})
-    lora_alpha: float = field(default=8.0, metadata={"help": "LoRA alpha."})
-    lora_targets: str = field(
-        default="",
-        metadata={
-            "help": "Regex of text-tower Linear modules "
-            "(default: open_clip mlp.c_fc/c_proj; HF q/k/v/out_proj, fc1/fc2)."
-        },
-    )
-    mask_file: str = field(
-        default="",
-        metadata={
-            "help": "Sparse fine-tuning masks (from calibrate_mask; the same file works with asymvlm-train): clients "
-            "update only masked entries and send only those values; the communication saving is logged."
-        },
-    )
-    init_from: str = field(
-        default="",
-        metadata={
-            "help": "A saved AsymVLM (a folder or a Hub id, user/repo[@revision]) whose head and temperature start "
-            "the run."
-        },
-    )
-    eval_every: int = field(
-        default=5, metadata={"help": "Evaluate every N rounds and after the last (0: after the last only)."}
     )
     fairness_batches: int = field(default=2, metadata={"help": "Batches per client for the fairness report."})
     attack: Literal[tuple(ATTACKS)] = field(  # type: ignore[valid-type]
@@ -148,24 +124,11 @@ class FederatedArguments:
             "the run's reports are marked INSECURE."
         },
     )
-    seed: int = field(default=0, metadata={"help": "Seed of everything random (except secure DP noise)."})
-    output_dir: str = field(default="runs/federated", metadata={"help": "Checkpoints, metrics.jsonl, model/."})
-    resume: bool = field(
-        default=False,
-        metadata={"help": "Resume from the latest round checkpoint in output_dir (its config must match)."},
-    )
-    overwrite: bool = field(
-        default=False,
-        metadata={
-            "help": "Start afresh in a used output_dir: removes what a run writes there (checkpoints/, "
-            "metrics.jsonl, model/), nothing else."
-        },
-    )
-    keep_rounds: int = field(default=2, metadata={"help": "Round checkpoints kept."})
-    progress: bool = field(default=True, metadata={"help": "Progress bar per round."})
 
     def __post_init__(self) -> None:
         check_fields(self)
+        self._check_lora()
+        self._check_run()
         for name in ("rounds", "num_clients", "local_steps", "min_clients", "local_batch_size", "min_client_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -175,10 +138,6 @@ class FederatedArguments:
             raise ConfigError(f"dp_noise_multiplier must be >= 0 (0 = off), got {self.dp_noise_multiplier}")
         if not (self.dp_max_norm > 0 and math.isfinite(self.dp_max_norm)):
             raise ConfigError(f"dp_max_norm must be > 0, got {self.dp_max_norm}")
-        if self.keep_rounds < 1:
-            raise ConfigError(
-                f"keep_rounds must be >= 1 (the latest round is what --resume needs), got {self.keep_rounds}"
-            )
         if self.clients_per_round < 0 or self.clients_per_round > self.num_clients:
             raise ConfigError(
                 f"clients_per_round must be in [0, num_clients={self.num_clients}] (0: use client_fraction), "
@@ -190,30 +149,20 @@ class FederatedArguments:
                 f"min_clients={self.min_clients} exceeds the {per_round} clients sampled per round: every round "
                 "would be skipped"
             )
-        if self.resume and self.overwrite:
-            raise ConfigError("resume and overwrite exclude each other: continue the run, or replace it")
-        if self.seed < 0:
-            raise ConfigError(f"seed must be >= 0, got {self.seed}")
         self._check_ranges()
 
     def _check_ranges(self) -> None:
         """Every number in its range (a value outside is a ConfigError naming the option)."""
-        for name in ("eval_every",):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0 (0: evaluate after the last round only), got {self.eval_every}")
-        for name in ("fairness_batches", "lora_r"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.fairness_batches < 1:
+            raise ConfigError(f"fairness_batches must be >= 1, got {self.fairness_batches}")
         if not (0 < self.local_lr <= MAX_LOCAL_LR):  # NaN fails too
             raise ConfigError(f"local_lr must be in (0, {MAX_LOCAL_LR:g}], got {self.local_lr}")
         if not 0 <= self.local_momentum < 1:
             raise ConfigError(f"local_momentum must be in [0, 1), got {self.local_momentum}")
         if not math.isfinite(self.attack_scale):
             raise ConfigError(f"attack_scale must be a finite number (negative flips), got {self.attack_scale}")
-        for name in ("partition_alpha", "lora_alpha"):
-            value = getattr(self, name)
-            if not (value > 0 and math.isfinite(value)):
-                raise ConfigError(f"{name} must be > 0 and finite, got {value}")
+        if not (self.partition_alpha > 0 and math.isfinite(self.partition_alpha)):
+            raise ConfigError(f"partition_alpha must be > 0 and finite, got {self.partition_alpha}")
         if not (self.straggler_deadline >= 0 and math.isfinite(self.straggler_deadline)):
             raise ConfigError(
                 f"straggler_deadline must be >= 0 and finite (0: no deadline), got {self.straggler_deadline}"

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from asymvlm.errors import ConfigError
+
 __all__ = ["FederatedData", "get_federated_data"]
 
 
@@ -36,7 +38,7 @@ class FederatedData:
 
 def _shapeworld_columns(data_args: Any) -> dict[str, np.ndarray]:
     """Per-image attribute columns of the generated ShapeWorld training split (for partitioning)."""
-    from asymvlm import shapeworld as sw
+    from asymvlm.worlds import shapeworld as sw
 
     version = sw.dataset_version(data_args.dataset)
     w = sw.generate_arrays(
@@ -63,16 +65,16 @@ def get_federated_data(data_args: Any, fed: Any) -> FederatedData:
         fed: an :class:`asymvlm.federated.config.FederatedArguments`.
     """
     from asymvlm.batching import IndexBatcher, caption_groups
-    from asymvlm.data import cache_for_config
     from asymvlm.encoders import load_encoder
     from asymvlm.federated.partition import PARTITIONER_REGISTRY, partition, partition_summary
+    from asymvlm.worlds.data import cache_for_config
 
     encoder = None
     if fed.trainable != "head" or not data_args.cache_dir:
         encoder = load_encoder(data_args.encoder, data_args.pretrained or None)
     cache = cache_for_config(data_args, encoder)
     n_img = cache.image_embeddings.shape[0]
-    from asymvlm.shapeworld import dataset_version
+    from asymvlm.worlds.shapeworld import dataset_version
 
     columns = _shapeworld_columns(data_args) if dataset_version(data_args.dataset) and not data_args.cache_dir else {}
 
@@ -82,7 +84,7 @@ def get_federated_data(data_args: Any, fed: Any) -> FederatedData:
 
         def __getitem__(self, name):
             if name not in columns:
-                raise ValueError(
+                raise ConfigError(
                     f"partition column {name!r} is not available for this data; "
                     f"available: {sorted(columns)} (ShapeWorld built from --dataset shapeworld)"
                 )
@@ -100,7 +102,7 @@ def get_federated_data(data_args: Any, fed: Any) -> FederatedData:
         text_all: Any = cache.text_embeddings.float()
     else:
         if not cache.captions:
-            raise ValueError("federating LoRA needs the caption strings in the cache")
+            raise ConfigError("federating LoRA needs the caption strings in the cache")
         text_all = encoder.tokenize(cache.captions)
     batchers = []
     for k, img_rows in enumerate(parts):

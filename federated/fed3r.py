@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from asymvlm.errors import ConfigError, InputError
+
 __all__ = ["Fed3RStatistics", "Fed3RClassifier", "client_statistics", "solve"]
 
 
@@ -43,13 +45,13 @@ class Fed3RStatistics:
 def client_statistics(features: Tensor, labels: Tensor, num_classes: int) -> Fed3RStatistics:
     """``A = sum phi phi^T``, ``b = sum phi onehot(y)^T`` with ``phi = [features, 1]`` (float64)."""
     if features.dim() != 2 or labels.shape != features.shape[:1]:
-        raise ValueError(
+        raise InputError(
             f"features (n, d) and labels (n,) expected, got {tuple(features.shape)} and {tuple(labels.shape)}"
         )
     if not bool(torch.isfinite(features).all()):
-        raise ValueError("features contain NaN or inf")
+        raise InputError("features contain NaN or inf")
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must be in [0, {num_classes})")
+        raise InputError(f"labels must be in [0, {num_classes})")
     phi = torch.cat([features.double(), torch.ones(features.shape[0], 1, dtype=torch.float64)], dim=1)
     y = torch.nn.functional.one_hot(labels.long(), num_classes).double()
     return Fed3RStatistics(phi.T @ phi, phi.T @ y, int(features.shape[0]))
@@ -80,13 +82,13 @@ def solve(stats: Sequence[Fed3RStatistics], lam: float = 0.01, *, normalize: boo
             ``normalize_W``; changes the argmax, used there for evaluation).
     """
     if not stats:
-        raise ValueError("no client statistics")
+        raise InputError("no client statistics")
     if lam < 0:
-        raise ValueError(f"lam must be >= 0, got {lam}")
+        raise ConfigError(f"lam must be >= 0, got {lam}")
     total = stats[0]
     for s in stats[1:]:
         if s.A.shape != total.A.shape or s.b.shape != total.b.shape:
-            raise ValueError(f"client statistics of different shapes: {tuple(s.b.shape)} vs {tuple(total.b.shape)}")
+            raise InputError(f"client statistics of different shapes: {tuple(s.b.shape)} vs {tuple(total.b.shape)}")
         total = total + s
     a = total.A + lam * torch.eye(total.A.shape[0], dtype=torch.float64)
     w = torch.linalg.solve(a, total.b)  # (d+1, C)

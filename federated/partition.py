@@ -81,7 +81,7 @@ def dirichlet_label_skew(
                 parts[k].extend(chunk.tolist())
         if min(len(p) for p in parts) >= min_size:
             return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
-    raise ValueError(
+    raise ConfigError(
         f"no Dirichlet(alpha={alpha}) split gave every client {min_size} rows in {max_tries} tries; "
         f"raise alpha or lower min_size"
     )
@@ -107,7 +107,7 @@ def domain_skew(domains: Sequence[Any], num_clients: int, seed: int = 0, min_siz
     _check(n, num_clients, min_size)
     values = list(np.unique(domains))
     if num_clients < len(values):
-        raise ValueError(f"{len(values)} domains need at least as many clients, got {num_clients}")
+        raise ConfigError(f"{len(values)} domains need at least as many clients, got {num_clients}")
     rng = np.random.default_rng(seed)
     order = [values[i] for i in rng.permutation(len(values))]
     owners = {v: [k for k in range(num_clients) if k % len(values) == i] for i, v in enumerate(order)}
@@ -117,7 +117,7 @@ def domain_skew(domains: Sequence[Any], num_clients: int, seed: int = 0, min_siz
         for k, chunk in zip(ks, np.array_split(rows, len(ks))):
             parts[k] = np.sort(chunk)
     if min(len(p) for p in parts) < min_size:
-        raise ValueError(f"a domain has too few rows for its clients to get {min_size} each")
+        raise ConfigError(f"a domain has too few rows for its clients to get {min_size} each")
     return parts
 
 

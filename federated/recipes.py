@@ -1,8 +1,14 @@
-"""Named federated algorithms: an aggregator, a server transform and client-side options.
+"""Named federated algorithms: each one registry entry, its whole algorithm in one place.
 
-Every recipe is built on :mod:`asymvlm.federated.core`; the fairness-aware and momentum methods need
+A recipe's factory returns its aggregator, its server transform (state of its own is a named
+member of a :func:`~asymvlm.federated.core.chain`, read with
+:func:`~asymvlm.federated.core.named_state`), a ``client_config(state, params)`` hook that tells
+the round's clients which client-side terms to apply (:data:`asymvlm.federated.client.CLIENT_TERMS`;
+Flower's ``configure_fit`` pattern) and a ``check_clients(clients_per_round)`` feasibility check.
+Every recipe is built on :mod:`asymvlm.federated.core`; the fairness-aware methods need
 per-client information (loss at the global model, gradient norm, ...) which the round loop
-collects when ``Recipe.needs`` asks for it.
+collects when ``Recipe.needs`` asks for it. ``docs/architecture/new-recipe.md`` is the template
+for a new one.
 
 =================  =================================================================  =====
 name               what                                                               ref
@@ -40,19 +46,22 @@ Example:
     >>> r = make_recipe("fedadam", server_lr=0.1)
     >>> r.name, type(r.aggregator).__name__, r.options["server_tau"]
     ('fedadam', 'WeightedMean', 1e-09)
+    >>> prox = make_recipe("fedprox", proximal_mu=0.3)
+    >>> prox.client_config(prox.server.init({}), {})
+    {'proximal': {'mu': 0.3}}
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from asymvlm.errors import ConfigError
+from asymvlm.errors import ConfigError, InputError
 from asymvlm.federated.core import (
     AggregateResult,
     Aggregator,
@@ -68,6 +77,7 @@ from asymvlm.federated.core import (
     chain,
     check_weights,
     keys_of,
+    named_state,
     scale,
     scale_by_adagrad,
     scale_by_adam,
@@ -88,7 +98,8 @@ __all__ = [
     "QFFLAggregate",
     "ghbm_history",
     "ghbm_momentum",
-    "ghbm_server_momentum",
+    "ghbm_client_config",
+    "proximal_client_config",
 ]
 
 
@@ -118,7 +129,7 @@ class AdaFedAdamAggregate(Aggregator):
     def __call__(self, deltas, weights=None, *, loss_before=None, grad_norm=None, loss_initial=None, **_):
         k = len(deltas)
         if loss_before is None or grad_norm is None:
-            raise ValueError("adafedadam needs loss_before and grad_norm of every client")
+            raise InputError("adafedadam needs loss_before and grad_norm of every client")
         n = check_weights(weights, k)
         norms = [tree_norm({key: d[key] for key in keys_of(deltas)}) for d in deltas]
         eff = [dn / max(gn, 1e-30) for dn, gn in zip(norms, grad_norm)]
@@ -183,7 +194,7 @@ class QFFLAggregate(Aggregator):
 
     def __call__(self, deltas, weights=None, *, loss_before=None, **_):
         if loss_before is None:
-            raise ValueError("qffl needs loss_before (the loss at the global model) of every client")
+            raise InputError("qffl needs loss_before (the loss at the global model) of every client")
         big_l = 1.0 / self.local_lr
         f = [float(x) + 1e-10 for x in loss_before]
         norms = [tree_norm({key: d[key] for key in keys_of(deltas)}) for d in deltas]
@@ -198,7 +209,7 @@ class QFFLAggregate(Aggregator):
 def ghbm_history(tau: int) -> Transform:
     """Keeps the last ``tau`` global models (GHBM's server state) and passes the delta through."""
     if tau < 1:
-        raise ValueError(f"tau must be >= 1, got {tau}")
+        raise ConfigError(f"tau must be >= 1, got {tau}")
 
     def init(params):
         return {"history": []}
@@ -219,28 +230,37 @@ def ghbm_momentum(history: Sequence[Mapping[str, Tensor]], params: Mapping[str, 
     return {k: (oldest[k] - params[k]) / tau for k in params}
 
 
-def _find_ghbm_state(state: Any) -> dict | None:
-    if isinstance(state, dict) and "history" in state:
-        return state
-    if isinstance(state, (tuple, list)):
-        for s in state:
-            found = _find_ghbm_state(s)
-            if found is not None:
-                return found
-    return None
+def ghbm_client_config(server: Transform, beta: float, tau: int) -> Callable[[Any, Mapping[str, Tensor]], dict]:
+    """GHBM's ``client_config``: the momentum ``m_t`` the server sends (:func:`ghbm_momentum` of the
+    history kept by ``server``'s member named ``"history"``), over every exchanged key (zero for keys
+    the server does not step), for the clients' ``heavy_ball`` term; nothing until ``tau`` models
+    exist (and nothing at beta 0)."""
+
+    def client_config(state: Any, params: Mapping[str, Tensor]) -> dict[str, Any]:
+        history = named_state(server, state, "history")["history"]
+        if beta == 0 or not history:
+            return {}
+        owned = {k: v for k, v in params.items() if k in history[0]}
+        momentum = ghbm_momentum(history, owned, tau)
+        if momentum is None:
+            return {}
+        full = {k: momentum[k] if k in momentum else torch.zeros_like(v) for k, v in params.items()}
+        return {"heavy_ball": {"beta": beta, "momentum": full}}
+
+    return client_config
 
 
-def ghbm_server_momentum(recipe: Recipe, opt_state: Any, params: Mapping[str, Tensor]) -> Params | None:
-    """The GHBM momentum the server sends this round (``None`` for other recipes and until
-    ``ghbm_tau`` models exist), over every exchanged key (zero for keys the server does not step)."""
-    state = _find_ghbm_state(opt_state)
-    if state is None or not state["history"]:
-        return None
-    owned = {k: v for k, v in params.items() if k in state["history"][0]}
-    momentum = ghbm_momentum(state["history"], owned, recipe.ghbm_tau)
-    if momentum is None:
-        return None
-    return {k: momentum[k] if k in momentum else torch.zeros_like(v) for k, v in params.items()}
+# ----------------------------------------------------------------------------------------------
+# FedProx
+# ----------------------------------------------------------------------------------------------
+def proximal_client_config(mu: float) -> Callable[[Any, Mapping[str, Tensor]], dict]:
+    """FedProx's ``client_config``: every round the clients' ``proximal`` term with ``mu``
+    (nothing at mu 0)."""
+
+    def client_config(state: Any, params: Mapping[str, Tensor]) -> dict[str, Any]:
+        return {"proximal": {"mu": mu}} if mu > 0 else {}
+
+    return client_config
 
 
 # ----------------------------------------------------------------------------------------------
@@ -278,8 +298,9 @@ _BIAS = (
 _LOCAL_LR = Param("local_lr", float, 0.1, "The clients' learning rate eta_l (a run passes its own).", check=positive)
 
 
-def _fedopt(direction: Transform, server_lr: float) -> Transform:
-    return chain(direction, scale(server_lr))
+def _fedopt(name: str, direction: Transform, server_lr: float) -> Transform:
+    """Reddi et al.'s server optimizers: the adaptive direction (its moments under ``name``), then the lr."""
+    return chain((name, direction), ("lr", scale(server_lr)))
 
 
 @RECIPES.register(
@@ -309,7 +330,10 @@ def _fedavg(server_lr, weighting, weighting_cap):
     ),
 )
 def _fedavgm(server_lr, server_momentum, server_nesterov):
-    return dict(aggregator=WeightedMean(), server=chain(trace(server_momentum, server_nesterov), scale(server_lr)))
+    return dict(
+        aggregator=WeightedMean(),
+        server=chain(("momentum", trace(server_momentum, server_nesterov)), ("lr", scale(server_lr))),
+    )
 
 
 @RECIPES.register(
@@ -319,7 +343,12 @@ def _fedavgm(server_lr, server_momentum, server_nesterov):
     params=(Param("proximal_mu", float, 0.01, "FedProx proximal coefficient mu.", check=non_negative), _lr(1.0)),
 )
 def _fedprox(proximal_mu, server_lr):
-    return dict(aggregator=WeightedMean(), server=scale(server_lr), proximal_mu=proximal_mu)
+    return dict(
+        aggregator=WeightedMean(),
+        server=scale(server_lr),
+        client_config=proximal_client_config(proximal_mu),
+        client_terms=frozenset({"proximal"}),
+    )
 
 
 @RECIPES.register(
@@ -330,7 +359,7 @@ def _fedprox(proximal_mu, server_lr):
 )
 def _fedadam(server_lr, server_beta1, server_beta2, server_tau, bias_correction, bias_correction_offset):
     direction = scale_by_adam(server_beta1, server_beta2, server_tau, bias_correction, bias_correction_offset)
-    return dict(aggregator=WeightedMean(), server=_fedopt(direction, server_lr))
+    return dict(aggregator=WeightedMean(), server=_fedopt("adam", direction, server_lr))
 
 
 @RECIPES.register(
@@ -341,7 +370,7 @@ def _fedadam(server_lr, server_beta1, server_beta2, server_tau, bias_correction,
 )
 def _fedyogi(server_lr, server_beta1, server_beta2, server_tau, bias_correction, bias_correction_offset):
     direction = scale_by_yogi(server_beta1, server_beta2, server_tau, bias_correction, bias_correction_offset)
-    return dict(aggregator=WeightedMean(), server=_fedopt(direction, server_lr))
+    return dict(aggregator=WeightedMean(), server=_fedopt("yogi", direction, server_lr))
 
 
 @RECIPES.register(
@@ -351,7 +380,7 @@ def _fedyogi(server_lr, server_beta1, server_beta2, server_tau, bias_correction,
     params=(_lr(0.1), _tau(1e-9)),
 )
 def _fedadagrad(server_lr, server_tau):
-    return dict(aggregator=WeightedMean(), server=_fedopt(scale_by_adagrad(0.0, server_tau), server_lr))
+    return dict(aggregator=WeightedMean(), server=_fedopt("adagrad", scale_by_adagrad(0.0, server_tau), server_lr))
 
 
 @RECIPES.register(
@@ -395,11 +424,12 @@ def _qffl(qffl_q, local_lr):
     ),
 )
 def _ghbm(ghbm_beta, ghbm_tau, server_lr):
+    server = chain(("history", ghbm_history(ghbm_tau)), ("lr", scale(server_lr)))
     return dict(
         aggregator=WeightedMean(),
-        server=chain(ghbm_history(ghbm_tau), scale(server_lr)),
-        ghbm_beta=ghbm_beta,
-        ghbm_tau=ghbm_tau,
+        server=server,
+        client_config=ghbm_client_config(server, ghbm_beta, ghbm_tau),
+        client_terms=frozenset({"heavy_ball"}),
     )
 
 
@@ -436,7 +466,15 @@ def _fedtrimmedavg(trim_beta):
     ),
 )
 def _krum(krum_num_malicious, krum_keep):
-    return dict(aggregator=Krum(krum_num_malicious, krum_keep), server=scale(1.0))
+    def check_clients(clients_per_round: int) -> None:
+        f = krum_num_malicious
+        if clients_per_round <= 2 * f + 2:
+            raise ConfigError(
+                f"Krum tolerates f Byzantine clients among n only when n > 2f + 2 (Blanchard et al. 2017): "
+                f"krum_num_malicious={f} needs more than {2 * f + 2} clients per round, got {clients_per_round}"
+            )
+
+    return dict(aggregator=Krum(krum_num_malicious, krum_keep), server=scale(1.0), check_clients=check_clients)
 
 
 def make_recipe(name: str, *, dp: DifferentialPrivacy | None = None, **options: Any) -> Recipe:

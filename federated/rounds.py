@@ -50,7 +50,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from asymvlm.config import ConfigError, HeadArguments, check_resume_config, claim_output_dir
+from asymvlm.config import ConfigError
 from asymvlm.federated.attacks import DATA_ATTACKS, UPDATE_ATTACKS, ShuffledCaptions, attack_updates
 from asymvlm.federated.checkpoint import (
     ServerState,
@@ -62,6 +62,7 @@ from asymvlm.federated.checkpoint import (
     save_server_state,
 )
 from asymvlm.federated.client import (
+    CLIENT_TERMS,
     ClientOptions,
     ClientResult,
     build_client_model,
@@ -70,6 +71,7 @@ from asymvlm.federated.client import (
     client_update,
     get_base,
     lora_layer_keys,
+    round_client_config,
     set_base,
     upload_bytes,
 )
@@ -85,7 +87,9 @@ from asymvlm.federated.core import (
 )
 from asymvlm.federated.core.tree import first_non_finite
 from asymvlm.federated.data import FederatedData
-from asymvlm.federated.recipes import RECIPES, ghbm_server_momentum, make_recipe
+from asymvlm.federated.recipes import RECIPES, make_recipe
+from asymvlm.heads import HeadConfig
+from asymvlm.runs import check_resume_config, claim_output_dir
 from asymvlm.trainable import TrainableModel
 
 __all__ = [
@@ -157,8 +161,8 @@ def fairness(values: list[float]) -> dict[str, float]:
 def federation_recipe(fed: FederatedArguments, recipe_options: Mapping[str, Any] | None = None) -> Recipe:
     """The run's recipe: ``fed.recipe`` with its declared options, the run's client learning rate
     where the recipe needs it, and DP when asked. Cheap, so commands call it before loading data:
-    an unknown option, a rule without a DP analysis or a Krum that cannot tolerate its ``f`` fail
-    at once."""
+    an unknown option, a rule without a DP analysis or a rule that cannot work with the clients
+    per round (its registry entry's ``check_clients``: Krum's n > 2f + 2) fail at once."""
     options = dict(recipe_options or {})
     declared = RECIPES.entry(fed.recipe).param_names
     options.update({k: getattr(fed, k) for k in RUN_OPTIONS if k in declared})  # AdaFedAdam's / q-FFL's eta_l
@@ -169,13 +173,9 @@ def federation_recipe(fed: FederatedArguments, recipe_options: Mapping[str, Any]
             fed.dp_insecure_seed,
         )  # fmt: skip
     recipe = make_recipe(fed.recipe, dp=dp, **options)
-    f = recipe.options.get("krum_num_malicious")
-    per_round = round(fed.sample_rate * fed.num_clients)
-    if f is not None and per_round <= 2 * f + 2:
-        raise ConfigError(
-            f"Krum tolerates f Byzantine clients among n only when n > 2f + 2 (Blanchard et al. 2017): "
-            f"krum_num_malicious={f} needs more than {2 * f + 2} clients per round, got {per_round}"
-        )
+    for term in recipe.client_terms:  # an unknown client term fails here, not in round 1
+        CLIENT_TERMS.entry(term)
+    recipe.check_clients(round(fed.sample_rate * fed.num_clients))  # the rule's own feasibility check
     return recipe
 
 
@@ -196,24 +196,13 @@ class Federation:
         cls,
         fed: FederatedArguments,
         data: FederatedData,
-        head: HeadArguments | None = None,
+        head: HeadConfig | None = None,
         recipe_options: Mapping[str, Any] | None = None,
     ) -> Federation:
         recipe = federation_recipe(fed, recipe_options)
-        lora_cfg = None
-        if fed.trainable != "head":
-            from asymvlm.lora import DEFAULT_TARGETS
-
-            targets = (
-                fed.lora_targets
-                or {
-                    "open_clip": r"transformer\.resblocks\.\d+\.mlp\.(c_fc|c_proj)",
-                    "hf": DEFAULT_TARGETS["hf"],
-                }[data.encoder.backend]
-            )
-            lora_cfg = {"r": fed.lora_r, "alpha": fed.lora_alpha, "dropout": 0.0, "target_modules": targets}
+        lora_cfg = fed.lora_config(data.encoder.backend) if fed.trainable != "head" else None
         model = build_client_model(
-            (head or HeadArguments()).head_config(data.dim),
+            dataclasses.replace(head or HeadConfig(), dim=data.dim),
             trainable=fed.trainable,
             encoder=data.encoder,
             lora=lora_cfg,
@@ -235,8 +224,6 @@ class Federation:
             local_lr=fed.local_lr,
             batch_size=fed.local_batch_size,
             momentum=fed.local_momentum,
-            proximal_mu=recipe.proximal_mu,
-            ghbm_beta=recipe.ghbm_beta,
         )
         lora = None
         if fed.trainable != "head":
@@ -251,12 +238,12 @@ class Federation:
         return cls(fed, data, recipe, model, opts, lora, comm)
 
     # -- state --------------------------------------------------------------------------------------
-    def config(self, head: HeadArguments | None) -> dict[str, Any]:
+    def config(self, head: HeadConfig | None) -> dict[str, Any]:
         """What identifies the run (saved in every checkpoint; ``--resume`` compares it)."""
         return {
             **asdict(self.fed),
             "recipe_options": dict(self.recipe.options),
-            "head": asdict(head or HeadArguments()),
+            "head": (head or HeadConfig()).to_dict(),  # JSON-shaped (a list, not a tuple): resume compares it
             "data": {
                 "encoder_fingerprint": (self.data.encoder_source or {}).get("fingerprint"),
                 "client_sizes": list(self.data.num_examples),
@@ -298,7 +285,7 @@ class Federation:
     # -- one round's pieces -------------------------------------------------------------------------
     def train_clients(self, state: ServerState, active: list[int], rnd: int) -> list[ClientResult]:
         needs = self.recipe.needs
-        momentum = ghbm_server_momentum(self.recipe, state.opt_state, state.params)
+        client_config = round_client_config(self.recipe, state.opt_state, state.params)  # configure_fit
         results = []
         for c in active:
             batcher = self.data.batchers[c]
@@ -313,7 +300,7 @@ class Federation:
                     client=c,
                     num_examples=self.data.num_examples[c],
                     seed=seed,
-                    ghbm_momentum=momentum,
+                    client_config=client_config,
                     need_loss_before=bool(needs & {"loss_before", "loss_initial"}),
                     need_grad_norm="grad_norm" in needs,
                 )  # fmt: skip
@@ -440,13 +427,13 @@ class Federation:
         )
 
     def save_round(self, state: ServerState, record: dict, config: dict[str, Any]) -> None:
-        """The round's checkpoint (atomic; rounds beyond ``keep_rounds`` pruned), then its line in
+        """The round's checkpoint (atomic; rounds beyond ``keep_last`` pruned), then its line in
         ``metrics.jsonl``. A global model that is not finite is never saved (the round and the key
         are named)."""
         out = Path(self.fed.output_dir)
         check_finite_state(state, f"the round is not checkpointed (the last checkpoint is {_latest(out)})")
         save_server_state(state, out / "checkpoints", config)
-        prune_rounds(out / "checkpoints", self.fed.keep_rounds)
+        prune_rounds(out / "checkpoints", self.fed.keep_last)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -471,7 +458,7 @@ def run_federated(
     fed: FederatedArguments,
     data: FederatedData,
     *,
-    head: HeadArguments | None = None,
+    head: HeadConfig | None = None,
     recipe_options: Mapping[str, Any] | None = None,
     evaluate: Callable[[TrainableModel], dict[str, Any]] | None = None,
     log: Callable[[dict], None] | None = None,
@@ -481,7 +468,7 @@ def run_federated(
 
     Args:
         fed, data: the federation and its clients' data (:func:`~asymvlm.federated.data.get_federated_data`).
-        head: the text head's architecture (default :class:`~asymvlm.config.HeadArguments`).
+        head: the text head's architecture (default :class:`~asymvlm.heads.HeadConfig`; its dim is the data's).
         recipe_options: options of ``fed.recipe`` (declared by the recipe; others are an error).
         evaluate: ``evaluate(model) -> metrics`` on held-out data, called every ``eval_every``
             rounds and after the last (the CLI passes :mod:`asymvlm.eval`'s; the rounds import no eval).
@@ -507,7 +494,7 @@ def run_federated(
         results = run.attack(run.train_clients(state, active, rnd), malicious, rnd)  # client update
         accepted, record["rejected"] = run.validate(state, results)  # validate
         state = run.apply_updates(state, accepted, rnd, record)  # server step
-        if (fed.eval_every > 0 and (rnd + 1) % fed.eval_every == 0) or rnd + 1 == fed.rounds:
+        if fed.evaluates_at(rnd + 1, fed.rounds):
             if not dp:
                 record.update(run.client_losses(state))
             if evaluate is not None:
@@ -542,7 +529,7 @@ def _init_from(model: TrainableModel, path: str) -> None:
 
     start = AsymVLM.from_pretrained(path, load_encoder=False)
     if start.head.config != model.head.config:
-        raise ValueError(
+        raise ConfigError(
             f"init_from {path}: head {start.head.config} differs from the federated head {model.head.config}"
         )
     with torch.no_grad():

@@ -6,7 +6,13 @@
   with declared options) and merging through its one server step (``merge_params``, ``merge_files``);
 * :mod:`asymvlm.merging.lora` — LoRA adapters merged on their exact dense updates (dense / concat / svd);
 * :mod:`asymvlm.merging.talos` — TaLoS mask calibration for sparse, interference-free fine-tuning;
-* :mod:`asymvlm.merging.api` — ``merge`` for any input kind and the lambda search (``asymvlm-merge``).
+* :mod:`asymvlm.merging.api` — ``merge`` for any input kind (``asymvlm-merge``), and every public
+  name of the three modules behind it:
+* :mod:`asymvlm.merging.inputs` — what an input is, where it is, and whether it was fine-tuned
+  from the base;
+* :mod:`asymvlm.merging.search` — the lambda search and its flat-criterion check;
+* :mod:`asymvlm.merging.selection` — the lambda-search criteria of AsymVLM heads (R@1, likelihood,
+  error AUROC).
 
 Importing ``asymvlm.merging`` (or these modules) does not import transformers or peft.
 """
@@ -21,9 +27,9 @@ _EXPORTS = {
     "Ties": "asymvlm.merging.methods",
     "Dare": "asymvlm.merging.methods",
     "merge": "asymvlm.merging.api",
-    "lambda_search": "asymvlm.merging.api",
-    "recall_metric": "asymvlm.merging.api",
-    "recall_at_1": "asymvlm.merging.api",
+    "lambda_search": "asymvlm.merging.search",
+    "recall_metric": "asymvlm.merging.selection",
+    "recall_at_1": "asymvlm.merging.selection",
     "LazyTaskVector": "asymvlm.merging.task_vectors",
     "MergeInputError": "asymvlm.merging.task_vectors",
     "task_vector_from_checkpoints": "asymvlm.merging.task_vectors",

@@ -10,11 +10,15 @@ written; outputs are written atomically with a ``merge.json`` report.
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 from asymvlm.errors import ConfigError
+from asymvlm.merging.api import ON_FLAT, SELECTION_CRITERIA
+from asymvlm.merging.methods import METHODS
+from asymvlm.registry import dataclass_flags, flag_settings
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "MergeArguments"]
 
 EPILOG = """examples:
   asymvlm-merge --base runs/base/model --inputs runs/a/model runs/b/model --method ties --density 0.2 \\
@@ -50,79 +54,110 @@ def _floats(value: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"must be comma-separated numbers, got {value!r}") from err
 
 
-# YAML key = flag (``--<key>``, also spelled with dashes) -> argparse kwargs. The merge options
-# passed to the method are OPTION_KEYS: they have no default here (each method has its own, see
-# --list_methods), so only the ones given reach the method.
-SPEC: dict[str, dict[str, Any]] = {
-    "base": {
-        "help": "What the inputs were fine-tuned from: a saved AsymVLM or a .safetensors checkpoint (or a Hub id, "
-        "user/repo[@revision])."
-    },
-    "inputs": {"nargs": "+", "help": "AsymVLMs, checkpoints, task-vector dirs or peft adapters (folders or Hub ids)."},
-    "output_dir": {"help": "Output directory (written atomically, with merge.json and a README.md model card)."},
-    "method": {"default": "ties", "help": "Merge method (see --list_methods)."},
-    "lam": {"type": float, "default": 1.0, "help": "Scaling lambda of the merged task vector."},
-    "weights": {"nargs": "+", "type": float, "help": "Per-input weights (default: equal)."},
-    "density": {"type": float, "help": "TIES: fraction of entries kept per task, in (0, 1]."},
-    "scope": {"choices": ("global", "per_tensor"), "help": "TIES top-k scope (global: the paper's)."},
-    "sign": {"choices": ("total", "frequency"), "help": "TIES sign election."},
-    "sign_weighted": {"action": "store_const", "const": True, "help": "TIES: elect the sign on weighted vectors."},
-    "normalize": {"choices": ("count", "weight"), "help": "TIES disjoint mean: by count or by weight."},
-    "zero_sign": {"choices": ("majority", "positive", "none"), "help": "TIES: resolve a zero sum."},
-    "p": {"type": float, "help": "DARE drop probability in [0, 1)."},
-    "seed": {"type": int, "help": "DARE seed."},
-    "lora_output": {
-        "choices": ("dense", "concat", "svd"),
-        "default": "concat",
-        "help": "LoRA inputs: dense (folded into --base), concat (exact), svd (best rank --rank).",
-    },
-    "rank": {"type": int, "help": "LoRA svd output rank (default: the largest input rank)."},
-    "lam_grid": {
-        "type": _floats,
-        "help": "Comma-separated lambdas to search on --val (AsymVLM inputs; default: no search, --lam).",
-    },
-    "val": {"nargs": "+", "help": "Validation embedding caches, one per input (mean normalised R@1)."},
-    "select_by": {
-        "help": "What --lam_grid selects lambda by on --val: r1 (mean normalised R@1), likelihood (mean log "
-        "p(correct image | text): moves with kappa, also when the mean direction is frozen and R@1 cannot), "
-        "error_auroc (AUROC of 1/kappa for R@1 misses) (default: r1)."
-    },
-    "allow_unrelated": {
-        "action": "store_const",
-        "const": True,
-        "help": "Merge an expert even when it was not fine-tuned from --base (its lineage says trained from scratch "
-        "or from other weights, it records none and is as far from the base as the base's own weights, or a task "
-        "vector was computed against another base); by default that is an error. Each such expert is named in a "
-        "warning and in merge.json.",
-    },
-    "on_flat": {
-        "help": "When the criterion scores every lambda the same (R@1 of heads with a frozen mean direction): "
-        "error, or warn and keep the first lambda (default: error).",
-    },
-}
-OPTION_KEYS = ("density", "scope", "sign", "sign_weighted", "normalize", "zero_sign", "p", "seed")
+@dataclass(frozen=True)
+class MergeArguments:
+    """The options of ``asymvlm-merge`` that are :func:`~asymvlm.merging.api.merge`'s own (one flag
+    each, ``--<field>``; ``metadata`` holds the help and any argparse setting the annotation does not
+    say). The merge methods' options are not here: their flags come from :data:`METHODS`."""
+
+    base: str | None = field(
+        default=None,
+        metadata={
+            "help": "What the inputs were fine-tuned from: a saved AsymVLM or a .safetensors checkpoint (or a Hub "
+            "id, user/repo[@revision])."
+        },
+    )
+    inputs: list[str] | None = field(
+        default=None,
+        metadata={"help": "AsymVLMs, checkpoints, task-vector dirs or peft adapters (folders or Hub ids)."},
+    )
+    output_dir: str | None = field(
+        default=None,
+        metadata={"help": "Output directory (written atomically, with merge.json and a README.md model card)."},
+    )
+    method: str = field(
+        default="ties", metadata={"help": "Merge method (see --list_methods).", "choices": tuple(METHODS)}
+    )
+    weights: list[float] | None = field(default=None, metadata={"help": "Per-input weights (default: equal)."})
+    lora_output: Literal["dense", "concat", "svd"] = field(
+        default="concat",
+        metadata={"help": "LoRA inputs: dense (folded into --base), concat (exact), svd (best rank --rank)."},
+    )
+    rank: int | None = field(default=None, metadata={"help": "LoRA svd output rank (default: the largest input rank)."})
+    lam_grid: list[float] | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated lambdas to search on --val (AsymVLM inputs; default: no search, --lam).",
+            "type": _floats,
+        },
+    )
+    val: list[str] | None = field(
+        default=None, metadata={"help": "Validation embedding caches, one per input (mean normalised R@1)."}
+    )
+    select_by: str | None = field(
+        default=None,
+        metadata={
+            "help": "What --lam_grid selects lambda by on --val: r1 (mean normalised R@1), likelihood (mean log "
+            "p(correct image | text): moves with kappa, also when the mean direction is frozen and R@1 cannot), "
+            "error_auroc (AUROC of 1/kappa for R@1 misses) (default: r1).",
+            "choices": tuple(SELECTION_CRITERIA),
+        },
+    )
+    allow_unrelated: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Merge an expert even when it was not fine-tuned from --base (its lineage says trained from "
+            "scratch or from other weights, it records none and is as far from the base as the base's own weights, "
+            "or a task vector was computed against another base); by default that is an error. Each such expert is "
+            "named in a warning and in merge.json."
+        },
+    )
+    on_flat: str | None = field(
+        default=None,
+        metadata={
+            "help": "When the criterion scores every lambda the same (R@1 of heads with a frozen mean direction): "
+            "error, or warn and keep the first lambda (default: error).",
+            "choices": ON_FLAT,
+        },
+    )
+
+
+# The merge methods' options that merge() takes as its own keyword (every method declares them).
+MERGE_KEYWORDS = ("lam",)
+
+
+def _method_flag(name: str, param: Any, methods: tuple[str, ...]) -> dict[str, Any]:
+    """The flag of a merge-method option: its declared type, choices and help; its default only when
+    every method declares it with one default (``lam``), else None: each method's own, in the help."""
+    shared = len(methods) == len(METHODS) and len({repr(METHODS[m].param(name).default) for m in methods}) == 1
+    if shared:
+        return {**flag_settings(param.type), "default": param.default, "help": param.help}
+    by = ", ".join(f"{m} {METHODS[m].param(name).default}" for m in methods)
+    return {**flag_settings(param.type), "default": None, "help": f"{param.help} (default: the method's own: {by})"}
+
+
+def _spec() -> dict[str, dict[str, Any]]:
+    """YAML key = flag (``--<key>``, also spelled with dashes) -> argparse settings: the fields of
+    :class:`MergeArguments`, then every option a merge method declares (:data:`METHODS`)."""
+    spec = dataclass_flags(MergeArguments)
+    for name, (param, methods) in METHODS.options().items():
+        spec[name] = _method_flag(name, param, methods)
+    return spec
+
+
+SPEC: dict[str, dict[str, Any]] = _spec()
+# The method options passed to merge() as **options (only the ones given: each method has its own default).
+OPTION_KEYS = tuple(k for k in METHODS.options() if k not in MERGE_KEYWORDS)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser of ``asymvlm-merge`` (flags spelled with underscores or dashes; no abbreviations)."""
+    """The parser of ``asymvlm-merge`` (flags spelled with underscores or dashes; no abbreviations):
+    :class:`MergeArguments`' flags, then the merge methods' options from :data:`METHODS`."""
     from asymvlm.cli import make_parser, summary
-    from asymvlm.merging.api import ON_FLAT, SELECTION_CRITERIA
-    from asymvlm.merging.methods import METHODS
 
     p = make_parser(PROG, summary(__doc__), EPILOG)
     p.add_argument("--config", default=None, help="YAML recipe (keys as the flags, with underscores).")
     for key, kw in SPEC.items():
-        kw = {"default": None, **kw}
-        if key == "method":
-            kw["choices"] = tuple(METHODS)
-        if key == "select_by":
-            kw["choices"] = tuple(SELECTION_CRITERIA)
-        if key == "on_flat":
-            kw["choices"] = ON_FLAT
-        if key in OPTION_KEYS:  # the method's own default, read from the registry (one source)
-            defaults = {p.default for e in METHODS.values() for p in e.params if p.name == key}
-            if len(defaults) == 1:
-                kw["help"] += f" (method default: {defaults.pop()})"
         p.add_argument(f"--{key}", dest=key, **kw)
     p.add_argument("--no_progress", action="store_true", help="No progress bar.")
     p.add_argument("--list_methods", action="store_true", help="List the merge methods with their options and papers.")
@@ -189,8 +224,6 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     cfg = _config(argv)
     if cfg["_list"]:
-        from asymvlm.merging.methods import METHODS
-
         print(METHODS.describe())
         return 0
     missing = [k for k in ("inputs", "output_dir") if not cfg.get(k)]

@@ -47,6 +47,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from asymvlm.errors import ConfigError
 from asymvlm.federated.core import (
     AggregateResult,
     Aggregator,
@@ -174,7 +175,7 @@ class Ties(Aggregator):
 
     def __post_init__(self) -> None:
         if not 0 < self.density <= 1:
-            raise ValueError(f"density must be in (0, 1], got {self.density}")
+            raise ConfigError(f"density must be in (0, 1], got {self.density}")
         for name, value, allowed in (
             ("scope", self.scope, ("global", "per_tensor")),
             ("sign", self.sign, ("total", "frequency")),
@@ -182,7 +183,7 @@ class Ties(Aggregator):
             ("zero_sign", self.zero_sign, ("majority", "positive", "none")),
         ):
             if value not in allowed:
-                raise ValueError(f"{name}={value!r} is not one of {allowed}")
+                raise ConfigError(f"{name}={value!r} is not one of {allowed}")
 
     def __call__(self, deltas, weights=None, **_):
         k = len(deltas)
@@ -251,9 +252,9 @@ class Dare(Aggregator):
 
     def __post_init__(self) -> None:
         if not 0 <= self.p < 1:
-            raise ValueError(f"drop probability p must be in [0, 1), got {self.p}")
+            raise ConfigError(f"drop probability p must be in [0, 1), got {self.p}")
         if self.then not in ("sum", "ties"):
-            raise ValueError(f"then must be 'sum' or 'ties', got {self.then!r}")
+            raise ConfigError(f"then must be 'sum' or 'ties', got {self.then!r}")
 
     def dropped(self, deltas: Sequence[Mapping[str, Tensor]]) -> list[Mapping[str, Tensor]]:
         return [_Dropped(d, i, self.p, self.seed) for i, d in enumerate(deltas)]

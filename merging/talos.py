@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from asymvlm.errors import ConfigError, InputError
 from asymvlm.masks import mask_density, save_masks
 
 __all__ = ["calibrate_mask", "sensitivity_scores", "save_masks", "mask_density", "sampled_log_likelihood"]
@@ -93,7 +94,7 @@ def _as_batches(data: Any, num_batches: int | None) -> list[Mapping[str, Any]]:
             raise TypeError("calibration batches must be dicts with 'text' and 'images' (or (text, images) pairs)")
         out.append(b)
     if not out:
-        raise ValueError("no calibration batches")
+        raise InputError("no calibration batches")
     return out
 
 
@@ -209,7 +210,7 @@ def sensitivity_scores(
         else:
             obj, done = objective(model, batch, generator), {}
         if obj.dim() != 1:
-            raise ValueError(f"the objective must return one value per sample, got shape {tuple(obj.shape)}")
+            raise InputError(f"the objective must return one value per sample, got shape {tuple(obj.shape)}")
         if not bool(torch.isfinite(obj).all()):
             raise FloatingPointError("the TaLoS objective is not finite on a calibration batch")
         rest = [k for k in names if k not in done]
@@ -302,16 +303,16 @@ def calibrate_mask(
     from tqdm.auto import tqdm
 
     if not (isinstance(sparsity, (int, float)) and 0.0 <= float(sparsity) < 1.0):
-        raise ValueError(f"sparsity must be in [0, 1) (the frozen fraction), got {sparsity}")
+        raise ConfigError(f"sparsity must be in [0, 1) (the frozen fraction), got {sparsity}")
     if int(rounds) != rounds or rounds < 1:
-        raise ValueError(f"rounds must be a positive integer, got {rounds}")
+        raise ConfigError(f"rounds must be a positive integer, got {rounds}")
     if params is None:
         params = _default_params(model)
         if include is not None:
             pat = re.compile(include)
             params = {k: p for k, p in params.items() if pat.search(k)}
     if not params:
-        raise ValueError("no parameters to calibrate (the model has no trainable head or LoRA parameters?)")
+        raise InputError("no parameters to calibrate (the model has no trainable head or LoRA parameters?)")
     batches = _as_batches(data, num_batches)
     total = sum(p.numel() for p in params.values())
     density = 1.0 - float(sparsity)

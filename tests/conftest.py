@@ -182,8 +182,8 @@ def quick_toy_cache(tmp_path_factory):
     session), also linked where the default recipes are looked up, so ``open_clip:asymvlm-toy-clip``
     (v2) and ``open_clip:asymvlm-toy-clip-v3`` load them.
     Tests set the variable with ``monkeypatch.setenv("ASYMVLM_CACHE", str(quick_toy_cache))``."""
-    from asymvlm import toyclip
     from asymvlm.training.demo import QUICK_TOY_STEPS
+    from asymvlm.worlds import toyclip
 
     root = tmp_path_factory.mktemp("asymvlm-cache")
     before = os.environ.get("ASYMVLM_CACHE")
@@ -224,18 +224,18 @@ def synthetic_cache():
 
 
 # ---------------------------------------------------------------------------------------------
-# a served model and gallery (tests/test_serve*.py): the tiny open_clip encoder, a head with
+# a served model and gallery (tests/serve/test_serve*.py): the tiny open_clip encoder, a head with
 # random weights (so concentrations differ between texts), 80 ShapeWorld v2 scenes (32 px)
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def serve_assets(tmp_path_factory, tiny_open_clip_dir):
     """``{"model_dir", "gallery_dir", "model", "data"}``: a saved AsymVLM with its encoder and a
     gallery of 80 ShapeWorld v2 scenes (PNG thumbnails, every distinct caption indexed)."""
-    from asymvlm import shapeworld as sw
     from asymvlm.encoders import load_encoder
     from asymvlm.heads import TextHead
     from asymvlm.model import AsymVLM
-    from asymvlm.serve.gallery import build_gallery
+    from asymvlm.serve.indexing import build_gallery
+    from asymvlm.worlds import shapeworld as sw
 
     root = tmp_path_factory.mktemp("serve")
     encoder = load_encoder(f"open_clip:local-dir:{tiny_open_clip_dir}", device="cpu")

@@ -1,7 +1,10 @@
 """The dependency direction, checked on every import of every module (function-local ones too).
 
-core (``asymvlm``) <- ``asymvlm.eval`` ; core <- ``asymvlm.federated`` ; core <- ``asymvlm.serve`` (the
-HTTP layer: only training's composition root and the harnesses import it) ; ``asymvlm.merging`` ->
+core (``asymvlm``: the model and its infrastructure) imports no other layer; ``asymvlm.worlds`` (the
+offline worlds and toy encoders: plug-ins that register themselves in the core's registries through
+the ``asymvlm.plugins`` entry point, see ``asymvlm.plugins``) -> core ; ``asymvlm.eval``,
+``asymvlm.federated`` and ``asymvlm.serve`` (the HTTP layer: only training's composition root and the
+harnesses import it) -> core + worlds ; ``asymvlm.federated.core`` -> core ; ``asymvlm.merging`` ->
 ``asymvlm.federated.core`` + core + ``asymvlm.eval`` ; ``asymvlm.training`` -> everything;
 ``asymvlm.testing`` (harnesses for tests and benchmarks) -> anything, and nothing imports it. No
 module imports another module's ``_private`` names, and the module graph has no cycle.
@@ -22,13 +25,14 @@ SUBPACKAGES = ("asymvlm.federated", "asymvlm.merging", "asymvlm.training", "asym
 # layer of a module -> the layers it may import
 ALLOWED = {
     "core": {"core"},
-    "serve": {"core", "serve"},
-    "eval": {"core", "eval"},
-    "federated": {"core", "federated.core", "federated"},
+    "worlds": {"core", "worlds"},
+    "serve": {"core", "worlds", "serve"},
+    "eval": {"core", "worlds", "eval"},
+    "federated": {"core", "worlds", "federated.core", "federated"},
     "federated.core": {"core", "federated.core"},
     "merging": {"core", "federated.core", "eval", "merging"},
-    "training": {"core", "serve", "federated.core", "federated", "eval", "merging", "training"},
-    "testing": {"core", "serve", "federated.core", "federated", "eval", "merging", "training", "testing"},
+    "training": {"core", "worlds", "serve", "federated.core", "federated", "eval", "merging", "training"},
+    "testing": {"core", "worlds", "serve", "federated.core", "federated", "eval", "merging", "training", "testing"},
 }
 
 
@@ -42,6 +46,8 @@ def module_name(path: Path) -> str:
 def layer(module: str) -> str:
     if module == "asymvlm.testing" or module.startswith("asymvlm.testing."):
         return "testing"
+    if module == "asymvlm.worlds" or module.startswith("asymvlm.worlds."):
+        return "worlds"
     if module == "asymvlm.serve" or module.startswith("asymvlm.serve."):
         return "serve"
     if module.startswith("asymvlm.federated.core"):
@@ -125,6 +131,27 @@ def test_the_walk_sees_every_kind_of_import():
         assert ("asymvlm.serve.app", 2, ["create_app"]) in found
         assert layer(resolve("asymvlm.serve.app")) == "serve"
         assert "serve" not in ALLOWED[layer("asymvlm._layering_probe")]
+    finally:
+        fake.unlink()
+
+
+def test_a_core_module_importing_the_worlds_fails_the_check():
+    # issue 27: the core reaches the worlds only through the plug-in entry point, never by an import
+    # (function-local or of the package itself); the same import from a world is fine
+    fake = ROOT / "asymvlm" / "_layering_probe.py"
+    fake.write_text(
+        "from asymvlm import worlds\n\n\ndef f():\n    from asymvlm.worlds.toyclip import TOY_CLIP_SPECS\n"
+        "    return TOY_CLIP_SPECS, worlds\n"
+    )
+    try:
+        found = imports_of("asymvlm._layering_probe", fake)
+        assert ("asymvlm.worlds.toyclip", 5, ["TOY_CLIP_SPECS"]) in found
+        assert ("asymvlm.worlds", 1, []) in found
+        allowed = ALLOWED[layer("asymvlm._layering_probe")]
+        bad = [t for t, _, _ in found if resolve(t) and layer(resolve(t)) not in allowed]
+        assert {resolve(t) for t in bad} == {"asymvlm.worlds", "asymvlm.worlds.toyclip"}
+        assert layer("asymvlm._layering_probe") == "core" and layer("asymvlm.worlds.toyclip") == "worlds"
+        assert "core" in ALLOWED["worlds"] and "worlds" not in ALLOWED["core"]
     finally:
         fake.unlink()
 

@@ -1,7 +1,8 @@
 """asymvlm.training: accelerate-launched training, and the commands that compose every package.
 
-* :mod:`asymvlm.training.config` — ``TrainConfig`` (``DataArguments``, ``HeadArguments``,
-  ``ModelArguments``, ``TrainArguments``; flags and YAML, unknown keys are errors);
+* :mod:`asymvlm.training.config` — ``TrainConfig`` (``DataArguments``, the head's ``HeadConfig``,
+  ``TrainArguments``, a ``LoraArguments`` and a ``RunArguments`` as ``asymvlm-federate``'s are;
+  flags and YAML, unknown keys are errors);
 * :mod:`asymvlm.training.loop` — ``train(cfg)``: one function for one CPU, one GPU or
   ``accelerate launch``; atomic checkpoints and ``--resume``;
 * :mod:`asymvlm.training.data` — the data seam (embedding caches, ShapeWorld + toy CLIP by default);
@@ -20,7 +21,6 @@ _EXPORTS = {
     "train": "asymvlm.training.loop",
     "latest_checkpoint": "asymvlm.training.loop",
     "TrainConfig": "asymvlm.training.config",
-    "ModelArguments": "asymvlm.training.config",
     "TrainArguments": "asymvlm.training.config",
     "TRAIN_GROUPS": "asymvlm.training.config",
     "parse_config": "asymvlm.training.config",

@@ -2,12 +2,16 @@
 
 Values come from a YAML file (``--config exp.yaml``), then command-line flags override them.
 Every field has help text (``asymvlm-train --help``); field names are unique across the three
-groups so a flat YAML file maps onto them. Unknown YAML keys are an error that names the key.
+groups (:class:`~asymvlm.config.DataArguments`, the head's :class:`~asymvlm.heads.HeadConfig`,
+:class:`TrainArguments`) so a flat YAML file maps onto them. Unknown YAML keys are an error that
+names the key. :class:`TrainArguments` is a :class:`~asymvlm.config.LoraArguments` and a
+:class:`~asymvlm.config.RunArguments`: what is trained and the run control are declared once for
+``asymvlm-train`` and ``asymvlm-federate``.
 
 Example YAML::
 
     # exp.yaml
-    mode: head
+    trainable: head
     family: vmf
     max_steps: 1000
     batch_size: 2048
@@ -28,12 +32,21 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from asymvlm.config import ConfigError, DataArguments, HeadArguments, check_fields, config_fields, parse_dataclass_args
+from asymvlm.config import (
+    FROM_DATA,
+    ConfigError,
+    DataArguments,
+    LoraArguments,
+    RunArguments,
+    check_fields,
+    config_fields,
+    parse_dataclass_args,
+)
+from asymvlm.heads import HeadConfig
 
 __all__ = [
     "DataArguments",
-    "HeadArguments",
-    "ModelArguments",
+    "HeadConfig",
     "TrainArguments",
     "TrainConfig",
     "TRAIN_GROUPS",
@@ -42,59 +55,15 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class ModelArguments:
-    """What is trained: a head on cached embeddings, or a LoRA adapter on the text tower + head."""
+class TrainArguments(LoraArguments, RunArguments):
+    """How it is trained (with what is trained, :class:`~asymvlm.config.LoraArguments`, and the run
+    control, :class:`~asymvlm.config.RunArguments`: ``eval_every`` counts optimizer steps).
+    Defaults: AdamW 1e-3 with a 5% linear warm-up and cosine decay, which trains on small collections
+    without tuning; the AsymVLM paper's recipe is ``--optimizer sgd --lr 1e-2 --warmup_ratio 0``
+    (measured on real text it leaves every concentration near 1 at d = 384). ``asymvlm-train`` trains
+    the head (``trainable=head``), the text-tower LoRA adapter and the head (``both``), or the adapter
+    alone (``lora``: the head keeps its start, from ``init_from`` or its seeded initialisation)."""
 
-    mode: Literal["head", "lora"] = field(
-        default="head",
-        metadata={
-            "help": "'head': the text head on cached embeddings (fast path). 'lora': peft LoRA on the frozen text "
-            "tower plus the head; image embeddings still come from the cache."
-        },
-    )
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank (mode=lora)."})
-    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout."})
-    lora_target_modules: str = field(
-        default="",
-        metadata={
-            "help": "Regex (full match) of text-tower modules to adapt; empty = the backend default "
-            "(open_clip: every text block's attn, mlp.c_fc, mlp.c_proj; transformers: "
-            "q/k/v/out_proj and mlp.fc1/fc2 of text_model.encoder.layers)."
-        },
-    )
-    init_from: str = field(
-        default="",
-        metadata={
-            "help": "A saved AsymVLM (a folder or a Hub id, user/repo[@revision]) whose head (and adapter) to start "
-            "from."
-        },
-    )
-    mask_file: str = field(
-        default="",
-        metadata={
-            "help": "safetensors of boolean masks {parameter name: mask}: updates and weight decay are zero outside "
-            "the mask (sparse fine-tuning, e.g. TaLoS). Parameters without a mask train normally."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        check_fields(self)
-        if self.lora_r < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
-            raise ConfigError("need lora_r >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1")
-
-
-@dataclass(frozen=True)
-class TrainArguments:
-    """How it is trained. Defaults: AdamW 1e-3 with a 5% linear warm-up and cosine decay, which trains
-    on small collections without tuning; the AsymVLM paper's recipe is ``--optimizer sgd --lr 1e-2
-    --warmup_ratio 0`` (measured on real text it leaves every concentration near 1 at d = 384)."""
-
-    output_dir: str = field(
-        default="runs/asymvlm",
-        metadata={"help": "Run folder: checkpoints/, train_log.jsonl, and the final model in model/."},
-    )
-    seed: int = field(default=0, metadata={"help": "Seed of initialisation and batch order."})
     max_steps: int = field(default=1000, metadata={"help": "Optimizer steps."})
     batch_size: int = field(
         default=2048,
@@ -142,19 +111,7 @@ class TrainArguments:
     init_logit_scale: float = field(default=0.0, metadata={"help": "Initial log temperature (0 = scale 1)."})
     max_logit_scale: float = field(default=math.inf, metadata={"help": "Clamp of the log temperature (inf = none)."})
     clip_grad_norm: float = field(default=0.0, metadata={"help": "Clip the gradient norm (0 = off)."})
-    eval_every: int = field(default=0, metadata={"help": "Evaluate every N steps (0 = only at the end; -1 = never)."})
     save_every: int = field(default=500, metadata={"help": "Checkpoint every N steps (0 = only at the end)."})
-    keep_last: int = field(default=2, metadata={"help": "Checkpoints to keep."})
-    resume: bool = field(
-        default=False, metadata={"help": "Resume from the latest checkpoint in output_dir (its config must match)."}
-    )
-    overwrite: bool = field(
-        default=False,
-        metadata={
-            "help": "Start afresh in a used output_dir: removes what a run writes there (checkpoints/, "
-            "train_log.jsonl, model/), nothing else."
-        },
-    )
     log_every: int = field(default=10, metadata={"help": "Log every N steps."})
     log_with: Literal["auto", "tensorboard", "none"] = field(
         default="auto",
@@ -163,21 +120,20 @@ class TrainArguments:
             "train_log.jsonl is always written."
         },
     )
-    progress: bool = field(default=True, metadata={"help": "Progress bar on the main process."})
     fit_confidence: bool = field(
         default=True,
         metadata={
             "help": "Save with the model what it needs to say how likely its answers are right (asymvlm.confidence): "
             "a density of the training texts (unfamiliarity) and, when there is held-out evaluation data "
-            "(eval_images / eval_fraction), a calibrator of P(right) fitted on it (mode=head only)."
+            "(eval_images / eval_fraction), a calibrator of P(right) fitted on it (trainable=head only)."
         },
     )
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.resume and self.overwrite:
-            raise ConfigError("resume and overwrite exclude each other: continue the run, or replace it")
-        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "keep_last", "log_every"):
+        self._check_lora()
+        self._check_run()
+        for name in ("max_steps", "batch_size", "gradient_accumulation_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -193,22 +149,25 @@ class TrainArguments:
         return self.warmup_steps if self.warmup_steps > 0 else int(round(self.warmup_ratio * self.max_steps))
 
 
-TRAIN_GROUPS = (DataArguments, HeadArguments, ModelArguments, TrainArguments)
+TRAIN_GROUPS = (DataArguments, HeadConfig, TrainArguments)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The four argument groups together (a flat YAML file or flag list maps onto them)."""
+    """The three argument groups together (a flat YAML file or flag list maps onto them). The
+    head's ``dim`` is the data's: the run builds ``dataclasses.replace(cfg.head, dim=data.dim)``."""
 
     data: DataArguments = field(default_factory=DataArguments)
-    head: HeadArguments = field(default_factory=HeadArguments)
-    model: ModelArguments = field(default_factory=ModelArguments)
+    head: HeadConfig = field(default_factory=HeadConfig)
     train: TrainArguments = field(default_factory=TrainArguments)
 
     def to_dict(self) -> dict[str, Any]:
-        """Flat {field: value} (the YAML layout)."""
+        """Flat {config key: value} (the YAML layout; no :data:`~asymvlm.config.FROM_DATA` field)."""
         return {
-            k: v for part in (self.data, self.head, self.model, self.train) for k, v in dataclasses.asdict(part).items()
+            k: v
+            for part in (self.data, self.head, self.train)
+            for k, v in dataclasses.asdict(part).items()
+            if k not in FROM_DATA
         }
 
     @classmethod
@@ -218,8 +177,8 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config key(s) {unknown}; see asymvlm-train --help")
         parts = {}
-        for group, klass in zip(("data", "head", "model", "train"), TRAIN_GROUPS):
-            names = {f.name for f in dataclasses.fields(klass)}
+        for group, klass in zip(("data", "head", "train"), TRAIN_GROUPS):
+            names = {f.name for f in dataclasses.fields(klass)} - FROM_DATA
             parts[group] = klass(**{k: v for k, v in values.items() if k in names})
         return cls(**parts)
 

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from asymvlm.batching import IndexBatcher, caption_groups
-from asymvlm.data import cache_for_config
-from asymvlm.errors import ConfigError
+from asymvlm.errors import ArtefactError, CacheMismatchError, ConfigError
+from asymvlm.worlds.data import cache_for_config
 
 __all__ = ["TrainData", "get_dataloaders"]
 
@@ -72,9 +72,9 @@ def get_dataloaders(cfg: Any, accelerator: Any) -> TrainData:
     """
     from asymvlm.eval.benchmark import EvalData
 
-    d, m, t = cfg.data, cfg.model, cfg.train
+    d, t = cfg.data, cfg.train
     encoder = None
-    if m.mode == "lora" or not d.cache_dir:
+    if t.trainable != "head" or not d.cache_dir:
         from asymvlm.encoders import load_encoder
 
         encoder = load_encoder(d.encoder, d.pretrained or None, device=accelerator.device)
@@ -82,7 +82,7 @@ def get_dataloaders(cfg: Any, accelerator: Any) -> TrainData:
         cache = cache_for_config(d, encoder)
     source = dict(cache.manifest["encoder"])
     if encoder is not None and source.get("fingerprint") and encoder.fingerprint != source["fingerprint"]:
-        raise ValueError(f"the cache {cache.path} was built by another encoder than {d.encoder!r}")
+        raise CacheMismatchError(f"the cache {cache.path} was built by another encoder than {d.encoder!r}")
     images = cache.image_embeddings.float()
     text = cache.text_embeddings.float()
     owner = cache.text_image_index.clone()
@@ -91,7 +91,7 @@ def get_dataloaders(cfg: Any, accelerator: Any) -> TrainData:
     eval_data = None
     evaluation: dict[str, Any] = {}
     n_img = images.shape[0]
-    from asymvlm import shapeworld as sw
+    from asymvlm.worlds import shapeworld as sw
 
     if sw.dataset_version(d.dataset) and not d.cache_dir and d.eval_images and t.eval_every >= 0:
         from asymvlm.eval.benchmark import shapeworld_eval_data
@@ -116,9 +116,11 @@ def get_dataloaders(cfg: Any, accelerator: Any) -> TrainData:
                       "split": f"the last {d.eval_fraction:.0%} of the images, held out"}  # fmt: skip
 
     frozen_text = text  # (T, d) the training captions' frozen embeddings
-    if m.mode == "lora":
+    if t.trainable != "head":
         if not captions:
-            raise ValueError(f"mode=lora needs the caption strings in the cache ({cache.path}/captions.json)")
+            raise ArtefactError(
+                f"trainable={t.trainable} needs the caption strings in the cache ({cache.path}/captions.json)"
+            )
         text = encoder.tokenize(captions)
     device = accelerator.device if d.device_resident else torch.device("cpu")
     groups = None if t.caption_positives == "none" else caption_groups(captions) if captions else "identical"
@@ -132,7 +134,7 @@ def get_dataloaders(cfg: Any, accelerator: Any) -> TrainData:
         dim=images.shape[1],
         encoder_source=source,
         eval_data=eval_data,
-        encoder=encoder if m.mode == "lora" else None,
+        encoder=encoder if t.trainable != "head" else None,
         train_texts=frozen_text,
         extra={  # what the saved model's card records
             "data": describe_data(d, cache, train_images=int(images.shape[0]), train_texts=int(owner.shape[0])),

@@ -6,6 +6,7 @@ rejections, per-client losses and the fairness summary, evaluation), a checkpoin
 state after every round (``--resume`` continues) and the final AsymVLM in ``<output_dir>/model``.
 Values come from a YAML file (``--config fed.yaml``), then flags override them (spelled with
 underscores or dashes, never abbreviated); a user error is one line on stderr and exit status 2.
+With ``--progress false`` every round is one line on stderr (``round 3/20: loss 1.3206, 8 clients``).
 
 This command lives in :mod:`asymvlm.training` because it composes the federation
 (:mod:`asymvlm.federated`, which imports no evaluation code) with :mod:`asymvlm.eval`'s metrics,
@@ -20,7 +21,7 @@ from typing import Any
 
 from asymvlm.training.evaluation import evaluator
 
-__all__ = ["main", "build_parser", "federate", "evaluator", "run_summary"]
+__all__ = ["main", "build_parser", "federate", "evaluator", "run_summary", "round_line"]
 
 EPILOG = """examples:
   asymvlm-federate --recipe fedadam --rounds 30 --num_clients 8 --partition dirichlet --partition_column shape \\
@@ -37,16 +38,24 @@ counted in the end line; a run in which no round stepped saves no model and exit
 
 
 def federate(data_args: Any, head: Any, fed: Any, recipe_options: dict[str, Any], *, log=None):
-    """The whole command: data, evaluation data, rounds, the saved model. Returns (state, model, path)."""
+    """The whole command: data, evaluation data, rounds, the saved model. Returns (state, model, path).
+
+    ``head`` is the :class:`~asymvlm.heads.HeadConfig` (its ``dim`` is the data's); ``log`` is called
+    with every record of ``metrics.jsonl``."""
     from asymvlm.federated.checkpoint import federated_card, save_federated_model
+    from asymvlm.federated.config import RUN_OUTPUTS
     from asymvlm.federated.data import get_federated_data
     from asymvlm.federated.rounds import federation_recipe, run_federated
+    from asymvlm.runs import check_output_dir, claim_output_dir
 
     federation_recipe(fed, recipe_options)  # an unknown option or an impossible combination fails before the data load
+    check_output_dir(fed.output_dir)  # and an output folder the run cannot use
+    if not fed.resume and not fed.overwrite:
+        claim_output_dir(Path(fed.output_dir), RUN_OUTPUTS, overwrite=False)  # a used one, unless told
     data = get_federated_data(data_args, fed)
     logging.getLogger(__name__).info("clients:\n%s", data.summary)
     evaluate = None
-    from asymvlm import shapeworld as sw
+    from asymvlm.worlds import shapeworld as sw
 
     if sw.dataset_version(data_args.dataset) and not data_args.cache_dir and data_args.eval_images:
         from asymvlm.encoders import load_encoder
@@ -74,10 +83,11 @@ PROG = "asymvlm-federate"
 
 
 def _groups() -> tuple[type, ...]:
-    from asymvlm.config import DataArguments, HeadArguments
+    from asymvlm.config import DataArguments
     from asymvlm.federated.config import FederatedArguments, RecipeArguments
+    from asymvlm.heads import HeadConfig
 
-    return (DataArguments, HeadArguments, FederatedArguments, RecipeArguments)
+    return (DataArguments, HeadConfig, FederatedArguments, RecipeArguments)
 
 
 def build_parser():
@@ -107,10 +117,42 @@ def _main(argv: list[str]) -> int:
         build_parser().print_help()
         return 0
     data_args, head, fed, rargs = parse_dataclass_args(_groups(), argv, PROG)
-    state, _, path = federate(data_args, head, fed, recipe_options(rargs))
+    log = None if fed.progress else _print_round(fed.rounds)  # no progress bar: a line per round
+    state, _, path = federate(data_args, head, fed, recipe_options(rargs), log=log)
     if is_main_process():
         print(f"{PROG}: {run_summary(fed, state)}; saved {path}")
     return 0
+
+
+def round_line(record: dict[str, Any], rounds: int) -> str:
+    """One round of ``metrics.jsonl`` as a line (what the progress bar shows, and more).
+
+    A round without a server step is the rounds' own warning, not repeated here.
+
+    Example:
+        >>> round_line({"round": 3, "sampled": [0, 1], "rejected": [], "loss_after": {"mean": 1.25}}, 20)
+        'round 3/20: loss 1.2500, 2 clients'
+        >>> round_line({"round": 4, "sampled": [0], "rejected": [0]}, 20)
+        'round 4/20: 1 clients, 1 rejected'
+    """
+    facts = []
+    if "loss_after" in record:
+        facts.append(f"loss {record['loss_after'].get('mean', float('nan')):.4f}")
+    facts.append(f"{len(record.get('sampled', []))} clients")
+    if record.get("rejected"):
+        facts.append(f"{len(record['rejected'])} rejected")
+    facts += [f"{k} {v:.4g}" for k, v in record.items() if k.startswith("eval/") and isinstance(v, (int, float))]
+    return f"round {record['round']}/{rounds}: " + ", ".join(facts)
+
+
+def _print_round(rounds: int):
+    logger = logging.getLogger("asymvlm.training")  # stderr as "asymvlm-federate: ..." (asymvlm.cli.run)
+
+    def log(record: dict[str, Any]) -> None:
+        if "round" in record:  # (not the run's event records)
+            logger.info("%s", round_line(record, rounds))
+
+    return log
 
 
 def run_summary(fed: Any, state: Any) -> str:

@@ -44,6 +44,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any
 
+from asymvlm.errors import ConfigError
+
 __all__ = ["DynamicBatcher", "Overloaded"]
 
 
@@ -77,9 +79,9 @@ class DynamicBatcher:
         on_batch: Callable[[int, float], None] | None = None,
     ):
         if max_batch < 1:
-            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+            raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         if max_wait_s < 0:
-            raise ValueError(f"max_wait_s must be >= 0, got {max_wait_s}")
+            raise ConfigError(f"max_wait_s must be >= 0, got {max_wait_s}")
         self.fn = fn
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s

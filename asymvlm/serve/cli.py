@@ -1,8 +1,8 @@
 """``asymvlm-index`` (build a served gallery) and the serving half of ``asymvlm-serve``.
 
 ``asymvlm-serve``'s console entry point is :func:`asymvlm.training.serve.main`: its ``--demo``
-trains the demo's model when it is missing, which is the training package's job; everything else
-(the parser, loading, running uvicorn) lives here, in the core.
+knows where the demo writes its model (it never trains one: ``asymvlm-demo --serve`` does);
+everything else (the parser, loading, running uvicorn) lives here, in the serving layer.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ coco-karpathy:<json>:<root>[:split], coco2017:<json>:<dir>, flickr30k:<json>:<di
 
 SERVE_EPILOG = """examples:
   asymvlm-serve --demo                                        # the demo's model and a ShapeWorld gallery
+  asymvlm-demo --quick --serve --port 8000                    # train the demo's model if missing, then serve
   asymvlm-serve --model runs/vmf/model --index galleries/coco
   asymvlm-serve --model runs/vmf/model --index galleries/coco --api_key_file key.txt --host 0.0.0.0 --port 8080
   asymvlm-serve --model runs/vmf/model --index galleries/coco --abstain uncertainty:q90 --max_batch 128
@@ -142,7 +143,7 @@ def _index_main(argv: list[str]) -> int:
     if args.batch_size < 1:
         raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
     from asymvlm.model import AsymVLM
-    from asymvlm.serve.gallery import build_gallery, collection_truth, load_image_collection
+    from asymvlm.serve.indexing import build_gallery, collection_truth, load_image_collection
 
     model = AsymVLM.from_pretrained(args.model, load_encoder=True, device=args.device)
     data = load_image_collection(args.images, num_images=args.num_images, seed=args.seed)
@@ -162,7 +163,7 @@ def _index_main(argv: list[str]) -> int:
 # ----------------------------------------------------------------------------------------------
 def build_serve_parser() -> argparse.ArgumentParser:
     from asymvlm.cli import make_parser
-    from asymvlm.serve.app import ServeConfig
+    from asymvlm.serve.config import ServeConfig
 
     p = make_parser(
         "asymvlm-serve",
@@ -171,11 +172,12 @@ def build_serve_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", default=None, help="A saved AsymVLM (folder or Hub id).")
     p.add_argument("--index", default=None, help="A gallery folder built by asymvlm-index build.")
-    p.add_argument("--demo", action="store_true", help="Serve the demo's model and a ShapeWorld gallery "
-                   "(built, with the model if `make demo` has not made it, under --demo_dir).")  # fmt: skip
-    p.add_argument("--demo_dir", default="demo-out", help="Where the demo's outputs are (and are built).")
-    p.add_argument("--quick", action="store_true", help="With --demo, when the model is missing: train the demo's "
-                   "smoke version (asymvlm-demo --quick: a smaller toy CLIP, about a minute).")  # fmt: skip
+    p.add_argument(
+        "--demo", action="store_true",
+        help="Serve the demo's model (asymvlm-demo writes it; asymvlm-demo --serve trains it if missing, then "
+        "serves) and a ShapeWorld gallery (built if missing).",
+    )  # fmt: skip
+    p.add_argument("--demo_dir", default="demo-out", help="Where the demo's outputs are (asymvlm-demo --output_dir).")
     p.add_argument("--host", default="127.0.0.1", help="Interface to listen on (loopback by default).")
     p.add_argument("--port", type=int, default=8000, help="TCP port.")
     p.add_argument(
@@ -238,7 +240,7 @@ def _read_api_key(path: str) -> str:
 
 
 def serve_config(args: argparse.Namespace) -> Any:
-    from asymvlm.serve.app import ServeConfig
+    from asymvlm.serve.config import ServeConfig
 
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig) if hasattr(args, f.name)}
     values["api_key"] = _read_api_key(args.api_key_file) if args.api_key_file else None

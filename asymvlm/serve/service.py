@@ -11,10 +11,12 @@ requests at once, the one-by-one path (and Python users) with a list of one; it 
 * :meth:`classify` — zero-shot classification with abstention (:mod:`asymvlm.zeroshot`);
 * :meth:`distributions` — text -> (mu, kappa).
 
-Uncertainty in words. ``1/kappa`` has no absolute scale (it depends on the model and the
-dimension), so the service places each query among the gallery's own captions: the percentile of
-its uncertainty among theirs, and a word — ``specific`` (below the 1/3 quantile), ``moderate``, or
-``vague`` (above the 2/3 quantile). Without a caption index there is no reference and no word.
+Every answer is a type of :mod:`asymvlm.serve.schemas` (``TextAnswer``, ``ImageAnswer``,
+``ClassifyResponse``, ``Distribution``): the shape the HTTP API serves, built here once.
+
+Uncertainty in words (:mod:`asymvlm.serve.words`): each query is placed among the gallery's own
+captions (the percentile of its ``1/kappa`` among theirs, and ``specific`` / ``moderate`` /
+``vague``). Without a caption index there is no reference and no word.
 
 How likely an answer is right (:mod:`asymvlm.confidence`). Each text answer carries its
 ``confidence``: the parts of its uncertainty — ambiguity ``1/kappa`` (and its percentile among the
@@ -26,9 +28,9 @@ service starts on the gallery's own captions (:func:`~asymvlm.confidence.fit_gal
 right = the best image carries the caption; the gallery must record which images carry each
 caption, as ``asymvlm-index build`` does), else from the model's own calibrator, else it is None
 (uncalibrated). A ``verdict`` (``likely right`` at ``p_correct >= 0.5``, else ``uncertain``) and
-one-line ``reasons`` (:data:`REASONS`) put it in words.
+one-line ``reasons`` (:data:`~asymvlm.serve.words.REASONS`) put it in words.
 
-Abstention of a text query (:class:`Abstention`): ``uncertainty`` abstains when ``1/kappa`` is
+Abstention of a text query (:class:`~asymvlm.serve.abstention.Abstention`): ``uncertainty`` abstains when ``1/kappa`` is
 above the threshold (the query is too vague to retrieve a particular image), ``likelihood`` when the
 best image's ``log q(x)`` is below it (nothing in the gallery fits), ``p_correct`` when the
 calibrated probability that the best image is right is below it. A threshold written ``q90``
@@ -39,13 +41,13 @@ Example:
     >>> import tempfile, torch
     >>> from asymvlm.heads import TextHead
     >>> from asymvlm.model import AsymVLM
-    >>> from asymvlm.serve.gallery import write_gallery
+    >>> from asymvlm.serve.indexing import write_gallery
     >>> torch.manual_seed(0) and None
     >>> images = torch.nn.functional.normalize(torch.randn(50, 8), dim=-1)
     >>> gallery = write_gallery(tempfile.mkdtemp() + "/g", images, captions=["a", "b"], caption_embeddings=images[:2])
     >>> service = RetrievalService(AsymVLM(TextHead(dim=8, hidden_dims=(16,), residual=True)), gallery)
     >>> [answer] = service.search_text([TextQuery(images[3:4], k=2)])
-    >>> answer[0]["hits"][0]["id"], answer[0]["abstained"], answer[0]["verdict"]  # no caption owners
+    >>> answer[0].hits[0].id, answer[0].abstained, answer[0].verdict  # no caption owners
     ('3', False, None)
 """
 
@@ -55,7 +57,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,19 +65,24 @@ import torch
 from torch import Tensor
 
 from asymvlm.errors import ConfigError, InputError
+from asymvlm.serve.abstention import P_CORRECT, Abstention, parse_abstention
+from asymvlm.serve.schemas import (
+    Abstained,
+    ClassifiedImage,
+    ClassifyResponse,
+    Confidence,
+    Distribution,
+    Hit,
+    ImageAnswer,
+    TextAnswer,
+)
+from asymvlm.serve.words import reasons_of, specificity_word, verdict_of
 
 __all__ = [
     "RetrievalService",
-    "Abstention",
     "TextQuery",
     "ImageQuery",
     "ClassifyQuery",
-    "SEARCH_CRITERIA",
-    "REASONS",
-    "parse_abstention",
-    "specificity_word",
-    "verdict_of",
-    "reasons_of",
     "public_spec",
     "check_served",
     "NonFiniteResult",
@@ -83,185 +90,10 @@ __all__ = [
 
 log = logging.getLogger("asymvlm.serve")
 
-SEARCH_CRITERIA = {
-    "uncertainty": "abstain when the query's uncertainty 1/kappa is above the threshold (too vague)",
-    "likelihood": "abstain when the best image's log-likelihood log q(x) is below the threshold (nothing fits)",
-    "p_correct": "abstain when the calibrated probability that the best image is right is below the threshold",
-}
-AUTO_ABSTAIN = ("p_correct", 0.5)  # "auto" on a calibrated service (none on an uncalibrated one)
-WORDS = ((1 / 3, "specific"), (2 / 3, "moderate"), (1.0, "vague"))
-VERDICTS = (0.5, "likely right", "uncertain")  # p_correct >= 0.5: the first word, else the second
 NO_CALIBRATOR_HINT = (
     "rebuild the gallery with asymvlm-index build (it records which images carry each caption) or serve a "
     "model saved with a calibrator (asymvlm.confidence.fit_confidence)"
 )
-
-
-def _share(p: float) -> str:
-    """A percentile as a share of a reference: ``92%``, ``99.7%`` (one decimal above 99), ``all``."""
-    if p >= 100:
-        return "all"
-    return f"{min(p, 99.9):.1f}%" if p >= 99 else f"{p:.0f}%"
-
-
-# One line of why per part of an answer's uncertainty (:class:`~asymvlm.confidence.AnswerConfidence`
-# as a dict): (name, when it applies, the line). Vague is the page's word (above the 2/3 quantile of
-# the gallery's captions); two or more effective images compete; unfamiliar is beyond the 95th
-# percentile of held-out training texts (the tail the calibrator's conformal scaling starts near).
-REASONS: tuple[tuple[str, Callable[[dict], bool], Callable[[dict], str]], ...] = (
-    (
-        "ambiguity",
-        lambda c: c.get("ambiguity_percentile") is not None and c["ambiguity_percentile"] > 200 / 3,
-        lambda c: f"vague query: more uncertain than {_share(c['ambiguity_percentile'])} of the gallery's captions",
-    ),
-    (
-        "retrieval",
-        lambda c: c.get("effective_candidates") is not None and round(c["effective_candidates"]) >= 2,
-        lambda c: f"about {round(c['effective_candidates'])} images compete for it",
-    ),
-    (
-        "unfamiliarity",
-        lambda c: c.get("unfamiliarity_percentile") is not None and c["unfamiliarity_percentile"] >= 95,
-        lambda c: f"unfamiliar text: stranger than {_share(c['unfamiliarity_percentile'])} of the training texts",
-    ),
-)
-
-
-def reasons_of(confidence: dict[str, Any]) -> list[str]:
-    """The one-line reasons (:data:`REASONS`) that apply to an answer's confidence parts.
-
-    Example:
-        >>> parts = {"ambiguity_percentile": 92.0, "effective_candidates": 37.2, "unfamiliarity_percentile": 99.74}
-        >>> for line in reasons_of(parts):
-        ...     print(line)
-        vague query: more uncertain than 92% of the gallery's captions
-        about 37 images compete for it
-        unfamiliar text: stranger than 99.7% of the training texts
-        >>> reasons_of({"ambiguity_percentile": 10.0, "effective_candidates": 1.2, "unfamiliarity_percentile": None})
-        []
-    """
-    return [line(confidence) for _, applies, line in REASONS if applies(confidence)]
-
-
-def verdict_of(p_correct: float | None) -> str | None:
-    """``likely right`` at ``p_correct >= 0.5``, ``uncertain`` below, None when uncalibrated."""
-    if p_correct is None:
-        return None
-    bound, right, unsure = VERDICTS
-    return right if p_correct >= bound else unsure
-
-
-def specificity_word(percentile: float | None) -> str | None:
-    """``specific`` / ``moderate`` / ``vague`` for an uncertainty percentile in [0, 100] (None: None)."""
-    if percentile is None:
-        return None
-    for bound, word in WORDS:
-        if percentile <= 100 * bound:
-            return word
-    return WORDS[-1][1]
-
-
-@dataclass(frozen=True)
-class Abstention:
-    """When a text query abstains: ``criterion`` (``uncertainty``, ``likelihood``, ``p_correct``, None =
-    never) and its ``threshold``; ``quantile`` records a threshold given as a quantile of the captions.
-
-    The rule is the zero-shot classifier's (:data:`asymvlm.zeroshot.ABSTAIN_REGISTRY`: its statistic,
-    direction and threshold range), applied to the best image's log-likelihood, the query's 1/kappa
-    and the calibrated probability that the best image is right (abstain when ``p_correct < t``).
-    """
-
-    criterion: str | None = None
-    threshold: float | None = None
-    quantile: float | None = None
-
-    def __post_init__(self) -> None:
-        from asymvlm.zeroshot import ABSTAIN_REGISTRY
-
-        if self.criterion is not None and self.criterion not in SEARCH_CRITERIA:
-            raise ConfigError(
-                f"unknown abstention criterion {self.criterion!r}; choose one of {sorted(SEARCH_CRITERIA)}"
-            )
-        if (self.criterion is None) != (self.threshold is None):
-            raise ConfigError("an abstention criterion needs a threshold (and a threshold a criterion)")
-        if self.threshold is not None and not math.isfinite(self.threshold):
-            raise ConfigError(f"the abstention threshold must be a finite number, got {self.threshold}")
-        if self.criterion is not None:  # the registry checks the threshold's range (uncertainty: >= 0)
-            object.__setattr__(self, "_rule", ABSTAIN_REGISTRY.build(self.criterion, threshold=self.threshold))
-
-    def decide(
-        self, best_log_likelihood: Tensor, uncertainty: Tensor, p_correct: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None]:
-        """``(abstained (Q,) bool, the statistic compared (Q,) or None)`` for Q queries.
-
-        ``p_correct`` (Q,): the calibrated probability that each best image is right (the
-        ``p_correct`` criterion needs it: a :class:`~asymvlm.errors.ConfigError` without).
-        """
-        if self.criterion is None:
-            return torch.zeros_like(uncertainty, dtype=torch.bool), None
-        from asymvlm.zeroshot import ABSTAIN_REGISTRY
-
-        statistic = ABSTAIN_REGISTRY[self.criterion].extra["statistic"](
-            best_log_likelihood, uncertainty, None, p_correct
-        )
-        return self._rule(best_log_likelihood, uncertainty, None, p_correct), statistic
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"criterion": self.criterion, "threshold": self.threshold}
-        if self.quantile is not None:
-            out["quantile"] = self.quantile
-        return out
-
-
-def parse_abstention(spec: str | None, reference: Tensor | None = None, *, calibrated: bool = False) -> Abstention:
-    """``none``, ``auto``, ``uncertainty:<x>``, ``uncertainty:q<percent>``, ``likelihood:<x>`` or
-    ``p_correct:<x>``.
-
-    ``reference``: the sorted uncertainties a quantile threshold is read from; ``calibrated``: whether
-    the service has a calibrator (``auto`` is ``p_correct:0.5`` then, ``none`` otherwise).
-
-    Example:
-        >>> parse_abstention("uncertainty:0.05")
-        Abstention(criterion='uncertainty', threshold=0.05, quantile=None)
-        >>> parse_abstention("none").criterion is None
-        True
-        >>> parse_abstention("uncertainty:q50", torch.tensor([0.1, 0.2, 0.3], dtype=torch.float64)).threshold
-        0.2
-        >>> parse_abstention("p_correct:0.5")
-        Abstention(criterion='p_correct', threshold=0.5, quantile=None)
-        >>> parse_abstention("auto", calibrated=True).criterion, parse_abstention("auto").criterion
-        ('p_correct', None)
-    """
-    if spec is None or spec.strip().lower() in ("", "none"):
-        return Abstention()
-    if spec.strip().lower() == "auto":
-        return Abstention(*AUTO_ABSTAIN) if calibrated else Abstention()
-    criterion, sep, value = spec.partition(":")
-    criterion = criterion.strip()
-    if not sep or criterion not in SEARCH_CRITERIA:
-        raise ConfigError(
-            f"cannot parse abstention {spec!r}: write none, auto, uncertainty:<x>, uncertainty:q<percent>, "
-            "likelihood:<x> or p_correct:<x>"
-        )
-    value = value.strip()
-    if value.startswith("q"):
-        if criterion != "uncertainty":
-            raise ConfigError(f"a quantile threshold ({spec!r}) is defined for the uncertainty criterion only")
-        if reference is None or reference.numel() == 0:
-            raise ConfigError(f"{spec!r} is a quantile of the gallery captions' uncertainties; this gallery has none")
-        try:
-            q = float(value[1:])
-        except ValueError as err:
-            raise ConfigError(f"cannot parse the quantile in {spec!r}") from err
-        if not 0 <= q <= 100:
-            raise ConfigError(f"the quantile in {spec!r} must be in [0, 100]")
-        t = float(torch.quantile(reference.double(), q / 100))
-        return Abstention(criterion, t, q)
-    try:
-        t = float(value)
-    except ValueError as err:
-        raise ConfigError(f"cannot parse the threshold in {spec!r}") from err
-    return Abstention(criterion, t)
 
 
 @dataclass
@@ -422,7 +254,7 @@ class RetrievalService:
         self.default_abstain = (
             abstain if isinstance(abstain, Abstention) else parse_abstention(abstain, ref, calibrated=self.calibrated)
         )
-        if self.default_abstain.criterion == "p_correct" and not self.calibrated:
+        if self.default_abstain.criterion == P_CORRECT and not self.calibrated:
             raise ConfigError(
                 f"abstaining on p_correct needs a calibrator, and this service has none "
                 f"({self.calibration['reason']}): {NO_CALIBRATOR_HINT}"
@@ -541,7 +373,7 @@ class RetrievalService:
 
     # -- text -> images -----------------------------------------------------------------------
     @torch.no_grad()
-    def search_text(self, requests: Sequence[TextQuery]) -> list[list[dict[str, Any]]]:
+    def search_text(self, requests: Sequence[TextQuery]) -> list[list[TextAnswer]]:
         """One list of per-text answers for each request (one encoder + head forward and one
         chunked top-k over the gallery for all of them)."""
         if not requests:
@@ -550,7 +382,7 @@ class RetrievalService:
         if strings and any(isinstance(r.texts, Tensor) for r in requests):
             return [self.search_text([r])[0] for r in requests]  # one kind per forward
         for r in requests:
-            if r.abstain is not None and r.abstain.criterion == "p_correct" and not self.calibrated:
+            if r.abstain is not None and r.abstain.criterion == P_CORRECT and not self.calibrated:
                 raise ConfigError(
                     f"abstaining on p_correct needs a calibrator, and this service has none: {NO_CALIBRATOR_HINT}"
                 )
@@ -581,7 +413,7 @@ class RetrievalService:
             "text search", score=res.scores, cosine=res.cosine, probability=res.posterior, entropy=res.entropy,
             concentration=kappa, mean_direction=q.loc.detach(), p_correct=p_correct,
         )  # fmt: skip
-        out: list[list[dict[str, Any]]] = []
+        out: list[list[TextAnswer]] = []
         at = 0
         for r in requests:
             rule = r.abstain if r.abstain is not None else self.default_abstain
@@ -590,24 +422,22 @@ class RetrievalService:
             answers = []
             for j in range(r.size):
                 i = rows[at]
-                hits = [{**h, "id": str(h["id"])} for h in found[i]["hits"][: r.k]]
-                u = float(unc[i])
                 stat = None if stats is None else float(stats[j])
                 parts = conf.to_dict(i)
                 answers.append(
-                    {
+                    TextAnswer(
                         **({"query": labels[at]} if labels[at] is not None else {}),
-                        "concentration": _finite(float(kappa[i])),
-                        "uncertainty": _finite(u),
-                        "uncertainty_percentile": pct[i],
-                        "specificity": specificity_word(pct[i]),
-                        "confidence": parts,
-                        "verdict": verdict_of(parts["p_correct"]),
-                        "reasons": reasons_of(parts),
-                        "abstained": bool(abstained[j]),
-                        "abstention": {**rule.to_dict(), "statistic": None if stat is None else _finite(stat)},
-                        "hits": hits,
-                    }
+                        concentration=_finite(float(kappa[i])),
+                        uncertainty=_finite(float(unc[i])),
+                        uncertainty_percentile=pct[i],
+                        specificity=specificity_word(pct[i]),
+                        confidence=Confidence(**parts),
+                        verdict=verdict_of(parts["p_correct"]),
+                        reasons=reasons_of(parts),
+                        abstained=bool(abstained[j]),
+                        abstention=Abstained(**rule.to_dict(), statistic=None if stat is None else _finite(stat)),
+                        hits=[Hit(**{**h, "id": str(h["id"])}) for h in found[i]["hits"][: r.k]],
+                    )
                 )
                 at += 1
             out.append(answers)
@@ -628,7 +458,7 @@ class RetrievalService:
         return torch.cat(parts)
 
     @torch.no_grad()
-    def search_image(self, requests: Sequence[ImageQuery]) -> list[list[dict[str, Any]]]:
+    def search_image(self, requests: Sequence[ImageQuery]) -> list[list[ImageAnswer]]:
         """One list of per-image answers (the k captions under which each image is most likely)."""
         if not requests:
             return []
@@ -644,20 +474,20 @@ class RetrievalService:
         for r in requests:
             answers = []
             for _ in range(r.size):
-                hits = found[at]["hits"][: r.k]
-                for h, p in zip(hits, pct[at]):
-                    h["uncertainty_percentile"] = p
-                    h["specificity"] = specificity_word(p)
-                answers.append({"hits": hits})
+                hits = [
+                    Hit(**h, uncertainty_percentile=p, specificity=specificity_word(p))
+                    for h, p in zip(found[at]["hits"][: r.k], pct[at])
+                ]
+                answers.append(ImageAnswer(hits=hits))
                 at += 1
             out.append(answers)
         return out
 
     # -- zero-shot ----------------------------------------------------------------------------
     @torch.no_grad()
-    def classify(self, requests: Sequence[ClassifyQuery]) -> list[dict[str, Any]]:
-        """One :meth:`~asymvlm.zeroshot.ZeroShotResult.to_dict` per request; requests with the same
-        classes and rule share one forward."""
+    def classify(self, requests: Sequence[ClassifyQuery]) -> list[ClassifyResponse]:
+        """One answer per request (:meth:`~asymvlm.zeroshot.ZeroShotResult.to_dict`'s fields); requests
+        with the same classes and rule share one forward."""
         from asymvlm.zeroshot import zero_shot_classify
 
         if not requests:
@@ -667,7 +497,7 @@ class RetrievalService:
         for r in requests:
             spans.append((at, at + r.size))
             at += r.size
-        out: list[dict[str, Any] | None] = [None] * len(requests)
+        out: list[ClassifyResponse | None] = [None] * len(requests)
         groups: dict[tuple, list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault((r.classes, r.criterion, r.threshold), []).append(i)
@@ -682,13 +512,14 @@ class RetrievalService:
             at = 0
             for i in members:
                 n = spans[i][1] - spans[i][0]
-                out[i] = {**{k: v for k, v in res.items() if k != "images"}, "images": res["images"][at : at + n]}
+                images = [ClassifiedImage(**image) for image in res["images"][at : at + n]]
+                out[i] = ClassifyResponse(criterion=res["criterion"], threshold=res["threshold"], images=images)
                 at += n
         return out
 
     # -- text -> distribution -----------------------------------------------------------------
     @torch.no_grad()
-    def distributions(self, requests: Sequence[Sequence[str]]) -> list[list[dict[str, Any]]]:
+    def distributions(self, requests: Sequence[Sequence[str]]) -> list[list[Distribution]]:
         """Per request, per text: ``family``, ``mu``, ``kappa``, ``uncertainty`` (and its place among
         the gallery's captions)."""
         if not requests:
@@ -701,16 +532,16 @@ class RetrievalService:
         pos = {t: i for i, t in enumerate(unique)}
         return [
             [
-                {
-                    "text": t,
-                    "family": d["family"],
-                    "dim": d["dim"],
-                    "mu": d["mu"][pos[t]],
-                    "kappa": d["kappa"][pos[t]],
-                    "uncertainty": d["uncertainty"][pos[t]],
-                    "uncertainty_percentile": pct[pos[t]],
-                    "specificity": specificity_word(pct[pos[t]]),
-                }
+                Distribution(
+                    text=t,
+                    family=d["family"],
+                    dim=d["dim"],
+                    mu=d["mu"][pos[t]],
+                    kappa=d["kappa"][pos[t]],
+                    uncertainty=d["uncertainty"][pos[t]],
+                    uncertainty_percentile=pct[pos[t]],
+                    specificity=specificity_word(pct[pos[t]]),
+                )
                 for t in r
             ]
             for r in requests

@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 
 from asymvlm.encoders import register_pretrained
 from asymvlm.losses import symmetric_infonce
-from asymvlm.toyclip import MEAN, STD, cache_root, decay_groups, normalized_pixels
+from asymvlm.worlds.toyclip import MEAN, STD, cache_root, decay_groups, normalized_pixels
 
 from . import data as em
 

@@ -390,7 +390,7 @@ def split_of(codepoints: str, fractions: tuple[float, float] = (0.7, 0.1)) -> st
 # rendering
 # ----------------------------------------------------------------------------------------------
 def _cache_root() -> Path:
-    from asymvlm.toyclip import cache_root
+    from asymvlm.worlds.toyclip import cache_root
 
     return cache_root()
 

@@ -11,8 +11,10 @@ Conventions (stated once, used everywhere):
   delta plus diagnostics); it works key by key on lazy mappings (:mod:`.aggregators`).
 * A **server optimizer** is a pure transform ``(init, update)``: ``init(params) -> state``,
   ``update(delta, state, params, **info) -> (step, new_state)``, composable with :func:`chain`
+  whose members may be named and their state read by name (:func:`named_state`)
   (:mod:`.transforms`; optax's design, https://github.com/google-deepmind/optax).
-* A **recipe** is an aggregator plus a server transform (plus client terms); a federated
+* A **recipe** is an aggregator plus a server transform (plus a ``client_config`` hook for its
+  clients' local terms and a feasibility check of the clients per round); a federated
   algorithm and a merge method are both recipes, and :func:`server_update` is the one function
   that turns deltas into a new model (:mod:`.server`), with differential privacy as a wrapper
   inside it (:mod:`.dp`) and exact LoRA aggregation (:mod:`.lora`).
@@ -55,6 +57,7 @@ from asymvlm.federated.core.transforms import (
     chain,
     flatten_state,
     identity,
+    named_state,
     scale,
     scale_by_adagrad,
     scale_by_adam,
@@ -107,6 +110,7 @@ __all__ = [
     "client_norms",
     "Transform",
     "chain",
+    "named_state",
     "identity",
     "scale",
     "trace",

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from asymvlm.errors import ConfigError, InputError
 from asymvlm.federated.core.tree import Params, ScaledView, keys_of, stack_key
 
 __all__ = [
@@ -55,9 +56,9 @@ def check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
         return [1.0] * n
     w = [float(x) for x in weights]
     if len(w) != n:
-        raise ValueError(f"{len(w)} weights for {n} deltas")
+        raise InputError(f"{len(w)} weights for {n} deltas")
     if any(x < 0 or not math.isfinite(x) for x in w) or sum(w) <= 0:
-        raise ValueError(f"weights must be finite, >= 0 and not all zero, got {w}")
+        raise InputError(f"weights must be finite, >= 0 and not all zero, got {w}")
     return w
 
 
@@ -100,11 +101,11 @@ class WeightedMean(Aggregator):
             return [1.0] * n
         if self.weighting == "capped":
             if self.cap is None or self.cap <= 0:
-                raise ValueError("weighting='capped' needs cap > 0")
+                raise ConfigError("weighting='capped' needs cap > 0")
             return [min(x, self.cap) for x in check_weights(weights, n)]
         if self.weighting == "examples":
             return check_weights(weights, n)
-        raise ValueError(f"unknown weighting {self.weighting!r}")
+        raise ConfigError(f"unknown weighting {self.weighting!r}")
 
     def normalised(self, weights: Sequence[float] | None, n: int) -> list[float]:
         """``p_k``: the effective weights divided by their sum."""
@@ -164,7 +165,7 @@ class ClippedMean(Aggregator):
 
     def __call__(self, deltas, weights=None, **client_info):
         if self.max_norm <= 0:
-            raise ValueError(f"max_norm must be > 0, got {self.max_norm}")
+            raise ConfigError(f"max_norm must be > 0, got {self.max_norm}")
         norms = client_norms(deltas)
         factors = [min(1.0, self.max_norm / n) if n > 0 else 1.0 for n in norms]
         p = WeightedMean(self.weighting).normalised(weights, len(deltas))
@@ -201,7 +202,7 @@ class TrimmedMean(Aggregator):
         k = len(deltas)
         cut = int(self.beta * k)
         if not 0 <= self.beta < 0.5 or k - 2 * cut < 1:
-            raise ValueError(f"beta={self.beta} leaves no clients among {k}")
+            raise ConfigError(f"beta={self.beta} leaves no clients among {k}")
         out: Params = {}
         for key in keys_of(deltas):
             s = stack_key(deltas, key).sort(dim=0).values
@@ -229,7 +230,7 @@ class Krum(Aggregator):
     def __call__(self, deltas, weights=None, **client_info):
         k = len(deltas)
         if k < 2:
-            raise ValueError("Krum needs at least 2 clients")
+            raise InputError("Krum needs at least 2 clients")
         n_near = max(1, k - self.num_malicious - 2)
         dist = torch.zeros(k, k, dtype=torch.float64)
         for key in keys_of(deltas):

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from asymvlm.errors import ConfigError, InputError
 from asymvlm.lora import dense_delta, low_rank_factors
 from asymvlm.registry import Param, Registry, at_least
 
@@ -103,7 +104,7 @@ class LoraAggregate:
 def _normalise(weights: Sequence[float] | None, k: int) -> list[float]:
     w = [1.0] * k if weights is None else [float(x) for x in weights]
     if len(w) != k or any(x < 0 for x in w) or sum(w) <= 0:
-        raise ValueError(f"need {k} non-negative weights, got {w}")
+        raise InputError(f"need {k} non-negative weights, got {w}")
     total = sum(w)
     return [x / total for x in w]
 
@@ -133,29 +134,29 @@ def aggregate_lora(
     LORA_MODES.entry(mode)  # a ConfigError naming the valid modes
     first = next(iter(layers.values()), None)
     if first is None:
-        raise ValueError("no LoRA layers to aggregate")
+        raise InputError("no LoRA layers to aggregate")
     k = len(first[0])
     p = _normalise(weights, k)
     s = [float(scaling)] * k if isinstance(scaling, (int, float)) else [float(x) for x in scaling]
     if len(s) != k:
-        raise ValueError(f"{len(s)} scalings for {k} clients")
+        raise InputError(f"{len(s)} scalings for {k} clients")
     common = s[0] if all(abs(x - s[0]) < 1e-12 for x in s) else None
     out_scaling = new_scaling if new_scaling is not None else (common if common is not None else 1.0)
     gen = torch.Generator().manual_seed(seed)
     adapters, base, info = {}, {}, {}
     for name, (A, B) in layers.items():
         if len(A) != k or len(B) != k:
-            raise ValueError(f"layer {name!r}: {len(A)} A and {len(B)} B factors for {k} clients")
+            raise InputError(f"layer {name!r}: {len(A)} A and {len(B)} B factors for {k} clients")
         for i, (a, b) in enumerate(zip(A, B)):
             if a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
-                raise ValueError(
+                raise InputError(
                     f"layer {name!r}, client {i}: A {tuple(a.shape)} and B {tuple(b.shape)} do not "
                     f"form a LoRA pair (B @ A)"
                 )
         exact = dense_delta(A, B, p, s)
         ranks = {a.shape[0] for a in A}
         if mode in ("factors", "frozen_a", "residual") and (len(ranks) > 1 or common is None):
-            raise ValueError(
+            raise InputError(
                 f"mode {mode!r} needs every client at the same rank and scaling (layer {name!r}); use 'stack' or 'svd'"
             )
         if mode == "factors" or mode == "residual":
@@ -170,7 +171,7 @@ def aggregate_lora(
                 info[name] = {"relative_error": float((approx - exact).norm() / exact.norm().clamp_min(1e-30))}
         elif mode == "frozen_a":
             if any(not torch.equal(a, A[0]) for a in A[1:]):
-                raise ValueError(f"mode 'frozen_a' needs the same frozen A on every client (layer {name!r})")
+                raise InputError(f"mode 'frozen_a' needs the same frozen A on every client (layer {name!r})")
             adapters[name] = (A[0].clone(), sum(pk * b for pk, b in zip(p, B)))
             base[name] = torch.zeros_like(exact)
         elif mode == "stack":
@@ -285,7 +286,7 @@ def fold_message(
             out[lora.base_key(layer)] = w.clone()
             info[layer] = {"relative_error": err, "rank": float(a_new.shape[0])}
         else:
-            raise ValueError(f"fold_message is for the exact modes {EXACT_MODES}, got {lora.mode!r}")
+            raise ConfigError(f"fold_message is for the exact modes {EXACT_MODES}, got {lora.mode!r}")
     return out, info
 
 

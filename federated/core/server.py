@@ -1,8 +1,8 @@
 """One server step for every algorithm: :func:`server_update` turns deltas into a new model.
 
 A :class:`Recipe` is an aggregator (stateless), a server transform (stateful through its returned
-state) and, for federated clients, their local terms. A federated algorithm is a recipe (FedAvg
-= weighted mean + ``scale(server_lr)``); so is a merge method (task arithmetic = sum +
+state) and, for federated clients, a ``client_config`` hook naming their local terms. A federated
+algorithm is a recipe (FedAvg = weighted mean + ``scale(server_lr)``); so is a merge method (task arithmetic = sum +
 ``scale(lam)``, TIES = TIES + ``scale(lam)``). Federated rounds, the in-memory and streamed
 merges and the lambda search all call :func:`server_update`; differential privacy is a wrapper
 inside it (:mod:`asymvlm.federated.core.dp`), never a branch that replaces the recipe's rule.
@@ -21,7 +21,7 @@ Example (one FedAvg round with uniform weights and server_lr 1 is the model soup
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,17 +36,36 @@ from asymvlm.federated.core.tree import ClientUpdateError, Params
 __all__ = ["Recipe", "server_update", "server_owned", "LazyUpdate"]
 
 
+def _no_client_config(state: Any, params: Mapping[str, Tensor]) -> dict[str, Any]:
+    """The client configuration of a recipe without client-side terms: none."""
+    return {}
+
+
+def _any_client_count(clients_per_round: int) -> None:
+    """The feasibility check of a rule that works with any number of clients."""
+
+
 @dataclass(frozen=True)
 class Recipe:
-    """A federated algorithm or a merge method.
+    """A federated algorithm or a merge method: one registry entry's whole algorithm.
 
     Attributes:
         name, reference: registry name and paper.
         aggregator: combines the deltas (stateless).
-        server: the server transform (its state is returned, never kept).
+        server: the server transform (its state is returned, never kept); a recipe with state of
+            its own names it in a :func:`~asymvlm.federated.core.transforms.chain` and reads it
+            with :func:`~asymvlm.federated.core.transforms.named_state`.
         options: the resolved declared options the recipe was built with (for reports).
-        proximal_mu: FedProx's client proximal coefficient (0 = off).
-        ghbm_beta, ghbm_tau: GHBM's client momentum (beta = 0 = off).
+        client_config: ``client_config(state, params) -> {term: {option: value}}``, what the
+            clients of a round need (Flower's ``configure_fit`` pattern), from the server
+            transform's ``state`` and the global ``params``: each key names a registered client
+            term (:data:`asymvlm.federated.client.CLIENT_TERMS`; FedProx's ``proximal``, GHBM's
+            ``heavy_ball``), its value that term's options (numbers, or ``{key: tensor}``).
+        client_terms: the terms ``client_config`` may name (declared, so a run can refuse a
+            transport that cannot carry them before the first round).
+        check_clients: ``check_clients(clients_per_round)`` raises a
+            :class:`~asymvlm.errors.ConfigError` when the rule cannot work with that many clients
+            (Krum's n > 2f + 2); the round code calls it before any work.
         needs: per-client information the round must collect: ``loss_before`` (loss at the global
             model before local training), ``grad_norm`` (norm of the full local gradient there),
             ``loss_initial`` (the loss at the initial model, kept by the server).
@@ -58,9 +77,9 @@ class Recipe:
     aggregator: Aggregator
     server: Transform
     options: Mapping[str, Any] = field(default_factory=dict)
-    proximal_mu: float = 0.0
-    ghbm_beta: float = 0.0
-    ghbm_tau: int = 1
+    client_config: Callable[[Any, Mapping[str, Tensor]], dict[str, Any]] = _no_client_config
+    client_terms: frozenset[str] = field(default_factory=frozenset)
+    check_clients: Callable[[int], None] = _any_client_count
     needs: frozenset[str] = field(default_factory=frozenset)
     dp: DifferentialPrivacy | None = None
 

@@ -3,7 +3,9 @@
 ``init(params) -> state``; ``update(delta, state, params, **info) -> (step, new_state)``,
 composable with :func:`chain`. State lives in the returned value, never on an object (optax's
 design: https://github.com/google-deepmind/optax), so a checkpoint is just the state
-(:func:`flatten_state` splits it into tensors and a JSON skeleton).
+(:func:`flatten_state` splits it into tensors and a JSON skeleton). A chain's member given as
+``(name, transform)`` is addressed by that name (optax's ``named_chain``): :func:`named_state`
+reads its state, so a recipe finds its own server state without knowing the chain's layout.
 
 Example:
     >>> import torch
@@ -13,6 +15,9 @@ Example:
     >>> step, state = tx.update({"w": torch.tensor([1.0, -1.0])}, state, params)
     >>> [round(float(x), 4) for x in step["w"]], state[0]["count"]
     ([0.099, -0.099], 1)
+    >>> tx = chain(("adam", scale_by_adam()), ("lr", scale(0.1)))
+    >>> named_state(tx, tx.init(params), "adam")["count"]
+    0
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from asymvlm.errors import ConfigError
 from asymvlm.federated.core.tree import Params, ScaledView, tree_zeros_like
 
 __all__ = [
     "Transform",
     "chain",
+    "named_state",
     "identity",
     "scale",
     "trace",
@@ -41,10 +48,14 @@ __all__ = [
 
 
 class Transform(NamedTuple):
-    """``init(params) -> state``; ``update(delta, state, params, **info) -> (step, state)``."""
+    """``init(params) -> state``; ``update(delta, state, params, **info) -> (step, state)``.
+
+    ``names``: for a :func:`chain`, its members' names in order (``""`` for an unnamed member);
+    its state is the tuple of the members' states in that order."""
 
     init: Callable[[Params], Any]
     update: Callable[..., tuple[Params, Any]]
+    names: tuple[str, ...] = ()
 
 
 def identity() -> Transform:
@@ -59,8 +70,17 @@ def scale(factor: float) -> Transform:
     return Transform(lambda params: {}, lambda delta, state, params=None, **info: (ScaledView(delta, factor), state))
 
 
-def chain(*transforms: Transform) -> Transform:
-    """Apply transforms in order; the state is a tuple of their states."""
+def chain(*members: Transform | tuple[str, Transform]) -> Transform:
+    """Apply transforms in order; the state is a tuple of their states.
+
+    A member given as ``(name, transform)`` is named (optax's ``named_chain``): :func:`named_state`
+    reads its state by that name. Names are unique within the chain; naming changes nothing in
+    the state's layout (a checkpoint of a named chain is that of the unnamed one)."""
+    names = tuple(m[0] if isinstance(m, tuple) and not isinstance(m, Transform) else "" for m in members)
+    transforms = [m[1] if isinstance(m, tuple) and not isinstance(m, Transform) else m for m in members]
+    given = [n for n in names if n]
+    if len(set(given)) != len(given):
+        raise ConfigError(f"a chain's member names must be unique, got {list(given)}")
 
     def init(params):
         return tuple(t.init(params) for t in transforms)
@@ -72,7 +92,18 @@ def chain(*transforms: Transform) -> Transform:
             new_states.append(s)
         return delta, tuple(new_states)
 
-    return Transform(init, update)
+    return Transform(init, update, names)
+
+
+def named_state(transform: Transform, state: Any, name: str) -> Any:
+    """The state of ``transform``'s chain member called ``name`` (optax's ``named_chain``).
+
+    Raises:
+        ConfigError: ``transform`` has no member of that name (the names it has are listed).
+    """
+    if name not in transform.names or not name:
+        raise ConfigError(f"the server transform has no member named {name!r}; its members: {list(transform.names)}")
+    return state[transform.names.index(name)]
 
 
 def trace(momentum: float, nesterov: bool = False) -> Transform:

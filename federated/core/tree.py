@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from asymvlm.errors import ClientUpdateError
+from asymvlm.errors import ClientUpdateError, InputError
 
 __all__ = [
     "Params",
@@ -74,7 +74,7 @@ def tree_norm(a: Mapping[str, Tensor]) -> float:
 def keys_of(deltas: Sequence[Mapping[str, Tensor]]) -> list[str]:
     """The keys of the first delta (every rule works key by key in this order)."""
     if not deltas:
-        raise ValueError("no client deltas to aggregate")
+        raise InputError("no client deltas to aggregate")
     return list(deltas[0].keys())
 
 
