@@ -9,8 +9,8 @@ embeddings come from), the head's :class:`~asymvlm.heads.HeadConfig` (parsed dir
 comes from the data, :data:`FROM_DATA`), and, as the bases of each command's own arguments,
 :class:`LoraArguments` (what is trained, the LoRA adapter) and :class:`RunArguments` (output folder,
 seed, resume, overwrite, progress, init_from, mask_file, evaluation cadence, checkpoints kept).
-What a run does with its output folder and its resume (:func:`claim_output_dir`,
-:func:`check_resume_config`, ...) lives in :mod:`asymvlm.runs`; those names are re-exported here.
+What a run does with its output folder and its resume (``claim_output_dir``,
+``check_resume_config``, ...) lives in :mod:`asymvlm.runs`.
 
 Example:
     >>> (data,) = parse_dataclass_args((DataArguments,), ["--train_images", "100"], "demo")
@@ -33,7 +33,6 @@ from typing import Any, ClassVar, Literal
 
 from asymvlm.errors import ConfigError
 from asymvlm.plugins import data_world
-from asymvlm.runs import check_output_dir, check_resume_config, claim_output_dir, clear_run_outputs, model_entries
 
 __all__ = [
     "ConfigError",
@@ -41,14 +40,9 @@ __all__ = [
     "FROM_DATA",
     "LoraArguments",
     "RunArguments",
-    "check_output_dir",
     "command_default",
     "check_choice",
     "check_fields",
-    "claim_output_dir",
-    "clear_run_outputs",
-    "model_entries",
-    "check_resume_config",
     "argument_parser",
     "config_fields",
     "load_yaml",

@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from asymvlm.encoders import load_encoder
     from asymvlm.merging.api import merge
     from asymvlm.model import AsymVLM
-    from asymvlm.training import demo
+    from asymvlm.training import demo, demo_steps
     from asymvlm.worlds.data import cache_for_config
     from asymvlm.worlds.toyclip import ToyCLIPRecipe, cache_root, ensure_toy_clip
 
@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     doms = tuple(args.domains.split(","))
-    demo.DOMAINS = doms  # the domain splits of the demo, for these styles
-    domains = demo._domain_caches(enc, settings["domain_images"], 1, cache_root() / "caches", 3)
+    domains = demo_steps.domain_caches(enc, settings["domain_images"], 1, cache_root() / "caches", 3, doms)
     base_cache = cache_for_config(
         DataArguments(
             dataset="shapeworld:3", encoder=spec, pretrained="", train_images=settings["train_images"],
@@ -60,11 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         enc,
     )  # fmt: skip
     out = Path(args.out) / recipe.fingerprint()
-    base = demo._train_head(base_cache.path, out / "base", settings, "vmf", 0, direction="learned", progress=False)
+    base = demo_steps.train_head(base_cache.path, out / "base", settings, "vmf", 0, direction="learned", progress=False)
 
     def r1(model_dir: Path) -> dict[str, float]:
         head = AsymVLM.from_pretrained(model_dir, load_encoder=False).head
-        return {d: demo._r1(head, domains[d]["test"]) for d in doms}
+        return {d: demo_steps._r1(head, domains[d]["test"]) for d in doms}
 
     base_r1 = r1(base)
     rows = [("base", "", base_r1)]
@@ -72,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         experts = []
         for d in doms:
             experts.append(
-                demo._train_head(
+                demo_steps.train_head(
                     domains[d]["train"], out / f"expert-{steps}-{args.expert_lr:g}-{d}", settings, "vmf", 0,
                     init_from=str(base), steps=steps, lr=args.expert_lr, direction="learned", progress=False,
                 )

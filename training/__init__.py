@@ -7,7 +7,9 @@
   ``accelerate launch``; atomic checkpoints and ``--resume``;
 * :mod:`asymvlm.training.data` — the data seam (embedding caches, ShapeWorld + toy CLIP by default);
 * :mod:`asymvlm.training.federate` — ``asymvlm-federate`` (federation + evaluation);
-* :mod:`asymvlm.training.demo` — ``asymvlm-demo``, the whole package end to end;
+* :mod:`asymvlm.training.demo` — ``asymvlm-demo``, the whole package end to end (its steps in
+  :mod:`asymvlm.training.demo_steps`, :mod:`asymvlm.training.demo_federated` and
+  :mod:`asymvlm.training.demo_report`);
 * :mod:`asymvlm.training.cli` — ``asymvlm-train``.
 
 The shared building blocks live in the core: :mod:`asymvlm.lora` (peft LoRA on the text tower),
