@@ -204,3 +204,30 @@ def test_no_cycles():
         if n not in state:
             cycle = visit(n)
             assert cycle is None, " -> ".join(cycle)
+
+
+# The size of the house (issue 27): no package file over ~600 lines, no function over ~120. A file or
+# function that must exceed them is listed here with its reason.
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 600, 120
+SIZE_EXCEPTIONS: dict[str, str] = {}
+
+
+def sizes() -> tuple[dict[str, int], dict[str, int]]:
+    """(lines per package file, lines per function 'module:line name') over the five folders."""
+    files, functions = {}, {}
+    for name, path in MODULES.items():
+        text = path.read_text()
+        files[name] = text.count("\n")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                functions[f"{name}:{node.lineno} {node.name}"] = node.end_lineno - node.lineno + 1
+    return files, functions
+
+
+def test_no_package_file_or_function_outgrows_the_house():
+    files, functions = sizes()
+    assert len(files) == len(MODULES) and functions  # the walk saw every module and their functions
+    big = {f"{m} ({n} lines)" for m, n in files.items() if n > MAX_FILE_LINES and m not in SIZE_EXCEPTIONS}
+    long = {f"{f} ({n} lines)" for f, n in functions.items() if n > MAX_FUNCTION_LINES and f not in SIZE_EXCEPTIONS}
+    assert not big, f"package files over {MAX_FILE_LINES} lines (split them, or list them with a reason): {big}"
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines (split them, or list them with a reason): {long}"
