@@ -39,7 +39,7 @@ __all__ = [
 
 RUN_OPTIONS = ("local_lr",)  # recipe options the run supplies itself (AdaFedAdam's and q-FFL's eta_l)
 # what may change between a run and its --resume (everything else must match the checkpoint's config)
-RESUMABLE_CHANGES = ("rounds", *RunArguments.RESUMABLE)
+RESUMABLE_CHANGES = ("rounds", "diagnostics", *RunArguments.RESUMABLE)  # diagnostics only observe
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "model")  # what a run writes into output_dir
 # a client SGD step larger than this on a unit-sphere head only diverges (the defaults are 0.05-0.5)
 MAX_LOCAL_LR = 100.0
@@ -100,6 +100,14 @@ class FederatedArguments(LoraArguments, RunArguments):
         },
     )
     fairness_batches: int = field(default=2, metadata={"help": "Batches per client for the fairness report."})
+    diagnostics: bool = field(
+        default=False,
+        metadata={
+            "help": "Log drift diagnostics every round in metrics.jsonl (asymvlm.federated.diagnostics): each sampled "
+            "client's drift ||theta_k - theta||, the cosines between client deltas, and the gradient dissimilarity "
+            "G^2 at the round's global model (one gradient per sampled client; not under DP)."
+        },
+    )
     attack: Literal[tuple(ATTACKS)] = field(  # type: ignore[valid-type]
         default="none",
         metadata={"help": "Simulated Byzantine clients (robustness experiments; asymvlm.federated.attacks)."},
@@ -171,6 +179,11 @@ class FederatedArguments(LoraArguments, RunArguments):
             raise ConfigError(f"dp_delta must be in (0, 1), got {self.dp_delta}")
         if self.dp_insecure_seed is not None and self.dp_insecure_seed < 0:
             raise ConfigError(f"dp_insecure_seed must be >= 0, got {self.dp_insecure_seed}")
+        if self.dp_noise_multiplier > 0 and self.diagnostics:
+            raise ConfigError(
+                "diagnostics cannot be logged under differential privacy: per-client drift, cosines and gradients are "
+                "functions of private data outside the mechanism"
+            )
         if self.dp_noise_multiplier > 0 and self.min_clients != 1:
             raise ConfigError(
                 f"min_clients={self.min_clients} cannot skip rounds under differential privacy: every round is "

@@ -1,4 +1,5 @@
-"""Split a dataset among simulated clients: IID, Dirichlet label skew, quantity skew, domain skew.
+"""Split a dataset among simulated clients: IID, Dirichlet label skew, pathological label skew,
+quantity skew (Dirichlet or power law), domain skew, embedding-space skew.
 
 Every partitioner is seeded, returns one index array per client (disjoint, covering every row)
 and guarantees ``min_size`` rows per client (redrawing, as in the common Dirichlet recipe of
@@ -6,9 +7,10 @@ Hsu et al. 2019, https://arxiv.org/abs/1909.06335, up to ``max_tries``). They ta
 column of any ``datasets.Dataset``.
 
 The partitioners are the entries of :data:`PARTITIONER_REGISTRY`, each declaring its options
-(``alpha``, ``column``, ``min_size``, ``max_tries``; ``PARTITIONER_REGISTRY.describe()``); the seed
+(``alpha``, ``column``, ``min_size``, ...; ``PARTITIONER_REGISTRY.describe()``); the seed
 and the number of clients are call arguments. :func:`partition` checks the options strictly (an
 option the partitioner does not use is a :class:`~asymvlm.errors.ConfigError`).
+:func:`asymvlm.federated.heterogeneity.heterogeneity_report` measures how skewed a split is.
 
 Example:
     >>> parts = dirichlet_label_skew(["a", "b"] * 50, num_clients=4, alpha=0.3, seed=0)
@@ -27,14 +29,18 @@ from typing import Any
 
 import numpy as np
 
-from asymvlm.errors import ConfigError
-from asymvlm.registry import Param, Registry, at_least, positive
+from asymvlm.errors import ConfigError, InputError
+from asymvlm.registry import Param, Registry, at_least, non_negative, positive
 
 __all__ = [
     "iid",
     "dirichlet_label_skew",
     "quantity_skew",
     "domain_skew",
+    "pathological_label_skew",
+    "powerlaw_quantity_skew",
+    "embedding_clusters",
+    "embedding_skew",
     "PARTITIONER_REGISTRY",
     "partition",
     "partition_summary",
@@ -121,6 +127,127 @@ def domain_skew(domains: Sequence[Any], num_clients: int, seed: int = 0, min_siz
     return parts
 
 
+def _shard_counts(counts: np.ndarray, total: int, num_clients: int) -> np.ndarray:
+    """Shards per class: one each, then one at a time to the class whose shards are largest
+    (rows per shard), never more shards than rows or than clients (so no client gets two)."""
+    shards = np.ones(len(counts), dtype=np.int64)
+    cap = np.minimum(counts, num_clients)
+    for _ in range(total - len(counts)):
+        room = np.where(shards < cap, counts / shards, -1.0)
+        shards[int(np.argmax(room))] += 1
+    return shards
+
+
+def pathological_label_skew(
+    labels: Sequence[Any], num_clients: int, classes_per_client: int = 2, seed: int = 0, min_size: int = 1
+) -> list[np.ndarray]:
+    """Every client holds rows of exactly ``classes_per_client`` distinct labels (McMahan et al.
+    2017's shards, https://arxiv.org/abs/1602.05629), every row assigned once.
+
+    The rows, sorted by label, are cut into ``num_clients * classes_per_client`` shards; unlike
+    the paper's equal cuts of the sorted list, a shard never straddles two labels and a client never
+    gets two shards of one label (so the count is exact): each label gets at least one shard, the
+    rest go one at a time to the label with the largest shards. The shards, listed label by label
+    in a random label order, are dealt round-robin to the clients in a random client order; each
+    label's rows are shuffled and split evenly among its shards.
+
+    Raises:
+        ConfigError: fewer labels than ``classes_per_client``; fewer shards than labels
+            (``num_clients * classes_per_client`` < labels, so a label would have no client); more
+            shards than possible (a label gives at most one shard per client and per row); a
+            client under ``min_size``.
+    """
+    labels = np.asarray(labels)
+    n, k = len(labels), classes_per_client
+    _check(n, num_clients, min_size)
+    if k < 1:
+        raise ConfigError(f"classes_per_client must be >= 1, got {k}")
+    classes, counts = np.unique(labels, return_counts=True)
+    total = num_clients * k
+    if k > len(classes):
+        raise ConfigError(f"classes_per_client={k} exceeds the {len(classes)} distinct labels")
+    if total < len(classes):
+        raise ConfigError(
+            f"{num_clients} clients x {k} labels = {total} shards cannot cover {len(classes)} labels "
+            f"(every row is assigned); raise num_clients or classes_per_client"
+        )
+    possible = int(np.minimum(counts, num_clients).sum())
+    if total > possible:
+        raise ConfigError(
+            f"{num_clients} clients x {k} labels = {total} shards exceed the {possible} possible "
+            f"(a label gives at most one shard per client and per row); lower classes_per_client"
+        )
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(classes))
+    shards = _shard_counts(counts[order].astype(np.float64), total, num_clients)
+    owner_of_slot = rng.permutation(num_clients)
+    parts: list[list[int]] = [[] for _ in range(num_clients)]
+    slot = 0
+    for c, s in zip(order, shards):
+        rows = rng.permutation(np.nonzero(labels == classes[c])[0])
+        for chunk in np.array_split(rows, int(s)):
+            parts[int(owner_of_slot[slot % num_clients])].extend(chunk.tolist())
+            slot += 1
+    if min(len(p) for p in parts) < min_size:
+        raise ConfigError(f"a client of the pathological split has fewer than min_size={min_size} rows")
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def powerlaw_quantity_skew(
+    n: int, num_clients: int, exponent: float = 1.0, seed: int = 0, min_size: int = 1
+) -> list[np.ndarray]:
+    """Quantity skew with power-law client sizes (IID content), each at least ``min_size``.
+
+    With ``r`` a random permutation of ``0..num_clients-1`` (client ``k`` has rank ``r_k``),
+    ``w_k = (r_k + 1) ** -exponent``, ``p_k = w_k / sum(w)`` and ``E = n - num_clients * min_size``:
+    ``size_k = min_size + floor(p_k * E)``, the rows left over (fewer than ``num_clients``) going
+    one each to the clients with the largest fractional parts ``p_k * E - floor(p_k * E)`` (ties:
+    lower client index). ``exponent = 0`` gives equal sizes. Then a random permutation of the rows
+    is cut into those sizes.
+    """
+    _check(n, num_clients, min_size)
+    if not (exponent >= 0 and np.isfinite(exponent)):
+        raise ConfigError(f"exponent must be >= 0 and finite, got {exponent}")
+    rng = np.random.default_rng(seed)
+    ranks = rng.permutation(num_clients)
+    weights = (ranks + 1.0) ** -float(exponent)
+    share = weights / weights.sum() * (n - num_clients * min_size)
+    sizes = min_size + np.floor(share).astype(np.int64)
+    left = n - int(sizes.sum())
+    sizes[np.argsort(-(share - np.floor(share)), kind="stable")[:left]] += 1
+    perm = rng.permutation(n)
+    return [np.sort(p) for p in np.split(perm, np.cumsum(sizes)[:-1])]
+
+
+def embedding_clusters(vectors: Any, clusters: int, seed: int = 0) -> np.ndarray:
+    """Cluster ids (``0..clusters-1``, one per row) of k-means on the rows of ``vectors`` (scipy's
+    ``kmeans2``, k-means++ initialisation, seeded)."""
+    from scipy.cluster.vq import kmeans2
+
+    x = np.asarray(vectors, dtype=np.float64)
+    if x.ndim != 2:
+        raise InputError(f"embedding skew needs a column of vectors (2-D), got shape {x.shape}")
+    if not 1 <= clusters <= len(x):
+        raise ConfigError(f"clusters must be in [1, {len(x)}] (the rows), got {clusters}")
+    _, ids = kmeans2(x, clusters, iter=20, minit="++", seed=np.random.default_rng(seed))
+    return ids.astype(np.int64)
+
+
+def embedding_skew(
+    vectors: Any,
+    num_clients: int,
+    clusters: int = 10,
+    alpha: float = 0.5,
+    seed: int = 0,
+    min_size: int = 1,
+    max_tries: int = 1000,
+) -> list[np.ndarray]:
+    """Label-free skew: k-means of the rows' vectors (e.g. frozen image embeddings) into
+    ``clusters`` groups, then :func:`dirichlet_label_skew` over the cluster ids."""
+    ids = embedding_clusters(vectors, clusters, seed)
+    return dirichlet_label_skew(ids, num_clients, alpha, seed, min_size, max_tries)
+
+
 # ----------------------------------------------------------------------------------------------
 # the registry: PARTITIONER_REGISTRY.build(method, **options) -> split(dataset, num_clients, seed=0)
 # ----------------------------------------------------------------------------------------------
@@ -193,6 +320,71 @@ def _domain(column: str | None, min_size: int) -> Split:
     return lambda dataset, num_clients, seed=0: domain_skew(dataset[column], num_clients, seed, min_size)
 
 
+@PARTITIONER_REGISTRY.register(
+    "pathological",
+    params=[
+        Param("column", str, None, "Column of labels (required)."),
+        Param("classes_per_client", int, 2, "Distinct labels every client holds (exactly).", check=at_least(1)),
+        _MIN_SIZE,
+    ],
+    help="Pathological label skew: every client holds exactly classes_per_client labels (label-sorted shards).",
+    reference="McMahan et al. 2017 (FedAvg's pathological non-IID shards) https://arxiv.org/abs/1602.05629",
+    fn=pathological_label_skew,
+)
+def _pathological(column: str | None, classes_per_client: int, min_size: int) -> Split:
+    column = _column("pathological", column, "label column")
+    return lambda dataset, num_clients, seed=0: pathological_label_skew(
+        dataset[column], num_clients, classes_per_client, seed, min_size
+    )
+
+
+@PARTITIONER_REGISTRY.register(
+    "powerlaw",
+    params=[
+        Param(
+            "exponent",
+            float,
+            1.0,
+            "Power-law exponent: size_k ~ (rank_k + 1)^-exponent (0 = equal).",
+            check=non_negative,
+        ),
+        _MIN_SIZE,
+    ],
+    help="Quantity skew: IID content, client sizes ~ (random rank + 1)^-exponent, each at least min_size.",
+    reference=(
+        "power-law client sizes as in LEAF (Caldas et al. 2018) https://arxiv.org/abs/1812.01097; "
+        "quantity skew: Li et al. 2022 (NIID-Bench) https://arxiv.org/abs/2102.02079"
+    ),
+    fn=powerlaw_quantity_skew,
+)
+def _powerlaw(exponent: float, min_size: int) -> Split:
+    return lambda dataset, num_clients, seed=0: powerlaw_quantity_skew(
+        len(dataset), num_clients, exponent, seed, min_size
+    )
+
+
+@PARTITIONER_REGISTRY.register(
+    "embedding",
+    params=[
+        Param("column", str, None, "Column of vectors, e.g. frozen image embeddings (required)."),
+        Param("clusters", int, 10, "k-means clusters of the vectors.", check=at_least(1)),
+        _ALPHA,
+        Param("min_size", int, 1, "Fewest rows per client (the split is redrawn until it holds).", check=at_least(1)),
+        Param("max_tries", int, 1000, "Redraws before giving up on min_size.", check=at_least(1)),
+    ],
+    help="Embedding-space skew (no labels needed): k-means of a vector column, then Dirichlet(alpha) over clusters.",
+    reference=(
+        "k-means: scipy.cluster.vq.kmeans2; Dirichlet over clusters: Hsu et al. 2019 https://arxiv.org/abs/1909.06335"
+    ),
+    fn=embedding_skew,
+)
+def _embedding(column: str | None, clusters: int, alpha: float, min_size: int, max_tries: int) -> Split:
+    column = _column("embedding", column, "vector column to cluster")
+    return lambda dataset, num_clients, seed=0: embedding_skew(
+        dataset[column], num_clients, clusters, alpha, seed, min_size, max_tries
+    )
+
+
 def partition(
     dataset: Any, num_clients: int, method: str = "iid", *, seed: int = 0, **options: Any
 ) -> list[np.ndarray]:
@@ -202,7 +394,8 @@ def partition(
     Args:
         dataset: the rows to split.
         num_clients: number of clients (>= 1).
-        method: an entry of :data:`PARTITIONER_REGISTRY`: ``iid``, ``dirichlet``, ``quantity``, ``domain``.
+        method: an entry of :data:`PARTITIONER_REGISTRY`: ``iid``, ``dirichlet``, ``pathological``,
+            ``quantity``, ``powerlaw``, ``domain``, ``embedding``.
         seed: seed of the split.
         **options: the method's options (``PARTITIONER_REGISTRY.describe()``).
 

@@ -87,6 +87,7 @@ from asymvlm.federated.core import (
 )
 from asymvlm.federated.core.tree import first_non_finite
 from asymvlm.federated.data import FederatedData
+from asymvlm.federated.diagnostics import model_gradient, round_diagnostics
 from asymvlm.federated.recipes import RECIPES, make_recipe
 from asymvlm.heads import HeadConfig
 from asymvlm.runs import check_resume_config, claim_output_dir
@@ -109,6 +110,7 @@ log_ = logging.getLogger(__name__)
 # every random stream of a run: (seed, stream id, round, client) -> numpy's SeedSequence
 STREAMS = {
     "sampling": 1, "attackers": 2, "client": 3, "initial_loss": 4, "fairness": 5, "lora_init": 6, "attack": 7,
+    "diagnostics": 8,
 }  # fmt: skip
 
 
@@ -307,6 +309,23 @@ class Federation:
             )
         return results
 
+    def diagnostics(self, state: ServerState, results: list[ClientResult], rnd: int) -> dict[str, Any]:
+        """Round ``rnd``'s drift diagnostics (``fed.diagnostics``; :mod:`asymvlm.federated.diagnostics`)
+        of the clients' honest updates: drift and delta cosines from their deltas, and G^2 of their
+        gradients at the round's global model, each the mean over the client's first
+        ``options.loss_batches`` batches of a batch order of its own (stream ``diagnostics``).
+        Training is unaffected: every client reseeds its batches and RNG before it trains."""
+        grads = []
+        for r in results:
+            seed = int_seed(self.fed.seed, "diagnostics", rnd, r.client)
+            batcher = self.data.batchers[r.client]
+            batcher.reseed(seed)
+            grads.append(model_gradient(self.model, state.params, batcher, self.options.loss_batches, seed=seed))
+        return round_diagnostics(
+            [r.delta for r in results], clients=[r.client for r in results], grads=grads,
+            weights=[max(1, r.num_examples) for r in results],
+        )  # fmt: skip
+
     def attack(self, results: list[ClientResult], malicious: set[int], rnd: int) -> list[ClientResult]:
         """What the round's attackers send instead of their honest updates (update attacks)."""
         at = {i for i, r in enumerate(results) if r.client in malicious}
@@ -491,7 +510,10 @@ def run_federated(
         t0 = time.time()
         active, who = sample_clients(fed, rnd, poisson=dp)  # sample
         record: dict[str, Any] = {"round": rnd + 1, **who}
-        results = run.attack(run.train_clients(state, active, rnd), malicious, rnd)  # client update
+        results = run.train_clients(state, active, rnd)  # client update
+        if fed.diagnostics:
+            record["diagnostics"] = run.diagnostics(state, results, rnd)
+        results = run.attack(results, malicious, rnd)
         accepted, record["rejected"] = run.validate(state, results)  # validate
         state = run.apply_updates(state, accepted, rnd, record)  # server step
         if fed.evaluates_at(rnd + 1, fed.rounds):

@@ -40,7 +40,10 @@ REGISTRIES = {
     "vmf_normalizer": (VMF_NORMALIZER_REGISTRY, {"exact", "approx"}),
     "criterion": (ABSTAIN_REGISTRY, {"likelihood", "uncertainty", "probability", "entropy", "p_correct"}),
     "dataset spec": (DATASET_SPEC_REGISTRY, {"imagefolder", "coco-karpathy", "coco2017", "flickr30k"}),
-    "partition": (PARTITIONER_REGISTRY, {"iid", "dirichlet", "quantity", "domain"}),
+    "partition": (
+        PARTITIONER_REGISTRY,
+        {"iid", "dirichlet", "quantity", "domain", "pathological", "powerlaw", "embedding"},
+    ),
 }
 
 
@@ -420,6 +423,9 @@ def test_partitioners_through_the_registry_equal_the_direct_calls():
         "dirichlet": "dirichlet_label_skew",
         "quantity": "quantity_skew",
         "domain": "domain_skew",
+        "pathological": "pathological_label_skew",
+        "powerlaw": "powerlaw_quantity_skew",
+        "embedding": "embedding_skew",
     }
 
 
