@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
@@ -39,7 +40,7 @@ __all__ = [
 
 RUN_OPTIONS = ("local_lr",)  # recipe options the run supplies itself (AdaFedAdam's and q-FFL's eta_l)
 # what may change between a run and its --resume (everything else must match the checkpoint's config)
-RESUMABLE_CHANGES = ("rounds", "diagnostics", *RunArguments.RESUMABLE)  # diagnostics only observe
+RESUMABLE_CHANGES = ("rounds", "diagnostics", "heterogeneity_report", *RunArguments.RESUMABLE)  # these only observe
 RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "model")  # what a run writes into output_dir
 # a client SGD step larger than this on a unit-sphere head only diverges (the defaults are 0.05-0.5)
 MAX_LOCAL_LR = 100.0
@@ -89,6 +90,22 @@ class FederatedArguments(LoraArguments, RunArguments):
     )
     partition_alpha: float = field(default=0.5, metadata={"help": "Dirichlet concentration (dirichlet, quantity)."})
     min_client_size: int = field(default=4, metadata={"help": "Fewest images per client."})
+    partition_options: str = field(
+        default="",
+        metadata={
+            "help": "The partitioner's options as a JSON/YAML mapping (a mapping in a YAML config), checked against "
+            'what it declares (PARTITIONER_REGISTRY.describe()), e.g. \'{"column": "image_embedding", '
+            '"clusters": 8}\' for --partition embedding; column/alpha/min_size given here replace '
+            "partition_column/partition_alpha/min_client_size, which must then stay at their defaults."
+        },
+    )
+    heterogeneity_report: bool = field(
+        default=False,
+        metadata={
+            "help": "Write the partition's heterogeneity report into output_dir: heterogeneity.json (sizes, "
+            "histograms, Jensen-Shannon divergences to the population) and heterogeneity.png."
+        },
+    )
     local_steps: int = field(default=10, metadata={"help": "Local SGD steps per round."})
     local_lr: float = field(default=0.05, metadata={"help": f"Client learning rate eta_l (in (0, {MAX_LOCAL_LR:g}])."})
     local_batch_size: int = field(default=256, metadata={"help": "Client batch (captions)."})
@@ -134,7 +151,11 @@ class FederatedArguments(LoraArguments, RunArguments):
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.partition_options, dict):  # a mapping from YAML or Python: kept as canonical JSON
+            object.__setattr__(self, "partition_options", _options_json(self.partition_options))
         check_fields(self)
+        if self.partition_options:
+            PARTITIONER_REGISTRY.build(self.partition, **self.partition_kwargs())  # unknown keys fail here
         self._check_lora()
         self._check_run()
         for name in ("rounds", "num_clients", "local_steps", "min_clients", "local_batch_size", "min_client_size"):
@@ -191,11 +212,64 @@ class FederatedArguments(LoraArguments, RunArguments):
                 "part; leave min_clients at 1"
             )
 
+    def partition_kwargs(self) -> dict[str, Any]:
+        """The options the chosen partitioner gets: ``partition_column``, ``partition_alpha`` and
+        ``min_client_size`` (as ``column``, ``alpha``, ``min_size``) where it declares them, then
+        ``partition_options``.
+
+        Raises:
+            ConfigError: ``partition_options`` is not a mapping, or sets a key whose flag was also
+                changed from its default (given both ways).
+
+        Example:
+            >>> fed = FederatedArguments(partition="embedding", partition_options='{"column": "v", "clusters": 3}')
+            >>> fed.partition_kwargs()
+            {'column': 'v', 'alpha': 0.5, 'min_size': 4, 'clusters': 3}
+        """
+        options = _options_mapping(self.partition_options)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        declared = PARTITIONER_REGISTRY.entry(self.partition).param_names
+        out = {}
+        for key, flag in _PARTITION_FLAGS.items():
+            if key in options and getattr(self, flag) != defaults[flag]:
+                raise ConfigError(
+                    f"partition option {key!r} is given both by --{flag} and by --partition_options; give it once"
+                )
+            if key in declared:
+                out[key] = getattr(self, flag)
+        return {**out, **options}
+
     @property
     def sample_rate(self) -> float:
         """The fraction of clients sampled per round."""
         m = self.clients_per_round or max(1, int(round(self.client_fraction * self.num_clients)))
         return min(m, self.num_clients) / self.num_clients
+
+
+_PARTITION_FLAGS = {"column": "partition_column", "alpha": "partition_alpha", "min_size": "min_client_size"}
+
+
+def _options_json(options: dict[str, Any]) -> str:
+    if not all(isinstance(k, str) for k in options):
+        raise ConfigError(f"partition_options keys must be option names (strings), got {sorted(map(str, options))}")
+    return json.dumps(options, sort_keys=True) if options else ""
+
+
+def _options_mapping(text: str) -> dict[str, Any]:
+    """``partition_options`` (JSON or YAML text; empty: none) as a dict."""
+    if not text.strip():
+        return {}
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except (yaml.YAMLError, RecursionError) as err:
+        raise ConfigError(f"partition_options is not valid JSON/YAML: {str(err).splitlines()[0]}") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ConfigError(f"partition_options must be a mapping of option names to values, got {text!r}")
+    return value
 
 
 def _recipe_fields() -> list[tuple[str, Any, Any]]:

@@ -20,7 +20,9 @@ import torch
 
 from asymvlm.errors import ConfigError
 
-__all__ = ["FederatedData", "get_federated_data"]
+__all__ = ["FederatedData", "get_federated_data", "partition_heterogeneity", "IMAGE_EMBEDDING"]
+
+IMAGE_EMBEDDING = "image_embedding"  # the partition column of the cache's image embeddings (rows = images)
 
 
 @dataclass
@@ -34,6 +36,7 @@ class FederatedData:
     encoder: Any = None  # the frozen encoder, when clients train a text-tower LoRA
     summary: str = ""
     data_info: dict[str, Any] = field(default_factory=dict)  # the data as the model card records them
+    heterogeneity: dict[str, Any] | None = None  # the partition's heterogeneity report (--heterogeneity_report)
 
 
 def _shapeworld_columns(data_args: Any) -> dict[str, np.ndarray]:
@@ -66,7 +69,7 @@ def get_federated_data(data_args: Any, fed: Any) -> FederatedData:
     """
     from asymvlm.batching import IndexBatcher, caption_groups
     from asymvlm.encoders import load_encoder
-    from asymvlm.federated.partition import PARTITIONER_REGISTRY, partition, partition_summary
+    from asymvlm.federated.partition import partition, partition_summary
     from asymvlm.worlds.data import cache_for_config
 
     encoder = None
@@ -83,19 +86,19 @@ def get_federated_data(data_args: Any, fed: Any) -> FederatedData:
             return n_img
 
         def __getitem__(self, name):
+            if name == IMAGE_EMBEDDING:  # any cache's own frozen image embeddings (for --partition embedding)
+                return cache.image_embeddings.float().numpy()
             if name not in columns:
                 raise ConfigError(
                     f"partition column {name!r} is not available for this data; "
-                    f"available: {sorted(columns)} (ShapeWorld built from --dataset shapeworld)"
+                    f"available: {sorted([*columns, IMAGE_EMBEDDING])} (ShapeWorld built from --dataset shapeworld)"
                 )
             return columns[name]
 
-    # the config's partition_* flags go to the partitioner that declares them (alpha means nothing to iid)
-    given = {"column": fed.partition_column, "alpha": fed.partition_alpha, "min_size": fed.min_client_size}
-    declared = PARTITIONER_REGISTRY.entry(fed.partition).param_names
-    parts = partition(
-        _Rows(), fed.num_clients, fed.partition, seed=fed.seed, **{k: v for k, v in given.items() if k in declared}
-    )
+    # the partition_* flags go to the partitioner that declares them (alpha means nothing to iid), then
+    # partition_options (checked strictly by the registry)
+    options = fed.partition_kwargs()
+    parts = partition(_Rows(), fed.num_clients, fed.partition, seed=fed.seed, **options)
     owner = cache.text_image_index
     images = cache.image_embeddings.float()
     if fed.trainable == "head":
@@ -126,4 +129,39 @@ def get_federated_data(data_args: Any, fed: Any) -> FederatedData:
         encoder if fed.trainable != "head" else None,
         summary,
         describe_data(data_args, cache, partition=fed.partition),
+        partition_heterogeneity(parts, _Rows(), fed, options) if fed.heterogeneity_report else None,
     )
+
+
+def partition_heterogeneity(parts: list[np.ndarray], rows: Any, fed: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """The :func:`~asymvlm.federated.heterogeneity.heterogeneity_report` of the clients' images, against
+    the partition's label column when the data have it (``options["column"]``, else
+    ``fed.partition_column``), else the k-means clusters of an ``embedding`` partition (the same
+    clusters, same seed), else a single label (client sizes only). ``labels_from`` says which.
+
+    Example:
+        >>> from types import SimpleNamespace as NS
+        >>> fed = NS(partition="iid", partition_column="shape", seed=0)
+        >>> r = partition_heterogeneity([np.arange(3), np.arange(3, 4)], {"shape": list("aabb")}, fed, {})
+        >>> r["labels_from"], r["sizes"], r["histograms"]
+        ("column 'shape'", [3, 1], [[2, 1], [0, 1]])
+    """
+    from asymvlm.federated.heterogeneity import heterogeneity_report
+    from asymvlm.federated.partition import PARTITIONER_REGISTRY, embedding_clusters
+
+    column = options.get("column", fed.partition_column)
+    n = sum(len(p) for p in parts)  # every row belongs to one client
+    if fed.partition == "embedding":
+        declared = {p.name: p.default for p in PARTITIONER_REGISTRY.entry("embedding").params}
+        labels = embedding_clusters(rows[column], options.get("clusters", declared["clusters"]), fed.seed)
+        source = f"embedding clusters of {column!r}"
+    else:
+        try:
+            labels = np.asarray(rows[column])
+            source = f"column {column!r}"
+        except (ConfigError, KeyError):
+            labels, source = None, ""
+        if labels is None or labels.ndim != 1 or len(labels) != n:
+            labels, source = np.zeros(n, dtype=np.int64), "none (client sizes only)"
+    report = heterogeneity_report(parts, labels)
+    return {"partition": fed.partition, "options": dict(options), "labels_from": source, **report}

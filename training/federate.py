@@ -4,8 +4,10 @@ Clients are simulated in one process on partitions of an embedding cache (by def
 embedded by the toy CLIP). Writes ``metrics.jsonl`` (one JSON line per round: participants,
 rejections, per-client losses and the fairness summary, evaluation), a checkpoint of the server
 state after every round (``--resume`` continues) and the final AsymVLM in ``<output_dir>/model``.
-Values come from a YAML file (``--config fed.yaml``), then flags override them (spelled with
-underscores or dashes, never abbreviated); a user error is one line on stderr and exit status 2.
+With ``--heterogeneity_report true`` it also writes the partition's ``heterogeneity.json`` and
+``heterogeneity.png`` there. Values come from a YAML file (``--config fed.yaml``), then flags
+override them (spelled with underscores or dashes, never abbreviated); a user error is one line
+on stderr and exit status 2.
 With ``--progress false`` every round is one line on stderr (``round 3/20: loss 1.3206, 8 clients``).
 
 This command lives in :mod:`asymvlm.training` because it composes the federation
@@ -21,7 +23,7 @@ from typing import Any
 
 from asymvlm.training.evaluation import evaluator
 
-__all__ = ["main", "build_parser", "federate", "evaluator", "run_summary", "round_line"]
+__all__ = ["main", "build_parser", "federate", "evaluator", "run_summary", "round_line", "write_heterogeneity"]
 
 EPILOG = """examples:
   asymvlm-federate --recipe fedadam --rounds 30 --num_clients 8 --partition dirichlet --partition_column shape \\
@@ -29,6 +31,8 @@ EPILOG = """examples:
   asymvlm-federate --config fed.yaml --resume
   asymvlm-federate --recipe fedavg --trainable both --lora_mode residual --rounds 10 --output_dir runs/fedavg
   asymvlm-federate --recipe krum --krum_num_malicious 2 --attack sign_flip --malicious_fraction 0.2
+  asymvlm-federate --partition embedding --partition_options '{"column": "image_embedding", "clusters": 8}' \\
+      --heterogeneity_report true --output_dir runs/embedding
   asymvlm-federate --list_recipes
 
 The final model is saved to <output_dir>/model (asymvlm-eval --model runs/fedavg/model).
@@ -76,7 +80,19 @@ def federate(data_args: Any, head: Any, fed: Any, recipe_options: dict[str, Any]
     path = save_federated_model(
         model, state, data, Path(fed.output_dir) / "model", init_from=fed.init_from or None, card=card
     )
+    if data.heterogeneity is not None:
+        write_heterogeneity(data.heterogeneity, Path(fed.output_dir))
     return state, model, path
+
+
+def write_heterogeneity(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
+    """``heterogeneity.json`` (the report, strict JSON) and ``heterogeneity.png`` (its plot) in ``out``."""
+    from asymvlm.federated.heterogeneity import plot_heterogeneity
+    from asymvlm.io import atomic_write_json, json_safe
+
+    return atomic_write_json(json_safe(report), out / "heterogeneity.json"), plot_heterogeneity(
+        report, out / "heterogeneity.png"
+    )
 
 
 PROG = "asymvlm-federate"
