@@ -53,7 +53,7 @@ class IndexBatcher:
     """Seeded, resumable batches of caption rows drawn by index from in-memory tensors.
 
     Args:
-        text: (T, d) cached text embeddings, or for mode=lora the tokenised captions: a (T, L) id
+        text: (T, d) cached text embeddings, or for a LoRA-trained text tower the tokenised captions: a (T, L) id
             tensor or a dict of such tensors (input_ids, attention_mask).
         images: (I, d) cached image embeddings.
         text_image_index: (T,) image row of each caption (also the positives' ids).

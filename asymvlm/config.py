@@ -130,8 +130,9 @@ class DataArguments:
     encoder: str = field(
         default="",
         metadata={
-            "help": "Frozen encoder spec (asymvlm.load_encoder grammar); needed to build a cache and for mode=lora "
-            "('' = the toy CLIP of the ShapeWorld version: open_clip:asymvlm-toy-clip-v3, or -clip for shapeworld:2)."
+            "help": "Frozen encoder spec (asymvlm.load_encoder grammar); needed to build a cache and to train a "
+            "LoRA adapter ('' = the toy CLIP of the ShapeWorld version: open_clip:asymvlm-toy-clip-v3, or -clip "
+            "for shapeworld:2)."
         },
     )
     pretrained: str = field(default="shapeworld", metadata={"help": "open_clip pretrained tag or file ('' = none)."})
@@ -228,8 +229,8 @@ class LoraArguments:
     lora_target_modules: str = field(
         default="",
         metadata={
-            "help": "Regex (full match) of the text-tower Linear modules to adapt; empty = every text block's MLP "
-            "(open_clip: mlp.c_fc, mlp.c_proj; transformers: q/k/v/out_proj and mlp.fc1/fc2)."
+            "help": "Regex (full match) of the text-tower Linear modules to adapt; empty = open_clip: every text "
+            "block's MLP (mlp.c_fc, mlp.c_proj); transformers: every text block's q/k/v/out_proj and mlp.fc1/fc2."
         },
     )
 
@@ -247,8 +248,8 @@ class LoraArguments:
 
     def target_modules(self, backend: str) -> str:
         """The regex of the modules to adapt on an encoder of ``backend`` (``lora_target_modules``,
-        or the default: the Linear layers of every text block's MLP, the layers every federated
-        LoRA aggregation can handle)."""
+        or the default: on open_clip the Linear layers of every text block's MLP, the layers every
+        federated LoRA aggregation can handle; on transformers :data:`asymvlm.lora.DEFAULT_TARGETS`)."""
         from asymvlm.lora import DEFAULT_TARGETS
 
         if self.lora_target_modules:

@@ -26,13 +26,7 @@ Example::
     model = AsymVLM.from_pretrained("runs/vmf/model")                     # a folder here
     push_to_hub("runs/vmf/model", "alice/asymvlm-vmf-coco")               # needs the network and a token
 
-Example (a card, offline):
-    >>> card = model_card("model", encoder={"spec": "hf:openai/clip-vit-base-patch32", "dim": 512},
-    ...                   head={"dim": 512, "family": "ps"}, metrics={"loss": 1.25})
-    >>> card.data.library_name, card.data.base_model, card.data.tags
-    ('asymvlm', 'openai/clip-vit-base-patch32', ['asymvlm', 'vision-language', 'uncertainty', 'power-spherical'])
-    >>> is_asymvlm_card(str(card)), card.data.asymvlm["metrics"]
-    (True, {'loss': 1.25})
+A model card, offline: the example of :mod:`asymvlm.cards`.
 """
 
 from __future__ import annotations

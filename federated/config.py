@@ -273,20 +273,13 @@ def _options_mapping(text: str) -> dict[str, Any]:
 
 
 def _recipe_fields() -> list[tuple[str, Any, Any]]:
-    """One optional field per declared recipe option (types must agree across recipes)."""
-    seen: dict[str, Any] = {}
-    users: dict[str, list[str]] = {}
-    for name, entry in RECIPES.items():
-        for p in entry.params:
-            if p.name in RUN_OPTIONS:
-                continue
-            if p.name in seen and seen[p.name].type != p.type:  # pragma: no cover - guarded by tests
-                raise TypeError(f"recipe option {p.name!r} has different types across recipes")
-            seen.setdefault(p.name, p)
-            users.setdefault(p.name, []).append(name)
+    """One optional field per declared recipe option (``RECIPES.options()``: types must agree across
+    recipes), the options the run supplies itself (:data:`RUN_OPTIONS`) left out."""
     out = []
-    for pname, p in seen.items():
-        help_ = f"{p.help} Recipes: {', '.join(users[pname])} (default: the recipe's own)."
+    for pname, (p, users) in RECIPES.options().items():
+        if pname in RUN_OPTIONS:
+            continue
+        help_ = f"{p.help} Recipes: {', '.join(users)} (default: the recipe's own)."
         out.append((pname, Optional[p.type], field(default=None, metadata={"help": help_})))  # noqa: UP045
     return out
 

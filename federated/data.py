@@ -152,8 +152,8 @@ def partition_heterogeneity(parts: list[np.ndarray], rows: Any, fed: Any, option
     column = options.get("column", fed.partition_column)
     n = sum(len(p) for p in parts)  # every row belongs to one client
     if fed.partition == "embedding":
-        declared = {p.name: p.default for p in PARTITIONER_REGISTRY.entry("embedding").params}
-        labels = embedding_clusters(rows[column], options.get("clusters", declared["clusters"]), fed.seed)
+        clusters = PARTITIONER_REGISTRY.resolve("embedding", options)["clusters"]
+        labels = embedding_clusters(rows[column], clusters, fed.seed)
         source = f"embedding clusters of {column!r}"
     else:
         try:

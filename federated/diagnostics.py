@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from asymvlm.errors import InputError
+from asymvlm.federated.core.tree import tree_norm
 
 __all__ = [
     "flatten",
@@ -145,7 +146,7 @@ def round_diagnostics(
     ids = [str(c) for c in (clients if clients is not None else range(len(deltas)))]
     out: dict[str, Any] = {"clients": ids}
     if deltas:
-        drift = [float(flatten(d).norm()) for d in deltas]
+        drift = [tree_norm(d) for d in deltas]
         out["drift"] = {c: _number(v) for c, v in zip(ids, drift)}
         out["drift_mean"] = _number(sum(drift) / len(drift))
         out["drift_max"] = _number(max(drift))

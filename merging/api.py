@@ -28,16 +28,8 @@ The steps live in their own modules, and every public name of them is importable
   :class:`FlatCriterionError`: R@1 of heads with a frozen mean direction is the same for every lambda);
 * :mod:`asymvlm.merging.selection` — the criteria of AsymVLM heads (:data:`SELECTION_CRITERIA`:
   ``r1`` :func:`recall_metric`, ``likelihood`` :func:`likelihood_metric`, ``error_auroc``
-  :func:`uncertainty_metric`), each over validation caches, one per task.
-
-Example:
-    >>> import torch
-    >>> base = {"w": torch.zeros(2)}
-    >>> taus = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([0.0, 1.0])}]
-    >>> res = lambda_search(base, taus, [0.5, 1.0], lambda p: -float((p["w"] - 0.5).abs().sum()),
-    ...                     method="task_arithmetic")
-    >>> res.best_lam
-    0.5
+  :func:`uncertainty_metric`), each over validation caches, one per task (the example of
+  :func:`lambda_search` is in :mod:`asymvlm.merging.search`).
 """
 
 from __future__ import annotations

@@ -46,8 +46,8 @@ class TrainData:
         dim: embedding dimension.
         encoder_source: ``{"spec", "pretrained", "fingerprint", "dim"}`` of the frozen encoder.
         eval_data: an :class:`asymvlm.eval.benchmark.EvalData` for periodic evaluation (or None); its
-            ``captions`` let mode=lora re-embed them with the adapted tower.
-        encoder: the loaded encoder (mode=lora only).
+            ``captions`` let a LoRA run (trainable lora/both) re-embed them with the adapted tower.
+        encoder: the loaded encoder (LoRA runs only).
         extra: ``{"data": ..., "evaluation": {"dataset", "split"}}``: what the saved model's card says
             about the training and evaluation data (:func:`asymvlm.hub.describe_data`); optional.
         train_texts: (T, d) the frozen embeddings of the training captions (the familiarity density
