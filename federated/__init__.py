@@ -11,7 +11,12 @@
 * :mod:`asymvlm.federated.data` — partitioned client data; :mod:`asymvlm.federated.partition` —
   heterogeneity partitioners; :mod:`asymvlm.federated.fed3r` — Fed3R;
 * :mod:`asymvlm.federated.client` — local training; :mod:`asymvlm.federated.rounds` — the rounds
-  (``run_federated``); :mod:`asymvlm.federated.checkpoint` — server state, resume, the saved model.
+  (``run_federated``); :mod:`asymvlm.federated.checkpoint` — server state, resume, the saved model;
+* :mod:`asymvlm.federated.personal` — personalised FL (FedPer, LG-FedAvg, FedSA-LoRA, FedRep,
+  Ditto, pFedMe, local fine-tuning, concentration routing; ``PERSONALIZERS``) with
+  :mod:`asymvlm.federated.personal_run` (per-client evaluation) and
+  :mod:`asymvlm.federated.personal_store` (client-side state); :mod:`asymvlm.federated.clustered`
+  — clustered FL (IFCA, CFL; ``CLUSTERERS``).
 
 The names below import lazily: ``from asymvlm.federated import WeightedMean, make_recipe`` does
 not import peft or transformers.
@@ -63,6 +68,10 @@ _EXPORTS = {
     "build_client_model": "asymvlm.federated.client",
     "client_update": "asymvlm.federated.client",
     "PARTITIONER_REGISTRY": "asymvlm.federated.partition",
+    "PERSONALIZERS": "asymvlm.federated.personal",
+    "make_personalizer": "asymvlm.federated.personal",
+    "CLUSTERERS": "asymvlm.federated.clustered",
+    "adjusted_rand_index": "asymvlm.federated.clustered",
     "client_statistics": "asymvlm.federated.fed3r",
     "solve": "asymvlm.federated.fed3r",
 }

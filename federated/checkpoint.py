@@ -81,6 +81,9 @@ class ServerState:
     dp_releases: int = 0  # rounds whose aggregate was released under DP (the accountant's step count)
     skipped_rounds: list[int] = field(default_factory=list)  # rounds (1-based) that made no server step
     config: dict[str, Any] | None = field(default=None, compare=False)  # the saved run config (when loaded)
+    # a method's own server state (clustered FL's cluster models, their optimizer states and memberships:
+    # asymvlm.federated.clustered), nested dicts/lists of tensors and JSON values; {} for none
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def save_server_state(state: ServerState, directory: Path, config: dict[str, Any]) -> Path:
@@ -90,10 +93,13 @@ def save_server_state(state: ServerState, directory: Path, config: dict[str, Any
 
     target = Path(directory) / f"round-{state.round:06d}"
     opt_tensors, skeleton = flatten_state(state.opt_state)
+    extra_tensors, extra_skeleton = flatten_state(state.extra)
     with atomic_directory(target) as tmp:
         atomic_save_safetensors(state.params, tmp / "params.safetensors")
         atomic_save_safetensors(
-            {f"base/{k}": v for k, v in state.base.items()} | {f"opt{k}": v for k, v in opt_tensors.items()},
+            {f"base/{k}": v for k, v in state.base.items()}
+            | {f"opt{k}": v for k, v in opt_tensors.items()}
+            | {f"extra{k}": v for k, v in extra_tensors.items()},
             tmp / "state.safetensors",
         )
         atomic_write_json(
@@ -107,6 +113,7 @@ def save_server_state(state: ServerState, directory: Path, config: dict[str, Any
                 "dp_releases": state.dp_releases,
                 "skipped_rounds": list(state.skipped_rounds),
                 "config": config,
+                **({"extra": extra_skeleton} if state.extra else {}),
             },
             tmp / "server.json",
         )
@@ -145,7 +152,7 @@ def load_server_state(path: Path) -> ServerState:
         SERVER_TYPE,
         2,
         required=("round", "opt_state"),
-        known=("initial_losses", "epsilon", "dp_releases", "skipped_rounds", "config"),
+        known=("initial_losses", "epsilon", "dp_releases", "skipped_rounds", "config", "extra"),
     )
     if int(meta["format_version"]) < 2:
         raise ArtefactError(
@@ -180,9 +187,9 @@ def load_server_state(path: Path) -> ServerState:
     _check_tensors(params, params_file, "")
     state_file = path / "state.safetensors"
     rest = load_safetensors(state_file, mmap=False)
-    other = sorted(k for k in rest if not k.startswith(("base/", "opt/")))
+    other = sorted(k for k in rest if not k.startswith(("base/", "opt/", "extra/")))
     if other:
-        raise ArtefactError(f"{state_file}: unknown tensor(s) {other} (neither base/ nor opt/)")
+        raise ArtefactError(f"{state_file}: unknown tensor(s) {other} (neither base/, opt/ nor extra/)")
     _check_tensors(rest, state_file, "")
     base = {k[len("base/") :]: v.clone() for k, v in rest.items() if k.startswith("base/")}
     opt = {k[len("opt") :]: v for k, v in rest.items() if k.startswith("opt/")}
@@ -191,6 +198,17 @@ def load_server_state(path: Path) -> ServerState:
     unused = sorted(set(opt) - used)
     if unused:
         raise ArtefactError(f"{state_file}: optimizer tensor(s) {['opt' + k for k in unused]} not in {where.name}")
+    extra_t = {k[len("extra") :]: v for k, v in rest.items() if k.startswith("extra/")}
+    extra_skeleton = meta.get("extra", {"__dict__": {}})
+    used = set()
+    _check_skeleton(extra_skeleton, extra_t, "", where, state_file, used)
+    if sorted(set(extra_t) - used):
+        raise ArtefactError(
+            f"{state_file}: tensor(s) {sorted('extra' + k for k in set(extra_t) - used)} not in {where.name}"
+        )
+    extra = unflatten_state(extra_t, extra_skeleton)
+    if not isinstance(extra, dict):
+        raise ArtefactError(f"{where}: field 'extra' must be an object")
     return ServerState(
         rnd,
         params,
@@ -201,6 +219,7 @@ def load_server_state(path: Path) -> ServerState:
         dp_releases,
         list(skipped),
         config,
+        extra,
     )
 
 

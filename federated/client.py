@@ -94,6 +94,7 @@ class ClientResult:
     loss_before: float | None = None
     loss_after: float | None = None
     grad_norm: float | None = None
+    group: int | None = None  # the server model it updates (clustered FL's cluster; None: the global one)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,13 +119,17 @@ class ClientTerm:
 @dataclass
 class ProximalTerm(ClientTerm):
     """FedProx (Li et al. 2020, https://arxiv.org/abs/1812.06127): the gradient of
-    ``mu/2 ||theta - theta_global||^2``, ``mu (theta - theta_global)``, added to every local step's."""
+    ``mu/2 ||theta - theta_global||^2``, ``mu (theta - theta_global)``, added to every local step's.
+    ``center`` pulls towards other parameters than the start (Ditto's personal model towards the
+    global one, Li et al. 2021, https://arxiv.org/abs/2012.04221)."""
 
     mu: float = 0.0
+    center: Mapping[str, Tensor] | None = None
     anchor: dict[str, Tensor] = field(default_factory=dict, init=False)
 
     def start(self, anchor, names, options):
-        self.anchor = {k: anchor[k] for k in names}
+        source = anchor if self.center is None else self.center
+        self.anchor = {k: source[k].detach() for k in names}
 
     def on_gradient(self, names, params):
         if self.mu > 0:
@@ -165,7 +170,10 @@ CLIENT_TERMS.register(
     "proximal",
     help="FedProx's proximal term: every local gradient gets mu (theta - theta_global)",
     reference="https://arxiv.org/abs/1812.06127",
-    params=(Param("mu", float, 0.0, "Proximal coefficient mu (0 = off).", check=non_negative),),
+    params=(
+        Param("mu", float, 0.0, "Proximal coefficient mu (0 = off).", check=non_negative),
+        Param("center", dict, None, "The parameters it pulls towards, {name: tensor} (None = the start)."),
+    ),
 )(ProximalTerm)
 CLIENT_TERMS.register(
     "heavy_ball",

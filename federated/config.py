@@ -24,8 +24,10 @@ from typing import Any, Literal, Optional
 
 from asymvlm.config import ConfigError, LoraArguments, RunArguments, check_fields, command_default
 from asymvlm.federated.attacks import ATTACKS
+from asymvlm.federated.clustered import CLUSTERERS
 from asymvlm.federated.core import LORA_MODES
 from asymvlm.federated.partition import PARTITIONER_REGISTRY
+from asymvlm.federated.personal import PERSONALIZERS
 from asymvlm.federated.recipes import RECIPES
 
 __all__ = [
@@ -41,7 +43,10 @@ __all__ = [
 RUN_OPTIONS = ("local_lr",)  # recipe options the run supplies itself (AdaFedAdam's and q-FFL's eta_l)
 # what may change between a run and its --resume (everything else must match the checkpoint's config)
 RESUMABLE_CHANGES = ("rounds", "diagnostics", "heterogeneity_report", *RunArguments.RESUMABLE)  # these only observe
-RUN_OUTPUTS = ("checkpoints", "metrics.jsonl", "model")  # what a run writes into output_dir
+RUN_OUTPUTS = (
+    "checkpoints", "metrics.jsonl", "model", "clients", "clients.json", "clients.png", "diagnostics.png",
+    "heterogeneity.json", "heterogeneity.png",
+)  # fmt: skip  # what a run writes into output_dir
 # a client SGD step larger than this on a unit-sphere head only diverges (the defaults are 0.05-0.5)
 MAX_LOCAL_LR = 100.0
 
@@ -106,6 +111,33 @@ class FederatedArguments(LoraArguments, RunArguments):
             "histograms, Jensen-Shannon divergences to the population) and heterogeneity.png."
         },
     )
+    client_test_fraction: float = field(
+        default=0.0,
+        metadata={
+            "help": "Hold out this fraction of every client's images (at least one) as the client's own test split "
+            "(its own distribution); evaluation rounds then report per-client R@1 and uncertainty quality of the "
+            "global and the personal models (0 = off)."
+        },
+    )
+    personalize: Literal[tuple(PERSONALIZERS)] = field(  # type: ignore[valid-type]
+        default="none",
+        metadata={"help": "Personalisation method (asymvlm-federate --list_personalizers shows each one's options)."},
+    )
+    personalize_options: str = field(
+        default="",
+        metadata={"help": "The personalisation method's options as a JSON/YAML mapping, checked against its entry."},
+    )
+    cluster: Literal[("none", *CLUSTERERS)] = field(  # type: ignore[valid-type]
+        default="none",
+        metadata={
+            "help": "Clustered federated learning: the server keeps several models, each client trains one "
+            "(asymvlm-federate --list_personalizers shows each method's options)."
+        },
+    )
+    cluster_options: str = field(
+        default="",
+        metadata={"help": "The clustering method's options as a JSON/YAML mapping, checked against its entry."},
+    )
     local_steps: int = field(default=10, metadata={"help": "Local SGD steps per round."})
     local_lr: float = field(default=0.05, metadata={"help": f"Client learning rate eta_l (in (0, {MAX_LOCAL_LR:g}])."})
     local_batch_size: int = field(default=256, metadata={"help": "Client batch (captions)."})
@@ -151,11 +183,17 @@ class FederatedArguments(LoraArguments, RunArguments):
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.partition_options, dict):  # a mapping from YAML or Python: kept as canonical JSON
-            object.__setattr__(self, "partition_options", _options_json(self.partition_options))
+        for name in ("partition_options", "personalize_options", "cluster_options"):
+            if isinstance(getattr(self, name), dict):  # a mapping from YAML or Python: kept as canonical JSON
+                object.__setattr__(self, name, _options_json(getattr(self, name), name))
         check_fields(self)
         if self.partition_options:
             PARTITIONER_REGISTRY.build(self.partition, **self.partition_kwargs())  # unknown keys fail here
+        PERSONALIZERS.resolve(self.personalize, self.personalizer_options())
+        if self.cluster != "none":
+            CLUSTERERS.resolve(self.cluster, self.cluster_kwargs())
+        elif self.cluster_options:
+            raise ConfigError("cluster_options is given but cluster is 'none'")
         self._check_lora()
         self._check_run()
         for name in ("rounds", "num_clients", "local_steps", "min_clients", "local_batch_size", "min_client_size"):
@@ -182,6 +220,16 @@ class FederatedArguments(LoraArguments, RunArguments):
 
     def _check_ranges(self) -> None:
         """Every number in its range (a value outside is a ConfigError naming the option)."""
+        if not 0 <= self.client_test_fraction < 1:  # NaN fails too
+            raise ConfigError(f"client_test_fraction must be in [0, 1), got {self.client_test_fraction}")
+        personal = self.personalize != "none" or self.cluster != "none" or self.client_test_fraction > 0
+        if personal and self.dp_noise_multiplier > 0:
+            raise ConfigError(
+                "personalize, cluster and client_test_fraction cannot run under differential privacy yet: personal "
+                "and cluster models and per-client test figures are functions of private data outside the mechanism"
+            )
+        if self.personalize != "none" and self.cluster != "none":
+            raise ConfigError("choose personalize or cluster, not both (a personalised clustered run is not built yet)")
         if self.fairness_batches < 1:
             raise ConfigError(f"fairness_batches must be >= 1, got {self.fairness_batches}")
         if not (0 < self.local_lr <= MAX_LOCAL_LR):  # NaN fails too
@@ -226,7 +274,7 @@ class FederatedArguments(LoraArguments, RunArguments):
             >>> fed.partition_kwargs()
             {'column': 'v', 'alpha': 0.5, 'min_size': 4, 'clusters': 3}
         """
-        options = _options_mapping(self.partition_options)
+        options = _options_mapping(self.partition_options, "partition_options")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         declared = PARTITIONER_REGISTRY.entry(self.partition).param_names
         out = {}
@@ -236,8 +284,20 @@ class FederatedArguments(LoraArguments, RunArguments):
                     f"partition option {key!r} is given both by --{flag} and by --partition_options; give it once"
                 )
             if key in declared:
-                out[key] = getattr(self, flag)
+                own = PARTITIONER_REGISTRY.entry(self.partition).param(key).default
+                # a flag left at its default gives way to the partitioner's own alpha (feature_skew and
+                # concept_shift: 0.1); min_size keeps the run's default; column is required where declared
+                at_default = getattr(self, flag) == defaults[flag]
+                out[key] = own if key == "alpha" and at_default and own is not None else getattr(self, flag)
         return {**out, **options}
+
+    def cluster_kwargs(self) -> dict[str, Any]:
+        """``cluster_options`` as a dict (checked by :data:`~asymvlm.federated.clustered.CLUSTERERS`)."""
+        return _options_mapping(self.cluster_options, "cluster_options")
+
+    def personalizer_options(self) -> dict[str, Any]:
+        """``personalize_options`` as a dict (checked by :data:`~asymvlm.federated.personal.PERSONALIZERS`)."""
+        return _options_mapping(self.personalize_options, "personalize_options")
 
     @property
     def sample_rate(self) -> float:
@@ -249,14 +309,14 @@ class FederatedArguments(LoraArguments, RunArguments):
 _PARTITION_FLAGS = {"column": "partition_column", "alpha": "partition_alpha", "min_size": "min_client_size"}
 
 
-def _options_json(options: dict[str, Any]) -> str:
+def _options_json(options: dict[str, Any], name: str = "partition_options") -> str:
     if not all(isinstance(k, str) for k in options):
-        raise ConfigError(f"partition_options keys must be option names (strings), got {sorted(map(str, options))}")
+        raise ConfigError(f"{name} keys must be option names (strings), got {sorted(map(str, options))}")
     return json.dumps(options, sort_keys=True) if options else ""
 
 
-def _options_mapping(text: str) -> dict[str, Any]:
-    """``partition_options`` (JSON or YAML text; empty: none) as a dict."""
+def _options_mapping(text: str, name: str = "partition_options") -> dict[str, Any]:
+    """``name``'s text (JSON or YAML; empty: none) as a dict."""
     if not text.strip():
         return {}
     import yaml
@@ -264,11 +324,11 @@ def _options_mapping(text: str) -> dict[str, Any]:
     try:
         value = yaml.safe_load(text)
     except (yaml.YAMLError, RecursionError) as err:
-        raise ConfigError(f"partition_options is not valid JSON/YAML: {str(err).splitlines()[0]}") from None
+        raise ConfigError(f"{name} is not valid JSON/YAML: {str(err).splitlines()[0]}") from None
     if value is None:
         return {}
     if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
-        raise ConfigError(f"partition_options must be a mapping of option names to values, got {text!r}")
+        raise ConfigError(f"{name} must be a mapping of option names to values, got {text!r}")
     return value
 
 

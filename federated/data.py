@@ -20,9 +20,54 @@ import torch
 
 from asymvlm.errors import ConfigError
 
-__all__ = ["FederatedData", "get_federated_data", "partition_heterogeneity", "IMAGE_EMBEDDING"]
+__all__ = [
+    "FederatedData",
+    "ClientTests",
+    "get_federated_data",
+    "split_client_tests",
+    "partition_heterogeneity",
+    "label_column",
+    "IMAGE_EMBEDDING",
+]
 
 IMAGE_EMBEDDING = "image_embedding"  # the partition column of the cache's image embeddings (rows = images)
+
+
+@dataclass
+class ClientTests:
+    """Every client's own test split: images held out of its partition (so from its own
+    distribution), pooled into one gallery, and their captions as the client's queries."""
+
+    images: torch.Tensor  # (I, d) the pooled gallery: every client's held-out images
+    texts: list[Any]  # per client: its held-out captions ((T_k, d) embeddings, or token ids for LoRA)
+    image_index: list[torch.Tensor]  # per client: (T_k,) the gallery row of each caption's image
+    ambiguity: list[torch.Tensor | None]  # per client: (T_k,) true ambiguity (ShapeWorld), else None
+
+
+def split_client_tests(
+    parts: list[np.ndarray], fraction: float, seed: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """``(train, test)`` image rows of every client: ``round(fraction * n_k)`` of its ``n_k`` images
+    (at least one, and at least one left to train on) drawn at random (seeded) for its test split.
+
+    Example:
+        >>> train, test = split_client_tests([np.arange(10), np.arange(10, 12)], 0.2, seed=0)
+        >>> [len(t) for t in train], [len(t) for t in test]
+        ([8, 1], [2, 1])
+    """
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x7E57]))
+    train, test = [], []
+    for k, rows in enumerate(parts):
+        if len(rows) < 2:
+            raise ConfigError(
+                f"client {k} has {len(rows)} image(s): a test split needs at least 2 (raise min_client_size)"
+            )
+        n_test = min(len(rows) - 1, max(1, int(round(fraction * len(rows)))))
+        chosen = np.zeros(len(rows), dtype=bool)
+        chosen[rng.choice(len(rows), size=n_test, replace=False)] = True
+        train.append(np.sort(rows[~chosen]))
+        test.append(np.sort(rows[chosen]))
+    return train, test
 
 
 @dataclass
@@ -37,6 +82,7 @@ class FederatedData:
     summary: str = ""
     data_info: dict[str, Any] = field(default_factory=dict)  # the data as the model card records them
     heterogeneity: dict[str, Any] | None = None  # the partition's heterogeneity report (--heterogeneity_report)
+    tests: ClientTests | None = None  # every client's own test split (--client_test_fraction)
 
 
 def _shapeworld_columns(data_args: Any) -> dict[str, np.ndarray]:
@@ -99,6 +145,9 @@ def get_federated_data(data_args: Any, fed: Any) -> FederatedData:
     # partition_options (checked strictly by the registry)
     options = fed.partition_kwargs()
     parts = partition(_Rows(), fed.num_clients, fed.partition, seed=fed.seed, **options)
+    test_parts = None
+    if fed.client_test_fraction > 0:
+        parts, test_parts = split_client_tests(parts, fed.client_test_fraction, fed.seed)
     owner = cache.text_image_index
     images = cache.image_embeddings.float()
     if fed.trainable == "head":
@@ -118,7 +167,11 @@ def get_federated_data(data_args: Any, fed: Any) -> FederatedData:
                 text, images, owner[rows], min(fed.local_batch_size, len(rows)), fed.seed + k, text_groups=groups
             )
         )
-    summary = partition_summary(parts, columns.get(fed.partition_column) if columns else None)
+    tests = None
+    if test_parts is not None:
+        ambiguity = _shapeworld_ambiguity(data_args, owner) if columns else None
+        tests = _client_tests(test_parts, owner, images, text_all, ambiguity)
+    summary = partition_summary(parts, columns.get(label_column(fed, options)) if columns else None)
     from asymvlm.hub import describe_data
 
     return FederatedData(
@@ -130,7 +183,50 @@ def get_federated_data(data_args: Any, fed: Any) -> FederatedData:
         summary,
         describe_data(data_args, cache, partition=fed.partition),
         partition_heterogeneity(parts, _Rows(), fed, options) if fed.heterogeneity_report else None,
+        tests,
     )
+
+
+def _client_tests(
+    test_parts: list[np.ndarray], owner: torch.Tensor, images: torch.Tensor, text_all: Any, ambiguity: Any
+) -> ClientTests:
+    """The clients' test splits: their held-out images pooled in client order, their captions."""
+    gallery = np.concatenate(test_parts)
+    position = torch.full((images.shape[0],), -1, dtype=torch.int64)
+    position[torch.from_numpy(gallery)] = torch.arange(len(gallery))
+    texts, index, amb = [], [], []
+    for img_rows in test_parts:
+        rows = torch.nonzero(torch.isin(owner, torch.from_numpy(img_rows))).squeeze(1)
+        texts.append({k: v[rows] for k, v in text_all.items()} if isinstance(text_all, dict) else text_all[rows])
+        index.append(position[owner[rows]])
+        amb.append(None if ambiguity is None else ambiguity[rows])
+    return ClientTests(images[torch.from_numpy(gallery)], texts, index, amb)
+
+
+def _shapeworld_ambiguity(data_args: Any, owner: torch.Tensor) -> torch.Tensor | None:
+    """The true ambiguity of every caption row of a generated ShapeWorld cache (rows image-major,
+    one per caption level, as the cache is built), or None when the rows do not line up."""
+    from asymvlm.worlds import shapeworld as sw
+
+    w = sw.generate_arrays(
+        data_args.train_images, seed=data_args.data_seed, caption_styles=data_args.styles(),
+        visual_styles=sw.VISUAL_STYLES, version=sw.dataset_version(data_args.dataset),
+    )  # fmt: skip
+    amb = torch.as_tensor(sw.ambiguities(w.specs), dtype=torch.float64).reshape(-1)
+    levels = w.specs.shape[1]
+    if amb.shape[0] != owner.shape[0] or not torch.equal(
+        owner, torch.arange(w.specs.shape[0]).repeat_interleave(levels)
+    ):
+        return None
+    return amb
+
+
+def label_column(fed: Any, options: dict[str, Any]) -> str:
+    """The column a partition skews (its ``column`` or ``style_column`` option), else ``--partition_column``."""
+    from asymvlm.federated.partition import PARTITIONER_REGISTRY
+
+    resolved = PARTITIONER_REGISTRY.resolve(fed.partition, options)
+    return resolved.get("column") or resolved.get("style_column") or fed.partition_column
 
 
 def partition_heterogeneity(parts: list[np.ndarray], rows: Any, fed: Any, options: dict[str, Any]) -> dict[str, Any]:
@@ -147,10 +243,16 @@ def partition_heterogeneity(parts: list[np.ndarray], rows: Any, fed: Any, option
         ("column 'shape'", [3, 1], [[2, 1], [0, 1]])
     """
     from asymvlm.federated.heterogeneity import heterogeneity_report
-    from asymvlm.federated.partition import PARTITIONER_REGISTRY, embedding_clusters
+    from asymvlm.federated.partition import PARTITIONER_REGISTRY, embedding_clusters, joint_labels
 
-    column = options.get("column", fed.partition_column)
+    column = label_column(fed, options)
     n = sum(len(p) for p in parts)  # every row belongs to one client
+    if fed.partition == "joint":
+        names = PARTITIONER_REGISTRY.resolve("joint", options)["columns"]
+        names = [c.strip() for c in names.split(",")] if isinstance(names, str) else list(names)
+        labels, source = joint_labels([rows[c] for c in names]), f"joint labels of {names}"
+        return {"partition": fed.partition, "options": dict(options), "labels_from": source,
+                **heterogeneity_report(parts, labels)}  # fmt: skip
     if fed.partition == "embedding":
         clusters = PARTITIONER_REGISTRY.resolve("embedding", options)["clusters"]
         labels = embedding_clusters(rows[column], clusters, fed.seed)

@@ -20,7 +20,9 @@ Why heterogeneous clients hurt FedAvg, measured on the run itself (all in float6
 
 The functions are pure: they take ``Params`` dicts (``{name: tensor}``) and return numbers; the
 simulator (:mod:`asymvlm.federated.rounds`, ``diagnostics=True``) logs :func:`round_diagnostics`
-into every round's ``metrics.jsonl`` record under ``"diagnostics"``.
+into every round's ``metrics.jsonl`` record under ``"diagnostics"``;
+:func:`diagnostics_series` reads the per-round series back from those records and
+:func:`plot_diagnostics` draws them (``diagnostics.png``).
 
 Example:
     >>> import torch
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -53,6 +56,8 @@ __all__ = [
     "delta_cosines",
     "round_diagnostics",
     "model_gradient",
+    "diagnostics_series",
+    "plot_diagnostics",
     "MAX_COSINE_CLIENTS",
 ]
 
@@ -184,3 +189,146 @@ def model_gradient(model: Any, params: Mapping[str, Tensor], batcher: Any, batch
             g = torch.autograd.grad(loss, tensors, allow_unused=True)
             total = [t if gi is None else t + gi.detach().to(torch.float64) for t, gi in zip(total, g)]
     return {k: t / n for k, t in zip(names, total)}
+
+
+def _value(x: Any) -> float:
+    """A logged number as a float (a null, i.e. a value that was not finite or not computed: NaN)."""
+    return float("nan") if x is None else float(x)
+
+
+def _diagnosed_rounds(records: Sequence[Mapping[str, Any]]) -> list[tuple[int, Mapping[str, Any]]]:
+    """``(round, diagnostics)`` of every record that has ``"diagnostics"``, by round (a round logged
+    twice, e.g. again after a resume: its last record); an :class:`InputError` when there is none."""
+    by_round: dict[int, Mapping[str, Any]] = {}
+    for n, r in enumerate(records, 1):
+        if not isinstance(r, Mapping) or "diagnostics" not in r:
+            continue
+        if not isinstance(r.get("round"), int) or isinstance(r.get("round"), bool):
+            raise InputError(f"metrics record {n} has diagnostics but no integer 'round' (got {r.get('round')!r})")
+        by_round[r["round"]] = r["diagnostics"]
+    if not by_round:
+        raise InputError("no metrics record has 'diagnostics' (run asymvlm-federate with --diagnostics true)")
+    return sorted(by_round.items())
+
+
+def _cosine_min(d: Mapping[str, Any]) -> float:
+    """The smallest off-diagonal cosine of a round (NaN with one client or no logged matrix)."""
+    cos = d.get("cosine")
+    if not cos or len(cos) < 2:
+        return float("nan")
+    off = [_value(v) for i, row in enumerate(cos) for j, v in enumerate(row) if i != j]
+    finite = [v for v in off if math.isfinite(v)]
+    return min(finite) if finite else float("nan")
+
+
+def diagnostics_series(records: Sequence[Mapping[str, Any]]) -> dict[str, list]:
+    """The per-round series of the ``"diagnostics"`` logged in ``metrics.jsonl`` records.
+
+    Records without ``"diagnostics"`` are skipped; a null (a value that was not finite, or G^2
+    without gradients, or the cosines of a single client) is NaN. ``cosine_min`` is the smallest
+    off-diagonal entry of the logged cosine matrix (NaN when the round had more than
+    :data:`MAX_COSINE_CLIENTS` clients, whose matrix is not logged).
+
+    Args:
+        records: the records of ``metrics.jsonl`` (:func:`asymvlm.io_read.read_jsonl`).
+
+    Returns:
+        ``{"rounds", "g2", "drift_mean", "drift_max", "cosine_mean", "cosine_min"}``, each a list
+        with one entry per diagnosed round, in round order.
+
+    Raises:
+        InputError: no record has ``"diagnostics"``.
+
+    Example:
+        >>> d = {"drift_mean": 1.5, "drift_max": 2.0, "cosine_mean": 0.5,
+        ...      "cosine": [[1.0, 0.5], [0.5, 1.0]], "gradient_dissimilarity": 0.25}
+        >>> s = diagnostics_series([{"round": 1, "diagnostics": d}, {"final": True}])
+        >>> s["rounds"], s["g2"], s["drift_max"], s["cosine_min"]
+        ([1], [0.25], [2.0], [0.5])
+    """
+    rounds = _diagnosed_rounds(records)
+    return {
+        "rounds": [r for r, _ in rounds],
+        "g2": [_value(d.get("gradient_dissimilarity")) for _, d in rounds],
+        "drift_mean": [_value(d.get("drift_mean")) for _, d in rounds],
+        "drift_max": [_value(d.get("drift_max")) for _, d in rounds],
+        "cosine_mean": [_value(d.get("cosine_mean")) for _, d in rounds],
+        "cosine_min": [_cosine_min(d) for _, d in rounds],
+    }
+
+
+def _client_drifts(rounds: list[tuple[int, Mapping[str, Any]]], max_clients: int) -> dict[str, tuple[list, list]]:
+    """``{client: (rounds, drifts)}`` of the clients sampled in at least half of the diagnosed
+    rounds (and at least two), the ``max_clients`` most often sampled."""
+    seen: dict[str, tuple[list, list]] = {}
+    for rnd, d in rounds:
+        for c, v in (d.get("drift") or {}).items():
+            seen.setdefault(c, ([], []))
+            seen[c][0].append(rnd)
+            seen[c][1].append(_value(v))
+    need = max(2, math.ceil(len(rounds) / 2))
+    often = sorted((c for c in seen if len(seen[c][0]) >= need), key=lambda c: -len(seen[c][0]))
+    return {c: seen[c] for c in often[:max_clients]}
+
+
+def plot_diagnostics(records: Sequence[Mapping[str, Any]], path: str | Path, *, max_clients: int = 50) -> Path:
+    """A PNG of a run's drift diagnostics, one panel each: G^2 per round; client drift per round
+    (mean and max over the round's clients, and a faint line per client sampled in at least half
+    the rounds, at most ``max_clients`` of them); the mean and min pairwise cosine between the
+    client deltas per round. Written atomically (a temp file renamed).
+
+    Args:
+        records: the records of ``metrics.jsonl`` (:func:`asymvlm.io_read.read_jsonl`); those
+            without ``"diagnostics"`` are skipped.
+        path: the PNG to write (its folder is created).
+        max_clients: the most per-client drift lines drawn.
+
+    Returns:
+        The path written.
+
+    Raises:
+        InputError: no record has ``"diagnostics"``.
+
+    Example:
+        >>> from asymvlm.io_read import read_jsonl
+        >>> plot_diagnostics(read_jsonl("runs/fedavg/metrics.jsonl"), "runs/fedavg/diagnostics.png")  # doctest: +SKIP
+    """
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from asymvlm.io import atomic_write_bytes
+
+    rounds = _diagnosed_rounds(records)
+    s = diagnostics_series(records)
+    x = s["rounds"]
+    width = max(6.0, min(0.15 * len(x) + 5, 16.0))
+    fig, (g2, drift, cos) = plt.subplots(3, 1, figsize=(width, 9), sharex=True)
+    g2.plot(x, s["g2"], "k.-", label="$G^2$ at the global model")
+    g2.set_ylabel("gradient dissimilarity $G^2$")
+    g2.set_title(f"drift diagnostics over {len(x)} rounds", fontsize=9)
+    g2.legend(fontsize=7, loc="upper right")
+    for i, (rx, ry) in enumerate(_client_drifts(rounds, max_clients).values()):
+        shown = "a client (rounds it was sampled in)" if i == 0 else None
+        drift.plot(rx, ry, "-", color="tab:blue", alpha=0.15, linewidth=0.8, label=shown)
+    drift.plot(x, s["drift_mean"], "o-", color="tab:blue", label="mean over the round's clients", markersize=3)
+    drift.plot(x, s["drift_max"], "s--", color="tab:red", label="max", markersize=3)
+    drift.set_ylabel(r"client drift $\|\theta_k - \theta\|$")
+    drift.legend(fontsize=7, loc="best")
+    cos.axhline(0.0, color="grey", linewidth=0.8)
+    cos.plot(x, s["cosine_mean"], "o-", color="tab:green", label="mean pairwise", markersize=3)
+    cos.plot(x, s["cosine_min"], "v--", color="tab:purple", label="min pairwise", markersize=3)
+    cos.set_ylim(-1.05, 1.05)
+    cos.set_ylabel("cosine between client deltas")
+    cos.set_xlabel("round")
+    cos.xaxis.set_major_locator(MaxNLocator(integer=True))
+    cos.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return atomic_write_bytes(buf.getvalue(), Path(path))

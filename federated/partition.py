@@ -1,5 +1,6 @@
 """Split a dataset among simulated clients: IID, Dirichlet label skew, pathological label skew,
-quantity skew (Dirichlet or power law), domain skew, embedding-space skew.
+quantity skew (Dirichlet or power law), domain skew, embedding-space skew, feature (visual-style)
+skew, concept shift (caption styles) and joint skews over several columns.
 
 Every partitioner is seeded, returns one index array per client (disjoint, covering every row)
 and guarantees ``min_size`` rows per client (redrawing, as in the common Dirichlet recipe of
@@ -41,6 +42,10 @@ __all__ = [
     "powerlaw_quantity_skew",
     "embedding_clusters",
     "embedding_skew",
+    "feature_skew",
+    "concept_shift",
+    "joint_labels",
+    "joint_skew",
     "PARTITIONER_REGISTRY",
     "partition",
     "partition_summary",
@@ -75,18 +80,11 @@ def dirichlet_label_skew(
     n = len(labels)
     _check(n, num_clients, min_size)
     _check_alpha(alpha)
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    for _ in range(max_tries):
-        parts: list[list[int]] = [[] for _ in range(num_clients)]
-        for c in classes:
-            rows = rng.permutation(np.nonzero(labels == c)[0])
-            props = rng.dirichlet([alpha] * num_clients)
-            cuts = (np.cumsum(props)[:-1] * len(rows)).astype(int)
-            for k, chunk in enumerate(np.split(rows, cuts)):
-                parts[k].extend(chunk.tolist())
-        if min(len(p) for p in parts) >= min_size:
-            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+    parts = _dirichlet_split(
+        labels, np.full(num_clients, float(alpha)), np.random.default_rng(seed), min_size, max_tries
+    )
+    if parts is not None:
+        return parts
     raise ConfigError(
         f"no Dirichlet(alpha={alpha}) split gave every client {min_size} rows in {max_tries} tries; "
         f"raise alpha or lower min_size"
@@ -248,6 +246,90 @@ def embedding_skew(
     return dirichlet_label_skew(ids, num_clients, alpha, seed, min_size, max_tries)
 
 
+def feature_skew(
+    styles: Sequence[Any], num_clients: int, alpha: float = 0.1, seed: int = 0, min_size: int = 1, max_tries: int = 1000
+) -> list[np.ndarray]:
+    """Feature (visual-style) skew: :func:`dirichlet_label_skew` over a column of visual domains
+    (ShapeWorld's ``visual_style``): each client sees few image styles (FedBN's feature shift)."""
+    return dirichlet_label_skew(styles, num_clients, alpha, seed, min_size, max_tries)
+
+
+def concept_shift(
+    styles: Sequence[Any], num_clients: int, alpha: float = 0.1, seed: int = 0, min_size: int = 1, max_tries: int = 1000
+) -> list[np.ndarray]:
+    """Concept shift (the same scenes in other words): :func:`dirichlet_label_skew` over a
+    caption-style column (each image's captions are in one style)."""
+    return dirichlet_label_skew(styles, num_clients, alpha, seed, min_size, max_tries)
+
+
+def joint_labels(columns: Sequence[Sequence[Any]]) -> np.ndarray:
+    """One id per row for the tuple of its values in ``columns``, in the tuples' lexicographic
+    order (each column ordered as ``np.unique`` orders it).
+
+    Example:
+        >>> joint_labels([["b", "a", "b", "a"], [1, 1, 0, 1]]).tolist()
+        [2, 0, 1, 0]
+    """
+    codes = [np.unique(np.asarray(c), return_inverse=True)[1].reshape(-1) for c in columns]
+    if len({len(c) for c in codes}) != 1:
+        raise InputError(f"need one or more columns of one length, got lengths {[len(c) for c in codes]}")
+    return np.unique(np.stack(codes, axis=1), axis=0, return_inverse=True)[1].reshape(-1).astype(np.int64)
+
+
+def _dirichlet_split(
+    labels: np.ndarray, concentration: np.ndarray, rng: np.random.Generator, min_size: int, max_tries: int
+) -> list[np.ndarray] | None:
+    """Each label's rows split with proportions ~ Dirichlet(concentration); None after ``max_tries``."""
+    for _ in range(max_tries):
+        parts: list[list[int]] = [[] for _ in concentration]
+        for c in np.unique(labels):
+            rows = rng.permutation(np.nonzero(labels == c)[0])
+            cuts = (np.cumsum(rng.dirichlet(concentration))[:-1] * len(rows)).astype(int)
+            for k, chunk in enumerate(np.split(rows, cuts)):
+                parts[k].extend(chunk.tolist())
+        if min(len(p) for p in parts) >= min_size:
+            return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+    return None
+
+
+def joint_skew(
+    columns: Sequence[Sequence[Any]],
+    num_clients: int,
+    alpha: float = 0.5,
+    quantity_exponent: float = 0.0,
+    seed: int = 0,
+    min_size: int = 1,
+    max_tries: int = 1000,
+) -> list[np.ndarray]:
+    """Compositions: Dirichlet skew over the Cartesian product of columns (e.g. attribute skew and
+    concept shift, ``shape`` x ``caption_style``), optionally with power-law quantity skew.
+
+    ``quantity_exponent = 0``: exactly :func:`dirichlet_label_skew` over :func:`joint_labels`.
+    ``quantity_exponent = e > 0``: first ``r = rng.permutation(num_clients)`` and target shares
+    ``p_k = (r_k + 1)^-e / sum_j (r_j + 1)^-e`` (as :func:`powerlaw_quantity_skew`); then each joint
+    label's proportions are ~ Dirichlet(alpha * num_clients * p), whose mean is ``p``: client ``k``
+    gets a share ``p_k`` of every label on average, the total concentration staying
+    ``alpha * num_clients``. Splits under ``min_size`` are redrawn (the ranks are kept).
+    """
+    labels = joint_labels(columns)
+    _check(len(labels), num_clients, min_size)
+    _check_alpha(alpha)
+    if not (quantity_exponent >= 0 and np.isfinite(quantity_exponent)):
+        raise ConfigError(f"quantity_exponent must be >= 0 and finite, got {quantity_exponent}")
+    rng = np.random.default_rng(seed)
+    concentration = np.full(num_clients, float(alpha))
+    if quantity_exponent > 0:  # no draw at 0: the split is then dirichlet_label_skew's, draw for draw
+        weights = (rng.permutation(num_clients) + 1.0) ** -float(quantity_exponent)
+        concentration = alpha * num_clients * weights / weights.sum()
+    parts = _dirichlet_split(labels, concentration, rng, min_size, max_tries)
+    if parts is None:
+        raise ConfigError(
+            f"no joint Dirichlet(alpha={alpha}, quantity_exponent={quantity_exponent}) split gave every client "
+            f"{min_size} rows in {max_tries} tries; raise alpha or lower quantity_exponent or min_size"
+        )
+    return parts
+
+
 # ----------------------------------------------------------------------------------------------
 # the registry: PARTITIONER_REGISTRY.build(method, **options) -> split(dataset, num_clients, seed=0)
 # ----------------------------------------------------------------------------------------------
@@ -257,6 +339,11 @@ _MIN_SIZE = Param("min_size", int, 1, "Fewest rows per client.", check=at_least(
 _ALPHA = Param(
     "alpha", float, 0.5, "Dirichlet concentration: small = strongly skewed, large = close to IID.", check=positive
 )
+
+_REDRAWN_MIN_SIZE = Param(
+    "min_size", int, 1, "Fewest rows per client (the split is redrawn until it holds).", check=at_least(1)
+)
+_MAX_TRIES = Param("max_tries", int, 1000, "Redraws before giving up on min_size.", check=at_least(1))
 
 Split = Callable[..., list[np.ndarray]]  # (dataset, num_clients, seed=0) -> one index array per client
 
@@ -283,8 +370,8 @@ def _iid(min_size: int) -> Split:
     params=[
         Param("column", str, None, "Column of labels to skew (required)."),
         _ALPHA,
-        Param("min_size", int, 1, "Fewest rows per client (the split is redrawn until it holds).", check=at_least(1)),
-        Param("max_tries", int, 1000, "Redraws before giving up on min_size.", check=at_least(1)),
+        _REDRAWN_MIN_SIZE,
+        _MAX_TRIES,
     ],
     help="Label skew: each label's rows split among clients with proportions ~ Dirichlet(alpha).",
     reference="Hsu et al. 2019 https://arxiv.org/abs/1909.06335",
@@ -369,8 +456,8 @@ def _powerlaw(exponent: float, min_size: int) -> Split:
         Param("column", str, None, "Column of vectors, e.g. frozen image embeddings (required)."),
         Param("clusters", int, 10, "k-means clusters of the vectors.", check=at_least(1)),
         _ALPHA,
-        Param("min_size", int, 1, "Fewest rows per client (the split is redrawn until it holds).", check=at_least(1)),
-        Param("max_tries", int, 1000, "Redraws before giving up on min_size.", check=at_least(1)),
+        _REDRAWN_MIN_SIZE,
+        _MAX_TRIES,
     ],
     help="Embedding-space skew (no labels needed): k-means of a vector column, then Dirichlet(alpha) over clusters.",
     reference=(
@@ -385,6 +472,91 @@ def _embedding(column: str | None, clusters: int, alpha: float, min_size: int, m
     )
 
 
+def _get(method: str, dataset: Any, column: str) -> Any:
+    """``dataset[column]``, or a :class:`ConfigError` naming it and the columns the data have."""
+    try:
+        return dataset[column]
+    except ConfigError:
+        raise
+    except (KeyError, ValueError, TypeError, IndexError):
+        names = dataset.keys() if hasattr(dataset, "keys") else getattr(dataset, "column_names", None)
+        have = f"; available: {sorted(map(str, names))}" if names is not None else " (the data have no named columns)"
+        raise ConfigError(f"partition {method!r}: no column {column!r} in the data{have}") from None
+
+
+_FEATURE_SKEW_REF = (
+    "FedBN (Li et al. 2021) https://arxiv.org/abs/2102.07623; NIID-Bench https://arxiv.org/abs/2102.02079"
+)
+_KAIROUZ = "Kairouz et al. 2021 §3.1 https://arxiv.org/abs/1912.04977"
+
+
+def _style_preset(method: str, fn: Split, default: str, what: str, reference: str) -> None:
+    """A named Dirichlet preset over ``style_column`` (not ``column``: ``--partition_column`` goes
+    to every partitioner declaring ``column``, and its default would replace the preset's)."""
+
+    def factory(style_column: str, alpha: float, min_size: int, max_tries: int) -> Split:
+        return lambda dataset, num_clients, seed=0: fn(
+            _get(method, dataset, style_column), num_clients, alpha, seed, min_size, max_tries
+        )
+
+    PARTITIONER_REGISTRY.register(
+        method,
+        params=[
+            Param("style_column", str, default, f"Column of {what} to skew."),
+            Param("alpha", float, 0.1, _ALPHA.help, check=positive),
+            _REDRAWN_MIN_SIZE,
+            _MAX_TRIES,
+        ],
+        help=f"Dirichlet(alpha) over a column of {what} (a named preset of dirichlet).",
+        reference=reference,
+        fn=fn,
+    )(factory)
+
+
+_style_preset("feature_skew", feature_skew, "visual_style", "visual domains", _FEATURE_SKEW_REF)
+_style_preset("concept_shift", concept_shift, "caption_style", "caption styles", f"concept shift: {_KAIROUZ}")
+
+
+def _column_list(value: Any) -> str | None:
+    """A non-empty list of column names, or a comma-separated string of them."""
+    names = value.split(",") if isinstance(value, str) else value
+    ok = isinstance(names, (list, tuple)) and len(names) >= 1 and all(isinstance(c, str) and c.strip() for c in names)
+    return None if ok else 'a non-empty list of column names (or "a,b")'
+
+
+@PARTITIONER_REGISTRY.register(
+    "joint",
+    params=[
+        Param("columns", list[str], None, 'Columns (required): a list, or "a,b".', check=_column_list),
+        _ALPHA,
+        Param(
+            "quantity_exponent",
+            float,
+            0.0,
+            "Power-law client shares p_k ~ (rank_k + 1)^-exponent; each label ~ Dirichlet(alpha*K*p) (0 = off).",
+            check=non_negative,
+        ),
+        _REDRAWN_MIN_SIZE,
+        _MAX_TRIES,
+    ],
+    help="Compositions: Dirichlet(alpha) over the Cartesian product of columns, optionally with power-law sizes.",
+    reference=(
+        f"Hsu et al. 2019 https://arxiv.org/abs/1909.06335 over joint labels; mixed skews: {_KAIROUZ}; "
+        "power-law sizes: LEAF https://arxiv.org/abs/1812.01097"
+    ),
+    fn=joint_skew,
+)
+def _joint(
+    columns: list[str] | str | None, alpha: float, quantity_exponent: float, min_size: int, max_tries: int
+) -> Split:
+    if columns is None:
+        raise ConfigError("partition 'joint' needs columns (a list of column names); pass columns=[...]")
+    names = [c.strip() for c in columns.split(",")] if isinstance(columns, str) else list(columns)
+    return lambda dataset, num_clients, seed=0: joint_skew(
+        [_get("joint", dataset, c) for c in names], num_clients, alpha, quantity_exponent, seed, min_size, max_tries
+    )
+
+
 def partition(
     dataset: Any, num_clients: int, method: str = "iid", *, seed: int = 0, **options: Any
 ) -> list[np.ndarray]:
@@ -395,7 +567,8 @@ def partition(
         dataset: the rows to split.
         num_clients: number of clients (>= 1).
         method: an entry of :data:`PARTITIONER_REGISTRY`: ``iid``, ``dirichlet``, ``pathological``,
-            ``quantity``, ``powerlaw``, ``domain``, ``embedding``.
+            ``quantity``, ``powerlaw``, ``domain``, ``embedding``, ``feature_skew``,
+            ``concept_shift``, ``joint``.
         seed: seed of the split.
         **options: the method's options (``PARTITIONER_REGISTRY.describe()``).
 

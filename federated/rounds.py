@@ -29,9 +29,7 @@ nothing non-finite is checkpointed), makes no server step. Its record says why (
 (``ServerState.skipped_rounds``): the command's end summary counts them, and a run in which no
 round stepped saves no model (:func:`asymvlm.federated.checkpoint.save_federated_model`).
 
-Example:
-    >>> int_seed(0, "client", 3, 1) == int_seed(0, "client", 3, 1) != int_seed(0, "client", 3, 2)
-    True
+The streams are in :mod:`asymvlm.federated.seeds`.
 """
 
 from __future__ import annotations
@@ -75,6 +73,7 @@ from asymvlm.federated.client import (
     set_base,
     upload_bytes,
 )
+from asymvlm.federated.clustered import ClusterRun
 from asymvlm.federated.config import RESUMABLE_CHANGES, RUN_OPTIONS, RUN_OUTPUTS, FederatedArguments
 from asymvlm.federated.core import (
     ClientUpdateError,
@@ -88,7 +87,9 @@ from asymvlm.federated.core import (
 from asymvlm.federated.core.tree import first_non_finite
 from asymvlm.federated.data import FederatedData
 from asymvlm.federated.diagnostics import model_gradient, round_diagnostics
+from asymvlm.federated.personal_run import EvaluateClient, PersonalRun
 from asymvlm.federated.recipes import RECIPES, make_recipe
+from asymvlm.federated.seeds import int_seed, seed_sequence
 from asymvlm.heads import HeadConfig
 from asymvlm.runs import check_resume_config, claim_output_dir
 from asymvlm.trainable import TrainableModel
@@ -97,32 +98,12 @@ __all__ = [
     "run_federated",
     "Federation",
     "federation_recipe",
-    "seed_sequence",
-    "int_seed",
     "sample_clients",
     "attackers",
     "fairness",
-    "STREAMS",
 ]
 
 log_ = logging.getLogger(__name__)
-
-# every random stream of a run: (seed, stream id, round, client) -> numpy's SeedSequence
-STREAMS = {
-    "sampling": 1, "attackers": 2, "client": 3, "initial_loss": 4, "fairness": 5, "lora_init": 6, "attack": 7,
-    "diagnostics": 8,
-}  # fmt: skip
-
-
-def seed_sequence(seed: int, stream: str, *key: int) -> np.random.SeedSequence:
-    """The independent stream ``stream`` of ``(seed, *key)`` (NumPy's SeedSequence: no collisions
-    between different keys, unlike hand-made ``seed * a + round * b + client`` formulas)."""
-    return np.random.SeedSequence([int(seed), STREAMS[stream], *(int(k) for k in key)])
-
-
-def int_seed(seed: int, stream: str, *key: int) -> int:
-    """A 32-bit seed of that stream (for ``torch.manual_seed`` and the batchers)."""
-    return int(seed_sequence(seed, stream, *key).generate_state(1)[0])
 
 
 def sample_clients(fed: FederatedArguments, rnd: int, poisson: bool = False) -> tuple[list[int], dict[str, Any]]:
@@ -192,6 +173,8 @@ class Federation:
     options: ClientOptions
     lora: LoraLayers | None
     comm: dict[str, float]
+    personal: PersonalRun | None = None  # personalisation / per-client evaluation (federated.personal_run)
+    cluster: ClusterRun | None = None  # clustered FL: several server models (federated.clustered)
 
     @classmethod
     def build(
@@ -219,7 +202,11 @@ class Federation:
 
             masks = check_masks(model, load_masks(fed.mask_file))
         exchanged = model.get_params()
-        comm = upload_bytes({k: v for k, v in exchanged.items() if k in set(model.trained_names())}, masks)
+        personal = None
+        if fed.personalize != "none" or fed.client_test_fraction > 0:
+            personal = PersonalRun.build(fed, model, recipe, masks)
+        sent = personal.shared(exchanged) if personal is not None else exchanged
+        comm = upload_bytes({k: v for k, v in sent.items() if k in set(model.trained_names())}, masks)
         opts = ClientOptions(
             masks=masks,
             local_steps=fed.local_steps,
@@ -228,7 +215,7 @@ class Federation:
             momentum=fed.local_momentum,
         )
         lora = None
-        if fed.trainable != "head":
+        if fed.trainable != "head" and not (personal is not None and personal.personal_keys):
             lora = LoraLayers(fed.lora_mode, lora_layer_keys(exchanged), fed.lora_alpha / fed.lora_r, fed.lora_r)
         if fed.attack in DATA_ATTACKS:  # poisoned clients train on shuffled caption-image pairs
             bad = attackers(fed)
@@ -237,7 +224,10 @@ class Federation:
                 for c, b in enumerate(data.batchers)
             ]
             data = dataclasses.replace(data, batchers=batchers)
-        return cls(fed, data, recipe, model, opts, lora, comm)
+        cluster = ClusterRun.build(fed) if fed.cluster != "none" else None
+        if cluster is not None:
+            lora = None  # factors only: each cluster's LoRA factors are parameters like the head's
+        return cls(fed, data, recipe, model, opts, lora, comm, personal, cluster)
 
     # -- state --------------------------------------------------------------------------------------
     def config(self, head: HeadConfig | None) -> dict[str, Any]:
@@ -263,13 +253,17 @@ class Federation:
             _check_resumable(rounds[-1], state.config or {}, config)
             params = self.model.get_params()
             base = get_base(self.model, self.lora.layers) if self.lora is not None and self.lora.exact else {}
-            owned = server_owned(self._full(params, base), self.lora)
+            owned = server_owned(self._full(self._shared(params), base), self.lora)
             check_server_state(
                 state, rounds[-1], params=params, base=base, opt_init=self.recipe.server.init(owned), owned=owned,
                 rounds=self.fed.rounds,
             )  # fmt: skip
             if state.base:
                 set_base(self.model, state.base)
+            if self.personal is not None:  # client states written after the checkpoint: a crashed round's
+                self.personal.store.rollback(state.round)
+            if self.cluster is not None:
+                self.cluster.check(state.extra, params, rounds[-1])
             return state
         if not self.fed.resume or self.fed.overwrite:
             claim_output_dir(out, RUN_OUTPUTS, overwrite=self.fed.overwrite)
@@ -277,9 +271,16 @@ class Federation:
             log({"event": "no checkpoint to resume from; starting from scratch"})
         params = self.model.get_params()
         base = get_base(self.model, self.lora.layers) if self.lora is not None and self.lora.exact else {}
-        state = ServerState(0, params, self.recipe.server.init(server_owned(self._full(params, base), self.lora)))
+        owned = server_owned(self._full(self._shared(params), base), self.lora)
+        state = ServerState(0, params, self.recipe.server.init(owned))
         state.base = base
+        if self.cluster is not None:
+            state.extra = self.cluster.init_extra(self, params, self.recipe.server.init(owned))
         return state
+
+    def _shared(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """What the server steps: every parameter but the clients' personal ones."""
+        return self.personal.shared(params) if self.personal is not None else dict(params)
 
     def _full(self, params: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
         return {**params, **{LoraLayers.base_key(layer): w for layer, w in base.items()}}
@@ -288,6 +289,10 @@ class Federation:
     def train_clients(self, state: ServerState, active: list[int], rnd: int) -> list[ClientResult]:
         needs = self.recipe.needs
         client_config = round_client_config(self.recipe, state.opt_state, state.params)  # configure_fit
+        if self.personal is not None and self.cluster is None:
+            return self.personal.train(self, state, active, rnd, client_config)
+        if self.cluster is not None:
+            return self.cluster.train(self, state, active, rnd, client_config)
         results = []
         for c in active:
             batcher = self.data.batchers[c]
@@ -345,7 +350,7 @@ class Federation:
         accepted, rejected = [], []
         for r in results:
             try:
-                check_delta(state.params, r.delta, r.client)
+                check_delta(self._shared(state.params), r.delta, r.client)
                 accepted.append(r)
             except ClientUpdateError as err:
                 rejected.append({"client": r.client, "reason": str(err)})
@@ -355,7 +360,10 @@ class Federation:
         return accepted, rejected
 
     def server_step(self, state: ServerState, results: list[ClientResult], rnd: int, record: dict) -> ServerState:
-        """:func:`~asymvlm.federated.core.server_update` on the accepted updates."""
+        """:func:`~asymvlm.federated.core.server_update` on the accepted updates (each cluster's
+        on its own model, clustered FL)."""
+        if self.cluster is not None:
+            return self.cluster.server_step(self, state, results, rnd, record)
         info_in: dict[str, Any] = {}
         needs = self.recipe.needs
         if needs & {"loss_before", "loss_initial"}:
@@ -367,18 +375,18 @@ class Federation:
         lora = self.lora
         if lora is not None:  # stack's re-initialised A: a fresh stream per round
             lora = dataclasses.replace(lora, seed=int_seed(self.fed.seed, "lora_init", rnd))
-        full = self._full(state.params, state.base)
+        full = self._full(self._shared(state.params), state.base)
         new, opt_state, info = server_update(
             self.recipe, [r.delta for r in results], [max(1, r.num_examples) for r in results], state.opt_state,
             full, lora=lora, round_index=rnd, **info_in,
         )  # fmt: skip
-        params = {k: new[k] for k in state.params}
+        params = {k: new.get(k, v) for k, v in state.params.items()}  # personal parts: the server's copy as it was
         base = {layer: new[LoraLayers.base_key(layer)] for layer in state.base}
         if base:
             set_base(self.model, base)
         out = ServerState(
             rnd, params, opt_state, state.initial_losses, base, state.epsilon, state.dp_releases,
-            list(state.skipped_rounds),
+            list(state.skipped_rounds), extra=state.extra,
         )  # fmt: skip
         if self.recipe.dp is not None:
             out.dp_releases += 1
@@ -453,6 +461,8 @@ class Federation:
         check_finite_state(state, f"the round is not checkpointed (the last checkpoint is {_latest(out)})")
         save_server_state(state, out / "checkpoints", config)
         prune_rounds(out / "checkpoints", self.fed.keep_last)
+        if self.personal is not None:
+            self.personal.store.prune(state.round)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -480,6 +490,7 @@ def run_federated(
     head: HeadConfig | None = None,
     recipe_options: Mapping[str, Any] | None = None,
     evaluate: Callable[[TrainableModel], dict[str, Any]] | None = None,
+    evaluate_client: EvaluateClient | None = None,
     log: Callable[[dict], None] | None = None,
     stop_after: int | None = None,
 ) -> tuple[ServerState, TrainableModel]:
@@ -491,6 +502,9 @@ def run_federated(
         recipe_options: options of ``fed.recipe`` (declared by the recipe; others are an error).
         evaluate: ``evaluate(model) -> metrics`` on held-out data, called every ``eval_every``
             rounds and after the last (the CLI passes :mod:`asymvlm.eval`'s; the rounds import no eval).
+        evaluate_client: ``evaluate_client(client, encode) -> metrics`` on the client's own test
+            split (``fed.client_test_fraction``), called on the same rounds for every client's
+            global and personal model (:meth:`~asymvlm.federated.personal_run.PersonalRun.evaluate`).
         log: called with every round's record (also appended to ``metrics.jsonl``).
         stop_after: end after that many rounds of this call (tests simulate a crash).
     """
@@ -522,6 +536,10 @@ def run_federated(
             if evaluate is not None:
                 run.model.set_params(state.params)
                 record.update(evaluate(run.model))
+            if evaluate_client is not None and run.cluster is not None:
+                record.update(run.cluster.evaluate(run, state, evaluate_client, rnd))
+            elif evaluate_client is not None and run.personal is not None:
+                record.update(run.personal.evaluate(run, state, evaluate_client, rnd))
         record["seconds"] = round(time.time() - t0, 3)
         if "skipped" in record:
             log_.warning("round %d made no server step: %s", rnd + 1, record["skipped"])

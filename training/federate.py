@@ -5,7 +5,11 @@ embedded by the toy CLIP). Writes ``metrics.jsonl`` (one JSON line per round: pa
 rejections, per-client losses and the fairness summary, evaluation), a checkpoint of the server
 state after every round (``--resume`` continues) and the final AsymVLM in ``<output_dir>/model``.
 With ``--heterogeneity_report true`` it also writes the partition's ``heterogeneity.json`` and
-``heterogeneity.png`` there. Values come from a YAML file (``--config fed.yaml``), then flags
+``heterogeneity.png`` there, with ``--diagnostics true`` ``diagnostics.png`` (G^2, client drift
+and delta cosines per round), and with ``--client_test_fraction`` > 0 (every client's own test
+split; ``--personalize METHOD`` for personal models) ``clients.json`` and ``clients.png``: the
+last evaluation's per-client R@1 and uncertainty quality of the global and personal models.
+Values come from a YAML file (``--config fed.yaml``), then flags
 override them (spelled with underscores or dashes, never abbreviated); a user error is one line
 on stderr and exit status 2.
 With ``--progress false`` every round is one line on stderr (``round 3/20: loss 1.3206, 8 clients``).
@@ -23,7 +27,17 @@ from typing import Any
 
 from asymvlm.training.evaluation import evaluator
 
-__all__ = ["main", "build_parser", "federate", "evaluator", "run_summary", "round_line", "write_heterogeneity"]
+__all__ = [
+    "main",
+    "build_parser",
+    "federate",
+    "evaluator",
+    "run_summary",
+    "round_line",
+    "write_heterogeneity",
+    "write_diagnostics_plot",
+    "write_client_eval",
+]
 
 EPILOG = """examples:
   asymvlm-federate --recipe fedadam --rounds 30 --num_clients 8 --partition dirichlet --partition_column shape \\
@@ -33,7 +47,10 @@ EPILOG = """examples:
   asymvlm-federate --recipe krum --krum_num_malicious 2 --attack sign_flip --malicious_fraction 0.2
   asymvlm-federate --partition embedding --partition_options '{"column": "image_embedding", "clusters": 8}' \\
       --heterogeneity_report true --output_dir runs/embedding
+  asymvlm-federate --personalize ditto --personalize_options '{"lam": 0.5}' --client_test_fraction 0.2 \
+      --partition concept_shift --output_dir runs/ditto
   asymvlm-federate --list_recipes
+  asymvlm-federate --list_personalizers
 
 The final model is saved to <output_dir>/model (asymvlm-eval --model runs/fedavg/model).
 A round that makes no server step (every update rejected, too few, or a non-finite step) is logged and
@@ -75,13 +92,25 @@ def federate(data_args: Any, head: Any, fed: Any, recipe_options: dict[str, Any]
             version=sw.dataset_version(data_args.dataset),
         )
         evaluate = evaluator(eval_data, data.encoder)
-    state, model = run_federated(fed, data, head=head, recipe_options=recipe_options, evaluate=evaluate, log=log)
+    evaluate_client = None
+    if data.tests is not None:
+        from asymvlm.training.client_eval import client_evaluator
+
+        evaluate_client = client_evaluator(data.tests)
+    state, model = run_federated(
+        fed, data, head=head, recipe_options=recipe_options, evaluate=evaluate, evaluate_client=evaluate_client,
+        log=log,
+    )  # fmt: skip
     card = federated_card(fed, state, recipe_options, data_args=data_args, data=data)
     path = save_federated_model(
         model, state, data, Path(fed.output_dir) / "model", init_from=fed.init_from or None, card=card
     )
     if data.heterogeneity is not None:
         write_heterogeneity(data.heterogeneity, Path(fed.output_dir))
+    if fed.diagnostics:
+        write_diagnostics_plot(Path(fed.output_dir))
+    if data.tests is not None:
+        write_client_eval(Path(fed.output_dir))
     return state, model, path
 
 
@@ -93,6 +122,34 @@ def write_heterogeneity(report: dict[str, Any], out: Path) -> tuple[Path, Path]:
     return atomic_write_json(json_safe(report), out / "heterogeneity.json"), plot_heterogeneity(
         report, out / "heterogeneity.png"
     )
+
+
+def write_diagnostics_plot(out: Path) -> Path | None:
+    """``diagnostics.png`` in ``out``: the drift diagnostics of its ``metrics.jsonl`` (None when no
+    round logged them, e.g. a resume with nothing left to run)."""
+    from asymvlm.federated.diagnostics import plot_diagnostics
+    from asymvlm.io_read import read_jsonl
+
+    records = read_jsonl(out / "metrics.jsonl")
+    if not any(isinstance(r, dict) and "diagnostics" in r for r in records):
+        return None
+    return plot_diagnostics(records, out / "diagnostics.png")
+
+
+def write_client_eval(out: Path) -> Path | None:
+    """``clients.json`` (the last evaluated round's per-client metrics and their summaries) and
+    ``clients.png`` in ``out``; None when no round evaluated the clients."""
+    from asymvlm.io import atomic_write_json, json_safe
+    from asymvlm.io_read import read_jsonl
+    from asymvlm.training.client_eval import plot_client_eval
+
+    records = [r for r in read_jsonl(out / "metrics.jsonl") if isinstance(r, dict) and "client_metrics" in r]
+    if not records:
+        return None
+    last = records[-1]
+    keep = {k: last[k] for k in ("round", "client_metrics", "client_eval")}
+    atomic_write_json(json_safe(keep), out / "clients.json")
+    return plot_client_eval(last["client_metrics"], out / "clients.png")
 
 
 PROG = "asymvlm-federate"
@@ -116,6 +173,12 @@ def build_parser():
     p.add_argument(
         "--list_recipes", "--list-recipes", action="store_true", help="List every recipe with its options and exit."
     )
+    p.add_argument(
+        "--list_personalizers",
+        "--list-personalizers",
+        action="store_true",
+        help="List every personalisation and clustering method with its options and exit.",
+    )
     return p
 
 
@@ -128,6 +191,13 @@ def _main(argv: list[str]) -> int:
 
         print(RECIPES.describe())
         print(f"\ndifferential privacy (--dp_noise_multiplier > 0) composes with: {', '.join(DP_RECIPES)}")
+        return 0
+    if "--list-personalizers" in argv or "--list_personalizers" in argv:
+        from asymvlm.federated.clustered import CLUSTERERS
+        from asymvlm.federated.personal import PERSONALIZERS
+
+        print(f"personalisation (--personalize):\n{PERSONALIZERS.describe()}")
+        print(f"\nclustered FL (--cluster):\n{CLUSTERERS.describe()}")
         return 0
     if help_requested(argv):
         build_parser().print_help()

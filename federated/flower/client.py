@@ -115,7 +115,7 @@ client_app = ClientApp(mods=[_secagg_when_asked])
 def _client_query(msg: Message, context: Context) -> Message:
     """The handshake (partition, size, embedding width, encoder) and, with parameters, the loss at them."""
     from asymvlm.federated.client import client_loss
-    from asymvlm.federated.rounds import int_seed
+    from asymvlm.federated.seeds import int_seed
 
     node = _node(context)
     fed = node.run.fed
@@ -141,7 +141,7 @@ def _client_train(msg: Message, context: Context) -> Message:
     """asymvlm's client update from the message's global parameters; the delta (asymvlm's server) or
     the updated parameters and ``num-examples`` (Flower's strategies)."""
     from asymvlm.federated.client import client_update, set_base
-    from asymvlm.federated.rounds import int_seed
+    from asymvlm.federated.seeds import int_seed
 
     node = _node(context)
     run, fed = node.run, node.run.fed
@@ -169,12 +169,40 @@ def _client_train(msg: Message, context: Context) -> Message:
     node.batcher.reseed(seed)
     needs = run.recipe.needs if asym else set()
     terms = client_config_from(config, content.array_records)  # the recipe's client-side terms this round
-    result = client_update(
-        run.model, params, node.batcher, run.options, client=node.partition, num_examples=node.num_examples,
-        seed=seed, client_config=terms, need_loss_before=bool(needs & {"loss_before", "loss_initial"}),
-        need_grad_norm="grad_norm" in needs,
-    )  # fmt: skip
+    personal = run.personal is not None and run.personal.personalizer.name != "none"
+    if personal and (not asym or legacy):
+        raise ConfigError(
+            f"personalize {fed.personalize!r} needs asymvlm's ServerApp without secure aggregation: the client "
+            "uploads only its shared parameters"
+        )
+    chosen = None
+    if "asymvlm.clusters" in config:  # clustered FL (IFCA): train the cluster model with the lowest loss here
+        k = int(config["asymvlm.clusters"])
+        models = [from_arrays(content[f"cluster-{j}"]) for j in range(k)]
+        if run.cluster is None:
+            raise ConfigError("the server sent cluster models but this run config names no cluster method")
+        extra = {"models": models, "assign": {}}
+        chosen = run.cluster.clusterer.choose(
+            run, extra, node.partition, int_seed(fed.seed, "cluster", rnd, node.partition), batcher=node.batcher
+        )
+        params = models[chosen]
+        node.batcher.reseed(seed)
+    if personal:  # its personal state stays on this node (node config state-dir, else <output_dir>/clients)
+        from asymvlm.federated.personal_store import ClientStates
+
+        where = context.node_config.get("state-dir", context.node_config.get("state_dir"))
+        result = run.personal.client_round(
+            run, params, node.partition, rnd, terms, seed, slot=0, store=ClientStates(where) if where else None
+        )
+    else:
+        result = client_update(
+            run.model, params, node.batcher, run.options, client=node.partition, num_examples=node.num_examples,
+            seed=seed, client_config=terms, need_loss_before=bool(needs & {"loss_before", "loss_initial"}),
+            need_grad_norm="grad_norm" in needs,
+        )  # fmt: skip
     metrics: dict[str, Any] = {"num-examples": node.num_examples, "partition-id": node.partition}
+    if chosen is not None:
+        metrics["cluster"] = chosen
     for name in ("loss_before", "loss_after", "grad_norm"):
         value = getattr(result, name)
         if value is not None:
@@ -199,7 +227,7 @@ def _client_train(msg: Message, context: Context) -> Message:
 def _client_evaluate(msg: Message, context: Context) -> Message:
     """The client's loss at the global model (asymvlm's fairness report; Flower's ``eval_loss``)."""
     from asymvlm.federated.client import client_loss
-    from asymvlm.federated.rounds import int_seed
+    from asymvlm.federated.seeds import int_seed
 
     node = _node(context)
     fed = node.run.fed

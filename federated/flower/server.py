@@ -95,16 +95,50 @@ def _plain_round(grid: Grid, run: Any, state: Any, active: list[int], where: dic
     if state.base:
         content["base"] = to_arrays(state.base)
     content.update({key: to_arrays(t) for key, t in tensors.items()})
-    ok, errors = _send(grid, TRAIN, {where[c]: RecordDict(content) for c in active}, rnd + 1, timeout)
+    contents = {where[c]: RecordDict(content) for c in active}
+    if run.cluster is not None:
+        contents = {where[c]: _cluster_content(run, state, content, cfg, c) for c in active}
+    ok, errors = _send(grid, TRAIN, contents, rnd + 1, timeout)
     node_to_pid = {where[c]: c for c in active}
     results, rejected = [], [{"client": node_to_pid[n], "reason": why} for n, why in sorted(errors.items())]
     for node in sorted(ok, key=lambda n: node_to_pid[n]):
         c = node_to_pid[node]
         try:
             results.append(train_reply(ok[node], c, sizes[c], run.recipe.needs))
+            if run.cluster is not None:
+                results[-1].group = _cluster_of(run, state, ok[node], c)
         except ClientUpdateError as err:
             rejected.append({"client": c, "reason": shorten(err)})
     return results, rejected
+
+
+def _cluster_content(run: Any, state: Any, content: dict, cfg: ConfigRecord, client: int) -> RecordDict:
+    """Clustered FL's train message: the client's cluster model as ``arrays`` (CFL), or every
+    cluster model (``cluster-<j>``) for a client that chooses its own (IFCA)."""
+    models = state.extra["models"]
+    out = dict(content)
+    if run.cluster.clusterer.client_chooses:
+        out.update({f"cluster-{j}": to_arrays(m) for j, m in enumerate(models)})
+        out["config"] = ConfigRecord({**dict(cfg), "asymvlm.clusters": len(models)})
+    else:
+        out["arrays"] = to_arrays(models[int(state.extra["assign"].get(str(client), 0))])
+    return RecordDict(out)
+
+
+def _cluster_of(run: Any, state: Any, reply: Message, client: int) -> int:
+    """The cluster a reply updates: the one the client chose (IFCA: checked, and recorded as its
+    membership) or the server's assignment (CFL)."""
+    if not run.cluster.clusterer.client_chooses:
+        j = int(state.extra["assign"].get(str(client), 0))
+        state.extra["assign"][str(client)] = j  # as the simulator records it
+        return j
+    j = reply.content.metric_records["metrics"].get("cluster") if "metrics" in reply.content.metric_records else None
+    if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < len(state.extra["models"]):
+        raise ClientUpdateError(
+            f"the reply's cluster must be an integer in [0, {len(state.extra['models'])}), got {j!r}"
+        )
+    state.extra["assign"][str(client)] = j
+    return j
 
 
 def check_secure_aggregation(recipe: Any, fed: Any) -> None:

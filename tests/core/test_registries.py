@@ -1,5 +1,6 @@
-"""The five registries of the core (families, vMF normalisers, abstention criteria, dataset specs,
-partitioners): declared parameters, listings, strict options and parity with the direct calls."""
+"""The registries of the core (families, vMF normalisers, abstention criteria, dataset specs) and
+of federated data and methods (partitioners, personalisation and clustering methods): declared
+parameters, listings, strict options and parity with the direct calls."""
 
 import json
 import math
@@ -12,6 +13,7 @@ from PIL import Image
 
 from asymvlm.distributions import PowerSpherical, VonMisesFisher
 from asymvlm.errors import ConfigError, DatasetLayoutError
+from asymvlm.federated.clustered import CLUSTERERS
 from asymvlm.federated.partition import (
     PARTITIONER_REGISTRY,
     dirichlet_label_skew,
@@ -20,6 +22,7 @@ from asymvlm.federated.partition import (
     partition,
     quantity_skew,
 )
+from asymvlm.federated.personal import PERSONALIZERS
 from asymvlm.heads import FAMILY_REGISTRY, HeadConfig, TextHead, family_class, family_of, make_distribution
 from asymvlm.losses import VMF_NORMALIZER_REGISTRY, AsymVLMLoss, log_likelihood
 from asymvlm.model import AsymVLM
@@ -42,8 +45,24 @@ REGISTRIES = {
     "dataset spec": (DATASET_SPEC_REGISTRY, {"imagefolder", "coco-karpathy", "coco2017", "flickr30k"}),
     "partition": (
         PARTITIONER_REGISTRY,
-        {"iid", "dirichlet", "quantity", "domain", "pathological", "powerlaw", "embedding"},
+        {
+            "iid",
+            "dirichlet",
+            "quantity",
+            "domain",
+            "pathological",
+            "powerlaw",
+            "embedding",
+            "feature_skew",
+            "concept_shift",
+            "joint",
+        },
     ),
+    "personalization method": (
+        PERSONALIZERS,
+        {"none", "local_ft", "fedper", "lg_fedavg", "fedsa_lora", "fedrep", "ditto", "pfedme", "kappa_route"},
+    ),
+    "clustering method": (CLUSTERERS, {"ifca", "cfl"}),
 }
 
 
@@ -426,6 +445,9 @@ def test_partitioners_through_the_registry_equal_the_direct_calls():
         "pathological": "pathological_label_skew",
         "powerlaw": "powerlaw_quantity_skew",
         "embedding": "embedding_skew",
+        "feature_skew": "feature_skew",
+        "concept_shift": "concept_shift",
+        "joint": "joint_skew",
     }
 
 
@@ -461,7 +483,9 @@ def test_partitioner_options_are_strict_and_checked():
     for method in ("dirichlet", "domain"):
         with pytest.raises(ConfigError, match=f"partition '{method}' needs a column"):
             partition(ds, 4, method)
-    with pytest.raises(ConfigError, match=r"unknown partition 'random'; choose one of \['dirichlet', 'domain'"):
+    with pytest.raises(
+        ConfigError, match=r"unknown partition 'random'; choose one of \['concept_shift', 'dirichlet', 'domain'"
+    ):
         partition(ds, 4, "random")
     with pytest.raises(ConfigError, match="num_clients must be >= 1, got 0"):
         partition(ds, 0, "iid")

@@ -16,8 +16,10 @@ from asymvlm.federated.data import get_federated_data
 from asymvlm.federated.diagnostics import (
     client_drift,
     delta_cosines,
+    diagnostics_series,
     gradient_dissimilarity,
     model_gradient,
+    plot_diagnostics,
     round_diagnostics,
 )
 from asymvlm.federated.rounds import run_federated
@@ -185,3 +187,85 @@ def test_diagnostics_may_change_on_resume_and_are_refused_under_dp(cache, tmp_pa
     assert ["diagnostics" in r for r in _records(tmp_path / "part") if "round" in r] == [False, True]
     with pytest.raises(ConfigError, match="differential privacy"):
         FederatedArguments(diagnostics=True, dp_noise_multiplier=1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# the per-round series and their plot
+# ----------------------------------------------------------------------------------------------
+def _hand_records():
+    """Three diagnosed rounds (logged out of order, round 2 logged twice: its last record counts)
+    among records without diagnostics, from hand-made deltas through round_diagnostics."""
+    a, b, c = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0]), torch.tensor([-3.0, 0.0])
+    g = [{"w": torch.tensor([1.0, 0.0])}, {"w": torch.tensor([-1.0, 0.0])}]
+    r1 = round_diagnostics([{"w": a}, {"w": b}, {"w": c}], clients=[0, 1, 2], grads=g + [g[0]])
+    r2 = round_diagnostics([{"w": a}, {"w": a}], clients=[0, 2], grads=g)
+    r3 = round_diagnostics([{"w": b}], clients=[1])  # one client, no gradients: nulls
+    stale = round_diagnostics([{"w": c}], clients=[5])
+    return [
+        {"round": 1, "diagnostics": r1},
+        {"round": 3, "diagnostics": r3},
+        {"round": 2, "diagnostics": stale},
+        {"round": 2, "diagnostics": r2},
+        {"round": 4, "loss": 1.0},
+        {"final": True},
+    ]
+
+
+def test_diagnostics_series_reads_the_logged_numbers():
+    s = diagnostics_series(json.loads(json.dumps(_hand_records())))  # as read back from metrics.jsonl
+    assert list(s) == ["rounds", "g2", "drift_mean", "drift_max", "cosine_mean", "cosine_min"]
+    assert s["rounds"] == [1, 2, 3]
+    # round 1: drifts 1, 2, 3; cosines a.b = 0, a.c = -1, b.c = 0; G^2 of (1,0),(-1,0),(1,0) equal weights
+    # mean (1/3, 0): (4/9 + 16/9 + 4/9) / 3 = 8/9
+    # round 2: equal deltas (cosine 1), G^2 of (1,0),(-1,0) = 1; round 3: one client, no grads
+    assert s["drift_mean"][:2] == pytest.approx([2.0, 1.0]) and s["drift_max"][:2] == [3.0, 1.0]
+    assert s["g2"][:2] == pytest.approx([8 / 9, 1.0])
+    assert s["cosine_mean"][:2] == pytest.approx([-1 / 3, 1.0]) and s["cosine_min"][:2] == pytest.approx([-1.0, 1.0])
+    assert s["drift_mean"][2] == s["drift_max"][2] == 2.0
+    assert np.isnan(s["g2"][2]) and np.isnan(s["cosine_mean"][2]) and np.isnan(s["cosine_min"][2])
+    # a round without the cosine matrix (more than MAX_COSINE_CLIENTS clients): min unknown
+    d = dict(_hand_records()[0]["diagnostics"])
+    del d["cosine"]
+    assert np.isnan(diagnostics_series([{"round": 7, "diagnostics": d}])["cosine_min"][0])
+
+
+def test_series_and_plot_need_diagnostics(tmp_path):
+    for records in ([], [{"round": 1, "loss": 0.5}, {"final": True}]):
+        with pytest.raises(InputError, match="--diagnostics true") as err:
+            diagnostics_series(records)
+        assert "\n" not in str(err.value)
+        with pytest.raises(InputError, match="--diagnostics true"):
+            plot_diagnostics(records, tmp_path / "d.png")
+    with pytest.raises(InputError, match="no integer 'round'"):
+        diagnostics_series([{"diagnostics": {"drift_mean": 1.0}}])
+    assert not (tmp_path / "d.png").exists()
+
+
+def test_plot_diagnostics_writes_a_png(tmp_path):
+    from PIL import Image
+
+    path = plot_diagnostics(_hand_records(), tmp_path / "sub" / "diagnostics.png")
+    assert path == tmp_path / "sub" / "diagnostics.png" and path.stat().st_size > 0
+    with Image.open(path) as im:
+        assert im.format == "PNG" and im.size[0] > 0 and im.size[1] > 0
+    assert [p.name for p in path.parent.iterdir()] == ["diagnostics.png"]  # no temp file left
+
+
+def test_plot_diagnostics_of_a_simulated_run(cache, tmp_path):
+    from PIL import Image
+
+    from asymvlm.io_read import read_jsonl
+
+    _run(cache, tmp_path / "run", rounds=3, diagnostics=True)
+    records = read_jsonl(tmp_path / "run" / "metrics.jsonl")
+    s = diagnostics_series(records)
+    rounds = [r for r in records if "round" in r]
+    assert s["rounds"] == [1, 2, 3]
+    assert s["g2"] == [r["diagnostics"]["gradient_dissimilarity"] for r in rounds]
+    assert s["drift_max"] == [max(r["diagnostics"]["drift"].values()) for r in rounds]
+    for r, lo, mean in zip(rounds, s["cosine_min"], s["cosine_mean"]):
+        cos = np.array(r["diagnostics"]["cosine"])
+        assert lo == pytest.approx(cos[~np.eye(len(cos), dtype=bool)].min()) and -1 <= lo <= mean <= 1
+    path = plot_diagnostics(records, tmp_path / "run" / "diagnostics.png")
+    with Image.open(path) as im:
+        assert im.format == "PNG" and min(im.size) > 0

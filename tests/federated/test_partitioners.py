@@ -232,3 +232,193 @@ def test_the_plot_is_written(tmp_path):
     report = heterogeneity_report(pathological_label_skew(labels, 4, 2, seed=0), labels)
     out = plot_heterogeneity(report, tmp_path / "sub" / "partition.png")
     assert out.is_file() and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# feature skew, concept shift, joint (issue 28, second increment)
+# ----------------------------------------------------------------------------------------------
+from asymvlm.federated.partition import (  # noqa: E402
+    concept_shift,
+    dirichlet_label_skew,
+    feature_skew,
+    joint_labels,
+    joint_skew,
+)
+
+STYLED_N = 480
+
+
+def styled_rows(seed=0):
+    """A ShapeWorld-like table: shapes, four visual styles and four caption styles, independent."""
+    rng = np.random.default_rng(seed)
+    return {
+        "shape": rng.choice(["circle", "square", "triangle"], STYLED_N),
+        "visual_style": rng.choice(["flat", "noisy", "sketch", "shaded"], STYLED_N),
+        "caption_style": rng.choice(["terse", "verbose", "relational", "negated"], STYLED_N),
+    }
+
+
+def same_split(a, b):
+    return len(a) == len(b) and all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(a, b))
+
+
+STYLE_PRESETS = [("feature_skew", feature_skew, "visual_style"), ("concept_shift", concept_shift, "caption_style")]
+
+
+@pytest.mark.parametrize("method,fn,column", STYLE_PRESETS)
+def test_style_presets_are_dirichlet_on_their_column(method, fn, column):
+    ds = styled_rows()
+    for seed in (0, 3):
+        # the defaults: the preset's column, alpha = 0.1
+        reference = dirichlet_label_skew(ds[column], 6, alpha=0.1, seed=seed, min_size=1)
+        assert same_split(partition(ds, 6, method, seed=seed), reference)
+        assert same_split(fn(ds[column], 6, seed=seed), reference)
+        # any options: the dirichlet entry with the same column and options
+        opts = {"alpha": 0.7, "min_size": 20, "max_tries": 50}
+        got = partition(ds, 6, method, seed=seed, style_column="shape", **opts)
+        assert same_split(got, partition(ds, 6, "dirichlet", seed=seed, column="shape", **opts))
+        assert covers_once(got, STYLED_N) and min(len(p) for p in got) >= 20
+    assert same_split(partition(ds, 6, method, seed=1), partition(ds, 6, method, seed=1))
+    assert not same_split(partition(ds, 6, method, seed=1), partition(ds, 6, method, seed=2))
+    assert PARTITIONER_REGISTRY[method].param_names == ("style_column", "alpha", "min_size", "max_tries")
+    assert PARTITIONER_REGISTRY.resolve(method)["style_column"] == column
+
+
+@pytest.mark.parametrize("method,fn,column", STYLE_PRESETS)
+def test_style_presets_with_small_alpha_give_each_client_one_style(method, fn, column):
+    ds = styled_rows()
+    labels = ds[column]
+    other = "caption_style" if column == "visual_style" else "visual_style"
+    iid_js = heterogeneity_report(iid(STYLED_N, 4, seed=5), labels)["js_mean"]
+    for seed in range(4):
+        parts = partition(ds, 4, method, alpha=0.01, min_size=20, seed=seed)
+        assert covers_once(parts, STYLED_N) and min(len(p) for p in parts) >= 20
+        dominant = [max(np.unique(labels[p], return_counts=True)[1]) / len(p) for p in parts]
+        assert np.mean(dominant) > 0.75, dominant
+        # mean JS to the population near its maximum (one style per client: 0.549 bits here), far above IID's
+        assert heterogeneity_report(parts, labels)["js_mean"] > 0.35 > 0.05 > iid_js
+        # the other style column is untouched: each client looks like the population there
+        assert heterogeneity_report(parts, ds[other])["js_mean"] < 0.05
+
+
+def test_joint_labels_are_the_ranks_of_the_value_tuples():
+    ds = styled_rows()
+    tuples = list(zip(ds["shape"].tolist(), ds["caption_style"].tolist()))
+    rank = {t: i for i, t in enumerate(sorted(set(tuples)))}
+    assert joint_labels([ds["shape"], ds["caption_style"]]).tolist() == [rank[t] for t in tuples]
+    assert joint_labels([[3, 1, 3]]).tolist() == [1, 0, 1]
+    with pytest.raises(InputError, match="one length"):
+        joint_labels([[1, 2], [1, 2, 3]])
+    with pytest.raises(InputError, match="one or more columns"):
+        joint_labels([])
+
+
+def test_joint_without_quantity_skew_is_dirichlet_over_the_zipped_labels():
+    ds = styled_rows()
+    zipped = [f"{a}|{b}" for a, b in zip(ds["shape"], ds["caption_style"])]  # no '|' inside: the same order
+    for seed in (0, 4):
+        reference = dirichlet_label_skew(zipped, 5, alpha=0.3, seed=seed, min_size=10)
+        for columns in (["shape", "caption_style"], "shape, caption_style"):
+            got = partition(ds, 5, "joint", seed=seed, columns=columns, alpha=0.3, min_size=10)
+            assert same_split(got, reference)
+            assert covers_once(got, STYLED_N) and min(len(p) for p in got) >= 10
+        direct = joint_skew([ds["shape"], ds["caption_style"]], 5, alpha=0.3, seed=seed, min_size=10)
+        assert same_split(direct, reference)
+    # one column: the dirichlet entry on it
+    assert same_split(
+        partition(ds, 5, "joint", seed=2, columns=["shape"]), partition(ds, 5, "dirichlet", seed=2, column="shape")
+    )
+    # every client's joint labels are skewed: far from the population over the product
+    labels = joint_labels([ds["shape"], ds["caption_style"]])
+    skewed = partition(ds, 5, "joint", seed=0, columns=["shape", "caption_style"], alpha=0.05)
+    assert (
+        heterogeneity_report(skewed, labels)["js_mean"] > 3 * heterogeneity_report(iid(STYLED_N, 5), labels)["js_mean"]
+    )
+
+
+def gini(sizes):
+    x = np.asarray(sizes, dtype=np.float64)
+    return np.abs(x[:, None] - x[None, :]).sum() / (2 * len(x) ** 2 * x.mean())
+
+
+def test_joint_quantity_exponent_makes_sizes_unequal_and_follows_the_power_law():
+    ds = styled_rows()
+    cols = ["shape", "caption_style"]
+    flat = [gini([len(p) for p in partition(ds, 8, "joint", seed=s, columns=cols, alpha=1.0)]) for s in range(6)]
+    steep = [
+        gini([len(p) for p in partition(ds, 8, "joint", seed=s, columns=cols, alpha=1.0, quantity_exponent=1.5)])
+        for s in range(6)
+    ]
+    assert np.mean(steep) > np.mean(flat) + 0.15
+    # a huge alpha: every label's proportions sit at their mean p, so size_k ~ n p_k (the docstring's formula)
+    for seed, exponent in ((0, 1.0), (7, 0.5)):
+        parts = partition(ds, 6, "joint", seed=seed, columns=cols, alpha=1e5, quantity_exponent=exponent, min_size=1)
+        w = (np.random.default_rng(seed).permutation(6) + 1.0) ** -exponent
+        expected = STYLED_N * w / w.sum()
+        labels = len(np.unique(joint_labels([ds[c] for c in cols])))
+        assert np.all(np.abs(np.array([len(p) for p in parts]) - expected) <= labels + 1)
+        assert covers_once(parts, STYLED_N)
+    a = partition(ds, 6, "joint", seed=3, columns=cols, quantity_exponent=1.0)
+    assert same_split(a, partition(ds, 6, "joint", seed=3, columns=cols, quantity_exponent=1.0))
+    assert not same_split(a, partition(ds, 6, "joint", seed=4, columns=cols, quantity_exponent=1.0))
+
+
+def test_joint_honours_min_size_or_says_why_not():
+    ds = styled_rows()
+    cols = ["shape", "caption_style"]
+    parts = partition(ds, 8, "joint", seed=0, columns=cols, alpha=0.5, quantity_exponent=1.0, min_size=25)
+    assert covers_once(parts, STYLED_N) and min(len(p) for p in parts) >= 25
+    with pytest.raises(ConfigError, match="no joint Dirichlet.*gave every client 59 rows in 3 tries"):
+        partition(ds, 8, "joint", seed=0, columns=cols, alpha=0.5, quantity_exponent=2.0, min_size=59, max_tries=3)
+    with pytest.raises(ConfigError, match="cannot give 8 clients at least 61 rows"):
+        partition(ds, 8, "joint", columns=cols, min_size=61)
+
+
+def test_new_partitioners_reject_bad_options_and_missing_columns():
+    ds = styled_rows()
+    for method, options, message in [
+        ("joint", {"columns": ["shape"], "column": "shape"}, "unknown option 'column' for partition 'joint'"),
+        ("feature_skew", {"column": "shape"}, "unknown option 'column' for partition 'feature_skew'"),
+        ("joint", {"columns": []}, "partition 'joint': columns must be a non-empty list of column names"),
+        ("joint", {"columns": ["shape", 3]}, "columns must be a non-empty list"),
+        ("joint", {"columns": 3}, "columns must be a non-empty list"),
+        ("joint", {"columns": " , "}, "columns must be a non-empty list"),
+        ("joint", {"columns": ["shape"], "quantity_exponent": -1}, "quantity_exponent must be >= 0 and finite"),
+        ("joint", {"columns": ["shape"], "alpha": 0}, "partition 'joint': alpha must be > 0"),
+        ("concept_shift", {"alpha": -0.1}, "partition 'concept_shift': alpha must be > 0"),
+        ("feature_skew", {"style_column": 3}, "style_column must be a string, got 3"),
+        ("joint", {}, "partition 'joint' needs columns"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            partition(ds, 4, method, **options)
+    available = r"available: \['caption_style', 'shape', 'visual_style'\]"
+    with pytest.raises(ConfigError, match=f"partition 'joint': no column 'colour' in the data; {available}"):
+        partition(ds, 4, "joint", columns=["shape", "colour"])
+    with pytest.raises(ConfigError, match="partition 'feature_skew': no column 'visual_style'.*'caption_style'"):
+        partition({"caption_style": ds["caption_style"]}, 4, "feature_skew")
+    with pytest.raises(ConfigError, match="no column 'caption_style' in the data .the data have no named columns"):
+        partition(range(10), 2, "concept_shift")
+    from datasets import Dataset
+
+    table = Dataset.from_dict({"shape": ds["shape"].tolist()})
+    with pytest.raises(ConfigError, match=r"no column 'visual_style' in the data; available: \['shape'\]"):
+        partition(table, 4, "feature_skew")
+    assert same_split(
+        partition(table, 4, "feature_skew", style_column="shape", seed=1),
+        dirichlet_label_skew(ds["shape"], 4, 0.1, seed=1),
+    )
+
+
+def test_the_command_line_options_reach_the_new_partitioners():
+    from asymvlm.federated.config import FederatedArguments
+
+    fed = FederatedArguments(partition="joint", partition_options='{"columns": ["shape", "caption_style"]}')
+    kwargs = fed.partition_kwargs()
+    assert kwargs["columns"] == ["shape", "caption_style"] and "column" not in kwargs
+    assert FederatedArguments(partition="joint", partition_options={"columns": "shape,caption_style"})
+    with pytest.raises(ConfigError, match="columns must be a non-empty list"):
+        FederatedArguments(partition="joint", partition_options='{"columns": []}')
+    # --partition_column (default caption_style) does not replace feature_skew's own column
+    for method, column in (("feature_skew", "visual_style"), ("concept_shift", "caption_style")):
+        kwargs = FederatedArguments(partition=method).partition_kwargs()
+        assert "column" not in kwargs and PARTITIONER_REGISTRY.resolve(method, kwargs)["style_column"] == column

@@ -1,0 +1,293 @@
+"""Clustered federated learning: the server keeps several models, each client trains one.
+
+A :class:`Clusterer` (entries of :data:`CLUSTERERS`, ``asymvlm-federate --cluster NAME``) decides
+which cluster model a sampled client trains and when the clusters change; the rounds
+(:mod:`asymvlm.federated.rounds`) hand each cluster's updates to the recipe's server step with
+that cluster's own optimizer state. The cluster models, their optimizer states and the
+memberships are the server state's ``extra`` (checkpointed with it, resumed bit-identically):
+
+* ``ifca`` — IFCA (Ghosh et al. 2020, https://arxiv.org/abs/2006.04088, Algorithm 2, model
+  averaging): ``clusters`` models, the first the run's initial model and the others fresh heads
+  of other seeds; every sampled client estimates its cluster as the model with the lowest loss on
+  its own data (the first ``loss_batches`` batches) and trains that one.
+* ``cfl`` — CFL (Sattler et al. 2021, https://arxiv.org/abs/1910.01991, Algorithm 1): one
+  cluster at first; when a cluster's averaged update is small (``||mean delta|| < eps1``: the
+  joint model is near a stationary point) while some client's is large (``max ||delta|| > eps2``:
+  it is not stationary for everyone), the cluster is split in two by the cosine similarities of
+  its clients' updates, minimising the largest similarity across the cut (complete linkage, as
+  in the authors' code). Needs every client every round (``client_fraction`` 1).
+
+:func:`adjusted_rand_index` scores recovered memberships against planted groups.
+
+Example:
+    >>> adjusted_rand_index([0, 0, 1, 1], [1, 1, 0, 0]), round(adjusted_rand_index([0, 0, 1, 1], [0, 1, 0, 1]), 12)
+    (1.0, -0.5)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from asymvlm.errors import ArtefactError, ConfigError
+from asymvlm.federated.client import ClientResult, client_loss, client_update
+from asymvlm.federated.core import Params, server_update
+from asymvlm.registry import Param, Registry, at_least, non_negative
+
+__all__ = ["Clusterer", "IFCA", "CFL", "CLUSTERERS", "ClusterRun", "adjusted_rand_index", "bipartition"]
+
+
+def adjusted_rand_index(a: Sequence[Any], b: Sequence[Any]) -> float:
+    """Hubert & Arabie's adjusted Rand index of two labelings (1 = the same partition, about 0 = chance).
+    Hand-written (scikit-learn is not a dependency) from the contingency-table formula; tested
+    against a transcription of the pair-counting definition."""
+    a, b = np.asarray(a), np.asarray(b)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ConfigError(f"labelings must be two 1-D sequences of one length, got {a.shape} and {b.shape}")
+    _, ia = np.unique(a, return_inverse=True)
+    _, ib = np.unique(b, return_inverse=True)
+    table = np.zeros((ia.max() + 1, ib.max() + 1), dtype=np.int64)
+    np.add.at(table, (ia, ib), 1)
+
+    def pairs(x: np.ndarray) -> float:
+        return float((x * (x - 1) // 2).sum())
+
+    index, rows, cols, total = pairs(table), pairs(table.sum(1)), pairs(table.sum(0)), pairs(np.array([len(a)]))
+    expected = rows * cols / total if total else 0.0
+    best = (rows + cols) / 2
+    return 1.0 if best == expected else float((index - expected) / (best - expected))
+
+
+def bipartition(similarity: np.ndarray) -> tuple[list[int], list[int]]:
+    """The two groups of a complete-linkage clustering on ``1 - similarity`` cut at two clusters:
+    CFL's split (the largest cross-group similarity is as small as the linkage finds)."""
+    from scipy.cluster.hierarchy import fcluster, linkage
+    from scipy.spatial.distance import squareform
+
+    n = similarity.shape[0]
+    if n < 2:
+        raise ConfigError("a bipartition needs at least two clients")
+    dist = np.clip(1.0 - similarity, 0.0, 2.0)
+    np.fill_diagonal(dist, 0.0)
+    labels = fcluster(linkage(squareform((dist + dist.T) / 2, checks=False), method="complete"), 2, "maxclust")
+    return [i for i in range(n) if labels[i] == labels[0]], [i for i in range(n) if labels[i] != labels[0]]
+
+
+class Clusterer:
+    """Which cluster model a client trains, and when clusters change (base: never)."""
+
+    name: ClassVar[str] = "clusterer"
+
+    def initial(self, run: Any, params: Params) -> list[Params]:
+        return [dict(params)]
+
+    #: whether the client chooses its cluster (it then receives every cluster model)
+    client_chooses: ClassVar[bool] = False
+
+    def choose(self, run: Any, extra: Mapping[str, Any], client: int, seed: int, batcher: Any = None) -> int:
+        """The cluster client ``client`` trains (``batcher``: its data, default ``run.data``'s)."""
+        return int(extra["assign"].get(str(client), 0))
+
+    def regroup(self, extra: dict[str, Any], results: list[ClientResult], rnd: int) -> dict[str, Any] | None:
+        return None
+
+
+@dataclass
+class IFCA(Clusterer):
+    """IFCA (see the module docstring)."""
+
+    clusters: int = 2
+    name: ClassVar[str] = "ifca"
+    client_chooses: ClassVar[bool] = True
+
+    def initial(self, run, params):
+        out = [dict(params)]
+        for j in range(1, self.clusters):  # other heads: fresh initialisations of other seeds (the paper's random init)
+            from asymvlm.heads import TextHead
+
+            torch.manual_seed(int(run.fed.seed) * 7919 + j)
+            head = TextHead(config=run.model.head.config, validate=False)
+            fresh = {f"head.{k}": v.detach().clone() for k, v in head.state_dict().items()}
+            out.append({k: fresh.get(k, v).clone() for k, v in params.items()})
+        return out
+
+    def choose(self, run, extra, client, seed, batcher=None):
+        batcher = batcher if batcher is not None else run.data.batchers[client]
+        losses = []
+        for params in extra["models"]:
+            run.model.set_params(params)
+            batcher.reseed(seed)
+            losses.append(client_loss(run.model, batcher, run.options.loss_batches)[0])
+        return int(np.argmin(losses))
+
+
+@dataclass
+class CFL(Clusterer):
+    """CFL (see the module docstring)."""
+
+    eps1: float = 0.4
+    eps2: float = 1.6
+    warmup: int = 5
+    max_clusters: int = 8
+    min_size: int = 2
+    name: ClassVar[str] = "cfl"
+
+    def regroup(self, extra, results, rnd):
+        """Split at most one cluster this round; returns every updated cluster's update norms
+        (``norms``: ``[||mean delta||, max ||delta||]``) and the split, if any."""
+        report: dict[str, Any] = {"norms": {}}
+        for j in sorted({r.group for r in results}):
+            mine = [r for r in results if r.group == j]
+            flat = torch.stack([torch.cat([v.double().reshape(-1) for v in r.delta.values()]) for r in mine])
+            w = torch.tensor([max(1, r.num_examples) for r in mine], dtype=torch.float64)
+            mean_norm = float(torch.linalg.vector_norm((w / w.sum()) @ flat))
+            max_norm = float(torch.linalg.vector_norm(flat, dim=1).max())
+            report["norms"][str(j)] = [mean_norm, max_norm]
+            stalled = mean_norm < self.eps1 and max_norm > self.eps2
+            if "split" in report or not stalled or rnd + 1 < self.warmup or len(mine) < 2 * self.min_size:
+                continue
+            if len(extra["models"]) >= self.max_clusters:
+                continue
+            unit = flat / torch.linalg.vector_norm(flat, dim=1, keepdim=True).clamp_min(1e-30)
+            first, second = bipartition((unit @ unit.T).numpy())
+            if min(len(first), len(second)) < self.min_size:
+                continue
+            new = len(extra["models"])
+            extra["models"].append({k: v.clone() for k, v in extra["models"][j].items()})
+            extra["opt"].append(copy.deepcopy(extra["opt"][j]))
+            for i in second:
+                extra["assign"][str(mine[i].client)] = new
+                mine[i].group = new
+            report["split"] = {"cluster": j, "into": [j, new], "moved": sorted(int(mine[i].client) for i in second)}
+        return report
+
+
+CLUSTERERS = Registry("clustering method")
+CLUSTERERS.register(
+    "ifca",
+    params=[Param("clusters", int, 2, "Cluster models k.", check=at_least(1))],
+    help="IFCA: k models; each client trains the one with the lowest loss on its data.",
+    reference="https://arxiv.org/abs/2006.04088",
+)(IFCA)
+CLUSTERERS.register(
+    "cfl",
+    params=[
+        Param("eps1", float, 0.4, "Split when the cluster's mean update norm is below this ...", check=non_negative),
+        Param("eps2", float, 1.6, "... and its largest client update norm above this.", check=non_negative),
+        Param("warmup", int, 5, "Rounds before the first split.", check=at_least(1)),
+        Param("max_clusters", int, 8, "Most clusters.", check=at_least(1)),
+        Param("min_size", int, 2, "Fewest clients on each side of a split.", check=at_least(1)),
+    ],
+    help="CFL: split a cluster by the cosines of its clients' updates when it stalls for some.",
+    reference="https://arxiv.org/abs/1910.01991",
+)(CFL)
+
+
+@dataclass
+class ClusterRun:
+    """The rounds' clustered side: train each client on its cluster's model, step each cluster."""
+
+    clusterer: Clusterer
+
+    @classmethod
+    def build(cls, fed: Any) -> ClusterRun:
+        clusterer = CLUSTERERS.build(fed.cluster, **fed.cluster_kwargs())
+        if isinstance(clusterer, CFL) and fed.sample_rate < 1:
+            raise ConfigError("cluster 'cfl' needs every client every round: client_fraction 1 (clients_per_round 0)")
+        if fed.trainable != "head" and fed.lora_mode != "factors":
+            raise ConfigError(
+                "clustered FL keeps one model per cluster: federated LoRA needs lora_mode factors, "
+                f"got {fed.lora_mode!r}"
+            )
+        return cls(clusterer)
+
+    def init_extra(self, run: Any, params: Params, opt_init: Any) -> dict[str, Any]:
+        models = self.clusterer.initial(run, params)
+        return {"models": models, "opt": [copy.deepcopy(opt_init) for _ in models], "assign": {}}
+
+    def check(self, extra: Any, params: Params, where: Any) -> None:
+        """A resumed state's clusters: models with the live model's keys and shapes, one optimizer
+        state per model, memberships naming existing clusters."""
+        ok = isinstance(extra, dict) and {"models", "opt", "assign"} <= set(extra)
+        ok = ok and isinstance(extra["models"], list) and len(extra["opt"]) == len(extra["models"]) > 0
+        if not ok:
+            raise ArtefactError(f"{where}: the clustered run's server state (extra) is missing or malformed")
+        for j, m in enumerate(extra["models"]):
+            if not isinstance(m, dict) or set(m) != set(params) or any(m[k].shape != params[k].shape for k in m):
+                raise ArtefactError(f"{where}: cluster model {j} does not match the live model's parameters")
+        if any(not (isinstance(v, int) and 0 <= v < len(extra["models"])) for v in extra["assign"].values()):
+            raise ArtefactError(f"{where}: a cluster membership names no cluster")
+
+    def train(self, run: Any, state: Any, active: list[int], rnd: int, client_config: Any) -> list[ClientResult]:
+        from asymvlm.federated.seeds import int_seed
+
+        needs = run.recipe.needs
+        results = []
+        for c in active:
+            j = self.clusterer.choose(run, state.extra, c, int_seed(run.fed.seed, "cluster", rnd, c))
+            state.extra["assign"][str(c)] = j
+            seed = int_seed(run.fed.seed, "client", rnd, c)
+            run.data.batchers[c].reseed(seed)
+            res = client_update(
+                run.model, state.extra["models"][j], run.data.batchers[c], run.options, client=c,
+                num_examples=run.data.num_examples[c], seed=seed, client_config=client_config,
+                need_loss_before=bool(needs & {"loss_before", "loss_initial"}), need_grad_norm="grad_norm" in needs,
+            )  # fmt: skip
+            res.group = j
+            results.append(res)
+        return results
+
+    def server_step(self, run: Any, state: Any, results: list[ClientResult], rnd: int, record: dict) -> Any:
+        """Each cluster's updates through the recipe's server step with its own optimizer state;
+        ``state.params`` becomes the model of the largest cluster (what is saved and globally evaluated)."""
+        import dataclasses
+
+        extra = {"models": list(state.extra["models"]), "opt": list(state.extra["opt"]),
+                 "assign": dict(state.extra["assign"])}  # fmt: skip
+        event = self.clusterer.regroup(extra, results, rnd)
+        if event is not None:
+            record["cluster_event"] = event
+        info_all = {}
+        for j in sorted({r.group for r in results}):
+            mine = [r for r in results if r.group == j]
+            kw = {}
+            if run.recipe.needs & {"loss_before", "loss_initial"}:
+                kw["loss_before"] = [r.loss_before for r in mine]
+            if "grad_norm" in run.recipe.needs:
+                kw["grad_norm"] = [r.grad_norm for r in mine]
+            if "loss_initial" in run.recipe.needs:
+                kw["loss_initial"] = [state.initial_losses[str(r.client)] for r in mine]
+            new, opt, info = server_update(
+                run.recipe, [r.delta for r in mine], [max(1, r.num_examples) for r in mine], extra["opt"][j],
+                extra["models"][j], round_index=rnd, **kw,
+            )  # fmt: skip
+            extra["models"][j], extra["opt"][j] = dict(new), opt
+            info_all[str(j)] = len(mine)
+        sizes = [sum(1 for v in extra["assign"].values() if v == j) for j in range(len(extra["models"]))]
+        record["clusters"] = {"count": len(extra["models"]), "sizes": sizes, "updated": info_all,
+                              "assign": dict(sorted(extra["assign"].items(), key=lambda kv: int(kv[0])))}  # fmt: skip
+        main = int(np.argmax(sizes)) if any(sizes) else 0
+        return dataclasses.replace(
+            state, round=rnd, params=dict(extra["models"][main]), extra=extra, skipped_rounds=list(state.skipped_rounds)
+        )
+
+    def client_params(self, run: Any, state: Any, client: int, rnd: int) -> Params:
+        """Client ``client``'s model: its cluster's (IFCA: re-estimated on its data now)."""
+        from asymvlm.federated.seeds import int_seed
+
+        j = self.clusterer.choose(run, state.extra, client, int_seed(run.fed.seed, "cluster_eval", rnd, client))
+        return state.extra["models"][j]
+
+    def evaluate(self, run: Any, state: Any, evaluate_client: Any, rnd: int) -> dict[str, Any]:
+        from asymvlm.federated.personal import encode_with
+        from asymvlm.federated.personal_run import client_summary
+
+        per = {str(c): evaluate_client(c, encode_with(run.model, self.client_params(run, state, c, rnd)))
+               for c in range(run.fed.num_clients)}  # fmt: skip
+        run.model.set_params(state.params)
+        return {"client_metrics": {"cluster": per}, "client_eval": {"cluster": client_summary(per)}}
