@@ -61,6 +61,7 @@ __all__ = [
     "ClientTerm",
     "ProximalTerm",
     "HeavyBallTerm",
+    "RelationshipTerm",
     "CLIENT_TERMS",
     "build_client_terms",
     "round_client_config",
@@ -165,6 +166,26 @@ class HeavyBallTerm(ClientTerm):
                 p.sub_(self.step[k].to(p.dtype))
 
 
+@dataclass
+class RelationshipTerm(ClientTerm):
+    """MOCHA's task-relationship regulariser (Smith et al. 2017, https://arxiv.org/abs/1705.10467):
+    the gradient of ``lam tr(W Omega^-1 W^T)`` with respect to this client's column ``w_k``,
+    ``2 lam (a w_k + others)``, where ``a = (Omega^-1)_kk`` and ``others = sum_{j != k}
+    (Omega^-1)_kj w_j`` come from the server."""
+
+    lam: float = 0.0
+    self_weight: float = 0.0
+    others: Mapping[str, Tensor] | None = None
+
+    def on_gradient(self, names, params):
+        if self.lam > 0:
+            for k, p in zip(names, params):
+                extra = self.self_weight * p.detach()
+                if self.others is not None:
+                    extra = extra + self.others[k].to(p.dtype)
+                p.grad.add_(extra, alpha=2.0 * self.lam)
+
+
 CLIENT_TERMS = Registry("client term")
 CLIENT_TERMS.register(
     "proximal",
@@ -184,6 +205,16 @@ CLIENT_TERMS.register(
         Param("momentum", dict, None, "The server's momentum m_t, {exchanged name: tensor} (None = off)."),
     ),
 )(HeavyBallTerm)
+CLIENT_TERMS.register(
+    "relationship",
+    help="MOCHA's task-relationship term: local gradients get 2 lam ((Omega^-1)_kk w_k + sum_j (Omega^-1)_kj w_j)",
+    reference="https://arxiv.org/abs/1705.10467",
+    params=(
+        Param("lam", float, 0.0, "Regularisation strength lam (0 = off).", check=non_negative),
+        Param("self_weight", float, 0.0, "(Omega^-1)_kk, this task's own entry."),
+        Param("others", dict, None, "sum_{j != k} (Omega^-1)_kj w_j, {name: tensor} (None = 0)."),
+    ),
+)(RelationshipTerm)
 
 
 def build_client_terms(client_config: Mapping[str, Mapping[str, Any]] | None) -> list[ClientTerm]:

@@ -82,9 +82,16 @@ class Clusterer:
     """Which cluster model a client trains, and when clusters change (base: never)."""
 
     name: ClassVar[str] = "clusterer"
+    #: whether the Flower ServerApp runs it (FedEM and MOCHA: simulator only)
+    on_flower: ClassVar[bool] = True
 
     def initial(self, run: Any, params: Params) -> list[Params]:
         return [dict(params)]
+
+    def initial_extra(self, run: Any, params: Params, opt_init: Any) -> dict[str, Any]:
+        """The server state's ``extra`` at round 0: the models, an optimizer state each, memberships."""
+        models = self.initial(run, params)
+        return {"models": models, "opt": [copy.deepcopy(opt_init) for _ in models], "assign": {}}
 
     #: whether the client chooses its cluster (it then receives every cluster model)
     client_chooses: ClassVar[bool] = False
@@ -95,6 +102,41 @@ class Clusterer:
 
     def regroup(self, extra: dict[str, Any], results: list[ClientResult], rnd: int) -> dict[str, Any] | None:
         return None
+
+    def client_round(self, run: Any, extra: dict[str, Any], client: int, rnd: int, client_config: Any) -> list:
+        """Client ``client``'s round ``rnd``: the updates it uploads, each a
+        :class:`~asymvlm.federated.client.ClientResult` whose ``group`` names the server model it
+        updates (base: one update of the cluster :meth:`choose` picks)."""
+        from asymvlm.federated.seeds import int_seed
+
+        needs = run.recipe.needs
+        j = self.choose(run, extra, client, int_seed(run.fed.seed, "cluster", rnd, client))
+        extra["assign"][str(client)] = j
+        seed = int_seed(run.fed.seed, "client", rnd, client)
+        run.data.batchers[client].reseed(seed)
+        res = client_update(
+            run.model, extra["models"][j], run.data.batchers[client], run.options, client=client,
+            num_examples=run.data.num_examples[client], seed=seed, client_config=client_config,
+            need_loss_before=bool(needs & {"loss_before", "loss_initial"}), need_grad_norm="grad_norm" in needs,
+        )  # fmt: skip
+        res.group = j
+        return [res]
+
+    def after_step(self, run: Any, extra: dict[str, Any], rnd: int) -> None:
+        """After the round's server steps (MOCHA re-estimates its task relationships here)."""
+
+    def representative(self, extra: Mapping[str, Any], sizes: Sequence[int]) -> Params:
+        """The one model the run saves and evaluates globally: the largest cluster's."""
+        return dict(extra["models"][int(np.argmax(sizes)) if any(sizes) else 0])
+
+    def client_encoder(self, run: Any, extra: Mapping[str, Any], client: int, rnd: int) -> Any:
+        """``encode(text)`` of client ``client``'s model for per-client evaluation: its cluster's
+        (re-estimated on its own data now for a client that chooses)."""
+        from asymvlm.federated.personal import encode_with
+        from asymvlm.federated.seeds import int_seed
+
+        j = self.choose(run, extra, client, int_seed(run.fed.seed, "cluster_eval", rnd, client))
+        return encode_with(run.model, extra["models"][j])
 
 
 @dataclass
@@ -204,11 +246,16 @@ class ClusterRun:
                 "clustered FL keeps one model per cluster: federated LoRA needs lora_mode factors, "
                 f"got {fed.lora_mode!r}"
             )
+        if hasattr(clusterer, "store"):  # FedEM's mixture weights: client-side state
+            from pathlib import Path
+
+            from asymvlm.federated.personal_store import ClientStates
+
+            clusterer.store = ClientStates(Path(fed.output_dir) / "clients")
         return cls(clusterer)
 
     def init_extra(self, run: Any, params: Params, opt_init: Any) -> dict[str, Any]:
-        models = self.clusterer.initial(run, params)
-        return {"models": models, "opt": [copy.deepcopy(opt_init) for _ in models], "assign": {}}
+        return self.clusterer.initial_extra(run, params, opt_init)
 
     def check(self, extra: Any, params: Params, where: Any) -> None:
         """A resumed state's clusters: models with the live model's keys and shapes, one optimizer
@@ -224,30 +271,15 @@ class ClusterRun:
             raise ArtefactError(f"{where}: a cluster membership names no cluster")
 
     def train(self, run: Any, state: Any, active: list[int], rnd: int, client_config: Any) -> list[ClientResult]:
-        from asymvlm.federated.seeds import int_seed
-
-        needs = run.recipe.needs
-        results = []
-        for c in active:
-            j = self.clusterer.choose(run, state.extra, c, int_seed(run.fed.seed, "cluster", rnd, c))
-            state.extra["assign"][str(c)] = j
-            seed = int_seed(run.fed.seed, "client", rnd, c)
-            run.data.batchers[c].reseed(seed)
-            res = client_update(
-                run.model, state.extra["models"][j], run.data.batchers[c], run.options, client=c,
-                num_examples=run.data.num_examples[c], seed=seed, client_config=client_config,
-                need_loss_before=bool(needs & {"loss_before", "loss_initial"}), need_grad_norm="grad_norm" in needs,
-            )  # fmt: skip
-            res.group = j
-            results.append(res)
-        return results
+        """Every active client's uploads (one per server model it updates)."""
+        return [r for c in active for r in self.clusterer.client_round(run, state.extra, c, rnd, client_config)]
 
     def server_step(self, run: Any, state: Any, results: list[ClientResult], rnd: int, record: dict) -> Any:
         """Each cluster's updates through the recipe's server step with its own optimizer state;
         ``state.params`` becomes the model of the largest cluster (what is saved and globally evaluated)."""
         import dataclasses
 
-        extra = {"models": list(state.extra["models"]), "opt": list(state.extra["opt"]),
+        extra = {**state.extra, "models": list(state.extra["models"]), "opt": list(state.extra["opt"]),
                  "assign": dict(state.extra["assign"])}  # fmt: skip
         event = self.clusterer.regroup(extra, results, rnd)
         if event is not None:
@@ -268,26 +300,22 @@ class ClusterRun:
             )  # fmt: skip
             extra["models"][j], extra["opt"][j] = dict(new), opt
             info_all[str(j)] = len(mine)
+        self.clusterer.after_step(run, extra, rnd)
         sizes = [sum(1 for v in extra["assign"].values() if v == j) for j in range(len(extra["models"]))]
         record["clusters"] = {"count": len(extra["models"]), "sizes": sizes, "updated": info_all,
                               "assign": dict(sorted(extra["assign"].items(), key=lambda kv: int(kv[0])))}  # fmt: skip
-        main = int(np.argmax(sizes)) if any(sizes) else 0
+        params = self.clusterer.representative(extra, sizes)
         return dataclasses.replace(
-            state, round=rnd, params=dict(extra["models"][main]), extra=extra, skipped_rounds=list(state.skipped_rounds)
+            state, round=rnd, params=params, extra=extra, skipped_rounds=list(state.skipped_rounds)
         )
 
-    def client_params(self, run: Any, state: Any, client: int, rnd: int) -> Params:
-        """Client ``client``'s model: its cluster's (IFCA: re-estimated on its data now)."""
-        from asymvlm.federated.seeds import int_seed
-
-        j = self.clusterer.choose(run, state.extra, client, int_seed(run.fed.seed, "cluster_eval", rnd, client))
-        return state.extra["models"][j]
-
     def evaluate(self, run: Any, state: Any, evaluate_client: Any, rnd: int) -> dict[str, Any]:
-        from asymvlm.federated.personal import encode_with
         from asymvlm.federated.personal_run import client_summary
 
-        per = {str(c): evaluate_client(c, encode_with(run.model, self.client_params(run, state, c, rnd)))
+        per = {str(c): evaluate_client(c, self.clusterer.client_encoder(run, state.extra, c, rnd))
                for c in range(run.fed.num_clients)}  # fmt: skip
         run.model.set_params(state.params)
         return {"client_metrics": {"cluster": per}, "client_eval": {"cluster": client_summary(per)}}
+
+
+from asymvlm.federated import multitask as _multitask  # noqa: E402,F401  (registers fedem and mocha)

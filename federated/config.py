@@ -130,8 +130,8 @@ class FederatedArguments(LoraArguments, RunArguments):
     cluster: Literal[("none", *CLUSTERERS)] = field(  # type: ignore[valid-type]
         default="none",
         metadata={
-            "help": "Clustered federated learning: the server keeps several models, each client trains one "
-            "(asymvlm-federate --list_personalizers shows each method's options)."
+            "help": "Clustered (ifca, cfl) or multi-task (fedem, mocha) federated learning: the server keeps several "
+            "models (asymvlm-federate --list_personalizers shows each method's options)."
         },
     )
     cluster_options: str = field(

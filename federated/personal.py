@@ -395,17 +395,18 @@ def make_personalizer(name: str, options: Mapping[str, Any] | None = None) -> Pe
     return PERSONALIZERS.build(name, **dict(options or {}))
 
 
-def encode_with(model: Any, params: Params) -> Callable[[Any], tuple[Tensor, Tensor]]:
-    """``encode(text) -> (loc, concentration)`` of ``model`` with ``params`` (for evaluation)."""
+def encode_with(model: Any, params: Params, *, distribution: bool = False) -> Callable[[Any], Any]:
+    """``encode(text) -> (loc, concentration)`` of ``model`` with ``params`` (for evaluation); with
+    ``distribution`` the head's distribution itself."""
 
     @torch.no_grad()
-    def encode(text: Any) -> tuple[Tensor, Tensor]:
+    def encode(text: Any) -> Any:
         model.set_params(params)
         was = model.training
         model.eval()
         q = model.head(model.embed_text(text))
         model.train(was)
-        return q.loc.float(), q.concentration.float()
+        return q if distribution else (q.loc.float(), q.concentration.float())
 
     return encode
 

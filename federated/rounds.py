@@ -260,8 +260,8 @@ class Federation:
             )  # fmt: skip
             if state.base:
                 set_base(self.model, state.base)
-            if self.personal is not None:  # client states written after the checkpoint: a crashed round's
-                self.personal.store.rollback(state.round)
+            for store in self._stores():  # client states written after the checkpoint: a crashed round's
+                store.rollback(state.round)
             if self.cluster is not None:
                 self.cluster.check(state.extra, params, rounds[-1])
             return state
@@ -277,6 +277,12 @@ class Federation:
         if self.cluster is not None:
             state.extra = self.cluster.init_extra(self, params, self.recipe.server.init(owned))
         return state
+
+    def _stores(self) -> list[Any]:
+        """The client-side state stores of the run (personal models; FedEM's mixture weights)."""
+        out = [self.personal.store] if self.personal is not None else []
+        store = getattr(self.cluster.clusterer, "store", None) if self.cluster is not None else None
+        return out + ([store] if store is not None and not out else [])
 
     def _shared(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """What the server steps: every parameter but the clients' personal ones."""
@@ -461,8 +467,8 @@ class Federation:
         check_finite_state(state, f"the round is not checkpointed (the last checkpoint is {_latest(out)})")
         save_server_state(state, out / "checkpoints", config)
         prune_rounds(out / "checkpoints", self.fed.keep_last)
-        if self.personal is not None:
-            self.personal.store.prune(state.round)
+        for store in self._stores():
+            store.prune(state.round)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 

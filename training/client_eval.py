@@ -8,7 +8,9 @@ queries, the pooled held-out images of all clients the gallery (one gallery for 
 client's R@1 is comparable across clients and methods). Per client it reports
 
 * ``R@1``: exact text-to-image hit at rank 1 (the caption's own image first; images ranked by
-  ``loc . image``, the order of every vMF and Power Spherical log-likelihood for a fixed query);
+  ``loc . image``, the order of every vMF and Power Spherical log-likelihood for a fixed query, or
+  by the model's own scores when ``encode`` returns a third item, ``scores(images) -> (T, I)``:
+  FedEM's mixture);
 * ``error_auroc``: AUROC of the uncertainty ``1 / concentration`` for detecting the misses;
 * ``ambiguity_spearman``: Spearman of the uncertainty with the caption's true ambiguity, where
   the data know it (ShapeWorld).
@@ -49,8 +51,9 @@ def client_evaluator(tests: Any):
     import torch  # noqa: F401  (the encoders return tensors)
 
     def evaluate_client(client: int, encode) -> dict[str, float]:
-        loc, kappa = encode(tests.texts[client])
-        scores = loc.float() @ gallery.T
+        out = encode(tests.texts[client])
+        loc, kappa = out[0], out[1]
+        scores = out[2](gallery) if len(out) > 2 else loc.float() @ gallery.T  # a mixture ranks by its own scores
         exact = positives_from_index(tests.image_index[client], gallery.shape[0])
         hits = positive_ranks(scores, exact) == 0
         unc = 1.0 / kappa.double()

@@ -453,6 +453,8 @@ def run_flower_server(grid: Grid, run_config: Mapping[str, Any], *, timeout: flo
         [None] * fed.num_clients, [sizes.get(c, 0) for c in range(fed.num_clients)], dim, source, encoder
     )
     run = Federation.build(fed, server_data, head, ropts)
+    if run.cluster is not None and not run.cluster.clusterer.on_flower:
+        raise FederationError(f"cluster {fed.cluster!r} runs in the simulator only (asymvlm-federate), not on Flower")
     out = Path(fed.output_dir)
     config = run.config(head)
     state = run.start(config, lambda r: log.info("%s", r))

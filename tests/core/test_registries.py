@@ -62,7 +62,7 @@ REGISTRIES = {
         PERSONALIZERS,
         {"none", "local_ft", "fedper", "lg_fedavg", "fedsa_lora", "fedrep", "ditto", "pfedme", "kappa_route"},
     ),
-    "clustering method": (CLUSTERERS, {"ifca", "cfl"}),
+    "clustering method": (CLUSTERERS, {"ifca", "cfl", "fedem", "mocha"}),
 }
 
 

@@ -161,4 +161,4 @@ def test_clustered_runs_refuse_what_they_cannot_do(tmp_path):
         _fed(tmp_path, "ifca", '{"k": 3}', 1)
     with pytest.raises(ConfigError, match="cluster is 'none'"):
         FederatedArguments(cluster_options='{"clusters": 2}')
-    assert set(CLUSTERERS) == {"ifca", "cfl"}
+    assert set(CLUSTERERS) == {"ifca", "cfl", "fedem", "mocha"}

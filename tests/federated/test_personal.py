@@ -339,3 +339,46 @@ def test_personalisation_refuses_what_it_cannot_do(tmp_path):
     fed = _fed(tmp_path, personalize="pfedme")
     with pytest.raises(ConfigError, match="client terms"):
         PersonalRun.build(fed, model, make_recipe("fedprox", proximal_mu=0.1), None)
+
+
+def test_fedsa_lora_shares_a_and_keeps_b_on_the_clients(tmp_path, tiny_open_clip_dir, monkeypatch):
+    from asymvlm.cache import embed_dataset
+    from asymvlm.encoders import load_encoder
+    from asymvlm.federated import rounds
+    from asymvlm.federated.rounds import run_federated
+    from asymvlm.worlds import shapeworld as sw
+
+    enc = load_encoder(str(tiny_open_clip_dir))
+    cache = embed_dataset(enc, sw.generate(40, seed=0), tmp_path / "cache", dtype="float32", progress=False)
+    da = DataArguments(cache_dir=str(cache.path), encoder=str(tiny_open_clip_dir), pretrained="")
+    uploads = []
+    real = rounds.Federation.validate
+    monkeypatch.setattr(
+        rounds.Federation,
+        "validate",
+        lambda self, s, rs: (uploads.extend(sorted(r.delta) for r in rs), real(self, s, rs))[1],
+    )
+    fed = FederatedArguments(
+        num_clients=3, rounds=2, local_steps=2, local_batch_size=8, progress=False, eval_every=0, trainable="lora",
+        lora_mode="factors", lora_r=2, output_dir=str(tmp_path / "run"), personalize="fedsa_lora",
+    )  # fmt: skip
+    state, _ = run_federated(fed, get_federated_data(da, fed), head=HeadConfig(dim=32, hidden_dims=(16,)))
+    b_keys = [k for k in state.params if ".lora_B." in k]
+    assert (
+        b_keys
+        and uploads
+        and all(not any(".lora_B." in k for k in u) and any(".lora_A." in k for k in u) for u in uploads)
+    )
+    store = ClientStates(tmp_path / "run" / "clients")
+    own = [store.load(c, upto=2) for c in range(3)]
+    assert all(sorted(o) == sorted(b_keys) for o in own)
+    assert any(float(o[k].abs().max()) > 0 for o in own for k in b_keys)  # B trained on the clients
+    assert all(float(state.params[k].abs().max()) == 0 for k in b_keys)  # the server's B is its zero init
+    with pytest.raises(ConfigError, match="lora_mode factors"):
+        from asymvlm.federated.personal_run import PersonalRun
+        from asymvlm.federated.recipes import make_recipe
+
+        bad = dataclasses.replace(fed, lora_mode="residual")
+        model = build_client_model(HeadConfig(dim=32, hidden_dims=(16,)))
+        model.get_params = lambda: {k: v for k, v in state.params.items()}
+        PersonalRun.build(bad, model, make_recipe("fedavg"), None)

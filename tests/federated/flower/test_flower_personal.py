@@ -77,3 +77,13 @@ def test_clustered_flower_equals_in_process(method, options, cache, tmp_path):
     for a, b in zip(ours.extra["models"], flower.extra["models"]):
         assert all(torch.equal(a[k], b[k]) for k in a)
     assert ours.extra["assign"] == flower.extra["assign"]
+
+
+def test_multitask_methods_are_refused_on_flower(cache, tmp_path):
+    from asymvlm.errors import ConfigError
+
+    rc = dict(cache_dir=str(cache), output_dir=str(tmp_path / "fl"), hidden_dims="[32]", direction="learned")
+    rc.update(COMMON, cluster="fedem")
+    g = LocalGrid(F.client_app, rc, [{"partition-id": i} for i in range(4)])
+    with pytest.raises(ConfigError, match="simulator only"):
+        F.run_flower_server(g, rc)
