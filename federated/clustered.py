@@ -177,12 +177,44 @@ class CFL(Clusterer):
     warmup: int = 5
     max_clusters: int = 8
     min_size: int = 2
+    drift: float = 0.0
     name: ClassVar[str] = "cfl"
+
+    def __post_init__(self) -> None:
+        if self.drift > 0:  # the client compares every cluster model's loss: simulator only
+            self.on_flower = False  # type: ignore[misc]
+
+    def client_round(self, run, extra, client, rnd, client_config):
+        """CFL's round; with ``drift`` > 0 a client whose loss at its cluster model (at the round's
+        start) rose by more than ``drift`` (relative) since its last round moves to the cluster
+        model with the lowest loss on its data (logged under the round's ``cluster_event``)."""
+        if self.drift > 0:
+            from asymvlm.federated.seeds import int_seed
+
+            seed = int_seed(run.fed.seed, "cluster", rnd, client)
+            losses = []
+            for params in extra["models"]:
+                run.model.set_params(params)
+                run.data.batchers[client].reseed(seed)
+                losses.append(client_loss(run.model, run.data.batchers[client], run.options.loss_batches)[0])
+            j = int(extra["assign"].get(str(client), 0))
+            seen = extra.setdefault("seen_loss", {})
+            prev = seen.get(str(client))
+            if prev is not None and losses[j] > prev * (1 + self.drift) and int(np.argmin(losses)) != j:
+                new = int(np.argmin(losses))
+                extra.setdefault("reassigned", []).append(
+                    {"client": int(client), "from": j, "to": new, "loss": losses[j], "previous": prev}
+                )
+                extra["assign"][str(client)] = j = new
+            seen[str(client)] = losses[j]
+        return super().client_round(run, extra, client, rnd, client_config)
 
     def regroup(self, extra, results, rnd):
         """Split at most one cluster this round; returns every updated cluster's update norms
         (``norms``: ``[||mean delta||, max ||delta||]``) and the split, if any."""
         report: dict[str, Any] = {"norms": {}}
+        if extra.get("reassigned"):
+            report["reassigned"] = extra.pop("reassigned")
         for j in sorted({r.group for r in results}):
             mine = [r for r in results if r.group == j]
             flat = torch.stack([torch.cat([v.double().reshape(-1) for v in r.delta.values()]) for r in mine])
@@ -224,6 +256,13 @@ CLUSTERERS.register(
         Param("warmup", int, 5, "Rounds before the first split.", check=at_least(1)),
         Param("max_clusters", int, 8, "Most clusters.", check=at_least(1)),
         Param("min_size", int, 2, "Fewest clients on each side of a split.", check=at_least(1)),
+        Param(
+            "drift",
+            float,
+            0.0,
+            "Re-assign a client whose loss jumps by this much (relative; 0 = off).",
+            check=non_negative,
+        ),
     ],
     help="CFL: split a cluster by the cosines of its clients' updates when it stalls for some.",
     reference="https://arxiv.org/abs/1910.01991",

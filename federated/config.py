@@ -111,6 +111,17 @@ class FederatedArguments(LoraArguments, RunArguments):
             "histograms, Jensen-Shannon divergences to the population) and heterogeneity.png."
         },
     )
+    temporal_column: str = field(
+        default="",
+        metadata={
+            "help": "Temporal skew (asymvlm.federated.temporal): cut every client's images in two phases by this "
+            "column (labels, or vectors clustered by k-means, e.g. image_embedding); clients move to phase 1 at "
+            "temporal_switch ('' = off)."
+        },
+    )
+    temporal_switch: int = field(
+        default=0, metadata={"help": "The round (1-based) from which clients train on their phase-1 data."}
+    )
     client_test_fraction: float = field(
         default=0.0,
         metadata={
@@ -220,6 +231,8 @@ class FederatedArguments(LoraArguments, RunArguments):
 
     def _check_ranges(self) -> None:
         """Every number in its range (a value outside is a ConfigError naming the option)."""
+        if bool(self.temporal_column) != (self.temporal_switch > 0):
+            raise ConfigError("temporal_column and temporal_switch >= 1 go together (temporal skew), or neither")
         if not 0 <= self.client_test_fraction < 1:  # NaN fails too
             raise ConfigError(f"client_test_fraction must be in [0, 1), got {self.client_test_fraction}")
         personal = self.personalize != "none" or self.cluster != "none" or self.client_test_fraction > 0

@@ -156,17 +156,29 @@ def get_federated_data(data_args: Any, fed: Any) -> FederatedData:
         if not cache.captions:
             raise ConfigError("federating LoRA needs the caption strings in the cache")
         text_all = encoder.tokenize(cache.captions)
-    batchers = []
-    for k, img_rows in enumerate(parts):
+
+    def batcher(k: int, img_rows: np.ndarray) -> IndexBatcher:
         mask = torch.isin(owner, torch.from_numpy(img_rows))
         rows = torch.nonzero(mask).squeeze(1)
         text = {key: v[rows] for key, v in text_all.items()} if isinstance(text_all, dict) else text_all[rows]
         groups = caption_groups([cache.captions[r] for r in rows.tolist()]) if cache.captions else "identical"
-        batchers.append(
-            IndexBatcher(
-                text, images, owner[rows], min(fed.local_batch_size, len(rows)), fed.seed + k, text_groups=groups
-            )
+        return IndexBatcher(
+            text, images, owner[rows], min(fed.local_batch_size, len(rows)), fed.seed + k, text_groups=groups
         )
+
+    if fed.temporal_column:  # temporal skew: each client's data in two phases, switched at temporal_switch
+        from asymvlm.federated.partition import embedding_clusters
+        from asymvlm.federated.temporal import TEMPORAL_CLUSTERS, DriftingBatcher, temporal_phases
+
+        labels = np.asarray(_Rows()[fed.temporal_column])
+        if labels.ndim == 2:
+            labels = embedding_clusters(labels, TEMPORAL_CLUSTERS, fed.seed)
+        phases = temporal_phases(parts, labels, fed.seed)
+        batchers: list[Any] = [
+            DriftingBatcher([batcher(k, a), batcher(k, b)], [fed.temporal_switch]) for k, (a, b) in enumerate(phases)
+        ]
+    else:
+        batchers = [batcher(k, img_rows) for k, img_rows in enumerate(parts)]
     tests = None
     if test_parts is not None:
         ambiguity = _shapeworld_ambiguity(data_args, owner) if columns else None

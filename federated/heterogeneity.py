@@ -132,8 +132,11 @@ def plot_heterogeneity(report: dict[str, Any], path: str | Path, *, max_legend: 
         below_counts += hist[:, c]
         below_frac += frac[:, c]
     top.set_ylabel("rows (stacked by label)")
+    g2 = report.get("g2_initial")
     top.set_title(
-        f"{len(hist)} clients: mean JS to population {report['js_mean']:.3f} bits\n"
+        f"{len(hist)} clients: mean JS to population {report['js_mean']:.3f} bits"
+        + (f", G^2 at the initial model {g2:.3g}" if isinstance(g2, float) else "")
+        + "\n"
         f"(size-weighted {report['js_weighted_mean']:.3f}, max possible {report['js_max_possible']:.3f})",
         fontsize=9,
     )

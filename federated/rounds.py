@@ -86,10 +86,11 @@ from asymvlm.federated.core import (
 )
 from asymvlm.federated.core.tree import first_non_finite
 from asymvlm.federated.data import FederatedData
-from asymvlm.federated.diagnostics import model_gradient, round_diagnostics
+from asymvlm.federated.diagnostics import gradient_dissimilarity, model_gradient, round_diagnostics
 from asymvlm.federated.personal_run import EvaluateClient, PersonalRun
 from asymvlm.federated.recipes import RECIPES, make_recipe
 from asymvlm.federated.seeds import int_seed, seed_sequence
+from asymvlm.federated.temporal import set_round
 from asymvlm.heads import HeadConfig
 from asymvlm.runs import check_resume_config, claim_output_dir
 from asymvlm.trainable import TrainableModel
@@ -337,6 +338,17 @@ class Federation:
             weights=[max(1, r.num_examples) for r in results],
         )  # fmt: skip
 
+    def initial_g2(self) -> float:
+        """G^2 (:func:`~asymvlm.federated.diagnostics.gradient_dissimilarity`) of every client's
+        gradient at the initial model, weighted by client size (the heterogeneity report's)."""
+        params = self.model.get_params()
+        grads = []
+        for c, b in enumerate(self.data.batchers):
+            seed = int_seed(self.fed.seed, "diagnostics", 0, c)
+            b.reseed(seed)
+            grads.append(model_gradient(self.model, params, b, self.options.loss_batches, seed=seed))
+        return gradient_dissimilarity(grads, [max(1, n) for n in self.data.num_examples])
+
     def attack(self, results: list[ClientResult], malicious: set[int], rnd: int) -> list[ClientResult]:
         """What the round's attackers send instead of their honest updates (update attacks)."""
         at = {i for i, r in enumerate(results) if r.client in malicious}
@@ -515,6 +527,8 @@ def run_federated(
         stop_after: end after that many rounds of this call (tests simulate a crash).
     """
     run = Federation.build(fed, data, head, recipe_options)
+    if data.heterogeneity is not None and not data.heterogeneity.get("g2_initial"):
+        data.heterogeneity["g2_initial"] = run.initial_g2()  # the partition's G^2 at the initial model
     out, dp = Path(fed.output_dir), run.recipe.dp is not None
     config = run.config(head)
     state = run.start(config, log)
@@ -529,6 +543,7 @@ def run_federated(
     for done_here, rnd in enumerate(bar, 1):
         t0 = time.time()
         active, who = sample_clients(fed, rnd, poisson=dp)  # sample
+        set_round(run.data.batchers, rnd)  # temporal skew: the clients' data of this round
         record: dict[str, Any] = {"round": rnd + 1, **who}
         results = run.train_clients(state, active, rnd)  # client update
         if fed.diagnostics:

@@ -165,6 +165,8 @@ def _client_train(msg: Message, context: Context) -> Message:
     if "base" in content.array_records:
         set_base(run.model, from_arrays(content["base"]))
     rnd = int(config.get("asymvlm.round", config.get("server-round", 1) - 1))
+    if hasattr(node.batcher, "set_round"):  # temporal skew: this round's data
+        node.batcher.set_round(rnd)
     seed = int_seed(fed.seed, "client", rnd, node.partition)
     node.batcher.reseed(seed)
     needs = run.recipe.needs if asym else set()

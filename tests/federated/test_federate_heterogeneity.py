@@ -136,3 +136,28 @@ def test_the_report_uses_the_column_or_sizes_only_and_changes_nothing(cache, tmp
         state, _ = run_federated(fed, get_federated_data(DataArguments(cache_dir=str(cache)), fed), head=head)
         states.append(state)
     assert all(torch.equal(states[0].params[k], states[1].params[k]) for k in states[1].params)
+
+
+def test_the_report_gives_g2_of_the_initial_model(cache, tmp_path):
+    from asymvlm.federated.client import build_client_model
+    from asymvlm.federated.diagnostics import gradient_dissimilarity, model_gradient
+    from asymvlm.federated.rounds import run_federated
+    from asymvlm.federated.seeds import int_seed
+    from asymvlm.heads import HeadConfig
+
+    head = HeadConfig(dim=16, hidden_dims=(16,))
+    fed = _fed(
+        partition="quantity", rounds=1, local_steps=1, output_dir=str(tmp_path / "g2"), heterogeneity_report=True
+    )
+    data = get_federated_data(DataArguments(cache_dir=str(cache)), fed)
+    run_federated(fed, data, head=head)
+    # the reference: every client's mean gradient at the freshly initialised head, then sum_k p_k ||g_k - g||^2
+    model = build_client_model(head, seed=fed.seed)
+    params = model.get_params()
+    fresh = get_federated_data(DataArguments(cache_dir=str(cache)), fed)
+    grads = []
+    for c, b in enumerate(fresh.batchers):
+        b.reseed(int_seed(fed.seed, "diagnostics", 0, c))
+        grads.append(model_gradient(model, params, b, 4, seed=int_seed(fed.seed, "diagnostics", 0, c)))
+    ref = gradient_dissimilarity(grads, fresh.num_examples)
+    assert data.heterogeneity["g2_initial"] == pytest.approx(ref, rel=1e-9) and ref > 0
