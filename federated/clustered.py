@@ -129,13 +129,13 @@ class Clusterer:
         """The one model the run saves and evaluates globally: the largest cluster's."""
         return dict(extra["models"][int(np.argmax(sizes)) if any(sizes) else 0])
 
-    def client_encoder(self, run: Any, extra: Mapping[str, Any], client: int, rnd: int) -> Any:
+    def client_encoder(self, run: Any, extra: Mapping[str, Any], client: int, rnd: int, batcher: Any = None) -> Any:
         """``encode(text)`` of client ``client``'s model for per-client evaluation: its cluster's
-        (re-estimated on its own data now for a client that chooses)."""
+        (re-estimated on its own data now, ``batcher``, for a client that chooses)."""
         from asymvlm.federated.personal import encode_with
         from asymvlm.federated.seeds import int_seed
 
-        j = self.choose(run, extra, client, int_seed(run.fed.seed, "cluster_eval", rnd, client))
+        j = self.choose(run, extra, client, int_seed(run.fed.seed, "cluster_eval", rnd, client), batcher=batcher)
         return encode_with(run.model, extra["models"][j])
 
 

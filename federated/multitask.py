@@ -146,7 +146,7 @@ class FedEM(Clusterer):
     def representative(self, extra, sizes):
         return dict(extra["models"][0])
 
-    def client_encoder(self, run, extra, client, rnd):
+    def client_encoder(self, run, extra, client, rnd, batcher=None):
         from asymvlm.federated.personal import encode_with
         from asymvlm.losses import log_likelihood
 

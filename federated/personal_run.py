@@ -31,7 +31,14 @@ from asymvlm.federated.core import Params
 from asymvlm.federated.personal import ClientJob, Personalizer, encode_with, make_personalizer, routed_encode
 from asymvlm.federated.personal_store import ClientStates
 
-__all__ = ["PersonalRun", "client_summary", "EvaluateClient"]
+__all__ = [
+    "PersonalRun",
+    "client_summary",
+    "EvaluateClient",
+    "CLIENT_EVALUATOR_GROUP",
+    "register_client_evaluator",
+    "client_evaluator_factory",
+]
 
 # evaluate_client(client, encode) -> {metric: value}; encode(text) -> (loc (T, d), concentration (T,))
 EvaluateClient = Callable[[int, Callable[[Any], tuple[torch.Tensor, torch.Tensor]]], dict[str, float]]
@@ -141,27 +148,71 @@ class PersonalRun:
         return results
 
     # -- evaluation -----------------------------------------------------------------------------------
+    def client_metrics(
+        self,
+        run: Any,
+        params: Params,
+        client: int,
+        rnd: int,
+        upto: int,
+        evaluate_client: EvaluateClient,
+        slot: int | None = None,
+        store: ClientStates | None = None,
+    ) -> dict[str, dict[str, float]]:
+        """Client ``client``'s metrics on its own test split, ``{model: {metric: value}}``, for
+        ``global`` (when nothing is personal) and ``personal``; its state is read as of round
+        ``upto`` (its data are ``run.data``'s entry ``slot``, default ``client``, as in :meth:`job`)."""
+        from asymvlm.federated.seeds import int_seed
+
+        p, at = self.personalizer, client if slot is None else slot
+        out = {}
+        if not self.personal_keys:
+            out["global"] = evaluate_client(client, encode_with(run.model, params))
+        if p.name != "none":
+            seed = int_seed(run.fed.seed, "personal_eval", rnd, client)
+            run.data.batchers[at].reseed(seed)
+            job = self.job(run, params, client, rnd, None, seed, slot)
+            mine = p.client_model(job, (store or self.store).load(client, upto=upto))
+            if p.routes:
+                encode = routed_encode(run.model, params, mine, run.data.batchers[at].text)
+            else:
+                encode = encode_with(run.model, mine)
+            out["personal"] = evaluate_client(client, encode)
+        run.model.set_params(params)
+        return out
+
     def evaluate(self, run: Any, state: Any, evaluate_client: EvaluateClient, rnd: int) -> dict[str, Any]:
         """Every client's metrics on its own test split: ``client_metrics`` ``{model: {client: {metric:
         value}}}`` and ``client_eval`` ``{model: client_summary}`` for the models ``global`` (when
         nothing is personal: the one model everyone gets) and ``personal`` (the personalizer's)."""
-        from asymvlm.federated.seeds import int_seed
-
-        p = self.personalizer
         per: dict[str, dict[str, dict[str, float]]] = {}
         for c in range(run.fed.num_clients):
-            if not self.personal_keys:
-                per.setdefault("global", {})[str(c)] = evaluate_client(c, encode_with(run.model, state.params))
-            if p.name == "none":
-                continue
-            seed = int_seed(run.fed.seed, "personal_eval", rnd, c)
-            run.data.batchers[c].reseed(seed)
-            job = self.job(run, state.params, c, rnd, None, seed)
-            mine = p.client_model(job, self.store.load(c, upto=state.round))
-            if p.routes:
-                encode = routed_encode(run.model, state.params, mine, run.data.batchers[c].text)
-            else:
-                encode = encode_with(run.model, mine)
-            per.setdefault("personal", {})[str(c)] = evaluate_client(c, encode)
-        run.model.set_params(state.params)
+            for model, metrics in self.client_metrics(run, state.params, c, rnd, state.round, evaluate_client).items():
+                per.setdefault(model, {})[str(c)] = metrics
         return {"client_metrics": per, "client_eval": {m: client_summary(v) for m, v in per.items()}}
+
+
+# the evaluator of a client's own test split: registered by a layer above (asymvlm.training.client_eval,
+# declared under this entry-point group), so that a Flower node can evaluate its clients without the
+# federated layer importing the evaluation code
+CLIENT_EVALUATOR_GROUP = "asymvlm.client_evaluators"
+_FACTORY: list[Callable[[Any], EvaluateClient]] = []
+
+
+def register_client_evaluator(factory: Callable[[Any], EvaluateClient]) -> Callable[[Any], EvaluateClient]:
+    """Register ``factory(tests) -> evaluate_client`` (the last registered wins)."""
+    _FACTORY[:] = [factory]
+    return factory
+
+
+def client_evaluator_factory() -> Callable[[Any], EvaluateClient]:
+    """The registered ``factory(tests) -> evaluate_client`` (plug-ins of :data:`CLIENT_EVALUATOR_GROUP` loaded)."""
+    from asymvlm.plugins import load_plugins
+
+    load_plugins(CLIENT_EVALUATOR_GROUP)
+    if not _FACTORY:
+        raise ConfigError(
+            f"no per-client evaluator is installed (entry-point group {CLIENT_EVALUATOR_GROUP!r}; asymvlm declares "
+            "asymvlm.training.client_eval there: reinstall the package)"
+        )
+    return _FACTORY[0]

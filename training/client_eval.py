@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from asymvlm.federated.personal_run import register_client_evaluator
+
 __all__ = ["client_evaluator", "plot_client_eval", "CLIENT_METRICS"]
 
 CLIENT_METRICS = ("R@1", "error_auroc", "ambiguity_spearman")
@@ -65,6 +67,9 @@ def client_evaluator(tests: Any):
         return out
 
     return evaluate_client
+
+
+register_client_evaluator(client_evaluator)  # what a Flower node evaluates its own test split with
 
 
 def plot_client_eval(client_metrics: Mapping[str, Mapping[str, Mapping[str, float]]], path: str | Path) -> Path:

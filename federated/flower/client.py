@@ -48,6 +48,8 @@ class _Node:
     batcher: Any
     num_examples: int
     partition: int
+    tests: Any = None  # the clients' test splits this node can see (--client_test_fraction)
+    test_slot: int = 0  # its own entry there (its partition, or 0 with its own cache)
 
 
 _NODES: dict[tuple, _Node] = {}  # per process: a SuperNode may reuse its ClientApp process
@@ -83,16 +85,16 @@ def _node(context: Context) -> _Node:
             fed, num_clients=1, partition="iid", min_clients=1, clients_per_round=0, client_fraction=1.0
         )
         data = get_federated_data(own, single)  # the round's seed reseeds the batcher (client_update)
-        batcher, n = data.batchers[0], data.num_examples[0]
+        batcher, n, slot = data.batchers[0], data.num_examples[0], 0
     else:
         if c >= fed.num_clients:
             raise ConfigError(f"node config partition-id {c} >= num_clients {fed.num_clients}")
         data = get_federated_data(data_args, fed)
-        batcher, n = data.batchers[c], data.num_examples[c]
+        batcher, n, slot = data.batchers[c], data.num_examples[c], c
     client_data = FederatedData([batcher], [n], data.dim, data.encoder_source, data.encoder)
     check_head_size(head, data.dim)
     run = Federation.build(fed, client_data, head, ropts)
-    node = _Node(run, batcher, n, c)
+    node = _Node(run, batcher, n, c, data.tests, slot)
     _NODES[key] = node
     return node
 
@@ -237,4 +239,32 @@ def _client_evaluate(msg: Message, context: Context) -> Message:
     node.batcher.reseed(int_seed(fed.seed, "fairness", node.partition))
     loss = client_loss(node.run.model, node.batcher, fed.fairness_batches)[0]
     metrics = {"eval_loss": float(loss), "num-examples": node.num_examples, "partition-id": node.partition}
+    config = msg.content.config_records.get("config", ConfigRecord())
+    if config.get("asymvlm.client-eval") and node.tests is not None:  # its own test split (personal FL)
+        for model, values in _own_test_metrics(node, msg, config, context).items():
+            metrics.update({f"{model}.{k}": float(v) for k, v in values.items()})
     return Message(RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _own_test_metrics(node: _Node, msg: Message, config: Any, context: Context) -> dict[str, dict[str, float]]:
+    """The node's client's metrics on its own test split, as the simulator computes them
+    (:meth:`~asymvlm.federated.personal_run.PersonalRun.client_metrics`; a clustered run: its
+    cluster model, sent as ``cluster-<j>`` with its membership in ``asymvlm.cluster``)."""
+    from asymvlm.federated.personal_run import client_evaluator_factory
+    from asymvlm.federated.personal_store import ClientStates
+
+    run, c = node.run, node.partition
+    evaluate = client_evaluator_factory()(node.tests)
+
+    def own(client: int, encode: Any) -> dict[str, float]:
+        return evaluate(node.test_slot, encode)
+
+    rnd = int(config.get("asymvlm.round", 0))
+    params = from_arrays(msg.content["arrays"])
+    if "asymvlm.clusters" in config:
+        models = [from_arrays(msg.content[f"cluster-{j}"]) for j in range(int(config["asymvlm.clusters"]))]
+        extra = {"models": models, "assign": {str(c): int(config.get("asymvlm.cluster", 0))}}
+        return {"cluster": own(c, run.cluster.clusterer.client_encoder(run, extra, c, rnd, batcher=node.batcher))}
+    where = context.node_config.get("state-dir", context.node_config.get("state_dir"))
+    store = ClientStates(where) if where else None
+    return run.personal.client_metrics(run, params, c, rnd, rnd + 1, own, slot=0, store=store)

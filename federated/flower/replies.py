@@ -22,7 +22,17 @@ from asymvlm.federated.flower.config import MAX_EXAMPLES, from_arrays
 from asymvlm.heads import MAX_WIDTH
 from asymvlm.io import is_json_number
 
-__all__ = ["Hello", "handshake_reply", "train_reply", "loss_reply", "shorten", "MAX_REASON", "MAX_REPORTED"]
+__all__ = [
+    "Hello",
+    "handshake_reply",
+    "train_reply",
+    "loss_reply",
+    "own_test_reply",
+    "shorten",
+    "MAX_REASON",
+    "MAX_REPORTED",
+    "OWN_TEST_MODELS",
+]
 
 MAX_REASON = 300  # characters of a recorded reason (a node's own text is part of some)
 
@@ -158,6 +168,28 @@ def train_reply(reply: Message, client: int, num_examples: int, needs: Iterable[
     except Exception as err:  # a malformed record: rejected like a bad delta
         raise ClientUpdateError(f"unreadable arrays: {type(err).__name__}: {err}") from None
     return ClientResult(client, delta, num_examples, values["loss-before"], values["loss-after"], values["grad-norm"])
+
+
+OWN_TEST_MODELS = ("global", "personal", "cluster")  # the models a client scores on its own test split
+
+
+def own_test_reply(reply: Message) -> dict[str, dict[str, float]]:
+    """A client's metrics on its own test split from its evaluate reply (``<model>.<metric>``
+    numbers, model one of :data:`OWN_TEST_MODELS`), ``{model: {metric: value}}``, checked."""
+    m = _metrics(reply)
+    out: dict[str, dict[str, float]] = {}
+    for key, value in m.items():
+        if "." not in key:
+            continue
+        model, metric = key.split(".", 1)
+        if model not in OWN_TEST_MODELS:
+            raise ClientUpdateError(f"unknown model {model!r} in its test metrics (expected {OWN_TEST_MODELS})")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ClientUpdateError(f"test metric {key!r} must be a number, got {_show(value)}")
+        out.setdefault(model, {})[metric] = float(value)
+    if not out:
+        raise ClientUpdateError("no test metrics in the reply (its own test split was asked for)")
+    return out
 
 
 def loss_reply(reply: Message, client: int, key: str, *, positive: bool = False) -> float:

@@ -39,7 +39,14 @@ from asymvlm.federated.flower.config import (
     server_options,
     to_arrays,
 )
-from asymvlm.federated.flower.replies import Hello, handshake_reply, loss_reply, shorten, train_reply
+from asymvlm.federated.flower.replies import (
+    Hello,
+    handshake_reply,
+    loss_reply,
+    own_test_reply,
+    shorten,
+    train_reply,
+)
 
 __all__ = [
     "server_app",
@@ -369,25 +376,48 @@ def _initial_losses(grid: Grid, state: Any, where: dict[int, int], timeout: floa
             del where[c]
 
 
-def _fairness_report(grid: Grid, state: Any, where: dict[int, int], rnd: int, timeout: float, record: dict) -> None:
-    """Every reachable client's loss at the new global model into the round's record; a missing or
-    malformed reply is left out of the report and named in ``eval_rejected``."""
+def _fairness_report(
+    grid: Grid, run: Any, state: Any, where: dict[int, int], rnd: int, timeout: float, record: dict
+) -> None:
+    """Every reachable client's loss at the new global model into the round's record and, with
+    ``client_test_fraction``, its metrics on its own test split (``client_metrics``, ``client_eval``,
+    as in-process); a missing or malformed reply is left out and named in ``eval_rejected``."""
+    from asymvlm.federated.personal_run import client_summary
     from asymvlm.federated.rounds import fairness
 
-    arrays = to_arrays(state.params)
-    ok, errors = _send(grid, EVALUATE, {where[p]: RecordDict({"arrays": arrays}) for p in sorted(where)}, rnd + 1,
-                       timeout)  # fmt: skip
-    losses, rejected = {}, []
+    content: dict[str, Any] = {"arrays": to_arrays(state.params)}
+    own_tests = run.fed.client_test_fraction > 0
+    if own_tests:
+        content["config"] = ConfigRecord({"asymvlm.client-eval": True, "asymvlm.round": rnd})
+    if own_tests and run.cluster is not None:
+        models = state.extra["models"]
+        content.update({f"cluster-{j}": to_arrays(m) for j, m in enumerate(models)})
+        contents = {
+            where[p]: RecordDict({**content, "config": ConfigRecord({
+                "asymvlm.client-eval": True, "asymvlm.round": rnd, "asymvlm.clusters": len(models),
+                "asymvlm.cluster": int(state.extra["assign"].get(str(p), 0))})})
+            for p in sorted(where)
+        }  # fmt: skip
+    else:
+        contents = {where[p]: RecordDict(content) for p in sorted(where)}
+    ok, errors = _send(grid, EVALUATE, contents, rnd + 1, timeout)
+    losses, rejected, per = {}, [], {}
     for c in sorted(where):
         try:
             if where[c] not in ok:
                 raise ClientUpdateError(errors.get(where[c], "no reply"))
             losses[c] = loss_reply(ok[where[c]], c, "eval_loss")
+            if own_tests:
+                for model, metrics in own_test_reply(ok[where[c]]).items():
+                    per.setdefault(model, {})[str(c)] = metrics
         except ClientUpdateError as err:
             rejected.append({"client": c, "reason": shorten(err)})
     if losses:
         record["client_loss"] = {str(k): losses[k] for k in sorted(losses)}
         record["fairness"] = fairness([losses[k] for k in sorted(losses)])
+    if per:
+        record["client_metrics"] = per
+        record["client_eval"] = {m: client_summary(v) for m, v in per.items()}
     if rejected:
         record["eval_rejected"] = rejected
 
@@ -490,7 +520,7 @@ def run_flower_server(grid: Grid, run_config: Mapping[str, Any], *, timeout: flo
         if "skipped" in record:
             log.error("round %d skipped: %s", rnd + 1, record["skipped"])
         if not dp and (fed.evaluates_at(rnd + 1, fed.rounds)):
-            _fairness_report(grid, state, where, rnd, timeout, record)
+            _fairness_report(grid, run, state, where, rnd, timeout, record)
         record["seconds"] = round(time.time() - t0, 3)
         run.save_round(state, record, config)
         loss = record.get("fairness", record.get("loss_after", {})).get("mean")

@@ -39,8 +39,12 @@ class RecordingGrid(LocalGrid):
 
 
 def _both(cache, tmp_path, **kw):
+    from asymvlm.training.client_eval import client_evaluator
+
     fed = FederatedArguments(**{**COMMON, "output_dir": str(tmp_path / "in"), **kw})
-    ours, _ = run_federated(fed, get_federated_data(DataArguments(cache_dir=str(cache)), fed), head=HEAD)
+    data = get_federated_data(DataArguments(cache_dir=str(cache)), fed)
+    evaluate_client = client_evaluator(data.tests) if data.tests is not None else None
+    ours, _ = run_federated(fed, data, head=HEAD, evaluate_client=evaluate_client)
     rc = dict(cache_dir=str(cache), output_dir=str(tmp_path / "fl"), hidden_dims="[32]", direction="learned")
     rc.update(COMMON, **kw)
     g = RecordingGrid(
@@ -87,3 +91,24 @@ def test_multitask_methods_are_refused_on_flower(cache, tmp_path):
     g = LocalGrid(F.client_app, rc, [{"partition-id": i} for i in range(4)])
     with pytest.raises(ConfigError, match="simulator only"):
         F.run_flower_server(g, rc)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [{}, {"personalize": "ditto"}, {"personalize": "kappa_route"}, {"personalize": "local_ft"},
+     {"cluster": "ifca"}, {"cluster": "cfl", "cluster_options": '{"eps1": 5.0, "eps2": 0.0, "warmup": 2}'}],
+)  # fmt: skip
+def test_every_client_evaluates_its_own_test_split_on_flower_as_in_process(setting, cache, tmp_path):
+    import json
+
+    _both(cache, tmp_path, client_test_fraction=0.25, eval_every=3, **setting)
+    rec = {}
+    for side in ("in", "fl"):
+        lines = (tmp_path / side / "metrics.jsonl").read_text().splitlines()
+        rec[side] = [json.loads(x) for x in lines][-1]
+    assert rec["fl"]["client_metrics"] == rec["in"]["client_metrics"]
+    assert rec["fl"]["client_eval"] == rec["in"]["client_eval"]
+    models = sorted(rec["fl"]["client_metrics"])
+    expect = {"personalize": ["global", "personal"], "cluster": ["cluster"]}  # these keep no part personal
+    assert models == next((v for k, v in expect.items() if k in setting), ["global"])
+    assert sorted(rec["fl"]["client_metrics"][models[0]]) == ["0", "1", "2", "3"]
