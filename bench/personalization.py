@@ -71,10 +71,17 @@ class Method:
         return {"global": "global", "cluster": "cluster"}.get(self.kind, "personal")
 
 
-# CFL's one documented setting (see CFL_NOTE): split when a cluster's mean update norm falls below
-# eps1 while some client's norm is above eps2, after a 5-round warm-up.
-CFL_OPTIONS = {"eps1": 0.4, "eps2": 1.6, "warmup": 5}
-CFL_NOTE = "CFL: the registry's defaults (eps1 0.4, eps2 1.6, warm-up 5), one setting, not tuned."
+# CFL: the registry's defaults never split here (logged norms, ShapeWorld seed 0: while the mean
+# update norm is below eps1 0.4 (rounds 1-8) the largest client norm stays below eps2 1.6 (0.17-0.70),
+# and once clients' norms pass 1.6 the mean is 0.7-1.9). The second row's setting is read off those
+# norms (late plateau: mean 0.72-0.99, max 1.94-2.16): eps1 1.0, eps2 1.8. One setting, not tuned on R@1.
+CFL_FROM_NORMS = {"eps1": 1.0, "eps2": 1.8, "warmup": 5}
+CFL_NOTE = (
+    "CFL: `cfl (defaults)` is the registry's setting (eps1 0.4, eps2 1.6, warm-up 5); `cfl (eps from norms)` "
+    "uses eps1 1.0, eps2 1.8, read off the defaults' logged update norms on ShapeWorld seed 0 (plateau: mean "
+    "0.72-0.99, largest client 1.94-2.16), the same setting on emoji. `clusters` in the JSON give each run's "
+    "final memberships and `cluster_events` every round's norms and splits."
+)
 # pFedMe's default lam 15 diverges at this local lr (0.2 x 15 = 3 > 2: the proximal steps overshoot and
 # the first round's personal model is NaN); lam 2 keeps local_lr x lam at 0.4. One setting, not tuned.
 PFEDME_OPTIONS = {"lam": 2.0}
@@ -97,7 +104,8 @@ METHODS: dict[str, Method] = {
     "kappa_route": Method("personal", personalize="kappa_route"),
     "ifca (k=2)": Method("cluster", cluster="ifca", cluster_options={"clusters": 2}),
     "ifca (k=4)": Method("cluster", cluster="ifca", cluster_options={"clusters": 4}),
-    "cfl": Method("cluster", cluster="cfl", cluster_options=CFL_OPTIONS),
+    "cfl (defaults)": Method("cluster", cluster="cfl"),
+    "cfl (eps from norms)": Method("cluster", cluster="cfl", cluster_options=CFL_FROM_NORMS),
 }
 QUICK_METHODS = ("FedAvg", "ditto")
 NOTES = [
@@ -301,6 +309,10 @@ def goal_check(summary: dict[str, dict[str, Any]]) -> dict[str, Any]:
         names = [n for n in summary if METHODS[n].kind in kinds]
         return max(names, key=lambda n: summary[n]["R@1 worst10"]["mean"])
 
+    if not any(METHODS[n].kind == "global" for n in summary) or not any(
+        METHODS[n].kind in ("personal", "cluster") for n in summary
+    ):
+        return {"met": None, "reason": "needs a global and a personalised or clustered row"}
     g, p = best(("global",)), best(("personal", "cluster"))
     lift = summary[p]["R@1 worst10"]["mean"] - summary[g]["R@1 worst10"]["mean"]
     dmean = summary[p]["R@1 mean"]["mean"] - summary[g]["R@1 mean"]["mean"]
@@ -340,6 +352,8 @@ def table(summary: dict[str, dict[str, Any]], seeds: int) -> str:
 
 
 def goal_text(goal: dict[str, Any]) -> str:
+    if goal["met"] is None:
+        return f"Goal check: not applicable ({goal['reason']})."
     verdict = "met" if goal["met"] else "NOT met"
     others = ", ".join(goal["methods_meeting_goal"]) or "none"
     return (

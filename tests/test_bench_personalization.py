@@ -10,11 +10,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 LINE = re.compile(r"^per-client R@1 seed (\d+) (.+?): ([0-9. ]+)$")
 
 
+@pytest.mark.slow  # the toy CLIPs of quick_toy_cache are built once per session (as for the other benches)
 def test_personalization_bench_quick(tmp_path, quick_toy_cache):
     out = tmp_path / "pfl.json"
     env = {**os.environ, "ASYMVLM_CACHE": str(quick_toy_cache), "OMP_NUM_THREADS": "1"}

@@ -220,6 +220,8 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
         'round 3/20: loss 1.2500, 2 clients'
         >>> round_line({"round": 4, "sampled": [0], "rejected": [0]}, 20)
         'round 4/20: 1 clients, 1 rejected'
+        >>> round_line({"round": 5, "sampled": [0], "client_eval": {"personal": {"R@1": {"mean": 0.5, "worst10": 0.25}}}}, 5)
+        'round 5/5: 1 clients, personal client R@1 mean 0.5 worst10 0.25'
     """
     facts = []
     if "loss_after" in record:
@@ -228,6 +230,10 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
     if record.get("rejected"):
         facts.append(f"{len(record['rejected'])} rejected")
     facts += [f"{k} {v:.4g}" for k, v in record.items() if k.startswith("eval/") and isinstance(v, (int, float))]
+    for model, summary in record.get("client_eval", {}).items():  # every client on its own test split
+        r1 = summary.get("R@1")
+        if r1:
+            facts.append(f"{model} client R@1 mean {r1['mean']:.4g} worst10 {r1['worst10']:.4g}")
     return f"round {record['round']}/{rounds}: " + ", ".join(facts)
 
 

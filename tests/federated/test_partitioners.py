@@ -422,3 +422,11 @@ def test_the_command_line_options_reach_the_new_partitioners():
     for method, column in (("feature_skew", "visual_style"), ("concept_shift", "caption_style")):
         kwargs = FederatedArguments(partition=method).partition_kwargs()
         assert "column" not in kwargs and PARTITIONER_REGISTRY.resolve(method, kwargs)["style_column"] == column
+
+
+def test_a_partition_alpha_flag_left_at_its_default_gives_way_to_the_presets_own():
+    from asymvlm.federated.config import FederatedArguments
+
+    assert FederatedArguments(partition="feature_skew").partition_kwargs() == {"alpha": 0.1, "min_size": 4}
+    assert FederatedArguments(partition="concept_shift", partition_alpha=0.3).partition_kwargs()["alpha"] == 0.3
+    assert FederatedArguments(partition="dirichlet").partition_kwargs()["alpha"] == 0.5  # its own default is 0.5
