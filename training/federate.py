@@ -220,7 +220,8 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
         'round 3/20: loss 1.2500, 2 clients'
         >>> round_line({"round": 4, "sampled": [0], "rejected": [0]}, 20)
         'round 4/20: 1 clients, 1 rejected'
-        >>> round_line({"round": 5, "sampled": [0], "client_eval": {"personal": {"R@1": {"mean": 0.5, "worst10": 0.25}}}}, 5)
+        >>> summary = {"personal": {"R@1": {"mean": 0.5, "worst10": 0.25}}}
+        >>> round_line({"round": 5, "sampled": [0], "client_eval": summary}, 5)
         'round 5/5: 1 clients, personal client R@1 mean 0.5 worst10 0.25'
     """
     facts = []
