@@ -27,7 +27,7 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -35,11 +35,13 @@ import numpy as np
 import torch
 
 from asymvlm.errors import ArtefactError, ConfigError
-from asymvlm.federated.client import ClientResult, client_loss, client_update
+from asymvlm.federated import multitask  # noqa: F401  (registers fedem and mocha: CLUSTERERS is complete here)
+from asymvlm.federated.client import ClientResult, client_loss
+from asymvlm.federated.cluster_base import CLUSTERERS, Clusterer, fresh_models
 from asymvlm.federated.core import Params, server_update
-from asymvlm.registry import Param, Registry, at_least, non_negative
+from asymvlm.registry import Param, at_least, non_negative
 
-__all__ = ["Clusterer", "IFCA", "CFL", "CLUSTERERS", "ClusterRun", "adjusted_rand_index", "bipartition"]
+__all__ = ["IFCA", "CFL", "CLUSTERERS", "Clusterer", "ClusterRun", "adjusted_rand_index", "bipartition"]
 
 
 def adjusted_rand_index(a: Sequence[Any], b: Sequence[Any]) -> float:
@@ -78,67 +80,6 @@ def bipartition(similarity: np.ndarray) -> tuple[list[int], list[int]]:
     return [i for i in range(n) if labels[i] == labels[0]], [i for i in range(n) if labels[i] != labels[0]]
 
 
-class Clusterer:
-    """Which cluster model a client trains, and when clusters change (base: never)."""
-
-    name: ClassVar[str] = "clusterer"
-    #: whether the Flower ServerApp runs it (FedEM and MOCHA: simulator only)
-    on_flower: ClassVar[bool] = True
-
-    def initial(self, run: Any, params: Params) -> list[Params]:
-        return [dict(params)]
-
-    def initial_extra(self, run: Any, params: Params, opt_init: Any) -> dict[str, Any]:
-        """The server state's ``extra`` at round 0: the models, an optimizer state each, memberships."""
-        models = self.initial(run, params)
-        return {"models": models, "opt": [copy.deepcopy(opt_init) for _ in models], "assign": {}}
-
-    #: whether the client chooses its cluster (it then receives every cluster model)
-    client_chooses: ClassVar[bool] = False
-
-    def choose(self, run: Any, extra: Mapping[str, Any], client: int, seed: int, batcher: Any = None) -> int:
-        """The cluster client ``client`` trains (``batcher``: its data, default ``run.data``'s)."""
-        return int(extra["assign"].get(str(client), 0))
-
-    def regroup(self, extra: dict[str, Any], results: list[ClientResult], rnd: int) -> dict[str, Any] | None:
-        return None
-
-    def client_round(self, run: Any, extra: dict[str, Any], client: int, rnd: int, client_config: Any) -> list:
-        """Client ``client``'s round ``rnd``: the updates it uploads, each a
-        :class:`~asymvlm.federated.client.ClientResult` whose ``group`` names the server model it
-        updates (base: one update of the cluster :meth:`choose` picks)."""
-        from asymvlm.federated.seeds import int_seed
-
-        needs = run.recipe.needs
-        j = self.choose(run, extra, client, int_seed(run.fed.seed, "cluster", rnd, client))
-        extra["assign"][str(client)] = j
-        seed = int_seed(run.fed.seed, "client", rnd, client)
-        run.data.batchers[client].reseed(seed)
-        res = client_update(
-            run.model, extra["models"][j], run.data.batchers[client], run.options, client=client,
-            num_examples=run.data.num_examples[client], seed=seed, client_config=client_config,
-            need_loss_before=bool(needs & {"loss_before", "loss_initial"}), need_grad_norm="grad_norm" in needs,
-        )  # fmt: skip
-        res.group = j
-        return [res]
-
-    def after_step(self, run: Any, extra: dict[str, Any], rnd: int) -> None:
-        """After the round's server steps (MOCHA re-estimates its task relationships here)."""
-
-    def representative(self, extra: Mapping[str, Any], sizes: Sequence[int]) -> Params:
-        """The one model the run saves and evaluates globally: the largest cluster's."""
-        return dict(extra["models"][int(np.argmax(sizes)) if any(sizes) else 0])
-
-    def client_encoder(self, run: Any, extra: Mapping[str, Any], client: int, rnd: int, batcher: Any = None) -> Any:
-        """``encode(text)`` of client ``client``'s model for per-client evaluation: its cluster's
-        (re-estimated on its own data now, ``batcher``, for a client that chooses)."""
-        from asymvlm.federated.personal import encode_with
-        from asymvlm.federated.seeds import int_seed
-
-        j = self.choose(run, extra, client, int_seed(run.fed.seed, "cluster_eval", rnd, client), batcher=batcher)
-        return encode_with(run.model, extra["models"][j])
-
-
 @dataclass
 class IFCA(Clusterer):
     """IFCA (see the module docstring)."""
@@ -148,15 +89,7 @@ class IFCA(Clusterer):
     client_chooses: ClassVar[bool] = True
 
     def initial(self, run, params):
-        out = [dict(params)]
-        for j in range(1, self.clusters):  # other heads: fresh initialisations of other seeds (the paper's random init)
-            from asymvlm.heads import TextHead
-
-            torch.manual_seed(int(run.fed.seed) * 7919 + j)
-            head = TextHead(config=run.model.head.config, validate=False)
-            fresh = {f"head.{k}": v.detach().clone() for k, v in head.state_dict().items()}
-            out.append({k: fresh.get(k, v).clone() for k, v in params.items()})
-        return out
+        return fresh_models(run, params, self.clusters)  # the paper's random initialisations
 
     def choose(self, run, extra, client, seed, batcher=None):
         batcher = batcher if batcher is not None else run.data.batchers[client]
@@ -241,7 +174,6 @@ class CFL(Clusterer):
         return report
 
 
-CLUSTERERS = Registry("clustering method")
 CLUSTERERS.register(
     "ifca",
     params=[Param("clusters", int, 2, "Cluster models k.", check=at_least(1))],
@@ -355,6 +287,3 @@ class ClusterRun:
                for c in range(run.fed.num_clients)}  # fmt: skip
         run.model.set_params(state.params)
         return {"client_metrics": {"cluster": per}, "client_eval": {"cluster": client_summary(per)}}
-
-
-from asymvlm.federated import multitask as _multitask  # noqa: E402,F401  (registers fedem and mocha)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from asymvlm.federated.client import client_update
-from asymvlm.federated.clustered import CLUSTERERS, Clusterer
+from asymvlm.federated.cluster_base import CLUSTERERS, Clusterer, fresh_models
 from asymvlm.federated.core import Params
 from asymvlm.registry import Param, at_least, non_negative
 
@@ -114,9 +114,7 @@ class FedEM(Clusterer):
     store: Any = field(default=None, repr=False)  # the clients' ClientStates (their mixture weights)
 
     def initial(self, run, params):
-        from asymvlm.federated.clustered import IFCA
-
-        return IFCA(clusters=self.components).initial(run, params)  # distinct initialisations, as IFCA's
+        return fresh_models(run, params, self.components)  # distinct initialisations, as IFCA's
 
     def _pi(self, client: int, rnd: int) -> Tensor:
         saved = self.store.load(client, upto=rnd) if self.store is not None else None

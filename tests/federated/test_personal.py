@@ -382,3 +382,24 @@ def test_fedsa_lora_shares_a_and_keeps_b_on_the_clients(tmp_path, tiny_open_clip
         model = build_client_model(HeadConfig(dim=32, hidden_dims=(16,)))
         model.get_params = lambda: {k: v for k, v in state.params.items()}
         PersonalRun.build(bad, model, make_recipe("fedavg"), None)
+
+
+def test_the_command_writes_the_per_client_report_and_the_diagnostics_plot(cache, tmp_path, capsys):
+    from PIL import Image
+
+    from asymvlm.training.federate import main
+
+    out = tmp_path / "cli"
+    args = ["--cache_dir", str(cache), "--rounds", "2", "--num_clients", "4", "--local_steps", "1",
+            "--local_batch_size", "8", "--hidden_dims", "16", "--progress", "false", "--output_dir", str(out),
+            "--personalize", "fedper", "--client_test_fraction", "0.25", "--diagnostics", "true"]  # fmt: skip
+    assert main(args) == 0
+    written = json.loads((out / "clients.json").read_text())
+    assert written["round"] == 2 and written["client_eval"]["personal"] == client_summary(
+        written["client_metrics"]["personal"]
+    )
+    assert Image.open(out / "clients.png").format == Image.open(out / "diagnostics.png").format == "PNG"
+    assert "personal client R@1 mean" in capsys.readouterr().err
+    assert main(["--list_personalizers"]) == 0
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in ("fedrep", "pfedme", "kappa_route", "ifca", "cfl", "fedem", "mocha"))

@@ -1,0 +1,103 @@
+"""What every clustered or multi-task method is: the :class:`Clusterer` base and the registry.
+
+:data:`CLUSTERERS` holds the methods of ``asymvlm-federate --cluster``: the clustered ones
+(:mod:`asymvlm.federated.clustered`: ``ifca``, ``cfl``) and the multi-task ones
+(:mod:`asymvlm.federated.multitask`: ``fedem``, ``mocha``), each registered by its module; import
+:mod:`asymvlm.federated.clustered` (it imports the multi-task module) for the complete registry.
+
+Example:
+    >>> Clusterer().choose(None, {"assign": {"3": 1}}, 3, seed=0)
+    1
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from asymvlm.federated.client import ClientResult, client_update
+from asymvlm.federated.core import Params
+from asymvlm.registry import Registry
+
+__all__ = ["Clusterer", "CLUSTERERS", "fresh_models"]
+
+CLUSTERERS = Registry("clustering method")
+
+
+def fresh_models(run: Any, params: Params, count: int) -> list[Params]:
+    """``count`` server models: ``params`` and ``count - 1`` copies whose head is a fresh
+    initialisation of another seed (seeded by the run's seed; every other parameter copied)."""
+    from asymvlm.heads import TextHead
+
+    out = [dict(params)]
+    for j in range(1, count):
+        torch.manual_seed(int(run.fed.seed) * 7919 + j)
+        head = TextHead(config=run.model.head.config, validate=False)
+        fresh = {f"head.{k}": v.detach().clone() for k, v in head.state_dict().items()}
+        out.append({k: fresh.get(k, v).clone() for k, v in params.items()})
+    return out
+
+
+class Clusterer:
+    """Which cluster model a client trains, and when clusters change (base: never)."""
+
+    name: ClassVar[str] = "clusterer"
+    #: whether the Flower ServerApp runs it (FedEM and MOCHA: simulator only)
+    on_flower: ClassVar[bool] = True
+
+    def initial(self, run: Any, params: Params) -> list[Params]:
+        return [dict(params)]
+
+    def initial_extra(self, run: Any, params: Params, opt_init: Any) -> dict[str, Any]:
+        """The server state's ``extra`` at round 0: the models, an optimizer state each, memberships."""
+        models = self.initial(run, params)
+        return {"models": models, "opt": [copy.deepcopy(opt_init) for _ in models], "assign": {}}
+
+    #: whether the client chooses its cluster (it then receives every cluster model)
+    client_chooses: ClassVar[bool] = False
+
+    def choose(self, run: Any, extra: Mapping[str, Any], client: int, seed: int, batcher: Any = None) -> int:
+        """The cluster client ``client`` trains (``batcher``: its data, default ``run.data``'s)."""
+        return int(extra["assign"].get(str(client), 0))
+
+    def regroup(self, extra: dict[str, Any], results: list[ClientResult], rnd: int) -> dict[str, Any] | None:
+        return None
+
+    def client_round(self, run: Any, extra: dict[str, Any], client: int, rnd: int, client_config: Any) -> list:
+        """Client ``client``'s round ``rnd``: the updates it uploads, each a
+        :class:`~asymvlm.federated.client.ClientResult` whose ``group`` names the server model it
+        updates (base: one update of the cluster :meth:`choose` picks)."""
+        from asymvlm.federated.seeds import int_seed
+
+        needs = run.recipe.needs
+        j = self.choose(run, extra, client, int_seed(run.fed.seed, "cluster", rnd, client))
+        extra["assign"][str(client)] = j
+        seed = int_seed(run.fed.seed, "client", rnd, client)
+        run.data.batchers[client].reseed(seed)
+        res = client_update(
+            run.model, extra["models"][j], run.data.batchers[client], run.options, client=client,
+            num_examples=run.data.num_examples[client], seed=seed, client_config=client_config,
+            need_loss_before=bool(needs & {"loss_before", "loss_initial"}), need_grad_norm="grad_norm" in needs,
+        )  # fmt: skip
+        res.group = j
+        return [res]
+
+    def after_step(self, run: Any, extra: dict[str, Any], rnd: int) -> None:
+        """After the round's server steps (MOCHA re-estimates its task relationships here)."""
+
+    def representative(self, extra: Mapping[str, Any], sizes: Sequence[int]) -> Params:
+        """The one model the run saves and evaluates globally: the largest cluster's."""
+        return dict(extra["models"][int(np.argmax(sizes)) if any(sizes) else 0])
+
+    def client_encoder(self, run: Any, extra: Mapping[str, Any], client: int, rnd: int, batcher: Any = None) -> Any:
+        """``encode(text)`` of client ``client``'s model for per-client evaluation: its cluster's
+        (re-estimated on its own data now, ``batcher``, for a client that chooses)."""
+        from asymvlm.federated.personal import encode_with
+        from asymvlm.federated.seeds import int_seed
+
+        j = self.choose(run, extra, client, int_seed(run.fed.seed, "cluster_eval", rnd, client), batcher=batcher)
+        return encode_with(run.model, extra["models"][j])
