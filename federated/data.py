@@ -42,6 +42,9 @@ class ClientTests:
     texts: list[Any]  # per client: its held-out captions ((T_k, d) embeddings, or token ids for LoRA)
     image_index: list[torch.Tensor]  # per client: (T_k,) the gallery row of each caption's image
     ambiguity: list[torch.Tensor | None]  # per client: (T_k,) true ambiguity (ShapeWorld), else None
+    # per client: (T_k, I) bool, the gallery images that have a caption identical to the query (its own
+    # image included): a vague caption repeated across images is right about each of them
+    positives: list[torch.Tensor] | None = None
 
 
 def split_client_tests(
@@ -182,7 +185,7 @@ def get_federated_data(data_args: Any, fed: Any) -> FederatedData:
     tests = None
     if test_parts is not None:
         ambiguity = _shapeworld_ambiguity(data_args, owner) if columns else None
-        tests = _client_tests(test_parts, owner, images, text_all, ambiguity)
+        tests = _client_tests(test_parts, owner, images, text_all, ambiguity, cache.captions)
     summary = partition_summary(parts, columns.get(label_column(fed, options)) if columns else None)
     from asymvlm.hub import describe_data
 
@@ -200,19 +203,38 @@ def get_federated_data(data_args: Any, fed: Any) -> FederatedData:
 
 
 def _client_tests(
-    test_parts: list[np.ndarray], owner: torch.Tensor, images: torch.Tensor, text_all: Any, ambiguity: Any
+    test_parts: list[np.ndarray],
+    owner: torch.Tensor,
+    images: torch.Tensor,
+    text_all: Any,
+    ambiguity: Any,
+    captions: list[str] | None = None,
 ) -> ClientTests:
-    """The clients' test splits: their held-out images pooled in client order, their captions."""
+    """The clients' test splits: their held-out images pooled in client order, their captions, and
+    which gallery images each caption is also the caption of (identical strings; without strings,
+    identical embedding / token rows)."""
+    from asymvlm.batching import caption_groups
+
     gallery = np.concatenate(test_parts)
     position = torch.full((images.shape[0],), -1, dtype=torch.int64)
     position[torch.from_numpy(gallery)] = torch.arange(len(gallery))
-    texts, index, amb = [], [], []
+    all_rows = torch.nonzero(torch.isin(owner, torch.from_numpy(gallery))).squeeze(1)
+    if captions:
+        groups = caption_groups([captions[r] for r in all_rows.tolist()])
+    else:
+        key = text_all["input_ids"] if isinstance(text_all, dict) else text_all
+        groups = torch.unique(key[all_rows].reshape(len(all_rows), -1), dim=0, return_inverse=True)[1]
+    group_of = dict(zip(all_rows.tolist(), groups.tolist()))
+    said = torch.zeros(int(groups.max()) + 1 if len(groups) else 0, len(gallery), dtype=torch.bool)
+    said[groups, position[owner[all_rows]]] = True  # (caption group, gallery image): the image has that caption
+    texts, index, amb, pos = [], [], [], []
     for img_rows in test_parts:
         rows = torch.nonzero(torch.isin(owner, torch.from_numpy(img_rows))).squeeze(1)
         texts.append({k: v[rows] for k, v in text_all.items()} if isinstance(text_all, dict) else text_all[rows])
         index.append(position[owner[rows]])
         amb.append(None if ambiguity is None else ambiguity[rows])
-    return ClientTests(images[torch.from_numpy(gallery)], texts, index, amb)
+        pos.append(said[torch.tensor([group_of[r] for r in rows.tolist()], dtype=torch.int64)])
+    return ClientTests(images[torch.from_numpy(gallery)], texts, index, amb, pos)
 
 
 def _shapeworld_ambiguity(data_args: Any, owner: torch.Tensor) -> torch.Tensor | None:

@@ -12,6 +12,9 @@ client's R@1 is comparable across clients and methods). Per client it reports
   by the model's own scores when ``encode`` returns a third item, ``scores(images) -> (T, I)``:
   FedEM's mixture);
 * ``error_auroc``: AUROC of the uncertainty ``1 / concentration`` for detecting the misses;
+* ``caption_R@1`` and ``caption_error_auroc``: the same where a query is also right about every
+  gallery image that has an identical caption (a vague caption repeated across images: "a red
+  shape" is true of each image it was written for), when the test split knows them;
 * ``ambiguity_spearman``: Spearman of the uncertainty with the caption's true ambiguity, where
   the data know it (ShapeWorld).
 
@@ -41,7 +44,7 @@ from asymvlm.federated.personal_run import register_client_evaluator
 
 __all__ = ["client_evaluator", "plot_client_eval", "CLIENT_METRICS"]
 
-CLIENT_METRICS = ("R@1", "error_auroc", "ambiguity_spearman")
+CLIENT_METRICS = ("R@1", "caption_R@1", "error_auroc", "ambiguity_spearman")
 
 
 def client_evaluator(tests: Any):
@@ -60,6 +63,11 @@ def client_evaluator(tests: Any):
         hits = positive_ranks(scores, exact) == 0
         unc = 1.0 / kappa.double()
         out = {"R@1": float(hits.double().mean()), "error_auroc": error_auroc(unc, hits)}
+        if getattr(tests, "positives", None) is not None:  # right when the top image has the same caption
+            said = tests.positives[client] | exact
+            caption_hits = positive_ranks(scores, said) == 0
+            out["caption_R@1"] = float(caption_hits.double().mean())
+            out["caption_error_auroc"] = error_auroc(unc, caption_hits)
         amb = tests.ambiguity[client]
         if amb is not None:
             varies = bool((amb != amb[0]).any()) and bool((unc != unc[0]).any())

@@ -403,3 +403,22 @@ def test_the_command_writes_the_per_client_report_and_the_diagnostics_plot(cache
     assert main(["--list_personalizers"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in ("fedrep", "pfedme", "kappa_route", "ifca", "cfl", "fedem", "mocha"))
+
+
+def test_a_repeated_caption_is_right_about_every_image_it_was_written_for():
+    from asymvlm.federated.data import _client_tests
+    from asymvlm.training.client_eval import client_evaluator
+
+    images = torch.eye(4)
+    owner = torch.tensor([0, 0, 1, 1, 2, 3])  # caption rows -> images; two captions per image for 0 and 1
+    text = torch.nn.functional.normalize(torch.rand(6, 4) + 0.1, dim=-1)
+    captions = ["a red shape", "a big red square", "a red shape", "a small red circle", "x", "y"]
+    tests = _client_tests([np.array([0, 1]), np.array([2, 3])], owner, images, text, None, captions)
+    # client 0's captions: rows 0-3; "a red shape" (rows 0 and 2) was written for images 0 and 1
+    assert tests.positives[0].tolist() == [[True, True, False, False], [True, False, False, False],
+                                           [True, True, False, False], [False, True, False, False]]  # fmt: skip
+    # a model that answers every query with image 1: right for "a red shape" (both rows) and row 3
+    evaluate = client_evaluator(tests)
+    always_one = lambda t: (images[[1] * len(t)], torch.ones(len(t)))  # noqa: E731
+    got = evaluate(0, always_one)
+    assert got["R@1"] == 0.5 and got["caption_R@1"] == 0.75
