@@ -83,11 +83,12 @@ def test_parts_resolve_tokens_and_globs_and_reject_what_selects_nothing():
     assert set(PERSONALIZERS) >= {"none", "local_ft", "fedper", "lg_fedavg", "fedsa_lora", "fedrep", "ditto", "pfedme"}
 
 
-def test_fedper_trains_everything_uploads_the_shared_part_and_keeps_the_rest():
+@pytest.mark.parametrize("method,layer", [("fedper", "head.mlp.2."), ("lg_fedavg", "head.mlp.0.")])
+def test_partial_personalisation_trains_everything_uploads_the_shared_part_and_keeps_the_rest(method, layer):
     model, batcher, opts = _setup()
     w = model.get_params()
-    mine0 = {k: v + 0.01 for k, v in w.items() if k.startswith("head.mlp.2.")}
-    p = make_personalizer("fedper")
+    mine0 = {k: v + 0.01 for k, v in w.items() if k.startswith(layer)}
+    p = make_personalizer(method)
     batcher.reseed(7)
     res, mine = p.client_round(_job(model, batcher, opts, w), mine0)
     keys = sorted(mine0)
@@ -422,3 +423,28 @@ def test_a_repeated_caption_is_right_about_every_image_it_was_written_for():
     always_one = lambda t: (images[[1] * len(t)], torch.ones(len(t)))  # noqa: E731
     got = evaluate(0, always_one)
     assert got["R@1"] == 0.5 and got["caption_R@1"] == 0.75
+
+
+@pytest.mark.parametrize("setting", [{"personalize": "ditto"}, {"cluster": "ifca"}])
+def test_lora_clients_personalise_and_cluster(setting, tmp_path, tiny_open_clip_dir):
+    from asymvlm.cache import embed_dataset
+    from asymvlm.encoders import load_encoder
+    from asymvlm.federated.rounds import run_federated
+    from asymvlm.worlds import shapeworld as sw
+
+    enc = load_encoder(str(tiny_open_clip_dir))
+    cache = embed_dataset(enc, sw.generate(40, seed=0), tmp_path / "cache", dtype="float32", progress=False)
+    da = DataArguments(cache_dir=str(cache.path), encoder=str(tiny_open_clip_dir), pretrained="")
+    fed = FederatedArguments(
+        num_clients=3, rounds=2, local_steps=2, local_batch_size=8, progress=False, eval_every=0, trainable="both",
+        lora_mode="factors", lora_r=2, output_dir=str(tmp_path / "run"), **setting,
+    )  # fmt: skip
+    state, _ = run_federated(fed, get_federated_data(da, fed), head=HeadConfig(dim=32, hidden_dims=(16,)))
+    lora = [k for k in state.params if ".lora_B." in k]
+    assert lora
+    if "personalize" in setting:  # every client's personal model holds its own LoRA factors
+        own = ClientStates(tmp_path / "run" / "clients").load(0, upto=2)
+        assert set(lora) <= set(own) and any(not torch.equal(own[k], state.params[k]) for k in lora)
+    else:  # each cluster model carries LoRA factors of its own
+        models = state.extra["models"]
+        assert len(models) == 2 and all(set(lora) <= set(m) for m in models)
