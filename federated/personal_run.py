@@ -84,6 +84,15 @@ class PersonalRun:
                 f"personalize {fed.personalize!r} trains with its own local rule: the recipe's client terms "
                 f"({sorted(recipe.client_terms)}) and sparse masks do not apply; choose a recipe without them"
             )
+        lam = getattr(personalizer, "lam", 0.0)
+        if fed.personalize == "pfedme" and not fed.local_lr * lam < 2:  # w <- w - lr lam (w - theta) overshoots
+            raise ConfigError(
+                f"pfedme: local_lr x lam = {fed.local_lr * lam:g} must be < 2 (the local model's step "
+                "w <- w - local_lr lam (w - theta) diverges); lower lam or local_lr"
+            )
+        plr = getattr(personalizer, "personal_lr", 0.0) or fed.local_lr
+        if fed.personalize == "pfedme" and not plr * lam < 2:
+            raise ConfigError(f"pfedme: personal_lr x lam = {plr * lam:g} must be < 2 (the inner steps diverge)")
         lora_keys = [k for k in keys if ".lora_" in k]
         if lora_keys and fed.lora_mode != "factors":
             raise ConfigError(

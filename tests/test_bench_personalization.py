@@ -59,4 +59,10 @@ def test_personalization_bench_quick(tmp_path, quick_toy_cache):
     lift = fed["summary"]["ditto"]["R@1 worst10"]["mean"] - fed["summary"]["FedAvg"]["R@1 worst10"]["mean"]
     assert math.isclose(goal["worst10_lift"], lift, abs_tol=1e-12)
     assert goal["met"] == (lift >= 0.10 and goal["mean_change"] >= 0)
-    assert "| FedAvg | global |" in proc.stdout and "Goal (worst-10% client R@1" in proc.stdout
+    assert "| FedAvg | global |" in proc.stdout and "Goal on R@1 (worst-10% client R@1" in proc.stdout
+    cap = fed["goal_caption"]  # the same check on caption R@1 (a repeated caption right about each of its images)
+    for name, row in fed["runs"]["0"].items():
+        c = np.array([row["per_client"][k]["caption_R@1"] for k in sorted(row["per_client"], key=int)])
+        assert (c >= np.array([row["per_client"][k]["R@1"] for k in sorted(row["per_client"], key=int)])).all()
+        assert math.isclose(fed["summary"][name]["caption R@1 mean"]["mean"], c.mean(), abs_tol=1e-9)
+    assert cap["metric"] == "caption R@1" and cap["met"] == (cap["worst10_lift"] >= 0.10 and cap["mean_change"] >= 0)

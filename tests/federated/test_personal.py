@@ -337,6 +337,8 @@ def test_personalisation_refuses_what_it_cannot_do(tmp_path):
     model = build_client_model(HEAD, seed=0)
     from asymvlm.federated.recipes import make_recipe
 
+    with pytest.raises(ConfigError, match="local_lr x lam = 3 must be < 2"):
+        PersonalRun.build(_fed(tmp_path, personalize="pfedme", local_lr=0.2), model, make_recipe("fedavg"), None)
     fed = _fed(tmp_path, personalize="pfedme")
     with pytest.raises(ConfigError, match="client terms"):
         PersonalRun.build(fed, model, make_recipe("fedprox", proximal_mu=0.1), None)
