@@ -46,7 +46,7 @@ class Clusterer:
     """Which cluster model a client trains, and when clusters change (base: never)."""
 
     name: ClassVar[str] = "clusterer"
-    #: whether the Flower ServerApp runs it (FedEM and MOCHA: simulator only)
+    #: whether the Flower ServerApp runs it (CFL with drift re-clustering: simulator only)
     on_flower: ClassVar[bool] = True
 
     def initial(self, run: Any, params: Params) -> list[Params]:
@@ -67,24 +67,42 @@ class Clusterer:
     def regroup(self, extra: dict[str, Any], results: list[ClientResult], rnd: int) -> dict[str, Any] | None:
         return None
 
-    def client_round(self, run: Any, extra: dict[str, Any], client: int, rnd: int, client_config: Any) -> list:
+    def client_round(
+        self, run: Any, extra: dict[str, Any], client: int, rnd: int, client_config: Any, slot: int | None = None
+    ) -> list:
         """Client ``client``'s round ``rnd``: the updates it uploads, each a
         :class:`~asymvlm.federated.client.ClientResult` whose ``group`` names the server model it
-        updates (base: one update of the cluster :meth:`choose` picks)."""
+        updates (base: one update of the cluster :meth:`choose` picks). Its data are ``run.data``'s
+        entry ``slot`` (default ``client``; a Flower node holds one client, at 0)."""
         from asymvlm.federated.seeds import int_seed
 
-        needs = run.recipe.needs
-        j = self.choose(run, extra, client, int_seed(run.fed.seed, "cluster", rnd, client))
+        needs, at = run.recipe.needs, client if slot is None else slot
+        batcher = run.data.batchers[at]
+        j = self.choose(run, extra, client, int_seed(run.fed.seed, "cluster", rnd, client), batcher=batcher)
         extra["assign"][str(client)] = j
         seed = int_seed(run.fed.seed, "client", rnd, client)
-        run.data.batchers[client].reseed(seed)
+        batcher.reseed(seed)
+        terms = self.client_config(extra, client, client_config)
         res = client_update(
-            run.model, extra["models"][j], run.data.batchers[client], run.options, client=client,
-            num_examples=run.data.num_examples[client], seed=seed, client_config=client_config,
+            run.model, extra["models"][j], batcher, run.options, client=client,
+            num_examples=run.data.num_examples[at], seed=seed, client_config=terms,
             need_loss_before=bool(needs & {"loss_before", "loss_initial"}), need_grad_norm="grad_norm" in needs,
         )  # fmt: skip
         res.group = j
         return [res]
+
+    def client_config(self, extra: Mapping[str, Any], client: int, client_config: Any) -> Any:
+        """The client-side terms client ``client`` trains with: the recipe's (MOCHA adds its own)."""
+        return client_config
+
+    def message(self, extra: Mapping[str, Any], client: int) -> tuple[dict[str, Params], dict[str, Any]]:
+        """What a Flower train message carries for client ``client`` besides the recipe's: named
+        parameter sets and config numbers. Base: the client's cluster model as ``arrays`` (it does
+        not choose), or every model as ``cluster-<j>`` with their count (it chooses)."""
+        models = extra["models"]
+        if self.client_chooses:
+            return {f"cluster-{j}": m for j, m in enumerate(models)}, {"asymvlm.clusters": len(models)}
+        return {"arrays": models[int(extra["assign"].get(str(client), 0))]}, {}
 
     def after_step(self, run: Any, extra: dict[str, Any], rnd: int) -> None:
         """After the round's server steps (MOCHA re-estimates its task relationships here)."""

@@ -117,7 +117,7 @@ class CFL(Clusterer):
         if self.drift > 0:  # the client compares every cluster model's loss: simulator only
             self.on_flower = False  # type: ignore[misc]
 
-    def client_round(self, run, extra, client, rnd, client_config):
+    def client_round(self, run, extra, client, rnd, client_config, slot=None):
         """CFL's round; with ``drift`` > 0 a client whose loss at its cluster model (at the round's
         start) rose by more than ``drift`` (relative) since its last round moves to the cluster
         model with the lowest loss on its data (logged under the round's ``cluster_event``)."""
@@ -125,11 +125,12 @@ class CFL(Clusterer):
             from asymvlm.federated.seeds import int_seed
 
             seed = int_seed(run.fed.seed, "cluster", rnd, client)
+            batcher = run.data.batchers[client if slot is None else slot]
             losses = []
             for params in extra["models"]:
                 run.model.set_params(params)
-                run.data.batchers[client].reseed(seed)
-                losses.append(client_loss(run.model, run.data.batchers[client], run.options.loss_batches)[0])
+                batcher.reseed(seed)
+                losses.append(client_loss(run.model, batcher, run.options.loss_batches)[0])
             j = int(extra["assign"].get(str(client), 0))
             seen = extra.setdefault("seen_loss", {})
             prev = seen.get(str(client))
@@ -140,7 +141,7 @@ class CFL(Clusterer):
                 )
                 extra["assign"][str(client)] = j = new
             seen[str(client)] = losses[j]
-        return super().client_round(run, extra, client, rnd, client_config)
+        return super().client_round(run, extra, client, rnd, client_config, slot)
 
     def regroup(self, extra, results, rnd):
         """Split at most one cluster this round; returns every updated cluster's update norms

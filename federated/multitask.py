@@ -2,8 +2,9 @@
 
 Two entries of :data:`~asymvlm.federated.clustered.CLUSTERERS` (``asymvlm-federate --cluster``),
 built on the clustered rounds (each server model stepped by the recipe with its own optimizer
-state, checkpointed in the server state's ``extra``); simulator only (the Flower ServerApp refuses
-them: a FedEM client uploads one update per component):
+state, checkpointed in the server state's ``extra``), in the simulator and over Flower (a FedEM
+node receives every component and replies with one update per component, ``arrays-<m>``; a MOCHA
+node receives its own model and the relationship term the server computed):
 
 * ``fedem`` — FedEM (Marfoq et al. 2021, https://arxiv.org/abs/2108.10252, Algorithm 1): ``M``
   shared components; each client keeps its mixture weights ``pi_k`` (client-side state, never
@@ -110,8 +111,8 @@ class FedEM(Clusterer):
 
     components: int = 3
     name: ClassVar[str] = "fedem"
-    on_flower: ClassVar[bool] = False
     store: Any = field(default=None, repr=False)  # the clients' ClientStates (their mixture weights)
+    client_chooses: ClassVar[bool] = True  # it receives every component (and trains them all)
 
     def initial(self, run, params):
         return fresh_models(run, params, self.components)  # distinct initialisations, as IFCA's
@@ -120,10 +121,11 @@ class FedEM(Clusterer):
         saved = self.store.load(client, upto=rnd) if self.store is not None else None
         return saved["pi"] if saved is not None else torch.full((self.components,), 1.0 / self.components)
 
-    def client_round(self, run, extra, client, rnd, client_config):
+    def client_round(self, run, extra, client, rnd, client_config, slot=None):
         from asymvlm.federated.seeds import int_seed
 
-        batcher = run.data.batchers[client]
+        at = client if slot is None else slot
+        batcher = run.data.batchers[at]
         q = responsibilities(run.model, extra["models"], self._pi(client, rnd), batcher)
         if self.store is not None:
             self.store.save(client, rnd + 1, {"pi": q.mean(0).float()})
@@ -134,7 +136,7 @@ class FedEM(Clusterer):
             seed = int_seed(run.fed.seed, "client", rnd, client, m)
             res = client_update(
                 run.model, params, WeightedBatches(batcher, q[:, m], seed), run.options, client=client,
-                num_examples=run.data.num_examples[client], seed=seed, client_config=client_config,
+                num_examples=run.data.num_examples[at], seed=seed, client_config=client_config,
                 need_loss_before=bool(needs & {"loss_before", "loss_initial"}), need_grad_norm="grad_norm" in needs,
             )  # fmt: skip
             res.group = m
@@ -173,10 +175,9 @@ class MOCHA(Clusterer):
     lam: float = 1e-3
     eps: float = 1e-6
     name: ClassVar[str] = "mocha"
-    on_flower: ClassVar[bool] = False
 
     def initial(self, run, params):
-        return [dict(params) for _ in range(run.fed.num_clients)]
+        return [{k: v.clone() for k, v in params.items()} for _ in range(run.fed.num_clients)]
 
     def initial_extra(self, run, params, opt_init):
         extra = super().initial_extra(run, params, opt_init)
@@ -186,18 +187,20 @@ class MOCHA(Clusterer):
         return extra
 
     def choose(self, run, extra, client, seed, batcher=None):
-        return int(client)
+        return int(extra["assign"].get(str(client), client))  # task k's model (a Flower node holds only its own)
 
-    def client_round(self, run, extra, client, rnd, client_config):
+    def client_config(self, extra, client, client_config):
+        """The recipe's terms and the relationship term of task ``client`` (the server computes it)."""
+        if "relationship" in (client_config or {}):  # already computed (a Flower node receives it)
+            return client_config
         inv = torch.linalg.inv(extra["omega"])
         models = extra["models"]
-        names = run.model.trained_names()
         others = {
             k: sum(float(inv[client, j]) * models[j][k].double() for j in range(len(models)) if j != client).float()
-            for k in names
+            for k in models[client]
         }
         term = {"relationship": {"lam": self.lam, "self_weight": float(inv[client, client]), "others": others}}
-        return super().client_round(run, extra, client, rnd, {**(client_config or {}), **term})
+        return {**(client_config or {}), **term}
 
     def after_step(self, run, extra, rnd):
         keys = run.model.trained_names()

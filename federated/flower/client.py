@@ -94,6 +94,11 @@ def _node(context: Context) -> _Node:
     client_data = FederatedData([batcher], [n], data.dim, data.encoder_source, data.encoder)
     check_head_size(head, data.dim)
     run = Federation.build(fed, client_data, head, ropts)
+    where = context.node_config.get("state-dir", context.node_config.get("state_dir"))
+    if where and run.cluster is not None and hasattr(run.cluster.clusterer, "store"):
+        from asymvlm.federated.personal_store import ClientStates
+
+        run.cluster.clusterer.store = ClientStates(where)  # FedEM's mixture weights stay on this node
     node = _Node(run, batcher, n, c, data.tests, slot)
     _NODES[key] = node
     return node
@@ -179,18 +184,8 @@ def _client_train(msg: Message, context: Context) -> Message:
             f"personalize {fed.personalize!r} needs asymvlm's ServerApp without secure aggregation: the client "
             "uploads only its shared parameters"
         )
-    chosen = None
-    if "asymvlm.clusters" in config:  # clustered FL (IFCA): train the cluster model with the lowest loss here
-        k = int(config["asymvlm.clusters"])
-        models = [from_arrays(content[f"cluster-{j}"]) for j in range(k)]
-        if run.cluster is None:
-            raise ConfigError("the server sent cluster models but this run config names no cluster method")
-        extra = {"models": models, "assign": {}}
-        chosen = run.cluster.clusterer.choose(
-            run, extra, node.partition, int_seed(fed.seed, "cluster", rnd, node.partition), batcher=node.batcher
-        )
-        params = models[chosen]
-        node.batcher.reseed(seed)
+    if run.cluster is not None and asym and not legacy:  # clustered / multi-task FL: the method's own round
+        return _cluster_train(msg, node, params, config, rnd, terms, context)
     if personal:  # its personal state stays on this node (node config state-dir, else <output_dir>/clients)
         from asymvlm.federated.personal_store import ClientStates
 
@@ -204,13 +199,7 @@ def _client_train(msg: Message, context: Context) -> Message:
             seed=seed, client_config=terms, need_loss_before=bool(needs & {"loss_before", "loss_initial"}),
             need_grad_norm="grad_norm" in needs,
         )  # fmt: skip
-    metrics: dict[str, Any] = {"num-examples": node.num_examples, "partition-id": node.partition}
-    if chosen is not None:
-        metrics["cluster"] = chosen
-    for name in ("loss_before", "loss_after", "grad_norm"):
-        value = getattr(result, name)
-        if value is not None:
-            metrics[name.replace("_", "-")] = float(value)
+    metrics = _train_metrics(node, result)
     sent = result.delta if asym else {k: params[k] + d for k, d in result.delta.items()}
     if legacy:
         from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
@@ -225,6 +214,41 @@ def _client_train(msg: Message, context: Context) -> Message:
         fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), weight, metrics)
         return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
     return Message(RecordDict({"arrays": to_arrays(sent), "metrics": MetricRecord(metrics)}), reply_to=msg)
+
+
+def _train_metrics(node: _Node, result: Any) -> dict[str, Any]:
+    metrics: dict[str, Any] = {"num-examples": node.num_examples, "partition-id": node.partition}
+    for name in ("loss_before", "loss_after", "grad_norm"):
+        value = getattr(result, name)
+        if value is not None:
+            metrics[name.replace("_", "-")] = float(value)
+    return metrics
+
+
+def _cluster_train(
+    msg: Message, node: _Node, params: Any, config: Any, rnd: int, terms: Any, context: Context
+) -> Message:
+    """A clustered / multi-task round on this node: the method's client round
+    (:meth:`~asymvlm.federated.cluster_base.Clusterer.client_round`) on the models the server sent
+    (every ``cluster-<j>``, or its own as ``arrays``); one update (``arrays``; ``cluster``: the one
+    it chose, when it chooses) or one per model (``arrays-<m>``, ``groups``: FedEM)."""
+    clusterer = node.run.cluster.clusterer
+    if "asymvlm.clusters" in config:
+        models = [from_arrays(msg.content[f"cluster-{j}"]) for j in range(int(config["asymvlm.clusters"]))]
+    else:
+        models = [params]
+    extra = {"models": models, "assign": {} if len(models) > 1 else {str(node.partition): 0}}  # its own model
+    results = clusterer.client_round(node.run, extra, node.partition, rnd, terms, slot=0)
+    metrics = _train_metrics(node, results[0])
+    if len(results) == 1:
+        if clusterer.client_chooses:
+            metrics["cluster"] = int(results[0].group)
+        return Message(
+            RecordDict({"arrays": to_arrays(results[0].delta), "metrics": MetricRecord(metrics)}), reply_to=msg
+        )
+    metrics["groups"] = len(results)
+    arrays = {f"arrays-{r.group}": to_arrays(r.delta) for r in results}
+    return Message(RecordDict({**arrays, "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @client_app.evaluate()

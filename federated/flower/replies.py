@@ -28,6 +28,7 @@ __all__ = [
     "train_reply",
     "loss_reply",
     "own_test_reply",
+    "group_train_reply",
     "shorten",
     "MAX_REASON",
     "MAX_REPORTED",
@@ -160,14 +161,48 @@ def train_reply(reply: Message, client: int, num_examples: int, needs: Iterable[
     for need, key in (("loss_before", "loss-before"), ("loss_initial", "loss-before"), ("grad_norm", "grad-norm")):
         if need in needs and values[key] is None:
             raise ClientUpdateError(f"no {key} in the reply (the recipe needs it)")
-    record = reply.content.array_records.get("arrays")
-    if record is None:
-        raise ClientUpdateError("no 'arrays' record (an ArrayRecord) in the reply")
-    try:
-        delta = from_arrays(record)
-    except Exception as err:  # a malformed record: rejected like a bad delta
-        raise ClientUpdateError(f"unreadable arrays: {type(err).__name__}: {err}") from None
+    delta = _delta(reply, "arrays")
     return ClientResult(client, delta, num_examples, values["loss-before"], values["loss-after"], values["grad-norm"])
+
+
+def _delta(reply: Message, key: str) -> Any:
+    record = reply.content.array_records.get(key)
+    if record is None:
+        raise ClientUpdateError(f"no {key!r} record (an ArrayRecord) in the reply")
+    try:
+        return from_arrays(record)
+    except Exception as err:  # a malformed record: rejected like a bad delta
+        raise ClientUpdateError(f"unreadable {key}: {type(err).__name__}: {err}") from None
+
+
+def group_train_reply(reply: Message, client: int, num_examples: int, needs: Iterable[str], groups: int) -> list:
+    """A multi-model client's reply (FedEM: one update per component, ``arrays-<m>``), checked
+    like :func:`train_reply`: one :class:`~asymvlm.federated.client.ClientResult` per group."""
+    first = reply.content.array_records.get("arrays-0")
+    if first is None:
+        raise ClientUpdateError("no 'arrays-0' record: a multi-model round replies with arrays-0 .. arrays-M-1")
+    m = _metrics(reply)
+    if m.get("groups") != groups or isinstance(m.get("groups"), bool):
+        raise ClientUpdateError(f"groups must be {groups} (one update per server model), got {_show(m.get('groups'))}")
+    from flwr.app import RecordDict
+
+    results = []
+    for j in range(groups):
+        record = reply.content.array_records.get(f"arrays-{j}")
+        if record is None:
+            raise ClientUpdateError(f"no 'arrays-{j}' record in the reply")
+        view = RecordDict({"arrays": record, "metrics": reply.content.metric_records["metrics"]})
+        one = train_reply(_Reply(view), client, num_examples, needs)  # the metrics checked as for one update
+        one.group = j
+        results.append(one)
+    return results
+
+
+class _Reply:
+    """A reply's content seen with one group's update as its ``arrays`` (what :func:`train_reply` reads)."""
+
+    def __init__(self, content: Any):
+        self.content = content
 
 
 OWN_TEST_MODELS = ("global", "personal", "cluster")  # the models a client scores on its own test split

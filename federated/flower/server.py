@@ -41,6 +41,7 @@ from asymvlm.federated.flower.config import (
 )
 from asymvlm.federated.flower.replies import (
     Hello,
+    group_train_reply,
     handshake_reply,
     loss_reply,
     own_test_reply,
@@ -111,6 +112,10 @@ def _plain_round(grid: Grid, run: Any, state: Any, active: list[int], where: dic
     for node in sorted(ok, key=lambda n: node_to_pid[n]):
         c = node_to_pid[node]
         try:
+            if run.cluster is not None and "arrays-0" in ok[node].content.array_records:  # one update per model
+                groups = len(state.extra["models"])
+                results.extend(group_train_reply(ok[node], c, sizes[c], run.recipe.needs, groups))
+                continue
             results.append(train_reply(ok[node], c, sizes[c], run.recipe.needs))
             if run.cluster is not None:
                 results[-1].group = _cluster_of(run, state, ok[node], c)
@@ -120,15 +125,19 @@ def _plain_round(grid: Grid, run: Any, state: Any, active: list[int], where: dic
 
 
 def _cluster_content(run: Any, state: Any, content: dict, cfg: ConfigRecord, client: int) -> RecordDict:
-    """Clustered FL's train message: the client's cluster model as ``arrays`` (CFL), or every
-    cluster model (``cluster-<j>``) for a client that chooses its own (IFCA)."""
-    models = state.extra["models"]
+    """Clustered / multi-task FL's train message for ``client``: what its method sends
+    (:meth:`~asymvlm.federated.cluster_base.Clusterer.message`: its cluster model as ``arrays``, or
+    every model as ``cluster-<j>``) and its own client terms (MOCHA's relationship term)."""
+    from asymvlm.federated.client import pack_client_config
+
+    clusterer = run.cluster.clusterer
+    arrays, numbers = clusterer.message(state.extra, client)
+    term_numbers, term_tensors = pack_client_config(clusterer.client_config(state.extra, client, {}) or {})
     out = dict(content)
-    if run.cluster.clusterer.client_chooses:
-        out.update({f"cluster-{j}": to_arrays(m) for j, m in enumerate(models)})
-        out["config"] = ConfigRecord({**dict(cfg), "asymvlm.clusters": len(models)})
-    else:
-        out["arrays"] = to_arrays(models[int(state.extra["assign"].get(str(client), 0))])
+    out.update({key: to_arrays(p) for key, p in arrays.items()})
+    out.update({CLIENT_CONFIG + key: to_arrays(t) for key, t in term_tensors.items()})
+    numbers = {**numbers, **{CLIENT_CONFIG + key: v for key, v in term_numbers.items()}}
+    out["config"] = ConfigRecord({**dict(cfg), **numbers})
     return RecordDict(out)
 
 

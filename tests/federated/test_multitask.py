@@ -161,9 +161,9 @@ def test_fedem_clients_are_evaluated_as_mixtures(tmp_path, synthetic_cache):
     assert got == pytest.approx(float(((scores > own).sum(1) == 0).double().mean()), abs=1e-12)
 
 
-def test_multitask_methods_refuse_flower_and_bad_options(tmp_path):
+def test_multitask_methods_refuse_bad_options(tmp_path):
     with pytest.raises(ConfigError, match="unknown option"):
         _fed(tmp_path, "mocha", '{"omega": 1}')
     run = Federation.build(_fed(tmp_path / "x", "mocha", ""), _data(), HEAD)
-    assert not run.cluster.clusterer.on_flower and run.cluster.clusterer.lam == 1e-3
+    assert run.cluster.clusterer.on_flower and run.cluster.clusterer.lam == 1e-3
     assert ClientOptions().local_steps == 10  # the defaults MOCHA's clients train with

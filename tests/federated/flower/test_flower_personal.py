@@ -83,14 +83,36 @@ def test_clustered_flower_equals_in_process(method, options, cache, tmp_path):
     assert ours.extra["assign"] == flower.extra["assign"]
 
 
-def test_multitask_methods_are_refused_on_flower(cache, tmp_path):
+def test_cfl_with_drift_reclustering_is_refused_on_flower(cache, tmp_path):
     from asymvlm.errors import ConfigError
 
     rc = dict(cache_dir=str(cache), output_dir=str(tmp_path / "fl"), hidden_dims="[32]", direction="learned")
-    rc.update(COMMON, cluster="fedem")
+    rc.update(COMMON, cluster="cfl", cluster_options='{"drift": 0.5}')
     g = LocalGrid(F.client_app, rc, [{"partition-id": i} for i in range(4)])
     with pytest.raises(ConfigError, match="simulator only"):
         F.run_flower_server(g, rc)
+
+
+@pytest.mark.parametrize("method,options", [("fedem", '{"components": 2}'), ("mocha", '{"lam": 0.01}')])
+def test_multitask_flower_equals_in_process(method, options, cache, tmp_path):
+    ours, flower, g = _both(cache, tmp_path, cluster=method, cluster_options=options, client_test_fraction=0.25,
+                            eval_every=3)  # fmt: skip
+    assert len(ours.extra["models"]) == len(flower.extra["models"])
+    for a, b in zip(ours.extra["models"], flower.extra["models"]):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(ours.params[k], flower.params[k]) for k in ours.params)
+    if method == "mocha":
+        assert torch.equal(ours.extra["omega"], flower.extra["omega"])
+    else:  # every node's mixture weights, in its own state-dir, are the simulator's; none went to the server
+        sim = ClientStates(tmp_path / "in" / "clients")
+        for c in range(4):
+            assert torch.equal(sim.load(c, upto=3)["pi"], ClientStates(tmp_path / f"node{c}").load(c, upto=3)["pi"])
+        trains = [r for r in g.replies if r.metadata.message_type == "train" and r.has_content()]
+        assert trains and all(set(r.content.array_records) == {"arrays-0", "arrays-1"} for r in trains)
+    import json
+
+    rec = {side: json.loads((tmp_path / side / "metrics.jsonl").read_text().splitlines()[-1]) for side in ("in", "fl")}
+    assert rec["fl"]["client_metrics"] == rec["in"]["client_metrics"]
 
 
 @pytest.mark.parametrize(
