@@ -106,6 +106,8 @@ METHODS: dict[str, Method] = {
     "ifca (k=4)": Method("cluster", cluster="ifca", cluster_options={"clusters": 4}),
     "cfl (defaults)": Method("cluster", cluster="cfl"),
     "cfl (eps from norms)": Method("cluster", cluster="cfl", cluster_options=CFL_FROM_NORMS),
+    "fedem (M=3)": Method("cluster", cluster="fedem", cluster_options={"components": 3}),
+    "mocha": Method("cluster", cluster="mocha"),
 }
 QUICK_METHODS = ("FedAvg", "ditto")
 NOTES = [
@@ -117,7 +119,8 @@ NOTES = [
     "the global model, so its upload column is Ditto's, not zero.",
     "The model judged: `global` for the recipes (one model for everyone), `personal` for the "
     "personalised methods (local_ft: the global model fine-tuned on the client at evaluation), `cluster` "
-    "for IFCA/CFL (each client's cluster model; IFCA re-estimates the cluster on the client's data).",
+    "for IFCA/CFL (each client's cluster model; IFCA re-estimates the cluster on the client's data), FedEM "
+    "(each client's mixture of the components with its own weights) and MOCHA (each client's task model).",
     "fedsa_lora is not run: it personalises LoRA factors (B) and these clients train the head only.",
     CFL_NOTE,
     "R@1: exact text-to-image hit at rank 1 of the client's held-out captions (every caption level) "
