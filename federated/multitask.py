@@ -19,7 +19,9 @@ node receives its own model and the relationship term the server computed):
   ``sum_k F_k(w_k) + lam tr(W Omega^-1 W^T)``; every local step adds the regulariser's gradient
   (client term ``relationship``), and after each round the server re-estimates the task
   covariance in closed form, ``Omega = (W^T W)^(1/2) / tr((W^T W)^(1/2))`` (Zhang & Yeung 2010),
-  with ``eps`` added to the Gram's eigenvalues. The saved model is the mean of the task models.
+  with ``eps`` (relative to the mean squared model norm) added to the Gram's eigenvalues; a run
+  whose step on the regulariser could diverge (``local_lr x 2 lam x K / sqrt(eps) >= 2``: the
+  bound on the curvature) is refused. The saved model is the mean of the task models.
   Unlike the personalised methods, every client's model is at the server (MOCHA's design).
 
 Example:
@@ -38,10 +40,11 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from asymvlm.errors import ConfigError
 from asymvlm.federated.client import client_update
 from asymvlm.federated.cluster_base import CLUSTERERS, Clusterer, fresh_models
 from asymvlm.federated.core import Params
-from asymvlm.registry import Param, at_least, non_negative
+from asymvlm.registry import Param, at_least, non_negative, positive
 
 __all__ = ["FedEM", "MOCHA", "WeightedBatches", "task_covariance", "responsibilities"]
 
@@ -92,12 +95,16 @@ def responsibilities(model: Any, components: list[Params], pi: Tensor, batcher: 
     return torch.softmax(torch.log(pi.double()).unsqueeze(0) + torch.stack(logp, dim=1), dim=1)
 
 
-def task_covariance(w: Tensor, eps: float = 1e-6) -> Tensor:
-    """``Omega = (W^T W + eps I)^(1/2) / tr(...)`` for the tasks' flattened models as the rows of
-    ``w`` (``(K, d)``; the Gram ``w w^T`` is ``W^T W`` for columns), float64."""
+def task_covariance(w: Tensor, eps: float = 1e-2) -> Tensor:
+    """``Omega = (G + e I)^(1/2) / tr(...)`` with ``G = W^T W`` the Gram of the tasks' flattened
+    models (the rows of ``w``, ``(K, d)``), float64, and ``e = eps tr(G) / K``: ``eps`` relative to
+    the mean squared model norm, so the ridge does not depend on the models' scale. It bounds the
+    largest eigenvalue of ``Omega^-1`` by ``K / sqrt(eps)``: tasks that are nearly the same (a Gram
+    of rank one) would otherwise make the relationship term's curvature explode."""
     gram = w.double() @ w.double().T
+    ridge = eps * float(torch.trace(gram)) / gram.shape[0]
     s, v = torch.linalg.eigh(gram)
-    root = (v * torch.sqrt(s.clamp_min(0) + eps)) @ v.T
+    root = (v * torch.sqrt(s.clamp_min(0) + ridge)) @ v.T
     return root / torch.trace(root)
 
 
@@ -173,11 +180,17 @@ class MOCHA(Clusterer):
     """MOCHA-style multi-task learning (see the module docstring)."""
 
     lam: float = 1e-3
-    eps: float = 1e-6
+    eps: float = 1e-2
     name: ClassVar[str] = "mocha"
 
     def initial(self, run, params):
-        return [{k: v.clone() for k, v in params.items()} for _ in range(run.fed.num_clients)]
+        k = run.fed.num_clients
+        if not run.fed.local_lr * 2 * self.lam * k / self.eps**0.5 < 2:
+            raise ConfigError(
+                f"mocha: local_lr x 2 lam x K / sqrt(eps) = {run.fed.local_lr * 2 * self.lam * k / self.eps**0.5:g} "
+                "must be < 2 (the relationship term's steps could diverge); lower lam or raise eps"
+            )
+        return [{k_: v.clone() for k_, v in params.items()} for _ in range(k)]
 
     def initial_extra(self, run, params, opt_init):
         extra = super().initial_extra(run, params, opt_init)
@@ -222,7 +235,13 @@ CLUSTERERS.register(
     "mocha",
     params=[
         Param("lam", float, 1e-3, "Strength of the task-relationship term lam.", check=non_negative),
-        Param("eps", float, 1e-6, "Added to the Gram's eigenvalues when Omega is re-estimated.", check=non_negative),
+        Param(
+            "eps",
+            float,
+            1e-2,
+            "Ridge on the Gram when Omega is re-estimated (relative to the mean squared norm).",
+            check=positive,
+        ),
     ],
     help="MOCHA-style multi-task: a model per client, lam tr(W Omega^-1 W^T), Omega re-estimated each round.",
     reference="https://arxiv.org/abs/1705.10467",

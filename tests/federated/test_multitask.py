@@ -46,7 +46,8 @@ def _fed(out, cluster, options, rounds=3, **kw):
 def test_task_covariance_is_the_normalised_matrix_square_root():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((5, 40))
-    root = scipy.linalg.sqrtm(w @ w.T + 1e-3 * np.eye(5)).real
+    ridge = 1e-3 * np.trace(w @ w.T) / 5  # eps relative to the mean squared norm
+    root = scipy.linalg.sqrtm(w @ w.T + ridge * np.eye(5)).real
     got = task_covariance(torch.from_numpy(w), eps=1e-3).numpy()
     np.testing.assert_allclose(got, root / np.trace(root), rtol=1e-9, atol=1e-12)
 
@@ -131,7 +132,7 @@ def test_multitask_runs_resume_bit_identically(method, options, tmp_path):
         assert torch.equal(full.extra["omega"], back.extra["omega"])
         keys = sorted(full.extra["models"][0])
         w = torch.stack([torch.cat([m[k].double().reshape(-1) for k in keys]) for m in full.extra["models"]])
-        torch.testing.assert_close(full.extra["omega"], task_covariance(w, 1e-6))
+        torch.testing.assert_close(full.extra["omega"], task_covariance(w, 1e-2))
         mean = {k: torch.stack([m[k] for m in full.extra["models"]]).mean(0) for k in keys}
         assert all(torch.equal(full.params[k], mean[k]) for k in keys)
 
@@ -167,3 +168,11 @@ def test_multitask_methods_refuse_bad_options(tmp_path):
     run = Federation.build(_fed(tmp_path / "x", "mocha", ""), _data(), HEAD)
     assert run.cluster.clusterer.on_flower and run.cluster.clusterer.lam == 1e-3
     assert ClientOptions().local_steps == 10  # the defaults MOCHA's clients train with
+
+
+def test_mocha_bounds_its_curvature_and_refuses_steps_that_diverge(tmp_path):
+    w = torch.ones(8, 30, dtype=torch.float64) + 1e-6 * torch.randn(8, 30, dtype=torch.float64)  # nearly one task
+    inv = torch.linalg.inv(task_covariance(w, eps=1e-2))
+    assert float(torch.linalg.eigvalsh(inv).max()) <= 8 / 1e-2**0.5 * (1 + 1e-9)
+    with pytest.raises(ConfigError, match="must be < 2"):
+        Federation.build(_fed(tmp_path / "m", "mocha", '{"lam": 1.0}', local_lr=1.0), _data(), HEAD).start({}, None)
