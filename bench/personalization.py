@@ -123,6 +123,7 @@ NOTES = [
     "(each client's mixture of the components with its own weights) and MOCHA (each client's task model).",
     "fedsa_lora is not run: it personalises LoRA factors (B) and these clients train the head only.",
     CFL_NOTE,
+    PFEDME_NOTE,
     "R@1: exact text-to-image hit at rank 1 of the client's held-out captions (every caption level) "
     "against the pooled held-out images of all clients; caption R@1: the same, a caption also right about "
     "every gallery image that has an identical caption (vague captions repeat across images); worst-10%: "

@@ -16,7 +16,7 @@ trigger, not FedDAA's prototype-based drift-source detection.
 Example:
     >>> phases = temporal_phases([np.arange(6)], np.array(list("aabbcc")), seed=0)
     >>> [p.tolist() for p in phases[0]]
-    [[2, 3, 4, 5], [0, 1]]
+    [[0, 1, 2, 3], [4, 5]]
 """
 
 from __future__ import annotations
