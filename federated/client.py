@@ -71,6 +71,8 @@ __all__ = [
     "client_update",
     "client_loss",
     "check_masks",
+    "server_inputs",
+    "update_needs",
     "upload_bytes",
 ]
 
@@ -96,6 +98,28 @@ class ClientResult:
     loss_after: float | None = None
     grad_norm: float | None = None
     group: int | None = None  # the server model it updates (clustered FL's cluster; None: the global one)
+
+
+def update_needs(needs: set[str]) -> dict[str, bool]:
+    """The :func:`client_update` flags a recipe's ``needs`` ask for: the loss before training
+    (q-FFL, AdaFedAdam) and the gradient norm at the global model."""
+    return {"need_loss_before": bool(needs & {"loss_before", "loss_initial"}), "need_grad_norm": "grad_norm" in needs}
+
+
+def server_inputs(
+    needs: set[str], results: Sequence[ClientResult], initial_losses: Mapping[str, float]
+) -> dict[str, list[Any]]:
+    """What a recipe's server step needs of each update besides its delta (``recipe.needs``), as
+    :func:`~asymvlm.federated.core.server_update` takes it: the losses before training, the gradient
+    norms, the clients' initial losses (q-FFL, AdaFedAdam)."""
+    out: dict[str, list[Any]] = {}
+    if needs & {"loss_before", "loss_initial"}:
+        out["loss_before"] = [r.loss_before for r in results]
+    if "grad_norm" in needs:
+        out["grad_norm"] = [r.grad_norm for r in results]
+    if "loss_initial" in needs:
+        out["loss_initial"] = [initial_losses[str(r.client)] for r in results]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

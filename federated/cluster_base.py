@@ -19,13 +19,26 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from asymvlm.federated.client import ClientResult, client_update
+from asymvlm.federated.client import ClientResult, client_update, update_needs
 from asymvlm.federated.core import Params
 from asymvlm.registry import Registry
 
-__all__ = ["Clusterer", "CLUSTERERS", "fresh_models"]
+__all__ = ["Clusterer", "CLUSTERERS", "fresh_models", "model_losses"]
 
 CLUSTERERS = Registry("clustering method")
+
+
+def model_losses(run: Any, models: Sequence[Params], batcher: Any, seed: int) -> list[float]:
+    """Every model's loss on a client's data: the mean over its first ``loss_batches`` batches of
+    the batch order ``seed`` (the same batches for every model)."""
+    from asymvlm.federated.client import client_loss
+
+    losses = []
+    for params in models:
+        run.model.set_params(params)
+        batcher.reseed(seed)
+        losses.append(client_loss(run.model, batcher, run.options.loss_batches)[0])
+    return losses
 
 
 def fresh_models(run: Any, params: Params, count: int) -> list[Params]:
@@ -48,6 +61,9 @@ class Clusterer:
     name: ClassVar[str] = "clusterer"
     #: whether the Flower ServerApp runs it (CFL with drift re-clustering: simulator only)
     on_flower: ClassVar[bool] = True
+
+    def check(self, fed: Any) -> None:
+        """Refuse a run this method cannot do (a :class:`~asymvlm.errors.ConfigError`); base: none."""
 
     def initial(self, run: Any, params: Params) -> list[Params]:
         return [dict(params)]
@@ -86,7 +102,7 @@ class Clusterer:
         res = client_update(
             run.model, extra["models"][j], batcher, run.options, client=client,
             num_examples=run.data.num_examples[at], seed=seed, client_config=terms,
-            need_loss_before=bool(needs & {"loss_before", "loss_initial"}), need_grad_norm="grad_norm" in needs,
+            **update_needs(needs),
         )  # fmt: skip
         res.group = j
         return [res]

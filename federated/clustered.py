@@ -36,8 +36,8 @@ import torch
 
 from asymvlm.errors import ArtefactError, ConfigError
 from asymvlm.federated import multitask  # noqa: F401  (registers fedem and mocha: CLUSTERERS is complete here)
-from asymvlm.federated.client import ClientResult, client_loss
-from asymvlm.federated.cluster_base import CLUSTERERS, Clusterer, fresh_models
+from asymvlm.federated.client import ClientResult, server_inputs
+from asymvlm.federated.cluster_base import CLUSTERERS, Clusterer, fresh_models, model_losses
 from asymvlm.federated.core import Params, server_update
 from asymvlm.registry import Param, at_least, non_negative
 
@@ -93,12 +93,7 @@ class IFCA(Clusterer):
 
     def choose(self, run, extra, client, seed, batcher=None):
         batcher = batcher if batcher is not None else run.data.batchers[client]
-        losses = []
-        for params in extra["models"]:
-            run.model.set_params(params)
-            batcher.reseed(seed)
-            losses.append(client_loss(run.model, batcher, run.options.loss_batches)[0])
-        return int(np.argmin(losses))
+        return int(np.argmin(model_losses(run, extra["models"], batcher, seed)))
 
 
 @dataclass
@@ -117,6 +112,10 @@ class CFL(Clusterer):
         if self.drift > 0:  # the client compares every cluster model's loss: simulator only
             self.on_flower = False  # type: ignore[misc]
 
+    def check(self, fed):
+        if fed.sample_rate < 1:
+            raise ConfigError("cluster 'cfl' needs every client every round: client_fraction 1 (clients_per_round 0)")
+
     def client_round(self, run, extra, client, rnd, client_config, slot=None):
         """CFL's round; with ``drift`` > 0 a client whose loss at its cluster model (at the round's
         start) rose by more than ``drift`` (relative) since its last round moves to the cluster
@@ -126,11 +125,7 @@ class CFL(Clusterer):
 
             seed = int_seed(run.fed.seed, "cluster", rnd, client)
             batcher = run.data.batchers[client if slot is None else slot]
-            losses = []
-            for params in extra["models"]:
-                run.model.set_params(params)
-                batcher.reseed(seed)
-                losses.append(client_loss(run.model, batcher, run.options.loss_batches)[0])
+            losses = model_losses(run, extra["models"], batcher, seed)
             j = int(extra["assign"].get(str(client), 0))
             seen = extra.setdefault("seen_loss", {})
             prev = seen.get(str(client))
@@ -211,8 +206,7 @@ class ClusterRun:
     @classmethod
     def build(cls, fed: Any) -> ClusterRun:
         clusterer = CLUSTERERS.build(fed.cluster, **fed.cluster_kwargs())
-        if isinstance(clusterer, CFL) and fed.sample_rate < 1:
-            raise ConfigError("cluster 'cfl' needs every client every round: client_fraction 1 (clients_per_round 0)")
+        clusterer.check(fed)
         if fed.trainable != "head" and fed.lora_mode != "factors":
             raise ConfigError(
                 "clustered FL keeps one model per cluster: federated LoRA needs lora_mode factors, "
@@ -259,13 +253,7 @@ class ClusterRun:
         info_all = {}
         for j in sorted({r.group for r in results}):
             mine = [r for r in results if r.group == j]
-            kw = {}
-            if run.recipe.needs & {"loss_before", "loss_initial"}:
-                kw["loss_before"] = [r.loss_before for r in mine]
-            if "grad_norm" in run.recipe.needs:
-                kw["grad_norm"] = [r.grad_norm for r in mine]
-            if "loss_initial" in run.recipe.needs:
-                kw["loss_initial"] = [state.initial_losses[str(r.client)] for r in mine]
+            kw = server_inputs(run.recipe.needs, mine, state.initial_losses)
             new, opt, info = server_update(
                 run.recipe, [r.delta for r in mine], [max(1, r.num_examples) for r in mine], extra["opt"][j],
                 extra["models"][j], round_index=rnd, **kw,

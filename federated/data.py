@@ -88,19 +88,26 @@ class FederatedData:
     tests: ClientTests | None = None  # every client's own test split (--client_test_fraction)
 
 
-def _shapeworld_columns(data_args: Any) -> dict[str, np.ndarray]:
-    """Per-image attribute columns of the generated ShapeWorld training split (for partitioning)."""
+def _shapeworld_world(data_args: Any) -> Any:
+    """The generated ShapeWorld training split the cache was built from (its arrays)."""
     from asymvlm.worlds import shapeworld as sw
 
-    version = sw.dataset_version(data_args.dataset)
-    w = sw.generate_arrays(
+    return sw.generate_arrays(
         data_args.train_images,
         seed=data_args.data_seed,
         caption_styles=data_args.styles(),  # the columns of the cache cache_for_config built
         visual_styles=sw.VISUAL_STYLES,
-        version=version,
+        version=sw.dataset_version(data_args.dataset),
     )
-    names = sw.attribute_names(version)
+
+
+def _shapeworld_columns(data_args: Any, world: Any = None) -> dict[str, np.ndarray]:
+    """Per-image attribute columns of the generated ShapeWorld training split (for partitioning);
+    ``world``: that split when the caller has it already (generated otherwise)."""
+    from asymvlm.worlds import shapeworld as sw
+
+    w = world if world is not None else _shapeworld_world(data_args)
+    names = sw.attribute_names(sw.dataset_version(data_args.dataset))
     columns: dict[str, np.ndarray] = {}
     for i, attr in enumerate(names):
         columns[attr] = np.asarray(names[attr])[w.objects[:, 0, i]]
@@ -128,7 +135,8 @@ def get_federated_data(data_args: Any, fed: Any) -> FederatedData:
     n_img = cache.image_embeddings.shape[0]
     from asymvlm.worlds.shapeworld import dataset_version
 
-    columns = _shapeworld_columns(data_args) if dataset_version(data_args.dataset) and not data_args.cache_dir else {}
+    world = _shapeworld_world(data_args) if dataset_version(data_args.dataset) and not data_args.cache_dir else None
+    columns = _shapeworld_columns(data_args, world) if world is not None else {}
 
     class _Rows:
         def __len__(self):
@@ -184,7 +192,7 @@ def get_federated_data(data_args: Any, fed: Any) -> FederatedData:
         batchers = [batcher(k, img_rows) for k, img_rows in enumerate(parts)]
     tests = None
     if test_parts is not None:
-        ambiguity = _shapeworld_ambiguity(data_args, owner) if columns else None
+        ambiguity = _shapeworld_ambiguity(world, owner) if world is not None else None
         tests = _client_tests(test_parts, owner, images, text_all, ambiguity, cache.captions)
     summary = partition_summary(parts, columns.get(label_column(fed, options)) if columns else None)
     from asymvlm.hub import describe_data
@@ -237,15 +245,11 @@ def _client_tests(
     return ClientTests(images[torch.from_numpy(gallery)], texts, index, amb, pos)
 
 
-def _shapeworld_ambiguity(data_args: Any, owner: torch.Tensor) -> torch.Tensor | None:
-    """The true ambiguity of every caption row of a generated ShapeWorld cache (rows image-major,
-    one per caption level, as the cache is built), or None when the rows do not line up."""
+def _shapeworld_ambiguity(w: Any, owner: torch.Tensor) -> torch.Tensor | None:
+    """The true ambiguity of every caption row of the generated ShapeWorld split ``w`` the cache was
+    built from (rows image-major, one per caption level), or None when the rows do not line up."""
     from asymvlm.worlds import shapeworld as sw
 
-    w = sw.generate_arrays(
-        data_args.train_images, seed=data_args.data_seed, caption_styles=data_args.styles(),
-        visual_styles=sw.VISUAL_STYLES, version=sw.dataset_version(data_args.dataset),
-    )  # fmt: skip
     amb = torch.as_tensor(sw.ambiguities(w.specs), dtype=torch.float64).reshape(-1)
     levels = w.specs.shape[1]
     if amb.shape[0] != owner.shape[0] or not torch.equal(

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from asymvlm.errors import ConfigError
-from asymvlm.federated.client import client_update
+from asymvlm.federated.client import client_update, update_needs
 from asymvlm.federated.cluster_base import CLUSTERERS, Clusterer, fresh_models
 from asymvlm.federated.core import Params
 from asymvlm.registry import Param, at_least, non_negative, positive
@@ -144,7 +144,7 @@ class FedEM(Clusterer):
             res = client_update(
                 run.model, params, WeightedBatches(batcher, q[:, m], seed), run.options, client=client,
                 num_examples=run.data.num_examples[at], seed=seed, client_config=client_config,
-                need_loss_before=bool(needs & {"loss_before", "loss_initial"}), need_grad_norm="grad_norm" in needs,
+                **update_needs(needs),
             )  # fmt: skip
             res.group = m
             out.append(res)
@@ -183,14 +183,16 @@ class MOCHA(Clusterer):
     eps: float = 1e-2
     name: ClassVar[str] = "mocha"
 
-    def initial(self, run, params):
-        k = run.fed.num_clients
-        if not run.fed.local_lr * 2 * self.lam * k / self.eps**0.5 < 2:
+    def check(self, fed):
+        bound = fed.local_lr * 2 * self.lam * fed.num_clients / self.eps**0.5  # step x the curvature bound
+        if not bound < 2:
             raise ConfigError(
-                f"mocha: local_lr x 2 lam x K / sqrt(eps) = {run.fed.local_lr * 2 * self.lam * k / self.eps**0.5:g} "
-                "must be < 2 (the relationship term's steps could diverge); lower lam or raise eps"
+                f"mocha: local_lr x 2 lam x K / sqrt(eps) = {bound:g} must be < 2 (the relationship term's steps "
+                "could diverge); lower lam or raise eps"
             )
-        return [{k_: v.clone() for k_, v in params.items()} for _ in range(k)]
+
+    def initial(self, run, params):
+        return [{k: v.clone() for k, v in params.items()} for _ in range(run.fed.num_clients)]
 
     def initial_extra(self, run, params, opt_init):
         extra = super().initial_extra(run, params, opt_init)

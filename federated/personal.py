@@ -138,6 +138,9 @@ class Personalizer:
     def personal_keys(self, names: Sequence[str]) -> list[str]:
         return []
 
+    def check(self, fed: Any) -> None:
+        """Refuse a run this method cannot do (a :class:`~asymvlm.errors.ConfigError`); base: none."""
+
     def client_round(self, job: ClientJob, personal: Params | None) -> tuple[ClientResult, Params | None]:
         return job.update(job.global_params), None
 
@@ -251,6 +254,16 @@ class PFedMe(Personalizer):
     personal_lr: float = 0.0  # 0: the run's local_lr
     name: ClassVar[str] = "pfedme"
     takes_client_terms: ClassVar[bool] = False
+
+    def check(self, fed):
+        if not fed.local_lr * self.lam < 2:  # w <- w - lr lam (w - theta) overshoots
+            raise ConfigError(
+                f"pfedme: local_lr x lam = {fed.local_lr * self.lam:g} must be < 2 (the local model's step "
+                "w <- w - local_lr lam (w - theta) diverges); lower lam or local_lr"
+            )
+        plr = self.personal_lr or fed.local_lr
+        if not plr * self.lam < 2:
+            raise ConfigError(f"pfedme: personal_lr x lam = {plr * self.lam:g} must be < 2 (the inner steps diverge)")
 
     def client_round(self, job, personal):
         model, opts = job.model, job.options

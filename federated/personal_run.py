@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from asymvlm.errors import ConfigError
-from asymvlm.federated.client import ClientResult
+from asymvlm.federated.client import ClientResult, update_needs
 from asymvlm.federated.core import Params
 from asymvlm.federated.personal import ClientJob, Personalizer, encode_with, make_personalizer, routed_encode
 from asymvlm.federated.personal_store import ClientStates
@@ -84,15 +84,7 @@ class PersonalRun:
                 f"personalize {fed.personalize!r} trains with its own local rule: the recipe's client terms "
                 f"({sorted(recipe.client_terms)}) and sparse masks do not apply; choose a recipe without them"
             )
-        lam = getattr(personalizer, "lam", 0.0)
-        if fed.personalize == "pfedme" and not fed.local_lr * lam < 2:  # w <- w - lr lam (w - theta) overshoots
-            raise ConfigError(
-                f"pfedme: local_lr x lam = {fed.local_lr * lam:g} must be < 2 (the local model's step "
-                "w <- w - local_lr lam (w - theta) diverges); lower lam or local_lr"
-            )
-        plr = getattr(personalizer, "personal_lr", 0.0) or fed.local_lr
-        if fed.personalize == "pfedme" and not plr * lam < 2:
-            raise ConfigError(f"pfedme: personal_lr x lam = {plr * lam:g} must be < 2 (the inner steps diverge)")
+        personalizer.check(fed)
         lora_keys = [k for k in keys if ".lora_" in k]
         if lora_keys and fed.lora_mode != "factors":
             raise ConfigError(
@@ -118,8 +110,8 @@ class PersonalRun:
         at = client if slot is None else slot
         return ClientJob(
             run.model, dict(params), run.data.batchers[at], run.options, client, run.data.num_examples[at],
-            seed, client_config, bool(needs & {"loss_before", "loss_initial"}), "grad_norm" in needs,
-            lambda name: int_seed(run.fed.seed, "personal", rnd, client, SUBSTREAMS[name]),
+            seed, client_config, **update_needs(needs),
+            reseed=lambda name: int_seed(run.fed.seed, "personal", rnd, client, SUBSTREAMS[name]),
         )  # fmt: skip
 
     def client_round(

@@ -70,7 +70,9 @@ from asymvlm.federated.client import (
     get_base,
     lora_layer_keys,
     round_client_config,
+    server_inputs,
     set_base,
+    update_needs,
     upload_bytes,
 )
 from asymvlm.federated.clustered import ClusterRun
@@ -281,9 +283,10 @@ class Federation:
 
     def _stores(self) -> list[Any]:
         """The client-side state stores of the run (personal models; FedEM's mixture weights)."""
-        out = [self.personal.store] if self.personal is not None else []
-        store = getattr(self.cluster.clusterer, "store", None) if self.cluster is not None else None
-        return out + ([store] if store is not None and not out else [])
+        stores = [self.personal.store] if self.personal is not None else []
+        if self.cluster is not None and getattr(self.cluster.clusterer, "store", None) is not None:
+            stores.append(self.cluster.clusterer.store)
+        return list({s.root: s for s in stores}.values())  # one store per folder (they may share it)
 
     def _shared(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """What the server steps: every parameter but the clients' personal ones."""
@@ -315,8 +318,7 @@ class Federation:
                     num_examples=self.data.num_examples[c],
                     seed=seed,
                     client_config=client_config,
-                    need_loss_before=bool(needs & {"loss_before", "loss_initial"}),
-                    need_grad_norm="grad_norm" in needs,
+                    **update_needs(needs),
                 )  # fmt: skip
             )
         return results
@@ -382,14 +384,7 @@ class Federation:
         on its own model, clustered FL)."""
         if self.cluster is not None:
             return self.cluster.server_step(self, state, results, rnd, record)
-        info_in: dict[str, Any] = {}
-        needs = self.recipe.needs
-        if needs & {"loss_before", "loss_initial"}:
-            info_in["loss_before"] = [r.loss_before for r in results]
-        if "grad_norm" in needs:
-            info_in["grad_norm"] = [r.grad_norm for r in results]
-        if "loss_initial" in needs:
-            info_in["loss_initial"] = [state.initial_losses[str(r.client)] for r in results]
+        info_in = server_inputs(self.recipe.needs, results, state.initial_losses)
         lora = self.lora
         if lora is not None:  # stack's re-initialised A: a fresh stream per round
             lora = dataclasses.replace(lora, seed=int_seed(self.fed.seed, "lora_init", rnd))

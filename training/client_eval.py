@@ -53,7 +53,6 @@ def client_evaluator(tests: Any):
     from asymvlm.eval.uncertainty import ambiguity_spearman, error_auroc
 
     gallery = tests.images.float()
-    import torch  # noqa: F401  (the encoders return tensors)
 
     def evaluate_client(client: int, encode) -> dict[str, float]:
         out = encode(tests.texts[client])

@@ -147,7 +147,7 @@ def _client_query(msg: Message, context: Context) -> Message:
 def _client_train(msg: Message, context: Context) -> Message:
     """asymvlm's client update from the message's global parameters; the delta (asymvlm's server) or
     the updated parameters and ``num-examples`` (Flower's strategies)."""
-    from asymvlm.federated.client import client_update, set_base
+    from asymvlm.federated.client import client_update, set_base, update_needs
     from asymvlm.federated.seeds import int_seed
 
     node = _node(context)
@@ -196,8 +196,7 @@ def _client_train(msg: Message, context: Context) -> Message:
     else:
         result = client_update(
             run.model, params, node.batcher, run.options, client=node.partition, num_examples=node.num_examples,
-            seed=seed, client_config=terms, need_loss_before=bool(needs & {"loss_before", "loss_initial"}),
-            need_grad_norm="grad_norm" in needs,
+            seed=seed, client_config=terms, **update_needs(needs),
         )  # fmt: skip
     metrics = _train_metrics(node, result)
     sent = result.delta if asym else {k: params[k] + d for k, d in result.delta.items()}
