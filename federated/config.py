@@ -149,6 +149,60 @@ class FederatedArguments(LoraArguments, RunArguments):
         default="",
         metadata={"help": "The clustering method's options as a JSON/YAML mapping, checked against its entry."},
     )
+    client_batch: str = field(
+        default="auto",
+        metadata={
+            "help": "Clients trained together as one batched computation (asymvlm.federated.vectorized): 'auto' "
+            "(every client of the round where the clients allow it, in chunks within client_memory_mb; one by one "
+            "otherwise), a number N (at most N at once) or 1 (one by one, the sequential loop)."
+        },
+    )
+    client_memory_mb: int = field(
+        default=1024,
+        metadata={"help": "Memory budget (MiB) of one chunk of vectorised clients (client_batch auto or N)."},
+    )
+    compression: str = field(
+        default="none",
+        metadata={
+            "help": "Client upload encoders, '+'-joined and applied left to right (asymvlm.federated.compression), "
+            "e.g. 'topk+int8'; the server decodes; 'none' sends float32 as trained."
+        },
+    )
+    compression_options: str = field(
+        default="",
+        metadata={"help": "Each encoder's options as a JSON/YAML mapping {encoder: {option: value}}, checked."},
+    )
+    availability: str = field(
+        default="uniform",
+        metadata={
+            "help": "Client availability model (asymvlm.federated.participation): 'uniform' samples "
+            "clients_per_round uniformly; others give each client its own availability."
+        },
+    )
+    availability_options: str = field(
+        default="", metadata={"help": "The availability model's options as a JSON/YAML mapping, checked."}
+    )
+    participation_correction: str = field(
+        default="none",
+        metadata={
+            "help": "Correct the aggregate for unknown or skewed participation (asymvlm.federated.participation): "
+            "'none', or a registered method (e.g. fedau, fedstale)."
+        },
+    )
+    participation_options: str = field(
+        default="", metadata={"help": "The participation correction's options as a JSON/YAML mapping, checked."}
+    )
+    asynchronous: str = field(
+        default="none",
+        metadata={
+            "help": "Asynchronous aggregation with simulated client latencies (asymvlm.federated.asynchronous): "
+            "'none' (synchronous rounds) or 'fedbuff'; a 'round' is then one server step."
+        },
+    )
+    async_options: str = field(
+        default="",
+        metadata={"help": "The asynchronous mode's options (buffer, concurrency, latencies) as a JSON/YAML mapping."},
+    )
     local_steps: int = field(default=10, metadata={"help": "Local SGD steps per round."})
     local_lr: float = field(default=0.05, metadata={"help": f"Client learning rate eta_l (in (0, {MAX_LOCAL_LR:g}])."})
     local_batch_size: int = field(default=256, metadata={"help": "Client batch (captions)."})
@@ -194,7 +248,7 @@ class FederatedArguments(LoraArguments, RunArguments):
     )
 
     def __post_init__(self) -> None:
-        for name in ("partition_options", "personalize_options", "cluster_options"):
+        for name in _OPTION_FIELDS:
             if isinstance(getattr(self, name), dict):  # a mapping from YAML or Python: kept as canonical JSON
                 object.__setattr__(self, name, _options_json(getattr(self, name), name))
         check_fields(self)
@@ -207,6 +261,7 @@ class FederatedArguments(LoraArguments, RunArguments):
             raise ConfigError("cluster_options is given but cluster is 'none'")
         self._check_lora()
         self._check_run()
+        self._check_scale()
         for name in ("rounds", "num_clients", "local_steps", "min_clients", "local_batch_size", "min_client_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -229,8 +284,16 @@ class FederatedArguments(LoraArguments, RunArguments):
             )
         self._check_ranges()
 
+    def _check_scale(self) -> None:
+        """The options of the vectorised, compressed, asynchronous and participation-corrected runs,
+        each checked by its own module's registry (an unknown name or option is a ConfigError)."""
+
     def _check_ranges(self) -> None:
         """Every number in its range (a value outside is a ConfigError naming the option)."""
+        if self.client_batch != "auto" and not (self.client_batch.isdigit() and int(self.client_batch) >= 1):
+            raise ConfigError(f"client_batch must be 'auto' or a number >= 1, got {self.client_batch!r}")
+        if self.client_memory_mb < 1:
+            raise ConfigError(f"client_memory_mb must be >= 1, got {self.client_memory_mb}")
         if bool(self.temporal_column) != (self.temporal_switch > 0):
             raise ConfigError("temporal_column and temporal_switch >= 1 go together (temporal skew), or neither")
         if not 0 <= self.client_test_fraction < 1:  # NaN fails too
@@ -304,6 +367,15 @@ class FederatedArguments(LoraArguments, RunArguments):
                 out[key] = own if key == "alpha" and at_default and own is not None else getattr(self, flag)
         return {**out, **options}
 
+    def options_of(self, name: str) -> dict[str, Any]:
+        """The JSON/YAML option field ``name`` (e.g. ``"compression_options"``) as a dict."""
+        return _options_mapping(getattr(self, name), name)
+
+    @property
+    def client_batch_size(self) -> int | None:
+        """``client_batch`` as a number: None for ``auto``."""
+        return None if self.client_batch == "auto" else int(self.client_batch)
+
     def cluster_kwargs(self) -> dict[str, Any]:
         """``cluster_options`` as a dict (checked by :data:`~asymvlm.federated.clustered.CLUSTERERS`)."""
         return _options_mapping(self.cluster_options, "cluster_options")
@@ -319,6 +391,10 @@ class FederatedArguments(LoraArguments, RunArguments):
         return min(m, self.num_clients) / self.num_clients
 
 
+_OPTION_FIELDS = (
+    "partition_options", "personalize_options", "cluster_options", "compression_options", "availability_options",
+    "participation_options", "async_options",
+)  # fmt: skip
 _PARTITION_FLAGS = {"column": "partition_column", "alpha": "partition_alpha", "min_size": "min_client_size"}
 
 

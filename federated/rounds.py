@@ -37,14 +37,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -91,7 +89,8 @@ from asymvlm.federated.data import FederatedData
 from asymvlm.federated.diagnostics import gradient_dissimilarity, model_gradient, round_diagnostics
 from asymvlm.federated.personal_run import EvaluateClient, PersonalRun
 from asymvlm.federated.recipes import RECIPES, make_recipe
-from asymvlm.federated.seeds import int_seed, seed_sequence
+from asymvlm.federated.sampling import attackers, fairness, sample_clients
+from asymvlm.federated.seeds import int_seed
 from asymvlm.federated.temporal import set_round
 from asymvlm.heads import HeadConfig
 from asymvlm.runs import check_resume_config, claim_output_dir
@@ -107,41 +106,6 @@ __all__ = [
 ]
 
 log_ = logging.getLogger(__name__)
-
-
-def sample_clients(fed: FederatedArguments, rnd: int, poisson: bool = False) -> tuple[list[int], dict[str, Any]]:
-    """Round ``rnd``'s active clients and who was sampled, dropped or late. ``poisson``: each client
-    independently with probability ``fed.sample_rate`` (what the DP accountant assumes), else a
-    uniform sample of fixed size."""
-    rng = np.random.default_rng(seed_sequence(fed.seed, "sampling", rnd))
-    if poisson:
-        sampled = [c for c in range(fed.num_clients) if rng.random() < fed.sample_rate]
-    else:
-        m = round(fed.sample_rate * fed.num_clients)
-        sampled = sorted(rng.choice(fed.num_clients, size=m, replace=False).tolist())
-    dropped = [c for c in sampled if rng.random() < fed.dropout_prob]
-    speeds = {c: float(rng.lognormal(0.0, 0.5)) for c in sampled}
-    late = []
-    if fed.straggler_deadline > 0:
-        late = [c for c in sampled if c not in dropped and fed.local_steps / speeds[c] > fed.straggler_deadline]
-    active = [c for c in sampled if c not in dropped and c not in late]
-    return active, {"sampled": sampled, "dropped": dropped, "stragglers": late}
-
-
-def attackers(fed: FederatedArguments) -> set[int]:
-    """The simulated Byzantine clients (fixed for the run)."""
-    if fed.attack == "none" or fed.malicious_fraction <= 0:
-        return set()
-    rng = np.random.default_rng(seed_sequence(fed.seed, "attackers"))
-    count = int(round(fed.malicious_fraction * fed.num_clients))
-    return set(rng.choice(fed.num_clients, size=count, replace=False).tolist())
-
-
-def fairness(values: list[float]) -> dict[str, float]:
-    """Mean, std and mean of the worst 10% (at least one) of per-client values (losses: worst = highest)."""
-    v = np.asarray(values, dtype=np.float64)
-    worst = np.sort(v)[::-1][: max(1, int(math.ceil(0.1 * len(v))))]
-    return {"mean": float(v.mean()), "std": float(v.std()), "worst10": float(worst.mean())}
 
 
 def federation_recipe(fed: FederatedArguments, recipe_options: Mapping[str, Any] | None = None) -> Recipe:

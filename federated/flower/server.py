@@ -392,7 +392,7 @@ def _fairness_report(
     ``client_test_fraction``, its metrics on its own test split (``client_metrics``, ``client_eval``,
     as in-process); a missing or malformed reply is left out and named in ``eval_rejected``."""
     from asymvlm.federated.personal_run import client_summary
-    from asymvlm.federated.rounds import fairness
+    from asymvlm.federated.sampling import fairness
 
     content: dict[str, Any] = {"arrays": to_arrays(state.params)}
     own_tests = run.fed.client_test_fraction > 0
@@ -467,7 +467,8 @@ def run_flower_server(grid: Grid, run_config: Mapping[str, Any], *, timeout: flo
     from asymvlm.encoders import load_encoder
     from asymvlm.federated.checkpoint import federated_card, save_federated_model
     from asymvlm.federated.data import FederatedData
-    from asymvlm.federated.rounds import Federation, federation_recipe, sample_clients
+    from asymvlm.federated.rounds import Federation, federation_recipe
+    from asymvlm.federated.sampling import sample_clients
     from asymvlm.io import read_jsonl
 
     data_args, head, fed, ropts = parse_run_config(run_config)
