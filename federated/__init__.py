@@ -16,7 +16,13 @@
   Ditto, pFedMe, local fine-tuning, concentration routing; ``PERSONALIZERS``) with
   :mod:`asymvlm.federated.personal_run` (per-client evaluation) and
   :mod:`asymvlm.federated.personal_store` (client-side state); :mod:`asymvlm.federated.clustered`
-  — clustered FL (IFCA, CFL; ``CLUSTERERS``).
+  — clustered FL (IFCA, CFL; ``CLUSTERERS``);
+* at scale: :mod:`asymvlm.federated.vectorized` — clients trained together as one batched
+  computation, streamed aggregation; :mod:`asymvlm.federated.compression` and
+  :mod:`asymvlm.federated.uploads` — compressed uploads with error feedback;
+  :mod:`asymvlm.federated.asynchronous` — FedBuff over simulated latencies (every in-flight
+  update held in memory); :mod:`asymvlm.federated.participation` — availability models, FedAU and
+  FedStale; :mod:`asymvlm.federated.sampling` — who takes part in a round.
 
 The names below import lazily: ``from asymvlm.federated import WeightedMean, make_recipe`` does
 not import peft or transformers.

@@ -32,9 +32,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from asymvlm.federated.seeds import int_seed
 from asymvlm.registry import Registry
 
-__all__ = ["ATTACKS", "UPDATE_ATTACKS", "DATA_ATTACKS", "attack_updates", "alie_z", "ShuffledCaptions"]
+__all__ = [
+    "ATTACKS", "UPDATE_ATTACKS", "DATA_ATTACKS", "attack_updates", "attack_results", "alie_z", "ShuffledCaptions",
+]  # fmt: skip
 
 ATTACKS = Registry("attack")
 for _name, _help, _ref in (
@@ -105,3 +108,17 @@ class ShuffledCaptions:
     def batch(self, micro_index: int, rank: int = 0, world: int = 1) -> dict[str, Tensor]:
         b = self.inner.batch(micro_index, rank, world)
         return {**b, "images": self.inner.images[self.perm[b["ids"]]]}
+
+
+def attack_results(fed: Any, results: Sequence[Any], malicious: set[int], rnd: int) -> Sequence[Any]:
+    """What round ``rnd``'s attackers among ``results`` (``.client``, ``.delta``) send instead of
+    their honest updates under ``fed.attack`` (update attacks; the results are changed in place)."""
+    at = {i for i, r in enumerate(results) if r.client in malicious}
+    if not at or fed.attack not in UPDATE_ATTACKS:
+        return results
+    sent = attack_updates(
+        fed.attack, [r.delta for r in results], at, scale=fed.attack_scale, seed=int_seed(fed.seed, "attack", rnd)
+    )
+    for r, d in zip(results, sent):
+        r.delta = d
+    return results

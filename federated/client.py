@@ -68,12 +68,16 @@ __all__ = [
     "pack_client_config",
     "unpack_client_config",
     "build_client_model",
+    "init_head_from",
+    "local_optimizer",
+    "LOCAL_OPTIMIZERS",
     "client_update",
     "client_loss",
     "check_masks",
     "server_inputs",
     "update_needs",
     "upload_bytes",
+    "trained_params",
 ]
 
 
@@ -86,6 +90,8 @@ class ClientOptions:
     batch_size: int = 256
     momentum: float = 0.0
     loss_batches: int = 4  # batches used for the loss / gradient norm at the global model
+    optimizer: str = "sgd"  # the local optimizer: "sgd" (with momentum) or "adamw" (LOCAL_OPTIMIZERS)
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay
     masks: Mapping[str, Tensor] | None = None  # sparse fine-tuning (TaLoS): {exchanged name: bool}, True = trained
 
 
@@ -292,6 +298,28 @@ def unpack_client_config(numbers: Mapping[str, Any], tensors: Mapping[str, Mappi
     return out
 
 
+LOCAL_OPTIMIZERS = ("sgd", "adamw")
+NO_WEIGHT_DECAY = frozenset({"loss_fn.logit_scale"})  # the temperature is not decayed (TrainableModel.no_weight_decay)
+
+
+def local_optimizer(
+    params: Sequence[Tensor], options: ClientOptions, names: Sequence[str] | None = None
+) -> torch.optim.Optimizer:
+    """The client's local optimizer over ``params`` (named ``names``): SGD with
+    ``options.momentum`` (the default), or AdamW (Loshchilov & Hutter 2019,
+    https://arxiv.org/abs/1711.05101) with ``options.weight_decay`` on every parameter but the
+    loss temperature (as ``asymvlm-train``), both at ``options.local_lr``; a fresh state every round."""
+    if options.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=options.local_lr, momentum=options.momentum)
+    if options.optimizer == "adamw":
+        names = list(names) if names is not None else [""] * len(params)
+        decay = [p for k, p in zip(names, params) if k not in NO_WEIGHT_DECAY]
+        keep = [p for k, p in zip(names, params) if k in NO_WEIGHT_DECAY]
+        groups = [{"params": decay, "weight_decay": options.weight_decay}, {"params": keep, "weight_decay": 0.0}]
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=options.local_lr)
+    raise ConfigError(f"unknown local optimizer {options.optimizer!r}; choose one of {LOCAL_OPTIMIZERS}")
+
+
 def build_client_model(
     head_config: HeadConfig,
     *,
@@ -331,7 +359,9 @@ def client_loss(model: TrainableModel, batcher: Any, batches: int, *, grad: bool
         batch = batcher.batch(i)
         if grad:
             loss = model.batch_loss(batch)
-            g = torch.autograd.grad(loss, params, allow_unused=True)
+            live = [p for p in params if p.requires_grad]  # a fixed temperature is a buffer
+            got = iter(torch.autograd.grad(loss, live, allow_unused=True))
+            g = [next(got) if p.requires_grad else None for p in params]
             g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, params)]
             grads = g if grads is None else [a + b for a, b in zip(grads, g)]
         else:
@@ -375,7 +405,7 @@ def client_update(
     lb = min(options.loss_batches, max(1, getattr(batcher, "num_batches", options.loss_batches)))
     if need_loss_before or need_grad_norm:
         loss_before, grad_norm = client_loss(model, batcher, lb, grad=need_grad_norm)
-    opt = torch.optim.SGD(params, lr=options.local_lr, momentum=options.momentum)
+    opt = local_optimizer(params, options, names)
     terms = build_client_terms(client_config)
     for term in terms:
         term.start(global_params, names, options)
@@ -426,6 +456,12 @@ def check_masks(model: TrainableModel, masks: Mapping[str, Tensor]) -> dict[str,
     return dict(masks)
 
 
+def trained_params(params: Mapping[str, Tensor], model: TrainableModel) -> dict[str, Tensor]:
+    """The entries of ``params`` the clients train (what they send)."""
+    trained = set(model.trained_names())
+    return {k: v for k, v in params.items() if k in trained}
+
+
 def upload_bytes(params: Mapping[str, Tensor], masks: Mapping[str, Tensor] | None = None) -> dict[str, float]:
     """Bytes one client uploads per round: dense (every exchanged value) and sparse (only the values
     inside the masks: server and clients share the mask, so no indices travel)."""
@@ -471,3 +507,18 @@ def set_base(model: TrainableModel, base: Mapping[str, Tensor]) -> None:
     named = dict(model.named_parameters())
     for layer, w in base.items():
         named[f"{layer}.base_layer.weight"].copy_(w)
+
+
+def init_head_from(model: TrainableModel, path: str) -> None:
+    """Start the clients' model from a saved AsymVLM's head and temperature (``--init_from``; the
+    same head architecture, else a :class:`~asymvlm.errors.ConfigError`)."""
+    from asymvlm.model import AsymVLM
+
+    start = AsymVLM.from_pretrained(path, load_encoder=False)
+    if start.head.config != model.head.config:
+        raise ConfigError(
+            f"init_from {path}: head {start.head.config} differs from the federated head {model.head.config}"
+        )
+    with torch.no_grad():
+        model.head.load_state_dict(start.head.state_dict())
+        model.loss_fn.logit_scale.fill_(start.logit_scale)

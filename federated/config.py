@@ -23,8 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 from asymvlm.config import ConfigError, LoraArguments, RunArguments, check_fields, command_default
+from asymvlm.federated import asynchronous, participation
 from asymvlm.federated.attacks import ATTACKS
+from asymvlm.federated.client import LOCAL_OPTIMIZERS
 from asymvlm.federated.clustered import CLUSTERERS
+from asymvlm.federated.compression import build_codec
 from asymvlm.federated.core import LORA_MODES
 from asymvlm.federated.partition import PARTITIONER_REGISTRY
 from asymvlm.federated.personal import PERSONALIZERS
@@ -207,6 +210,13 @@ class FederatedArguments(LoraArguments, RunArguments):
     local_lr: float = field(default=0.05, metadata={"help": f"Client learning rate eta_l (in (0, {MAX_LOCAL_LR:g}])."})
     local_batch_size: int = field(default=256, metadata={"help": "Client batch (captions)."})
     local_momentum: float = field(default=0.0, metadata={"help": "Client SGD momentum, in [0, 1)."})
+    local_optimizer: Literal[LOCAL_OPTIMIZERS] = field(  # type: ignore[valid-type]
+        default="sgd",
+        metadata={"help": "The clients' local optimizer: sgd (with local_momentum) or adamw (fresh state each round)."},
+    )
+    local_weight_decay: float = field(
+        default=0.0, metadata={"help": "AdamW's decoupled weight decay of the clients (not the temperature)."}
+    )
     lora_mode: Literal[tuple(LORA_MODES)] = field(  # type: ignore[valid-type]
         default="residual",
         metadata={
@@ -287,6 +297,10 @@ class FederatedArguments(LoraArguments, RunArguments):
     def _check_scale(self) -> None:
         """The options of the vectorised, compressed, asynchronous and participation-corrected runs,
         each checked by its own module's registry (an unknown name or option is a ConfigError)."""
+        participation.check_options(self)
+        asynchronous.check_options(self)
+        frozen = ["the frozen LoRA A factors"] if self.trainable != "head" and self.lora_mode == "frozen_a" else []
+        build_codec(self.compression, self.options_of("compression_options"), frozen_keys=frozen)  # names checked
 
     def _check_ranges(self) -> None:
         """Every number in its range (a value outside is a ConfigError naming the option)."""
@@ -312,6 +326,12 @@ class FederatedArguments(LoraArguments, RunArguments):
             raise ConfigError(f"local_lr must be in (0, {MAX_LOCAL_LR:g}], got {self.local_lr}")
         if not 0 <= self.local_momentum < 1:
             raise ConfigError(f"local_momentum must be in [0, 1), got {self.local_momentum}")
+        if not (self.local_weight_decay >= 0 and math.isfinite(self.local_weight_decay)):
+            raise ConfigError(f"local_weight_decay must be >= 0 and finite, got {self.local_weight_decay}")
+        if self.local_optimizer != "adamw" and (self.local_weight_decay > 0):
+            raise ConfigError("local_weight_decay is AdamW's: set local_optimizer adamw or leave it at 0")
+        if self.local_optimizer == "adamw" and self.local_momentum > 0:
+            raise ConfigError("local_momentum is SGD's: AdamW has its own moments (leave local_momentum at 0)")
         if not math.isfinite(self.attack_scale):
             raise ConfigError(f"attack_scale must be a finite number (negative flips), got {self.attack_scale}")
         if not (self.partition_alpha > 0 and math.isfinite(self.partition_alpha)):

@@ -47,6 +47,7 @@ from torch import Tensor
 
 from asymvlm.errors import InputError
 from asymvlm.federated.core.tree import tree_norm
+from asymvlm.federated.seeds import int_seed
 
 __all__ = [
     "flatten",
@@ -56,6 +57,7 @@ __all__ = [
     "delta_cosines",
     "round_diagnostics",
     "model_gradient",
+    "initial_g2",
     "diagnostics_series",
     "plot_diagnostics",
     "MAX_COSINE_CLIENTS",
@@ -332,3 +334,17 @@ def plot_diagnostics(records: Sequence[Mapping[str, Any]], path: str | Path, *, 
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     return atomic_write_bytes(buf.getvalue(), Path(path))
+
+
+def initial_g2(model: Any, batchers: Sequence[Any], num_examples: Sequence[int], seed: int, loss_batches: int) -> float:
+    """G^2 (:func:`gradient_dissimilarity`) of every client's gradient at ``model``'s parameters,
+    weighted by client size, each client's gradient the mean over its first ``loss_batches``
+    batches of the ``diagnostics`` stream of round 0 (the heterogeneity report's ``g2_initial``)."""
+
+    params = model.get_params()
+    grads = []
+    for c, b in enumerate(batchers):
+        s = int_seed(seed, "diagnostics", 0, c)
+        b.reseed(s)
+        grads.append(model_gradient(model, params, b, loss_batches, seed=s))
+    return gradient_dissimilarity(grads, [max(1, n) for n in num_examples])

@@ -46,8 +46,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from asymvlm.config import ConfigError
-from asymvlm.federated.attacks import DATA_ATTACKS, UPDATE_ATTACKS, ShuffledCaptions, attack_updates
+from asymvlm.federated.asynchronous import run_async
+from asymvlm.federated.attacks import DATA_ATTACKS, UPDATE_ATTACKS, ShuffledCaptions, attack_results
 from asymvlm.federated.checkpoint import (
     ServerState,
     check_finite_state,
@@ -63,13 +63,14 @@ from asymvlm.federated.client import (
     ClientResult,
     build_client_model,
     check_masks,
-    client_loss,
     client_update,
     get_base,
+    init_head_from,
     lora_layer_keys,
     round_client_config,
     server_inputs,
     set_base,
+    trained_params,
     update_needs,
     upload_bytes,
 )
@@ -86,12 +87,22 @@ from asymvlm.federated.core import (
 )
 from asymvlm.federated.core.tree import first_non_finite
 from asymvlm.federated.data import FederatedData
-from asymvlm.federated.diagnostics import gradient_dissimilarity, model_gradient, round_diagnostics
+from asymvlm.federated.diagnostics import initial_g2, model_gradient, round_diagnostics
+from asymvlm.federated.participation import STATE_KEY, Correction, check_recipe, corrected_aggregate, make_correction
 from asymvlm.federated.personal_run import EvaluateClient, PersonalRun
 from asymvlm.federated.recipes import RECIPES, make_recipe
 from asymvlm.federated.sampling import attackers, fairness, sample_clients
 from asymvlm.federated.seeds import int_seed
 from asymvlm.federated.temporal import set_round
+from asymvlm.federated.uploads import Uploads, build_uploads
+from asymvlm.federated.vectorized import (
+    StreamedMean,
+    population_losses,
+    sequential_reason,
+    streamable,
+    train_round,
+    vectorizable,
+)  # fmt: skip
 from asymvlm.heads import HeadConfig
 from asymvlm.runs import check_resume_config, claim_output_dir
 from asymvlm.trainable import TrainableModel
@@ -142,6 +153,10 @@ class Federation:
     comm: dict[str, float]
     personal: PersonalRun | None = None  # personalisation / per-client evaluation (federated.personal_run)
     cluster: ClusterRun | None = None  # clustered FL: several server models (federated.clustered)
+    sequential: str = ""  # why the clients train one by one ("" = vectorised; federated.vectorized)
+    stream: StreamedMean | None = None  # the round's streamed weighted mean (federated.vectorized)
+    correction: Correction | None = None  # participation correction (federated.participation)
+    uploads: Uploads | None = None  # compressed uploads (federated.uploads)
 
     @classmethod
     def build(
@@ -162,7 +177,7 @@ class Federation:
             seed=fed.seed,
         )
         if fed.init_from:
-            _init_from(model, fed.init_from)
+            init_head_from(model, fed.init_from)
         masks = None
         if fed.mask_file:
             from asymvlm.masks import load_masks
@@ -173,13 +188,15 @@ class Federation:
         if fed.personalize != "none" or fed.client_test_fraction > 0:
             personal = PersonalRun.build(fed, model, recipe, masks)
         sent = personal.shared(exchanged) if personal is not None else exchanged
-        comm = upload_bytes({k: v for k, v in sent.items() if k in set(model.trained_names())}, masks)
+        comm = upload_bytes(trained_params(sent, model), masks)
         opts = ClientOptions(
             masks=masks,
             local_steps=fed.local_steps,
             local_lr=fed.local_lr,
             batch_size=fed.local_batch_size,
             momentum=fed.local_momentum,
+            optimizer=fed.local_optimizer,
+            weight_decay=fed.local_weight_decay,
         )
         lora = None
         if fed.trainable != "head" and not (personal is not None and personal.personal_keys):
@@ -194,7 +211,18 @@ class Federation:
         cluster = ClusterRun.build(fed) if fed.cluster != "none" else None
         if cluster is not None:
             lora = None  # factors only: each cluster's LoRA factors are parameters like the head's
-        return cls(fed, data, recipe, model, opts, lora, comm, personal, cluster)
+        why = sequential_reason(fed, model, data.batchers, personal is not None or cluster is not None)
+        correction = make_correction(fed)
+        check_recipe(recipe, correction)
+        frozen = [a for a, _ in lora_layer_keys(exchanged).values()] if fed.lora_mode == "frozen_a" else []
+        uploads = build_uploads(fed, frozen if fed.trainable != "head" else [])
+        if uploads is not None:  # the codec's payload: what each client sends (shapes only)
+            comm = {
+                **comm,
+                "sent_bytes": uploads.codec.nbytes(trained_params(sent, model)),
+                "codec": uploads.codec.spec,
+            }
+        return cls(fed, data, recipe, model, opts, lora, comm, personal, cluster, why, None, correction, uploads)
 
     # -- state --------------------------------------------------------------------------------------
     def config(self, head: HeadConfig | None) -> dict[str, Any]:
@@ -231,6 +259,10 @@ class Federation:
                 store.rollback(state.round)
             if self.cluster is not None:
                 self.cluster.check(state.extra, params, rounds[-1])
+            if self.correction is not None:
+                self.correction.check_state(
+                    state.extra.get(STATE_KEY), self.fed.num_clients, self._shared(params), rounds[-1]
+                )
             return state
         if not self.fed.resume or self.fed.overwrite:
             claim_output_dir(out, RUN_OUTPUTS, overwrite=self.fed.overwrite)
@@ -243,11 +275,14 @@ class Federation:
         state.base = base
         if self.cluster is not None:
             state.extra = self.cluster.init_extra(self, params, self.recipe.server.init(owned))
+        if self.correction is not None:
+            state.extra = {**state.extra, STATE_KEY: self.correction.init(self.fed.num_clients, self._shared(params))}
         return state
 
     def _stores(self) -> list[Any]:
         """The client-side state stores of the run (personal models; FedEM's mixture weights)."""
         stores = [self.personal.store] if self.personal is not None else []
+        stores += [self.uploads.store] if self.uploads is not None and self.uploads.store is not None else []
         if self.cluster is not None and getattr(self.cluster.clusterer, "store", None) is not None:
             stores.append(self.cluster.clusterer.store)
         return list({s.root: s for s in stores}.values())  # one store per folder (they may share it)
@@ -263,29 +298,49 @@ class Federation:
     def train_clients(self, state: ServerState, active: list[int], rnd: int) -> list[ClientResult]:
         needs = self.recipe.needs
         client_config = round_client_config(self.recipe, state.opt_state, state.params)  # configure_fit
-        if self.personal is not None and self.cluster is None:
-            return self.personal.train(self, state, active, rnd, client_config)
-        if self.cluster is not None:
-            return self.cluster.train(self, state, active, rnd, client_config)
+        up = self.uploads.results if self.uploads is not None else (lambda results, rnd: None)
+        if self.cluster is not None or self.personal is not None:
+            own = self.cluster if self.cluster is not None else self.personal
+            results = own.train(self, state, active, rnd, client_config)
+            up(results, rnd)
+            return results
+        self.stream = None
+        if not self.sequential and not vectorizable(self.model, [], client_config):
+            if self.streams():
+                shared = self._shared(state.params)
+                self.stream = StreamedMean(
+                    self.recipe.aggregator, active, [self.data.num_examples[c] for c in active],
+                    check=lambda d, c: check_delta(shared, d, c),  # the round's validation, client by client
+                )  # fmt: skip
+            return train_round(
+                self.model, state.params, [self.data.batchers[c] for c in active], self.options, clients=active,
+                seeds=[int_seed(self.fed.seed, "client", rnd, c) for c in active],
+                num_examples=[self.data.num_examples[c] for c in active], client_config=client_config,
+                budget_mb=self.fed.client_memory_mb, cap=self.fed.client_batch_size, stream=self.stream,
+                upload=(lambda cs, d: self.uploads.stacked(cs, d, rnd)[0]) if self.uploads is not None else None,
+                **update_needs(needs),
+            )  # fmt: skip
         results = []
         for c in active:
-            batcher = self.data.batchers[c]
             seed = int_seed(self.fed.seed, "client", rnd, c)
-            batcher.reseed(seed)
-            results.append(
-                client_update(
-                    self.model,
-                    state.params,
-                    batcher,
-                    self.options,
-                    client=c,
-                    num_examples=self.data.num_examples[c],
-                    seed=seed,
-                    client_config=client_config,
-                    **update_needs(needs),
-                )  # fmt: skip
-            )
+            self.data.batchers[c].reseed(seed)
+            results.append(client_update(
+                self.model, state.params, self.data.batchers[c], self.options, client=c,
+                num_examples=self.data.num_examples[c], seed=seed, client_config=client_config, **update_needs(needs),
+            ))  # fmt: skip
+        up(results, rnd)
         return results
+
+    def streams(self) -> bool:
+        """Whether the round's updates are summed chunk by chunk (memory bounded by the chunk): a
+        weighted-mean recipe, and nothing that needs every client's delta (diagnostics, update
+        attacks, LoRA's exact modes)."""
+        return (
+            streamable(self.recipe)
+            and not self.fed.diagnostics
+            and self.fed.attack not in UPDATE_ATTACKS
+            and (self.lora is None and self.correction is None and self.fed.asynchronous == "none")
+        )
 
     def diagnostics(self, state: ServerState, results: list[ClientResult], rnd: int) -> dict[str, Any]:
         """Round ``rnd``'s drift diagnostics (``fed.diagnostics``; :mod:`asymvlm.federated.diagnostics`)
@@ -305,32 +360,20 @@ class Federation:
         )  # fmt: skip
 
     def initial_g2(self) -> float:
-        """G^2 (:func:`~asymvlm.federated.diagnostics.gradient_dissimilarity`) of every client's
-        gradient at the initial model, weighted by client size (the heterogeneity report's)."""
-        params = self.model.get_params()
-        grads = []
-        for c, b in enumerate(self.data.batchers):
-            seed = int_seed(self.fed.seed, "diagnostics", 0, c)
-            b.reseed(seed)
-            grads.append(model_gradient(self.model, params, b, self.options.loss_batches, seed=seed))
-        return gradient_dissimilarity(grads, [max(1, n) for n in self.data.num_examples])
+        """G^2 of every client's gradient at the initial model (the heterogeneity report's)."""
+        return initial_g2(
+            self.model, self.data.batchers, self.data.num_examples, self.fed.seed, self.options.loss_batches
+        )
 
     def attack(self, results: list[ClientResult], malicious: set[int], rnd: int) -> list[ClientResult]:
-        """What the round's attackers send instead of their honest updates (update attacks)."""
-        at = {i for i, r in enumerate(results) if r.client in malicious}
-        if not at or self.fed.attack not in UPDATE_ATTACKS:
-            return results
-        sent = attack_updates(
-            self.fed.attack, [r.delta for r in results], at, scale=self.fed.attack_scale,
-            seed=int_seed(self.fed.seed, "attack", rnd),
-        )  # fmt: skip
-        for r, d in zip(results, sent):
-            r.delta = d
-        return results
+        return attack_results(self.fed, results, malicious, rnd)  # what the attackers send instead
 
     def validate(self, state: ServerState, results: list[ClientResult]) -> tuple[list[ClientResult], list[dict]]:
         """Valid updates, and the rejected ones with the reason. Under DP an invalid update counts as
         a zero update (dropping it would make the release depend on which client failed)."""
+        if self.stream is not None:  # checked as they were summed (federated.vectorized.StreamedMean)
+            bad = {x["client"] for x in self.stream.rejected}
+            return [r for r in results if r.client not in bad], list(self.stream.rejected)
         accepted, rejected = [], []
         for r in results:
             try:
@@ -353,9 +396,14 @@ class Federation:
         if lora is not None:  # stack's re-initialised A: a fresh stream per round
             lora = dataclasses.replace(lora, seed=int_seed(self.fed.seed, "lora_init", rnd))
         full = self._full(self._shared(state.params), state.base)
+        agg, extra = (self.stream.result() if self.stream else None), state.extra
+        if self.correction is not None:  # FedAU / FedStale: the aggregate of the participation correction
+            agg, extra = corrected_aggregate(
+                self.correction, self.recipe.aggregator, results, extra, self.data.num_examples, rnd
+            )
         new, opt_state, info = server_update(
             self.recipe, [r.delta for r in results], [max(1, r.num_examples) for r in results], state.opt_state,
-            full, lora=lora, round_index=rnd, **info_in,
+            full, lora=lora, round_index=rnd, aggregated=agg, **info_in,
         )  # fmt: skip
         params = {k: new.get(k, v) for k, v in state.params.items()}  # personal parts: the server's copy as it was
         base = {layer: new[LoraLayers.base_key(layer)] for layer in state.base}
@@ -363,7 +411,7 @@ class Federation:
             set_base(self.model, base)
         out = ServerState(
             rnd, params, opt_state, state.initial_losses, base, state.epsilon, state.dp_releases,
-            list(state.skipped_rounds), extra=state.extra,
+            list(state.skipped_rounds), extra=extra,
         )  # fmt: skip
         if self.recipe.dp is not None:
             out.dp_releases += 1
@@ -400,6 +448,9 @@ class Federation:
             state = self._step(state, sent, rnd, record)
         elif len(accepted) < fed.min_clients or not accepted:
             record["skipped"] = f"{len(accepted)} valid updates < min_clients={fed.min_clients}"
+            if self.correction is not None:  # their updates arrived: they took part
+                c = self.correction.observe(state.extra[STATE_KEY], [r.client for r in accepted], fed.num_clients)
+                state.extra = {**state.extra, STATE_KEY: c}
         else:
             state = self._step(state, accepted, rnd, record)
         record["server_step"] = "skipped" not in record
@@ -445,19 +496,18 @@ class Federation:
 
     def initial_losses(self, state: ServerState) -> None:
         """F_k(theta_0): every client's loss at the initial global model (AdaFedAdam's fairness weights)."""
-        self.model.set_params(state.params)
-        for c, b in enumerate(self.data.batchers):
-            b.reseed(int_seed(self.fed.seed, "initial_loss", c))
-            state.initial_losses[str(c)] = client_loss(self.model, b, self.options.loss_batches)[0]
+        losses = self._losses(state.params, "initial_loss", self.options.loss_batches)
+        state.initial_losses.update({str(c): v for c, v in enumerate(losses)})
 
     def client_losses(self, state: ServerState) -> dict[str, Any]:
         """The fairness report: every client's loss at the current global model."""
-        self.model.set_params(state.params)
-        losses = []
-        for k, b in enumerate(self.data.batchers):
-            b.reseed(int_seed(self.fed.seed, "fairness", k))
-            losses.append(client_loss(self.model, b, self.fed.fairness_batches)[0])
+        losses = self._losses(state.params, "fairness", self.fed.fairness_batches)
         return {"client_loss": {str(k): v for k, v in enumerate(losses)}, "fairness": fairness(losses)}
+
+    def _losses(self, params: Mapping[str, Any], stream: str, batches: int) -> list[float]:
+        seeds = [int_seed(self.fed.seed, stream, c) for c in range(len(self.data.batchers))]
+        return population_losses(self.model, params, self.data.batchers, seeds, batches,
+                                 vectorised=not self.sequential, budget_mb=self.fed.client_memory_mb)  # fmt: skip
 
 
 def run_federated(
@@ -488,12 +538,15 @@ def run_federated(
     run = Federation.build(fed, data, head, recipe_options)
     if data.heterogeneity is not None and not data.heterogeneity.get("g2_initial"):
         data.heterogeneity["g2_initial"] = run.initial_g2()  # the partition's G^2 at the initial model
+    if fed.asynchronous != "none":  # FedBuff: server steps on buffered updates (federated.asynchronous)
+        return run_async(run, head=head, evaluate=evaluate, log=log, stop_after=stop_after)
     out, dp = Path(fed.output_dir), run.recipe.dp is not None
     config = run.config(head)
     state = run.start(config, log)
     out.mkdir(parents=True, exist_ok=True)
     if log:
         log({"event": "communication per client and round", **run.comm})
+        log({"event": "client execution", "vectorised": not run.sequential, "why_sequential": run.sequential})
     if "loss_initial" in run.recipe.needs and not state.initial_losses:
         run.initial_losses(state)
     malicious = attackers(fed)
@@ -541,17 +594,3 @@ def _check_resumable(checkpoint: Path, saved: dict[str, Any], config: dict[str, 
 def _latest(out: Path) -> str:
     rounds = round_dirs(out / "checkpoints")
     return rounds[-1].name if rounds else "none"
-
-
-def _init_from(model: TrainableModel, path: str) -> None:
-    """Start from a saved AsymVLM's head and temperature (same head architecture)."""
-    from asymvlm.model import AsymVLM
-
-    start = AsymVLM.from_pretrained(path, load_encoder=False)
-    if start.head.config != model.head.config:
-        raise ConfigError(
-            f"init_from {path}: head {start.head.config} differs from the federated head {model.head.config}"
-        )
-    with torch.no_grad():
-        model.head.load_state_dict(start.head.state_dict())
-        model.loss_fn.logit_scale.fill_(start.logit_scale)

@@ -2,7 +2,10 @@
 and the per-client fairness summary the round logs.
 
 Every draw comes from :func:`~asymvlm.federated.seeds.seed_sequence` ``(seed, stream, round)``, so
-the round number is the RNG state (a resumed run samples the same clients).
+the round number is the RNG state (a resumed run samples the same clients). Under an availability
+model other than ``uniform`` (:mod:`asymvlm.federated.participation`) the round's sampled clients are
+the available ones (at most the round's size with ``cap``); dropouts and stragglers then act on them
+as on a uniform sample.
 
 Example:
     >>> from asymvlm.federated.config import FederatedArguments
@@ -19,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from asymvlm.errors import ConfigError
+from asymvlm.federated.participation import available_clients
 from asymvlm.federated.seeds import seed_sequence
 
 __all__ = ["sample_clients", "attackers", "fairness"]
@@ -27,9 +32,16 @@ __all__ = ["sample_clients", "attackers", "fairness"]
 def sample_clients(fed: Any, rnd: int, poisson: bool = False) -> tuple[list[int], dict[str, Any]]:
     """Round ``rnd``'s active clients and who was sampled, dropped or late. ``poisson``: each client
     independently with probability ``fed.sample_rate`` (what the DP accountant assumes), else a
-    uniform sample of fixed size."""
+    uniform sample of fixed size, or under ``fed.availability`` other than ``uniform`` the available
+    clients (``who["available"]`` lists them all, before the cap)."""
     rng = np.random.default_rng(seed_sequence(fed.seed, "sampling", rnd))
-    if poisson:
+    availability = getattr(fed, "availability", "uniform")
+    extra: dict[str, Any] = {}
+    if availability != "uniform":
+        if poisson:
+            raise ConfigError(f"availability {availability!r} cannot be Poisson-sampled (differential privacy)")
+        sampled, extra["available"] = available_clients(fed, rnd)
+    elif poisson:
         sampled = [c for c in range(fed.num_clients) if rng.random() < fed.sample_rate]
     else:
         m = round(fed.sample_rate * fed.num_clients)
@@ -40,7 +52,7 @@ def sample_clients(fed: Any, rnd: int, poisson: bool = False) -> tuple[list[int]
     if fed.straggler_deadline > 0:
         late = [c for c in sampled if c not in dropped and fed.local_steps / speeds[c] > fed.straggler_deadline]
     active = [c for c in sampled if c not in dropped and c not in late]
-    return active, {"sampled": sampled, "dropped": dropped, "stragglers": late}
+    return active, {"sampled": sampled, "dropped": dropped, "stragglers": late, **extra}
 
 
 def attackers(fed: Any) -> set[int]:

@@ -18,7 +18,8 @@ __all__ = ["STREAMS", "seed_sequence", "int_seed"]
 # every random stream of a run: (seed, stream id, round, client) -> numpy's SeedSequence
 STREAMS = {
     "sampling": 1, "attackers": 2, "client": 3, "initial_loss": 4, "fairness": 5, "lora_init": 6, "attack": 7,
-    "diagnostics": 8, "personal": 9, "personal_eval": 10, "cluster": 11, "cluster_eval": 12,
+    "diagnostics": 8, "personal": 9, "personal_eval": 10, "cluster": 11, "cluster_eval": 12, "availability": 13,
+    "async": 14,
 }  # fmt: skip
 
 

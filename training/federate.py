@@ -49,8 +49,15 @@ EPILOG = """examples:
       --heterogeneity_report true --output_dir runs/embedding
   asymvlm-federate --personalize ditto --personalize_options '{"lam": 0.5}' --client_test_fraction 0.2 \
       --partition concept_shift --output_dir runs/ditto
+  asymvlm-federate --num_clients 10000 --clients_per_round 1000 --client_batch auto --compression topk+int8 \
+      --compression_options '{"topk": {"fraction": 0.01}}' --output_dir runs/scale
+  asymvlm-federate --asynchronous fedbuff --async_options '{"buffer_size": 10, "concurrency": 50}' \
+      --num_clients 100 --output_dir runs/fedbuff
+  asymvlm-federate --availability bernoulli --availability_options '{"p_min": 0.05, "p_max": 0.9}' \
+      --participation_correction fedau --output_dir runs/fedau
   asymvlm-federate --list_recipes
   asymvlm-federate --list_personalizers
+  asymvlm-federate --list_scale
 
 The final model is saved to <output_dir>/model (asymvlm-eval --model runs/fedavg/model).
 A round that makes no server step (every update rejected, too few, or a non-finite step) is logged and
@@ -179,6 +186,12 @@ def build_parser():
         action="store_true",
         help="List every personalisation and clustering method with its options and exit.",
     )
+    p.add_argument(
+        "--list_scale",
+        "--list-scale",
+        action="store_true",
+        help="List the upload encoders, asynchronous modes, availability models and participation corrections.",
+    )
     return p
 
 
@@ -198,6 +211,16 @@ def _main(argv: list[str]) -> int:
 
         print(f"personalisation (--personalize):\n{PERSONALIZERS.describe()}")
         print(f"\nclustered FL (--cluster):\n{CLUSTERERS.describe()}")
+        return 0
+    if "--list-scale" in argv or "--list_scale" in argv:
+        from asymvlm.federated.asynchronous import ASYNC_MODES
+        from asymvlm.federated.compression import COMPRESSORS
+        from asymvlm.federated.participation import AVAILABILITY, PARTICIPATION_CORRECTIONS
+
+        print(f"upload encoders (--compression a+b):\n{COMPRESSORS.describe()}")
+        print(f"\nasynchronous aggregation (--asynchronous):\n{ASYNC_MODES.describe()}")
+        print(f"\nclient availability (--availability):\n{AVAILABILITY.describe()}")
+        print(f"\nparticipation corrections (--participation_correction):\n{PARTICIPATION_CORRECTIONS.describe()}")
         return 0
     if help_requested(argv):
         build_parser().print_help()
@@ -227,7 +250,7 @@ def round_line(record: dict[str, Any], rounds: int) -> str:
     facts = []
     if "loss_after" in record:
         facts.append(f"loss {record['loss_after'].get('mean', float('nan')):.4f}")
-    facts.append(f"{len(record.get('sampled', []))} clients")
+    facts.append(f"{len(record.get('sampled', record.get('clients', [])))} clients")  # asynchronous: applied
     if record.get("rejected"):
         facts.append(f"{len(record['rejected'])} rejected")
     facts += [f"{k} {v:.4g}" for k, v in record.items() if k.startswith("eval/") and isinstance(v, (int, float))]

@@ -4,6 +4,30 @@ private ``FLWR_HOME``, optional TLS with certificates it makes, every process ki
 children). For trying a federation out before spreading it over machines, for the tests and for
 ``bench/flower.py``; a real federation runs the same commands on several hosts (README, "Flower").
 
+How a SuperNode runs its ClientApp (``isolation``, Flower 1.42):
+
+* ``"subprocess"`` (Flower's default): the SuperNode starts its own ``flower-superexec``, which starts
+  a fresh ``flwr-clientapp`` process for every message (it pulls one task from the SuperNode's
+  Runtime API, installs the app bundle, imports the app, answers and exits).
+* ``"process"``: the SuperNode runs with ``--isolation process`` and this harness starts one
+  ``flower-superexec`` per SuperNode itself (``--parent-pid`` of its SuperNode, killed by PID with
+  it): the same per-message ``flwr-clientapp`` process, launched by a SuperExec whose environment
+  and lifetime the operator controls (what a node uses to run ClientApps in another environment).
+
+* ``"process-warm"``: as ``"process"``, but the SuperExec is :func:`warm_superexec`: Flower's own
+  SuperExec loop whose executor *forks* each ClientApp process from a parent that imported Flower,
+  torch and asymvlm once (:data:`WARM_PRELOAD`) and never runs a task itself. Every message still
+  runs Flower's ``run_clientapp`` in a process of its own that starts without any state of an
+  earlier message (the Runtime API, node config, run config and state dir as with
+  ``flwr-clientapp``); only the interpreter start and the imports are saved.
+
+Flower 1.42 has no long-running ClientApp: ``flwr-clientapp`` serves exactly one task and exits
+(``flwr.supernode.runtime.run_clientapp``), in every mode; its warm executor pools are for the
+Kubernetes executor and for AgentApp / model / connector tasks only. ``task_poll_interval`` sets
+``FLWR_SUPEREXEC_TASK_POLL_INTERVAL`` (seconds between the SuperExec's polls for a task; Flower's
+default 1.0) for either mode. The SuperNode's idle poll of the SuperLink (3 s) and the ServerApp's
+poll for replies (3 s) are fixed in Flower 1.42.
+
 Example::
 
     with LoopbackDeployment(workdir, nodes=[{"partition-id": 0}, {"partition-id": 1}]) as dep:
@@ -23,7 +47,13 @@ from typing import Any
 from asymvlm.errors import ConfigError
 from asymvlm.testing.procs import free_port, kill_tree, wait_for
 
-__all__ = ["LoopbackDeployment", "make_certificates", "toml_value"]
+__all__ = ["LoopbackDeployment", "make_certificates", "toml_value", "ISOLATIONS"]
+
+ISOLATIONS = ("subprocess", "process", "process-warm")  # how a SuperNode runs its ClientApps (module docstring)
+# what a warm SuperExec imports once, before it forks any ClientApp process (isolation "process-warm")
+WARM_PRELOAD = ("flwr.supernode.runtime.run_clientapp", "asymvlm.federated.flower.client",
+                "asymvlm.federated.rounds", "asymvlm.federated.client")  # fmt: skip
+POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"  # seconds between a SuperExec's task polls (0.01-60, default 1)
 
 
 def make_certificates(directory: Path, hosts: Sequence[str] = ("127.0.0.1", "localhost")) -> dict[str, Path]:
@@ -89,6 +119,9 @@ class LoopbackDeployment:
         nodes: one node config per SuperNode (e.g. ``{"partition-id": 0, "cache-dir": "..."}``).
         tls: TLS between the SuperNodes, the CLI and the SuperLink (else ``--insecure``).
         startup_timeout: seconds to wait for every SuperNode to join.
+        isolation: ``"subprocess"`` (Flower's default) or ``"process"`` (one ``flower-superexec``
+            per SuperNode started here; module docstring).
+        task_poll_interval: seconds between a SuperExec's polls for a task (None: Flower's 1.0).
     """
 
     def __init__(
@@ -98,11 +131,19 @@ class LoopbackDeployment:
         *,
         tls: bool = False,
         startup_timeout: float = 60.0,
+        isolation: str = "subprocess",
+        task_poll_interval: float | None = None,
     ):
+        if isolation not in ISOLATIONS:
+            raise ConfigError(f"isolation must be one of {ISOLATIONS}, got {isolation!r}")
+        if task_poll_interval is not None and not 0.01 <= task_poll_interval <= 60:
+            raise ConfigError(f"task_poll_interval must be in [0.01, 60] seconds, got {task_poll_interval}")
         self.workdir = Path(workdir)
         self.nodes = [dict(n) for n in nodes]
         self.tls = tls
         self.startup_timeout = startup_timeout
+        self.isolation = isolation
+        self.task_poll_interval = task_poll_interval
         self.bin = Path(sys.executable).parent
         self.procs: dict[str, subprocess.Popen] = {}
         self.port = 0
@@ -124,10 +165,13 @@ class LoopbackDeployment:
         return self.workdir / "logs"
 
     def env(self) -> dict[str, str]:
-        return {
+        env = {
             **os.environ, "PATH": f"{self.bin}{os.pathsep}{os.environ.get('PATH', '')}",
             "FLWR_HOME": str(self.workdir / "flwr-home"), "FLWR_DISABLE_UPDATE_CHECK": "1", "PYTHONUNBUFFERED": "1",
         }  # fmt: skip
+        if self.task_poll_interval is not None:
+            env[POLL_ENV] = repr(float(self.task_poll_interval))
+        return env
 
     def _start(self, name: str, argv: list[str]) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "w")
@@ -158,11 +202,19 @@ class LoopbackDeployment:
         self._start("superlink", link)
         for i, node in enumerate(self.nodes):
             config = " ".join(f"{k}={toml_value(v)}" for k, v in node.items())
-            self._start(
+            runtime = free_port()  # the SuperNode's Runtime API, where its SuperExec / ClientApps connect
+            supernode = self._start(
                 f"supernode-{i}",
                 [str(self.bin / "flower-supernode"), *node_security, "--superlink", f"127.0.0.1:{self.port}",
-                 "--host", "127.0.0.1", "--port", str(free_port()), "--node-config", config],
+                 "--host", "127.0.0.1", "--port", str(runtime), "--node-config", config,
+                 "--isolation", "subprocess" if self.isolation == "subprocess" else "process"],
             )  # fmt: skip
+            # the node's own SuperExec: exits with its SuperNode (--parent-pid)
+            address = ["--runtime-api-address", f"127.0.0.1:{runtime}", "--parent-pid", str(supernode.pid)]
+            if self.isolation == "process":
+                self._start(f"superexec-{i}", [str(self.bin / "flower-superexec"), "--insecure", *address])
+            elif self.isolation == "process-warm":
+                self._start(f"superexec-{i}", [sys.executable, "-m", "asymvlm.testing.flower_deploy", *address])
         wait_for(self._all_joined, self.startup_timeout, f"{len(self.nodes)} SuperNodes to join the SuperLink")
 
     def _all_joined(self) -> bool:
@@ -176,8 +228,10 @@ class LoopbackDeployment:
             kill_tree(proc)
 
     def kill_node(self, i: int) -> None:
-        """Kill SuperNode ``i`` (and its ClientApp processes), as a data holder going away."""
-        kill_tree(self.procs[f"supernode-{i}"])
+        """Kill SuperNode ``i`` (and its SuperExec and ClientApp processes), as a data holder going away."""
+        for name in (f"superexec-{i}", f"supernode-{i}"):
+            if name in self.procs:
+                kill_tree(self.procs[name])
 
     # -- runs -------------------------------------------------------------------------------------
     def run(self, app: str | Path, run_config: Mapping[str, Any], *, timeout: float = 600.0) -> str:
@@ -199,3 +253,66 @@ class LoopbackDeployment:
 
     def wait_for_file(self, path: Path, timeout: float = 300.0) -> None:
         wait_for(path.exists, timeout, str(path))
+
+
+# ----------------------------------------------------------------------------------------------
+# a SuperExec that forks its ClientApp processes from a warm parent (isolation "process-warm")
+# ----------------------------------------------------------------------------------------------
+def warm_superexec(argv: Sequence[str] | None = None) -> int:
+    """``python -m asymvlm.testing.flower_deploy --runtime-api-address HOST:PORT [--parent-pid PID]
+    [--preload MODULE ...]``: Flower 1.42's SuperExec (``run_superexec``, insecure, on loopback)
+    with an executor that forks every ClientApp process from this process after importing the
+    ``--preload`` modules once (default :data:`WARM_PRELOAD`). The child runs Flower's
+    ``run_clientapp`` with the task's token and exits; other task types start as Flower does.
+    Relies on ``flwr.supercore.superexec`` internals of Flower 1.42 (pinned)."""
+    import argparse
+    import importlib
+
+    import flwr.supercore.superexec.run_superexec as superexec
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+    from flwr.supercore.superexec.executor.types import LaunchResult
+
+    p = argparse.ArgumentParser(description=warm_superexec.__doc__.splitlines()[0])
+    p.add_argument("--runtime-api-address", required=True)
+    p.add_argument("--parent-pid", type=int, default=None)
+    p.add_argument("--preload", nargs="*", default=list(WARM_PRELOAD))
+    args = p.parse_args(argv)
+    for module in args.preload:
+        importlib.import_module(module)
+
+    class ForkExecutor(SubprocessExecutor):
+        def launch(self, spec):  # type: ignore[no-untyped-def]
+            if spec.task_type != TaskType.CLIENT_APP:
+                return super().launch(spec)
+            pid = os.fork()
+            if pid == 0:  # the ClientApp process: Flower's own, from the task's token on
+                code = 1
+                try:
+                    from flwr.supernode.runtime.run_clientapp import run_clientapp
+
+                    run_clientapp(spec.runtime_api_address, spec.token, insecure=True, parent_pid=spec.parent_pid,
+                                  runtime_dependency_install=spec.runtime_dependency_install)  # fmt: skip
+                    code = 0
+                except SystemExit as done:  # run_clientapp ends with flwr_exit
+                    code = done.code if isinstance(done.code, int) else 1
+                finally:
+                    os._exit(code)
+            return LaunchResult.accepted()
+
+        def reconcile(self) -> None:  # reap the finished ClientApp processes
+            while True:
+                try:
+                    pid, _ = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    return
+                if pid == 0:
+                    return
+
+    superexec.get_executor = lambda *a, **k: ForkExecutor()
+    superexec.run_superexec(runtime_api_address=args.runtime_api_address, insecure=True, parent_pid=args.parent_pid)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(warm_superexec())

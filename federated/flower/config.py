@@ -137,6 +137,12 @@ def parse_run_config(run_config: Mapping[str, Any]) -> tuple[Any, Any, Any, dict
     data_args, head, fed, rargs = dataclasses_from_values(types, values, PROG)
     if fed.attack != "none":
         raise ConfigError("attacks are simulated by asymvlm-federate only; a Flower run has real clients")
+    simulated = {
+        "asynchronous": "none", "availability": "uniform", "participation_correction": "none", "compression": "none",
+    }  # fmt: skip
+    set_ = [f"{k}={getattr(fed, k)}" for k, default in simulated.items() if getattr(fed, k) != default]
+    if set_:
+        raise ConfigError(f"run config: {', '.join(set_)} is simulated by asymvlm-federate only, not over Flower yet")
     _check_sizes(head, fed)
     server_options(run_config)
     return data_args, head, fed, recipe_options(rargs)

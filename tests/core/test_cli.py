@@ -142,7 +142,14 @@ def test_epilog_examples_name_real_flags_and_parse(prog, tmp_path, monkeypatch):
 
             parse_config(argv)
         elif prog == "asymvlm-federate":
-            if {"--list_recipes", "--list-recipes", "--list_personalizers", "--list-personalizers"} & set(argv):
+            if {
+                "--list_recipes",
+                "--list-recipes",
+                "--list_personalizers",
+                "--list-personalizers",
+                "--list_scale",
+                "--list-scale",
+            } & set(argv):
                 assert mod.main(argv) == 0  # a listing, not a run
                 continue
             from asymvlm.cli import parse_dataclass_args

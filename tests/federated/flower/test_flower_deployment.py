@@ -21,7 +21,8 @@ from asymvlm.testing import LoopbackDeployment
 
 APP = Path(__file__).resolve().parents[3] / "examples" / "flower_app"
 pytestmark = pytest.mark.slow
-FED = dict(num_clients=3, local_steps=3, local_batch_size=16, local_lr=0.2, recipe="fedadam")
+# client_batch "1": one client at a time in process, as on every Flower node (bit-equal runs)
+FED = dict(num_clients=3, local_steps=3, local_batch_size=16, local_lr=0.2, recipe="fedadam", client_batch="1")
 HEAD = dict(hidden_dims=[32], direction="learned")
 
 
