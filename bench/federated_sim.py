@@ -319,12 +319,21 @@ def run_flower(w: Workload, data: Path, init: Path, work: Path, args: argparse.N
     }  # fmt: skip
 
 
-def max_diff(a: dict | None, b: dict | None) -> float | None:
+TEMPERATURE = "loss_fn.logit_scale"
+
+
+def max_diff(a: dict | None, b: dict | None, temperature: bool = False) -> float | None:
+    """The largest absolute difference of the head's parameters (``temperature``: of the loss
+    temperature alone, reported apart: its float32 gradient is a sum of B^2 terms of log-likelihoods
+    in the hundreds whose row constants cancel, so float32 rounding is a large part of it and two
+    correct float32 implementations drift apart; in float64 they agree to 1e-9,
+    tests/federated/test_vectorized.py)."""
     if a is None or b is None:
         return None
     if sorted(a) != sorted(b):
         raise RuntimeError(f"the engines' models have different keys: {sorted(set(a) ^ set(b))}")
-    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+    keys = [k for k in a if (k == TEMPERATURE) == temperature]
+    return max((float((a[k].double() - b[k].double()).abs().max()) for k in keys), default=None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -362,12 +371,13 @@ def run_case(k: int, args: argparse.Namespace, work: Path, rates: dict[str, floa
         r.update(steady_s=steady, rounds_per_s=1 / steady if steady else None,
                  updates_per_s=k / steady if steady else None, floor_fraction=floor / steady if steady else None,
                  round1_s=r["round_s"][0] if r.get("round_s") else None)  # fmt: skip
-    diffs = {f"{x}-{y}": max_diff(runs[x].get("params"), runs[y].get("params"))
-             for x, y in (("a", "b"), ("b", "c"), ("a", "c")) if x in runs and y in runs}  # fmt: skip
+    pairs = [(x, y) for x, y in (("a", "b"), ("b", "c"), ("a", "c")) if x in runs and y in runs]
+    diffs = {f"{x}-{y}": max_diff(runs[x].get("params"), runs[y].get("params")) for x, y in pairs}
+    tdiffs = {f"{x}-{y}": max_diff(runs[x].get("params"), runs[y].get("params"), True) for x, y in pairs}
     for r in runs.values():
         r.pop("params", None)
     return {"K": k, "workload": dataclasses.asdict(w), "flops_per_client": w.flops_per_client(),
-            "floor_s_per_round": floor, "runs": runs, "max_abs_diff": diffs}  # fmt: skip
+            "floor_s_per_round": floor, "runs": runs, "max_abs_diff": diffs, "temperature_diff": tdiffs}  # fmt: skip
 
 
 def provenance(rates: dict[str, float]) -> dict[str, Any]:
@@ -427,7 +437,9 @@ def markdown(result: dict[str, Any]) -> str:
             if x in runs and y in runs and runs[x].get("rounds_per_s") and runs[y].get("rounds_per_s"):
                 parts.append(f"({x}) vs ({y}) {format_ratio(runs[x]['rounds_per_s'] / runs[y]['rounds_per_s'])}")
         diffs = ", ".join(f"|{p}| {d:.1e}" for p, d in case["max_abs_diff"].items() if d is not None)
-        lines.append("; ".join(parts) + (f"; max parameter difference {diffs}" if diffs else ""))
+        temps = ", ".join(f"|{p}| {d:.1e}" for p, d in case.get("temperature_diff", {}).items() if d is not None)
+        lines.append("; ".join(parts) + (f"; max head parameter difference {diffs}" if diffs else "")
+                     + (f"; temperature difference {temps}" if temps else ""))  # fmt: skip
     lines += ["", "## Notes", "", *[f"- {n}" for n in result["notes"]]]
     return "\n".join(lines) + "\n"
 
@@ -446,6 +458,12 @@ NOTES = [
     "Peak memory: asymvlm, this process's RSS (the data included); Flower, the sum over the driver and "
     "every process it started (Ray's GCS, raylet, workers, actors): RSS counts shared pages once per "
     "process, PSS splits them.",
+    "Model agreement: the head's parameters and the loss temperature are compared apart. The temperature's "
+    "float32 gradient is a sum over the B x B log-likelihoods (values in the hundreds at d = 512, whose "
+    "per-text normaliser cancels only analytically), so its rounding error is of the order of the gradient "
+    "itself: (b) and (c) run the same arithmetic and agree, (a) sums in another order and drifts on the "
+    "temperature alone; in float64 the vectorised and sequential clients agree to 1e-9 "
+    "(tests/federated/test_vectorized.py).",
 ]
 
 

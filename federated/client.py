@@ -309,14 +309,18 @@ def local_optimizer(
     ``options.momentum`` (the default), or AdamW (Loshchilov & Hutter 2019,
     https://arxiv.org/abs/1711.05101) with ``options.weight_decay`` on every parameter but the
     loss temperature (as ``asymvlm-train``), both at ``options.local_lr``; a fresh state every round."""
+    # torch's fused kernels (one pass over each tensor; AdamW 4.5x, SGD 1.25x the default on this
+    # CPU for a 100-client stack): the sequential loop and every Flower node use them too, so all
+    # paths run the same arithmetic
+    fused = {"fused": True} if all(p.is_floating_point() for p in params) else {}
     if options.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=options.local_lr, momentum=options.momentum)
+        return torch.optim.SGD(params, lr=options.local_lr, momentum=options.momentum, **fused)
     if options.optimizer == "adamw":
         names = list(names) if names is not None else [""] * len(params)
         decay = [p for k, p in zip(names, params) if k not in NO_WEIGHT_DECAY]
         keep = [p for k, p in zip(names, params) if k in NO_WEIGHT_DECAY]
         groups = [{"params": decay, "weight_decay": options.weight_decay}, {"params": keep, "weight_decay": 0.0}]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=options.local_lr)
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=options.local_lr, **fused)
     raise ConfigError(f"unknown local optimizer {options.optimizer!r}; choose one of {LOCAL_OPTIMIZERS}")
 
 

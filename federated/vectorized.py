@@ -124,8 +124,31 @@ def chunk_size(model: TrainableModel, batch_size: int, budget_mb: float, cap: in
 # ----------------------------------------------------------------------------------------------
 # the batched head and loss: the arithmetic of TextHead.loc_concentration and AsymVLMLoss
 # ----------------------------------------------------------------------------------------------
-def _head(model: TrainableModel, p: Mapping[str, Tensor], text: Tensor) -> tuple[Tensor, Tensor]:
-    """``(loc (G, B, d), kappa (G, B))`` of every client's head on its batch ``text (G, B, d)``."""
+class _StackedLinear(torch.autograd.Function):
+    """``W @ h + b`` for every client, whose backward writes the weight gradient ``g @ h^T`` into a
+    buffer kept across the local steps (``torch.bmm(..., out=)``) instead of a fresh tensor: a
+    fresh (G, out, in) gradient every step costs its page faults, measured at twice the matmul.
+    It returns no gradient for ``W``: the caller sets ``W.grad`` to the buffer after the backward."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, w: Tensor, b: Tensor | None, buf: Tensor) -> Tensor:
+        ctx.save_for_backward(h, w)
+        ctx.buf, ctx.has_bias = buf, b is not None
+        return torch.bmm(w, h) if b is None else torch.baddbmm(b.unsqueeze(2), w, h)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        h, w = ctx.saved_tensors
+        dh = torch.bmm(w.transpose(1, 2), g) if ctx.needs_input_grad[0] else None
+        torch.bmm(g, h.transpose(1, 2), out=ctx.buf)
+        return dh, None, g.sum(2) if ctx.has_bias else None, None
+
+
+def _head(
+    model: TrainableModel, p: Mapping[str, Tensor], text: Tensor, grads: dict[str, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
+    """``(loc (G, B, d), kappa (G, B))`` of every client's head on its batch ``text (G, B, d)``;
+    with ``grads``, the weights' gradients go into its buffers (:class:`_StackedLinear`)."""
     cfg = model.head.config
     x = text.to(p["head.mlp.0.weight"].dtype)
     # feature-major activations (G, features, B): every layer is W @ h, so the weights' gradients
@@ -134,8 +157,12 @@ def _head(model: TrainableModel, p: Mapping[str, Tensor], text: Tensor) -> tuple
     h = x.transpose(1, 2)
     for i, m in enumerate(model.head.mlp):
         if isinstance(m, nn.Linear):
-            w, b = p[f"head.mlp.{i}.weight"], p.get(f"head.mlp.{i}.bias")  # (G, out, in), (G, out)
-            h = torch.bmm(w, h) if b is None else torch.baddbmm(b.unsqueeze(2), w, h)
+            key = f"head.mlp.{i}.weight"
+            w, b = p[key], p.get(f"head.mlp.{i}.bias")  # (G, out, in), (G, out)
+            if grads is not None and w.requires_grad:
+                h = _StackedLinear.apply(h, w, b, grads.setdefault(key, torch.empty_like(w)))
+            else:
+                h = torch.bmm(w, h) if b is None else torch.baddbmm(b.unsqueeze(2), w, h)
         else:
             h = m(h)  # elementwise activation
     h = h.transpose(1, 2)  # (G, B, d)
@@ -164,13 +191,17 @@ def _nce(logits: Tensor, positives: Tensor, mode: str) -> Tensor:
     return per_row.sum(-1) / has_pos.sum(-1)
 
 
-def group_loss(model: TrainableModel, p: Mapping[str, Tensor], batch: Mapping[str, Tensor]) -> Tensor:
+def group_loss(
+    model: TrainableModel, p: Mapping[str, Tensor], batch: Mapping[str, Tensor], grads: dict[str, Tensor] | None = None
+) -> Tensor:
     """Every client's AsymVLM loss on its own batch: ``(G,)``.
 
     ``p`` holds the stacked exchanged parameters ``(G, *shape)``; ``batch`` the stacked batches
-    (``text``, ``images`` ``(G, B, d)`` and ``positives`` ``(G, B, B)``).
+    (``text``, ``images`` ``(G, B, d)`` and ``positives`` ``(G, B, B)``). With ``grads`` (a dict
+    of buffers, filled on first use) the backward writes the linear weights' gradients there and
+    leaves their ``.grad`` unset (:class:`_StackedLinear`); the caller assigns them.
     """
-    loc, kappa = _head(model, p, batch["text"])
+    loc, kappa = _head(model, p, batch["text"], grads)
     cls = family_class(model.head.family)
     g, b, d = loc.shape
     if model.head.family == "vmf":
@@ -325,11 +356,14 @@ def train_group(
     masks = None
     if options.masks:
         masks = SparseMasks({k: m.expand(g, *m.shape) for k, m in options.masks.items()}, _Stack(p))
+    buffers: dict[str, Tensor] = {}  # the linear weights' gradients, written in place every step
     for step in range(options.local_steps):
-        loss = group_loss(model, p, data.batch(step)).sum()
+        loss = group_loss(model, p, data.batch(step), buffers).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         with torch.no_grad():
+            for k, buf in buffers.items():
+                p[k].grad = buf
             for t in trained:
                 if t.grad is None:
                     t.grad = torch.zeros_like(t)

@@ -184,7 +184,7 @@ def test_the_plugin_runs_over_flower_as_in_process(plugin, cache, tmp_path):
     from asymvlm.federated import flower as F
     from asymvlm.testing import LocalGrid
 
-    ours, _ = _run(cache, tmp_path / "in", plugin, {"proximal_mu": 0.5})
+    ours, _ = _run(cache, tmp_path / "in", plugin, {"proximal_mu": 0.5}, client_batch="1")  # as every Flower node
     sent_in_process = list(SENT)
     SENT.clear()
     rc = dict(

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from asymvlm.config import DataArguments
+from asymvlm.errors import ConfigError
 from asymvlm.federated.checkpoint import load_server_state, round_dirs
 from asymvlm.federated.config import FederatedArguments
 from asymvlm.federated.data import get_federated_data
@@ -35,10 +36,11 @@ def run_config(cache: Path, out: Path, rounds: int, **kw) -> dict:
 
 
 @pytest.mark.parametrize("tls", [True], ids=["tls"])  # the insecure variant: the fault tests below
-def test_flwr_run_on_a_loopback_deployment_equals_in_process(tls, tmp_path, synthetic_cache):
+@pytest.mark.parametrize("isolation", ["subprocess", "process-warm"])  # Flower's default; ClientApps forked warm
+def test_flwr_run_on_a_loopback_deployment_equals_in_process(tls, isolation, tmp_path, synthetic_cache):
     cache, out = synthetic_cache(tmp_path / "cache", 90, seed=5), tmp_path / "out"
     nodes = [{"partition-id": i} for i in range(3)]
-    with LoopbackDeployment(tmp_path / "deploy", nodes, tls=tls) as dep:
+    with LoopbackDeployment(tmp_path / "deploy", nodes, tls=tls, isolation=isolation) as dep:
         printed = dep.run(APP, run_config(cache, out, 2), timeout=300)
         dep.wait_for_file(out / "model" / "asymvlm_config.json", 300)
         procs = list(dep.procs.values())
@@ -220,3 +222,10 @@ def test_the_docs_flower_recipe_runs_as_written(tmp_path):
     assert saved["fingerprint"] == manifest["fingerprint"] and saved["spec"] == manifest["spec"]
     model = AsymVLM.from_pretrained(out / "model")  # loads the caches' encoder, checks its fingerprint
     assert model.encoder is not None and model.encoder.fingerprint == manifest["fingerprint"]
+
+
+def test_a_deployment_with_an_unknown_isolation_or_poll_interval_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="isolation must be one of"):
+        LoopbackDeployment(tmp_path / "d", [{"partition-id": 0}], isolation="thread")
+    with pytest.raises(ConfigError, match="task_poll_interval"):
+        LoopbackDeployment(tmp_path / "d", [{"partition-id": 0}], task_poll_interval=-1.0)
