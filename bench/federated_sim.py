@@ -158,10 +158,10 @@ class TreeMemory:
     """Peak summed RSS and PSS (shared pages split between the processes mapping them) of a process
     and all its descendants, sampled in a thread (``pid``: this process by default)."""
 
-    def __init__(self, pid: int | None = None, interval: float = 0.1):
+    def __init__(self, pid: int | None = None, interval: float = 0.1, pss: bool = True):
         import psutil
 
-        self.root, self.interval = psutil.Process(pid), interval
+        self.root, self.interval, self.pss = psutil.Process(pid), interval, pss
         self.peak_rss = self.peak_pss = self.max_procs = 0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -176,7 +176,9 @@ class TreeMemory:
             return
         for p in procs:
             try:
-                info = p.memory_full_info()  # smaps_rollup: cheap
+                # PSS reads smaps_rollup (milliseconds for a process with torch loaded, under the GIL):
+                # for this very process only RSS is sampled (statm), or the sampler slows the run it measures
+                info = p.memory_full_info() if self.pss else p.memory_info()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             rss += info.rss
@@ -233,6 +235,28 @@ def _steady(round_s: list[float]) -> float | None:
 # ----------------------------------------------------------------------------------------------
 # the engines
 # ----------------------------------------------------------------------------------------------
+RAY_NAMES = ("raylet", "gcs_server", "ray::", "dashboard", "log_monitor", "runtime_env_agent", "flwr")
+
+
+def quiet(timeout: float = 60.0) -> float:
+    """Wait until no Ray or Flower process is left on the machine (a simulation's daemons outlive its
+    driver for a few seconds and would compete for the 2 cores with the next run); returns the wait."""
+    import psutil
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        busy = []
+        for p in psutil.process_iter(["name", "cmdline"]):
+            text = " ".join([p.info.get("name") or "", *(p.info.get("cmdline") or [])])
+            if p.pid != os.getpid() and any(n in text for n in RAY_NAMES) and "federated_sim.py" not in text:
+                busy.append(p.pid)
+        if not busy:
+            break
+        time.sleep(0.5)
+    time.sleep(1.0)  # let the page cache and the scheduler settle
+    return time.perf_counter() - t0
+
+
 def run_asymvlm(w: Workload, t: dict[str, torch.Tensor], client_batch: str, work: Path) -> dict[str, Any]:
     """(a) or (b): ``run_federated`` in this process; per-round seconds from the rounds' log calls."""
     from asymvlm.federated.rounds import Federation, run_federated
@@ -251,7 +275,8 @@ def run_asymvlm(w: Workload, t: dict[str, torch.Tensor], client_batch: str, work
 
     gc.collect()
     release_freed_memory()
-    with TreeMemory() as mem:
+    quiet()
+    with TreeMemory(pss=False) as mem:
         t0 = time.perf_counter()
         state, _ = run_federated(fed, data, head=w.head(), log=log)
     stamps = [t0, *ends]
@@ -461,8 +486,9 @@ NOTES = [
     "Model agreement: the head's parameters and the loss temperature are compared apart. The temperature's "
     "float32 gradient is a sum over the B x B log-likelihoods (values in the hundreds at d = 512, whose "
     "per-text normaliser cancels only analytically), so its rounding error is of the order of the gradient "
-    "itself: (b) and (c) run the same arithmetic and agree, (a) sums in another order and drifts on the "
-    "temperature alone; in float64 the vectorised and sequential clients agree to 1e-9 "
+    "itself: every engine sums in another order somewhere ((a) the clients' batched GEMMs, (c) Flower's "
+    "FedAvg in NumPy), and the temperatures drift apart while the head agrees to ~1e-6; "
+    "in float64 the vectorised and sequential clients agree to 1e-9 "
     "(tests/federated/test_vectorized.py).",
 ]
 

@@ -82,6 +82,7 @@ from asymvlm.federated.core import (
     LoraLayers,
     Recipe,
     check_delta,
+    check_stacked,
     server_owned,
     server_update,
 )
@@ -310,7 +311,7 @@ class Federation:
                 shared = self._shared(state.params)
                 self.stream = StreamedMean(
                     self.recipe.aggregator, active, [self.data.num_examples[c] for c in active],
-                    check=lambda d, c: check_delta(shared, d, c),  # the round's validation, client by client
+                    check=lambda d, cs: check_stacked(shared, d, cs),  # the round's validation, chunk by chunk
                 )  # fmt: skip
             return train_round(
                 self.model, state.params, [self.data.batchers[c] for c in active], self.options, clients=active,

@@ -52,7 +52,7 @@ from torch import Tensor, nn
 from asymvlm.batching import IndexBatcher
 from asymvlm.errors import ConfigError
 from asymvlm.federated.client import ClientOptions, ClientResult, build_client_terms, client_loss, local_optimizer
-from asymvlm.federated.core import AggregateResult, ClientUpdateError, WeightedMean
+from asymvlm.federated.core import AggregateResult, WeightedMean, check_stacked
 from asymvlm.heads import family_class
 from asymvlm.losses import VMF_NORMALIZER_REGISTRY
 from asymvlm.masks import SparseMasks
@@ -236,10 +236,11 @@ class GroupBatches:
     """Batch ``i`` of every client of a group, stacked: ``text``, ``images`` ``(G, B, d)`` and
     ``positives`` ``(G, B, B)``, exactly what each client's ``batcher.batch(i)`` gives.
 
-    Plain :class:`~asymvlm.batching.IndexBatcher` clients over one image table with the default
-    in-batch caption scope are gathered from the group's concatenated captions with a few
-    tensor ops per step (the clients' own permutations pick the rows); any other batcher (temporal
-    phases, poisoned captions, the data-wide caption scope) is asked one by one.
+    Plain :class:`~asymvlm.batching.IndexBatcher` clients with the default in-batch caption scope
+    are gathered from the group's concatenated captions (and images, unless the clients share one
+    image table) with a few tensor ops per step, the clients' own permutations picking the rows;
+    any other batcher (temporal phases, poisoned captions, the data-wide caption scope) is asked
+    one by one.
     """
 
     def __init__(self, batchers: Sequence[Any]):
@@ -247,7 +248,7 @@ class GroupBatches:
         first = self.batchers[0]
         self.fast = all(
             type(b) is IndexBatcher and "batch" not in vars(b)  # not a batcher whose batches are replaced
-            and b.images is first.images and b.caption_scope == "batch" and isinstance(b.text, Tensor)
+            and b.caption_scope == "batch" and isinstance(b.text, Tensor) and b.images.dtype == first.images.dtype
             and (b.groups is None) == (first.groups is None)
             for b in self.batchers
         )  # fmt: skip
@@ -255,9 +256,15 @@ class GroupBatches:
             sizes = torch.tensor([b.num_texts for b in self.batchers])
             self.offset = (torch.cumsum(sizes, 0) - sizes).view(-1, 1)  # (G, 1) each client's first row
             self.text = torch.cat([b.text for b in self.batchers])
-            self.owner = torch.cat([b.owner for b in self.batchers])
             self.groups = None if first.groups is None else torch.cat([b.groups for b in self.batchers])
-            self.images = first.images
+            if all(b.images is first.images for b in self.batchers):  # one table (get_federated_data's)
+                self.images = first.images
+                self.owner = torch.cat([b.owner for b in self.batchers])
+            else:  # each client's own images, one after the other; its image ids shifted with them
+                counts = torch.tensor([b.images.shape[0] for b in self.batchers])
+                starts = (torch.cumsum(counts, 0) - counts).tolist()
+                self.images = torch.cat([b.images for b in self.batchers])
+                self.owner = torch.cat([b.owner + s for b, s in zip(self.batchers, starts)])
 
     def batch(self, index: int) -> dict[str, Tensor]:
         if not self.fast:
@@ -401,10 +408,8 @@ def streamable(recipe: Any) -> bool:
     return type(recipe.aggregator) is WeightedMean and not recipe.needs and recipe.dp is None
 
 
-def _check_finite(delta: Mapping[str, Tensor], client: Any) -> None:
-    for k, v in delta.items():
-        if not bool(torch.isfinite(v).all()):
-            raise ClientUpdateError(f"client {client!r}: {k!r} contains NaN or inf", client, k)
+def _check_finite(deltas: Mapping[str, Tensor], clients: Sequence[Any]) -> list[str]:
+    return check_stacked({k: v[0] for k, v in deltas.items()}, deltas, clients)
 
 
 class StreamedMean:
@@ -422,7 +427,7 @@ class StreamedMean:
         aggregator: WeightedMean,
         clients: Sequence[Any],
         weights: Sequence[float],
-        check: Callable[[dict[str, Tensor], Any], None] | None = None,
+        check: Callable[[Mapping[str, Tensor], Sequence[Any]], list[str]] | None = None,
     ):
         w = [max(1.0, float(x)) for x in weights]
         self.p = dict(zip(clients, aggregator.normalised(w, len(w)))) if w else {}
@@ -432,24 +437,19 @@ class StreamedMean:
         self.rejected: list[dict[str, Any]] = []
 
     def add(self, clients: Sequence[Any], deltas: Mapping[str, Tensor]) -> list[bool]:
-        """Add a chunk of stacked deltas ``(G, *shape)``, each client's checked by ``check(delta,
-        client)`` (the round's validation: a :class:`~asymvlm.federated.core.ClientUpdateError`
-        rejects it); returns which were accepted."""
-        keep = []
+        """Add a chunk of stacked deltas ``(G, *shape)``, checked by ``check(deltas, clients)`` (the
+        round's validation, :func:`~asymvlm.federated.core.check_stacked`: a reason rejects that
+        client); returns which were accepted."""
+        reasons = self.check(deltas, list(clients))
         for i, c in enumerate(clients):
-            mine = {k: d[i] for k, d in deltas.items()}
-            try:
-                self.check(mine, c)
-            except ClientUpdateError as err:
-                self.rejected.append({"client": c, "reason": str(err)})
-                keep.append(False)
+            if reasons[i]:
+                self.rejected.append({"client": c, "reason": reasons[i]})
                 continue
             pk = self.p[c]
-            for k, v in mine.items():
-                self.sum[k] = v * pk if k not in self.sum else self.sum[k].add_(v, alpha=pk)
+            for k, d in deltas.items():
+                self.sum[k] = d[i] * pk if k not in self.sum else self.sum[k].add_(d[i], alpha=pk)
             self.accepted.append(c)
-            keep.append(True)
-        return keep
+        return [not r for r in reasons]
 
     def result(self) -> AggregateResult | None:
         """The weighted mean of the accepted updates (None when none was)."""

@@ -34,6 +34,7 @@ __all__ = [
     "stack_key",
     "ScaledView",
     "check_delta",
+    "check_stacked",
     "validate_deltas",
     "first_non_finite",
 ]
@@ -122,6 +123,38 @@ def check_delta(reference: Mapping[str, Tensor], delta: Mapping[str, Tensor], cl
             )
         if d.is_floating_point() and not bool(torch.isfinite(d).all()):
             raise ClientUpdateError(f"client {client!r}: {k!r} contains NaN or inf", client, k)
+
+
+def check_stacked(reference: Mapping[str, Tensor], stacked: Mapping[str, Tensor], clients: Sequence[Any]) -> list[str]:
+    """:func:`check_delta` for a chunk of clients whose deltas are the rows of ``stacked``
+    (``(G, *shape)`` per key): the keys, shapes and dtypes once for all, NaN/inf per row with one
+    ``isfinite`` per key. Returns each client's reason to be rejected (``""``: valid), worded as
+    :func:`check_delta`'s.
+
+    Example:
+        >>> ref = {"w": torch.zeros(2)}
+        >>> check_stacked(ref, {"w": torch.tensor([[1.0, 2.0], [float("nan"), 0.0]])}, ["a", "b"])
+        ['', "client 'b': 'w' contains NaN or inf"]
+    """
+    n = len(clients)
+    if set(stacked) != set(reference):
+        missing, extra = sorted(set(reference) - set(stacked)), sorted(set(stacked) - set(reference))
+        why = f"keys differ from the global state (missing {missing[:5]}, unexpected {extra[:5]})"
+        return [f"client {c!r}: {why}" for c in clients]
+    reasons = [""] * n
+    for k, r in reference.items():  # in check_delta's order: a row's first problem is its reason
+        v, why = stacked[k], ""
+        if tuple(v.shape) != (n, *r.shape):
+            why = f"{k!r} has shape {tuple(v.shape[1:])}, the global state {tuple(r.shape)}"
+        elif v.dtype != r.dtype:
+            why = f"{k!r} has dtype {v.dtype}, the global state {r.dtype}"
+        if why:  # the same for every row still valid
+            reasons = [x or f"client {c!r}: {why}" for x, c in zip(reasons, clients)]
+        elif v.is_floating_point():
+            bad = ~torch.isfinite(v.reshape(n, -1)).all(1)
+            for i in torch.nonzero(bad).flatten().tolist():
+                reasons[i] = reasons[i] or f"client {clients[i]!r}: {k!r} contains NaN or inf"
+    return reasons
 
 
 def validate_deltas(

@@ -274,6 +274,13 @@ def _reject_everyone(monkeypatch, rounds=None):
             raise ClientUpdateError(f"client {client}: rejected by the test", client)
         return real(params, delta, client)
 
+    real_stacked = mod.check_stacked
+
+    def check_chunk(params, stacked, clients):  # the vectorised clients' validation, chunk by chunk
+        if rounds is None or mod_round["now"] in rounds:
+            return [f"client {c}: rejected by the test" for c in clients]
+        return real_stacked(params, stacked, clients)
+
     mod_round = {"now": -1}
     real_train = mod.Federation.train_clients
 
@@ -282,6 +289,7 @@ def _reject_everyone(monkeypatch, rounds=None):
         return real_train(self, state, active, rnd)
 
     monkeypatch.setattr(mod, "check_delta", check)
+    monkeypatch.setattr(mod, "check_stacked", check_chunk)
     monkeypatch.setattr(mod.Federation, "train_clients", train)
 
 

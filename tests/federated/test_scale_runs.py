@@ -124,3 +124,16 @@ def test_participation_correction_runs_and_resumes(cache, tmp_path):
     resumed, _ = run(cache, tmp_path / "crash", resume=True, **kw)
     assert close(resumed.params, full.params, 0.0)
     assert torch.equal(resumed.extra["participation"]["omega"], full.extra["participation"]["omega"])
+
+
+@pytest.mark.parametrize(
+    "key,value",
+    [("compression", "int8"), ("asynchronous", "fedbuff"), ("availability", "bernoulli"),
+     ("participation_correction", "fedau")],
+)  # fmt: skip
+def test_flower_refuses_what_only_the_simulator_runs(cache, key, value):
+    pytest.importorskip("flwr")
+    from asymvlm.federated.flower.config import parse_run_config
+
+    with pytest.raises(ConfigError, match=f"{key}={value} is simulated by asymvlm-federate only"):
+        parse_run_config({"cache-dir": str(cache), key.replace("_", "-"): value, "num-clients": 16})

@@ -235,6 +235,13 @@ def test_group_batches_are_every_clients_own_batch():
     plain = _clients(4)
     fast = GroupBatches(plain)
     assert fast.fast
+    own = [IndexBatcher(b.text, b.images[: 120 + 10 * i].clone(), b.owner % (120 + 10 * i), 8, seed=i)
+           for i, b in enumerate(_clients(3))]  # each client its own image table  # fmt: skip
+    assert GroupBatches(own).fast
+    for i in (0, 5):
+        got = GroupBatches(own).batch(i)
+        for k in ("text", "images", "positives"):
+            assert torch.equal(got[k], torch.stack([b.batch(i)[k] for b in own])), (k, i)
     wide = _clients(2)
     wide[1].caption_scope = "data"
     slow = GroupBatches(wide)
@@ -263,3 +270,30 @@ def test_population_losses_equal_each_clients_loss():
     from asymvlm.federated.client import client_loss
 
     assert seq[2] == client_loss(model, batchers[2], 3)[0]
+
+
+def test_check_stacked_words_every_rejection_as_check_delta():
+    from asymvlm.errors import ClientUpdateError
+    from asymvlm.federated.core import check_delta, check_stacked
+
+    ref = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
+    g = torch.Generator().manual_seed(0)
+    stacked = {"a": torch.randn(3, 2, 3, generator=g), "b": torch.randn(3, 4, generator=g)}
+    stacked["a"][1, 0, 2] = float("inf")
+    stacked["b"][1, 3] = float("nan")
+    stacked["b"][2, 0] = float("nan")
+    cases = [
+        stacked,
+        {"a": stacked["a"]},  # a key missing
+        {"a": stacked["a"], "b": torch.zeros(3, 5)},  # another shape
+        {"a": stacked["a"], "b": torch.zeros(3, 4, dtype=torch.float64)},  # another dtype
+    ]
+    for case in cases:
+        got = check_stacked(ref, case, ["x", "y", "z"])
+        for i, c in enumerate(["x", "y", "z"]):
+            try:
+                check_delta(ref, {k: v[i] for k, v in case.items()}, c)
+                want = ""
+            except ClientUpdateError as err:
+                want = str(err)
+            assert got[i] == want
