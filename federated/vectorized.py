@@ -386,8 +386,8 @@ def train_group(
         if masks is not None:
             masks.after_step()
     loss_after, _ = _group_losses(model, p, names, data, lb, grad=False)
-    with torch.no_grad():
-        deltas = {k: p[k].detach() - v for k, v in global_params.items()}
+    with torch.no_grad():  # in place: the trained stack is not needed any more (no second (G, ...) tensor)
+        deltas = {k: p[k].detach().sub_(v) for k, v in global_params.items()}
     after = loss_after.tolist()
     before = loss_before.tolist() if loss_before is not None else [None] * g
     norms = grad_norm.tolist() if grad_norm is not None else [None] * g

@@ -151,7 +151,12 @@ def check_stacked(reference: Mapping[str, Tensor], stacked: Mapping[str, Tensor]
         if why:  # the same for every row still valid
             reasons = [x or f"client {c!r}: {why}" for x, c in zip(reasons, clients)]
         elif v.is_floating_point():
-            bad = ~torch.isfinite(v.reshape(n, -1)).all(1)
+            rows = v.reshape(n, -1)
+            # a row with NaN/inf has a non-finite sum; only those rows (or rows whose finite values
+            # overflow the sum) are checked entry by entry: one pass over the chunk instead of four
+            suspect = torch.nonzero(~torch.isfinite(rows.sum(1))).flatten()
+            bad = torch.zeros(n, dtype=torch.bool)
+            bad[suspect] = ~torch.isfinite(rows[suspect]).all(1)
             for i in torch.nonzero(bad).flatten().tolist():
                 reasons[i] = reasons[i] or f"client {clients[i]!r}: {k!r} contains NaN or inf"
     return reasons
