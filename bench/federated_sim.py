@@ -52,7 +52,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import Results, format_ratio, format_value, release_freed_memory
+from _common import Results, best_seconds, format_ratio, format_value, release_freed_memory
 
 from asymvlm.batching import IndexBatcher
 from asymvlm.heads import HeadConfig
@@ -205,25 +205,15 @@ class TreeMemory:
         return self.peak_rss / 2**20, self.peak_pss / 2**20
 
 
-def _best_seconds(fn, repeat: int = 3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def gemm_rates(w: Workload) -> dict[str, float]:
     """This machine's fp32 GEMM rate now (FLOP/s, torch's current threads): a 2048^3 ``mm`` and a
     ``bmm`` of the head's first layer for min(K, 256) clients at once; ``peak`` is the larger."""
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(2048, 2048, generator=g), torch.randn(2048, 2048, generator=g)
-    mm = 2 * 2048**3 / _best_seconds(lambda: torch.mm(a, b))
+    mm = 2 * 2048**3 / best_seconds(lambda: torch.mm(a, b))
     k = min(w.per_round, 256)
     x, wt = torch.randn(k, w.batch, w.dim, generator=g), torch.randn(k, w.dim, w.hidden, generator=g)
-    bmm = 2 * k * w.batch * w.dim * w.hidden / _best_seconds(lambda: torch.bmm(x, wt), repeat=10)
+    bmm = 2 * k * w.batch * w.dim * w.hidden / best_seconds(lambda: torch.bmm(x, wt), repeat=10)
     return {"mm_2048": mm, "bmm_head": bmm, "peak": max(mm, bmm)}
 
 

@@ -29,7 +29,7 @@ import time
 
 import numpy as np
 import torch
-from _common import Results, timed
+from _common import Results, best_seconds, timed
 
 from asymvlm.special import bessel_ratio, vmf_log_normalizer, vmf_log_normalizer_approx
 
@@ -130,16 +130,6 @@ def accuracy(dims, kappas, results: Results):
         )
 
 
-def timeit(fn, repeat):
-    fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def speed(n, results: Results, d=512, repeat=20):
     from scipy.special import ive
 
@@ -161,7 +151,7 @@ def speed(n, results: Results, d=512, repeat=20):
 
     with np.errstate(divide="ignore"):
         finite = np.isfinite(scipy_fwd()).mean()
-    t_exact, t_approx, t_scipy = timeit(exact, repeat), timeit(approx, repeat), timeit(scipy_fwd, repeat)
+    t_exact, t_approx, t_scipy = (best_seconds(f, repeat) for f in (exact, approx, scipy_fwd))
     print(
         f"N={n:>7}, d={d}: exact fwd+bwd {t_exact * 1e3:8.2f} ms | approx fwd+bwd {t_approx * 1e3:7.2f} ms "
         f"(exact/approx {t_exact / t_approx:5.1f}x) | scipy ive fwd {t_scipy * 1e3:7.2f} ms "

@@ -83,7 +83,7 @@ from tqdm.auto import tqdm
 
 from asymvlm.errors import ArtefactError, ConfigError
 from asymvlm.federated.client import ClientResult
-from asymvlm.federated.core import EXACT_MODES, AggregateResult, Params, WeightedMean, keys_of, server_update
+from asymvlm.federated.core import EXACT_MODES, AggregateResult, Sum, WeightedMean, server_update
 from asymvlm.federated.core.tree import first_non_finite
 from asymvlm.federated.recipes import make_recipe
 from asymvlm.federated.sampling import attackers, fairness
@@ -153,14 +153,7 @@ def fedbuff_aggregate(
     s = staleness_weights(staleness, exponent)
     total = sum(w) if normalize == "count" else sum(wi * si for wi, si in zip(w, s))
     p = [wi * si / total for wi, si in zip(w, s)]
-    out: Params = {}
-    for key in keys_of(deltas):
-        acc = None
-        for pk, d in zip(p, deltas):
-            t = d[key]
-            acc = t * pk if acc is None else acc.add_(t, alpha=pk)
-        out[key] = acc
-    return AggregateResult(out, {"weights": p})
+    return AggregateResult(Sum()(deltas, p).delta, {"weights": p})  # WeightedMean's additions, in order
 
 
 @dataclass(frozen=True)

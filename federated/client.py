@@ -72,6 +72,7 @@ __all__ = [
     "local_optimizer",
     "LOCAL_OPTIMIZERS",
     "client_update",
+    "local_step",
     "client_loss",
     "check_masks",
     "server_inputs",
@@ -379,6 +380,34 @@ def client_loss(model: TrainableModel, batcher: Any, batches: int, *, grad: bool
     return total / n, norm
 
 
+def local_step(
+    opt: torch.optim.Optimizer,
+    terms: Sequence[ClientTerm],
+    names: Sequence[str],
+    params: Sequence[Tensor],
+    masks: SparseMasks | None,
+) -> None:
+    """One local step after the backward pass, in the order every client loop applies it: a
+    missing gradient is zero, each client term adds its gradient, the masks zero what they freeze,
+    the optimizer steps, each term moves the parameters, the masks restore the frozen entries
+    (:func:`client_update`, and the stacked clients of :mod:`asymvlm.federated.vectorized`)."""
+    with torch.no_grad():
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        for term in terms:
+            term.on_gradient(names, params)
+    if masks is not None:  # entries outside the mask keep their value exactly, whatever SGD does there
+        masks.before_step()
+    opt.step()
+    if terms:
+        with torch.no_grad():
+            for term in terms:
+                term.after_step(names, params)
+    if masks is not None:
+        masks.after_step()
+
+
 def client_update(
     model: TrainableModel,
     global_params: Mapping[str, Tensor],
@@ -420,21 +449,7 @@ def client_update(
         loss = model.batch_loss(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        with torch.no_grad():
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-            for term in terms:
-                term.on_gradient(names, params)
-        if masks is not None:  # entries outside the mask keep their value exactly, whatever SGD does there
-            masks.before_step()
-        opt.step()
-        if terms:
-            with torch.no_grad():
-                for term in terms:
-                    term.after_step(names, params)
-        if masks is not None:
-            masks.after_step()
+        local_step(opt, terms, names, params, masks)
     loss_after, _ = client_loss(model, batcher, lb)
     new = model.get_params()
     delta = {k: new[k] - global_params[k] for k in global_params}

@@ -42,7 +42,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -51,7 +51,14 @@ from torch import Tensor, nn
 
 from asymvlm.batching import IndexBatcher
 from asymvlm.errors import ConfigError
-from asymvlm.federated.client import ClientOptions, ClientResult, build_client_terms, client_loss, local_optimizer
+from asymvlm.federated.client import (
+    ClientOptions,
+    ClientResult,
+    build_client_terms,
+    client_loss,
+    local_optimizer,
+    local_step,
+)  # fmt: skip
 from asymvlm.federated.core import AggregateResult, WeightedMean, check_stacked
 from asymvlm.heads import family_class
 from asymvlm.losses import VMF_NORMALIZER_REGISTRY
@@ -68,6 +75,7 @@ __all__ = [
     "StreamedMean",
     "streamable",
     "train_round",
+    "chunks",
     "population_losses",
 ]
 
@@ -368,23 +376,9 @@ def train_group(
         loss = group_loss(model, p, data.batch(step), buffers).sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        with torch.no_grad():
-            for k, buf in buffers.items():
-                p[k].grad = buf
-            for t in trained:
-                if t.grad is None:
-                    t.grad = torch.zeros_like(t)
-            for term in terms:
-                term.on_gradient(names, trained)
-        if masks is not None:
-            masks.before_step()
-        opt.step()
-        if terms:
-            with torch.no_grad():
-                for term in terms:
-                    term.after_step(names, trained)
-        if masks is not None:
-            masks.after_step()
+        for k, buf in buffers.items():  # the linear weights' gradients, written by _StackedLinear
+            p[k].grad = buf
+        local_step(opt, terms, names, trained, masks)
     loss_after, _ = _group_losses(model, p, names, data, lb, grad=False)
     with torch.no_grad():  # in place: the trained stack is not needed any more (no second (G, ...) tensor)
         deltas = {k: p[k].detach().sub_(v) for k, v in global_params.items()}
@@ -464,6 +458,20 @@ class StreamedMean:
 # ----------------------------------------------------------------------------------------------
 # a round's clients, grouped and chunked
 # ----------------------------------------------------------------------------------------------
+def chunks(
+    model: TrainableModel, batchers: Sequence[Any], budget_mb: float, cap: int | None = None
+) -> Iterator[list[int]]:
+    """The positions of ``batchers`` in the stacks they train in: grouped by batch size (one stack
+    needs equal shapes), each group cut into chunks of :func:`chunk_size` clients, in order."""
+    groups: dict[int, list[int]] = {}
+    for i, b in enumerate(batchers):
+        groups.setdefault(b.batch_size, []).append(i)
+    for bs, members in groups.items():
+        n = chunk_size(model, bs, budget_mb, cap)
+        for s in range(0, len(members), n):
+            yield members[s : s + n]
+
+
 def train_round(
     model: TrainableModel,
     global_params: Mapping[str, Tensor],
@@ -481,33 +489,28 @@ def train_round(
     **needs: bool,
 ) -> list[ClientResult]:
     """Every client of a round, vectorised: reseeded (``seeds[i]``, the sequential loop's data
-    order), grouped by batch size (one stack needs equal shapes), chunked to
-    ``budget_mb`` (and at most ``cap`` clients), in the order of ``clients``. ``upload(clients,
+    order), in the stacks of :func:`chunks` (``budget_mb``, at most ``cap`` clients), returned in
+    the order of ``clients``. ``upload(clients,
     deltas)`` turns a chunk's stacked deltas into what the server receives (compression:
     :class:`asymvlm.federated.uploads.Uploads`). With ``stream`` the chunks' deltas go into it and
     the results carry no delta."""
-    groups: dict[int, list[int]] = {}
-    for i, b in enumerate(batchers):
-        b.reseed(seeds[i])
-        groups.setdefault(b.batch_size, []).append(i)
+    for b, seed in zip(batchers, seeds):
+        b.reseed(seed)
     out: dict[int, ClientResult] = {}
-    for bs, members in groups.items():
-        n = chunk_size(model, bs, budget_mb, cap)
-        for s in range(0, len(members), n):
-            part = members[s : s + n]
-            res, deltas = train_group(
-                model, global_params, [batchers[i] for i in part], options, clients=[clients[i] for i in part],
-                num_examples=[num_examples[i] for i in part], client_config=client_config, stacked=True, **needs,
-            )  # fmt: skip
-            if upload is not None:
-                deltas = upload([r.client for r in res], deltas)
-                for i, r in enumerate(res):
-                    r.delta = {k: d[i] for k, d in deltas.items()}
-            if stream is not None:
-                stream.add([r.client for r in res], deltas)
-                for r in res:
-                    r.delta = {}
-            out.update(zip(part, res))
+    for part in chunks(model, batchers, budget_mb, cap):
+        res, deltas = train_group(
+            model, global_params, [batchers[i] for i in part], options, clients=[clients[i] for i in part],
+            num_examples=[num_examples[i] for i in part], client_config=client_config, stacked=True, **needs,
+        )  # fmt: skip
+        if upload is not None:
+            deltas = upload([r.client for r in res], deltas)
+            for i, r in enumerate(res):
+                r.delta = {k: d[i] for k, d in deltas.items()}
+        if stream is not None:
+            stream.add([r.client for r in res], deltas)
+            for r in res:
+                r.delta = {}
+        out.update(zip(part, res))
     return [out[i] for i in range(len(clients))]
 
 
@@ -530,16 +533,10 @@ def population_losses(
         model.set_params(params)
         return [client_loss(model, b, batches)[0] for b in batchers]
     names = model.trained_names()
-    groups: dict[int, list[int]] = {}
-    for i, b in enumerate(batchers):
-        groups.setdefault(b.batch_size, []).append(i)
     out: dict[int, float] = {}
-    for bs, members in groups.items():
-        n = chunk_size(model, bs, budget_mb)
-        for s in range(0, len(members), n):
-            part = members[s : s + n]
-            p = {k: v.detach().unsqueeze(0).expand(len(part), *v.shape) for k, v in params.items()}
-            data = GroupBatches([batchers[i] for i in part])
-            losses, _ = _group_losses(model, p, names, data, [batches] * len(part), grad=False)
-            out.update(zip(part, losses.tolist()))
+    for part in chunks(model, batchers, budget_mb):
+        p = {k: v.detach().unsqueeze(0).expand(len(part), *v.shape) for k, v in params.items()}
+        data = GroupBatches([batchers[i] for i in part])
+        losses, _ = _group_losses(model, p, names, data, [batches] * len(part), grad=False)
+        out.update(zip(part, losses.tolist()))
     return [out[i] for i in range(len(batchers))]

@@ -115,14 +115,7 @@ class WeightedMean(Aggregator):
 
     def __call__(self, deltas, weights=None, **client_info):
         p = self.normalised(weights, len(deltas))
-        out: Params = {}
-        for key in keys_of(deltas):
-            acc = None
-            for pk, d in zip(p, deltas):
-                t = d[key]
-                acc = t * pk if acc is None else acc.add_(t, alpha=pk)
-            out[key] = acc
-        return AggregateResult(out, {"weights": p})
+        return AggregateResult(Sum()(deltas, p).delta, {"weights": p})  # sum_k p_k delta_k
 
 
 @dataclass
