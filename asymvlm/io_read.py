@@ -30,6 +30,7 @@ from torch import Tensor
 from asymvlm.errors import ArtefactError
 
 __all__ = [
+    "check_index_meta",
     "parse_json",
     "is_json_int",
     "is_json_number",
@@ -454,3 +455,31 @@ class LazyParams(Mapping):
 
     def numel(self) -> int:
         return sum(self._tensors[k].numel() for k in self._keys)
+
+
+_INDEX_DTYPES = ("float16", "float32", "bfloat16", "float64")
+
+
+def check_index_meta(meta: dict[str, Any], where: Path, version: int) -> None:
+    """Types and ranges of an image index's ``index.json`` (:class:`asymvlm.retrieval.ImageIndex`, format
+    ``version``); an :class:`ArtefactError` naming the file and the field otherwise."""
+    if meta["format_version"] > version:
+        raise ArtefactError(f"{where}: format_version {meta['format_version']} is newer than this asymvlm reads")
+    for key in ("size", "dim"):
+        v = meta[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ArtefactError(f"{where}: {key} must be an integer >= 1, got {v!r}"[:300])
+    fp = meta["encoder_fingerprint"]
+    if fp is not None and not isinstance(fp, str):
+        raise ArtefactError(f"{where}: encoder_fingerprint must be a string or null, got {fp!r}"[:300])
+    if "dtype" in meta and meta["dtype"] not in _INDEX_DTYPES:
+        raise ArtefactError(f"{where}: dtype must be one of {list(_INDEX_DTYPES)}, got {meta['dtype']!r}"[:300])
+    ids = meta["ids"]
+    if ids is None:
+        return
+    if not isinstance(ids, list) or len(ids) != meta["size"]:
+        got = f"{type(ids).__name__} of {len(ids)}" if isinstance(ids, (list, str, dict)) else repr(ids)
+        raise ArtefactError(f"{where}: ids must be null or a list of {meta['size']} ids (size), got {got}"[:300])
+    for row, i in enumerate(ids):
+        if not (isinstance(i, str) or (isinstance(i, int) and not isinstance(i, bool))):
+            raise ArtefactError(f"{where}: ids[{row}] must be a string or an integer, got {i!r}"[:300])

@@ -48,6 +48,8 @@ from asymvlm.io import (
     load_safetensors,
     read_tagged_json,
 )
+from asymvlm.io_read import check_index_meta
+from asymvlm.scan import SCAN_DTYPES, bf16_copy, scan_topk
 from asymvlm.topk import (
     OnlineSoftmax,
     SearchResult,
@@ -71,34 +73,6 @@ __all__ = [
 INDEX_VERSION = 1
 
 
-_INDEX_DTYPES = ("float16", "float32", "bfloat16", "float64")
-
-
-def _check_index_meta(meta: dict[str, Any], where: Path) -> None:
-    """Types and ranges of an image index's ``index.json``; an :class:`ArtefactError` naming the file
-    and the field otherwise."""
-    if meta["format_version"] > INDEX_VERSION:
-        raise ArtefactError(f"{where}: format_version {meta['format_version']} is newer than this asymvlm reads")
-    for key in ("size", "dim"):
-        v = meta[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ArtefactError(f"{where}: {key} must be an integer >= 1, got {v!r}"[:300])
-    fp = meta["encoder_fingerprint"]
-    if fp is not None and not isinstance(fp, str):
-        raise ArtefactError(f"{where}: encoder_fingerprint must be a string or null, got {fp!r}"[:300])
-    if "dtype" in meta and meta["dtype"] not in _INDEX_DTYPES:
-        raise ArtefactError(f"{where}: dtype must be one of {list(_INDEX_DTYPES)}, got {meta['dtype']!r}"[:300])
-    ids = meta["ids"]
-    if ids is None:
-        return
-    if not isinstance(ids, list) or len(ids) != meta["size"]:
-        got = f"{type(ids).__name__} of {len(ids)}" if isinstance(ids, (list, str, dict)) else repr(ids)
-        raise ArtefactError(f"{where}: ids must be null or a list of {meta['size']} ids (size), got {got}"[:300])
-    for row, i in enumerate(ids):
-        if not (isinstance(i, str) or (isinstance(i, int) and not isinstance(i, bool))):
-            raise ArtefactError(f"{where}: ids[{row}] must be a string or an integer, got {i!r}"[:300])
-
-
 # ----------------------------------------------------------------------------------------------
 # text -> image
 # ----------------------------------------------------------------------------------------------
@@ -116,6 +90,12 @@ class ImageIndex:
             against a model's encoder when searching with strings).
         faiss_index: with ``backend="faiss"``, a ready FAISS inner-product index over the same rows
             (e.g. read memory-mapped from disk); built from ``embeddings`` on first search otherwise.
+        scan_dtype: how the exact backend reads the gallery on a CPU. ``"bfloat16"``: a bf16 copy
+            (made once, on first search or :meth:`prepare`) is scanned with a certified error
+            bound and the candidates are re-scored in float64 from the stored rows, so the ids are
+            the exact top-k (:mod:`asymvlm.scan`); ``"float32"``: every chunk converted to float32
+            and scored exactly in one pass. ``"auto"`` (default): bfloat16 on a CPU, float32 on
+            other devices (measured: ``bench/limits.py``).
     """
 
     def __init__(
@@ -129,6 +109,7 @@ class ImageIndex:
         validate: bool = True,
         encoder_fingerprint: str | None = None,
         faiss_index: Any = None,
+        scan_dtype: str = "auto",
     ):
         if not isinstance(embeddings, Tensor) or embeddings.dim() != 2:
             raise InputError(
@@ -147,6 +128,12 @@ class ImageIndex:
             raise ConfigError(f"backend must be 'exact' or 'faiss', got {backend!r}")
         if chunk_size < 1 or query_block < 1:
             raise ConfigError(f"chunk_size and query_block must be >= 1, got {chunk_size}, {query_block}")
+        if scan_dtype not in SCAN_DTYPES:
+            raise ConfigError(f"scan_dtype must be one of {list(SCAN_DTYPES)}, got {scan_dtype!r}")
+        if scan_dtype == "auto":
+            scan_dtype = "bfloat16" if embeddings.device.type == "cpu" else "float32"
+        self.scan_dtype = scan_dtype
+        self._scan: tuple[Tensor, float] | None = None
         self.embeddings = embeddings
         self.ids = check_ids(ids, embeddings.shape[0])
         self.chunk_size = chunk_size
@@ -243,20 +230,27 @@ class ImageIndex:
                 _, _, stats = blocked_topk(
                     loc, self._cosine_chunk, len(self), 1, self.chunk_size, self.query_block, logits
                 )
+        elif self.scan_dtype == "bfloat16":
+            idx, stats = self._scan_search(loc, k, logits)
         else:
             _, idx, stats = blocked_topk(
                 loc, self._cosine_chunk, len(self), k, self.chunk_size, self.query_block, logits
             )
-        cos = (loc.unsqueeze(1) * self.embeddings[idx.cpu()].to(loc.device, torch.float32)).sum(-1)  # (Q, k)
+        # the hits' cosines in float64 (Q x k x d: cheap): at kappa ~1e3 a float32 cosine moves the
+        # logit kappa * cos by ~1e-4, which the posterior would inherit
+        cos64 = (q.loc.detach().double().unsqueeze(1) * self.embeddings[idx.cpu()].to(loc.device, torch.float64)).sum(
+            -1
+        )
+        cos = cos64.float()  # (Q, k)
         log_norm = q.log_normalizer.detach().float()
         scores = q._log_prob_from_cosine(cos, kappa.unsqueeze(1), log_norm.unsqueeze(1))
         # re-sort by the exact score (equal to the cosine order for kappa > 0)
         scores, order = scores.sort(dim=1, descending=True)
         idx = idx.gather(1, order)
-        cos = cos.gather(1, order)
+        cos, cos64 = cos.gather(1, order), cos64.gather(1, order)
         result = SearchResult(idx, scores, ids_for(self.ids, idx), 1.0 / kappa, cos)
         if stats is not None:
-            hit_logits = family._log_prob_from_cosine(cos.double(), kappa.double().unsqueeze(1), 0.0)
+            hit_logits = family._log_prob_from_cosine(cos64, kappa.double().unsqueeze(1), 0.0)
             result.posterior = torch.exp(hit_logits - stats.log_partition.unsqueeze(1)).float()
             result.entropy = stats.entropy.float()
             result.log_partition = stats.log_partition + log_norm.double()
@@ -266,6 +260,25 @@ class ImageIndex:
                     kappa, result.entropy, result.posterior[:, 0], len(self), emb, calibrator=calibrator
                 )
         return result
+
+    def prepare(self) -> ImageIndex:
+        """Make the bf16 scan copy now (else on first search): one pass over the gallery; a bf16
+        gallery is scanned as it is. Returns the index."""
+        if self.scan_dtype == "bfloat16" and self._scan is None:
+            self._scan = bf16_copy(self.embeddings)
+        return self
+
+    def _scan_search(self, loc: Tensor, k: int, logits: Any) -> tuple[Tensor, Any]:
+        scan, top = self.prepare()._scan
+        chunk = max(self.chunk_size, min(1 << 18, (1 << 23) // min(self.query_block, loc.shape[0])))
+
+        def exact(rows: slice) -> tuple[Tensor, Any]:
+            fn = None if logits is None else (lambda r, c: logits(slice(rows.start + r.start, rows.start + r.stop), c))
+            _, i, st = blocked_topk(loc[rows], self._cosine_chunk, len(self), k, self.chunk_size, self.query_block, fn)
+            return i, st
+
+        kwargs = {"max_norm": top, "query_block": self.query_block, "logits": logits, "fallback": exact}
+        return scan_topk(loc, self.embeddings, scan, k, chunk, **kwargs)
 
     def _cosine_chunk(self, xq: Tensor, s: int, e: int, out: Tensor) -> Tensor:
         return torch.mm(xq, self.embeddings[s:e].to(xq.device, torch.float32).T, out=out)
@@ -318,7 +331,7 @@ class ImageIndex:
             required=("dim", "size", "ids", "encoder_fingerprint"),
             known=("dtype",),
         )
-        _check_index_meta(meta, meta_file)
+        check_index_meta(meta, meta_file, INDEX_VERSION)
         emb_file = inside_folder(directory, "index.safetensors")
         emb = load_safetensors(emb_file, ["embeddings"], mmap=mmap)["embeddings"]
         if tuple(emb.shape) != (meta["size"], meta["dim"]):

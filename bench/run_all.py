@@ -43,6 +43,7 @@ BENCHMARKS: dict[str, Path] = {
     "aggregate": BENCH_DIR / "aggregate.py",
     "train_throughput": BENCH_DIR / "train_throughput.py",
     "retrieval": BENCH_DIR / "retrieval.py",
+    "limits": BENCH_DIR / "limits.py",
     "merge": BENCH_DIR / "merge.py",
     "robustness": BENCH_DIR / "robustness.py",
 }

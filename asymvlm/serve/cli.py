@@ -197,6 +197,11 @@ def build_serve_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--backend", choices=["auto", "exact", "faiss"], default="auto",
                    help="Top-k engine over the gallery (auto: the one the gallery was built for).")  # fmt: skip
+    p.add_argument(
+        "--scan_dtype", choices=["auto", "bfloat16", "float32"], default="auto",
+        help="How the exact engine reads the gallery: a bf16 copy made at start-up, scanned with a certified "
+        "bound and re-scored exactly (auto on a CPU), or float32 chunks (the exact single pass).",
+    )  # fmt: skip
     p.add_argument("--device", default="cpu", help="Where the model runs (cpu, cuda, auto).")
     p.add_argument(
         "--allow_unverified_gallery", action="store_true",
@@ -257,7 +262,12 @@ def load_service(args: argparse.Namespace) -> Any:
     if not args.model or not args.index:
         raise ConfigError("give --model and --index (or --demo)")
     model = AsymVLM.from_pretrained(args.model, device=None if args.device == "cpu" else args.device)
-    gallery = Gallery.open(args.index, backend=None if args.backend == "auto" else args.backend)
+    gallery = Gallery.open(
+        args.index, backend=None if args.backend == "auto" else args.backend,
+        scan_dtype=getattr(args, "scan_dtype", "auto"),
+    )  # fmt: skip
+    if gallery.index.backend == "exact":
+        gallery.index.prepare()  # the bf16 copy now, not in the first request
     return RetrievalService(
         model, gallery, abstain=args.abstain, calibration_captions=getattr(args, "calibration_captions", 2000),
         allow_unverified_gallery=getattr(args, "allow_unverified_gallery", False),

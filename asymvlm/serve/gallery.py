@@ -268,11 +268,16 @@ class Gallery:
     caption_truth: tuple[Tensor, Tensor] | None = None
 
     @classmethod
-    def open(cls, path: str | Path, *, backend: str | None = None, chunk_size: int = 65536) -> Gallery:
+    def open(
+        cls, path: str | Path, *, backend: str | None = None, chunk_size: int = 65536, scan_dtype: str = "auto"
+    ) -> Gallery:
         """Open a gallery folder read-only (embeddings memory-mapped; ids, captions read once).
 
         ``backend``: ``exact`` or ``faiss`` (None: the gallery's own, as built). FAISS reads the
         gallery's ``faiss.index`` memory-mapped when there is one, else builds it in memory.
+        ``scan_dtype``: how the exact backend reads the embeddings
+        (:class:`~asymvlm.retrieval.ImageIndex`; its bf16 copy is made on first search or by
+        ``gallery.index.prepare()``).
         """
         from asymvlm.retrieval import ImageIndex
 
@@ -309,7 +314,14 @@ class Gallery:
             except RuntimeError as err:
                 raise ArtefactError(f"{images / 'faiss.index'} is not a readable FAISS index: {err}") from err
         try:
-            index = ImageIndex.load(images, mmap=True, backend=backend, chunk_size=chunk_size, faiss_index=faiss_index)
+            index = ImageIndex.load(
+                images,
+                mmap=True,
+                backend=backend,
+                chunk_size=chunk_size,
+                faiss_index=faiss_index,
+                scan_dtype=scan_dtype,
+            )
         except ValueError as err:
             raise ArtefactError(f"{images}: {err}") from err
         if (len(index), index.dim) != (meta["size"], meta["dim"]):

@@ -1,0 +1,295 @@
+"""Exact top-k over a low-precision copy of a gallery: a certified bfloat16 scan, then exact re-scoring.
+
+A text -> image query over N x d unit vectors reads the whole gallery once; on a CPU that pass is
+bound by memory bandwidth (one query) or by the GEMM (a batch). A bfloat16 copy halves the bytes
+of a float32 (or float16) gallery and runs the batched GEMM on the CPU's bf16 units; float16 on a
+CPU is the slow choice (torch's fp16 GEMV and fp16 -> fp32 conversion run at ~2 and ~0.7 GB/s
+here against bf16's ~11+ GB/s: the design notes' measured traps).
+
+The scan is approximate, the answer is not. For a query ``q`` and a row ``x`` with exact score
+``s = q . x``, the scan's ``s~`` (inputs rounded to bf16, products accumulated in float32, the
+result rounded to bf16) satisfies the standard floating-point bound (Higham, *Accuracy and
+Stability of Numerical Algorithms*, 2nd ed., 2002, eq. 3.5 for the dot product, plus one rounding
+of each input and of the output)::
+
+    |s~ - s| <= eps = ((1 + u_q)(1 + u_x)(1 + gamma_2d)(1 + u_out) - 1) * |q| * max_j |x_j|
+
+with ``u = 2^-8`` for each rounding to bfloat16 (``u_x = 0`` when the gallery already is bf16)
+and ``gamma_n = n 2^-24 / (1 - n 2^-24)`` for the float32 accumulation (``2d`` leaves room for a
+kernel that adds pairs of products before accumulating). If the k-th best scanned score is
+``t~``, every member of the exact top-k has ``s~ >= t~ - 2 eps`` (at least k rows have
+``s >= t~ - eps``, and each member has ``s~ >= s - eps``). So the scan keeps only the rows with
+``s~ >= t~ - 2 eps`` against a *running* ``t~`` (rows below it are discarded as they are scored:
+no (Q, N) matrix, no per-row top-k of each chunk after the first), and those candidates are
+re-scored in float64 from the gallery as stored: the ids are the exact top-k of the stored
+vectors. A block whose candidates outnumber ``max_candidates`` (a gallery of near-duplicates:
+everything is within the window) is scored by the exact float32 path instead.
+
+The retrieval distribution's normaliser and entropy (:class:`~asymvlm.topk.OnlineSoftmax`) are
+accumulated from the scanned scores (in float32) and then corrected with the candidates' exact
+scores: the mass that decides the posterior (the rows near the top) is exact, and every other
+row's logit is off by at most ``kappa * eps`` before averaging (measured in ``bench/limits.py``).
+``scan_dtype="float32"`` on the index keeps the single exact float32 pass.
+
+Example:
+    >>> import torch
+    >>> g = torch.nn.functional.normalize(torch.randn(5000, 64, generator=torch.Generator().manual_seed(0)), dim=1)
+    >>> q = g[:3] + 0.01
+    >>> idx, _ = scan_topk(q, g, g.bfloat16(), k=5, chunk_size=1024)
+    >>> exact = (q.double() @ g.double().T).topk(5, dim=1).indices
+    >>> bool((idx == exact).all())
+    True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from asymvlm.topk import OnlineSoftmax
+
+__all__ = ["scan_error_factor", "scan_topk", "bf16_copy", "stored_max_norm", "SCAN_DTYPES"]
+
+SCAN_DTYPES = ("auto", "bfloat16", "float32")
+
+_U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits), round to nearest
+
+
+def scan_error_factor(dim: int, storage: torch.dtype, scan: torch.dtype = torch.bfloat16) -> float:
+    """The factor ``f`` of the scan's error bound ``|s~ - s| <= f |q| max|x|`` (module docstring).
+
+    Example:
+        >>> round(scan_error_factor(512, torch.float16), 5)
+        0.01183
+    """
+    if scan != torch.bfloat16:
+        raise ValueError(f"scan dtype {scan} has no error bound here (only bfloat16 scans are certified)")
+    n = 2 * dim * 2.0**-24
+    gamma = n / (1.0 - n)
+    u_x = 0.0 if storage == torch.bfloat16 else _U_BF16
+    return (1 + _U_BF16) * (1 + u_x) * (1 + gamma) * (1 + _U_BF16) - 1.0
+
+
+def _below(t: Tensor) -> Tensor:
+    """A bf16 tensor whose every value is <= ``t`` (float32): ``t`` lowered by a bf16 ulp, then rounded."""
+    return (t - t.abs() * 2.0**-7 - 1e-30).to(torch.bfloat16)
+
+
+def _hits(scores: Tensor, thr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(rows, cols, float32 values) of the entries of ``scores`` (B, c) bf16 at or above ``thr`` (B,),
+    row-major. NumPy's flatnonzero: torch's CPU nonzero measured 4-14x slower here."""
+    mask = scores >= _below(thr).unsqueeze(1)  # bf16 against bf16: no per-element promotion
+    flat = (
+        torch.from_numpy(np.flatnonzero(mask.numpy())) if mask.device.type == "cpu" else mask.view(-1).nonzero()[:, 0]
+    )
+    c = scores.shape[1]
+    return flat // c, flat % c, scores.reshape(-1)[flat].float()
+
+
+def _merge_top(best: Tensor, rows: Tensor, vals: Tensor, k: int) -> Tensor:
+    """The (B, k) running top-k values ``best`` with the extra ``vals`` of rows ``rows`` (sorted)."""
+    counts = torch.bincount(rows, minlength=best.shape[0])
+    m = int(counts.max())
+    if m == 0:
+        return best
+    start = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(rows.numel(), device=rows.device) - start[rows]
+    pad = torch.full((best.shape[0], m), -math.inf, dtype=best.dtype, device=best.device)
+    pad[rows, pos] = vals
+    return torch.cat([best, pad], dim=1).topk(k, dim=1).values
+
+
+def _padded(rows: Tensor, cols: Tensor, vals: Tensor, nrows: int) -> tuple[Tensor, Tensor]:
+    """Per-row (values, columns) padded with -inf: the candidates of each query side by side."""
+    counts = torch.bincount(rows, minlength=nrows)
+    m = max(int(counts.max()), 1)
+    start = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(rows.numel(), device=rows.device) - start[rows]
+    v = torch.full((nrows, m), -math.inf, dtype=vals.dtype, device=vals.device)
+    c = torch.zeros((nrows, m), dtype=torch.int64, device=vals.device)
+    v[rows, pos] = vals
+    c[rows, pos] = cols
+    return v, c
+
+
+class _Block:
+    """The scan of one block of queries: running top-k values, candidates, and the distribution."""
+
+    def __init__(self, xq: Tensor, eps2: Tensor, k: int, logits: Callable[[Tensor], Tensor] | None):
+        self.xq = xq.to(torch.bfloat16)  # (B, d)
+        self.eps2 = eps2  # (B,) float32: the window 2 eps of each query
+        self.k = k
+        self.best = torch.full((xq.shape[0], 0), -math.inf)  # (B, <=k) scanned values, best first
+        self.rows: list[Tensor] = []
+        self.cols: list[Tensor] = []
+        self.vals: list[Tensor] = []
+        self.count = 0
+        self.logits = logits
+        self.acc = OnlineSoftmax(xq.shape[0]) if logits is not None else None
+
+    def threshold(self) -> Tensor:
+        return self.best[:, -1] - self.eps2
+
+    def add(self, scores: Tensor, start: int, f32: Tensor | None) -> None:
+        """One chunk of scanned scores (B, c) bf16 starting at gallery row ``start``."""
+        if self.best.shape[1] < self.k:  # the first chunk(s): a top-k starts the running threshold
+            v = scores.float().topk(min(self.k, scores.shape[1]), dim=1).values
+            self.best = (
+                torch.cat([self.best, v], dim=1).topk(min(self.k, self.best.shape[1] + v.shape[1]), dim=1).values
+            )
+            thr = self.threshold() if self.best.shape[1] == self.k else torch.full_like(self.best[:, 0], -math.inf)
+            rows, cols, vals = _hits(scores, thr)
+        else:
+            rows, cols, vals = _hits(scores, self.threshold())
+            self.best = _merge_top(self.best, rows, vals, self.k)
+        if rows.numel():
+            self.rows.append(rows)
+            self.cols.append(cols + start)
+            self.vals.append(vals)
+            self.count += rows.numel()
+        if self.acc is not None:  # the distribution over every row, from the scanned scores
+            f32.copy_(scores)
+            self.acc.update(self.logits(f32), scratch=True)
+
+    def candidates(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(rows, cols, scanned values) of the final window ``s~ >= t~ - 2 eps``."""
+        rows, cols, vals = torch.cat(self.rows), torch.cat(self.cols), torch.cat(self.vals)
+        keep = vals >= self.threshold()[rows]
+        rows, cols, vals = rows[keep], cols[keep], vals[keep]
+        order = torch.argsort(rows, stable=True)  # grouped by query (the chunks came one after another)
+        return rows[order], cols[order], vals[order]
+
+
+def _exact_scores(q: Tensor, stored: Tensor, rows: Tensor, cols: Tensor, step: int = 65536) -> Tensor:
+    """float64 ``q[rows] . stored[cols]`` in pieces (the gallery as stored, e.g. memory-mapped float16)."""
+    out = torch.empty(rows.numel(), dtype=torch.float64)
+    qd = q.double()
+    for s in range(0, rows.numel(), step):
+        x = stored[cols[s : s + step]].double()
+        out[s : s + step] = (qd[rows[s : s + step]] * x).sum(dim=1)
+    return out
+
+
+def _correct(acc: OnlineSoftmax, rows: Tensor, approx: Tensor, exact: Tensor) -> None:
+    """Swap the candidates' scanned logits for their exact ones in the accumulated sums (float64)."""
+    m = acc.m.clone().scatter_reduce_(0, rows, exact, "amax")  # the new maximum, at least the old one
+    shift = acc.m - m  # <= 0
+    scale = torch.exp(shift)
+    s = scale * acc.s
+    t = scale * (acc.t + shift * acc.s)
+    za, ze = approx - m[rows], exact - m[rows]
+    wa, we = torch.exp(za), torch.exp(ze)
+    # the rest (the non-candidates): what is left when the candidates' scanned terms are taken out;
+    # its rounding is relative to the whole sum, which the exact candidates then dominate
+    rest_s = (s - torch.zeros_like(s).index_add_(0, rows, wa)).clamp_min(0.0)
+    rest_t = (t - torch.zeros_like(t).index_add_(0, rows, wa * za)).clamp_max(0.0)
+    acc.s = rest_s.index_add_(0, rows, we)
+    acc.t = rest_t.index_add_(0, rows, we * ze)
+    acc.m = m
+
+
+def scan_topk(
+    queries: Tensor,
+    stored: Tensor,
+    scan: Tensor,
+    k: int,
+    chunk_size: int,
+    *,
+    max_norm: float | None = None,
+    query_block: int = 1024,
+    logits: Callable[[slice, Tensor], Tensor] | None = None,
+    max_candidates: int = 1 << 22,
+    fallback: Callable[[slice], tuple[Tensor, OnlineSoftmax | None]] | None = None,
+) -> tuple[Tensor, OnlineSoftmax | None]:
+    """The exact top-k rows of ``stored`` (N, d) by ``queries`` (Q, d) inner product, scanning the
+    bf16 copy ``scan`` (module docstring); ``(indices (Q, k), stats or None)``.
+
+    Args:
+        queries: (Q, d) float32 (or float64) query vectors.
+        stored: (N, d) the gallery as stored: the candidates are re-scored from it in float64.
+        scan: (N, d) bfloat16 copy of ``stored`` (the same tensor when it is bf16 already).
+        k: results per query.
+        chunk_size: gallery rows scored per GEMM.
+        max_norm: the largest row norm of ``stored`` (computed, one pass, when not given).
+        query_block: queries scored at once.
+        logits: ``logits(rows, cos)`` the retrieval distribution's unnormalised log-density from a
+            chunk's (B, c) float32 cosines (may work in place); with it the distribution's
+            statistics come back (exact at the candidates, module docstring).
+        max_candidates: a block with more candidates than this is handed to ``fallback(rows)``.
+        fallback: the exact path for a block of queries, ``(indices, stats)``.
+    """
+    n = stored.shape[0]
+    factor = scan_error_factor(stored.shape[1], stored.dtype)
+    if max_norm is None:
+        max_norm = float(stored_max_norm(stored))
+    indices, stats = [], []
+    block = min(query_block, queries.shape[0])
+    f32 = torch.empty(block * min(chunk_size, n)) if logits is not None else None
+    for s in range(0, queries.shape[0], block):
+        xq = queries[s : s + block].float()
+        rows_of = slice(s, s + xq.shape[0])
+        eps2 = 2.0 * factor * max_norm * xq.double().norm(dim=1).float() * (1 + 2.0**-20)
+        fn = None if logits is None else (lambda sc, r=rows_of: logits(r, sc))
+        blk = _Block(xq, eps2, k, fn)
+        overflow = False
+        for a in range(0, n, chunk_size):
+            e = min(n, a + chunk_size)
+            sc = torch.mm(blk.xq, scan[a:e].T)  # (B, c) bf16
+            blk.add(sc, a, None if f32 is None else f32[: xq.shape[0] * (e - a)].view(xq.shape[0], e - a))
+            if blk.count > max_candidates and fallback is not None:
+                overflow = True
+                break
+        if overflow:
+            idx, st = fallback(rows_of)
+            indices.append(idx)
+            stats.append(st)
+            continue
+        rows, cols, vals = blk.candidates()
+        exact = _exact_scores(xq, stored, rows, cols)
+        v, c = _padded(rows, cols, exact, xq.shape[0])
+        indices.append(c.gather(1, v.topk(k, dim=1).indices))
+        if blk.acc is not None:
+            _correct(blk.acc, rows, _row_logits(logits, rows_of, rows, vals), _row_logits(logits, rows_of, rows, exact))
+            stats.append(blk.acc)
+    return torch.cat(indices), (OnlineSoftmax.cat(stats) if logits is not None else None)
+
+
+def _row_logits(logits: Callable[[slice, Tensor], Tensor], rows_of: slice, rows: Tensor, cos: Tensor) -> Tensor:
+    """The logits of single (query row, cosine) pairs through the block's (B, c) logits map (float64)."""
+    b = rows_of.stop - rows_of.start
+    counts = torch.bincount(rows, minlength=b)
+    grid = torch.zeros((b, max(int(counts.max()), 1)), dtype=torch.float64)
+    pos = torch.arange(rows.numel()) - (torch.cumsum(counts, 0) - counts)[rows]
+    grid[rows, pos] = cos.double()
+    return logits(rows_of, grid)[rows, pos]
+
+
+def bf16_copy(stored: Tensor, step: int = 1 << 16) -> tuple[Tensor, float]:
+    """``(bf16 copy, largest row norm)`` of ``stored`` in one pass (a bf16 gallery is not copied).
+
+    Example:
+        >>> copy, top = bf16_copy(torch.eye(3, dtype=torch.float16))
+        >>> copy.dtype, top
+        (torch.bfloat16, 1.0)
+    """
+    if stored.dtype == torch.bfloat16:
+        return stored, float(stored_max_norm(stored))
+    copy = torch.empty(stored.shape, dtype=torch.bfloat16, device=stored.device)
+    top = 0.0
+    for s in range(0, stored.shape[0], step):
+        part = stored[s : s + step].float()
+        top = max(top, float(part.double().norm(dim=1).max()))
+        copy[s : s + part.shape[0]] = part
+    return copy, top
+
+
+def stored_max_norm(stored: Tensor, step: int = 1 << 16) -> Tensor:
+    """The largest row norm of ``stored`` (float64), in pieces."""
+    best = torch.zeros((), dtype=torch.float64)
+    for s in range(0, stored.shape[0], step):
+        best = torch.maximum(best, stored[s : s + step].double().norm(dim=1).max())
+    return best
