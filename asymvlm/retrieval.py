@@ -49,7 +49,7 @@ from asymvlm.io import (
     read_tagged_json,
 )
 from asymvlm.io_read import check_index_meta
-from asymvlm.scan import SCAN_DTYPES, bf16_copy, scan_topk
+from asymvlm.scan import SCAN_DTYPES, bf16_copy, int8_copy, scan_topk
 from asymvlm.topk import (
     OnlineSoftmax,
     SearchResult,
@@ -93,9 +93,10 @@ class ImageIndex:
         scan_dtype: how the exact backend reads the gallery on a CPU. ``"bfloat16"``: a bf16 copy
             (made once, on first search or :meth:`prepare`) is scanned with a certified error
             bound and the candidates are re-scored in float64 from the stored rows, so the ids are
-            the exact top-k (:mod:`asymvlm.scan`); ``"float32"``: every chunk converted to float32
-            and scored exactly in one pass. ``"auto"`` (default): bfloat16 on a CPU, float32 on
-            other devices (measured: ``bench/limits.py``).
+            the exact top-k (:mod:`asymvlm.scan`); ``"int8"``: the same with a per-row int8 copy
+            (half the bytes: one query at a time is faster, batches slower; CPU); ``"float32"``:
+            every chunk converted to float32 and scored exactly in one pass. ``"auto"`` (default):
+            bfloat16 on a CPU, float32 on other devices (measured: ``bench/limits.py``).
     """
 
     def __init__(
@@ -132,6 +133,8 @@ class ImageIndex:
             raise ConfigError(f"scan_dtype must be one of {list(SCAN_DTYPES)}, got {scan_dtype!r}")
         if scan_dtype == "auto":
             scan_dtype = "bfloat16" if embeddings.device.type == "cpu" else "float32"
+        if scan_dtype == "int8" and (embeddings.device.type != "cpu" or not hasattr(torch, "_weight_int8pack_mm")):
+            raise ConfigError("scan_dtype='int8' needs a CPU gallery and torch's _weight_int8pack_mm kernel")
         self.scan_dtype = scan_dtype
         self._scan: tuple[Tensor, float] | None = None
         self.embeddings = embeddings
@@ -230,7 +233,7 @@ class ImageIndex:
                 _, _, stats = blocked_topk(
                     loc, self._cosine_chunk, len(self), 1, self.chunk_size, self.query_block, logits
                 )
-        elif self.scan_dtype == "bfloat16":
+        elif self.scan_dtype in ("bfloat16", "int8"):
             idx, stats = self._scan_search(loc, k, logits)
         else:
             _, idx, stats = blocked_topk(
@@ -266,11 +269,16 @@ class ImageIndex:
         gallery is scanned as it is. Returns the index."""
         if self.scan_dtype == "bfloat16" and self._scan is None:
             self._scan = bf16_copy(self.embeddings)
+        elif self.scan_dtype == "int8" and self._scan is None:
+            copy = int8_copy(self.embeddings)
+            self._scan = (copy, copy.max_norm)
         return self
 
     def _scan_search(self, loc: Tensor, k: int, logits: Any) -> tuple[Tensor, Any]:
         scan, top = self.prepare()._scan
-        chunk = max(self.chunk_size, min(1 << 18, (1 << 23) // min(self.query_block, loc.shape[0])))
+        # a (block, chunk) score tile of ~4M numbers: measured faster than 16M (the retrieval
+        # distribution's passes over the tile stay in cache); one query reads 256k rows a GEMV
+        chunk = min(1 << 18, max(1024, (1 << 22) // min(self.query_block, loc.shape[0])))
 
         def exact(rows: slice) -> tuple[Tensor, Any]:
             fn = None if logits is None else (lambda r, c: logits(slice(rows.start + r.start, rows.start + r.stop), c))

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -52,9 +53,18 @@ from torch import Tensor
 
 from asymvlm.topk import OnlineSoftmax
 
-__all__ = ["scan_error_factor", "scan_topk", "bf16_copy", "stored_max_norm", "SCAN_DTYPES"]
+__all__ = [
+    "scan_error_factor",
+    "scan_topk",
+    "bf16_copy",
+    "int8_copy",
+    "int8_window",
+    "Int8Scan",
+    "stored_max_norm",
+    "SCAN_DTYPES",
+]
 
-SCAN_DTYPES = ("auto", "bfloat16", "float32")
+SCAN_DTYPES = ("auto", "bfloat16", "int8", "float32")
 
 _U_BF16 = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits), round to nearest
 
@@ -82,7 +92,11 @@ def _below(t: Tensor) -> Tensor:
 def _hits(scores: Tensor, thr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """(rows, cols, float32 values) of the entries of ``scores`` (B, c) bf16 at or above ``thr`` (B,),
     row-major. NumPy's flatnonzero: torch's CPU nonzero measured 4-14x slower here."""
-    mask = scores >= _below(thr).unsqueeze(1)  # bf16 against bf16: no per-element promotion
+    tb = _below(thr).unsqueeze(1)  # (B, 1) bf16: compared bf16 to bf16, no per-element promotion
+    if bool((tb.view(torch.int16) >= 0).all()):  # thresholds >= +0: a positive bf16's bits order as int16,
+        mask = scores.view(torch.int16) >= tb.view(torch.int16)  # a negative's are below; 1.9x faster
+    else:
+        mask = scores >= tb
     flat = (
         torch.from_numpy(np.flatnonzero(mask.numpy())) if mask.device.type == "cpu" else mask.view(-1).nonzero()[:, 0]
     )
@@ -195,7 +209,7 @@ def _correct(acc: OnlineSoftmax, rows: Tensor, approx: Tensor, exact: Tensor) ->
 def scan_topk(
     queries: Tensor,
     stored: Tensor,
-    scan: Tensor,
+    scan: Tensor | Int8Scan,
     k: int,
     chunk_size: int,
     *,
@@ -211,7 +225,8 @@ def scan_topk(
     Args:
         queries: (Q, d) float32 (or float64) query vectors.
         stored: (N, d) the gallery as stored: the candidates are re-scored from it in float64.
-        scan: (N, d) bfloat16 copy of ``stored`` (the same tensor when it is bf16 already).
+        scan: (N, d) bfloat16 copy of ``stored`` (the same tensor when it is bf16 already), or its
+            :class:`Int8Scan` (:func:`int8_window`'s bound instead of :func:`scan_error_factor`'s).
         k: results per query.
         chunk_size: gallery rows scored per GEMM.
         max_norm: the largest row norm of ``stored`` (computed, one pass, when not given).
@@ -223,22 +238,29 @@ def scan_topk(
         fallback: the exact path for a block of queries, ``(indices, stats)``.
     """
     n = stored.shape[0]
-    factor = scan_error_factor(stored.shape[1], stored.dtype)
+    int8 = isinstance(scan, Int8Scan)
+    factor = 0.0 if int8 else scan_error_factor(stored.shape[1], stored.dtype)
     if max_norm is None:
-        max_norm = float(stored_max_norm(stored))
+        max_norm = scan.max_norm if int8 else float(stored_max_norm(stored))
     indices, stats = [], []
     block = min(query_block, queries.shape[0])
     f32 = torch.empty(block * min(chunk_size, n)) if logits is not None else None
     for s in range(0, queries.shape[0], block):
         xq = queries[s : s + block].float()
         rows_of = slice(s, s + xq.shape[0])
-        eps2 = 2.0 * factor * max_norm * xq.double().norm(dim=1).float() * (1 + 2.0**-20)
+        if int8:
+            eps2 = int8_window(xq, scan)
+        else:
+            eps2 = 2.0 * factor * max_norm * xq.double().norm(dim=1).float() * (1 + 2.0**-20)
         fn = None if logits is None else (lambda sc, r=rows_of: logits(r, sc))
         blk = _Block(xq, eps2, k, fn)
         overflow = False
         for a in range(0, n, chunk_size):
             e = min(n, a + chunk_size)
-            sc = torch.mm(blk.xq, scan[a:e].T)  # (B, c) bf16
+            if int8:  # (B, c) bf16 either way
+                sc = torch._weight_int8pack_mm(blk.xq, scan.values[a:e], scan.scales[a:e])
+            else:
+                sc = torch.mm(blk.xq, scan[a:e].T)
             blk.add(sc, a, None if f32 is None else f32[: xq.shape[0] * (e - a)].view(xq.shape[0], e - a))
             if blk.count > max_candidates and fallback is not None:
                 overflow = True
@@ -285,6 +307,62 @@ def bf16_copy(stored: Tensor, step: int = 1 << 16) -> tuple[Tensor, float]:
         top = max(top, float(part.double().norm(dim=1).max()))
         copy[s : s + part.shape[0]] = part
     return copy, top
+
+
+@dataclass(frozen=True)
+class Int8Scan:
+    """A per-row int8 copy of a gallery: row ``j`` is ``values[j] * scales[j]``, each element within
+    ``scales[j] / 2`` of the stored one (round to nearest; the bf16 scales are rounded up so that
+    ``|values| <= 127``). Half the bytes of bf16: one query reads it at the same rate
+    (``torch._weight_int8pack_mm``, the weight-only int8 GEMV of LLM decoding), in half the time."""
+
+    values: Tensor  # (N, d) int8
+    scales: Tensor  # (N,) bf16
+    max_scale: float
+    max_norm: float
+
+
+def int8_copy(stored: Tensor, step: int = 1 << 16) -> Int8Scan:
+    """The :class:`Int8Scan` of ``stored`` (N, d) in one pass (CPU).
+
+    Example:
+        >>> x = torch.nn.functional.normalize(torch.randn(100, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+        >>> c = int8_copy(x)
+        >>> scale = c.scales.float().unsqueeze(1)
+        >>> bool(((c.values.float() * scale - x).abs() <= scale / 2 + 1e-6).all())
+        True
+    """
+    values = torch.empty(stored.shape, dtype=torch.int8)
+    scales = torch.empty(stored.shape[0], dtype=torch.bfloat16)
+    top_scale, top_norm = 0.0, 0.0
+    for s in range(0, stored.shape[0], step):
+        part = stored[s : s + step].float()
+        amax = part.abs().amax(dim=1)
+        # rounded up: bf16(y) >= y (1 - 2^-8), so y = amax/127 (1 + 2^-7) keeps |x / scale| <= 127
+        sc = torch.where(amax > 0, amax / 127.0 * (1 + 2.0**-7), 1.0).to(torch.bfloat16)
+        values[s : s + part.shape[0]] = torch.round(part / sc.float().unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+        scales[s : s + part.shape[0]] = sc
+        top_scale = max(top_scale, float(sc.float().max()))
+        top_norm = max(top_norm, float(part.double().norm(dim=1).max()))
+    return Int8Scan(values, scales, top_scale, top_norm)
+
+
+def int8_window(q: Tensor, scan: Int8Scan) -> Tensor:
+    """(Q,) ``2 eps`` of each query over an :class:`Int8Scan`: the int8 kernel multiplies the bf16
+    query by the int8 row exactly in float32, sums in float32, scales in float32 and rounds to bf16,
+    so ``|s~ - s| <= E2 + u (|q| R + E2)`` with ``E2 = E1 + (gamma_2d + 2^-24) 1.01 M``,
+    ``E1 = u |q| R' + |q|_1 S (1/2 + 1e-5)``, ``M = (1 + u) |q| R'``, ``R' = R + sqrt(d) S / 2``
+    (``S`` the largest scale, ``R`` the largest row norm; the ``1e-5`` covers the float32 division
+    before rounding to an integer). Same derivation as :func:`scan_error_factor`, Higham (2002)."""
+    d = q.shape[1]
+    qd = q.double()
+    qn, q1 = qd.norm(dim=1), qd.abs().sum(dim=1)
+    n = 2 * d * 2.0**-24
+    gamma = n / (1 - n)
+    r2 = scan.max_norm + math.sqrt(d) * scan.max_scale / 2 * (1 + 2e-5)
+    e1 = _U_BF16 * qn * r2 + q1 * scan.max_scale * (0.5 + 1e-5)
+    e2 = e1 + (gamma + 2.0**-24) * 1.01 * (1 + _U_BF16) * qn * r2
+    return (2.0 * (e2 + _U_BF16 * (qn * scan.max_norm + e2)) * (1 + 2.0**-20)).float()
 
 
 def stored_max_norm(stored: Tensor, step: int = 1 << 16) -> Tensor:

@@ -8,8 +8,8 @@ the package with "x of floor" (1.00x: at the limit):
   from disk as ``ImageIndex.load`` serves them, with the retrieval distribution (the default) and
   without; the floor is reading the scanned copy once (N d 2 bytes / bandwidth). Then 256 queries
   in one call; the floor is the bf16 GEMM (2 Q N d flops / bf16 rate). Each beside the float32
-  path (``scan_dtype="float32"``, the exact path before the bf16 scan) and FAISS's exact flat index
-  where installed, with the ids checked equal;
+  path (``scan_dtype="float32"``, the exact path before the bf16 scan), the int8 scan (one query)
+  and FAISS's exact flat index where installed, with the ids checked equal;
 * **the exact vMF normaliser** beside the approximation (Scott 2021) at d = 256, 512, 1024:
   forward + backward on 65,536 float32 concentrations and forward on 1M; the goal is <= 3x the
   approximation;
@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from _common import Results, best_seconds
+from train_throughput import gemm_floor, head_train_flops, make_cache, run_loop
 
 SECTIONS = ("floors", "retrieval", "special", "train")
 
@@ -50,18 +51,11 @@ def bandwidth(gib: float = 2.0) -> float:
     return x.numel() * 4 / t
 
 
-def gemm_rate(dtype: torch.dtype, n: int = 4096) -> float:
-    """GEMM flops/s of an n^3 ``torch.mm`` in ``dtype`` (best of 3)."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    torch.mm(a, b)
-    return 2 * n**3 / best_seconds(lambda: torch.mm(a, b), 3)
-
-
 def floors(results: Results, quick: bool) -> dict[str, float]:
     f = {
         "bandwidth": bandwidth(0.5 if quick else 2.0),
-        "fp32": gemm_rate(torch.float32, 2048 if quick else 4096),
-        "bf16": gemm_rate(torch.bfloat16, 2048 if quick else 4096),
+        "fp32": gemm_floor(torch.float32, 2048 if quick else 4096),
+        "bf16": gemm_floor(torch.bfloat16, 2048 if quick else 4096),
     }
     results.add("floor: read bandwidth", f["bandwidth"] / 1e9, None, "GB/s", higher_is_better=True)
     results.add("floor: float32 GEMM", f["fp32"] / 1e9, None, "GFLOP/s", higher_is_better=True)
@@ -118,6 +112,10 @@ def retrieval(results: Results, f: dict[str, float], n: int, d: int, quick: bool
         scan.prepare()
         prep = time.perf_counter() - t
         plain = ImageIndex.load(tmp, chunk_size=65536, scan_dtype="float32")
+        small = ImageIndex.load(tmp, chunk_size=65536, scan_dtype="int8")
+        t = time.perf_counter()
+        small.prepare()
+        results.note(f"retrieval: the int8 copy took {time.perf_counter() - t:.2f} s (once, at load)")
         results.note(f"retrieval: the bf16 copy of the {n:,} x {d} float16 gallery took {prep:.2f} s (once, at load)")
         read_floor = n * d * 2 / f["bandwidth"]
         one = _queries(1, d, 1)
@@ -130,6 +128,9 @@ def retrieval(results: Results, f: dict[str, float], n: int, d: int, quick: bool
             tp = best_seconds(lambda p=posterior: plain.search(one, k=10, posterior=p), 3)
             _floor_row(results, f"one query, {n:,} x {d}, bf16 scan, {tag}", ts, read_floor, same_ids=same)
             _floor_row(results, f"one query, {n:,} x {d}, float32 path, {tag}", tp, read_floor)
+            same8 = bool(torch.equal(small.search(one, k=10, posterior=posterior).indices, b.indices))
+            t8 = best_seconds(lambda p=posterior: small.search(one, k=10, posterior=p), 5)
+            _floor_row(results, f"one query, {n:,} x {d}, int8 scan, {tag}", t8, read_floor, same_ids=same8)
         batch = _queries(64 if quick else 256, d, 2)
         nq = batch.batch_shape[0]
         gemm_floor = 2 * nq * n * d / f["bf16"]
@@ -201,46 +202,25 @@ def special(results: Results, quick: bool) -> None:
 # ----------------------------------------------------------------------------------------------
 # head training
 # ----------------------------------------------------------------------------------------------
-def head_flops(d: int, hidden: tuple[int, ...], batch: int) -> float:
-    """Flops of one training step per sample: the head's GEMMs forward and backward (3x forward)
-    and the B x B logits GEMM forward and backward."""
-    dims = (d, *hidden, d)
-    mlp = sum(2 * a * b for a, b in zip(dims[:-1], dims[1:]))
-    return 3 * mlp + 3 * 2 * batch * d
-
-
 def train(results: Results, f: dict[str, float], quick: bool) -> None:
-    from asymvlm import AsymVLMLoss, TextHead, parameter_groups, positives_from_ids
+    """``asymvlm.training.loop.train`` itself (AdamW, its default fused kernel; bf16: the head's MLP
+    under autocast, the loss in float32) on a synthetic cache, samples/s from its log."""
+    from asymvlm.heads import HeadConfig
 
-    d, hidden = 512, (1024, 1024, 1024)
-    g = torch.Generator().manual_seed(0)
-    for batch in (256, 1024) if quick else (256, 1024, 2048):
-        text = torch.nn.functional.normalize(torch.randn(batch, d, generator=g), dim=1)
-        images = torch.nn.functional.normalize(text + 0.5 * torch.randn(batch, d, generator=g), dim=1)
-        ids = torch.arange(batch)
-        pos = positives_from_ids(ids, ids)
-        for dtype in ("float32", "bfloat16"):
-            torch.manual_seed(0)
-            head, loss_fn = TextHead(dim=d, hidden_dims=hidden, direction="learned", validate=False), AsymVLMLoss()
-            opt = torch.optim.AdamW(parameter_groups([head, loss_fn], 1e-4), lr=1e-4, fused=True)
-
-            def step(head=head, loss_fn=loss_fn, opt=opt, dtype=dtype, text=text, images=images, pos=pos):
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-                    loss = loss_fn(head(text), images, pos)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-            step()
-            steps = 3 if quick else 10
-            t = best_seconds(lambda step=step, steps=steps: [step() for _ in range(steps)], 2) / steps
-            per_sample = head_flops(d, hidden, batch)
-            for rate_name in ("fp32", "bf16") if dtype == "bfloat16" else ("fp32",):
-                floor = batch * per_sample / f[rate_name]
-                _floor_row(
-                    results, f"head training step, B={batch}, {dtype}, against the {rate_name} floor", t, floor,
-                    samples_per_s=batch / t,
-                )  # fmt: skip
+    head = HeadConfig(dim=512)  # the paper's 512-1024-1024-1024-512 head
+    with tempfile.TemporaryDirectory(prefix="asymvlm-limits-train-") as tmp:
+        work = Path(tmp)
+        make_cache(work / "cache", 4000 if quick else 20000, 512)
+        for batch in (256,) if quick else (256, 1024, 2048):
+            for precision, rate in (("no", "fp32"), ("bf16", "bf16")):
+                steps = 3 if quick else 12
+                speed, _ = run_loop(work, f"run-{batch}-{precision}", steps, batch, mixed_precision=precision)
+                floor = f[rate] / head_train_flops(head, batch)  # samples/s at the GEMM rate
+                name = "float32" if precision == "no" else "bf16"
+                case = f"head training (asymvlm-train loop), B={batch}, {name}, against the {rate} floor"
+                results.add(case, speed, floor, "samples/s", higher_is_better=True, better="of the floor",
+                            worse="of the floor", fraction_of_floor=speed / floor)  # fmt: skip
+                print(f"{case}: {speed:,.0f} samples/s, floor {floor:,.0f}: {speed / floor:.2f} of it", flush=True)
 
 
 def main(argv=None) -> int:

@@ -130,3 +130,55 @@ def test_scan_dtype_is_checked_and_auto_picks_bf16_on_cpu():
     assert ImageIndex(x).scan_dtype == "bfloat16"
     index = ImageIndex(x.bfloat16()).prepare()
     assert index._scan[0] is index.embeddings  # a bf16 gallery is scanned as it is
+
+
+def test_negative_thresholds_take_the_bf16_comparison():
+    # every score negative: the int16 view of the bits no longer orders them, the plain comparison runs
+    d = 32
+    q = _unit(2, d, seed=13)
+    x = _unit(5000, d, seed=14)
+    x = torch.where((x @ q[0]).unsqueeze(1) > 0, -x, x)  # opposite hemisphere of query 0
+    x = torch.cat([x, -q[1:2] * 0.0 + torch.nn.functional.normalize(-q[1:2] + 0.01, dim=1)])
+    s = q.double() @ x.double().T
+    assert float(s[0].max()) < 0
+    idx, _ = scan_topk(q, x, x.bfloat16(), 12, 700)
+    assert torch.equal(idx, _exact_ids(q, x, 12))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_int8_window_bounds_the_measured_error(dtype):
+    from asymvlm.scan import int8_copy, int8_window
+
+    for d in (16, 512):
+        x = _unit(3000, d, seed=20 + d, dtype=dtype)
+        q = _unit(32, d, seed=21 + d)
+        c = int8_copy(x)
+        assert c.values.dtype == torch.int8 and int(c.values.abs().max()) <= 127
+        approx = torch._weight_int8pack_mm(q.bfloat16(), c.values, c.scales).double()
+        err = (approx - q.double() @ x.double().T).abs()
+        half_window = int8_window(q, c).double().unsqueeze(1) / 2
+        assert bool((err <= half_window).all())
+        assert float((err / half_window).max()) > 0.01  # sound, not vacuous
+
+
+@pytest.mark.parametrize(("k", "chunk"), [(1, 4096), (10, 777)])
+def test_int8_scan_ids_are_the_float64_top_k(k, chunk):
+    from asymvlm.scan import int8_copy
+
+    x = _unit(6000, 48, seed=22, dtype=torch.float16)
+    q = _unit(9, 48, seed=23)
+    idx, _ = scan_topk(q, x, int8_copy(x), k, chunk, query_block=4)
+    assert torch.equal(idx, _exact_ids(q, x, k))
+
+
+def test_index_int8_matches_the_float32_path():
+    x = _unit(20000, 64, seed=24, dtype=torch.float16)
+    loc = torch.nn.functional.normalize(x[:6].float() + 0.3 * _unit(6, 64, seed=25), dim=1)
+    q = VonMisesFisher(loc, torch.tensor([1.0, 5.0, 20.0, 50.0, 100.0, 200.0]))
+    a = ImageIndex(x, scan_dtype="float32").search(q, k=7)
+    b = ImageIndex(x, scan_dtype="int8").search(q, k=7)
+    assert torch.equal(a.indices, b.indices)
+    # int8 scores are coarser than bf16's (each row within scale/2 per element): the rows outside the
+    # candidate window move the distribution more; tolerance from the measured deviation with a margin
+    torch.testing.assert_close(b.log_partition, a.log_partition, rtol=0, atol=2e-2)
+    torch.testing.assert_close(b.entropy, a.entropy, rtol=0, atol=2e-2)

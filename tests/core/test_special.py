@@ -14,8 +14,12 @@ import pytest
 import scipy.special
 import torch
 
+from asymvlm import special
 from asymvlm.special import (
+    _debye_fractions,
     _debye_polynomials,
+    _fast_order,
+    _log_debye_polynomials,
     bessel_iv_ratio,
     bessel_ratio,
     log_bessel_iv,
@@ -278,3 +282,133 @@ def test_approx_normalizer_value_off_but_slope_close():
     (ge,) = torch.autograd.grad(exact.sum(), k)
     (ga,) = torch.autograd.grad(approx.sum(), k)
     torch.testing.assert_close(ga, ge, rtol=2e-3, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# The fast path: one python dim >= 102 (order v >= 50), the Debye expansion alone, no branch
+# over kappa. Tolerances (measured worst in brackets):
+#   float64: |log C_d error| <= 1e-13 max(1, |log C_d|) [2e-14: 2 ulp of log|S^{d-1}| where
+#            log C_d crosses 0], A_d and -d/dkappa log C_d <= 1e-14 relative [4e-16],
+#            log(C_d |S^{d-1}|) <= 1e-14 relative even where it is -1e-15 [6e-16];
+#   float32, against mpmath at the float32-rounded kappa (the function's own error): one float32
+#            ulp, 1.2e-7, for all three (the float64 value rounded, plus < 1e-9 truncation).
+# --------------------------------------------------------------------------------------------
+FAST_DIMS = [256, 384, 512, 768, 1024, 4096]
+FAST_KAPPAS = np.logspace(-6, 6, 49)
+
+
+def mp_all(d, kappa):
+    """(log C_d, A_d, log(C_d |S^{d-1}|) = -log F_v) at 50 digits."""
+    with mp.workdps(50):
+        v, k = mp.mpf(d) / 2 - 1, mp.mpf(kappa)
+        lv = mp_log_iv(v, k)
+        log_c = v * mp.log(k) - (v + 1) * mp.log(2 * mp.pi) - lv
+        at_mode = v * mp.log(k / 2) - mp.loggamma(v + 1) - lv
+        return float(log_c), float(mp.exp(mp_log_iv(v + 1, k) - lv)), float(at_mode)
+
+
+@pytest.fixture(scope="module")
+def fast_reference():
+    rounded = FAST_KAPPAS.astype(np.float32).astype(np.float64)
+    return {
+        (d, dtype): np.array([mp_all(d, k) for k in kappas]).T
+        for d in FAST_DIMS
+        for dtype, kappas in ((torch.float64, FAST_KAPPAS), (torch.float32, rounded))
+    }
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("d", FAST_DIMS)
+def test_fast_path_against_mpmath(d, dtype, fast_reference):
+    tol_c, tol_a, tol_m = (1e-13, 1e-14, 1e-14) if dtype == torch.float64 else (1.2e-7, 1.2e-7, 1.2e-7)
+    ref_c, ref_a, ref_m = fast_reference[d, dtype]
+    k = torch.tensor(FAST_KAPPAS, dtype=dtype, requires_grad=True)
+    log_c = vmf_log_normalizer(d, k)
+    (grad,) = torch.autograd.grad(log_c.sum(), k)
+    assert log_c.dtype == grad.dtype == dtype
+    got = {
+        "log C_d": (log_c.detach().double().numpy(), ref_c, np.maximum(1, np.abs(ref_c)), tol_c),
+        "A_d": (bessel_ratio(d, k.detach()).double().numpy(), ref_a, ref_a, tol_a),
+        "-grad": (-grad.double().numpy(), ref_a, ref_a, tol_a),
+        "at mode": (vmf_log_density_ratio_at_mode(d, k.detach()).double().numpy(), ref_m, np.abs(ref_m), tol_m),
+    }
+    for name, (value, ref, scale, tol) in got.items():
+        err = np.abs(value - ref) / scale
+        assert err.max() <= tol, (name, d, dtype, err.max(), FAST_KAPPAS[err.argmax()])
+
+
+def test_fast_path_is_taken_for_python_dims_from_102():
+    assert _fast_order(512) == 255.0 and _fast_order(102) == 50.0
+    assert _fast_order(101) is None and _fast_order(True) is None and _fast_order(torch.tensor(512)) is None
+
+
+@pytest.mark.parametrize("d", [102, 103, 256, 512, 4096])
+def test_fast_path_agrees_with_general_path(d):
+    # the same functions through both paths (a tensor dim takes the general one): the general
+    # path switches from the power series to Debye at kappa = 2 sqrt(v + 1); include both sides
+    edge = 2 * math.sqrt(d / 2)
+    k = torch.tensor([0.0, *np.logspace(-6, 6, 97), edge * (1 - 1e-12), edge, edge * (1 + 1e-12)], dtype=torch.float64)
+    dims = torch.tensor(d)
+    fast_c, general_c = vmf_log_normalizer(d, k), vmf_log_normalizer(dims, k)
+    # both subtract log|S^{d-1}| (~ -150 ... -11000): an ulp of it where log C_d crosses 0
+    assert ((fast_c - general_c).abs() <= 1e-13 * general_c.abs().clamp(min=1)).all()
+    torch.testing.assert_close(bessel_ratio(d, k), bessel_ratio(dims, k), rtol=1e-14, atol=1e-300)
+    fast_m, general_m = vmf_log_density_ratio_at_mode(d, k), vmf_log_density_ratio_at_mode(dims, k)
+    torch.testing.assert_close(fast_m, general_m, rtol=1e-13, atol=0)
+    # continuity across the general path's switch: a relative step of 1e-12 moves log C_d by ~A_d kappa 1e-12
+    c = general_c[-3:]
+    assert (c[1:] - c[:-1]).abs().max() <= 1e-11 * c.abs().max()
+
+
+@pytest.mark.parametrize("kappa", [1e-3, 0.7, 9.9, 10.1, 10.4, 33.0, 500.0, 2e4])
+def test_order_switch_is_continuous(kappa):
+    # dims 98..101 take the general path (v < 50), 102..106 the fast one: all agree with mpmath
+    dims = list(range(98, 107))
+    k = torch.tensor(kappa, dtype=torch.float64)
+    for d in dims:
+        ref_c, ref_a, _ = mp_all(d, kappa)
+        c, a = float(vmf_log_normalizer(d, k)), float(bessel_ratio(d, k))
+        assert abs(c - ref_c) <= 1e-13 * max(1, abs(ref_c)), (d, kappa, c, ref_c)
+        assert abs(a - ref_a) <= 1e-14 * ref_a, (d, kappa, a, ref_a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fast_path_chunks_agree_with_one_pass(monkeypatch, dtype):
+    k = torch.cat([torch.tensor([0.0, math.inf, 3.0]), torch.logspace(-6, 6, 42)]).to(dtype).reshape(5, 9).t()
+    k[4, 3] = math.inf  # an infinity in a later chunk; the input is not contiguous
+    ka = k.clone().requires_grad_(True)
+    one_pass = (vmf_log_normalizer(512, ka), bessel_ratio(512, k), vmf_log_density_ratio_at_mode(512, k))
+    (g_one,) = torch.autograd.grad(one_pass[0].sum(), ka)
+    monkeypatch.setattr(special, "_FAST_CHUNK", 7)
+    kb = k.clone().requires_grad_(True)
+    chunked = (vmf_log_normalizer(512, kb), bessel_ratio(512, k), vmf_log_density_ratio_at_mode(512, k))
+    (g_chunked,) = torch.autograd.grad(chunked[0].sum(), kb)
+    rtol = 1e-14 if dtype == torch.float64 else 1.2e-7  # vector and scalar log1p may differ by an ulp
+    for a, b in zip((*one_pass, g_one), (*chunked, g_chunked)):
+        assert a.shape == b.shape == (9, 5) and a.dtype == b.dtype == dtype
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=rtol, atol=0)
+    assert one_pass[0][4, 3] == -math.inf and chunked[1][4, 3] == 1.0 and g_chunked[4, 3] == -1.0
+
+
+def test_fast_path_bad_kappa_and_nan():
+    with pytest.raises(ValueError, match=r"kappa must be >= 0; found -1.0 at index \(1,\)"):
+        vmf_log_normalizer(512, torch.tensor([float("nan"), -1.0]))
+    with pytest.raises(ValueError, match="kappa must be >= 0"):
+        bessel_ratio(768, -2.0)
+    out = vmf_log_normalizer(512, torch.tensor([float("nan"), math.inf, 0.0]))
+    assert torch.isnan(out[0]) and out[1] == -math.inf and float(out[2]) == pytest.approx(-log_sphere_area(512))
+
+
+def test_log_debye_polynomials_exact():
+    # log U = sum l_k e^k with U = sum u_k e^k: l_1 = u_1, l_2 = u_2 - u_1^2 / 2 (power series of log)
+    logs, bounds = _log_debye_polynomials()
+    u = _debye_fractions(2)
+    u1_sq = [Fraction(0)] * 7
+    for i, a in enumerate(u[1]):
+        for j, b in enumerate(u[1]):
+            u1_sq[i + j] += a * b
+    assert list(logs[1]) == list(u[1])
+    assert list(logs[2]) == [c - s / 2 for c, s in zip(list(u[2]) + [0] * 7, u1_sq)][: len(logs[2])]
+    # at t = 1 the expansion is Stirling's series of log Gamma(v + 1): L(1) = -(1/(12 v) - 1/(360 v^3) + 1/(1260 v^5))
+    assert [sum(logs[k]) for k in range(1, 6)] == [Fraction(-1, 12), 0, Fraction(1, 360), 0, Fraction(-1, 1260)]
+    assert bounds[1] == pytest.approx(1 / 12) and all(b < 2 for b in bounds)
