@@ -13,6 +13,8 @@ the package with "x of floor" (1.00x: at the limit):
 * **the exact vMF normaliser** beside the approximation (Scott 2021) at d = 256, 512, 1024:
   forward + backward on 65,536 float32 concentrations and forward on 1M; the goal is <= 3x the
   approximation;
+* **the exclude-mode InfoNCE** forward + backward at B = 256, 1024, 2048: at the positive pairs
+  (now) against the whole (B, B) matrix (before);
 * **head training** (the paper's 512-1024-1024-1024-512 head, symmetric InfoNCE, AdamW) on
   prebuilt batches: samples/s against the FLOP floor of the same step at the float32 and the
   bfloat16 GEMM rates (``bench/train_throughput.py`` has the training loop's own figures).
@@ -21,7 +23,8 @@ Goals (issue 30): one query within 1.5x of the bandwidth floor; batched within 2
 floor; training >= 50% of the float32 floor and >= 30% of the bf16 floor; the normaliser <= 3x the
 approximation. Run alone: the machine has 2 cores, and anything else running moves every figure.
 
-Run:  python bench/limits.py [--quick] [--n 1000000] [--d 512] [--only floors,retrieval,special,train] [--json PATH]
+Run:  python bench/limits.py [--quick] [--n 1000000] [--d 512] [--json PATH]
+      [--only floors,retrieval,special,loss,train]
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import torch
 from _common import Results, best_seconds
 from train_throughput import gemm_floor, head_train_flops, make_cache, run_loop
 
-SECTIONS = ("floors", "retrieval", "special", "train")
+SECTIONS = ("floors", "retrieval", "special", "loss", "train")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,6 +226,40 @@ def train(results: Results, f: dict[str, float], quick: bool) -> None:
                 print(f"{case}: {speed:,.0f} samples/s, floor {floor:,.0f}: {speed / floor:.2f} of it", flush=True)
 
 
+def _whole_matrix_exclude(z: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The exclude-mode InfoNCE as it was before issue 30: softplus over every (T, I) entry (baseline)."""
+    halves = []
+    for zz, pp in ((z, pos), (z.T, pos.T)):
+        neg = torch.logsumexp(zz.masked_fill(pp, torch.finfo(zz.dtype).min), dim=1, keepdim=True)
+        neg = torch.where((~pp).any(dim=1, keepdim=True), neg, torch.full_like(neg, -math.inf))
+        per = (torch.nn.functional.softplus(neg - zz) * pp).sum(1) / pp.sum(1).clamp_min(1)
+        halves.append(per[pp.any(dim=1)].mean())
+    return 0.5 * (halves[0] + halves[1])
+
+
+def loss(results: Results, quick: bool) -> None:
+    """The exclude-mode InfoNCE's forward + backward: at the positives only (now) vs the whole matrix."""
+    from asymvlm.losses import symmetric_infonce
+
+    g = torch.Generator().manual_seed(0)
+    for batch in (256, 1024) if quick else (256, 1024, 2048):
+        z = torch.randn(batch, batch, generator=g).requires_grad_()
+        ids = torch.randint(0, batch * 4 // 5, (batch,), generator=g)  # some images with several captions
+        pos = ids.unsqueeze(1) == ids.unsqueeze(0)
+
+        def run(fn, z=z, pos=pos):
+            z.grad = None
+            fn(z, pos).backward()
+
+        ours, base = (
+            best_seconds(lambda: run(symmetric_infonce), 5),
+            best_seconds(lambda: run(_whole_matrix_exclude), 5),
+        )
+        case = f"exclude-mode InfoNCE fwd+bwd, B={batch}, float32: at the positives vs the whole matrix"
+        results.add(case, ours * 1e3, base * 1e3, "ms", higher_is_better=False)
+        print(f"{case}: {ours * 1e3:.2f} vs {base * 1e3:.2f} ms ({base / ours:.2f}x)", flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="Small sizes (tests): 100k x 64 gallery, fewer repeats.")
@@ -243,6 +280,8 @@ def main(argv=None) -> int:
         retrieval(results, f, n, d, args.quick)
     if "special" in only:
         special(results, args.quick)
+    if "loss" in only:
+        loss(results, args.quick)
     if "train" in only:
         train(results, f, args.quick)
     results.note(f"torch threads {torch.get_num_threads()}; floors measured in this run, before the rows.")

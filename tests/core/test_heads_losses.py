@@ -405,3 +405,29 @@ def test_training_reduces_the_loss_and_learns_uncertainty():
         unc = head.uncertainty(text).detach()
         correctly_ordered = (unc[vague][:, None] > unc[~vague][None, :]).float().mean()
         assert correctly_ordered >= 0.95, (family, float(correctly_ordered))
+
+
+def test_exclude_mode_at_the_positives_equals_the_whole_matrix_form():
+    # the previous implementation (softplus over every (T, I) entry, masked by the positives),
+    # transcribed, against the positives-only one: loss and gradient in float64
+    def whole(z, pos):
+        def one(z, pos):
+            neg = torch.logsumexp(z.masked_fill(pos, torch.finfo(z.dtype).min), dim=1, keepdim=True)
+            neg = torch.where((~pos).any(dim=1, keepdim=True), neg, torch.full_like(neg, -math.inf))
+            per = (F.softplus(neg - z) * pos).sum(1) / pos.sum(1).clamp_min(1)
+            return per[pos.any(dim=1)].mean()
+
+        return 0.5 * (one(z, pos) + one(z.T, pos.T))
+
+    g = torch.Generator().manual_seed(0)
+    pos = torch.rand(40, 33, generator=g) < 0.08
+    pos[3] = True  # a text whose every image is positive: no negatives in its row
+    pos[:, 5] = False  # an image without a caption
+    pos[0, 0] = True
+    a = (torch.randn(40, 33, generator=g, dtype=torch.float64) * 4).requires_grad_()
+    b = a.detach().clone().requires_grad_()
+    la, lb = symmetric_infonce(a, pos), whole(b, pos)
+    la.backward()
+    lb.backward()
+    torch.testing.assert_close(la, lb, rtol=1e-13, atol=0)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-16)
