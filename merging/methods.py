@@ -14,6 +14,7 @@ does not declare is a :class:`~asymvlm.errors.ConfigError`):
 ``dare``           drop with probability p, rescale 1/(1-p), sum (Yu et al. 2024, https://arxiv.org/abs/2311.03099)
 ``dare_ties``      DARE's drop-and-rescale, then TIES' sign election and disjoint mean
 ``talos``          task arithmetic of sparse (TaLoS-masked) task vectors (Iurada et al., ICLR 2025)
+``iso_c``          isotropic spectrum of the summed task matrix (Marczak et al. 2025, :mod:`.spectral`)
 =================  ====================================================================
 
 TIES options (explicit, since implementations differ): ``scope`` — ``global`` (the paper's: one
@@ -60,6 +61,7 @@ from asymvlm.federated.core import (
     server_update,
     stack_key,
 )
+from asymvlm.merging.spectral import IsoC
 from asymvlm.registry import Param, Registry, in_range, probability
 
 __all__ = [
@@ -361,6 +363,20 @@ def _dare_ties(lam, p, seed, sign, sign_weighted, normalize, zero_sign):
                   reference="https://arxiv.org/abs/2504.02620")  # fmt: skip
 def _talos(lam):
     return _recipe(Sum(), lam)
+
+
+@METHODS.register(
+    "iso_c",
+    help="per 2-D weight the summed task matrix with its singular values replaced by their mean",
+    reference="https://arxiv.org/abs/2502.04959",
+    params=(
+        _LAM,
+        Param("non_matrix", Literal["mean", "sum"], "mean",
+              "Tensors that are not 2-D (no spectrum): their mean (ports of the authors' code) or their sum."),
+    ),
+)  # fmt: skip
+def _iso_c(lam, non_matrix):
+    return _recipe(IsoC(non_matrix=non_matrix), lam)
 
 
 def make_method(name: str, **options: Any) -> Recipe:
