@@ -139,7 +139,7 @@ def positives_from_ids(text_ids: Tensor, image_ids: Tensor) -> Tensor:
     return text_ids.unsqueeze(1) == image_ids.unsqueeze(0)
 
 
-def _directional_nce(logits: Tensor, positives: Tensor, mode: str) -> Tensor:
+def _directional_nce(logits: Tensor, positives: Tensor) -> Tensor:
     """Mean over rows (that have a positive) of the row's NCE term ("sum" mode)."""
     neg_inf = torch.finfo(logits.dtype).min
     has_pos = positives.any(dim=1)
@@ -197,7 +197,7 @@ def symmetric_infonce(logits: Tensor, positives: Tensor | None = None, *, positi
     if positive_mode == "exclude":
         return _exclude_nce(logits, positives)
     return 0.5 * (
-        _directional_nce(logits, positives, positive_mode) + _directional_nce(logits.T, positives.T, positive_mode)
+        _directional_nce(logits, positives) + _directional_nce(logits.T, positives.T)
     )
 
 

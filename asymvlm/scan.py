@@ -104,30 +104,28 @@ def _hits(scores: Tensor, thr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return flat // c, flat % c, scores.reshape(-1)[flat].float()
 
 
+def _slots(rows: Tensor, nrows: int) -> tuple[Tensor, int]:
+    """Each entry's slot within its row (``rows`` sorted) and the widest row's count: the entries of
+    each row side by side in a (nrows, width) grid, ``grid[rows, slots] = values``."""
+    counts = torch.bincount(rows, minlength=nrows)
+    start = torch.cumsum(counts, 0) - counts
+    return torch.arange(rows.numel(), device=rows.device) - start[rows], int(counts.max())
+
+
+def _grid(rows: Tensor, slots: Tensor, shape: tuple[int, int], values: Tensor, fill: float) -> Tensor:
+    """The (nrows, width) grid of :func:`_slots` holding ``values``, ``fill`` where a row has fewer."""
+    out = torch.full((shape[0], max(shape[1], 1)), fill, dtype=values.dtype, device=values.device)
+    out[rows, slots] = values
+    return out
+
+
 def _merge_top(best: Tensor, rows: Tensor, vals: Tensor, k: int) -> Tensor:
     """The (B, k) running top-k values ``best`` with the extra ``vals`` of rows ``rows`` (sorted)."""
-    counts = torch.bincount(rows, minlength=best.shape[0])
-    m = int(counts.max())
-    if m == 0:
+    slots, width = _slots(rows, best.shape[0])
+    if width == 0:
         return best
-    start = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(rows.numel(), device=rows.device) - start[rows]
-    pad = torch.full((best.shape[0], m), -math.inf, dtype=best.dtype, device=best.device)
-    pad[rows, pos] = vals
+    pad = _grid(rows, slots, (best.shape[0], width), vals, -math.inf)
     return torch.cat([best, pad], dim=1).topk(k, dim=1).values
-
-
-def _padded(rows: Tensor, cols: Tensor, vals: Tensor, nrows: int) -> tuple[Tensor, Tensor]:
-    """Per-row (values, columns) padded with -inf: the candidates of each query side by side."""
-    counts = torch.bincount(rows, minlength=nrows)
-    m = max(int(counts.max()), 1)
-    start = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(rows.numel(), device=rows.device) - start[rows]
-    v = torch.full((nrows, m), -math.inf, dtype=vals.dtype, device=vals.device)
-    c = torch.zeros((nrows, m), dtype=torch.int64, device=vals.device)
-    v[rows, pos] = vals
-    c[rows, pos] = cols
-    return v, c
 
 
 class _Block:
@@ -272,22 +270,17 @@ def scan_topk(
             continue
         rows, cols, vals = blk.candidates()
         exact = _exact_scores(xq, stored, rows, cols)
-        v, c = _padded(rows, cols, exact, xq.shape[0])
-        indices.append(c.gather(1, v.topk(k, dim=1).indices))
-        if blk.acc is not None:
-            _correct(blk.acc, rows, _row_logits(logits, rows_of, rows, vals), _row_logits(logits, rows_of, rows, exact))
+        slots, width = _slots(rows, xq.shape[0])
+        shape = (xq.shape[0], width)  # each query's candidates side by side
+        best = _grid(rows, slots, shape, exact, -math.inf).topk(k, dim=1).indices
+        indices.append(_grid(rows, slots, shape, cols, 0).gather(1, best))
+        if blk.acc is not None:  # the candidates' logits, scanned and exact, through the block's logits map
+            scanned, exact_logits = (
+                logits(rows_of, _grid(rows, slots, shape, c.double(), 0.0))[rows, slots] for c in (vals, exact)
+            )
+            _correct(blk.acc, rows, scanned, exact_logits)
             stats.append(blk.acc)
     return torch.cat(indices), (OnlineSoftmax.cat(stats) if logits is not None else None)
-
-
-def _row_logits(logits: Callable[[slice, Tensor], Tensor], rows_of: slice, rows: Tensor, cos: Tensor) -> Tensor:
-    """The logits of single (query row, cosine) pairs through the block's (B, c) logits map (float64)."""
-    b = rows_of.stop - rows_of.start
-    counts = torch.bincount(rows, minlength=b)
-    grid = torch.zeros((b, max(int(counts.max()), 1)), dtype=torch.float64)
-    pos = torch.arange(rows.numel()) - (torch.cumsum(counts, 0) - counts)[rows]
-    grid[rows, pos] = cos.double()
-    return logits(rows_of, grid)[rows, pos]
 
 
 def bf16_copy(stored: Tensor, step: int = 1 << 16) -> tuple[Tensor, float]:

@@ -122,38 +122,38 @@ def retrieval(results: Results, f: dict[str, float], n: int, d: int, quick: bool
         results.note(f"retrieval: the bf16 copy of the {n:,} x {d} float16 gallery took {prep:.2f} s (once, at load)")
         read_floor = n * d * 2 / f["bandwidth"]
         one = _queries(1, d, 1)
-        for posterior in (True, False):
-            tag = "with the retrieval distribution" if posterior else "top-k only"
-            a = scan.search(one, k=10, posterior=posterior)
-            b = plain.search(one, k=10, posterior=posterior)
-            same = bool(torch.equal(a.indices, b.indices))
-            ts = best_seconds(lambda p=posterior: scan.search(one, k=10, posterior=p), 5)
-            tp = best_seconds(lambda p=posterior: plain.search(one, k=10, posterior=p), 3)
-            _floor_row(results, f"one query, {n:,} x {d}, bf16 scan, {tag}", ts, read_floor, same_ids=same)
-            _floor_row(results, f"one query, {n:,} x {d}, float32 path, {tag}", tp, read_floor)
-            same8 = bool(torch.equal(small.search(one, k=10, posterior=posterior).indices, b.indices))
-            t8 = best_seconds(lambda p=posterior: small.search(one, k=10, posterior=p), 5)
-            _floor_row(results, f"one query, {n:,} x {d}, int8 scan, {tag}", t8, read_floor, same_ids=same8)
+        paths = {"bf16 scan": (scan, 5), "float32 path": (plain, 3), "int8 scan": (small, 5)}
+        _search_rows(results, f"one query, {n:,} x {d}", one, read_floor, paths)
         batch = _queries(64 if quick else 256, d, 2)
         nq = batch.batch_shape[0]
         gemm_floor = 2 * nq * n * d / f["bf16"]
-        for posterior in (True, False):
-            tag = "with the retrieval distribution" if posterior else "top-k only"
-            a = scan.search(batch, k=10, posterior=posterior)
-            b = plain.search(batch, k=10, posterior=posterior)
-            same = bool(torch.equal(a.indices, b.indices))
-            ts = best_seconds(lambda p=posterior: scan.search(batch, k=10, posterior=p), 2)
-            tp = best_seconds(lambda p=posterior: plain.search(batch, k=10, posterior=p), 1)
-            _floor_row(results, f"{nq} queries, {n:,} x {d}, bf16 scan, {tag}", ts, gemm_floor, same_ids=same)
-            _floor_row(results, f"{nq} queries, {n:,} x {d}, float32 path, {tag}", tp, gemm_floor)
-            if posterior:
-                dz, de = (a.log_partition - b.log_partition).abs().max(), (a.entropy - b.entropy).abs().max()
-                results.note(
-                    f"retrieval: the bf16 scan's distribution against the float32 path's ({nq} queries, kappa 50): "
-                    f"max |log Z| difference {float(dz):.1e}, entropy {float(de):.1e} nats, "
-                    f"hit probability {float((a.posterior - b.posterior).abs().max()):.1e}"
-                )
+        paths = {"bf16 scan": (scan, 2), "float32 path": (plain, 1)}
+        a, b = _search_rows(results, f"{nq} queries, {n:,} x {d}", batch, gemm_floor, paths)
+        dz, de = (a.log_partition - b.log_partition).abs().max(), (a.entropy - b.entropy).abs().max()
+        results.note(
+            f"retrieval: the bf16 scan's distribution against the float32 path's ({nq} queries, kappa 50): "
+            f"max |log Z| difference {float(dz):.1e}, entropy {float(de):.1e} nats, "
+            f"hit probability {float((a.posterior - b.posterior).abs().max()):.1e}"
+        )
         _faiss_rows(results, scan, one, batch, read_floor, gemm_floor)
+
+
+def _search_rows(results: Results, label: str, queries, floor: float, paths: dict) -> tuple:
+    """One row per path (name -> (index, repeats)) with and without the retrieval distribution, each
+    against ``floor``, the scans' ids checked against the float32 path's; returns the bf16 scan's
+    and the float32 path's results with the distribution."""
+    with_distribution = None
+    for posterior in (True, False):
+        tag = "with the retrieval distribution" if posterior else "top-k only"
+        ref = paths["float32 path"][0].search(queries, k=10, posterior=posterior)
+        for name, (index, repeats) in paths.items():
+            got = index.search(queries, k=10, posterior=posterior)
+            t = best_seconds(lambda i=index, p=posterior: i.search(queries, k=10, posterior=p), repeats)
+            same = {} if name == "float32 path" else {"same_ids": bool(torch.equal(got.indices, ref.indices))}
+            _floor_row(results, f"{label}, {name}, {tag}", t, floor, **same)
+            if posterior and name == "bf16 scan":
+                with_distribution = (got, ref)
+    return with_distribution
 
 
 def _faiss_rows(results, scan, one, batch, read_floor, gemm_floor) -> None:

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import Results
+from _common import Results, best_seconds
 
 from asymvlm import AsymVLMLoss, TextHead, parameter_groups, positives_from_ids
 from asymvlm.cache import write_cache
@@ -73,13 +73,7 @@ def gemm_floor(dtype: torch.dtype = torch.float32, n: int = 4096, repeat: int = 
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(dtype)
     b = torch.randn(n, n, generator=g).to(dtype)
-    torch.mm(a, b)
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        torch.mm(a, b)
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * n**3 / best
+    return 2.0 * n**3 / best_seconds(lambda: torch.mm(a, b), repeat)
 
 
 def make_cache(path: Path, images: int, d: int) -> None:

@@ -184,7 +184,8 @@ def _head(
 
 
 def _nce(logits: Tensor, positives: Tensor, mode: str) -> Tensor:
-    """(G,) the mean over rows with a positive of each client's NCE term (losses._directional_nce)."""
+    """(G,) the mean over rows with a positive of each client's NCE term (one direction of
+    losses.symmetric_infonce, batched over clients)."""
     has_pos = positives.any(-1)  # (G, T)
     if mode == "exclude":
         neg_inf = torch.finfo(logits.dtype).min
