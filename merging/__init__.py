@@ -1,10 +1,17 @@
-"""asymvlm.merging: task vectors, task arithmetic, TIES, DARE and TaLoS on the federated core.
+"""asymvlm.merging: task vectors, task arithmetic, TIES, DARE, TaLoS, the spectral methods (Iso-C,
+Iso-CTS, TSV-M), Fisher-weighted merging of probabilistic heads, LoRA-native merging (KnOTS, Core
+Space) and LiNeS, on the federated core.
 
 * :mod:`asymvlm.merging.task_vectors` — task vectors from checkpoints, AsymVLM heads and LoRA
   adapters, read lazily (memory-mapped, tensor by tensor);
 * :mod:`asymvlm.merging.methods` — the merge methods (recipes of :mod:`asymvlm.federated.core`
   with declared options) and merging through its one server step (``merge_params``, ``merge_files``);
+* :mod:`asymvlm.merging.ties` — the TIES and DARE aggregators and the exact streaming top-k selection;
+* :mod:`asymvlm.merging.spectral` — Iso-C, Iso-CTS and TSV-M, per 2-D weight;
+* :mod:`asymvlm.merging.fisher` — the heads' diagonal Fisher (of their own vMF/PS) and Fisher-weighted merging;
+* :mod:`asymvlm.merging.lines` — LiNeS, depth-wise scaling after any method;
 * :mod:`asymvlm.merging.lora` — LoRA adapters merged on their exact dense updates (dense / concat / svd);
+* :mod:`asymvlm.merging.lora_spaces` — KnOTS and Core Space: LoRA merges in an aligned low-rank space;
 * :mod:`asymvlm.merging.talos` — TaLoS mask calibration for sparse, interference-free fine-tuning;
 * :mod:`asymvlm.merging.api` — ``merge`` for any input kind (``asymvlm-merge``), and every public
   name of the three modules behind it:
@@ -37,6 +44,14 @@ _EXPORTS = {
     "task_vector_from_lora": "asymvlm.merging.task_vectors",
     "merge_lora_adapters": "asymvlm.merging.lora",
     "calibrate_mask": "asymvlm.merging.talos",
+    "compute_fisher": "asymvlm.merging.fisher",
+    "head_fisher": "asymvlm.merging.fisher",
+    "FisherWeighted": "asymvlm.merging.fisher",
+    "IsoC": "asymvlm.merging.spectral",
+    "IsoCTS": "asymvlm.merging.spectral",
+    "TsvM": "asymvlm.merging.spectral",
+    "LinesScaled": "asymvlm.merging.lines",
+    "LoraSpaceMerge": "asymvlm.merging.lora_spaces",
 }
 __all__ = sorted(_EXPORTS)
 

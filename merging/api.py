@@ -209,7 +209,10 @@ def _check_arguments(
         raise MergeInputError(f"density must be in (0, 1], got {options['density']}")
     if "p" in options and not 0 <= float(options["p"]) < 1:
         raise MergeInputError(f"the DARE drop probability p must be in [0, 1), got {options['p']}")
-    METHODS.resolve(method, {**options, "lam": lam})  # ConfigError: unknown method, unknown or invalid options
+    from asymvlm.merging.methods import POST_OPTIONS
+
+    declared = {k: v for k, v in options.items() if k not in POST_OPTIONS}
+    METHODS.resolve(method, {**declared, "lam": lam})  # ConfigError: unknown method, unknown or invalid options
     if select_by is not None:
         SELECTION_CRITERIA.entry(select_by)  # ConfigError naming the valid criteria
     if on_flat is not None and on_flat not in ON_FLAT:
@@ -294,6 +297,10 @@ def _merge_heads(
         report["warnings"] = warnings
     base_params = {k: b[k].clone() for k in b}
     check_task_vectors(vectors, base_params)  # before any lambda is scored
+    if method == "fisher":  # each input's saved Fisher; the base's (if saved) as a zero task vector
+        from asymvlm.merging.fisher import attach_fishers
+
+        vectors, weights, report["fisher_base"] = attach_fishers(base, inputs, vectors, weights)
     if choice is not None:
         lam = _choose_lambda(choice, report, base_model, experts, base_params, vectors, method, weights, options)
     merged = merge_params(base_params, vectors, method, lam=lam, weights=weights, **options)

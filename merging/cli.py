@@ -31,6 +31,13 @@ EPILOG = """examples:
       --output_dir merged
   asymvlm-merge --inputs adapter1 adapter2 --method task_arithmetic --lora_output concat --output_dir merged-adapter
   asymvlm-merge --inputs adapter1 adapter2 --method ties --lora_output svd --rank 8 --output_dir merged-adapter
+  asymvlm-merge --inputs adapter1 adapter2 --method knots --inner ties --density 0.2 --lora_output svd --rank 8 \\
+      --output_dir merged-adapter
+  asymvlm-merge --compute_fisher runs/a/model runs/b/model runs/base/model \\
+      --fisher_cache caches/a-train caches/b-train caches/base-train
+  asymvlm-merge --base runs/base/model --inputs runs/a/model runs/b/model --method fisher --output_dir merged
+  asymvlm-merge --base runs/base/model --inputs runs/a/model runs/b/model --method iso_cts --lines 0.5 \\
+      --output_dir merged
   asymvlm-merge --config recipe.yaml --lam 0.7
   asymvlm-merge --list_methods
 
@@ -83,7 +90,13 @@ class MergeArguments:
         default="concat",
         metadata={"help": "LoRA inputs: dense (folded into --base), concat (exact), svd (best rank --rank)."},
     )
-    rank: int | None = field(default=None, metadata={"help": "LoRA svd output rank (default: the largest input rank)."})
+    rank: int | None = field(
+        default=None,
+        metadata={
+            "help": "LoRA svd output rank (default: the largest input rank; knots/core_space: the sum of the input "
+            "ranks, which holds their merge exactly)."
+        },
+    )
     lam_grid: list[float] | None = field(
         default=None,
         metadata={
@@ -119,6 +132,33 @@ class MergeArguments:
             "error, or warn and keep the first lambda (default: error).",
             "choices": ON_FLAT,
         },
+    )
+    lines: float | None = field(
+        default=None,
+        metadata={
+            "help": "LiNeS after the method: scale the merged task vector by depth, block l of L by alpha + lines * "
+            "l / (L - 1), alpha the paper's multi-task rule (Wang et al. 2025; default: off)."
+        },
+    )
+    lines_blocks: int | None = field(
+        default=None, metadata={"help": "LiNeS' number of blocks L (default: from the tensors' names, .N.)."}
+    )
+    compute_fisher: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Compute and save (fisher.safetensors) the diagonal Fisher of each saved AsymVLM named here, on "
+            "the --fisher_cache of the same position, for --method fisher; then exit."
+        },
+    )
+    fisher_cache: list[str] | None = field(
+        default=None, metadata={"help": "Embedding caches, one per --compute_fisher model (its own data)."}
+    )
+    fisher_estimator: Literal["sampled", "empirical"] = field(
+        default="sampled",
+        metadata={"help": "sampled (images drawn from the head's own distribution: the true Fisher) or empirical."},
+    )
+    fisher_pairs: int | None = field(
+        default=None, metadata={"help": "At most this many caption pairs per Fisher (default: all)."}
     )
 
 
@@ -226,6 +266,8 @@ def _main(argv: list[str]) -> int:
     if cfg["_list"]:
         print(METHODS.describe())
         return 0
+    if cfg.get("compute_fisher"):
+        return _compute_fishers(cfg)
     missing = [k for k in ("inputs", "output_dir") if not cfg.get(k)]
     if missing:
         raise ConfigError(f"missing {', '.join('--' + m for m in missing)} (a flag or a --config key)")
@@ -235,7 +277,7 @@ def _main(argv: list[str]) -> int:
     from asymvlm.merging.api import FlatCriterionWarning, merge
 
     method = cfg["method"]
-    options = {k: cfg[k] for k in OPTION_KEYS if k in cfg}
+    options = {k: cfg[k] for k in (*OPTION_KEYS, "lines", "lines_blocks") if k in cfg}
     select_by = cfg.get("select_by")
     logged: list[float] = []
 
@@ -293,6 +335,20 @@ def _main(argv: list[str]) -> int:
     elif report.get("output") == "concat":
         print(f"  exact concatenated LoRA of rank {report['rank']}")
     print(f"  -> {cfg['output_dir']}")
+    return 0
+
+
+def _compute_fishers(cfg: dict[str, Any]) -> int:
+    """``--compute_fisher``: each model's Fisher on its cache, saved next to it."""
+    from asymvlm.merging.fisher import compute_fisher
+
+    models, caches = cfg["compute_fisher"], cfg.get("fisher_cache") or []
+    if len(caches) != len(models):
+        raise ConfigError(f"--compute_fisher names {len(models)} model(s) but --fisher_cache {len(caches)}: one each")
+    for m, c in zip(models, caches):
+        est = cfg["fisher_estimator"]
+        path = compute_fisher(m, c, estimator=est, max_pairs=cfg.get("fisher_pairs"), progress=cfg["_progress"])
+        print(f"{PROG}: Fisher ({est}) of {m} on {c} -> {path}")
     return 0
 
 

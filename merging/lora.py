@@ -14,6 +14,11 @@ with any registered method and writes one of three outputs (``output=``):
 * ``"svd"`` — the best rank-``rank`` adapter of the merged ``Delta W`` (truncated SVD,
   Eckart–Young), with the relative Frobenius truncation error reported per layer and overall.
 
+``knots`` and ``core_space`` (:mod:`asymvlm.merging.lora_spaces`) merge the adapters' factors in a
+shared basis instead of their dense updates; their merged ``Delta W`` has rank at most
+``R = sum_k r_k``, so ``svd`` with the default rank ``R`` (and ``concat``, the same output) is exact,
+a smaller ``rank`` is the best truncation of it (error reported), and ``dense`` folds it into the base.
+
 The written adapter is in peft's format (``adapter_config.json`` from the first input with the new
 rank, ``lora_alpha = r`` so ``s = 1``, rsLoRA off; ``adapter_model.safetensors``) and loads with
 ``peft.PeftModel.from_pretrained`` on the same base model. Every output also carries ``merge.json``
@@ -183,18 +188,21 @@ def merge_lora_adapters(
             (``dense``).
         method, lam, weights, options: as in :func:`asymvlm.merging.methods.merge_params`.
         output: ``dense``, ``concat`` or ``svd`` (module docstring).
-        rank: the adapter rank for ``svd`` (default: the largest input rank).
+        rank: the adapter rank for ``svd`` (default: the largest input rank; ``knots``/``core_space``:
+            the sum of the input ranks, which holds their merge exactly).
         base: the base checkpoint for ``dense``.
         names: how the report and the card name the inputs (default their paths; e.g. Hub ids).
     """
+    from asymvlm.merging.lora_spaces import SPACES
     from asymvlm.merging.methods import make_method
 
     if output not in LORA_OUTPUTS:
         raise MergeInputError(f"unknown LoRA output {output!r}; choose one of {LORA_OUTPUTS}")
-    if output == "concat" and method not in LINEAR_METHODS:
+    if output == "concat" and method not in LINEAR_METHODS and method not in SPACES:
         raise MergeInputError(
-            f"output='concat' is exact only for linear merges {sorted(LINEAR_METHODS)}; {method!r} gives a general "
-            "dense update: use output='svd' (reports the truncation error) or 'dense'"
+            f"output='concat' is exact only for linear merges {sorted(LINEAR_METHODS)} and the LoRA-space merges "
+            f"{sorted(SPACES)}; {method!r} gives a general dense update: use output='svd' (reports the truncation "
+            "error) or 'dense'"
         )
     if output == "dense" and base is None:
         raise MergeInputError("output='dense' folds the merged Delta W into a base checkpoint: pass base=")
@@ -212,6 +220,16 @@ def merge_lora_adapters(
         "weights": list(weights) if weights is not None else None,
         "output": output,
     }
+    recipe = make_method(method, lam=lam, **options)  # ConfigError on unknown/invalid options, before writing
+    if options.get("lines") is not None and (method in SPACES or output == "concat"):
+        raise MergeInputError(
+            f"LiNeS (lines=) rescales the merged dense updates: use it with output='svd' or 'dense' of a dense-update "
+            f"method, not with {method!r} and output={output!r}"
+        )
+    if method in SPACES:
+        return _space_output(
+            adapters, out, recipe.aggregator, report, lam=lam, weights=weights, rank=rank, base=base, progress=progress
+        )
     if output == "concat":
         w = [1.0] * k if weights is None else [float(x) for x in weights]
         if len(w) != k:
@@ -242,7 +260,7 @@ def merge_lora_adapters(
             atomic_write_json(report, tmp / "merge.json")
             write_model_card(tmp, _card("checkpoint", report, adapters), replacing=out)
         return report
-    agg = make_method(method, **options).aggregator(vectors, weights)
+    agg = recipe.aggregator(vectors, weights)
     r = rank or max(a.shape[0] for ad in adapters for a, _ in ad.layers.values())
     from asymvlm.lora import low_rank_factors
 
@@ -257,13 +275,71 @@ def merge_lora_adapters(
         sq = float(delta.double().pow(2).sum())
         num += err**2 * sq
         den += sq
-    report.update(
-        rank=r,
-        truncation_error={
-            "per_layer": errors,
-            "overall": math.sqrt(num / den) if den > 0 else 0.0,
-            "max": max(errors.values()),
-        },
-    )
+    report.update(rank=r, truncation_error=_truncation_report(errors, num, den))
+    _write_adapter(out, adapters[0].config, layers, report, adapters)
+    return report
+
+
+def _truncation_report(errors: dict[str, float], num: float, den: float) -> dict[str, Any]:
+    """The relative Frobenius truncation errors: per layer, overall (``sqrt(sum err_l^2 |dW_l|^2 /
+    sum |dW_l|^2)``) and the worst layer's."""
+    return {"per_layer": errors, "overall": math.sqrt(num / den) if den > 0 else 0.0, "max": max(errors.values())}
+
+
+def _space_output(
+    adapters: Sequence[LoraAdapter],
+    out: Path,
+    space: Any,
+    report: dict[str, Any],
+    *,
+    lam: float,
+    weights: Sequence[float] | None,
+    rank: int | None,
+    base: str | Path | None,
+    progress: bool,
+) -> dict[str, Any]:
+    """KnOTS / Core Space (:mod:`asymvlm.merging.lora_spaces`): the factors merged in the aligned
+    space; written as an adapter of rank ``rank`` (default ``sum_k r_k``: exact; smaller: the best
+    rank-``rank`` truncation of the merged ``Delta W``, its error reported) or folded into ``base``.
+    ``output="concat"`` is the exact adapter of rank ``sum_k r_k`` (the merged ``Delta W`` has no
+    larger rank)."""
+    from asymvlm.merging.lora_spaces import best_rank_factors
+
+    total = sum(ad.layers[next(iter(ad.layers))][0].shape[0] for ad in adapters)  # R = sum_k r_k
+    if report["output"] == "concat" and rank not in (None, total):
+        raise MergeInputError(
+            f"output='concat' of {report['method']} is the exact adapter of rank {total} (the sum of the input "
+            f"ranks); for rank {rank} use output='svd'"
+        )
+    if rank is not None and rank < 1:
+        raise MergeInputError(f"rank must be >= 1, got {rank}")
+    factors = {layer: [ad.layers[layer] for ad in adapters] for layer in adapters[0].layers}
+    merged = space.merge_factors(factors, [ad.scaling for ad in adapters], weights, lam)
+    dtype = next(iter(adapters[0].layers.values()))[0].dtype
+    report["space"] = {"name": space.space, "inner": space.inner, "reference": space.reference}
+    if space.inner == "ties":
+        report["space"]["density"] = space.density
+    if report["output"] == "dense":
+        from asymvlm.hub import write_model_card
+        from asymvlm.io import atomic_directory, atomic_write_json
+        from asymvlm.merging.methods import merge_files
+
+        report["base"] = str(base)
+        delta = MemoryParams(
+            {_weight_name(k): (b @ a).to(dtype) for k, (a, b) in merged.items()}, f"<{space.space} merge>"
+        )
+        with atomic_directory(out) as tmp:  # base + the merged Delta W, streamed with the base's checks
+            merge_files(base, [delta], tmp / "model.safetensors", "task_arithmetic", lam=1.0, progress=progress)
+            atomic_write_json(report, tmp / "merge.json")
+            write_model_card(tmp, _card("checkpoint", report, adapters), replacing=out)
+        return report
+    r = total if rank is None else rank
+    layers, errors, num, den = {}, {}, 0.0, 0.0
+    for layer, (a, b) in merged.items():
+        a_r, b_r, err, sq = best_rank_factors(a, b, r)
+        layers[layer] = (a_r.to(dtype), b_r.to(dtype))
+        errors[layer] = err
+        num, den = num + err**2 * sq, den + sq
+    report.update(rank=r, truncation_error=_truncation_report(errors, num, den))
     _write_adapter(out, adapters[0].config, layers, report, adapters)
     return report

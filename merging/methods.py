@@ -15,7 +15,14 @@ does not declare is a :class:`~asymvlm.errors.ConfigError`):
 ``dare_ties``      DARE's drop-and-rescale, then TIES' sign election and disjoint mean
 ``talos``          task arithmetic of sparse (TaLoS-masked) task vectors (Iurada et al., ICLR 2025)
 ``iso_c``          isotropic spectrum of the summed task matrix (Marczak et al. 2025, :mod:`.spectral`)
+``iso_cts``        Iso-C on common + task-specific subspaces (same paper, :mod:`.spectral`)
+``tsv_m``          task singular vectors, orthogonalised across tasks (Gargiulo et al. 2025, :mod:`.spectral`)
+``fisher``         Fisher-weighted average with the heads' Fisher (Matena & Raffel 2022, :mod:`.fisher`)
+``knots``          LoRA: merge in the shared SVD basis of the updates (Stoica et al. 2025, :mod:`.lora_spaces`)
+``core_space``     LoRA: merge in the core space of the stacked factors (Panariello et al. 2025)
 =================  ====================================================================
+
+After any method, ``lines=beta`` rescales the merged task vector by depth (LiNeS, :mod:`.lines`).
 
 TIES options (explicit, since implementations differ): ``scope`` — ``global`` (the paper's: one
 magnitude threshold per task over the whole model) or ``per_tensor`` (peft's); ``sign`` —
@@ -40,17 +47,14 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from asymvlm.errors import ConfigError
 from asymvlm.federated.core import (
-    AggregateResult,
     Aggregator,
     Params,
     Recipe,
@@ -59,9 +63,9 @@ from asymvlm.federated.core import (
     keys_of,
     scale,
     server_update,
-    stack_key,
 )
 from asymvlm.merging.spectral import IsoC
+from asymvlm.merging.ties import Dare, Ties, kth_smallest_magnitude, ties_thresholds
 from asymvlm.registry import Param, Registry, in_range, probability
 
 __all__ = [
@@ -69,6 +73,7 @@ __all__ = [
     "Dare",
     "METHODS",
     "make_method",
+    "POST_OPTIONS",
     "validate_task_vectors",
     "check_task_vectors",
     "merge_params",
@@ -76,216 +81,6 @@ __all__ = [
     "kth_smallest_magnitude",
     "ties_thresholds",
 ]
-
-
-# ----------------------------------------------------------------------------------------------
-# exact streaming selection
-# ----------------------------------------------------------------------------------------------
-def _magnitude_bits(t: Tensor) -> tuple[Tensor, int]:
-    """Non-negative magnitudes as order-preserving integer bit patterns (the sign bit is 0):
-    int32 for float32 and narrower, int64 for float64."""
-    if t.dtype == torch.float64:
-        return t.abs().view(torch.int64), 64
-    return t.float().abs().view(torch.int32), 32
-
-
-def kth_smallest_magnitude(tensors: Callable[[], Any], k: int, bits: int = 32) -> float:
-    """The k-th smallest ``|x|`` (1-based) over all tensors yielded by ``tensors()`` (called once per
-    pass), exact, with O(65536) memory. Non-negative IEEE floats order like their bit patterns."""
-    prefix, remaining = 0, k
-    shift = bits
-    while shift > 0:
-        shift -= 16
-        hist = torch.zeros(1 << 16, dtype=torch.int64)
-        for t in tensors():
-            b, _ = _magnitude_bits(t.reshape(-1))
-            if shift + 16 < bits:  # keep only values whose higher bits equal the prefix found so far
-                b = b[(b >> (shift + 16)) == prefix]
-            hist += torch.bincount(((b >> shift) & 0xFFFF), minlength=1 << 16)
-        cum = torch.cumsum(hist, 0)
-        digit = int(torch.searchsorted(cum, torch.tensor(remaining)))
-        remaining -= int(cum[digit - 1]) if digit > 0 else 0
-        prefix = (prefix << 16) | digit
-    if bits == 64:
-        return float(torch.tensor([prefix], dtype=torch.int64).view(torch.float64))
-    return float(torch.tensor([prefix], dtype=torch.int32).view(torch.float32))
-
-
-def ties_thresholds(deltas: Sequence[Mapping[str, Tensor]], density: float) -> list[float]:
-    """Per task, the magnitude threshold of the paper's global top-k: the ``(N - int(N density))``-th
-    smallest ``|tau|`` over the whole model (entries ``>=`` it are kept); 0 when nothing is trimmed."""
-    out = []
-    for d in deltas:
-        keys = list(d.keys())
-        n = sum(d[k].numel() for k in keys)
-        m = n - int(n * density)
-        if m <= 0:
-            out.append(0.0)
-            continue
-        bits = 64 if d[keys[0]].dtype == torch.float64 else 32
-        out.append(kth_smallest_magnitude(lambda d=d, keys=keys: (d[k] for k in keys), m, bits))
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# TIES and DARE aggregators
-# ----------------------------------------------------------------------------------------------
-def _topk_masks(stack: Tensor, density: float) -> Tensor:
-    """peft's per-tensor pruning of each task's copy: exactly ``int(density * numel)`` largest
-    magnitudes. Found with one batched ``kthvalue`` (linear time) instead of ``topk``; a task whose
-    threshold value occurs more than once falls back to ``topk`` so exactly k entries are kept."""
-    k_tasks = stack.shape[0]
-    flat = stack.reshape(k_tasks, -1).abs()
-    n = flat.shape[1]
-    k = int(density * n)
-    if k <= 0:
-        return torch.zeros_like(stack, dtype=torch.bool)
-    if k >= n:
-        return torch.ones_like(stack, dtype=torch.bool)
-    th = flat.kthvalue(n - k + 1, dim=1, keepdim=True).values  # the k-th largest
-    mask = flat >= th
-    for i in torch.nonzero(mask.sum(1) != k).flatten().tolist():  # ties at the threshold
-        row = torch.zeros(n, dtype=torch.bool)
-        row[torch.topk(flat[i], k=k, largest=True).indices] = True
-        mask[i] = row
-    return mask.reshape(stack.shape)
-
-
-def _disjoint(stack: Tensor, weighted: Tensor, ww: Tensor, sign: Tensor, normalize: str) -> Tensor:
-    """The mean of the (weighted) entries that agree with ``sign`` (nonzero, same sign), by count or
-    by weight. ``sign`` is -1, 0 or +1 per coordinate; 0 agrees with nothing."""
-    agree = (stack * sign) > 0
-    num = weighted.masked_fill(~agree, 0).sum(0)
-    if normalize == "count":
-        return num / agree.sum(0).to(stack.dtype).clamp_min(1.0)
-    return num / (ww * agree).sum(0).clamp_min(torch.finfo(stack.dtype).tiny)
-
-
-@dataclass
-class Ties(Aggregator):
-    """TIES-merging (Yadav et al. 2023, https://arxiv.org/abs/2306.01708); options in the module
-    docstring. Returns the merged task vector (before the ``lam`` scaling)."""
-
-    density: float = 0.2
-    scope: str = "global"
-    sign: str = "total"
-    sign_weighted: bool = False
-    normalize: str = "count"
-    zero_sign: str = "majority"
-    trim: bool = True  # False: no magnitude trim (DARE+TIES)
-    reference = "https://arxiv.org/abs/2306.01708"
-
-    def __post_init__(self) -> None:
-        if not 0 < self.density <= 1:
-            raise ConfigError(f"density must be in (0, 1], got {self.density}")
-        for name, value, allowed in (
-            ("scope", self.scope, ("global", "per_tensor")),
-            ("sign", self.sign, ("total", "frequency")),
-            ("normalize", self.normalize, ("count", "weight")),
-            ("zero_sign", self.zero_sign, ("majority", "positive", "none")),
-        ):
-            if value not in allowed:
-                raise ConfigError(f"{name}={value!r} is not one of {allowed}")
-
-    def __call__(self, deltas, weights=None, **_):
-        k = len(deltas)
-        w = torch.tensor([1.0] * k if weights is None else [float(x) for x in weights])
-        thresholds = ties_thresholds(deltas, self.density) if (self.trim and self.scope == "global") else None
-        out: Params = {}
-        pending_zero: list[tuple[str, Tensor, Tensor, Tensor]] = []  # key, index, value if +, value if -
-        sign_total = 0.0
-        for key in keys_of(deltas):
-            stack = stack_key(deltas, key)  # (K, ...) of this tensor only
-            shape = stack.shape[1:]
-            # NaN/inf in any task propagate into the plain sum: one check of one tensor, the culprit
-            # is looked for only on failure (trimming would otherwise hide a NaN: NaN >= t is False)
-            if not bool(torch.isfinite(stack.sum(0)).all()):
-                from asymvlm.merging.task_vectors import MergeInputError
-
-                finite = torch.isfinite(stack.reshape(k, -1)).all(1)
-                if bool(finite.all()):
-                    raise MergeInputError(f"{key!r}: the task vectors' sum overflows")
-                raise MergeInputError(f"task vector {int((~finite).nonzero()[0, 0])}: {key!r} contains NaN or inf")
-            if self.trim and self.density < 1:
-                if thresholds is not None:
-                    th = torch.tensor(thresholds, dtype=stack.dtype).view(-1, *([1] * len(shape)))
-                    stack = stack.masked_fill(stack.abs() < th, 0)
-                else:
-                    stack = stack.masked_fill(~_topk_masks(stack, self.density), 0)
-            ww = w.to(stack.dtype).view(-1, *([1] * len(shape)))
-            weighted = stack if bool((w == 1).all()) else stack * ww
-            votes = weighted if self.sign_weighted else stack
-            mass = votes.sum(0) if self.sign == "total" else votes.sign().sum(0)
-            elected = mass.sign()
-            sign_total += float(elected.sum())
-
-            if self.zero_sign == "positive":
-                elected = torch.where(elected == 0, torch.ones_like(elected), elected)
-            merged = _disjoint(stack, weighted, ww, elected, self.normalize)
-            if self.zero_sign == "majority" and bool((elected == 0).any()):
-                zero = (elected == 0) & (stack != 0).any(0)
-                if bool(zero.any()):
-                    idx = torch.nonzero(zero.reshape(-1)).squeeze(1)
-                    ones = torch.ones_like(elected)
-                    pos = _disjoint(stack, weighted, ww, ones, self.normalize).reshape(-1)[idx]
-                    neg = _disjoint(stack, weighted, ww, -ones, self.normalize).reshape(-1)[idx]
-                    pending_zero.append((key, idx, pos, neg))
-            out[key] = merged
-        if pending_zero:  # resolve exact ties with the model-wide majority sign (the paper's rule)
-            majority = 1.0 if sign_total >= 0 else -1.0
-            for key, idx, pos, neg in pending_zero:
-                flat = out[key].reshape(-1)
-                flat[idx] = pos if majority > 0 else neg
-        return AggregateResult(out, {"thresholds": thresholds})
-
-
-@dataclass
-class Dare(Aggregator):
-    """DARE (Yu et al. 2024, https://arxiv.org/abs/2311.03099): drop each entry of each task vector
-    with probability ``p`` and rescale the rest by ``1/(1-p)``; then ``sum`` (or TIES without
-    magnitude trim, ``then="ties"``). The drop mask of (task i, key) is seeded by ``(seed, i, key)``,
-    so it does not depend on the order in which tensors are read."""
-
-    p: float = 0.9
-    seed: int = 0
-    then: str = "sum"
-    ties_options: dict[str, Any] | None = None
-    reference = "https://arxiv.org/abs/2311.03099"
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.p < 1:
-            raise ConfigError(f"drop probability p must be in [0, 1), got {self.p}")
-        if self.then not in ("sum", "ties"):
-            raise ConfigError(f"then must be 'sum' or 'ties', got {self.then!r}")
-
-    def dropped(self, deltas: Sequence[Mapping[str, Tensor]]) -> list[Mapping[str, Tensor]]:
-        return [_Dropped(d, i, self.p, self.seed) for i, d in enumerate(deltas)]
-
-    def __call__(self, deltas, weights=None, **_):
-        views = self.dropped(deltas)
-        if self.then == "sum":
-            return Sum()(views, weights)
-        return Ties(**{"density": 1.0, **(self.ties_options or {}), "trim": False})(views, weights)
-
-
-class _Dropped(Mapping):
-    def __init__(self, base: Mapping[str, Tensor], index: int, p: float, seed: int):
-        self.base, self.index, self.p, self.seed = base, index, p, seed
-
-    def __getitem__(self, key: str) -> Tensor:
-        t = self.base[key]
-        digest = int.from_bytes(
-            __import__("hashlib").sha256(f"{self.seed}|{self.index}|{key}".encode()).digest()[:8], "little"
-        )
-        g = torch.Generator().manual_seed(digest)
-        keep = torch.rand(t.shape, generator=g) >= self.p
-        return torch.where(keep, t / (1 - self.p), torch.zeros_like(t))
-
-    def __iter__(self):
-        return iter(self.base)
-
-    def __len__(self):
-        return len(self.base)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -365,26 +160,113 @@ def _talos(lam):
     return _recipe(Sum(), lam)
 
 
+_NON_MATRIX = Param("non_matrix", Literal["mean", "sum"], "mean",
+                    "Tensors that are not 2-D (no spectrum): their mean (the authors' code) or their sum.")  # fmt: skip
+
+
 @METHODS.register(
     "iso_c",
     help="per 2-D weight the summed task matrix with its singular values replaced by their mean",
     reference="https://arxiv.org/abs/2502.04959",
     params=(
         _LAM,
-        Param("non_matrix", Literal["mean", "sum"], "mean",
-              "Tensors that are not 2-D (no spectrum): their mean (ports of the authors' code) or their sum."),
+        _NON_MATRIX,
     ),
 )  # fmt: skip
 def _iso_c(lam, non_matrix):
     return _recipe(IsoC(non_matrix=non_matrix), lam)
 
 
+@METHODS.register(
+    "tsv_m",
+    help="per 2-D weight each task's top 1/T singular triplets, the bases orthogonalised across tasks",
+    reference="https://arxiv.org/abs/2412.00081",
+    params=(
+        _LAM,
+        Param("fraction", float, 0.0, "Singular components kept per task as a fraction of min(m, n); 0: 1/T (paper).",
+              check=in_range(0, 1)),
+        _NON_MATRIX,
+    ),
+)  # fmt: skip
+def _tsv_m(lam, fraction, non_matrix):
+    from asymvlm.merging.spectral import TsvM
+
+    return _recipe(TsvM(fraction=fraction, non_matrix=non_matrix), lam)
+
+
+@METHODS.register(
+    "iso_cts",
+    help="Iso-C on a common subspace of the summed task matrix plus each task's own subspace",
+    reference="https://arxiv.org/abs/2502.04959",
+    params=(
+        _LAM,
+        Param("common", float, 0.8, "Fraction of the rank given to the common subspace (paper: 0.8).",
+              check=in_range(0, 1)),
+        _NON_MATRIX,
+    ),
+)  # fmt: skip
+def _iso_cts(lam, common, non_matrix):
+    from asymvlm.merging.spectral import IsoCTS
+
+    return _recipe(IsoCTS(common=common, non_matrix=non_matrix), lam)
+
+
+@METHODS.register(
+    "fisher",
+    help="Fisher-weighted average: each task's delta weighted by its head's diagonal Fisher information",
+    reference="https://arxiv.org/abs/2111.09832",
+    params=(
+        _LAM,
+        Param("floor", float, 1e-6, "Fisher floor relative to each tensor's mean Fisher (where all are ~0).",
+              check=in_range(0, 1)),
+    ),
+)  # fmt: skip
+def _fisher(lam, floor):
+    from asymvlm.merging.fisher import FisherWeighted
+
+    return _recipe(FisherWeighted(floor=floor), lam)
+
+
+_INNER = (
+    Param("inner", Literal["task_arithmetic", "ties"], "ties", "The merge applied in the aligned low-rank space."),
+    Param("density", float, 0.2, "TIES density in the aligned space.", check=in_range(0, 1, lo_open=True)),
+)
+
+
+@METHODS.register("knots", params=(_LAM, *_INNER), reference="https://arxiv.org/abs/2410.19735",
+                  help="LoRA: SVD of the side-by-side updates to a shared basis, the merge in it")  # fmt: skip
+def _knots(lam, inner, density):
+    from asymvlm.merging.lora_spaces import LoraSpaceMerge
+
+    return _recipe(LoraSpaceMerge("knots", inner=inner, density=density), lam)
+
+
+@METHODS.register("core_space", params=(_LAM, *_INNER), reference="https://arxiv.org/abs/2509.17786",
+                  help="LoRA: the factors projected on the stacked A/B bases, the merge in that core")  # fmt: skip
+def _core_space(lam, inner, density):
+    from asymvlm.merging.lora_spaces import LoraSpaceMerge
+
+    return _recipe(LoraSpaceMerge("core_space", inner=inner, density=density), lam)
+
+
+POST_OPTIONS = ("lines", "lines_blocks")
+
+
 def make_method(name: str, **options: Any) -> Recipe:
     """The recipe of a registered merge method (``lam`` and the method's declared options; any other
-    option is a :class:`~asymvlm.errors.ConfigError` naming it and the valid ones)."""
+    option is a :class:`~asymvlm.errors.ConfigError` naming it and the valid ones). The options of
+    :data:`POST_OPTIONS` compose after any method: ``lines`` (LiNeS' depth coefficient beta,
+    :mod:`asymvlm.merging.lines`) and ``lines_blocks`` (its block count, 0 = from the key names)."""
+    from asymvlm.merging.lines import wrap
+
+    post = {k: options.pop(k) for k in POST_OPTIONS if k in options}
     entry = METHODS.entry(name)
     resolved = METHODS.resolve(name, options)
-    return Recipe(name=name, reference=entry.reference, options=resolved, **entry.factory(**resolved))
+    parts = entry.factory(**resolved)
+    if post.get("lines") is not None:
+        parts["aggregator"] = wrap(parts["aggregator"], post["lines"], post.get("lines_blocks", 0))
+        resolved = {**resolved, **post}
+    return Recipe(name=name, reference=entry.reference, options=resolved, **parts)
 
 
 def validate_task_vectors(deltas: Sequence[Mapping[str, Tensor]], base: Mapping[str, Tensor] | None) -> None:

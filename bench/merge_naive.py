@@ -1,0 +1,136 @@
+"""Naive references of the spectral merges, transcribed the way the authors' code runs them.
+
+All task vectors are loaded fully into memory (a list of dicts, safetensors ``load_file``), then
+the keys are looped over; every SVD is ``torch.linalg.svd`` in float32 (the authors' dtype);
+tensors that are not 2-D are averaged (the authors' running mean). The authors also route keys
+named ``text_projection`` to the mean; the benchmark's visual tower has none, and asymvlm treats
+every 2-D tensor as a matrix.
+
+* Iso-C and Iso-CTS: Marczak et al. 2025, https://arxiv.org/abs/2502.04959, after
+  ``src/utils/iso.py`` of https://github.com/danielm1405/iso-merging (``iso_c``, ``iso_cts``).
+* TSV-M: Gargiulo et al. 2025, https://arxiv.org/abs/2412.00081, after
+  ``compute_and_sum_svd_mem_reduction`` in ``src/utils/TSVM_utils.py`` of
+  https://github.com/AntoAndGar/task_singular_vectors.
+
+These are benchmark baselines (no asymvlm import, so a subprocess running one measures only
+torch + the algorithm); asymvlm's own implementation is ``asymvlm.merging.spectral``.
+
+Example:
+    >>> import torch
+    >>> naive_iso_c([{"w": torch.diag(torch.tensor([3.0, 1.0]))}])["w"].tolist()
+    [[2.0, 0.0], [0.0, 2.0]]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["NAIVE", "naive_iso_c", "naive_iso_cts", "naive_tsv_m", "run_naive"]
+
+Params = dict[str, torch.Tensor]
+
+
+def _svd(m: torch.Tensor):
+    return torch.linalg.svd(m.float(), full_matrices=False)
+
+
+def _running_mean(tvs: list[Params], key: str) -> torch.Tensor:
+    """The authors' average of a non-matrix key: ``new += (vec - new) / (i + 1)``."""
+    out = tvs[0][key].clone()
+    for i, tv in enumerate(tvs[1:], 1):
+        out += (tv[key] - out) / (i + 1)
+    return out
+
+
+@torch.no_grad()
+def naive_iso_c(tvs: list[Params]) -> Params:
+    """Iso-C: per 2-D key the SVD of the summed task matrices with every singular value replaced
+    by their mean (``iso_c`` of the authors' code); other keys averaged."""
+    new = {}
+    for key in tvs[0]:
+        ts = [tv[key] for tv in tvs]
+        new[key] = sum(ts) / len(ts)
+        if new[key].dim() == 2:
+            new[key] *= len(ts)
+            u, s, v = _svd(new[key])
+            s_mean = torch.ones_like(s) * s.mean()
+            new[key] = torch.linalg.multi_dot((u, torch.diag(s_mean), v))
+    return new
+
+
+def _iso_cts_matrix(ws: list[torch.Tensor], common: float) -> torch.Tensor:
+    """One 2-D key of Iso-CTS (``iso_cts`` of the authors' code)."""
+    tasks, r = len(ws), min(ws[0].shape)
+    combined = sum(ws)
+    k = int(r * common)  # the common-space size, rounded so the rest divides among the tasks
+    k = r - round((r - k) / tasks) * tasks
+    u, s, v = _svd(combined)
+    cu, cs, cv = u[:, :k], s[:k], v[:k, :]
+    n = int((r - k) / tasks)  # per-task dimensions
+    for i, w in enumerate(ws):
+        w_ts = w - cu @ cu.T @ w  # off the common subspace
+        ut, st, vt = _svd(w_ts)
+        if i == 0:
+            all_u, all_s, all_v = torch.zeros_like(ut), torch.zeros_like(st), torch.zeros_like(vt)
+        all_u[:, i * n : (i + 1) * n] = ut[:, :n]
+        all_s[i * n : (i + 1) * n] = st[:n]
+        all_v[i * n : (i + 1) * n, :] = vt[:n, :]
+    all_u[:, tasks * n : tasks * n + k] = cu
+    all_s[tasks * n : tasks * n + k] = cs
+    all_v[tasks * n : tasks * n + k, :] = cv
+    pu, _, qu = _svd(all_u)  # orthogonalise: polar factors P Q^T
+    pv, _, qv = _svd(all_v)
+    all_u, all_v = pu @ qu, pv @ qv
+    all_s = torch.ones_like(all_s) * all_s.mean()
+    return torch.linalg.multi_dot((all_u, torch.diag(all_s), all_v))
+
+
+@torch.no_grad()
+def naive_iso_cts(tvs: list[Params], common: float = 0.8) -> Params:
+    """Iso-CTS: the common subspace (top ``k`` of the sum's SVD) plus each task's top ``(r - k)/T``
+    directions off it, orthonormalised by polar factors, all singular values -> their mean."""
+    new = {}
+    for key in tvs[0]:
+        if tvs[0][key].dim() != 2:
+            new[key] = _running_mean(tvs, key)
+        else:
+            new[key] = _iso_cts_matrix([tv[key] for tv in tvs], common)
+    return new
+
+
+@torch.no_grad()
+def naive_tsv_m(tvs: list[Params]) -> Params:
+    """TSV-M: per task the top ``int(r/T)`` singular triplets written into zero buffers, the stacked
+    U and V replaced by their polar factors, merged ``polar(U) diag(S) polar(V)``."""
+    reduction = 1 / len(tvs)
+    new = {}
+    for key in tvs[0]:
+        if tvs[0][key].dim() != 2:
+            new[key] = _running_mean(tvs, key)
+            continue
+        for i, tv in enumerate(tvs):
+            u, s, v = _svd(tv[key])
+            if i == 0:
+                sum_u, sum_s, sum_v = torch.zeros_like(u), torch.zeros_like(s), torch.zeros_like(v)
+            n = int(s.shape[0] * reduction)
+            sum_u[:, i * n : (i + 1) * n] = u[:, :n]
+            sum_s[i * n : (i + 1) * n] = s[:n]
+            sum_v[i * n : (i + 1) * n, :] = v[:n, :]
+        u_u, _, v_u = _svd(sum_u)
+        u_v, _, v_v = _svd(sum_v)
+        new[key] = torch.linalg.multi_dot((u_u, v_u, torch.diag(sum_s), u_v, v_v))
+    return new
+
+
+NAIVE = {"iso_c": naive_iso_c, "iso_cts": naive_iso_cts, "tsv_m": naive_tsv_m}
+
+
+def run_naive(name: str, base_path: Path, vector_files: list[Path], out: Path) -> None:
+    """Load every task vector, merge with ``NAIVE[name]`` (lam 1) and save ``base + merged``."""
+    tvs = [load_file(str(f)) for f in vector_files]
+    delta = NAIVE[name](tvs)
+    base = load_file(str(base_path))
+    save_file({k: base[k] + delta[k].to(base[k].dtype) for k in base}, str(out))
