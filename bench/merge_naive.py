@@ -11,6 +11,14 @@ every 2-D tensor as a matrix.
 * TSV-M: Gargiulo et al. 2025, https://arxiv.org/abs/2412.00081, after
   ``compute_and_sum_svd_mem_reduction`` in ``src/utils/TSVM_utils.py`` of
   https://github.com/AntoAndGar/task_singular_vectors.
+* Fisher merging: Matena & Raffel 2022, https://arxiv.org/abs/2111.09832, after
+  ``_merge_with_coeffs`` of https://github.com/mmatena/model_merging (``model_merging/merging.py``:
+  per variable ``sum_t c_t max(F_t, floor) theta_t / sum_t c_t max(F_t, floor)``), float64, with
+  asymvlm's scale-free floor ``floor * m`` (``m``: the tensor's mean of the mean Fisher).
+* LiNeS: Wang et al. 2025, https://arxiv.org/abs/2410.17146, after ``LiNeS_scaling`` in
+  ``src/eval/eval.py`` of https://github.com/wang-kee/LiNeS (block ``l`` = the first ``.{i}.``,
+  ``i = 0..L-1``, found in the key; others scaled by ``alpha``) with the multi-task
+  ``alpha = |sum_t tau_t|_1 / (T |tau_m|_1)`` (their ``norm_summed_tvs / norm_mtv / num_tasks``).
 
 These are benchmark baselines (no asymvlm import, so a subprocess running one measures only
 torch + the algorithm); asymvlm's own implementation is ``asymvlm.merging.spectral``.
@@ -28,7 +36,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-__all__ = ["NAIVE", "naive_iso_c", "naive_iso_cts", "naive_tsv_m", "run_naive"]
+__all__ = ["NAIVE", "naive_fisher", "naive_iso_c", "naive_iso_cts", "naive_lines", "naive_tsv_m", "run_naive"]
 
 Params = dict[str, torch.Tensor]
 
@@ -125,12 +133,60 @@ def naive_tsv_m(tvs: list[Params]) -> Params:
     return new
 
 
-NAIVE = {"iso_c": naive_iso_c, "iso_cts": naive_iso_cts, "tsv_m": naive_tsv_m}
+@torch.no_grad()
+def naive_fisher(tvs: list[Params], fishers: list[Params], floor: float = 1e-6) -> Params:
+    """Fisher-weighted averaging, every coefficient 1: per key ``sum_t F'_t tau_t / sum_t F'_t`` with
+    ``F'_t = max(F_t, floor * m)``, ``m`` the mean over the tensor of ``sum_t F_t / T`` (float64,
+    returned in the task vectors' dtype)."""
+    new = {}
+    for key in tvs[0]:
+        diags = [f[key].double() for f in fishers]
+        m = float(sum(diags).mean()) / len(diags)
+        lhs, rhs = [], []
+        for tv, diag in zip(tvs, diags):
+            diag = torch.clamp(diag, min=floor * m)  # the authors' tf.maximum(diag, fisher_floor)
+            lhs.append(diag)
+            rhs.append(diag * tv[key].double())
+        new[key] = (sum(rhs) / sum(lhs)).to(tvs[0][key].dtype)
+    return new
 
 
-def run_naive(name: str, base_path: Path, vector_files: list[Path], out: Path) -> None:
-    """Load every task vector, merge with ``NAIVE[name]`` (lam 1) and save ``base + merged``."""
+@torch.no_grad()
+def naive_lines(tvs: list[Params], beta: float = 0.5, num_blocks: int = 12) -> Params:
+    """Task arithmetic (the sum, lam 1) followed by LiNeS: ``alpha + beta * l / (L - 1)`` for the
+    keys of block ``l``, ``alpha`` for the others, ``alpha = |sum|_1 / (T |merged|_1)`` (float64 norms)."""
+    merged = {key: sum(tv[key] for tv in tvs) for key in tvs[0]}
+    norm_summed = sum(float(v.double().abs().sum()) for v in merged.values())
+    norm_mtv = norm_summed  # task arithmetic: the merged task vector is the sum
+    alpha = norm_summed / norm_mtv / len(tvs)
+    key_blocks = [f".{i}." for i in range(num_blocks)]
+    scalings = {}
+    for k in merged:
+        for layer, block in enumerate(key_blocks):
+            if block in k:
+                # the authors divide by L - 1; with one block asymvlm (and this reference) scale it by alpha + beta
+                scalings[k] = alpha + beta * (layer / (num_blocks - 1) if num_blocks > 1 else 1.0)
+                break
+    return {k: v * scalings.get(k, alpha) for k, v in merged.items()}
+
+
+NAIVE = {
+    "iso_c": naive_iso_c,
+    "iso_cts": naive_iso_cts,
+    "tsv_m": naive_tsv_m,
+    "fisher": naive_fisher,
+    "lines": naive_lines,
+}
+
+
+def run_naive(
+    name: str, base_path: Path, vector_files: list[Path], out: Path, fisher_files: list[Path] | None = None, **options
+) -> None:
+    """Load every task vector (and, for ``fisher``, every Fisher), merge with ``NAIVE[name]`` (lam 1,
+    ``options`` passed on) and save ``base + merged``."""
     tvs = [load_file(str(f)) for f in vector_files]
-    delta = NAIVE[name](tvs)
+    if fisher_files is not None:
+        options["fishers"] = [load_file(str(f)) for f in fisher_files]
+    delta = NAIVE[name](tvs, **options)
     base = load_file(str(base_path))
     save_file({k: base[k] + delta[k].to(base[k].dtype) for k in base}, str(out))

@@ -189,3 +189,31 @@ def test_spectral_options_are_checked():
         merge_params({"w": torch.zeros(2, 2)}, [{"w": torch.ones(2, 2)}], "tsv_m", common=0.5)
     with pytest.raises(MergeInputError, match="not finite"):
         IsoCTS()([{"w": torch.full((3, 3), float("nan"))}])
+
+
+def test_a_failed_float32_svd_is_redone_in_float64(monkeypatch):
+    """LAPACK's float32 SVD can fail to converge on a finite matrix (measured on head task vectors):
+    the spectral merges then decompose it in float64 and give the same merge as a working float32 SVD."""
+    import asymvlm.merging.spectral as spectral
+
+    taus = [{k: v.float() for k, v in t.items()} for t in _big_taus(3, 8, {"w": (12, 10)})]
+    expected = {name: agg(taus).delta["w"] for name, agg in (("c", IsoC()), ("cts", IsoCTS()), ("tsv", TsvM()))}
+    real = torch.linalg.svd
+    calls = {"float32": 0, "float64": 0}
+
+    def flaky(m, full_matrices=True):
+        calls[str(m.dtype).removeprefix("torch.")] += 1
+        if m.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real(m, full_matrices=full_matrices)
+
+    monkeypatch.setattr(spectral.torch.linalg, "svd", flaky)
+    for name, agg in (("c", IsoC()), ("cts", IsoCTS()), ("tsv", TsvM())):
+        got = agg(taus).delta["w"]
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, expected[name], rtol=1e-4, atol=1e-5)
+    assert calls["float32"] > 0 and calls["float64"] == calls["float32"]
+    nan_svd = lambda m, full_matrices=True: (m, torch.full(m.shape[-1:], float("nan")), m)  # noqa: E731
+    monkeypatch.setattr(spectral.torch.linalg, "svd", nan_svd)
+    with pytest.raises(torch.linalg.LinAlgError, match="non-finite"):
+        spectral.svd(torch.eye(2, dtype=torch.float64))
