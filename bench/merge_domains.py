@@ -262,7 +262,8 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
         name, score, _ = best
         curve = {b: score({"lam": 1.0, "lines": b}) for b in BETA_GRID}
         beta = max(curve, key=lambda x: curve[x][0])
-        rows[f"{name} + LiNeS"] = _row(scorer, curve[beta][1], trefs, {"lines_beta": beta, "val_score": curve[beta][0]})
+        extra = {"lines_beta": beta, "val_score": curve[beta][0], "on": name}
+        rows["LiNeS on the best by validation"] = _row(scorer, curve[beta][1], trefs, extra)
     return {"seed": seed, "rows": rows, "toy_clip": w["recipe"].fingerprint()}
 
 
@@ -291,7 +292,10 @@ def print_tables(results: list[dict[str, Any]], names: tuple[str, ...]) -> None:
             continue
         per = [[res["rows"][r]["normalised"][d] for res in results] for d in names]
         mins = [res["rows"][r]["min_normalised"] for res in results]
-        knob = [res["rows"][r].get("lam", res["rows"][r].get("lines_beta")) for res in results]
+        knob = [
+            res["rows"][r].get("lam", f"beta {res['rows'][r].get('lines_beta')} on {res['rows'][r].get('on')}")
+            for res in results
+        ]
         print(f"| {r} | " + " | ".join(_fmt(v) for v in per) + f" | {_fmt(mins)} | {knob} |")
     for metric in ("R@1", "error_AUROC", "ambiguity_spearman"):
         print(f"\n{metric} per domain (test; ambiguity on an all-levels split), mean ± sd over seeds")
@@ -308,14 +312,14 @@ def main(argv: list[str] | None = None) -> int:
     t = time.time()
     results = [run_seed(args, int(s)) for s in args.seeds.split(",")]
     names = (args.base_styles.split(",")[0], *args.domains.split(","))
-    print_tables(results, names)
     from run_all import machine_info
 
     env = machine_info()
-    print(f"\n{len(results)} seed(s), {time.time() - t:.0f} s; toy CLIP {results[0]['toy_clip']}; {env}")
-    if args.json:
+    if args.json:  # before the tables: every number is kept even if printing fails
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"results": results, "environment": env}, indent=1, default=str))
+    print_tables(results, names)
+    print(f"\n{len(results)} seed(s), {time.time() - t:.0f} s; toy CLIP {results[0]['toy_clip']}; {env}")
     return 0
 
 

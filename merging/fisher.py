@@ -499,7 +499,8 @@ class FisherWeighted(Aggregator):
     the weighted mean of the deltas (equal Fishers, zero included, give the weighted mean), and a
     task with zero Fisher on a coordinate gives way there to the others (exactly at ``floor=0``).
     A tensor on which every Fisher is zero is averaged (counted in ``info["unweighted_keys"]``).
-    Computed in float64, returned in each delta's dtype.
+    Computed in float64 for float64 task vectors, else in float32 (the authors' dtype; the Fisher mean
+    is summed in float64), returned in each delta's dtype.
     """
 
     floor: float = 1e-6
@@ -518,13 +519,20 @@ class FisherWeighted(Aggregator):
         unweighted = []
         for key in keys_of(deltas):
             tau = stack_key(deltas, key)  # (K, ...) of this key only
-            f = _stack_fisher(fishers, key, tau.shape[1:], deltas).to(tau.device)  # (K, ...) float64
-            ww = w.to(tau.device).view(-1, *([1] * (tau.dim() - 1)))
-            m = (ww * f).sum(0).mean() / w.sum()  # the tensor's mean (weighted-mean) Fisher
-            f = torch.maximum(f, self.floor * m)
-            den = (ww * f).sum(0)
-            num = (ww * f * tau.double()).sum(0)
-            mean = (ww * tau.double()).sum(0) / w.sum()
+            # float64 inputs are merged in float64, others in float32 (the authors' dtype), each task's
+            # terms accumulated one task at a time: no (K, ...) temporaries beyond the two stacks
+            dt = torch.float64 if tau.dtype == torch.float64 else torch.float32
+            f = _stack_fisher(fishers, key, tau.shape[1:], deltas, dt).to(tau.device)  # (K, ...)
+            wk = [float(x) for x in w]
+            m = sum(wk[k] * float(f[k].sum(dtype=torch.float64)) for k in range(len(wk))) / (f[0].numel() * sum(wk))
+            f = torch.clamp(f, min=self.floor * m)  # the tensor's mean (weighted-mean) Fisher, floored
+            den = torch.zeros(tau.shape[1:], dtype=dt, device=tau.device)
+            num, mean = torch.zeros_like(den), torch.zeros_like(den)
+            for k, wt in enumerate(wk):
+                wf = f[k] * wt
+                den += wf
+                num.addcmul_(wf, tau[k].to(dt))
+                mean.add_(tau[k].to(dt), alpha=wt / sum(wk))
             zero = den <= 0  # only where every Fisher is 0 and floor * m is 0
             if bool(zero.all()):
                 unweighted.append(key)
@@ -534,9 +542,13 @@ class FisherWeighted(Aggregator):
 
 
 def _stack_fisher(
-    fishers: Sequence[Mapping[str, Tensor]], key: str, shape: torch.Size, deltas: Sequence[Any]
+    fishers: Sequence[Mapping[str, Tensor]],
+    key: str,
+    shape: torch.Size,
+    deltas: Sequence[Any],
+    dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    """``(K, ...)`` float64: the tasks' Fishers of ``key``, checked (present, shape, finite, >= 0)."""
+    """``(K, ...)`` in ``dtype``: the tasks' Fishers of ``key``, checked (present, shape, finite, >= 0)."""
     out = []
     for i, f in enumerate(fishers):
         where = f"task vector {i}" + (f" ({deltas[i].path})" if getattr(deltas[i], "path", None) else "")
@@ -547,7 +559,7 @@ def _stack_fisher(
             raise MergeInputError(
                 f"{where}: the Fisher of {key!r} has shape {tuple(t.shape)}, the delta {tuple(shape)}"
             )
-        t = t.to(torch.float64)
+        t = t.to(dtype)
         if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
             raise MergeInputError(f"{where}: the Fisher of {key!r} has NaN, inf or negative entries")
         out.append(t)

@@ -34,6 +34,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import torch
+
 from asymvlm.errors import ConfigError
 from asymvlm.federated.core import AggregateResult, Aggregator, keys_of, stack_key
 
@@ -101,11 +103,12 @@ class LinesScaled(Aggregator):
         res = self.inner(deltas, weights, **info)
         alpha = self.alpha
         if alpha is None:
-            summed = sum(float(stack_key(deltas, k).double().sum(0).abs().sum()) for k in keys_of(deltas))
-            merged = sum(float(v.double().abs().sum()) for v in res.delta.values())
+            # L1 norms accumulated in float64 (the sums over tasks in the tensors' dtype: alpha is one ratio)
+            summed = sum(float(stack_key(deltas, k).sum(0).abs().sum(dtype=torch.float64)) for k in keys_of(deltas))
+            merged = sum(float(v.abs().sum(dtype=torch.float64)) for v in res.delta.values())
             alpha = summed / (len(deltas) * merged) if merged > 0 else 1.0
         scales = lines_scales(res.delta.keys(), alpha, self.beta, self.blocks)
-        out = {k: (v.double() * scales[k]).to(v.dtype) if v.is_floating_point() else v for k, v in res.delta.items()}
+        out = {k: v * scales[k] if v.is_floating_point() else v for k, v in res.delta.items()}
         lo, hi = min(scales.values(), default=alpha), max(scales.values(), default=alpha)
         return AggregateResult(out, {**res.info, "lines": {"alpha": alpha, "beta": self.beta, "scales": [lo, hi]}})
 
@@ -126,4 +129,3 @@ def wrap(aggregator: Aggregator, lines: object, blocks: object = 0) -> Aggregato
     if b != int(b):
         raise ConfigError(f"lines_blocks must be an integer, got {blocks!r}")
     return LinesScaled(aggregator, beta=_check_float("lines", lines), blocks=int(b))
-

@@ -227,5 +227,3 @@ class _Dropped(Mapping):
 
     def __len__(self):
         return len(self.base)
-
-
