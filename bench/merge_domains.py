@@ -75,30 +75,27 @@ def _split(encoder: Any, style: str, n: int, seed: int, root: Path, name: str, l
     return embed_dataset(encoder, data, path, batch_size=256, progress=False).path
 
 
-def build_world(args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    """The toy CLIP, the base head, every domain's splits (train, val, test, all-levels) and experts."""
+def base_world(clip_styles: str, base_styles: str, domains: str, seed: int, out_root: str) -> dict[str, Any]:
+    """What both merging benchmarks share: the toy CLIP trained on ``clip_styles``, the demo's sizes,
+    each domain's train / val / test splits (the base domain's first), and the base head trained on
+    ``base_styles`` (under ``out_root/<toy CLIP>/seed<seed>``)."""
     from asymvlm.config import DataArguments
     from asymvlm.encoders import load_encoder
-    from asymvlm.eval.benchmark import shapeworld_eval_data
     from asymvlm.training import demo, demo_steps
     from asymvlm.worlds import shapeworld as sw
     from asymvlm.worlds.data import cache_for_config
     from asymvlm.worlds.toyclip import ToyCLIPRecipe, cache_root, ensure_toy_clip
 
-    recipe = ToyCLIPRecipe(world_version=3, caption_styles=tuple(args.clip_styles.split(",")))
-    clip_dir = ensure_toy_clip(recipe, progress=False)
-    spec = f"open_clip:local-dir:{clip_dir}"
+    recipe = ToyCLIPRecipe(world_version=3, caption_styles=tuple(clip_styles.split(",")))
+    spec = f"open_clip:local-dir:{ensure_toy_clip(recipe, progress=False)}"
     enc = load_encoder(spec, device="cpu")
     ns = argparse.Namespace(
         quick=False, train_images=None, eval_images=None, steps=None, rounds=None, clients=8, world=3
     )
     settings = demo._settings(ns)
-    n = settings["domain_images"]
-    root = cache_root() / "caches"
-    doms = tuple(args.domains.split(","))
-    base_dom = args.base_styles.split(",")[0]
+    n, root = settings["domain_images"], cache_root() / "caches"
+    doms, base_dom = tuple(domains.split(",")), base_styles.split(",")[0]
     splits: dict[str, dict[str, Path]] = {}
-    levels: dict[str, Any] = {}  # all caption levels, with each caption's true ambiguity
     for d in (base_dom, *doms):
         k = 1000 * seed + 100 * sw.CAPTION_STYLES.index(d)
         lv = demo_steps.DOMAIN_TEST_LEVELS
@@ -107,18 +104,32 @@ def build_world(args: argparse.Namespace, seed: int) -> dict[str, Any]:
             "val": _split(enc, d, n, k + 2, root, "val", lv),
             "test": _split(enc, d, n, k + 3, root, "test", lv),
         }
-        levels[d] = shapeworld_eval_data(enc, n=n, seed=k + 4, caption_styles=(d,), version=3)
     base_cache = cache_for_config(
         DataArguments(dataset="shapeworld:3", encoder=spec, pretrained="", train_images=settings["train_images"],
-                      data_seed=seed, caption_styles=args.base_styles),
+                      data_seed=seed, caption_styles=base_styles),
         enc,
     )  # fmt: skip
-    out = Path(args.out) / recipe.fingerprint() / f"seed{seed}"
+    out = Path(out_root) / recipe.fingerprint() / f"seed{seed}"
     base = demo_steps.train_head(base_cache.path, out / "base", settings, "vmf", seed, direction="learned",
                                  progress=False)  # fmt: skip
-    experts = _train_experts(args, settings, splits, doms, base, out, seed)
-    return {"recipe": recipe, "doms": doms, "base_dom": base_dom, "splits": splits, "base": base,
-            "experts": experts, "base_cache": base_cache.path, "levels": levels}  # fmt: skip
+    return {"recipe": recipe, "spec": spec, "encoder": enc, "settings": settings, "doms": doms, "base_dom": base_dom,
+            "splits": splits, "base_cache": base_cache.path, "base": base, "out": out}  # fmt: skip
+
+
+def build_world(args: argparse.Namespace, seed: int) -> dict[str, Any]:
+    """:func:`base_world`, each domain's all-levels split (true ambiguity per caption) and the experts."""
+    from asymvlm.eval.benchmark import shapeworld_eval_data
+    from asymvlm.worlds import shapeworld as sw
+
+    w = base_world(args.clip_styles, args.base_styles, args.domains, seed, args.out)
+    n = w["settings"]["domain_images"]
+    w["levels"] = {
+        d: shapeworld_eval_data(w["encoder"], n=n, seed=1000 * seed + 100 * sw.CAPTION_STYLES.index(d) + 4,
+                                caption_styles=(d,), version=3)
+        for d in (w["base_dom"], *w["doms"])
+    }  # fmt: skip
+    w["experts"] = _train_experts(args, w["settings"], w["splits"], w["doms"], w["base"], w["out"], seed)
+    return w
 
 
 def _train_experts(args, settings, splits, doms, base: Path, out: Path, seed: int) -> dict[str, list[Path]]:
@@ -208,13 +219,9 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
     scorer = Scorer(w, AsymVLM.from_pretrained(base, load_encoder=False).head)
     bp = _params(base)
     ref_val, ref_test = scorer.r1(bp, "val"), scorer.r1(bp, "test")
-    for kind, paths in w["experts"].items():  # each expert's own domain is its reference
-        for d, e in zip(doms, paths):
-            ep = _params(e)
-            if kind == "dense":
-                ref_val[d], ref_test[d] = scorer.r1(ep, "val")[d], scorer.r1(ep, "test")[d]
-            else:
-                ref_val[f"talos:{d}"], ref_test[f"talos:{d}"] = scorer.r1(ep, "val")[d], scorer.r1(ep, "test")[d]
+    for d, e in zip(doms, w["experts"]["dense"]):  # each dense expert's own domain is its reference
+        ep = _params(e)
+        ref_val[d], ref_test[d] = scorer.r1(ep, "val")[d], scorer.r1(ep, "test")[d]
     rows: dict[str, Any] = {"base": {"report": scorer.report(bp)}}
     for kind in ("dense", "talos"):
         for d, e in zip(doms, w["experts"][kind]):

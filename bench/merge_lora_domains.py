@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from merge_domains import _fmt, _split
+from merge_domains import _fmt, base_world
 
 LAM_GRID = (0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0)  # no choice reached its edge (bench/RESULTS.md)
 METHODS = (  # (row name, registry method, options, LoRA output)
@@ -83,43 +83,14 @@ class Tower:
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> dict[str, Any]:
-    from asymvlm.config import DataArguments
-    from asymvlm.encoders import load_encoder
     from asymvlm.merging.lora import merge_lora_adapters
     from asymvlm.model import AsymVLM
-    from asymvlm.training import demo, demo_steps
-    from asymvlm.worlds import shapeworld as sw
-    from asymvlm.worlds.data import cache_for_config
-    from asymvlm.worlds.toyclip import ToyCLIPRecipe, cache_root, ensure_toy_clip
+    from asymvlm.training import demo_steps
 
-    recipe = ToyCLIPRecipe(world_version=3, caption_styles=("plain",))
-    spec = f"open_clip:local-dir:{ensure_toy_clip(recipe, progress=False)}"
-    enc = load_encoder(spec, device="cpu")
-    ns = argparse.Namespace(
-        quick=False, train_images=None, eval_images=None, steps=None, rounds=None, clients=8, world=3
-    )
-    settings = demo._settings(ns)
-    n, root, doms = settings["domain_images"], cache_root() / "caches", tuple(args.domains.split(","))
-    splits = {}
-    for d in ("plain", *doms):  # the same splits as bench/merge_domains.py
-        k = 1000 * seed + 100 * sw.CAPTION_STYLES.index(d)
-        lv = demo_steps.DOMAIN_TEST_LEVELS
-        splits[d] = {
-            "train": _split(enc, d, 4 * n, k + 1, root, "train", None),
-            "val": _split(enc, d, n, k + 2, root, "val", lv),
-            "test": _split(enc, d, n, k + 3, root, "test", lv),
-        }
-    base_cache = cache_for_config(
-        DataArguments(dataset="shapeworld:3", encoder=spec, pretrained="", train_images=settings["train_images"],
-                      data_seed=seed, caption_styles="plain"),
-        enc,
-    )  # fmt: skip
-    out = Path(args.out) / recipe.fingerprint() / f"seed{seed}"
-    base = demo_steps.train_head(base_cache.path, out / "base", settings, "vmf", seed, direction="learned",
-                                 progress=False)  # fmt: skip
-    tower = Tower(
-        spec, {d: splits[d] for d in ("plain", *doms)}, AsymVLM.from_pretrained(base, load_encoder=False).head
-    )
+    w = base_world("plain", "plain", args.domains, seed, args.out)  # the same splits as bench/merge_domains.py
+    spec, settings, splits, base, out, doms = w["spec"], w["settings"], w["splits"], w["base"], w["out"], w["doms"]
+    recipe = w["recipe"]
+    tower = Tower(spec, splits, AsymVLM.from_pretrained(base, load_encoder=False).head)
     t = time.time()
     adapters = []
     for d in doms:

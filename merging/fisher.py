@@ -514,7 +514,8 @@ class FisherWeighted(Aggregator):
 
     def __call__(self, deltas, weights=None, **_):
         fishers = [_fisher_of(d, i) for i, d in enumerate(deltas)]
-        w = torch.tensor(check_weights(weights, len(deltas)), dtype=torch.float64)
+        wk = check_weights(weights, len(deltas))  # finite, >= 0, not all zero
+        total = sum(wk)
         out: Params = {}
         unweighted = []
         for key in keys_of(deltas):
@@ -523,8 +524,7 @@ class FisherWeighted(Aggregator):
             # terms accumulated one task at a time: no (K, ...) temporaries beyond the two stacks
             dt = torch.float64 if tau.dtype == torch.float64 else torch.float32
             f = _stack_fisher(fishers, key, tau.shape[1:], deltas, dt).to(tau.device)  # (K, ...)
-            wk = [float(x) for x in w]
-            m = sum(wk[k] * float(f[k].sum(dtype=torch.float64)) for k in range(len(wk))) / (f[0].numel() * sum(wk))
+            m = sum(wt * float(f[k].sum(dtype=torch.float64)) for k, wt in enumerate(wk)) / (f[0].numel() * total)
             f = torch.clamp(f, min=self.floor * m)  # the tensor's mean (weighted-mean) Fisher, floored
             den = torch.zeros(tau.shape[1:], dtype=dt, device=tau.device)
             num, mean = torch.zeros_like(den), torch.zeros_like(den)
@@ -532,7 +532,7 @@ class FisherWeighted(Aggregator):
                 wf = f[k] * wt
                 den += wf
                 num.addcmul_(wf, tau[k].to(dt))
-                mean.add_(tau[k].to(dt), alpha=wt / sum(wk))
+                mean.add_(tau[k].to(dt), alpha=wt / total)
             zero = den <= 0  # only where every Fisher is 0 and floor * m is 0
             if bool(zero.all()):
                 unweighted.append(key)
